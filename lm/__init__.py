@@ -1,0 +1,1 @@
+"""lm: a JAX/Flax research codebase for language models."""

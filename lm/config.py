@@ -1,0 +1,73 @@
+"""Start-up checks on an experiment config: every message names the field at fault."""
+
+import jax
+
+from lm import models, sharding
+from lm.errors import ConfigError
+from lm.models import attention, transformer
+
+DTYPES = ('float32', 'bfloat16')
+
+
+def resolve_dtype(dtype: str) -> str:
+  """'auto' -> bfloat16 on accelerators, float32 on CPU (where bf16 matmuls are slow)."""
+  if dtype != 'auto':
+    return dtype
+  return 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
+
+
+def validate(config, num_devices: int, tokenizer_vocab_size: int) -> None:
+  """Raises ConfigError naming the config field; runs before anything is compiled or written."""
+  model, data, train = config.model, config.data, config.train
+  _check(model.name in models.MODELS, f'config.model.name={model.name!r} is not one of {sorted(models.MODELS)}')
+  for field in ('vocab_size', 'num_layers', 'embed_dim', 'num_heads', 'num_kv_heads',
+                'head_dim', 'mlp_dim', 'max_seq_len'):
+    _check(model[field] > 0, f'config.model.{field}={model[field]} must be positive')
+  _check(model.head_dim % 2 == 0, f'config.model.head_dim={model.head_dim} must be even (RoPE)')
+  _check(model.num_heads % model.num_kv_heads == 0,
+         f'config.model.num_heads={model.num_heads} is not divisible by'
+         f' config.model.num_kv_heads={model.num_kv_heads}')
+  _check(model.vocab_size >= tokenizer_vocab_size,
+         f'config.model.vocab_size={model.vocab_size} is smaller than the tokenizer\'s'
+         f' vocabulary ({tokenizer_vocab_size} ids, config.tokenizer)')
+  _check(model.dtype in DTYPES + ('auto',),
+         f'config.model.dtype={model.dtype!r} is not one of {DTYPES + ("auto",)}')
+  _check(model.attention in attention.ATTENTION_IMPLEMENTATIONS,
+         f'config.model.attention={model.attention!r} is not one of'
+         f' {sorted(attention.ATTENTION_IMPLEMENTATIONS)}')
+  remats = ('none',) + tuple(transformer.REMAT_POLICIES)
+  _check(model.remat in remats, f'config.model.remat={model.remat!r} is not one of {remats}')
+
+  _check(0 < data.seq_len <= model.max_seq_len,
+         f'config.data.seq_len={data.seq_len} must be in [1, config.model.max_seq_len='
+         f'{model.max_seq_len}]')
+  _check(0.0 < data.validation_fraction < 1.0,
+         f'config.data.validation_fraction={data.validation_fraction} must be in (0, 1)')
+
+  _check(train.num_steps > 0, f'config.train.num_steps={train.num_steps} must be positive')
+  _check(train.learning_rate > 0, f'config.train.learning_rate={train.learning_rate} must be positive')
+  _check(0 <= train.warmup_steps <= train.num_steps,
+         f'config.train.warmup_steps={train.warmup_steps} must be in [0, config.train.num_steps]')
+  for field in ('log_every', 'eval_every', 'eval_steps', 'grad_accumulation_steps'):
+    _check(train[field] > 0, f'config.train.{field}={train[field]} must be positive')
+  _check(config.checkpoint.every_steps > 0,
+         f'config.checkpoint.every_steps={config.checkpoint.every_steps} must be positive')
+
+  mesh_shape = sharding.resolve_mesh_shape(config.mesh, num_devices)
+  data_parallel = mesh_shape['data'] * mesh_shape['fsdp'] * train.grad_accumulation_steps
+  _check(data.batch_size % (data_parallel * jax.process_count()) == 0,
+         f'config.data.batch_size={data.batch_size} must be divisible by'
+         f' mesh.data * mesh.fsdp * train.grad_accumulation_steps * processes ='
+         f' {data_parallel * jax.process_count()}')
+  for field in ('num_heads', 'num_kv_heads', 'mlp_dim', 'vocab_size'):
+    _check(model[field] % mesh_shape['tensor'] == 0,
+           f'config.model.{field}={model[field]} must be divisible by the tensor-parallel'
+           f' mesh size {mesh_shape["tensor"]} (config.mesh.tensor)')
+  _check(model.embed_dim % mesh_shape['fsdp'] == 0,
+         f'config.model.embed_dim={model.embed_dim} must be divisible by config.mesh.fsdp'
+         f'={mesh_shape["fsdp"]}')
+
+
+def _check(condition: bool, message: str) -> None:
+  if not condition:
+    raise ConfigError(message)

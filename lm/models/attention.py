@@ -1,0 +1,46 @@
+"""Attention implementations behind one switch (`config.model.attention`).
+
+Each takes q [B, T, N, H], k and v [B, S, K, H] with K dividing N (grouped-query
+attention), and segment ids [B, T] (0 = padding); tokens attend only to earlier or
+equal positions of their own segment. Returns [B, T, N, H].
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def segment_causal_mask(segment_ids_bt):
+  """[B, 1, T, T] boolean: same segment and key index <= query index."""
+  length = segment_ids_bt.shape[1]
+  causal_tt = jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))
+  same_segment_btt = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
+  return (same_segment_btt & causal_tt)[:, None]
+
+
+def xla_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt):
+  """Plain einsum attention; softmax in float32. Groups query heads instead of repeating K/V."""
+  batch, length, num_heads, head_dim = q_btnh.shape
+  num_kv_heads = k_bskh.shape[2]
+  groups = num_heads // num_kv_heads
+  q_btkgh = q_btnh.reshape(batch, length, num_kv_heads, groups, head_dim)
+  logits_bkgts = jnp.einsum('btkgh,bskh->bkgts', q_btkgh, k_bskh,
+                            preferred_element_type=jnp.float32)
+  logits_bkgts *= head_dim ** -0.5
+  mask_b11ts = segment_causal_mask(segment_ids_bt)[:, :, None]
+  logits_bkgts = jnp.where(mask_b11ts, logits_bkgts, jnp.finfo(jnp.float32).min)
+  probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(v_bskh.dtype)
+  out_btkgh = jnp.einsum('bkgts,bskh->btkgh', probs_bkgts, v_bskh)
+  return out_btkgh.reshape(batch, length, num_heads, head_dim)
+
+
+def cudnn_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt):
+  """cuDNN fused attention through jax.nn.dot_product_attention (GPU only)."""
+  return jax.nn.dot_product_attention(
+      q_btnh, k_bskh, v_bskh, mask=segment_causal_mask(segment_ids_bt),
+      implementation='cudnn')
+
+
+ATTENTION_IMPLEMENTATIONS = {
+    'xla': xla_attention,
+    'cudnn': cudnn_attention,
+}

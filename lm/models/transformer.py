@@ -1,0 +1,108 @@
+"""Decoder-only Transformer: RoPE, RMSNorm, SwiGLU, grouped-query attention.
+
+Dimension letters: B batch, T sequence, N query heads, K kv heads, H head dim,
+D model width, V vocab.
+
+Takes `segment_ids` and `positions` so a packed row of several documents behaves
+exactly like each document on its own: attention is masked to the token's segment
+and RoPE uses the position within the document.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from lm.models import attention as attention_lib
+from lm.models import layers
+
+REMAT_POLICIES = {
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Attention(nn.Module):
+  config: ml_collections.ConfigDict
+
+  @nn.compact
+  def __call__(self, x_btd, segment_ids_bt, positions_bt):
+    cfg = self.config
+    dense = lambda features, names, name, axis=-1: nn.DenseGeneral(
+        features, axis=axis, use_bias=False, dtype=cfg.dtype, param_dtype=jnp.float32,
+        kernel_init=layers.dense_init(names), name=name)
+    q_btnh = dense((cfg.num_heads, cfg.head_dim), ('embed', 'heads', 'head_dim'), 'query')(x_btd)
+    k_btkh = dense((cfg.num_kv_heads, cfg.head_dim), ('embed', 'kv_heads', 'head_dim'), 'key')(x_btd)
+    v_btkh = dense((cfg.num_kv_heads, cfg.head_dim), ('embed', 'kv_heads', 'head_dim'), 'value')(x_btd)
+    q_btnh = layers.apply_rope(q_btnh, positions_bt, cfg.rope_theta)
+    k_btkh = layers.apply_rope(k_btkh, positions_bt, cfg.rope_theta)
+    q_btnh = nn.with_logical_constraint(q_btnh, ('act_batch', 'act_seq', 'act_heads', 'act_head_dim'))
+    k_btkh = nn.with_logical_constraint(k_btkh, ('act_batch', 'act_seq', 'act_kv_heads', 'act_head_dim'))
+    v_btkh = nn.with_logical_constraint(v_btkh, ('act_batch', 'act_seq', 'act_kv_heads', 'act_head_dim'))
+    attend = attention_lib.ATTENTION_IMPLEMENTATIONS[cfg.attention]
+    out_btnh = attend(q_btnh, k_btkh, v_btkh, segment_ids_bt)
+    out_btnh = nn.with_logical_constraint(out_btnh, ('act_batch', 'act_seq', 'act_heads', 'act_head_dim'))
+    return dense(x_btd.shape[-1], ('heads', 'head_dim', 'embed'), 'out', axis=(-2, -1))(out_btnh)
+
+
+class DecoderBlock(nn.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  config: ml_collections.ConfigDict
+
+  @nn.compact
+  def __call__(self, x_btd, segment_ids_bt, positions_bt):
+    cfg = self.config
+    h_btd = layers.RMSNorm(cfg.norm_eps, cfg.dtype, name='attention_norm')(x_btd)
+    x_btd = x_btd + Attention(cfg, name='attention')(h_btd, segment_ids_bt, positions_bt)
+    h_btd = layers.RMSNorm(cfg.norm_eps, cfg.dtype, name='mlp_norm')(x_btd)
+    x_btd = x_btd + layers.MLP(cfg.mlp_dim, cfg.dtype, name='mlp')(h_btd)
+    return nn.with_logical_constraint(x_btd, ('act_batch', 'act_seq', 'act_embed'))
+
+
+class Transformer(nn.Module):
+  """tokens [B, T] -> logits [B, T, V] in float32."""
+  config: ml_collections.ConfigDict
+
+  @nn.compact
+  def __call__(self, tokens_bt, segment_ids_bt, positions_bt):
+    cfg = self.config
+    # Unit-variance inputs from a 1/sqrt(D) table (scaled by sqrt(D)) keep tied
+    # output logits at unit scale too.
+    embed = nn.Embed(
+        cfg.vocab_size, cfg.embed_dim, dtype=cfg.dtype, param_dtype=jnp.float32,
+        embedding_init=nn.with_logical_partitioning(
+            nn.initializers.variance_scaling(1.0, 'fan_out', 'normal', out_axis=0),
+            ('vocab', 'embed')),
+        name='embed')
+    x_btd = embed(tokens_bt) * jnp.asarray(cfg.embed_dim ** 0.5, cfg.dtype)
+    x_btd = nn.with_logical_constraint(x_btd, ('act_batch', 'act_seq', 'act_embed'))
+
+    block = DecoderBlock
+    if cfg.remat != 'none':
+      block = nn.remat(DecoderBlock, policy=REMAT_POLICIES[cfg.remat])
+    for layer in range(cfg.num_layers):
+      x_btd = block(cfg, name=f'layer_{layer}')(x_btd, segment_ids_bt, positions_bt)
+
+    x_btd = layers.RMSNorm(cfg.norm_eps, cfg.dtype, name='final_norm')(x_btd)
+    if cfg.tie_embeddings:
+      logits_btv = embed.attend(x_btd)
+    else:
+      logits_btv = nn.Dense(
+          cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=jnp.float32,
+          kernel_init=layers.dense_init(('embed', 'vocab')), name='lm_head')(x_btd)
+    logits_btv = nn.with_logical_constraint(logits_btv, ('act_batch', 'act_seq', 'act_vocab'))
+    return logits_btv.astype(jnp.float32)
+
+
+def flops_per_token(cfg: ml_collections.ConfigDict, seq_len: int) -> float:
+  """Training FLOPs per token (forward + backward = 3x forward), matmuls only.
+
+  6 per weight for every matmul weight (the embedding lookup is not a matmul, the
+  LM head is), plus causal attention scores and values: 2 matmuls of 2*T*N*H flops
+  per token per layer, halved for causality, times 3.
+  """
+  d, n, k, h, f = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+  per_layer = d * (n * h + 2 * k * h) + n * h * d + 3 * d * f
+  matmul_weights = cfg.num_layers * per_layer + d * cfg.vocab_size
+  attention = cfg.num_layers * 3 * 2 * seq_len * n * h
+  return 6 * matmul_weights + attention

@@ -1,0 +1,92 @@
+"""Logical axis names -> mesh axes, in one table.
+
+Modules name their dimensions ('embed', 'heads', 'act_batch', ...); this file alone
+decides which mesh axis ('data', 'fsdp', 'tensor') each name is split over. Parameter
+names and activation names are distinct ('embed' vs 'act_embed') because FSDP splits
+the weights' embed dimension over 'fsdp' while activations split their batch over it.
+"""
+
+import contextlib
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from lm.errors import ConfigError
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+# (logical name, mesh axis or axes or None). First match wins.
+LOGICAL_AXIS_RULES = (
+    # Parameters.
+    ('vocab', 'tensor'),
+    ('embed', 'fsdp'),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('head_dim', None),
+    ('mlp', 'tensor'),
+    ('norm', None),
+    # Activations.
+    ('act_batch', ('data', 'fsdp')),
+    ('act_seq', None),
+    ('act_embed', None),
+    ('act_heads', 'tensor'),
+    ('act_kv_heads', 'tensor'),
+    ('act_head_dim', None),
+    ('act_mlp', 'tensor'),
+    ('act_vocab', 'tensor'),
+)
+
+
+def resolve_mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
+  """{'data': -1, 'fsdp': 2, 'tensor': 1} -> concrete sizes whose product is num_devices."""
+  shape = {axis: int(mesh_config[axis]) for axis in MESH_AXES}
+  wildcards = [axis for axis, size in shape.items() if size == -1]
+  if len(wildcards) > 1:
+    raise ConfigError(f'config.mesh: at most one axis may be -1, got {shape}')
+  for axis, size in shape.items():
+    if size == 0 or size < -1:
+      raise ConfigError(f'config.mesh.{axis}={size} must be a positive size or -1')
+  fixed = math.prod(size for size in shape.values() if size != -1)
+  if wildcards:
+    if num_devices % fixed:
+      raise ConfigError(
+          f'config.mesh {shape}: {num_devices} devices are not divisible by the'
+          f' fixed axes (product {fixed})')
+    shape[wildcards[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    raise ConfigError(
+        f'config.mesh {shape} needs {fixed} devices but {num_devices} are available;'
+        ' set one axis to -1 to use all remaining devices')
+  return shape
+
+
+def make_mesh(mesh_config, devices=None) -> Mesh:
+  devices = list(jax.devices() if devices is None else devices)
+  shape = resolve_mesh_shape(mesh_config, len(devices))
+  device_array = np.asarray(devices).reshape([shape[axis] for axis in MESH_AXES])
+  return Mesh(device_array, MESH_AXES)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh):
+  """Mesh and logical rules in scope, for tracing code that calls with_logical_constraint."""
+  with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    yield
+
+
+def logical_to_shardings(logical_tree, mesh: Mesh):
+  """Pytree of logical PartitionSpecs (or boxed abstract values) -> NamedShardings."""
+  specs = nn.get_partition_spec(logical_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Batches are [batch, seq] arrays split over the data-parallel axes."""
+  return NamedSharding(mesh, PartitionSpec(('data', 'fsdp'), None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())

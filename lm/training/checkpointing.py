@@ -1,0 +1,81 @@
+"""orbax checkpoints under `<workdir>/checkpoints`: everything a run needs to resume.
+
+Each step directory holds the train state (params, optimizer state, step), the data
+iterator's state, the config and the tokenizer. orbax writes into a temporary
+directory and renames it when complete, so a run killed mid-write leaves the last
+finished checkpoint intact; unfinished ones are removed on the next start.
+"""
+
+import os
+
+import grain
+import ml_collections
+import orbax.checkpoint as ocp
+
+from lm.errors import ConfigError
+
+# Model fields that decide parameter shapes; the rest (dtype, attention, remat) may
+# change between runs of the same checkpoint.
+_SHAPE_FIELDS = ('name', 'vocab_size', 'num_layers', 'embed_dim', 'num_heads',
+                 'num_kv_heads', 'head_dim', 'mlp_dim', 'tie_embeddings')
+
+
+class Checkpointer:
+
+  def __init__(self, workdir: str, checkpoint_config):
+    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=checkpoint_config.max_to_keep,
+            cleanup_tmp_directories=True,
+            create=True,
+        ),
+        item_names=('state', 'data', 'config', 'tokenizer'),
+    )
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_iterator: grain.DatasetIterator, config, tokenizer):
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_iterator.get_state()),
+        config=ocp.args.JsonSave(config.to_dict()),
+        tokenizer=ocp.args.JsonSave(tokenizer.to_dict()),
+    ))
+
+  def read_metadata(self, step: int) -> tuple[ml_collections.ConfigDict, dict]:
+    """The (config, tokenizer dict) saved at `step`, without touching the arrays."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore(), tokenizer=ocp.args.JsonRestore()))
+    return ml_collections.ConfigDict(restored['config']), restored['tokenizer']
+
+  def restore(self, step: int, abstract_state, data_iterator: grain.DatasetIterator | None):
+    """Restores the state onto the shardings of `abstract_state` (ShapeDtypeStructs) and,
+    if given, rewinds `data_iterator` to where it was at `step`."""
+    items = {'state': ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items['data'] = ocp.args.JsonRestore()
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    if data_iterator is not None:
+      data_iterator.set_state(restored['data'])
+    return restored['state']
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()
+
+
+def check_compatible(saved_config, config, directory: str) -> None:
+  """Raises, naming the fields, if the checkpoint's parameter shapes differ from the config's."""
+  differences = [
+      f'model.{field}: checkpoint has {saved_config.model[field]!r}, config has'
+      f' {config.model[field]!r}'
+      for field in _SHAPE_FIELDS if saved_config.model[field] != config.model[field]]
+  if differences:
+    raise ConfigError(f'the checkpoint in {directory} does not match the config:\n  '
+                     + '\n  '.join(differences)
+                     + '\nuse a new --workdir, or the model settings it was trained with')

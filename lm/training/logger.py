@@ -1,0 +1,47 @@
+"""One logger for console (progress bar + lines) and TensorBoard (`<workdir>/tensorboard`)."""
+
+import os
+
+import tensorboardX
+import tqdm
+
+_CONSOLE_FORMATS = {
+    'loss': '{:.4f}', 'eval_loss': '{:.4f}', 'eval_perplexity': '{:.2f}',
+    'learning_rate': '{:.2e}', 'tokens_per_second': '{:,.0f}', 'mfu': '{:.1%}',
+}
+
+
+class MetricLogger:
+
+  def __init__(self, workdir: str, initial_step: int, total_steps: int, enabled: bool = True):
+    self.enabled = enabled  # Only the first process logs.
+    if not enabled:
+      return
+    self.writer = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self.progress = tqdm.tqdm(total=total_steps, initial=initial_step, unit='step',
+                              dynamic_ncols=True, mininterval=1.0)
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    """Flat dict of scalars -> TensorBoard, progress-bar postfix and a console line."""
+    if not self.enabled:
+      return
+    for name, value in metrics.items():
+      self.writer.add_scalar(name, value, step)
+    self.writer.flush()
+    shown = {name: _CONSOLE_FORMATS[name].format(value)
+             for name, value in metrics.items() if name in _CONSOLE_FORMATS}
+    self.progress.set_postfix(shown, refresh=False)
+    self.progress.write(f'step {step}: ' + ', '.join(f'{k}={v}' for k, v in shown.items()))
+
+  def advance(self, step: int) -> None:
+    if self.enabled:
+      self.progress.update(step - self.progress.n)
+
+  def print(self, text: str) -> None:
+    if self.enabled:
+      self.progress.write(text)
+
+  def close(self) -> None:
+    if self.enabled:
+      self.progress.close()
+      self.writer.close()

@@ -1,0 +1,205 @@
+"""The training loop: checks, shapes, shardings, init or restore, then step/log/eval/save.
+
+Plain Python, top to bottom. Pretraining, SFT and DPO differ in the step and the data,
+not in copies of this loop.
+"""
+
+import functools
+import itertools
+import math
+import signal
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from lm import config as config_lib
+from lm import models, sampling, sharding
+from lm import tokenizer as tokenizer_lib
+from lm.data import pipeline, sources
+from lm.errors import ConfigError
+from lm.training import checkpointing, logger as logger_lib, optimizer as optimizer_lib, steps
+
+# Dense bf16 peak FLOP/s per device, for MFU. Unknown devices (CPU) show no MFU.
+PEAK_FLOPS = {
+    'H100': 989e12, 'H200': 989e12, 'A100': 312e12,
+    'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12,
+    'TPU v6 lite': 918e12, 'TPU v6e': 918e12,
+}
+
+
+def peak_flops_per_device() -> float | None:
+  kind = jax.devices()[0].device_kind
+  return next((flops for name, flops in PEAK_FLOPS.items() if name in kind), None)
+
+
+class _StopRequest:
+  """SIGINT/SIGTERM set a flag; the loop saves a checkpoint between steps and exits."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def __enter__(self):
+    for signum in (signal.SIGINT, signal.SIGTERM):
+      try:
+        self._previous[signum] = signal.signal(signum, self._handle)
+      except ValueError:  # Not the main thread: leave signals alone.
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    if self.requested:  # A second Ctrl-C stops at once.
+      raise KeyboardInterrupt
+    self.requested = True
+
+  def __exit__(self, *exc):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+
+def _device_batch(batch: dict, batch_sharding) -> dict:
+  return {name: jax.make_array_from_process_local_data(batch_sharding, value)
+          for name, value in batch.items()}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
+  """Trains (or resumes) the run in `workdir`; returns (logged metric rows, final state)."""
+  config = ml_collections.ConfigDict(config.to_dict())  # A private copy to resolve in.
+  devices = list(jax.devices() if devices is None else devices)
+
+  # 1. Everything that can be wrong with the inputs, before compiling or writing.
+  tokenizer = tokenizer_lib.build(config.tokenizer)
+  config_lib.validate(config, len(devices), tokenizer.vocab_size)
+  config.model.dtype = config_lib.resolve_dtype(config.model.dtype)
+  train_documents, validation_documents = sources.split(
+      sources.build(config.data), config.data.validation_fraction)
+  local_batch_size = config.data.batch_size // jax.process_count()
+  make_data = functools.partial(pipeline.make_dataset, tokenizer=tokenizer,
+                                seq_len=config.data.seq_len, batch_size=local_batch_size,
+                                seed=config.seed)
+  train_iterator = iter(make_data(train_documents, train=True))
+  validation_dataset = make_data(validation_documents, train=False)
+  if next(iter(validation_dataset), None) is None:
+    raise ConfigError(
+        f'the validation split ({len(validation_documents)} documents) does not fill one'
+        f' batch of config.data.batch_size={config.data.batch_size} x'
+        f' config.data.seq_len={config.data.seq_len}; raise config.data.validation_fraction')
+
+  checkpointer = checkpointing.Checkpointer(workdir, config.checkpoint)
+  start_step = checkpointer.latest_step()
+  if start_step is not None:
+    saved_config, saved_tokenizer = checkpointer.read_metadata(start_step)
+    checkpointing.check_compatible(saved_config, config, checkpointer.directory)
+    tokenizer_lib.check_same(saved_tokenizer, tokenizer, checkpointer.directory)
+
+  # 2. Shapes, then shardings, then init or restore onto them.
+  mesh = sharding.make_mesh(config.mesh, devices)
+  model = models.build(ml_collections.FrozenConfigDict(config.model))
+  optimizer = optimizer_lib.make_optimizer(config.train)
+  schedule = optimizer_lib.learning_rate_schedule(config.train)
+  dummy_tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
+
+  def init_boxed(rng):
+    params = model.init(rng, dummy_tokens, dummy_tokens, dummy_tokens)['params']
+    return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                            opt_state=optimizer.init(params))
+
+  with sharding.activate(mesh):
+    abstract_boxed = jax.eval_shape(init_boxed, jax.random.key(config.seed))
+    state_shardings = sharding.logical_to_shardings(abstract_boxed, mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
+    if start_step is None:
+      init = jax.jit(lambda rng: nn.meta.unbox(init_boxed(rng)), out_shardings=state_shardings)
+      state = init(jax.random.key(config.seed))
+      start_step = 0
+    else:
+      abstract_state = jax.tree.map(
+          lambda value, sharding_: jax.ShapeDtypeStruct(value.shape, value.dtype,
+                                                        sharding=sharding_),
+          nn.meta.unbox(abstract_boxed), state_shardings)
+      state = checkpointer.restore(start_step, abstract_state, train_iterator)
+
+    train_step = jax.jit(
+        functools.partial(steps.train_step, model=model, optimizer=optimizer,
+                          train_config=config.train),
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0)
+    eval_step = jax.jit(
+        functools.partial(steps.eval_step, model=model),
+        in_shardings=(state_shardings.params, batch_sharding),
+        out_shardings=sharding.replicated(mesh))
+
+  # 3. The loop.
+  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
+  flops_per_token = models.FLOPS_PER_TOKEN[config.model.name](config.model, config.data.seq_len)
+  peak_flops = peak_flops_per_device()
+  tokens_per_step = config.data.batch_size * config.data.seq_len
+  log = logger_lib.MetricLogger(workdir, start_step, config.train.num_steps,
+                                enabled=jax.process_index() == 0)
+  log.print(f'{num_params:,} parameters on a {dict(mesh.shape)} mesh of'
+            f' {devices[0].device_kind}; {len(train_documents):,} training and'
+            f' {len(validation_documents):,} validation documents; compute dtype'
+            f' {config.model.dtype}; ' + (f'resuming from step {start_step}' if start_step
+                                          else 'starting from scratch'))
+
+  def evaluate(params) -> dict[str, float]:
+    totals = {'loss_sum': 0.0, 'num_tokens': 0.0}
+    with sharding.activate(mesh):
+      for batch in itertools.islice(validation_dataset, config.train.eval_steps):
+        sums = eval_step(params, _device_batch(batch, batch_sharding))
+        totals = {name: totals[name] + float(sums[name]) for name in totals}
+    loss = totals['loss_sum'] / max(totals['num_tokens'], 1.0)
+    return {'eval_loss': loss, 'eval_perplexity': math.exp(min(loss, 50.0))}
+
+  history = []
+  step = start_step
+  last_log_time, last_log_step = time.perf_counter(), step
+  with _StopRequest() as stop, sharding.activate(mesh):
+    while step < config.train.num_steps:
+      batch = _device_batch(next(train_iterator), batch_sharding)
+      state, metrics = train_step(state, batch)
+      step += 1
+      log.advance(step)
+
+      row = {}
+      if step % config.train.log_every == 0 or step == config.train.num_steps:
+        row = {name: float(value) for name, value in metrics.items()}
+        if not math.isfinite(row['loss']) or not math.isfinite(row['grad_norm']):
+          raise FloatingPointError(
+              f'loss={row["loss"]} grad_norm={row["grad_norm"]} at step {step}; the last'
+              f' good checkpoint is step {checkpointer.latest_step()} in {checkpointer.directory}')
+        elapsed = time.perf_counter() - last_log_time
+        tokens_per_second = (step - last_log_step) * tokens_per_step / elapsed
+        row['learning_rate'] = float(schedule(step - 1))
+        row['tokens_per_second'] = tokens_per_second
+        if peak_flops:
+          row['mfu'] = tokens_per_second * flops_per_token / (peak_flops * len(devices))
+        last_log_time, last_log_step = time.perf_counter(), step
+      if step % config.train.eval_every == 0 or step == config.train.num_steps:
+        row.update(evaluate(state.params))
+        last_log_time = time.perf_counter()  # Eval time is not training throughput.
+      if row:
+        log.write(step, row)
+        history.append({'step': step, **row})
+
+      if (step % config.checkpoint.every_steps == 0 or step == config.train.num_steps
+          or stop.requested):
+        checkpointer.save(step, state, train_iterator, config, tokenizer)
+      if stop.requested:
+        log.print(f'stopped at step {step}; checkpoint saved, run the same command to resume')
+        break
+
+  checkpointer.wait()
+  checkpointer.close()
+  if step >= config.train.num_steps and config.train.sample_tokens > 0:
+    sample = sampling.generate(
+        model, state.params, [tokenizer.bos_id], max_new_tokens=config.train.sample_tokens,
+        buffer_length=config.data.seq_len, temperature=config.train.sample_temperature,
+        seed=config.seed, stop_id=tokenizer.eos_id)
+    log.print('sample:\n' + tokenizer.decode(sample))
+  log.close()
+  return history, state

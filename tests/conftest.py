@@ -1,0 +1,40 @@
+"""Tests run on the JAX CPU backend with 8 fake devices, for the sharding tests."""
+
+import os
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
+                           + ' --xla_force_host_platform_device_count=8')
+os.environ['JAX_PLATFORMS'] = 'cpu'
+
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+
+from experiments.configs import default  # noqa: E402
+
+WORDS = ('the cat sat on a mat while dogs ran far away from big red trees and small'
+         ' blue houses near quiet rivers').split()
+
+
+def write_corpus(directory, num_files: int = 40, seed: int = 0) -> str:
+  """Small text files of random sentences; returns a glob for them."""
+  rng = random.Random(seed)
+  os.makedirs(directory, exist_ok=True)
+  for index in range(num_files):
+    sentences = [' '.join(rng.choices(WORDS, k=rng.randint(4, 12))) + '.'
+                 for _ in range(rng.randint(2, 12))]
+    with open(os.path.join(directory, f'doc_{index:03d}.txt'), 'w') as f:
+      f.write(' '.join(sentences))
+  return os.path.join(directory, '*.txt')
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+  """The default config's tiny variant on a small generated corpus, float32, 8 devices."""
+  config = default.get_config('tiny')
+  config.data.source = 'text'
+  config.data.path = write_corpus(str(tmp_path / 'corpus'))
+  config.data.validation_fraction = 0.25
+  config.model.dtype = 'float32'
+  config.train.sample_tokens = 0
+  return config

@@ -1,0 +1,98 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from lm import tokenizer as tokenizer_lib
+from lm.data import pipeline, sources
+from lm.errors import ConfigError
+
+from conftest import write_corpus
+
+
+def make_batches(documents, *, seq_len=32, batch_size=4, train=True, seed=0):
+  return pipeline.make_dataset(documents, tokenizer_lib.ByteTokenizer(), seq_len=seq_len,
+                               batch_size=batch_size, seed=seed, train=train)
+
+
+def test_packed_rows_reassemble_into_the_documents_with_bos_and_eos():
+  documents = ['alpha beta', 'gamma', 'a much longer document that spans rows', 'z']
+  tokenizer = tokenizer_lib.ByteTokenizer()
+  batches = list(make_batches(documents, seq_len=16, batch_size=1, train=False))
+  segments = []
+  for batch in batches:
+    tokens, segment_ids, positions = (batch[k][0] for k in ('tokens', 'segment_ids', 'positions'))
+    for segment in np.unique(segment_ids[segment_ids > 0]):
+      where = segment_ids == segment
+      np.testing.assert_array_equal(positions[where], np.arange(where.sum()))
+      segments.append(tokens[where])
+    assert (tokens[segment_ids == 0] == 0).all()
+  stream = np.concatenate(segments)
+  want = np.concatenate([[1, *tokenizer.encode(d), 2] for d in documents])
+  # Validation drops its last partial batch (one shape for every batch).
+  np.testing.assert_array_equal(stream, want[:len(stream)])
+  assert len(stream) >= len(want) - 16
+
+
+def test_training_stream_is_seeded_and_reshuffled_each_epoch():
+  documents = [f'document number {i}' for i in range(12)]
+  first = [b['tokens'] for _, b in zip(range(6), make_batches(documents, seed=3))]
+  again = [b['tokens'] for _, b in zip(range(6), make_batches(documents, seed=3))]
+  other = [b['tokens'] for _, b in zip(range(6), make_batches(documents, seed=4))]
+  np.testing.assert_array_equal(np.stack(first), np.stack(again))
+  assert not np.array_equal(np.stack(first), np.stack(other))
+
+
+def test_iterator_state_round_trips_through_json():
+  documents = [f'doc {i} ' * (i + 1) for i in range(20)]
+  iterator = iter(make_batches(documents, seq_len=24))
+  for _ in range(3):
+    next(iterator)
+  state = json.loads(json.dumps(iterator.get_state()))  # What the checkpoint stores.
+  expected = [next(iterator)['tokens'] for _ in range(4)]
+  resumed = iter(make_batches(documents, seq_len=24))
+  resumed.set_state(state)
+  np.testing.assert_array_equal(np.stack([next(resumed)['tokens'] for _ in range(4)]),
+                                np.stack(expected))
+
+
+def test_jsonl_source_reads_the_named_field(tmp_path):
+  path = tmp_path / 'data.jsonl'
+  path.write_text('{"body": "first"}\n\n{"body": "second", "id": 2}\n')
+  source = sources.JsonLines([str(path)], 'body')
+  assert [source[i] for i in range(len(source))] == ['first', 'second']
+  with pytest.raises(ConfigError, match=r'data.jsonl:3 has no field .text.'):
+    sources.JsonLines([str(path)], 'text')[1]
+
+
+def test_text_source_takes_comma_separated_globs(tmp_path):
+  first = write_corpus(str(tmp_path / 'a'), num_files=3)
+  second = write_corpus(str(tmp_path / 'b'), num_files=2, seed=1)
+  config = type('C', (), {'source': 'text', 'path': f'{first},{second}'})
+  assert len(sources.build(config)) == 5
+
+
+def test_missing_and_empty_paths_name_the_field(tmp_path):
+  with pytest.raises(ConfigError, match=r"config.data.path: '.*nothing\*.txt' matches no files"):
+    sources.expand_paths(str(tmp_path / 'nothing*.txt'))
+  (tmp_path / 'empty.txt').write_text('')
+  with pytest.raises(ConfigError, match='every file is empty'):
+    sources.expand_paths(str(tmp_path / 'empty.txt'))
+
+
+def test_validation_split_holds_out_whole_groups_deterministically():
+  source = sources.stdlib_source()
+  train, validation = sources.split(source, 0.05)
+  train_keys = {source.keys[i] for i in train.indices}
+  validation_keys = {source.keys[i] for i in validation.indices}
+  assert validation_keys and not train_keys & validation_keys
+  _, again = sources.split(source, 0.05)
+  assert again.indices == validation.indices
+
+
+def test_stdlib_source_excludes_tests():
+  source = sources.stdlib_source()
+  assert len(source) > 100
+  assert not [p for p in source.paths if f'{os.sep}test{os.sep}' in p]
+  assert 'def ' in source[source.keys.index('json')]

@@ -1,0 +1,148 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from lm import models
+from lm.models import attention, layers, transformer
+
+
+def model_config(**overrides):
+  config = dict(name='transformer', vocab_size=97, num_layers=2, embed_dim=32, num_heads=4,
+                num_kv_heads=2, head_dim=8, mlp_dim=48, max_seq_len=64, rope_theta=10_000.0,
+                tie_embeddings=False, norm_eps=1e-6, dtype='float32', attention='xla',
+                remat='none')
+  config.update(overrides)
+  return ml_collections.FrozenConfigDict(config)
+
+
+def init(config, length=16, seed=0):
+  model = models.build(config)
+  tokens = jnp.zeros((1, length), jnp.int32)
+  params = nn.meta.unbox(model.init(jax.random.key(seed), tokens, tokens, tokens)['params'])
+  return model, params
+
+
+def single_document(tokens_bt):
+  batch, length = tokens_bt.shape
+  return jnp.ones_like(tokens_bt), jnp.broadcast_to(jnp.arange(length), (batch, length))
+
+
+def naive_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt):
+  """Loops over heads with K/V repeated per query head and an explicit mask."""
+  _, length, num_heads, head_dim = q_btnh.shape
+  groups = num_heads // k_bskh.shape[2]
+  outputs = []
+  for head in range(num_heads):
+    q, k, v = q_btnh[:, :, head], k_bskh[:, :, head // groups], v_bskh[:, :, head // groups]
+    scores = jnp.einsum('bth,bsh->bts', q, k) / np.sqrt(head_dim)
+    allowed = ((np.arange(length)[:, None] >= np.arange(length)[None, :])
+               & (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]))
+    scores = jnp.where(allowed, scores, -jnp.inf)
+    outputs.append(jnp.einsum('bts,bsh->bth', jax.nn.softmax(scores, axis=-1), v))
+  return jnp.stack(outputs, axis=2)
+
+
+@pytest.mark.parametrize('num_heads,num_kv_heads', [(4, 4), (4, 2), (6, 1)])
+def test_xla_attention_matches_naive_reference(num_heads, num_kv_heads):
+  keys = jax.random.split(jax.random.key(num_heads * 10 + num_kv_heads), 3)
+  q = jax.random.normal(keys[0], (2, 13, num_heads, 8))
+  k = jax.random.normal(keys[1], (2, 13, num_kv_heads, 8))
+  v = jax.random.normal(keys[2], (2, 13, num_kv_heads, 8))
+  segment_ids = jnp.array([[1] * 5 + [2] * 6 + [0] * 2, [1] * 13])
+  got = attention.xla_attention(q, k, v, segment_ids)
+  want = naive_attention(q, k, v, segment_ids)
+  valid = (segment_ids != 0)[:, :, None, None]
+  np.testing.assert_allclose(np.where(valid, got, 0), np.where(valid, want, 0),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_changing_a_later_token_never_changes_earlier_logits():
+  config = model_config()
+  model, params = init(config)
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, config.vocab_size)
+  changed = tokens.at[:, 9].set((tokens[:, 9] + 1) % config.vocab_size)
+  logits = model.apply({'params': params}, tokens, *single_document(tokens))
+  logits_changed = model.apply({'params': params}, changed, *single_document(changed))
+  np.testing.assert_allclose(logits[:, :9], logits_changed[:, :9], rtol=1e-6, atol=1e-6)
+  assert not np.allclose(logits[:, 9:], logits_changed[:, 9:], atol=1e-3)
+
+
+def test_packed_documents_give_the_same_logits_as_each_document_alone():
+  config = model_config()
+  model, params = init(config)
+  lengths = (5, 7, 3)
+  documents = [jax.random.randint(jax.random.key(i), (1, n), 0, config.vocab_size)
+               for i, n in enumerate(lengths)]
+  padding = 1
+  packed = jnp.concatenate(documents + [jnp.zeros((1, padding), jnp.int32)], axis=1)
+  segment_ids = jnp.concatenate(
+      [jnp.full((1, n), i + 1) for i, n in enumerate(lengths)] + [jnp.zeros((1, padding))],
+      axis=1).astype(jnp.int32)
+  positions = jnp.concatenate([jnp.arange(n) for n in lengths + (padding,)])[None]
+  packed_logits = model.apply({'params': params}, packed, segment_ids, positions)
+  start = 0
+  for document in documents:
+    alone = model.apply({'params': params}, document, *single_document(document))
+    length = document.shape[1]
+    np.testing.assert_allclose(packed_logits[:, start:start + length], alone,
+                               rtol=1e-5, atol=1e-5)
+    start += length
+
+
+def test_rope_scores_depend_only_on_relative_position():
+  q = jax.random.normal(jax.random.key(0), (1, 1, 1, 16))
+  k = jax.random.normal(jax.random.key(1), (1, 1, 1, 16))
+  def score(q_position, k_position):
+    rq = layers.apply_rope(q, jnp.array([[q_position]]), 10_000.0)
+    rk = layers.apply_rope(k, jnp.array([[k_position]]), 10_000.0)
+    return float(jnp.sum(rq * rk))
+  np.testing.assert_allclose(score(7, 3), score(104, 100), rtol=1e-4)
+  assert abs(score(7, 3) - score(7, 5)) > 1e-3
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+  model32, params = init(model_config())
+  model16 = models.build(model_config(dtype='bfloat16'))
+  tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, 97)
+  logits32 = model32.apply({'params': params}, tokens, *single_document(tokens))
+  logits16 = model16.apply({'params': params}, tokens, *single_document(tokens))
+  assert logits16.dtype == jnp.float32
+  probs32, probs16 = jax.nn.softmax(logits32), jax.nn.softmax(logits16)
+  np.testing.assert_allclose(probs16, probs32, atol=2e-2)
+
+
+@pytest.mark.parametrize('remat', ['full', 'save_dots'])
+def test_remat_gives_the_same_gradients(remat):
+  config = model_config()
+  model, params = init(config)
+  model_remat = models.build(model_config(remat=remat))
+  tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, 97)
+  def loss(model, params):
+    return jnp.mean(model.apply({'params': params}, tokens, *single_document(tokens)) ** 2)
+  grads = jax.grad(lambda p: loss(model, p))(params)
+  grads_remat = jax.grad(lambda p: loss(model_remat, p))(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               grads, grads_remat)
+
+
+@pytest.mark.parametrize('tie_embeddings', [True, False])
+def test_flops_count_covers_every_matmul_weight(tie_embeddings):
+  config = model_config(tie_embeddings=tie_embeddings)
+  _, params = init(config)
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  matmul_weights = sum(value.size for path, value in flat
+                       if value.ndim > 1 and 'embedding' not in jax.tree_util.keystr(path))
+  if tie_embeddings:  # The tied table is also the output matmul.
+    matmul_weights += params['embed']['embedding'].size
+  attention_flops = config.num_layers * 6 * 16 * config.num_heads * config.head_dim
+  assert transformer.flops_per_token(config, 16) == 6 * matmul_weights + attention_flops
+
+
+def test_tied_embeddings_have_no_separate_head():
+  _, params = init(model_config(tie_embeddings=True))
+  assert 'lm_head' not in params
+  _, params = init(model_config(tie_embeddings=False))
+  assert params['lm_head']['kernel'].shape == (32, 97)
