@@ -1,5 +1,6 @@
 """What every entry point shares: flag parsing and one-line errors for bad input."""
 
+import re
 import sys
 
 from absl import app, flags, logging
@@ -11,11 +12,14 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as error:
-    # ml_collections reports an unknown override as a bare KeyError('name').
-    name = str(error).strip('"\'')
+    # ml_collections reports an unknown override as KeyError("'name'\nDid you mean ...").
+    message = str(error).encode().decode('unicode_escape')
+    name = re.search(r"(\w+)", message).group(1)
     overrides = [arg.split('=')[0].lstrip('-') for arg in argv if arg.startswith('--config.')]
     culprit = next((o for o in overrides if name in o.split('.')), f'config.{name}')
-    sys.exit(f'error: unknown config field {culprit!r}; see the config file for the fields')
+    hint = re.search(r'Did you mean "(\w+)"', message)
+    sys.exit(f'error: unknown config field {culprit!r}'
+             + (f' (did you mean {hint.group(1)!r}?)' if hint else ''))
   except flags.Error as error:
     sys.exit(f'error: {error}')
 

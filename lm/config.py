@@ -48,6 +48,9 @@ def validate(config, num_devices: int, tokenizer_vocab_size: int) -> None:
   _check(train.learning_rate > 0, f'config.train.learning_rate={train.learning_rate} must be positive')
   _check(0 <= train.warmup_steps <= train.num_steps,
          f'config.train.warmup_steps={train.warmup_steps} must be in [0, config.train.num_steps]')
+  _check(0 <= train.sample_tokens < data.seq_len,
+         f'config.train.sample_tokens={train.sample_tokens} must be in [0, config.data.seq_len)'
+         ' (the sample is generated within one sequence)')
   for field in ('log_every', 'eval_every', 'eval_steps', 'grad_accumulation_steps'):
     _check(train[field] > 0, f'config.train.{field}={train[field]} must be positive')
   _check(config.checkpoint.every_steps > 0,
@@ -55,10 +58,12 @@ def validate(config, num_devices: int, tokenizer_vocab_size: int) -> None:
 
   mesh_shape = sharding.resolve_mesh_shape(config.mesh, num_devices)
   data_parallel = mesh_shape['data'] * mesh_shape['fsdp'] * train.grad_accumulation_steps
-  _check(data.batch_size % (data_parallel * jax.process_count()) == 0,
+  _check(data.batch_size % data_parallel == 0,
          f'config.data.batch_size={data.batch_size} must be divisible by'
-         f' mesh.data * mesh.fsdp * train.grad_accumulation_steps * processes ='
-         f' {data_parallel * jax.process_count()}')
+         f' mesh.data * mesh.fsdp * train.grad_accumulation_steps = {data_parallel}')
+  _check(data.batch_size % jax.process_count() == 0,
+         f'config.data.batch_size={data.batch_size} must be divisible by the'
+         f' {jax.process_count()} processes')
   for field in ('num_heads', 'num_kv_heads', 'mlp_dim', 'vocab_size'):
     _check(model[field] % mesh_shape['tensor'] == 0,
            f'config.model.{field}={model[field]} must be divisible by the tensor-parallel'

@@ -24,7 +24,7 @@ def generate(model, params, prompt_ids, *, max_new_tokens: int, buffer_length: i
              temperature: float, seed: int, stop_id: int | None = None) -> list[int]:
   """Continues `prompt_ids`; returns the new ids (stopping after `stop_id` if given)."""
   if len(prompt_ids) + max_new_tokens > buffer_length:
-    max_new_tokens = buffer_length - len(prompt_ids)
+    raise ValueError(f'{len(prompt_ids)=} + {max_new_tokens=} exceeds {buffer_length=}')
   buffer = np.zeros((1, buffer_length), np.int32)
   buffer[0, :len(prompt_ids)] = prompt_ids
   tokens = jnp.asarray(buffer)

@@ -11,15 +11,17 @@ from lm.errors import ConfigError
 from conftest import write_corpus
 
 
-def make_batches(documents, *, seq_len=32, batch_size=4, train=True, seed=0):
+def make_batches(documents, *, seq_len=32, batch_size=4, train=True, seed=0, shuffle_window=8):
   return pipeline.make_dataset(documents, tokenizer_lib.ByteTokenizer(), seq_len=seq_len,
-                               batch_size=batch_size, seed=seed, train=train)
+                               batch_size=batch_size, seed=seed, train=train,
+                               shuffle_window=shuffle_window)
 
 
 def test_packed_rows_reassemble_into_the_documents_with_bos_and_eos():
   documents = ['alpha beta', 'gamma', 'a much longer document that spans rows', 'z']
   tokenizer = tokenizer_lib.ByteTokenizer()
-  batches = list(make_batches(documents, seq_len=16, batch_size=1, train=False))
+  batches = list(make_batches(documents, seq_len=16, batch_size=1, train=False,
+                              shuffle_window=0))
   segments = []
   for batch in batches:
     tokens, segment_ids, positions = (batch[k][0] for k in ('tokens', 'segment_ids', 'positions'))
@@ -96,3 +98,13 @@ def test_stdlib_source_excludes_tests():
   assert len(source) > 100
   assert not [p for p in source.paths if f'{os.sep}test{os.sep}' in p]
   assert 'def ' in source[source.keys.index('json')]
+
+
+def test_rows_of_one_long_document_are_spread_across_batches():
+  documents = ['x' * 2000] + [f'short document {i}' for i in range(200)]
+  batches = [b for _, b in zip(range(40), make_batches(documents, seq_len=16, batch_size=8,
+                                                         shuffle_window=256))]
+  x_id = tokenizer_lib.ByteTokenizer().encode('x')[0]
+  rows_per_batch = [int((b['tokens'] == x_id).all(axis=1).sum()) for b in batches]
+  assert sum(rows_per_batch) > 50  # The long document was read ...
+  assert max(rows_per_batch) < 8  # ... but never fills a whole batch.

@@ -48,6 +48,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
       validation_fraction=0.05,  # Of document groups (files; stdlib top-level modules).
       seq_len=128,
       batch_size=32,  # Global, across all devices and processes.
+      shuffle_window=16384,  # Packed rows shuffled together (long files fill many rows).
   ))
 
   config.train = ml_collections.ConfigDict(dict(
@@ -64,8 +65,8 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
       z_loss_weight=1e-4,
       log_every=50,
       eval_every=250,
-      eval_steps=10,
-      sample_tokens=300,
+      eval_steps=20,
+      sample_tokens=120,  # Generated within one sequence, so < data.seq_len.
       sample_temperature=0.7,
   ))
 
@@ -76,7 +77,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   if variant == 'tiny':
     config.model.update(num_layers=2, embed_dim=64, num_heads=2, num_kv_heads=1,
                         head_dim=32, mlp_dim=128)
-    config.data.update(seq_len=64, batch_size=8)
+    config.data.update(seq_len=64, batch_size=8, shuffle_window=64)
     config.train.update(num_steps=20, warmup_steps=5, log_every=5, eval_every=10,
                         eval_steps=2, sample_tokens=40)
     config.checkpoint.every_steps = 10

@@ -33,10 +33,13 @@ def _to_batch(packed: dict) -> dict:
 
 
 def make_dataset(documents, tokenizer, *, seq_len: int, batch_size: int, seed: int,
-                 train: bool) -> grain.IterDataset:
+                 train: bool, shuffle_window: int = 0) -> grain.IterDataset:
   """Batches of {'tokens', 'segment_ids', 'positions'}, each int32 [batch_size, seq_len].
 
-  `batch_size` is this process's share of the global batch.
+  `batch_size` is this process's share of the global batch. `shuffle_window` packed
+  rows are shuffled together: a long document fills many consecutive rows, and a
+  batch drawn from one document trains badly and evaluates unrepresentatively. With
+  `train=False` the order is still fixed by `seed`, so every evaluation sees the same rows.
   """
   dataset = grain.MapDataset.source(documents)
   dataset = dataset[jax.process_index()::jax.process_count()]
@@ -45,5 +48,8 @@ def make_dataset(documents, tokenizer, *, seq_len: int, batch_size: int, seed: i
   dataset = dataset.map(_Tokenize(tokenizer)).to_iter_dataset()
   dataset = grain.experimental.ConcatThenSplitIterDataset(
       dataset, length_struct={'tokens': seq_len})
+  if shuffle_window > 1:
+    dataset = grain.experimental.WindowShuffleIterDataset(
+        dataset, window_size=shuffle_window, seed=seed)
   # Validation keeps its last, partly padded batch out so every batch has one shape.
   return dataset.batch(batch_size, drop_remainder=True).map(_to_batch)

@@ -79,7 +79,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
   local_batch_size = config.data.batch_size // jax.process_count()
   make_data = functools.partial(pipeline.make_dataset, tokenizer=tokenizer,
                                 seq_len=config.data.seq_len, batch_size=local_batch_size,
-                                seed=config.seed)
+                                seed=config.seed, shuffle_window=config.data.shuffle_window)
   train_iterator = iter(make_data(train_documents, train=True))
   validation_dataset = make_data(validation_documents, train=False)
   if next(iter(validation_dataset), None) is None:
@@ -92,8 +92,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
   start_step = checkpointer.latest_step()
   if start_step is not None:
     saved_config, saved_tokenizer = checkpointer.read_metadata(start_step)
-    checkpointing.check_compatible(saved_config, config, checkpointer.directory)
     tokenizer_lib.check_same(saved_tokenizer, tokenizer, checkpointer.directory)
+    checkpointing.check_compatible(saved_config, config, checkpointer.directory)
 
   # 2. Shapes, then shardings, then init or restore onto them.
   mesh = sharding.make_mesh(config.mesh, devices)

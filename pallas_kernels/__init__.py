@@ -1,0 +1,1 @@
+"""Pallas kernels (flash attention, selective scan), each beside its pure-JAX reference."""

@@ -1,0 +1,114 @@
+"""The real `python -m experiments.train` command: runs, survives SIGTERM and SIGKILL,
+and refuses unknown config fields."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import write_corpus
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def train_command(workdir, corpus, *overrides):
+  return [sys.executable, '-m', 'experiments.train',
+          '--config=experiments/configs/default.py:tiny', f'--workdir={workdir}',
+          '--config.data.source=text', f'--config.data.path={corpus}',
+          '--config.data.validation_fraction=0.25', *overrides]
+
+
+def environment():
+  # One CPU device: the test process's fake 8 would make every step slower.
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  return {**env, 'JAX_PLATFORMS': 'cpu', 'PYTHONUNBUFFERED': '1'}
+
+
+def run(command):
+  return subprocess.run(command, cwd=ROOT, env=environment(), capture_output=True, text=True,
+                        timeout=300)
+
+
+def checkpoint_steps(workdir):
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def start_and_wait_for_checkpoint(command, workdir, step):
+  process = subprocess.Popen(command, cwd=ROOT, env=environment(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 240
+  while not any(s >= step for s in checkpoint_steps(workdir)):
+    assert process.poll() is None, process.stdout.read()
+    assert time.time() < deadline, 'no checkpoint appeared'
+    time.sleep(0.05)
+  return process
+
+
+@pytest.fixture
+def corpus(tmp_path):
+  return write_corpus(str(tmp_path / 'corpus'))
+
+
+def test_tiny_run_trains_evaluates_and_prints_a_sample(tmp_path, corpus):
+  result = run(train_command(tmp_path / 'run', corpus))
+  assert result.returncode == 0, result.stderr[-3000:]
+  output = result.stdout + result.stderr
+  assert 'starting from scratch' in output
+  assert 'eval_loss=' in output and 'tokens_per_second=' in output
+  assert 'sample:' in output
+  assert checkpoint_steps(tmp_path / 'run') == [10, 20]
+  assert os.listdir(tmp_path / 'run' / 'tensorboard')
+
+
+def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path, corpus):
+  workdir = tmp_path / 'run'
+  command = train_command(workdir, corpus, '--config.train.num_steps=400',
+                          '--config.checkpoint.every_steps=5')
+  process = start_and_wait_for_checkpoint(command, workdir, step=5)
+  process.send_signal(signal.SIGTERM)
+  output, _ = process.communicate(timeout=120)
+  assert process.returncode == 0, output[-3000:]
+  stopped_at = checkpoint_steps(workdir)[-1]
+  assert f'stopped at step {stopped_at}; checkpoint saved' in output
+  assert stopped_at < 400
+
+  result = run(command[:-2] + ['--config.train.num_steps=' + str(stopped_at + 3)])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'resuming from step {stopped_at}' in result.stdout + result.stderr
+  assert checkpoint_steps(workdir)[-1] == stopped_at + 3
+
+
+def test_sigkill_at_any_point_resumes_from_the_last_finished_checkpoint(tmp_path, corpus):
+  workdir = tmp_path / 'run'
+  command = train_command(workdir, corpus, '--config.train.num_steps=400',
+                          '--config.checkpoint.every_steps=3')
+  process = start_and_wait_for_checkpoint(command, workdir, step=6)
+  process.kill()
+  process.communicate(timeout=60)
+  finished = checkpoint_steps(workdir)[-1]
+
+  result = run(command[:-2] + [f'--config.train.num_steps={finished + 2}'])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'resuming from step {finished}' in result.stdout + result.stderr
+
+
+def test_an_unknown_config_field_is_named(tmp_path, corpus):
+  result = run(train_command(tmp_path / 'run', corpus, '--config.model.num_layer=3'))
+  assert result.returncode != 0
+  assert "unknown config field 'config.model.num_layer'" in result.stderr
+  assert 'Traceback' not in result.stderr
+  assert not os.path.exists(tmp_path / 'run')
+
+
+def test_bad_input_prints_one_line_and_no_traceback(tmp_path, corpus):
+  result = run(train_command(tmp_path / 'run', corpus, '--config.model.num_kv_heads=3'))
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines()[-1] == (
+      'error: config.model.num_heads=2 is not divisible by config.model.num_kv_heads=3')
+  assert 'Traceback' not in result.stderr
