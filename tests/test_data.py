@@ -7,6 +7,7 @@ import pytest
 from lm import tokenizer as tokenizer_lib
 from lm.data import pipeline, sources
 from lm.errors import ConfigError
+from lm.training import checkpointing
 
 from conftest import write_corpus
 
@@ -46,15 +47,18 @@ def test_training_stream_is_seeded_and_reshuffled_each_epoch():
   assert not np.array_equal(np.stack(first), np.stack(other))
 
 
-def test_iterator_state_round_trips_through_json():
-  documents = [f'doc {i} ' * (i + 1) for i in range(20)]
-  iterator = iter(make_batches(documents, seq_len=24))
-  for _ in range(3):
+@pytest.mark.parametrize('shuffle_window,skip', [(0, 3), (8, 3), (64, 3), (64, 20)])
+def test_iterator_state_round_trips_through_the_checkpoint_encoding(shuffle_window, skip):
+  documents = [f'doc {i} ' * (i + 1) for i in range(40)]
+  make = lambda: iter(make_batches(documents, seq_len=24, shuffle_window=shuffle_window))
+  iterator = make()
+  for _ in range(skip):
     next(iterator)
-  state = json.loads(json.dumps(iterator.get_state()))  # What the checkpoint stores.
+  # Exactly what the checkpoint stores and reads back.
+  stored = json.loads(json.dumps(checkpointing._encode_tuples(iterator.get_state())))
   expected = [next(iterator)['tokens'] for _ in range(4)]
-  resumed = iter(make_batches(documents, seq_len=24))
-  resumed.set_state(state)
+  resumed = make()
+  resumed.set_state(checkpointing._decode_tuples(stored))
   np.testing.assert_array_equal(np.stack([next(resumed)['tokens'] for _ in range(4)]),
                                 np.stack(expected))
 

@@ -20,6 +20,29 @@ _SHAPE_FIELDS = ('name', 'vocab_size', 'num_layers', 'embed_dim', 'num_heads',
                  'num_kv_heads', 'head_dim', 'mlp_dim', 'tie_embeddings')
 
 
+def _encode_tuples(value):
+  """JSON turns tuples into lists, and grain's packer compares its state with the tuple
+  (-1, -1) to mean "no remainder"; a list would restore a phantom remainder and a
+  different data order. Tuples are stored tagged and restored as tuples."""
+  if isinstance(value, tuple):
+    return {'__tuple__': [_encode_tuples(v) for v in value]}
+  if isinstance(value, list):
+    return [_encode_tuples(v) for v in value]
+  if isinstance(value, dict):
+    return {k: _encode_tuples(v) for k, v in value.items()}
+  return value
+
+
+def _decode_tuples(value):
+  if isinstance(value, dict):
+    if set(value) == {'__tuple__'}:
+      return tuple(_decode_tuples(v) for v in value['__tuple__'])
+    return {k: _decode_tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return [_decode_tuples(v) for v in value]
+  return value
+
+
 class Checkpointer:
 
   def __init__(self, workdir: str, checkpoint_config):
@@ -40,7 +63,7 @@ class Checkpointer:
   def save(self, step: int, state, data_iterator: grain.DatasetIterator, config, tokenizer):
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_iterator.get_state()),
+        data=ocp.args.JsonSave(_encode_tuples(data_iterator.get_state())),
         config=ocp.args.JsonSave(config.to_dict()),
         tokenizer=ocp.args.JsonSave(tokenizer.to_dict()),
     ))
@@ -59,7 +82,7 @@ class Checkpointer:
       items['data'] = ocp.args.JsonRestore()
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     if data_iterator is not None:
-      data_iterator.set_state(restored['data'])
+      data_iterator.set_state(_decode_tuples(restored['data']))
     return restored['state']
 
   def wait(self):
