@@ -35,6 +35,10 @@ def validate(config, num_devices: int, tokenizer_vocab_size: int) -> None:
   _check(model.attention in attention.ATTENTION_IMPLEMENTATIONS,
          f'config.model.attention={model.attention!r} is not one of'
          f' {sorted(attention.ATTENTION_IMPLEMENTATIONS)}')
+  if model.attention == 'cudnn':
+    _check(jax.default_backend() == 'gpu' and resolve_dtype(model.dtype) == 'bfloat16',
+           'config.model.attention="cudnn" needs a GPU and config.model.dtype bfloat16'
+           f' (here: {jax.default_backend()}, {resolve_dtype(model.dtype)}); use "xla"')
   remats = ('none',) + tuple(transformer.REMAT_POLICIES)
   _check(model.remat in remats, f'config.model.remat={model.remat!r} is not one of {remats}')
 

@@ -28,13 +28,16 @@ def write_corpus(directory, num_files: int = 40, seed: int = 0) -> str:
   return os.path.join(directory, '*.txt')
 
 
-@pytest.fixture
-def tiny_config(tmp_path):
-  """The default config's tiny variant on a small generated corpus, float32, 8 devices."""
+def make_tiny_config(corpus_directory):
+  """The default config's tiny variant on a small generated corpus, in float32."""
   config = default.get_config('tiny')
-  config.data.source = 'text'
-  config.data.path = write_corpus(str(tmp_path / 'corpus'))
-  config.data.validation_fraction = 0.25
+  config.data.update(source='text', path=write_corpus(str(corpus_directory)),
+                     validation_fraction=0.25)
   config.model.dtype = 'float32'
   config.train.sample_tokens = 0
   return config
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+  return make_tiny_config(tmp_path / 'corpus')

@@ -12,7 +12,7 @@ from lm import tokenizer as tokenizer_lib
 from lm.errors import ConfigError
 from lm.training import loop
 
-from conftest import write_corpus
+from conftest import make_tiny_config
 
 
 def snapshot(directory):
@@ -28,12 +28,8 @@ def snapshot(directory):
 
 @pytest.fixture(scope='module')
 def trained_workdir(tmp_path_factory):
-  from experiments.configs import default
-  config = default.get_config('tiny')
-  config.data.update(source='text', validation_fraction=0.25,
-                     path=write_corpus(str(tmp_path_factory.mktemp('corpus'))))
-  config.model.dtype = 'float32'
-  config.train.update(num_steps=2, warmup_steps=1, eval_every=2, sample_tokens=0)
+  config = make_tiny_config(tmp_path_factory.mktemp('corpus'))
+  config.train.update(num_steps=2, warmup_steps=1, eval_every=2)
   workdir = str(tmp_path_factory.mktemp('workdir'))
   loop.train(config, workdir, jax.devices()[:1])
   return config, workdir
@@ -68,6 +64,8 @@ CASES = {
     'model differs from checkpoint': (lambda c, t: c.model.update(num_layers=3),
                                       r'model.num_layers: checkpoint has 2, config has 3'),
     'tokenizer differs from checkpoint': (bad_sentencepiece, r'tokenizer mismatch'),
+    'cudnn attention on cpu': (lambda c, t: c.model.update(attention='cudnn'),
+                               r'config.model.attention="cudnn" needs a GPU'),
     'unknown data source': (lambda c, t: c.data.update(source='web'),
                             r"config.data.source='web' is not one of"),
 }

@@ -6,6 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from conftest import make_tiny_config
 from lm import sharding
 from lm.errors import ConfigError
 from lm.training import loop
@@ -27,14 +28,8 @@ def configure(config, mesh):
 
 @pytest.fixture(scope='module')
 def one_device_run(tmp_path_factory):
-  from conftest import write_corpus  # Module-scoped: build the tiny config by hand.
-  from experiments.configs import default
-  config = default.get_config('tiny')
-  config.data.update(source='text', validation_fraction=0.25,
-                     path=write_corpus(str(tmp_path_factory.mktemp('corpus'))))
-  config.model.dtype = 'float32'
-  config.train.sample_tokens = 0
-  configure(config, dict(data=1, fsdp=1, tensor=1))
+  config = configure(make_tiny_config(tmp_path_factory.mktemp('corpus')),
+                     dict(data=1, fsdp=1, tensor=1))
   history, state = loop.train(config, str(tmp_path_factory.mktemp('one')), jax.devices()[:1])
   return config, history, state
 

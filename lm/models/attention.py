@@ -34,9 +34,14 @@ def xla_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt):
 
 
 def cudnn_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt):
-  """cuDNN fused attention through jax.nn.dot_product_attention (GPU only)."""
+  """cuDNN fused attention through jax.nn.dot_product_attention (GPU, bf16/fp16 only).
+
+  cuDNN applies causality itself and skips the masked blocks; the same-segment mask
+  reaches it as an additive [B, 1, T, T] bias, the one S x S tensor this path keeps.
+  """
+  same_segment_b1ts = (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])[:, None]
   return jax.nn.dot_product_attention(
-      q_btnh, k_bskh, v_bskh, mask=segment_causal_mask(segment_ids_bt),
+      q_btnh, k_bskh, v_bskh, mask=same_segment_b1ts, is_causal=True,
       implementation='cudnn')
 
 
