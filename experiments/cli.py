@@ -30,7 +30,7 @@ def run(main) -> None:
   def main_with_errors(argv):
     if len(argv) > 1:
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO.
+    logging.set_verbosity(logging.ERROR)  # orbax logs every file it writes, and more.
     try:
       main()
     except ConfigError as error:

@@ -1,6 +1,10 @@
-"""Sampling by full recomputation over a fixed-length buffer (one compile for any length).
+"""Sampling with a cache: one prefill over the prompts, then one token per step.
 
-Greedy when temperature is 0; otherwise softmax sampling at that temperature.
+Prompts of different lengths are right-padded into one [B, P] batch; each row keeps
+its own length in the cache, so every shape is static and one compile serves any
+prompt up to P tokens. Greedy when temperature is 0, else softmax sampling at that
+temperature restricted to the top-k tokens and to the smallest set whose probability
+reaches top-p. A row stops after emitting a stop id; rows that stopped emit pad.
 """
 
 import functools
@@ -10,32 +14,101 @@ import jax.numpy as jnp
 import numpy as np
 
 
-@functools.partial(jax.jit, static_argnames=('model',))
-def _next_token(params, tokens_1t, length, rng, temperature, *, model):
-  positions_1t = jnp.arange(tokens_1t.shape[1])[None]
-  segment_ids_1t = (positions_1t < length).astype(jnp.int32)
-  logits_1tv = model.apply({'params': params}, tokens_1t, segment_ids_1t, positions_1t)
-  logits_v = logits_1tv[0, length - 1]
-  sampled = jax.random.categorical(rng, logits_v / jnp.maximum(temperature, 1e-6))
-  return jnp.where(temperature > 0, sampled, jnp.argmax(logits_v))
+def init_cache(model, batch_size: int, cache_length: int):
+  """An empty cache (the 'cache' collection) with `cache_length` slots per row."""
+  def init():
+    tokens = jnp.zeros((batch_size, cache_length), jnp.int32)
+    return model.init(jax.random.key(0), tokens, tokens, tokens, decode=True)['cache']
+  return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(init))
 
 
-def generate(model, params, prompt_ids, *, max_new_tokens: int, buffer_length: int,
-             temperature: float, seed: int, stop_id: int | None = None) -> list[int]:
-  """Continues `prompt_ids`; returns the new ids (stopping after `stop_id` if given)."""
-  if len(prompt_ids) + max_new_tokens > buffer_length:
-    raise ValueError(f'{len(prompt_ids)=} + {max_new_tokens=} exceeds {buffer_length=}')
-  buffer = np.zeros((1, buffer_length), np.int32)
-  buffer[0, :len(prompt_ids)] = prompt_ids
-  tokens = jnp.asarray(buffer)
-  rng = jax.random.key(seed)
-  length, new_ids = len(prompt_ids), []
-  for _ in range(max_new_tokens):
+def sample_from_logits(logits_bv, rng, *, temperature, top_k: int, top_p):
+  """Next ids [B] from float32 logits [B, V]. `top_k` 0 and `top_p` 1 switch them off."""
+  greedy_b = jnp.argmax(logits_bv, axis=-1)
+  logits_bv = logits_bv / jnp.maximum(temperature, 1e-6)
+  if top_k:
+    kth_largest_b1 = jax.lax.top_k(logits_bv, top_k)[0][:, -1:]
+    logits_bv = jnp.where(logits_bv < kth_largest_b1, -jnp.inf, logits_bv)
+  # Nucleus: drop tokens whose higher-ranked predecessors already reach top_p.
+  sorted_bv = jnp.sort(logits_bv, axis=-1)[:, ::-1]
+  cumulative_bv = jnp.cumsum(jax.nn.softmax(sorted_bv, axis=-1), axis=-1)
+  kept_bv = (cumulative_bv - jax.nn.softmax(sorted_bv, axis=-1)) < top_p
+  threshold_b1 = jnp.min(jnp.where(kept_bv, sorted_bv, jnp.inf), axis=-1, keepdims=True)
+  logits_bv = jnp.where(logits_bv < threshold_b1, -jnp.inf, logits_bv)
+  sampled_b = jax.random.categorical(rng, logits_bv, axis=-1)
+  return jnp.where(temperature > 0, sampled_b, greedy_b)
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'top_k', 'cache_length'))
+def generate(params, prompts_bp, prompt_lengths_b, rng, stop_ids, *, model, max_new_tokens: int,
+             cache_length: int, temperature=0.0, top_k: int = 0, top_p=1.0, pad_id: int = 0):
+  """Continues each prompt row (its first prompt_lengths_b[b] tokens).
+
+  Returns new ids [B, max_new_tokens] (pad after a row stops) and the number of new
+  ids in each row, stop id included. `cache_length` must hold P + max_new_tokens.
+  """
+  batch, prompt_length = prompts_bp.shape
+  if prompt_length + max_new_tokens > cache_length:
+    raise ValueError(f'{prompt_length=} + {max_new_tokens=} exceeds {cache_length=}')
+  positions_bp = jnp.broadcast_to(jnp.arange(prompt_length), (batch, prompt_length))
+  segment_ids_bp = (positions_bp < prompt_lengths_b[:, None]).astype(jnp.int32)
+  logits_bpv, variables = model.apply(
+      {'params': params, 'cache': init_cache(model, batch, cache_length)},
+      prompts_bp, segment_ids_bp, positions_bp, decode=True, mutable=['cache'])
+  last_logits_bv = logits_bpv[jnp.arange(batch), prompt_lengths_b - 1]
+
+  def step(carry):
+    index, logits_bv, cache, done_b, new_bn, num_new_b, rng = carry
     rng, step_rng = jax.random.split(rng)
-    token = int(_next_token(params, tokens, length, step_rng, temperature, model=model))
-    new_ids.append(token)
-    if token == stop_id:
-      break
-    tokens = tokens.at[0, length].set(token)
-    length += 1
-  return new_ids
+    token_b = sample_from_logits(logits_bv, step_rng, temperature=temperature, top_k=top_k,
+                                 top_p=top_p)
+    token_b = jnp.where(done_b, pad_id, token_b)
+    new_bn = new_bn.at[:, index].set(token_b)
+    num_new_b = num_new_b + (~done_b)
+    done_b = done_b | jnp.isin(token_b, stop_ids)
+    position_b1 = (prompt_lengths_b + index)[:, None]
+    logits_b1v, variables = model.apply(
+        {'params': params, 'cache': cache}, token_b[:, None], jnp.ones_like(position_b1),
+        position_b1, decode=True, mutable=['cache'])
+    return index + 1, logits_b1v[:, 0], variables['cache'], done_b, new_bn, num_new_b, rng
+
+  def keep_going(carry):
+    index, _, _, done_b, *_ = carry
+    return (index < max_new_tokens) & ~jnp.all(done_b)
+
+  initial = (jnp.int32(0), last_logits_bv, variables['cache'], jnp.zeros(batch, jnp.bool_),
+             jnp.full((batch, max_new_tokens), pad_id, jnp.int32), jnp.zeros(batch, jnp.int32),
+             rng)
+  _, _, _, _, new_bn, num_new_b, _ = jax.lax.while_loop(keep_going, step, initial)
+  return new_bn, num_new_b
+
+
+def pad_prompts(prompts: list[list[int]], pad_id: int, multiple: int = 64):
+  """Right-pads id lists into [B, P] with P rounded up to `multiple` (fewer compiles)."""
+  if not prompts or min(len(p) for p in prompts) == 0:
+    raise ValueError('every prompt needs at least one token (the tokenizer adds bos)')
+  length = -(-max(len(p) for p in prompts) // multiple) * multiple
+  batch = np.full((len(prompts), length), pad_id, np.int32)
+  for row, prompt in enumerate(prompts):
+    batch[row, :len(prompt)] = prompt
+  return batch, np.array([len(p) for p in prompts], np.int32)
+
+
+def complete(model, params, tokenizer, prompts: list[str], *, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             stop_ids: tuple[int, ...] | None = None, cache_length: int | None = None) -> list[str]:
+  """Text in, text out: bos + prompt, generate, decode up to (not including) the stop id."""
+  stop_ids = (tokenizer.eos_id,) if stop_ids is None else stop_ids
+  ids = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
+  prompts_bp, lengths_b = pad_prompts(ids, tokenizer.pad_id)
+  cache_length = cache_length or prompts_bp.shape[1] + max_new_tokens
+  new_bn, num_new_b = generate(
+      params, jnp.asarray(prompts_bp), jnp.asarray(lengths_b), jax.random.key(seed),
+      jnp.asarray(stop_ids, jnp.int32), model=model, max_new_tokens=max_new_tokens,
+      cache_length=cache_length, temperature=temperature, top_k=top_k, top_p=top_p,
+      pad_id=tokenizer.pad_id)
+  completions = []
+  for row, count in zip(np.asarray(new_bn), np.asarray(num_new_b)):
+    row = [int(t) for t in row[:count]]
+    completions.append(tokenizer.decode([t for t in row if t not in stop_ids]))
+  return completions

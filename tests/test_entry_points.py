@@ -1,6 +1,7 @@
 """The real `python -m experiments.train` command: runs, survives SIGTERM and SIGKILL,
 and refuses unknown config fields."""
 
+import json
 import os
 import signal
 import subprocess
@@ -55,15 +56,61 @@ def corpus(tmp_path):
   return write_corpus(str(tmp_path / 'corpus'))
 
 
-def test_tiny_run_trains_evaluates_and_prints_a_sample(tmp_path, corpus):
-  result = run(train_command(tmp_path / 'run', corpus))
+@pytest.fixture(scope='module')
+def trained_run(tmp_path_factory):
+  """One tiny run, trained by the real command, shared by the tests that read it."""
+  root = tmp_path_factory.mktemp('trained')
+  result = run(train_command(root / 'run', write_corpus(str(root / 'corpus'))))
+  return root / 'run', result
+
+
+def test_tiny_run_trains_evaluates_and_prints_a_sample(trained_run):
+  workdir, result = trained_run
   assert result.returncode == 0, result.stderr[-3000:]
   output = result.stdout + result.stderr
   assert 'starting from scratch' in output
   assert 'eval_loss=' in output and 'tokens_per_second=' in output
   assert 'sample:' in output
-  assert checkpoint_steps(tmp_path / 'run') == [10, 20]
-  assert os.listdir(tmp_path / 'run' / 'tensorboard')
+  assert checkpoint_steps(workdir) == [10, 20]
+  assert os.listdir(workdir / 'tensorboard')
+
+
+def test_sample_command_completes_every_prompt(trained_run, tmp_path):
+  workdir, _ = trained_run
+  prompts_file = tmp_path / 'prompts.txt'
+  prompts_file.write_text('the cat\nred trees\n')
+  result = run([sys.executable, '-m', 'experiments.sample', f'--workdir={workdir}',
+                '--prompt=a dog', f'--prompts_file={prompts_file}', '--max_new_tokens=20',
+                '--temperature=0'])
+  assert result.returncode == 0, result.stderr[-3000:]
+  for prompt in ('a dog', 'the cat', 'red trees'):
+    assert f"--- prompt: '{prompt}'" in result.stdout
+
+
+def test_evaluate_command_prints_a_table_and_writes_json(trained_run, tmp_path):
+  workdir, _ = trained_run
+  task = tmp_path / 'colours.jsonl'
+  task.write_text('{"context": "the sky is", "choices": [" blue", " red"], "answer": 0}\n'
+                  '{"context": "grass is", "choices": [" green", " red"], "answer": 0}\n')
+  result = run([sys.executable, '-m', 'experiments.evaluate', f'--workdir={workdir}',
+                '--task=arithmetic', '--task=arithmetic_choice', f'--task={task}',
+                '--limit=6', '--num_shots=1'])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'colours' in result.stdout and 'accuracy_normalized=' in result.stdout
+  with open(workdir / 'eval' / 'step_20.json') as f:
+    written = json.load(f)
+  assert written['step'] == 20 and written['settings']['num_shots'] == 1
+  assert written['results']['arithmetic']['examples'] == 6
+  assert 0.0 <= written['results']['colours']['accuracy'] <= 1.0
+
+
+def test_sample_and_evaluate_name_a_workdir_without_checkpoints(tmp_path):
+  for module in ('experiments.sample', 'experiments.evaluate'):
+    result = run([sys.executable, '-m', module, f'--workdir={tmp_path}', '--prompt=x'
+                  if module == 'experiments.sample' else '--task=arithmetic'])
+    assert result.returncode != 0
+    assert f'--workdir={tmp_path}: no checkpoints' in result.stderr
+    assert 'Traceback' not in result.stderr
 
 
 def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path, corpus):

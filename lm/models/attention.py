@@ -17,8 +17,9 @@ def segment_causal_mask(segment_ids_bt):
   return (same_segment_btt & causal_tt)[:, None]
 
 
-def xla_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt):
-  """Plain einsum attention; softmax in float32. Groups query heads instead of repeating K/V."""
+def masked_attention(q_btnh, k_bskh, v_bskh, mask_b1ts):
+  """Einsum attention under a boolean mask; softmax in float32. Groups query heads
+  instead of repeating K/V. Used directly by cached decoding."""
   batch, length, num_heads, head_dim = q_btnh.shape
   num_kv_heads = k_bskh.shape[2]
   groups = num_heads // num_kv_heads
@@ -26,11 +27,14 @@ def xla_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt):
   logits_bkgts = jnp.einsum('btkgh,bskh->bkgts', q_btkgh, k_bskh,
                             preferred_element_type=jnp.float32)
   logits_bkgts *= head_dim ** -0.5
-  mask_b11ts = segment_causal_mask(segment_ids_bt)[:, :, None]
-  logits_bkgts = jnp.where(mask_b11ts, logits_bkgts, jnp.finfo(jnp.float32).min)
+  logits_bkgts = jnp.where(mask_b1ts[:, :, None], logits_bkgts, jnp.finfo(jnp.float32).min)
   probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(v_bskh.dtype)
   out_btkgh = jnp.einsum('bkgts,bskh->btkgh', probs_bkgts, v_bskh)
   return out_btkgh.reshape(batch, length, num_heads, head_dim)
+
+
+def xla_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt):
+  return masked_attention(q_btnh, k_bskh, v_bskh, segment_causal_mask(segment_ids_bt))
 
 
 def cudnn_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt):

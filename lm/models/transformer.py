@@ -6,6 +6,14 @@ D model width, V vocab.
 Takes `segment_ids` and `positions` so a packed row of several documents behaves
 exactly like each document on its own: attention is masked to the token's segment
 and RoPE uses the position within the document.
+
+Decoding (`decode=True`, with the 'cache' collection mutable): each attention layer
+keeps keys and values [B, S, K, H] for S cache slots and each row's filled length
+[B]. A call appends its T tokens at every row's own length (so prompts of different
+lengths share one static-shape cache) and attends to all filled slots. Padding
+tokens (segment id 0) are written but not counted, so the next call overwrites them.
+`lm.sampling.init_cache` builds an empty cache; the Mamba state cache of a later
+family lives in the same collection behind the same call.
 """
 
 import flax.linen as nn
@@ -26,7 +34,7 @@ class Attention(nn.Module):
   config: ml_collections.ConfigDict
 
   @nn.compact
-  def __call__(self, x_btd, segment_ids_bt, positions_bt):
+  def __call__(self, x_btd, segment_ids_bt, positions_bt, decode: bool = False):
     cfg = self.config
     dense = lambda features, names, name, axis=-1: nn.DenseGeneral(
         features, axis=axis, use_bias=False, dtype=cfg.dtype, param_dtype=jnp.float32,
@@ -39,10 +47,35 @@ class Attention(nn.Module):
     q_btnh = nn.with_logical_constraint(q_btnh, ('act_batch', 'act_seq', 'act_heads', 'act_head_dim'))
     k_btkh = nn.with_logical_constraint(k_btkh, ('act_batch', 'act_seq', 'act_kv_heads', 'act_head_dim'))
     v_btkh = nn.with_logical_constraint(v_btkh, ('act_batch', 'act_seq', 'act_kv_heads', 'act_head_dim'))
-    attend = attention_lib.ATTENTION_IMPLEMENTATIONS[cfg.attention]
-    out_btnh = attend(q_btnh, k_btkh, v_btkh, segment_ids_bt)
+    if decode:
+      out_btnh = self._attend_with_cache(q_btnh, k_btkh, v_btkh, segment_ids_bt)
+    else:
+      attend = attention_lib.ATTENTION_IMPLEMENTATIONS[cfg.attention]
+      out_btnh = attend(q_btnh, k_btkh, v_btkh, segment_ids_bt)
     out_btnh = nn.with_logical_constraint(out_btnh, ('act_batch', 'act_seq', 'act_heads', 'act_head_dim'))
     return dense(x_btd.shape[-1], ('heads', 'head_dim', 'embed'), 'out', axis=(-2, -1))(out_btnh)
+
+  def _attend_with_cache(self, q_btnh, k_btkh, v_btkh, segment_ids_bt):
+    # At init the variables take this call's shape: init_cache passes [B, S] tokens.
+    batch, length, num_kv_heads, head_dim = k_btkh.shape
+    key_cache = self.variable('cache', 'cached_key', jnp.zeros,
+                              (batch, length, num_kv_heads, head_dim), k_btkh.dtype)
+    value_cache = self.variable('cache', 'cached_value', jnp.zeros,
+                                (batch, length, num_kv_heads, head_dim), v_btkh.dtype)
+    lengths = self.variable('cache', 'cache_lengths', jnp.zeros, (batch,), jnp.int32)
+
+    start_b = lengths.value
+    append = jax.vmap(lambda cache, new, start: jax.lax.dynamic_update_slice_in_dim(
+        cache, new.astype(cache.dtype), start, axis=0))
+    key_cache.value = append(key_cache.value, k_btkh, start_b)
+    value_cache.value = append(value_cache.value, v_btkh, start_b)
+    lengths.value = start_b + jnp.sum(segment_ids_bt != 0, axis=1, dtype=jnp.int32)
+
+    # Query t of row b sits in slot start_b + t and sees every slot up to it.
+    query_slot_bt = start_b[:, None] + jnp.arange(length)[None]
+    slots_s = jnp.arange(key_cache.value.shape[1])
+    mask_b1ts = (slots_s[None, None, :] <= query_slot_bt[:, :, None])[:, None]
+    return attention_lib.masked_attention(q_btnh, key_cache.value, value_cache.value, mask_b1ts)
 
 
 class DecoderBlock(nn.Module):
@@ -50,10 +83,10 @@ class DecoderBlock(nn.Module):
   config: ml_collections.ConfigDict
 
   @nn.compact
-  def __call__(self, x_btd, segment_ids_bt, positions_bt):
+  def __call__(self, x_btd, segment_ids_bt, positions_bt, decode: bool = False):
     cfg = self.config
     h_btd = layers.RMSNorm(cfg.norm_eps, cfg.dtype, name='attention_norm')(x_btd)
-    x_btd = x_btd + Attention(cfg, name='attention')(h_btd, segment_ids_bt, positions_bt)
+    x_btd = x_btd + Attention(cfg, name='attention')(h_btd, segment_ids_bt, positions_bt, decode)
     h_btd = layers.RMSNorm(cfg.norm_eps, cfg.dtype, name='mlp_norm')(x_btd)
     x_btd = x_btd + layers.MLP(cfg.mlp_dim, cfg.dtype, name='mlp')(h_btd)
     return nn.with_logical_constraint(x_btd, ('act_batch', 'act_seq', 'act_embed'))
@@ -64,7 +97,7 @@ class Transformer(nn.Module):
   config: ml_collections.ConfigDict
 
   @nn.compact
-  def __call__(self, tokens_bt, segment_ids_bt, positions_bt):
+  def __call__(self, tokens_bt, segment_ids_bt, positions_bt, decode: bool = False):
     cfg = self.config
     # Unit-variance inputs from a 1/sqrt(D) table (scaled by sqrt(D)) keep tied
     # output logits at unit scale too.
@@ -78,10 +111,10 @@ class Transformer(nn.Module):
     x_btd = nn.with_logical_constraint(x_btd, ('act_batch', 'act_seq', 'act_embed'))
 
     block = DecoderBlock
-    if cfg.remat != 'none':
-      block = nn.remat(DecoderBlock, policy=REMAT_POLICIES[cfg.remat])
+    if cfg.remat != 'none' and not decode:  # Decoding keeps no activations for a backward pass.
+      block = nn.remat(DecoderBlock, policy=REMAT_POLICIES[cfg.remat], static_argnums=(4,))
     for layer in range(cfg.num_layers):
-      x_btd = block(cfg, name=f'layer_{layer}')(x_btd, segment_ids_bt, positions_bt)
+      x_btd = block(cfg, name=f'layer_{layer}')(x_btd, segment_ids_bt, positions_bt, decode)
 
     x_btd = layers.RMSNorm(cfg.norm_eps, cfg.dtype, name='final_norm')(x_btd)
     if cfg.tie_embeddings:

@@ -8,11 +8,16 @@ finished checkpoint intact; unfinished ones are removed on the next start.
 
 import os
 
+import flax.linen as nn
 import grain
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from lm import models
+from lm import tokenizer as tokenizer_lib
 from lm.errors import ConfigError
+from lm.training import optimizer as optimizer_lib, steps
 
 # Model fields that decide parameter shapes; the rest (dtype, attention, remat) may
 # change between runs of the same checkpoint.
@@ -45,14 +50,17 @@ def _decode_tuples(value):
 
 class Checkpointer:
 
-  def __init__(self, workdir: str, checkpoint_config):
+  def __init__(self, workdir: str, max_to_keep: int | None, read_only: bool = False):
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    if read_only and not os.path.isdir(self.directory):
+      raise ConfigError(f'--workdir={workdir}: no checkpoints in {self.directory}')
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=checkpoint_config.max_to_keep,
-            cleanup_tmp_directories=True,
-            create=True,
+            max_to_keep=max_to_keep,
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,
+            read_only=read_only,
         ),
         item_names=('state', 'data', 'config', 'tokenizer'),
     )
@@ -102,3 +110,23 @@ def check_compatible(saved_config, config, directory: str) -> None:
     raise ConfigError(f'the checkpoint in {directory} does not match the config:\n  '
                      + '\n  '.join(differences)
                      + '\nuse a new --workdir, or the model settings it was trained with')
+
+
+def restore_for_inference(workdir: str, step: int | None = None):
+  """(config, tokenizer, model, params) of the checkpoint at `step` (default: latest),
+  on the first device, built from the config and tokenizer saved with it."""
+  checkpointer = Checkpointer(workdir, max_to_keep=None, read_only=True)
+  step = checkpointer.latest_step() if step is None else step
+  if step is None or step not in checkpointer.manager.all_steps():
+    raise ConfigError(f'--workdir={workdir}: no checkpoint for step {step} in'
+                      f' {checkpointer.directory} (have {checkpointer.manager.all_steps()})')
+  config, tokenizer_dict = checkpointer.read_metadata(step)
+  model = models.build(ml_collections.FrozenConfigDict(config.model))
+  init = steps.train_state_initializer(model, optimizer_lib.make_optimizer(config.train),
+                                       config.data.seq_len)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          nn.meta.unbox(jax.eval_shape(init, jax.random.key(0))))
+  state = checkpointer.restore(step, abstract, data_iterator=None)
+  checkpointer.close()
+  return config, tokenizer_lib.from_dict(tokenizer_dict), model, state.params

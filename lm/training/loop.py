@@ -88,7 +88,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
         f' batch of config.data.batch_size={config.data.batch_size} x'
         f' config.data.seq_len={config.data.seq_len}; raise config.data.validation_fraction')
 
-  checkpointer = checkpointing.Checkpointer(workdir, config.checkpoint)
+  checkpointer = checkpointing.Checkpointer(workdir, config.checkpoint.max_to_keep)
   start_step = checkpointer.latest_step()
   if start_step is not None:
     saved_config, saved_tokenizer = checkpointer.read_metadata(start_step)
@@ -100,12 +100,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
   model = models.build(ml_collections.FrozenConfigDict(config.model))
   optimizer = optimizer_lib.make_optimizer(config.train)
   schedule = optimizer_lib.learning_rate_schedule(config.train)
-  dummy_tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
-
-  def init_boxed(rng):
-    params = model.init(rng, dummy_tokens, dummy_tokens, dummy_tokens)['params']
-    return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                            opt_state=optimizer.init(params))
+  init_boxed = steps.train_state_initializer(model, optimizer, config.data.seq_len)
 
   with sharding.activate(mesh):
     abstract_boxed = jax.eval_shape(init_boxed, jax.random.key(config.seed))
@@ -196,10 +191,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
   checkpointer.wait()
   checkpointer.close()
   if step >= config.train.num_steps and config.train.sample_tokens > 0:
-    sample = sampling.generate(
-        model, state.params, [tokenizer.bos_id], max_new_tokens=config.train.sample_tokens,
-        buffer_length=config.data.seq_len, temperature=config.train.sample_temperature,
-        seed=config.seed, stop_id=tokenizer.eos_id)
-    log.print('sample:\n' + tokenizer.decode(sample))
+    [sample] = sampling.complete(
+        model, state.params, tokenizer, [''], max_new_tokens=config.train.sample_tokens,
+        temperature=config.train.sample_temperature, seed=config.seed)
+    log.print('sample:\n' + sample)
   log.close()
   return history, state

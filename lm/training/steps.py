@@ -15,6 +15,17 @@ class TrainState:
   opt_state: optax.OptState
 
 
+def train_state_initializer(model, optimizer, seq_len: int):
+  """rng -> TrainState whose params carry logical axis names (boxed), for eval_shape and
+  sharding; unbox the result for the arrays themselves."""
+  def init(rng):
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    params = model.init(rng, tokens, tokens, tokens)['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.init(params))
+  return init
+
+
 def loss_sums(params, batch, model):
   """(loss_sum, z_loss_sum, num_tokens) of next-token prediction on one batch."""
   logits_btv = model.apply({'params': params}, batch['tokens'], batch['segment_ids'],

@@ -1,0 +1,50 @@
+"""Built-in tasks the project generates itself, so evaluation runs offline.
+
+Answers are computed, so they are checkable: `arithmetic` (generation, exact match),
+`arithmetic_choice` (multiple choice among near misses), and `stdlib_perplexity`
+(the held-out modules of the default pretraining corpus).
+"""
+
+import random
+
+from lm.data import sources
+from lm.evaluation.tasks import Task
+
+
+def arithmetic(num_examples: int = 200, seed: int = 0) -> Task:
+  rng = random.Random(seed)
+  records = []
+  for _ in range(num_examples):
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    operator = rng.choice('+-')
+    records.append({'prompt': f'Q: What is {a} {operator} {b}?\nA:',
+                    'answer': f' {a + b if operator == "+" else a - b}'})
+  return Task('arithmetic', 'generation', records)
+
+
+def arithmetic_choice(num_examples: int = 200, seed: int = 1) -> Task:
+  rng = random.Random(seed)
+  records = []
+  for _ in range(num_examples):
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    right = a + b
+    wrong = rng.sample([right + d for d in (-10, -2, -1, 1, 2, 10)], 3)
+    choices = [f' {c}' for c in [right] + wrong]
+    rng.shuffle(choices)
+    records.append({'context': f'{a} + {b} =', 'choices': choices,
+                    'answer': choices.index(f' {right}')})
+  return Task('arithmetic_choice', 'multiple_choice', records)
+
+
+def stdlib_perplexity(validation_fraction: float = 0.05) -> Task:
+  """The validation split of `experiments/configs/default.py` (same hash, same fraction)."""
+  _, validation = sources.split(sources.stdlib_source(), validation_fraction)
+  return Task('stdlib_perplexity', 'perplexity',
+              [{'text': validation[i]} for i in range(len(validation))])
+
+
+BUILTIN_TASKS = {
+    'arithmetic': arithmetic,
+    'arithmetic_choice': arithmetic_choice,
+    'stdlib_perplexity': stdlib_perplexity,
+}

@@ -1,0 +1,82 @@
+"""Task -> metrics, given a Scorer (lm.evaluation.scoring) or anything with its methods.
+
+- perplexity: token loss, perplexity and bits per byte over every document.
+- multiple_choice: accuracy by the summed log-likelihood of each choice, and by that sum
+  divided by the choice's length in bytes (length-normalised, like common harnesses'
+  acc_norm), so long choices are not penalised for their length.
+- generation: exact match of the extracted answer; with `self_consistency` = k > 1,
+  k sampled answers per example and the majority vote.
+"""
+
+import collections
+import math
+import re
+
+from lm.evaluation import tasks as tasks_lib
+
+_NUMBER = re.compile(r'-?\d+(?:\.\d+)?')
+
+
+def extract_answer(completion: str, reference: str) -> str:
+  """The first line; if the reference is a number, the first number in that line."""
+  line = completion.strip().split('\n', 1)[0].strip()
+  if _NUMBER.fullmatch(reference.strip()):
+    match = _NUMBER.search(line)
+    return match.group(0) if match else line
+  return line
+
+
+def normalize(answer: str) -> str:
+  return ' '.join(answer.lower().split())
+
+
+def majority_vote(answers: list[str]) -> str:
+  """The most frequent answer; ties go to the one seen first."""
+  counts = collections.Counter(answers)
+  return max(answers, key=lambda a: (counts[a], -answers.index(a)))
+
+
+def evaluate(task: tasks_lib.Task, scorer, *, num_shots: int = 0, seed: int = 0,
+             limit: int | None = None, max_new_tokens: int = 16, self_consistency: int = 1,
+             temperature: float = 0.7) -> dict:
+  indices = range(len(task.records))[:limit]
+  records = [task.records[i] for i in indices]
+  prefixes = [tasks_lib.few_shot_prefix(task, i, num_shots, seed) for i in indices]
+
+  if task.kind == 'perplexity':
+    nats, tokens, num_bytes = 0.0, 0, 0
+    for record in records:
+      log_likelihood, count = scorer.document_log_likelihood(record['text'])
+      nats, tokens = nats - log_likelihood, tokens + count
+      num_bytes += len(record['text'].encode('utf-8'))
+    return {'loss': nats / tokens, 'perplexity': math.exp(min(nats / tokens, 50.0)),
+            'bits_per_byte': nats / math.log(2) / max(num_bytes, 1), 'tokens': tokens,
+            'documents': len(records)}
+
+  if task.kind == 'multiple_choice':
+    pairs = [(prefix + r['context'], choice) for prefix, r in zip(prefixes, records)
+             for choice in r['choices']]
+    scores = iter(scorer.continuation_log_likelihoods(pairs))
+    correct = correct_normalized = 0
+    for record in records:
+      log_likelihoods = [next(scores)[0] for _ in record['choices']]
+      per_byte = [ll / max(len(c.encode('utf-8')), 1)
+                  for ll, c in zip(log_likelihoods, record['choices'])]
+      correct += log_likelihoods.index(max(log_likelihoods)) == record['answer']
+      correct_normalized += per_byte.index(max(per_byte)) == record['answer']
+    return {'accuracy': correct / len(records),
+            'accuracy_normalized': correct_normalized / len(records), 'examples': len(records)}
+
+  prompts = [prefix + r['prompt'] for prefix, r in zip(prefixes, records)]
+  if self_consistency > 1:
+    samples = [scorer.complete(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                               seed=seed + 1000 * k) for k in range(self_consistency)]
+    answers = [majority_vote([extract_answer(s[i], r['answer']) for s in samples])
+               for i, r in enumerate(records)]
+  else:
+    completions = scorer.complete(prompts, max_new_tokens=max_new_tokens, temperature=0.0,
+                                  seed=seed)
+    answers = [extract_answer(c, r['answer']) for c, r in zip(completions, records)]
+  matches = sum(normalize(a) == normalize(r['answer']) for a, r in zip(answers, records))
+  return {'exact_match': matches / len(records), 'examples': len(records),
+          'self_consistency': self_consistency}

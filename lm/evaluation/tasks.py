@@ -1,0 +1,93 @@
+"""Tasks are data: a JSON-lines file whose fields say what kind of task it is.
+
+  perplexity       {"text": ...}
+  multiple_choice  {"context": ..., "choices": [...], "answer": <index of the right choice>}
+  generation       {"prompt": ..., "answer": ...}
+
+Few-shot prompts put `num_shots` other solved examples of the same task (seeded draw)
+before each one, separated by blank lines. The built-in tasks (lm.evaluation.builtin)
+are the same records, generated.
+"""
+
+import dataclasses
+import json
+import os
+import random
+
+from lm.errors import ConfigError
+
+KINDS = {
+    'perplexity': ('text',),
+    'multiple_choice': ('context', 'choices', 'answer'),
+    'generation': ('prompt', 'answer'),
+}
+SHOT_SEPARATOR = '\n\n'
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  name: str
+  kind: str
+  records: list[dict]
+
+
+def kind_of(record: dict, where: str) -> str:
+  for kind, fields in KINDS.items():
+    if all(field in record for field in fields):
+      return kind
+  raise ConfigError(f'{where}: fields {sorted(record)} match no task kind; a task needs '
+                    + '; or '.join(f'{k}: {", ".join(f)}' for k, f in KINDS.items()))
+
+
+def validate(record: dict, kind: str, where: str) -> None:
+  if kind == 'multiple_choice':
+    choices, answer = record['choices'], record['answer']
+    if not isinstance(choices, list) or len(choices) < 2:
+      raise ConfigError(f'{where}: "choices" must be a list of at least 2 strings')
+    if not isinstance(answer, int) or not 0 <= answer < len(choices):
+      raise ConfigError(f'{where}: "answer" must be an index into "choices", got {answer!r}')
+
+
+def load(path: str) -> Task:
+  if not os.path.isfile(path):
+    raise ConfigError(f'--task={path}: no such file (or built-in task)')
+  records, kind = [], None
+  with open(path, encoding='utf-8') as f:
+    for line_number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      where = f'{path}:{line_number}'
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as error:
+        raise ConfigError(f'{where} is not valid JSON: {error}') from error
+      if not isinstance(record, dict):
+        raise ConfigError(f'{where}: each line must be a JSON object')
+      record_kind = kind_of(record, where)
+      if kind is not None and record_kind != kind:
+        raise ConfigError(f'{where} is a {record_kind} record in a {kind} task')
+      kind = record_kind
+      validate(record, kind, where)
+      records.append(record)
+  if not records:
+    raise ConfigError(f'--task={path} holds no records')
+  return Task(os.path.splitext(os.path.basename(path))[0], kind, records)
+
+
+def solved(record: dict, kind: str) -> str:
+  """An example with its answer, as it appears among the shots."""
+  if kind == 'multiple_choice':
+    return record['context'] + record['choices'][record['answer']]
+  return record['prompt'] + record['answer']
+
+
+def few_shot_prefix(task: Task, index: int, num_shots: int, seed: int) -> str:
+  """`num_shots` solved examples other than `index`, drawn with a per-example seed."""
+  if num_shots == 0:
+    return ''
+  if num_shots >= len(task.records):
+    raise ConfigError(f'--num_shots={num_shots} needs more than {len(task.records)} records'
+                      f' in task {task.name}')
+  others = [i for i in range(len(task.records)) if i != index]
+  shots = random.Random(seed * 1_000_003 + index).sample(others, num_shots)
+  return ''.join(solved(task.records[i], task.kind) + SHOT_SEPARATOR for i in shots)

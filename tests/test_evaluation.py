@@ -1,0 +1,134 @@
+import json
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from lm import models, tokenizer as tokenizer_lib
+from lm.errors import ConfigError
+from lm.evaluation import builtin, harness, scoring, tasks
+
+
+@pytest.fixture(scope='module')
+def scorer():
+  tokenizer = tokenizer_lib.ByteTokenizer()
+  config = ml_collections.FrozenConfigDict(dict(
+      name='transformer', vocab_size=tokenizer.vocab_size, num_layers=2, embed_dim=32,
+      num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48, max_seq_len=64,
+      rope_theta=10_000.0, tie_embeddings=True, norm_eps=1e-6, dtype='float32',
+      attention='xla', remat='none'))
+  model = models.build(config)
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  params = nn.meta.unbox(model.init(jax.random.key(0), tokens, tokens, tokens)['params'])
+  return scoring.Scorer(model, params, tokenizer, max_length=64, batch_size=4)
+
+
+def reference_log_probs(scorer, ids):
+  """log p(ids[i] | ids[:i]) for i >= 1, from one plain forward pass."""
+  tokens = jnp.asarray([ids])
+  logits = scorer.model.apply({'params': scorer.params}, tokens, jnp.ones_like(tokens),
+                              jnp.arange(len(ids))[None])[0]
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  return np.array([log_probs[i - 1, ids[i]] for i in range(1, len(ids))])
+
+
+def test_continuation_log_likelihood_matches_a_plain_forward_pass(scorer):
+  pairs = [('def f(x):', ' return x'), ('a', 'b'), ('hello', ' world!'), ('', 'xyz'), ('q', 'r')]
+  got = scorer.continuation_log_likelihoods(pairs)
+  for (context, continuation), (log_likelihood, count, _) in zip(pairs, got):
+    ids = [1, *scorer.tokenizer.encode(context), *scorer.tokenizer.encode(continuation)]
+    want = reference_log_probs(scorer, ids)[-len(continuation.encode()):].sum()
+    assert count == len(continuation.encode())
+    np.testing.assert_allclose(log_likelihood, want, rtol=1e-5)
+
+
+def test_long_documents_are_scored_in_windows_that_predict_every_token_once(scorer):
+  text = 'windows of sixty-four bytes overlap by one token each. ' * 3
+  log_likelihood, count = scorer.document_log_likelihood(text)
+  ids = [1, *scorer.tokenizer.encode(text), 2]
+  assert count == len(ids) - 1
+  # The first window equals a plain forward pass over its 64 tokens.
+  first_window, _ = scorer.document_log_likelihood(text[:40])
+  np.testing.assert_allclose(
+      first_window, reference_log_probs(scorer, [1, *scorer.tokenizer.encode(text[:40]), 2]).sum(),
+      rtol=1e-5)
+  assert log_likelihood < first_window < 0
+
+
+class FakeScorer:
+  """Returns preset log-likelihoods and completions, to test the metrics alone."""
+
+  def __init__(self, log_likelihoods=None, completions_by_seed=None):
+    self.log_likelihoods, self.completions_by_seed = log_likelihoods, completions_by_seed
+
+  def continuation_log_likelihoods(self, pairs):
+    return [(self.log_likelihoods[continuation], 1, False) for _, continuation in pairs]
+
+  def complete(self, prompts, *, max_new_tokens, temperature, seed):
+    return self.completions_by_seed[seed][:len(prompts)]
+
+
+def test_length_normalised_accuracy_can_prefer_the_longer_choice():
+  task = tasks.Task('t', 'multiple_choice', [
+      {'context': 'c', 'choices': [' a', ' a much longer right answer'], 'answer': 1}])
+  fake = FakeScorer({' a': -2.0, ' a much longer right answer': -3.0})
+  metrics = harness.evaluate(task, fake)
+  assert metrics['accuracy'] == 0.0  # -2 > -3
+  assert metrics['accuracy_normalized'] == 1.0  # -3/27 > -2/2
+
+
+def test_exact_match_and_self_consistency_majority_vote():
+  task = tasks.Task('t', 'generation', [{'prompt': 'p1', 'answer': ' 12'},
+                                         {'prompt': 'p2', 'answer': ' Paris'}])
+  greedy = FakeScorer(completions_by_seed={0: [' 12 apples\nmore', ' paris']})
+  assert harness.evaluate(task, greedy)['exact_match'] == 1.0
+  samples = FakeScorer(completions_by_seed={0: [' 13', ' Rome'], 1000: [' 12', ' Paris'],
+                                            2000: [' 12.', ' Paris']})
+  metrics = harness.evaluate(task, samples, self_consistency=3)
+  assert metrics['exact_match'] == 1.0 and metrics['self_consistency'] == 3
+
+
+def test_answer_extraction():
+  assert harness.extract_answer(' The answer is -42, clearly.\nQ:', ' -42') == '-42'
+  assert harness.extract_answer(' Paris\nQ: next', ' Paris') == 'Paris'
+  assert harness.majority_vote(['a', 'b', 'b', 'a', 'c']) == 'a'
+
+
+def test_task_files_set_their_kind_and_bad_records_are_named(tmp_path):
+  path = tmp_path / 'capitals.jsonl'
+  path.write_text('{"prompt": "Capital of France?", "answer": " Paris"}\n\n'
+                  '{"prompt": "Capital of Peru?", "answer": " Lima"}\n')
+  task = tasks.load(str(path))
+  assert (task.name, task.kind, len(task.records)) == ('capitals', 'generation', 2)
+  bad = tmp_path / 'bad.jsonl'
+  bad.write_text('{"context": "x", "choices": [" a", " b"], "answer": 2}\n')
+  with pytest.raises(ConfigError, match=r'bad.jsonl:1: "answer" must be an index'):
+    tasks.load(str(bad))
+  bad.write_text('{"question": "x"}\n')
+  with pytest.raises(ConfigError, match=r'bad.jsonl:1: fields \[.question.\] match no task kind'):
+    tasks.load(str(bad))
+  bad.write_text('{"text": "x"}\n{"prompt": "p", "answer": "a"}\n')
+  with pytest.raises(ConfigError, match=r'bad.jsonl:2 is a generation record in a perplexity task'):
+    tasks.load(str(bad))
+
+
+def test_few_shot_prefixes_use_other_solved_examples_deterministically():
+  task = builtin.arithmetic(num_examples=10)
+  prefix = tasks.few_shot_prefix(task, 3, num_shots=2, seed=0)
+  assert prefix == tasks.few_shot_prefix(task, 3, num_shots=2, seed=0)
+  assert prefix.count('Q:') == 2 and prefix.endswith('\n\n')
+  assert tasks.solved(task.records[3], 'generation') not in prefix
+
+
+def test_builtin_arithmetic_answers_are_right():
+  for record in builtin.arithmetic(num_examples=50).records:
+    a, operator, b = re.search(r'What is (\d+) ([+-]) (\d+)\?', record['prompt']).groups()
+    assert int(record['answer']) == (int(a) + int(b) if operator == '+' else int(a) - int(b))
+  for record in builtin.arithmetic_choice(num_examples=50).records:
+    a, b = map(int, re.findall(r'\d+', record['context']))
+    assert int(record['choices'][record['answer']]) == a + b
+    assert len(set(record['choices'])) == 4

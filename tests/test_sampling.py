@@ -1,0 +1,120 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from lm import models, sampling, tokenizer as tokenizer_lib
+
+
+@pytest.fixture(scope='module')
+def model_and_params():
+  config = ml_collections.FrozenConfigDict(dict(
+      name='transformer', vocab_size=61, num_layers=2, embed_dim=32, num_heads=4,
+      num_kv_heads=2, head_dim=8, mlp_dim=48, max_seq_len=64, rope_theta=10_000.0,
+      tie_embeddings=False, norm_eps=1e-6, dtype='float32', attention='xla', remat='full'))
+  model = models.build(config)
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  params = nn.meta.unbox(model.init(jax.random.key(0), tokens, tokens, tokens)['params'])
+  return model, params
+
+
+def full_forward(model, params, ids):
+  tokens = jnp.asarray([ids], jnp.int32)
+  positions = jnp.arange(len(ids))[None]
+  return model.apply({'params': params}, tokens, jnp.ones_like(tokens), positions)[0]
+
+
+def test_cached_decoding_gives_the_logits_of_a_full_forward_pass_for_ragged_prompts(
+    model_and_params):
+  model, params = model_and_params
+  rng = np.random.default_rng(0)
+  lengths = [3, 8, 5]
+  continuation = rng.integers(3, 61, (3, 6))  # Teacher-forced: 2 single tokens, then chunks.
+  prompts, lengths_b = sampling.pad_prompts(
+      [list(rng.integers(3, 61, n)) for n in lengths], pad_id=0, multiple=8)
+  cache = sampling.init_cache(model, batch_size=3, cache_length=20)
+
+  def apply(cache, tokens_bt, positions_bt):
+    logits, variables = model.apply(
+        {'params': params, 'cache': cache}, jnp.asarray(tokens_bt, jnp.int32),
+        jnp.ones_like(tokens_bt), jnp.asarray(positions_bt), decode=True, mutable=['cache'])
+    return logits, variables['cache']
+
+  segment_ids = (np.arange(8)[None] < lengths_b[:, None]).astype(np.int32)
+  logits, variables = model.apply(
+      {'params': params, 'cache': cache}, jnp.asarray(prompts), jnp.asarray(segment_ids),
+      jnp.broadcast_to(jnp.arange(8), (3, 8)), decode=True, mutable=['cache'])
+  cache = variables['cache']
+  pieces = [logits]
+  start = 0
+  for size in (1, 1, 2, 2):
+    positions = lengths_b[:, None] + start + np.arange(size)[None]
+    step_logits, cache = apply(cache, continuation[:, start:start + size], positions)
+    pieces.append(step_logits)
+    start += size
+
+  for row, length in enumerate(lengths):
+    ids = list(prompts[row, :length]) + list(continuation[row])
+    want = full_forward(model, params, ids)
+    got = np.concatenate([pieces[0][row, :length]] + [p[row] for p in pieces[1:]])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_generation_matches_argmax_of_full_recomputation(model_and_params):
+  model, params = model_and_params
+  prompts = [[1, 5, 9], [1, 7, 7, 7, 30, 2, 4], [1]]
+  prompts_bp, lengths_b = sampling.pad_prompts(prompts, pad_id=0, multiple=8)
+  new_bn, num_new_b = sampling.generate(
+      params, jnp.asarray(prompts_bp), jnp.asarray(lengths_b), jax.random.key(0),
+      jnp.asarray([-1]), model=model, max_new_tokens=10, cache_length=24)
+  assert np.asarray(num_new_b).tolist() == [10, 10, 10]
+  for row, prompt in enumerate(prompts):
+    ids = list(prompt)
+    for _ in range(10):
+      ids.append(int(jnp.argmax(full_forward(model, params, ids)[-1])))
+    assert np.asarray(new_bn[row]).tolist() == ids[len(prompt):]
+
+
+def test_a_stop_id_ends_its_row_and_pads_the_rest(model_and_params):
+  model, params = model_and_params
+  prompts_bp, lengths_b = sampling.pad_prompts([[1, 5, 9], [1, 8]], pad_id=0, multiple=8)
+  args = (params, jnp.asarray(prompts_bp), jnp.asarray(lengths_b), jax.random.key(0))
+  free, _ = sampling.generate(*args, jnp.asarray([-1]), model=model, max_new_tokens=8,
+                              cache_length=16)
+  stop = int(free[0, 2])  # Whatever row 0 emits third becomes the stop id.
+  first_stop = int(np.argmax(np.asarray(free[0]) == stop))
+  new_bn, num_new_b = sampling.generate(*args, jnp.asarray([stop]), model=model,
+                                        max_new_tokens=8, cache_length=16)
+  assert int(num_new_b[0]) == first_stop + 1
+  assert np.asarray(new_bn[0, :first_stop + 1]).tolist() == np.asarray(free[0, :first_stop + 1]).tolist()
+  assert (np.asarray(new_bn[0, first_stop + 1:]) == 0).all()
+
+
+def test_top_k_and_top_p_restrict_what_can_be_sampled():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  def support(**kwargs):
+    draws = jax.vmap(lambda key: sampling.sample_from_logits(logits, key, **kwargs))(
+        jax.random.split(jax.random.key(0), 2000))
+    return set(np.asarray(draws).ravel().tolist())
+  assert support(temperature=1.0, top_k=0, top_p=1.0) == {0, 1, 2, 3}
+  assert support(temperature=1.0, top_k=2, top_p=1.0) == {0, 1}
+  assert support(temperature=1.0, top_k=0, top_p=0.7) == {0, 1}
+  assert support(temperature=1.0, top_k=0, top_p=0.5) == {0}
+  assert support(temperature=0.0, top_k=0, top_p=1.0) == {0}
+
+
+def test_sampling_is_seeded_and_text_round_trips(model_and_params):
+  model, params = model_and_params
+  tokenizer = tokenizer_lib.ByteTokenizer()
+  model = models.build(ml_collections.FrozenConfigDict(
+      {**model.config.to_dict(), 'vocab_size': tokenizer.vocab_size}))
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  params = nn.meta.unbox(model.init(jax.random.key(1), tokens, tokens, tokens)['params'])
+  kwargs = dict(max_new_tokens=12, temperature=1.0, top_k=20)
+  first = sampling.complete(model, params, tokenizer, ['ab', 'hello there'], seed=3, **kwargs)
+  again = sampling.complete(model, params, tokenizer, ['ab', 'hello there'], seed=3, **kwargs)
+  other = sampling.complete(model, params, tokenizer, ['ab', 'hello there'], seed=4, **kwargs)
+  assert first == again and first != other
+  assert all(isinstance(text, str) for text in first)
