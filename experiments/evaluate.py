@@ -41,12 +41,10 @@ def load_task(name: str) -> tasks.Task:
 
 def main():
   task_list = [load_task(name) for name in _TASK.value]  # Bad task files fail first.
-  config, tokenizer, model, params = checkpointing.restore_for_inference(
-      _WORKDIR.value, _STEP.value)
-  step = _STEP.value or checkpointing.Checkpointer(
-      _WORKDIR.value, max_to_keep=None, read_only=True).latest_step()
-  scorer = scoring.Scorer(model, params, tokenizer, max_length=config.data.seq_len,
-                          batch_size=_BATCH_SIZE.value)
+  run = checkpointing.restore_for_inference(_WORKDIR.value, _STEP.value)
+  step = run.step
+  scorer = scoring.Scorer(run.model, run.params, run.tokenizer,
+                          max_length=run.config.data.seq_len, batch_size=_BATCH_SIZE.value)
   results = {}
   for task in task_list:
     results[task.name] = {'kind': task.kind, **harness.evaluate(

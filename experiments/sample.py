@@ -38,15 +38,14 @@ def read_prompts() -> list[str]:
 
 def main():
   prompts = read_prompts()
-  config, tokenizer, model, params = checkpointing.restore_for_inference(
-      _WORKDIR.value, _STEP.value)
-  longest = max(len(tokenizer.encode(p)) + 1 for p in prompts)
-  if longest + _MAX_NEW_TOKENS.value > config.model.max_seq_len:
+  run = checkpointing.restore_for_inference(_WORKDIR.value, _STEP.value)
+  longest = max(len(run.tokenizer.encode(p)) + 1 for p in prompts)
+  if longest + _MAX_NEW_TOKENS.value > run.config.model.max_seq_len:
     raise ConfigError(
         f'the longest prompt ({longest} tokens) + --max_new_tokens={_MAX_NEW_TOKENS.value}'
-        f' exceeds the model max_seq_len={config.model.max_seq_len}')
+        f' exceeds the model max_seq_len={run.config.model.max_seq_len}')
   completions = sampling.complete(
-      model, params, tokenizer, prompts, max_new_tokens=_MAX_NEW_TOKENS.value,
+      run.model, run.params, run.tokenizer, prompts, max_new_tokens=_MAX_NEW_TOKENS.value,
       temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
       seed=_SEED.value)
   for prompt, completion in zip(prompts, completions):

@@ -7,6 +7,7 @@ finished checkpoint intact; unfinished ones are removed on the next start.
 """
 
 import os
+from typing import NamedTuple
 
 import flax.linen as nn
 import grain
@@ -112,9 +113,17 @@ def check_compatible(saved_config, config, directory: str) -> None:
                      + '\nuse a new --workdir, or the model settings it was trained with')
 
 
-def restore_for_inference(workdir: str, step: int | None = None):
-  """(config, tokenizer, model, params) of the checkpoint at `step` (default: latest),
-  on the first device, built from the config and tokenizer saved with it."""
+class Restored(NamedTuple):
+  step: int
+  config: ml_collections.ConfigDict
+  tokenizer: object
+  model: object
+  params: dict
+
+
+def restore_for_inference(workdir: str, step: int | None = None) -> Restored:
+  """The checkpoint at `step` (default: latest) on the first device, with the model and
+  tokenizer built from the config and tokenizer saved with it."""
   checkpointer = Checkpointer(workdir, max_to_keep=None, read_only=True)
   step = checkpointer.latest_step() if step is None else step
   if step is None or step not in checkpointer.manager.all_steps():
@@ -129,4 +138,4 @@ def restore_for_inference(workdir: str, step: int | None = None):
                           nn.meta.unbox(jax.eval_shape(init, jax.random.key(0))))
   state = checkpointer.restore(step, abstract, data_iterator=None)
   checkpointer.close()
-  return config, tokenizer_lib.from_dict(tokenizer_dict), model, state.params
+  return Restored(step, config, tokenizer_lib.from_dict(tokenizer_dict), model, state.params)

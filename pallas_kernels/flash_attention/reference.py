@@ -1,0 +1,43 @@
+"""Attention in plain JAX: the specification the flash-attention kernels are tested against.
+
+Dimension letters: B batch, T query length, S key length, N query heads, K kv heads
+(K divides N; query head n reads kv head n // (N // K)), H head dim.
+
+A query attends to a key when both have the same segment id and, if causal, the key's
+index is not after the query's. Softmax and accumulation are float32; the
+log-sum-exp of each query row is what the kernels save for their backward pass.
+"""
+
+import jax
+import jax.numpy as jnp
+
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # Finite: exp() of it is 0, not NaN.
+
+
+def attention_with_lse(q_btnh, k_bskh, v_bskh, q_segment_ids_bt=None, kv_segment_ids_bs=None,
+                       *, causal: bool = True, sm_scale: float | None = None):
+  """Returns out [B, T, N, H] (dtype of q) and lse [B, N, T] (float32)."""
+  batch, q_len, num_heads, head_dim = q_btnh.shape
+  kv_len, num_kv_heads = k_bskh.shape[1], k_bskh.shape[2]
+  groups = num_heads // num_kv_heads
+  sm_scale = head_dim ** -0.5 if sm_scale is None else sm_scale
+  k_bsnh = jnp.repeat(k_bskh, groups, axis=2)  # Fine for a reference; kernels don't.
+  v_bsnh = jnp.repeat(v_bskh, groups, axis=2)
+  logits_bnts = jnp.einsum('btnh,bsnh->bnts', q_btnh.astype(jnp.float32),
+                           k_bsnh.astype(jnp.float32)) * sm_scale
+  mask_bts = jnp.ones((batch, q_len, kv_len), jnp.bool_)
+  if q_segment_ids_bt is not None:
+    mask_bts &= q_segment_ids_bt[:, :, None] == kv_segment_ids_bs[:, None, :]
+  if causal:
+    mask_bts &= jnp.arange(q_len)[:, None] >= jnp.arange(kv_len)[None, :]
+  logits_bnts = jnp.where(mask_bts[:, None], logits_bnts, MASK_VALUE)
+  lse_bnt = jax.nn.logsumexp(logits_bnts, axis=-1)
+  probs_bnts = jnp.exp(logits_bnts - lse_bnt[..., None])
+  out_btnh = jnp.einsum('bnts,bsnh->btnh', probs_bnts, v_bsnh.astype(jnp.float32))
+  return out_btnh.astype(q_btnh.dtype), lse_bnt
+
+
+def attention(q_btnh, k_bskh, v_bskh, q_segment_ids_bt=None, kv_segment_ids_bs=None, *,
+              causal: bool = True, sm_scale: float | None = None):
+  return attention_with_lse(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs,
+                            causal=causal, sm_scale=sm_scale)[0]

@@ -1,0 +1,117 @@
+"""The Pallas flash-attention kernels against the reference, in interpret mode on CPU,
+and lowered for their real hardware with jax.export."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.flash_attention import api, gpu, reference
+
+SMALL_BLOCKS = gpu.BlockSizes(block_q=32, block_k=32)
+
+
+def segment_ids(batch, length, layout):
+  if layout == 'none':
+    return None
+  if layout == 'packed':  # Three documents of uneven lengths.
+    cut1, cut2 = length // 3, length // 3 + length // 2
+    row = np.concatenate([np.full(cut1, 1), np.full(cut2 - cut1, 2), np.full(length - cut2, 3)])
+  else:  # 'padded': one document, then padding (segment 0).
+    row = np.concatenate([np.full(length - 7, 1), np.zeros(7)])
+  return jnp.asarray(np.tile(row, (batch, 1)), jnp.int32)
+
+
+def inputs(seed, batch, length, num_heads, num_kv_heads, head_dim, dtype):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(keys[0], (batch, length, num_heads, head_dim), dtype)
+  k = jax.random.normal(keys[1], (batch, length, num_kv_heads, head_dim), dtype)
+  v = jax.random.normal(keys[2], (batch, length, num_kv_heads, head_dim), dtype)
+  d_out = jax.random.normal(keys[3], (batch, length, num_heads, head_dim), dtype)
+  return q, k, v, d_out
+
+
+def value_and_grads(attention, q, k, v, d_out):
+  out, vjp = jax.vjp(attention, q, k, v)
+  return (out, *vjp(d_out))
+
+
+def assert_close(got, want, tolerance, name):
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  error = np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-6)
+  assert error < tolerance, f'{name}: relative error {error:.2e} >= {tolerance:.0e}'
+
+
+CASES = [
+    # (causal, num_heads, num_kv_heads, head_dim, length, segments)
+    (True, 4, 4, 64, 64, 'none'),
+    (True, 4, 2, 64, 100, 'packed'),
+    (False, 4, 2, 64, 100, 'packed'),
+    (True, 8, 1, 64, 77, 'padded'),
+    (False, 2, 2, 128, 45, 'none'),
+    (True, 4, 1, 128, 96, 'packed'),
+]
+
+
+@pytest.mark.parametrize('causal,num_heads,num_kv_heads,head_dim,length,segments', CASES)
+def test_gpu_kernel_matches_reference_forward_and_gradients_in_float32(
+    causal, num_heads, num_kv_heads, head_dim, length, segments):
+  q, k, v, d_out = inputs(length + head_dim, 2, length, num_heads, num_kv_heads, head_dim,
+                          jnp.float32)
+  ids = segment_ids(2, length, segments)
+  kernel = lambda q, k, v: api.flash_attention(
+      q, k, v, ids, ids, causal=causal, implementation='gpu', interpret=True,
+      block_sizes=SMALL_BLOCKS)
+  spec = lambda q, k, v: reference.attention(q, k, v, ids, ids, causal=causal)
+  for name, got, want in zip(('out', 'dq', 'dk', 'dv'), value_and_grads(kernel, q, k, v, d_out),
+                             value_and_grads(spec, q, k, v, d_out)):
+    assert_close(got, want, 1e-5, name)
+
+
+def test_gpu_kernel_in_bfloat16_stays_within_bfloat16_tolerance():
+  q, k, v, d_out = inputs(7, 1, 70, 4, 2, 64, jnp.bfloat16)
+  ids = segment_ids(1, 70, 'packed')
+  kernel = lambda q, k, v: api.flash_attention(q, k, v, ids, ids, implementation='gpu',
+                                               interpret=True, block_sizes=SMALL_BLOCKS)
+  # The reference in float32 on the same bf16 values is the target.
+  spec = lambda q, k, v: reference.attention(q.astype(jnp.float32), k.astype(jnp.float32),
+                                             v.astype(jnp.float32), ids, ids)
+  got = value_and_grads(kernel, q, k, v, d_out)
+  want = value_and_grads(spec, q, k, v, d_out.astype(jnp.float32))
+  assert got[0].dtype == jnp.bfloat16
+  for name, g, w in zip(('out', 'dq', 'dk', 'dv'), got, want):
+    assert_close(g, w, 2e-2, name)
+
+
+def test_default_blocks_handle_a_sequence_shorter_than_one_block():
+  q, k, v, _ = inputs(3, 1, 20, 2, 1, 64, jnp.float32)
+  got = api.flash_attention(q, k, v, implementation='gpu', interpret=True)
+  assert_close(got, reference.attention(q, k, v), 1e-5, 'out')
+
+
+@pytest.mark.parametrize('head_dim', [64, 128])
+def test_gpu_kernel_lowers_for_cuda_forward_and_backward(head_dim):
+  batch, length, num_heads, num_kv_heads = 2, 1000, 8, 2
+  shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
+  args = (shape(batch, length, num_heads, head_dim), shape(batch, length, num_kv_heads, head_dim),
+          shape(batch, length, num_kv_heads, head_dim), shape(batch, length, dtype=jnp.int32))
+  attention = lambda q, k, v, ids: api.flash_attention(q, k, v, ids, ids, implementation='gpu')
+  grads = jax.grad(lambda *a: jnp.sum(attention(*a).astype(jnp.float32)), argnums=(0, 1, 2))
+  checks = [jax.export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')]
+  for function, kernels in ((attention, 1), (grads, 3)):
+    exported = jax.export.export(jax.jit(function), platforms=('cuda',),
+                                 disabled_checks=checks)(*args)
+    assert exported.mlir_module().count('__gpu$xla.gpu.triton') == kernels
+
+
+def test_unsupported_shapes_fall_back_to_the_reference_with_a_log_line(caplog):
+  q, k, v, _ = inputs(5, 1, 16, 3, 1, 48, jnp.float32)  # head_dim 48, 3 heads per kv head.
+  with caplog.at_level('WARNING'):
+    got = api.flash_attention(q, k, v, implementation='gpu', interpret=True)
+  assert 'falling back to the reference' in caplog.text and 'head_dim=48' in caplog.text
+  assert_close(got, reference.attention(q, k, v), 1e-6, 'out')
+
+
+def test_on_cpu_the_dispatch_picks_the_reference():
+  q, k, v, _ = inputs(6, 1, 8, 2, 2, 16, jnp.float32)
+  np.testing.assert_array_equal(api.flash_attention(q, k, v), reference.attention(q, k, v))
