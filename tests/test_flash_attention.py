@@ -108,10 +108,24 @@ def test_unsupported_shapes_fall_back_to_the_reference_with_a_log_line(caplog):
   q, k, v, _ = inputs(5, 1, 16, 3, 1, 48, jnp.float32)  # head_dim 48, 3 heads per kv head.
   with caplog.at_level('WARNING'):
     got = api.flash_attention(q, k, v, implementation='gpu', interpret=True)
-  assert 'falling back to the reference' in caplog.text and 'head_dim=48' in caplog.text
+  assert "falling back to the reference" in caplog.text and "head_dim=48" in caplog.text
   assert_close(got, reference.attention(q, k, v), 1e-6, 'out')
 
 
 def test_on_cpu_the_dispatch_picks_the_reference():
   q, k, v, _ = inputs(6, 1, 8, 2, 2, 16, jnp.float32)
   np.testing.assert_array_equal(api.flash_attention(q, k, v), reference.attention(q, k, v))
+
+
+def test_benchmark_script_runs_on_a_tiny_shape_in_interpret_mode():
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+      [sys.executable, '-m', 'pallas_kernels.benchmarks.attention', '--shapes=64:1',
+       '--heads=2', '--head_dim=64', '--dtype=float32', '--interpret', '--repeats=1'],
+      cwd=root, capture_output=True, text=True, timeout=300,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''})
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert '| pallas (ours) | 64 | 1 |' in result.stdout

@@ -146,3 +146,15 @@ def test_tied_embeddings_have_no_separate_head():
   assert 'lm_head' not in params
   _, params = init(model_config(tie_embeddings=False))
   assert params['lm_head']['kernel'].shape == (32, 97)
+
+
+def test_pallas_attention_switch_gives_the_xla_logits():
+  """On CPU `pallas` runs the flash-attention reference: the wiring and the reference."""
+  model, params = init(model_config())
+  model_pallas = models.build(model_config(attention='pallas'))
+  tokens = jax.random.randint(jax.random.key(4), (2, 16), 0, 97)
+  segment_ids = jnp.array([[1] * 6 + [2] * 10, [1] * 12 + [0] * 4])
+  positions = jnp.array([list(range(6)) + list(range(10)), list(range(16))])
+  np.testing.assert_allclose(
+      model_pallas.apply({'params': params}, tokens, segment_ids, positions),
+      model.apply({'params': params}, tokens, segment_ids, positions), rtol=1e-5, atol=1e-5)

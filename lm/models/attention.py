@@ -8,6 +8,8 @@ equal positions of their own segment. Returns [B, T, N, H].
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.flash_attention import api as flash_attention
+
 
 def segment_causal_mask(segment_ids_bt):
   """[B, 1, T, T] boolean: same segment and key index <= query index."""
@@ -49,7 +51,15 @@ def cudnn_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt):
       implementation='cudnn')
 
 
+def pallas_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt):
+  """Our Pallas flash attention (pallas_kernels/flash_attention): the kernel for the
+  backend, or the reference where there is none (with a log line)."""
+  return flash_attention.flash_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt,
+                                         segment_ids_bt, causal=True)
+
+
 ATTENTION_IMPLEMENTATIONS = {
     'xla': xla_attention,
     'cudnn': cudnn_attention,
+    'pallas': pallas_attention,
 }

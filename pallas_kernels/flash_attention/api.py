@@ -47,6 +47,15 @@ def _gpu_backward(options, residuals, d_out):
 _gpu_attention.defvjp(_gpu_forward, _gpu_backward)
 
 
+_KERNELS = {'gpu': 'gpu'}  # backend -> kernel; the TPU kernel is still to come.
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+  # Traced once per shape, called on every step: one line is enough.
+  logging.warning('flash_attention: %s', message)
+
+
 def _is_power_of_two(n: int) -> bool:
   return n > 0 and n & (n - 1) == 0
 
@@ -72,7 +81,11 @@ def flash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, causal:
     raise ValueError('give both q_segment_ids and kv_segment_ids, or neither')
   sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
   if implementation is None:
-    implementation = 'gpu' if jax.default_backend() == 'gpu' else 'reference'
+    implementation = _KERNELS.get(jax.default_backend())
+    if implementation is None:
+      _warn_once(f'no flash-attention kernel for the {jax.default_backend()} backend;'
+                 ' using the reference')
+      implementation = 'reference'
   if implementation == 'gpu':
     reason = gpu_unsupported(q, k)
     if reason is None:
@@ -81,7 +94,7 @@ def flash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, causal:
         kv_segment_ids = jnp.zeros(k.shape[:2], jnp.int32)
       options = _Options(causal, sm_scale, block_sizes or gpu.BlockSizes(), interpret)
       return _gpu_attention(q, k, v, q_segment_ids, kv_segment_ids, options)
-    logging.warning('flash_attention: falling back to the reference: %s', reason)
+    _warn_once(f'falling back to the reference: {reason}')
   elif implementation != 'reference':
     raise ValueError(f'{implementation=} is not one of None, "gpu", "reference"')
   return reference.attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal,

@@ -1,0 +1,119 @@
+"""Causal attention speed (TFLOP/s), forward and forward+backward, as a table.
+
+  python -m pallas_kernels.benchmarks.attention             # ANCHORS.md shapes, on a GPU
+  python -m pallas_kernels.benchmarks.attention --memory    # S=32768 fwd+bwd: who runs out?
+  python -m pallas_kernels.benchmarks.attention --shapes=64:1 --heads=2 --head_dim=64 \
+      --dtype=float32 --interpret   # a smoke run on CPU
+
+FLOPs as in ../shared/ANCHORS.md: 4*B*S^2*N*H/2 forward (causal), 3.5x that for
+forward+backward. Each time is the median of --repeats runs after one warm-up.
+"""
+
+import statistics
+import time
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.flash_attention import api
+
+_SHAPES = flags.DEFINE_list('shapes', ['2048:8', '8192:2'], 'SEQ_LEN:BATCH pairs.')
+_HEADS = flags.DEFINE_integer('heads', 16, 'Query heads.')
+_KV_HEADS = flags.DEFINE_integer('kv_heads', None, 'KV heads (default: = heads).')
+_HEAD_DIM = flags.DEFINE_integer('head_dim', 128, 'Head dimension.')
+_DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'], 'Input dtype.')
+_REPEATS = flags.DEFINE_integer('repeats', 10, 'Timed runs per case.')
+_INTERPRET = flags.DEFINE_bool('interpret', False, 'Run our kernel in interpret mode (CPU).')
+_MEMORY = flags.DEFINE_bool('memory', False, 'Instead: fwd+bwd at S=32768, B=1.')
+
+
+def xla(q, k, v):
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='xla')
+
+
+def cudnn(q, k, v):
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='cudnn')
+
+
+def pallas(q, k, v):
+  return api.flash_attention(q, k, v, causal=True, implementation='gpu',
+                             interpret=_INTERPRET.value)
+
+
+def implementations():
+  found = {'pallas (ours)': pallas}
+  if not _INTERPRET.value:
+    found.update({'xla': xla, 'cudnn': cudnn})
+    try:
+      import tokamax  # Optional: only where it installs.
+      found['tokamax'] = lambda q, k, v: tokamax.dot_product_attention(q, k, v, is_causal=True)
+    except ImportError:
+      pass
+  return found
+
+
+def median_seconds(function, *args) -> float:
+  jax.block_until_ready(function(*args))
+  times = []
+  for _ in range(_REPEATS.value):
+    start = time.perf_counter()
+    jax.block_until_ready(function(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def make_inputs(seq_len, batch):
+  keys = jax.random.split(jax.random.key(0), 3)
+  kv_heads = _KV_HEADS.value or _HEADS.value
+  dtype = jnp.dtype(_DTYPE.value)
+  q = jax.random.normal(keys[0], (batch, seq_len, _HEADS.value, _HEAD_DIM.value), dtype)
+  k = jax.random.normal(keys[1], (batch, seq_len, kv_heads, _HEAD_DIM.value), dtype)
+  v = jax.random.normal(keys[2], (batch, seq_len, kv_heads, _HEAD_DIM.value), dtype)
+  return q, k, v
+
+
+def forward_and_backward(attention):
+  loss = lambda q, k, v: jnp.sum(attention(q, k, v).astype(jnp.float32))
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def speed_table():
+  print(f'device: {jax.devices()[0].device_kind}, jax {jax.__version__}; causal, {_DTYPE.value},'
+        f' {_HEADS.value} heads ({_KV_HEADS.value or _HEADS.value} kv), head dim {_HEAD_DIM.value}')
+  print('| implementation | S | B | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |')
+  print('|---|---|---|---|---|---|---|')
+  for shape in _SHAPES.value:
+    seq_len, batch = map(int, shape.split(':'))
+    q, k, v = make_inputs(seq_len, batch)
+    flops = 4 * batch * seq_len ** 2 * _HEADS.value * _HEAD_DIM.value / 2
+    for name, attention in implementations().items():
+      try:
+        forward = median_seconds(jax.jit(attention), q, k, v)
+        both = median_seconds(forward_and_backward(attention), q, k, v)
+      except Exception as error:  # One implementation failing must not hide the others.
+        print(f'| {name} | {seq_len} | {batch} | failed: {type(error).__name__}: '
+              f'{str(error).splitlines()[0][:80]} | | | |')
+        continue
+      print(f'| {name} | {seq_len} | {batch} | {forward * 1e3:.3f} | {flops / forward / 1e12:.1f}'
+            f' | {both * 1e3:.3f} | {3.5 * flops / both / 1e12:.1f} |', flush=True)
+
+
+def memory_check():
+  q, k, v = make_inputs(32768, 1)
+  print(f'fwd+bwd at S=32768, B=1, {_HEADS.value} heads, head dim {_HEAD_DIM.value}, {_DTYPE.value}')
+  for name, attention in (('xla', xla), ('pallas (ours)', pallas)):
+    try:
+      seconds = median_seconds(forward_and_backward(attention), q, k, v)
+      print(f'{name}: ran, {seconds * 1e3:.1f} ms')
+    except Exception as error:
+      print(f'{name}: failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}')
+
+
+def main(argv):
+  del argv
+  memory_check() if _MEMORY.value else speed_table()
+
+
+if __name__ == '__main__':
+  app.run(main)
