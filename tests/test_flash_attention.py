@@ -6,9 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.flash_attention import api, gpu, reference
+from pallas_kernels.flash_attention import api, gpu, reference, tpu
 
-SMALL_BLOCKS = gpu.BlockSizes(block_q=32, block_k=32)
+# Small blocks so short test sequences still span several of them.
+SMALL_BLOCKS = {'gpu': gpu.BlockSizes(block_q=32, block_k=32),
+                'tpu': tpu.BlockSizes(block_q=128, block_k=128)}
+KERNELS = sorted(api.KERNELS)
 
 
 def segment_ids(batch, length, layout):
@@ -53,39 +56,43 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize('kernel', KERNELS)
 @pytest.mark.parametrize('causal,num_heads,num_kv_heads,head_dim,length,segments', CASES)
-def test_gpu_kernel_matches_reference_forward_and_gradients_in_float32(
-    causal, num_heads, num_kv_heads, head_dim, length, segments):
+def test_kernel_matches_reference_forward_and_gradients_in_float32(
+    kernel, causal, num_heads, num_kv_heads, head_dim, length, segments):
   q, k, v, d_out = inputs(length + head_dim, 2, length, num_heads, num_kv_heads, head_dim,
                           jnp.float32)
   ids = segment_ids(2, length, segments)
-  kernel = lambda q, k, v: api.flash_attention(
-      q, k, v, ids, ids, causal=causal, implementation='gpu', interpret=True,
-      block_sizes=SMALL_BLOCKS)
+  attention = lambda q, k, v: api.flash_attention(
+      q, k, v, ids, ids, causal=causal, implementation=kernel, interpret=True,
+      block_sizes=SMALL_BLOCKS[kernel])
   spec = lambda q, k, v: reference.attention(q, k, v, ids, ids, causal=causal)
-  for name, got, want in zip(('out', 'dq', 'dk', 'dv'), value_and_grads(kernel, q, k, v, d_out),
+  for name, got, want in zip(('out', 'dq', 'dk', 'dv'), value_and_grads(attention, q, k, v, d_out),
                              value_and_grads(spec, q, k, v, d_out)):
     assert_close(got, want, 1e-5, name)
 
 
-def test_gpu_kernel_in_bfloat16_stays_within_bfloat16_tolerance():
+@pytest.mark.parametrize('kernel', KERNELS)
+def test_kernel_in_bfloat16_stays_within_bfloat16_tolerance(kernel):
   q, k, v, d_out = inputs(7, 1, 70, 4, 2, 64, jnp.bfloat16)
   ids = segment_ids(1, 70, 'packed')
-  kernel = lambda q, k, v: api.flash_attention(q, k, v, ids, ids, implementation='gpu',
-                                               interpret=True, block_sizes=SMALL_BLOCKS)
+  attention = lambda q, k, v: api.flash_attention(q, k, v, ids, ids, implementation=kernel,
+                                                  interpret=True,
+                                                  block_sizes=SMALL_BLOCKS[kernel])
   # The reference in float32 on the same bf16 values is the target.
   spec = lambda q, k, v: reference.attention(q.astype(jnp.float32), k.astype(jnp.float32),
                                              v.astype(jnp.float32), ids, ids)
-  got = value_and_grads(kernel, q, k, v, d_out)
+  got = value_and_grads(attention, q, k, v, d_out)
   want = value_and_grads(spec, q, k, v, d_out.astype(jnp.float32))
   assert got[0].dtype == jnp.bfloat16
   for name, g, w in zip(('out', 'dq', 'dk', 'dv'), got, want):
     assert_close(g, w, 2e-2, name)
 
 
-def test_default_blocks_handle_a_sequence_shorter_than_one_block():
+@pytest.mark.parametrize('kernel', KERNELS)
+def test_default_blocks_handle_a_sequence_shorter_than_one_block(kernel):
   q, k, v, _ = inputs(3, 1, 20, 2, 1, 64, jnp.float32)
-  got = api.flash_attention(q, k, v, implementation='gpu', interpret=True)
+  got = api.flash_attention(q, k, v, implementation=kernel, interpret=True)
   assert_close(got, reference.attention(q, k, v), 1e-5, 'out')
 
 
@@ -102,6 +109,19 @@ def test_gpu_kernel_lowers_for_cuda_forward_and_backward(head_dim):
     exported = jax.export.export(jax.jit(function), platforms=('cuda',),
                                  disabled_checks=checks)(*args)
     assert exported.mlir_module().count('__gpu$xla.gpu.triton') == kernels
+
+
+@pytest.mark.parametrize('head_dim', [64, 128])
+def test_tpu_kernel_lowers_for_tpu_forward_and_backward(head_dim):
+  batch, length, num_heads, num_kv_heads = 2, 1000, 8, 2
+  shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
+  args = (shape(batch, length, num_heads, head_dim), shape(batch, length, num_kv_heads, head_dim),
+          shape(batch, length, num_kv_heads, head_dim), shape(batch, length, dtype=jnp.int32))
+  attention = lambda q, k, v, ids: api.flash_attention(q, k, v, ids, ids, implementation='tpu')
+  grads = jax.grad(lambda *a: jnp.sum(attention(*a).astype(jnp.float32)), argnums=(0, 1, 2))
+  for function, kernels in ((attention, 1), (grads, 3)):
+    exported = jax.export.export(jax.jit(function), platforms=('tpu',))(*args)
+    assert exported.mlir_module().count('tpu_custom_call') == kernels
 
 
 def test_unsupported_shapes_fall_back_to_the_reference_with_a_log_line(caplog):

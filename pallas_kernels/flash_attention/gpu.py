@@ -37,6 +37,16 @@ class BlockSizes:
   num_stages: int = 2
 
 
+def unsupported(q, k) -> str | None:
+  """Why Triton cannot take these shapes (its blocks are powers of two), or None."""
+  head_dim, groups = q.shape[-1], q.shape[2] // k.shape[2]
+  if head_dim & (head_dim - 1) or not 16 <= head_dim <= 256:
+    return f'{head_dim=} is not a power of two in [16, 256]'
+  if groups & (groups - 1):
+    return f'query heads per kv head ({groups}) is not a power of two'
+  return None
+
+
 def _logits(q, k, q_segments, k_segments, q_start, k_start, *, sm_scale, causal):
   """Masked, scaled q k^T of one [block_q, block_k] tile, float32."""
   s = plgpu.dot(q, k, trans_b=True).astype(jnp.float32) * sm_scale
