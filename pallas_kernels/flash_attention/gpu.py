@@ -168,6 +168,18 @@ def _padded_inputs(q, k, v, q_segment_ids, kv_segment_ids, block_sizes):
           _pad(kv_segment_ids.astype(jnp.int32), kv_pad, 1, _KEY_PAD_SEGMENT))
 
 
+def _query_block_specs(block_q, kv_pad, head_dim, groups):
+  """Specs for grid (query block i, batch b, query head n): this block's queries, all of
+  the kv head's keys and values, and both segment-id rows."""
+  return [
+      pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, n: (b, i, n, 0)),
+      pl.BlockSpec((None, kv_pad, None, head_dim), lambda i, b, n: (b, 0, n // groups, 0)),
+      pl.BlockSpec((None, kv_pad, None, head_dim), lambda i, b, n: (b, 0, n // groups, 0)),
+      pl.BlockSpec((None, block_q), lambda i, b, n: (b, i)),
+      pl.BlockSpec((None, kv_pad), lambda i, b, n: (b, 0)),
+  ]
+
+
 def _params(block_sizes):
   return plgpu.CompilerParams(num_warps=block_sizes.num_warps,
                               num_stages=block_sizes.num_stages)
@@ -186,13 +198,7 @@ def forward(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, sm_scale: f
       functools.partial(_forward_kernel, sm_scale=sm_scale, causal=causal,
                         block_k=block_sizes.block_k),
       grid=(q_pad // block_q, batch, num_heads),
-      in_specs=[
-          pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, n: (b, i, n, 0)),
-          pl.BlockSpec((None, kv_pad, None, head_dim), lambda i, b, n: (b, 0, n // groups, 0)),
-          pl.BlockSpec((None, kv_pad, None, head_dim), lambda i, b, n: (b, 0, n // groups, 0)),
-          pl.BlockSpec((None, block_q), lambda i, b, n: (b, i)),
-          pl.BlockSpec((None, kv_pad), lambda i, b, n: (b, 0)),
-      ],
+      in_specs=_query_block_specs(block_q, kv_pad, head_dim, groups),
       out_specs=[
           pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, n: (b, i, n, 0)),
           pl.BlockSpec((None, None, block_q), lambda i, b, n: (b, n, i)),
@@ -226,12 +232,7 @@ def backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, causal:
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, block_k=block_k, **kernel_kwargs),
       grid=(q_pad // block_q, batch, num_heads),
-      in_specs=[
-          pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, n: (b, i, n, 0)),
-          pl.BlockSpec((None, kv_pad, None, head_dim), lambda i, b, n: (b, 0, n // groups, 0)),
-          pl.BlockSpec((None, kv_pad, None, head_dim), lambda i, b, n: (b, 0, n // groups, 0)),
-          pl.BlockSpec((None, block_q), lambda i, b, n: (b, i)),
-          pl.BlockSpec((None, kv_pad), lambda i, b, n: (b, 0)),
+      in_specs=_query_block_specs(block_q, kv_pad, head_dim, groups) + [
           pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, n: (b, i, n, 0)),
           pl.BlockSpec((None, None, block_q), lambda i, b, n: (b, n, i)),
           pl.BlockSpec((None, None, block_q), lambda i, b, n: (b, n, i)),
