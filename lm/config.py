@@ -4,7 +4,7 @@ import jax
 
 from lm import models, sharding
 from lm.errors import ConfigError
-from lm.models import attention, transformer
+from lm.models import attention, mamba, transformer
 
 DTYPES = ('float32', 'bfloat16')
 
@@ -39,6 +39,15 @@ def validate(config, num_devices: int, tokenizer_vocab_size: int) -> None:
     _check(jax.default_backend() == 'gpu' and resolve_dtype(model.dtype) == 'bfloat16',
            'config.model.attention="cudnn" needs a GPU and config.model.dtype bfloat16'
            f' (here: {jax.default_backend()}, {resolve_dtype(model.dtype)}); use "xla"')
+  kinds = [kind.strip() for kind in model.layer_pattern.split(',')]
+  _check(all(kind in transformer.BLOCKS for kind in kinds),
+         f'config.model.layer_pattern={model.layer_pattern!r}: each entry must be one of'
+         f' {sorted(transformer.BLOCKS)}')
+  if 'mamba' in kinds:
+    for field in ('mamba_expand', 'mamba_state_dim', 'mamba_dt_rank', 'mamba_conv_width'):
+      _check(model[field] > 0, f'config.model.{field}={model[field]} must be positive')
+    _check(model.mamba_scan in mamba.SCANS,
+           f'config.model.mamba_scan={model.mamba_scan!r} is not one of {sorted(mamba.SCANS)}')
   remats = ('none',) + tuple(transformer.REMAT_POLICIES)
   _check(model.remat in remats, f'config.model.remat={model.remat!r} is not one of {remats}')
 

@@ -28,6 +28,10 @@ LOGICAL_AXIS_RULES = (
     ('head_dim', None),
     ('mlp', 'tensor'),
     ('norm', None),
+    ('state', None),
+    ('conv_width', None),
+    ('dt_rank', None),
+    ('mamba_projection', None),
     # Activations.
     ('act_batch', ('data', 'fsdp')),
     ('act_seq', None),

@@ -8,6 +8,7 @@ os.environ['JAX_PLATFORMS'] = 'cpu'
 
 import random  # noqa: E402
 
+import ml_collections  # noqa: E402
 import pytest  # noqa: E402
 
 from experiments.configs import default  # noqa: E402
@@ -26,6 +27,16 @@ def write_corpus(directory, num_files: int = 40, seed: int = 0) -> str:
     with open(os.path.join(directory, f'doc_{index:03d}.txt'), 'w') as f:
       f.write(' '.join(sentences))
   return os.path.join(directory, '*.txt')
+
+
+def small_model_config(**overrides) -> ml_collections.FrozenConfigDict:
+  """The default model config (every field) at test size, float32, then `overrides`."""
+  config = default.get_config().model
+  config.update(vocab_size=97, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2,
+                head_dim=8, mlp_dim=48, max_seq_len=64, tie_embeddings=False, dtype='float32',
+                mamba_state_dim=8, mamba_dt_rank=4)
+  config.update(overrides)
+  return ml_collections.FrozenConfigDict(config)
 
 
 def make_tiny_config(corpus_directory):

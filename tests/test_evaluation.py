@@ -12,15 +12,13 @@ from lm import models, tokenizer as tokenizer_lib
 from lm.errors import ConfigError
 from lm.evaluation import builtin, harness, scoring, tasks
 
+from conftest import small_model_config
+
 
 @pytest.fixture(scope='module')
 def scorer():
   tokenizer = tokenizer_lib.ByteTokenizer()
-  config = ml_collections.FrozenConfigDict(dict(
-      name='transformer', vocab_size=tokenizer.vocab_size, num_layers=2, embed_dim=32,
-      num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48, max_seq_len=64,
-      rope_theta=10_000.0, tie_embeddings=True, norm_eps=1e-6, dtype='float32',
-      attention='xla', remat='none'))
+  config = small_model_config(vocab_size=tokenizer.vocab_size, tie_embeddings=True)
   model = models.build(config)
   tokens = jnp.zeros((1, 8), jnp.int32)
   params = nn.meta.unbox(model.init(jax.random.key(0), tokens, tokens, tokens)['params'])

@@ -7,13 +7,12 @@ import pytest
 
 from lm import models, sampling, tokenizer as tokenizer_lib
 
+from conftest import small_model_config
+
 
 @pytest.fixture(scope='module')
 def model_and_params():
-  config = ml_collections.FrozenConfigDict(dict(
-      name='transformer', vocab_size=61, num_layers=2, embed_dim=32, num_heads=4,
-      num_kv_heads=2, head_dim=8, mlp_dim=48, max_seq_len=64, rope_theta=10_000.0,
-      tie_embeddings=False, norm_eps=1e-6, dtype='float32', attention='xla', remat='full'))
+  config = small_model_config(vocab_size=61, remat='full')
   model = models.build(config)
   tokens = jnp.zeros((1, 8), jnp.int32)
   params = nn.meta.unbox(model.init(jax.random.key(0), tokens, tokens, tokens)['params'])

@@ -12,6 +12,8 @@ import pytest
 from lm import models
 from lm.training import losses, loop, optimizer as optimizer_lib, steps
 
+from conftest import small_model_config
+
 
 def losses_by_step(history):
   return {row['step']: row['loss'] for row in history if 'loss' in row}
@@ -56,10 +58,9 @@ def test_an_unfinished_checkpoint_write_is_ignored(tiny_config, tmp_path):
 
 
 def small_setup(accumulation):
-  model_config = ml_collections.FrozenConfigDict(dict(
-      name='transformer', vocab_size=50, num_layers=1, embed_dim=16, num_heads=2,
-      num_kv_heads=1, head_dim=8, mlp_dim=32, max_seq_len=16, rope_theta=1e4,
-      tie_embeddings=True, norm_eps=1e-6, dtype='float32', attention='xla', remat='none'))
+  model_config = small_model_config(vocab_size=50, num_layers=1, embed_dim=16, num_heads=2,
+                                    num_kv_heads=1, mlp_dim=32, max_seq_len=16,
+                                    tie_embeddings=True)
   train_config = ml_collections.ConfigDict(dict(
       learning_rate=1e-2, warmup_steps=0, num_steps=10, final_learning_rate_ratio=0.1,
       weight_decay=0.1, beta1=0.9, beta2=0.95, epsilon=1e-8, grad_clip_norm=1.0,

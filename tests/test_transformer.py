@@ -8,14 +8,10 @@ import pytest
 from lm import models
 from lm.models import attention, layers, transformer
 
+from conftest import small_model_config
 
-def model_config(**overrides):
-  config = dict(name='transformer', vocab_size=97, num_layers=2, embed_dim=32, num_heads=4,
-                num_kv_heads=2, head_dim=8, mlp_dim=48, max_seq_len=64, rope_theta=10_000.0,
-                tie_embeddings=False, norm_eps=1e-6, dtype='float32', attention='xla',
-                remat='none')
-  config.update(overrides)
-  return ml_collections.FrozenConfigDict(config)
+
+model_config = small_model_config
 
 
 def init(config, length=16, seed=0):

@@ -22,6 +22,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
       name='transformer',
       vocab_size=264,  # The byte tokenizer's 259 ids, rounded up to a multiple of 8.
       num_layers=4,
+      layer_pattern='attention',  # Repeated over the layers: 'mamba', 'mamba,attention', ...
       embed_dim=128,
       num_heads=4,
       num_kv_heads=2,
@@ -34,6 +35,12 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
       dtype='auto',  # bfloat16 on GPU/TPU, float32 on CPU; or 'float32', 'bfloat16'.
       attention='xla',  # 'xla' | 'cudnn'
       remat='none',  # 'none' | 'full' | 'save_dots'
+      # Mamba layers (used where layer_pattern names them).
+      mamba_expand=2,  # Inner width = mamba_expand * embed_dim.
+      mamba_state_dim=16,
+      mamba_dt_rank=8,  # About embed_dim / 16, as in the paper.
+      mamba_conv_width=4,
+      mamba_scan='chunked',  # 'chunked' (associative scan in chunks) | 'reference' (lax.scan)
   ))
 
   config.tokenizer = ml_collections.ConfigDict(dict(

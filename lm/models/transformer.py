@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from lm.models import attention as attention_lib
-from lm.models import layers
+from lm.models import layers, mamba
 
 REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
@@ -92,8 +92,22 @@ class DecoderBlock(nn.Module):
     return nn.with_logical_constraint(x_btd, ('act_batch', 'act_seq', 'act_embed'))
 
 
+BLOCKS = {
+    'attention': DecoderBlock,
+    'mamba': mamba.MambaBlock,
+}
+
+
+def block_kinds(cfg) -> list[str]:
+  """Each layer's block: `layer_pattern` ('attention', 'mamba,mamba,attention', ...)
+  repeated over num_layers."""
+  pattern = [kind.strip() for kind in cfg.layer_pattern.split(',')]
+  return [pattern[layer % len(pattern)] for layer in range(cfg.num_layers)]
+
+
 class Transformer(nn.Module):
-  """tokens [B, T] -> logits [B, T, V] in float32."""
+  """tokens [B, T] -> logits [B, T, V] in float32. Layers are attention blocks, Mamba
+  blocks, or an interleaving of both (`layer_pattern`)."""
   config: ml_collections.ConfigDict
 
   @nn.compact
@@ -110,10 +124,10 @@ class Transformer(nn.Module):
     x_btd = embed(tokens_bt) * jnp.asarray(cfg.embed_dim ** 0.5, cfg.dtype)
     x_btd = nn.with_logical_constraint(x_btd, ('act_batch', 'act_seq', 'act_embed'))
 
-    block = DecoderBlock
-    if cfg.remat != 'none' and not decode:  # Decoding keeps no activations for a backward pass.
-      block = nn.remat(DecoderBlock, policy=REMAT_POLICIES[cfg.remat], static_argnums=(4,))
-    for layer in range(cfg.num_layers):
+    for layer, kind in enumerate(block_kinds(cfg)):
+      block = BLOCKS[kind]
+      if cfg.remat != 'none' and not decode:  # Decoding keeps no activations for a backward pass.
+        block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(4,))
       x_btd = block(cfg, name=f'layer_{layer}')(x_btd, segment_ids_bt, positions_bt, decode)
 
     x_btd = layers.RMSNorm(cfg.norm_eps, cfg.dtype, name='final_norm')(x_btd)
@@ -135,7 +149,6 @@ def flops_per_token(cfg: ml_collections.ConfigDict, seq_len: int) -> float:
   per token per layer, halved for causality, times 3.
   """
   d, n, k, h, f = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
-  per_layer = d * (n * h + 2 * k * h) + n * h * d + 3 * d * f
-  matmul_weights = cfg.num_layers * per_layer + d * cfg.vocab_size
-  attention = cfg.num_layers * 3 * 2 * seq_len * n * h
-  return 6 * matmul_weights + attention
+  attention_layer = 6 * (d * (n * h + 2 * k * h) + n * h * d + 3 * d * f) + 3 * 2 * seq_len * n * h
+  per_kind = {'attention': attention_layer, 'mamba': mamba.flops_per_token(cfg)}
+  return sum(per_kind[kind] for kind in block_kinds(cfg)) + 6 * d * cfg.vocab_size

@@ -22,8 +22,9 @@ from lm.training import optimizer as optimizer_lib, steps
 
 # Model fields that decide parameter shapes; the rest (dtype, attention, remat) may
 # change between runs of the same checkpoint.
-_SHAPE_FIELDS = ('name', 'vocab_size', 'num_layers', 'embed_dim', 'num_heads',
-                 'num_kv_heads', 'head_dim', 'mlp_dim', 'tie_embeddings')
+_SHAPE_FIELDS = ('name', 'vocab_size', 'num_layers', 'layer_pattern', 'embed_dim', 'num_heads',
+                 'num_kv_heads', 'head_dim', 'mlp_dim', 'tie_embeddings', 'mamba_expand',
+                 'mamba_state_dim', 'mamba_dt_rank', 'mamba_conv_width')
 
 
 def _encode_tuples(value):

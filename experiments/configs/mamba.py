@@ -1,0 +1,15 @@
+"""The default run with Mamba layers instead of attention (a pure selective-SSM LM).
+
+  python -m experiments.train --config=experiments/configs/mamba.py --workdir=/tmp/lm_mamba
+
+Same corpus, tokenizer, width and trainer as default.py; `:tiny` works too. No sample
+is printed at the end yet: Mamba decoding needs the state cache, still to be written.
+"""
+
+from experiments.configs import default
+
+
+def get_config(variant: str = ''):
+  config = default.get_config(variant)
+  config.model.layer_pattern = 'mamba'
+  return config

@@ -1,0 +1,169 @@
+"""Mamba (Gu & Dao 2023) selective state-space mixer.
+
+Dimension letters: B batch, T sequence, D model width, E inner width (expand * D),
+N state size, R rank of the step-size projection, W convolution width.
+
+Per channel e the state h [N] follows, with input-dependent step dt, B and C (eq. 2a-2b
+discretised by zero-order hold on A and Euler on B, as the paper's implementation does):
+  h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t,   y_t = C_t . h_t + D x_t.
+A packed row restarts h (and the convolution's window) at each new segment, so a
+packed row equals its documents run one by one.
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lm.models import layers
+
+
+def segment_starts(segment_ids_bt):
+  """True where a token begins a new segment (and at t = 0)."""
+  previous_bt = jnp.pad(segment_ids_bt[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+  return segment_ids_bt != previous_bt
+
+
+def selective_scan_reference(x_bte, dt_bte, a_en, b_btn, c_btn, d_e, reset_bt):
+  """The specification: a lax.scan over time, float32 state. Returns y [B, T, E]."""
+  def step(h_ben, inputs):
+    x_be, dt_be, b_bn, c_bn, reset_b = inputs
+    decay_ben = jnp.where(reset_b[:, None, None], 0.0, jnp.exp(dt_be[..., None] * a_en))
+    h_ben = decay_ben * h_ben + (dt_be * x_be)[..., None] * b_bn[:, None, :]
+    return h_ben, jnp.einsum('ben,bn->be', h_ben, c_bn)
+
+  f32 = lambda t: jnp.swapaxes(t.astype(jnp.float32), 0, 1)  # Time first for scan.
+  h0_ben = jnp.zeros((x_bte.shape[0], x_bte.shape[2], a_en.shape[1]), jnp.float32)
+  _, y_tbe = jax.lax.scan(step, h0_ben, (f32(x_bte), f32(dt_bte), f32(b_btn), f32(c_btn),
+                                         jnp.swapaxes(reset_bt, 0, 1)))
+  return (jnp.swapaxes(y_tbe, 0, 1) + x_bte.astype(jnp.float32) * d_e).astype(x_bte.dtype)
+
+
+def selective_scan_chunked(x_bte, dt_bte, a_en, b_btn, c_btn, d_e, reset_bt, *, chunk: int = 64):
+  """Associative scan within chunks of `chunk` steps, state carried between chunks: the
+  parallel fallback. Holds one chunk's [B, chunk, E, N] states at a time."""
+  batch, length, inner = x_bte.shape
+  padded = -(-length // chunk) * chunk
+  pad = lambda t: jnp.pad(t.astype(jnp.float32), [(0, 0), (0, padded - length)]
+                          + [(0, 0)] * (t.ndim - 2))
+  # Padding steps have dt = 0: decay 1 and no input, so they leave the state alone.
+  x, dt, b, c = pad(x_bte), pad(dt_bte), pad(b_btn), pad(c_btn)
+  reset = jnp.pad(reset_bt, ((0, 0), (0, padded - length)))
+  to_chunks = lambda t: jnp.swapaxes(t.reshape(batch, padded // chunk, chunk, *t.shape[2:]), 0, 1)
+
+  def combine(earlier, later):
+    decay_1, state_1 = earlier
+    decay_2, state_2 = later
+    return decay_1 * decay_2, decay_2 * state_1 + state_2
+
+  def one_chunk(h_ben, inputs):
+    x_ble, dt_ble, b_bln, c_bln, reset_bl = inputs
+    decay = jnp.where(reset_bl[..., None, None], 0.0, jnp.exp(dt_ble[..., None] * a_en))
+    drive = (dt_ble * x_ble)[..., None] * b_bln[:, :, None, :]  # [B, L, E, N]
+    decay_so_far, h_blen = jax.lax.associative_scan(combine, (decay, drive), axis=1)
+    h_blen = h_blen + decay_so_far * h_ben[:, None]
+    return h_blen[:, -1], jnp.einsum('blen,bln->ble', h_blen, c_bln)
+
+  h0 = jnp.zeros((batch, inner, a_en.shape[1]), jnp.float32)
+  _, y_cble = jax.lax.scan(one_chunk, h0, tuple(map(to_chunks, (x, dt, b, c, reset))))
+  y_bte = jnp.swapaxes(y_cble, 0, 1).reshape(batch, padded, inner)[:, :length]
+  return (y_bte + x_bte.astype(jnp.float32) * d_e).astype(x_bte.dtype)
+
+
+SCANS = {
+    'reference': selective_scan_reference,
+    'chunked': selective_scan_chunked,
+}
+
+
+def causal_depthwise_conv(x_bte, kernel_we, bias_e, segment_ids_bt):
+  """y_t = bias + sum_k kernel[k] x_{t-W+1+k}, taking only inputs of t's own segment."""
+  width = kernel_we.shape[0]
+  y_bte = jnp.zeros_like(x_bte) + bias_e
+  for k in range(width):
+    shift = width - 1 - k
+    x_shifted = jnp.pad(x_bte, ((0, 0), (shift, 0), (0, 0)))[:, :x_bte.shape[1]]
+    segment_shifted = jnp.pad(segment_ids_bt, ((0, 0), (shift, 0)), constant_values=-1)
+    same_segment = (segment_shifted[:, :x_bte.shape[1]] == segment_ids_bt)[..., None]
+    y_bte = y_bte + jnp.where(same_segment, x_shifted, 0.0) * kernel_we[k]
+  return y_bte
+
+
+def _dt_bias_init(minimum: float = 1e-3, maximum: float = 0.1):
+  """Softplus-inverse of dt drawn log-uniformly in [minimum, maximum] (the paper's init)."""
+  def init(rng, shape, dtype=jnp.float32):
+    dt = jnp.exp(jax.random.uniform(rng, shape, dtype) * (math.log(maximum) - math.log(minimum))
+                 + math.log(minimum))
+    return dt + jnp.log(-jnp.expm1(-dt))
+  return init
+
+
+class MambaMixer(nn.Module):
+  """x [B, T, D] -> [B, T, D]: in-projection to x and gate z, causal conv, selective scan,
+  SiLU gating, out-projection."""
+  config: object
+
+  @nn.compact
+  def __call__(self, x_btd, segment_ids_bt, positions_bt, decode: bool = False):
+    del positions_bt  # Order is carried by the recurrence.
+    if decode:
+      raise NotImplementedError('Mamba decoding with a state cache is not written yet')
+    cfg = self.config
+    width, inner = cfg.embed_dim, cfg.mamba_expand * cfg.embed_dim
+    state, rank, conv = cfg.mamba_state_dim, cfg.mamba_dt_rank, cfg.mamba_conv_width
+    dense = lambda features, names, name, **kwargs: nn.Dense(
+        features, dtype=cfg.dtype, param_dtype=jnp.float32,
+        kernel_init=kwargs.pop('kernel_init', layers.dense_init(names)), name=name, **kwargs)
+
+    xz_bte = dense(2 * inner, ('embed', 'mlp'), 'in_proj', use_bias=False)(x_btd)
+    x_bte, z_bte = jnp.split(xz_bte, 2, axis=-1)
+    kernel_we = self.param('conv_kernel', nn.with_logical_partitioning(
+        nn.initializers.variance_scaling(1.0, 'fan_in', 'uniform', in_axis=0, out_axis=1),
+        ('conv_width', 'mlp')), (conv, inner), jnp.float32)
+    bias_e = self.param('conv_bias', nn.with_logical_partitioning(
+        nn.initializers.zeros, ('mlp',)), (inner,), jnp.float32)
+    x_bte = nn.silu(causal_depthwise_conv(x_bte, kernel_we.astype(x_bte.dtype),
+                                          bias_e.astype(x_bte.dtype), segment_ids_bt))
+    x_bte = nn.with_logical_constraint(x_bte, ('act_batch', 'act_seq', 'act_mlp'))
+
+    projected = dense(rank + 2 * state, ('mlp', 'mamba_projection'), 'x_proj',
+                      use_bias=False)(x_bte)
+    dt_low_btr, b_btn, c_btn = jnp.split(projected, [rank, rank + state], axis=-1)
+    dt_bte = nn.softplus(dense(
+        inner, ('dt_rank', 'mlp'), 'dt_proj', use_bias=True,
+        bias_init=nn.with_logical_partitioning(_dt_bias_init(), ('mlp',)))(dt_low_btr)
+        .astype(jnp.float32))
+    # A = -exp(A_log) with A_log = log(1..N) per channel (S4D-real init).
+    a_log_en = self.param('a_log', nn.with_logical_partitioning(
+        lambda rng, shape, dtype: jnp.log(jnp.broadcast_to(
+            jnp.arange(1, shape[1] + 1, dtype=dtype), shape)), ('mlp', 'state')),
+        (inner, state), jnp.float32)
+    d_e = self.param('d', nn.with_logical_partitioning(nn.initializers.ones, ('mlp',)),
+                     (inner,), jnp.float32)
+    scan = SCANS[cfg.mamba_scan]
+    y_bte = scan(x_bte, dt_bte, -jnp.exp(a_log_en), b_btn, c_btn, d_e,
+                 segment_starts(segment_ids_bt))
+    y_bte = y_bte * nn.silu(z_bte)
+    return dense(width, ('mlp', 'embed'), 'out_proj', use_bias=False)(y_bte)
+
+
+class MambaBlock(nn.Module):
+  """Pre-norm residual block: x + mixer(norm(x))."""
+  config: object
+
+  @nn.compact
+  def __call__(self, x_btd, segment_ids_bt, positions_bt, decode: bool = False):
+    cfg = self.config
+    h_btd = layers.RMSNorm(cfg.norm_eps, cfg.dtype, name='mixer_norm')(x_btd)
+    x_btd = x_btd + MambaMixer(cfg, name='mixer')(h_btd, segment_ids_bt, positions_bt, decode)
+    return nn.with_logical_constraint(x_btd, ('act_batch', 'act_seq', 'act_embed'))
+
+
+def flops_per_token(cfg) -> float:
+  """Training FLOPs per token of one Mamba layer: 6 per matmul weight, plus the scan's
+  few multiply-adds per state element (3x for forward + backward)."""
+  inner = cfg.mamba_expand * cfg.embed_dim
+  weights = (cfg.embed_dim * 2 * inner + inner * (cfg.mamba_dt_rank + 2 * cfg.mamba_state_dim)
+             + cfg.mamba_dt_rank * inner + inner * cfg.embed_dim)
+  return 6 * weights + 3 * 6 * inner * cfg.mamba_state_dim + 6 * cfg.mamba_conv_width * inner

@@ -1,0 +1,126 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lm import models
+from lm.models import mamba, transformer
+from lm.training import loop
+
+from conftest import small_model_config
+
+
+def scan_inputs(seed, batch=2, length=37, inner=6, state=4):
+  keys = jax.random.split(jax.random.key(seed), 5)
+  x = jax.random.normal(keys[0], (batch, length, inner))
+  dt = jax.nn.softplus(jax.random.normal(keys[1], (batch, length, inner)) - 1.0)
+  a = -jnp.exp(jax.random.normal(keys[2], (inner, state)))
+  b = jax.random.normal(keys[3], (batch, length, state))
+  c = jax.random.normal(keys[4], (batch, length, state))
+  d = jnp.linspace(0.5, 1.5, inner)
+  cuts = [length // 4, length // 2, length - length // 4 - length // 2]  # Three documents.
+  segment_ids = jnp.asarray(np.repeat([[1, 2, 3]], batch, 0).repeat(cuts, 1))
+  return x, dt, a, b, c, d, mamba.segment_starts(segment_ids)
+
+
+def test_reference_scan_follows_the_recurrence_step_by_step():
+  x, dt, a, b, c, d, reset = map(np.asarray, scan_inputs(0, batch=1, length=12))
+  h = np.zeros((x.shape[2], a.shape[1]))
+  want = []
+  for t in range(x.shape[1]):
+    decay = 0.0 if reset[0, t] else np.exp(dt[0, t][:, None] * a)
+    h = decay * h + (dt[0, t] * x[0, t])[:, None] * b[0, t][None, :]
+    want.append(h @ c[0, t] + d * x[0, t])
+  got = mamba.selective_scan_reference(*map(jnp.asarray, (x, dt, a, b, c, d, reset)))
+  np.testing.assert_allclose(got[0], np.stack(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('chunk', [8, 16, 64])
+def test_chunked_scan_matches_the_reference_with_gradients(chunk):
+  inputs = scan_inputs(1)
+  reference = lambda *a: jnp.sum(jnp.sin(mamba.selective_scan_reference(*a, inputs[-1])))
+  chunked = lambda *a: jnp.sum(jnp.sin(mamba.selective_scan_chunked(*a, inputs[-1], chunk=chunk)))
+  np.testing.assert_allclose(
+      mamba.selective_scan_chunked(*inputs, chunk=chunk),
+      mamba.selective_scan_reference(*inputs), rtol=1e-5, atol=1e-5)
+  want = jax.grad(reference, argnums=range(6))(*inputs[:-1])
+  got = jax.grad(chunked, argnums=range(6))(*inputs[:-1])
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def init(config, seed=0):
+  model = models.build(config)
+  tokens = jnp.zeros((1, 16), jnp.int32)
+  return model, nn.meta.unbox(model.init(jax.random.key(seed), tokens, tokens, tokens)['params'])
+
+
+@pytest.mark.parametrize('pattern', ['mamba', 'mamba,attention'])
+def test_packed_documents_give_the_same_logits_as_each_document_alone(pattern):
+  model, params = init(small_model_config(layer_pattern=pattern, mamba_scan='chunked'))
+  lengths = (5, 9, 4)
+  documents = [jax.random.randint(jax.random.key(i), (1, n), 0, 97) for i, n in enumerate(lengths)]
+  packed = jnp.concatenate(documents, axis=1)
+  segment_ids = jnp.concatenate([jnp.full((1, n), i + 1) for i, n in enumerate(lengths)], 1)
+  positions = jnp.concatenate([jnp.arange(n) for n in lengths])[None]
+  packed_logits = model.apply({'params': params}, packed, segment_ids, positions)
+  start = 0
+  for document in documents:
+    length = document.shape[1]
+    alone = model.apply({'params': params}, document, jnp.ones_like(document),
+                        jnp.arange(length)[None])
+    np.testing.assert_allclose(packed_logits[:, start:start + length], alone, rtol=1e-5,
+                               atol=1e-5)
+    start += length
+
+
+def test_mamba_is_causal_and_both_scans_agree_inside_the_model():
+  model, params = init(small_model_config(layer_pattern='mamba', mamba_scan='reference'))
+  chunked = models.build(small_model_config(layer_pattern='mamba', mamba_scan='chunked'))
+  tokens = jax.random.randint(jax.random.key(9), (2, 20), 0, 97)
+  changed = tokens.at[:, 12].set((tokens[:, 12] + 1) % 97)
+  ones, positions = jnp.ones_like(tokens), jnp.broadcast_to(jnp.arange(20), (2, 20))
+  logits = model.apply({'params': params}, tokens, ones, positions)
+  logits_changed = model.apply({'params': params}, changed, ones, positions)
+  np.testing.assert_allclose(logits[:, :12], logits_changed[:, :12], rtol=1e-6, atol=1e-6)
+  assert not np.allclose(logits[:, 12:], logits_changed[:, 12:], atol=1e-3)
+  np.testing.assert_allclose(chunked.apply({'params': params}, tokens, ones, positions), logits,
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_layer_pattern_repeats_over_the_layers():
+  config = small_model_config(num_layers=5, layer_pattern='mamba, mamba, attention')
+  assert transformer.block_kinds(config) == ['mamba', 'mamba', 'attention', 'mamba', 'mamba']
+  _, params = init(config)
+  assert 'mixer' in params['layer_0'] and 'attention' in params['layer_2']
+
+
+def test_flops_count_covers_every_mamba_matmul_weight():
+  config = small_model_config(layer_pattern='mamba', num_layers=1, tie_embeddings=True)
+  _, params = init(config)
+  layer = params['layer_0']['mixer']
+  weights = sum(layer[name]['kernel'].size for name in ('in_proj', 'x_proj', 'dt_proj', 'out_proj'))
+  inner, state = 2 * config.embed_dim, config.mamba_state_dim
+  scan_and_conv = 18 * inner * state + 6 * config.mamba_conv_width * inner
+  assert transformer.flops_per_token(config, 16) == (
+      6 * weights + scan_and_conv + 6 * config.embed_dim * config.vocab_size)
+
+
+@pytest.mark.parametrize('pattern', ['mamba', 'mamba,attention'])
+def test_mamba_and_hybrid_models_train_through_the_same_loop(pattern, tiny_config, tmp_path):
+  tiny_config.model.update(layer_pattern=pattern)
+  tiny_config.train.update(num_steps=12, warmup_steps=2, log_every=1, eval_every=12)
+  history, _ = loop.train(tiny_config, str(tmp_path), jax.devices()[:1])
+  losses = [row['loss'] for row in history]
+  assert np.isfinite(losses).all() and np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.5
+
+
+def test_sampling_a_mamba_model_is_refused_with_the_reason():
+  from lm import sampling, tokenizer as tokenizer_lib
+  from lm.errors import ConfigError
+  tokenizer = tokenizer_lib.ByteTokenizer()
+  model, params = init(small_model_config(layer_pattern='mamba,attention',
+                                          vocab_size=tokenizer.vocab_size))
+  with pytest.raises(ConfigError, match="state cache.*layer_pattern='mamba,attention'"):
+    sampling.complete(model, params, tokenizer, ['x'], max_new_tokens=2)
