@@ -13,12 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm.errors import ConfigError
-from lm.models import transformer
-
-
-def can_decode(model_config) -> bool:
-  return 'mamba' not in transformer.block_kinds(model_config)
 
 
 def init_cache(model, batch_size: int, cache_length: int):
@@ -105,9 +99,6 @@ def complete(model, params, tokenizer, prompts: list[str], *, max_new_tokens: in
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              stop_ids: tuple[int, ...] | None = None, cache_length: int | None = None) -> list[str]:
   """Text in, text out: bos + prompt, generate, decode up to (not including) the stop id."""
-  if not can_decode(model.config):
-    raise ConfigError('sampling a model with Mamba layers needs their state cache, which is'
-                      f' not written yet (config.model.layer_pattern={model.config.layer_pattern!r})')
   stop_ids = (tokenizer.eos_id,) if stop_ids is None else stop_ids
   ids = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
   prompts_bp, lengths_b = pad_prompts(ids, tokenizer.pad_id)

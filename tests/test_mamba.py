@@ -116,11 +116,51 @@ def test_mamba_and_hybrid_models_train_through_the_same_loop(pattern, tiny_confi
   assert np.isfinite(losses).all() and np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.5
 
 
-def test_sampling_a_mamba_model_is_refused_with_the_reason():
-  from lm import sampling, tokenizer as tokenizer_lib
-  from lm.errors import ConfigError
-  tokenizer = tokenizer_lib.ByteTokenizer()
-  model, params = init(small_model_config(layer_pattern='mamba,attention',
-                                          vocab_size=tokenizer.vocab_size))
-  with pytest.raises(ConfigError, match="state cache.*layer_pattern='mamba,attention'"):
-    sampling.complete(model, params, tokenizer, ['x'], max_new_tokens=2)
+@pytest.mark.parametrize('pattern', ['mamba', 'mamba,attention'])
+def test_cached_decoding_gives_the_logits_of_a_full_forward_pass_for_ragged_prompts(pattern):
+  from lm import sampling
+  model, params = init(small_model_config(layer_pattern=pattern, vocab_size=61))
+  rng = np.random.default_rng(0)
+  lengths = [3, 8, 5]
+  continuation = rng.integers(3, 61, (3, 5))
+  prompts, lengths_b = sampling.pad_prompts(
+      [list(rng.integers(3, 61, n)) for n in lengths], pad_id=0, multiple=8)
+  cache = sampling.init_cache(model, batch_size=3, cache_length=16)
+  segment_ids = (np.arange(8)[None] < lengths_b[:, None]).astype(np.int32)
+  pieces = []
+  calls = [(prompts, segment_ids, np.broadcast_to(np.arange(8), (3, 8)))]
+  start = 0
+  for size in (1, 2, 2):
+    calls.append((continuation[:, start:start + size], np.ones((3, size), np.int32),
+                  lengths_b[:, None] + start + np.arange(size)[None]))
+    start += size
+  for tokens, segments, positions in calls:
+    logits, variables = model.apply(
+        {'params': params, 'cache': cache}, jnp.asarray(tokens), jnp.asarray(segments),
+        jnp.asarray(positions), decode=True, mutable=['cache'])
+    cache = variables['cache']
+    pieces.append(logits)
+  for row, length in enumerate(lengths):
+    ids = jnp.asarray([list(prompts[row, :length]) + list(continuation[row])])
+    want = model.apply({'params': params}, ids, jnp.ones_like(ids),
+                       jnp.arange(ids.shape[1])[None])[0]
+    got = np.concatenate([pieces[0][row, :length]] + [p[row] for p in pieces[1:]])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_generation_of_a_hybrid_matches_full_recomputation():
+  from lm import sampling
+  model, params = init(small_model_config(layer_pattern='mamba,attention', vocab_size=61))
+  prompts = [[1, 5, 9], [1, 7, 7, 7, 30, 2, 4]]
+  prompts_bp, lengths_b = sampling.pad_prompts(prompts, pad_id=0, multiple=8)
+  new_bn, _ = sampling.generate(params, jnp.asarray(prompts_bp), jnp.asarray(lengths_b),
+                                jax.random.key(0), jnp.asarray([-1]), model=model,
+                                max_new_tokens=6, cache_length=16)
+  for row, prompt in enumerate(prompts):
+    ids = list(prompt)
+    for _ in range(6):
+      tokens = jnp.asarray([ids])
+      logits = model.apply({'params': params}, tokens, jnp.ones_like(tokens),
+                           jnp.arange(len(ids))[None])
+      ids.append(int(jnp.argmax(logits[0, -1])))
+    assert np.asarray(new_bn[row]).tolist() == ids[len(prompt):]

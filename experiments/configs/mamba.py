@@ -2,8 +2,7 @@
 
   python -m experiments.train --config=experiments/configs/mamba.py --workdir=/tmp/lm_mamba
 
-Same corpus, tokenizer, width and trainer as default.py; `:tiny` works too. No sample
-is printed at the end yet: Mamba decoding needs the state cache, still to be written.
+Same corpus, tokenizer, width and trainer as default.py; `:tiny` works too.
 """
 
 from experiments.configs import default

@@ -8,6 +8,11 @@ discretised by zero-order hold on A and Euler on B, as the paper's implementatio
   h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t,   y_t = C_t . h_t + D x_t.
 A packed row restarts h (and the convolution's window) at each new segment, so a
 packed row equals its documents run one by one.
+
+Decoding (`decode=True`, 'cache' collection mutable) keeps per layer the last W-1
+convolution inputs [B, W-1, E] and the state h [B, E, N]: the same interface as the
+attention KV cache. A call appends T tokens to each row; padding tokens (segment id 0)
+get dt = 0 and leave both states untouched.
 """
 
 import math
@@ -27,6 +32,12 @@ def segment_starts(segment_ids_bt):
 
 def selective_scan_reference(x_bte, dt_bte, a_en, b_btn, c_btn, d_e, reset_bt):
   """The specification: a lax.scan over time, float32 state. Returns y [B, T, E]."""
+  h0_ben = jnp.zeros((x_bte.shape[0], x_bte.shape[2], a_en.shape[1]), jnp.float32)
+  return scan_from_state(h0_ben, x_bte, dt_bte, a_en, b_btn, c_btn, d_e, reset_bt)[0]
+
+
+def scan_from_state(h0_ben, x_bte, dt_bte, a_en, b_btn, c_btn, d_e, reset_bt):
+  """The recurrence from state h0; returns (y [B, T, E], final state [B, E, N])."""
   def step(h_ben, inputs):
     x_be, dt_be, b_bn, c_bn, reset_b = inputs
     decay_ben = jnp.where(reset_b[:, None, None], 0.0, jnp.exp(dt_be[..., None] * a_en))
@@ -34,10 +45,10 @@ def selective_scan_reference(x_bte, dt_bte, a_en, b_btn, c_btn, d_e, reset_bt):
     return h_ben, jnp.einsum('ben,bn->be', h_ben, c_bn)
 
   f32 = lambda t: jnp.swapaxes(t.astype(jnp.float32), 0, 1)  # Time first for scan.
-  h0_ben = jnp.zeros((x_bte.shape[0], x_bte.shape[2], a_en.shape[1]), jnp.float32)
-  _, y_tbe = jax.lax.scan(step, h0_ben, (f32(x_bte), f32(dt_bte), f32(b_btn), f32(c_btn),
-                                         jnp.swapaxes(reset_bt, 0, 1)))
-  return (jnp.swapaxes(y_tbe, 0, 1) + x_bte.astype(jnp.float32) * d_e).astype(x_bte.dtype)
+  h_ben, y_tbe = jax.lax.scan(step, h0_ben, (f32(x_bte), f32(dt_bte), f32(b_btn), f32(c_btn),
+                                             jnp.swapaxes(reset_bt, 0, 1)))
+  y_bte = jnp.swapaxes(y_tbe, 0, 1) + x_bte.astype(jnp.float32) * d_e
+  return y_bte.astype(x_bte.dtype), h_ben
 
 
 def selective_scan_chunked(x_bte, dt_bte, a_en, b_btn, c_btn, d_e, reset_bt, *, chunk: int = 64):
@@ -107,8 +118,6 @@ class MambaMixer(nn.Module):
   @nn.compact
   def __call__(self, x_btd, segment_ids_bt, positions_bt, decode: bool = False):
     del positions_bt  # Order is carried by the recurrence.
-    if decode:
-      raise NotImplementedError('Mamba decoding with a state cache is not written yet')
     cfg = self.config
     width, inner = cfg.embed_dim, cfg.mamba_expand * cfg.embed_dim
     state, rank, conv = cfg.mamba_state_dim, cfg.mamba_dt_rank, cfg.mamba_conv_width
@@ -123,8 +132,12 @@ class MambaMixer(nn.Module):
         ('conv_width', 'mlp')), (conv, inner), jnp.float32)
     bias_e = self.param('conv_bias', nn.with_logical_partitioning(
         nn.initializers.zeros, ('mlp',)), (inner,), jnp.float32)
-    x_bte = nn.silu(causal_depthwise_conv(x_bte, kernel_we.astype(x_bte.dtype),
-                                          bias_e.astype(x_bte.dtype), segment_ids_bt))
+    if decode:
+      x_bte = nn.silu(self._conv_with_cache(x_bte, kernel_we.astype(x_bte.dtype),
+                                            bias_e.astype(x_bte.dtype), segment_ids_bt))
+    else:
+      x_bte = nn.silu(causal_depthwise_conv(x_bte, kernel_we.astype(x_bte.dtype),
+                                            bias_e.astype(x_bte.dtype), segment_ids_bt))
     x_bte = nn.with_logical_constraint(x_bte, ('act_batch', 'act_seq', 'act_mlp'))
 
     projected = dense(rank + 2 * state, ('mlp', 'mamba_projection'), 'x_proj',
@@ -141,11 +154,38 @@ class MambaMixer(nn.Module):
         (inner, state), jnp.float32)
     d_e = self.param('d', nn.with_logical_partitioning(nn.initializers.ones, ('mlp',)),
                      (inner,), jnp.float32)
-    scan = SCANS[cfg.mamba_scan]
-    y_bte = scan(x_bte, dt_bte, -jnp.exp(a_log_en), b_btn, c_btn, d_e,
-                 segment_starts(segment_ids_bt))
+    if decode:
+      y_bte = self._scan_with_cache(x_bte, dt_bte, -jnp.exp(a_log_en), b_btn, c_btn, d_e,
+                                    segment_ids_bt)
+    else:
+      y_bte = SCANS[cfg.mamba_scan](x_bte, dt_bte, -jnp.exp(a_log_en), b_btn, c_btn, d_e,
+                                    segment_starts(segment_ids_bt))
     y_bte = y_bte * nn.silu(z_bte)
     return dense(width, ('mlp', 'embed'), 'out_proj', use_bias=False)(y_bte)
+
+  def _conv_with_cache(self, x_bte, kernel_we, bias_e, segment_ids_bt):
+    """The convolution continued from the cached last W-1 inputs of each row."""
+    width = kernel_we.shape[0]
+    batch, length, inner = x_bte.shape
+    conv_state = self.variable('cache', 'conv_state', jnp.zeros, (batch, width - 1, inner),
+                               x_bte.dtype)
+    x_ext = jnp.concatenate([conv_state.value, x_bte], axis=1)  # [B, W-1+T, E]
+    y_bte = bias_e + sum(x_ext[:, k:k + length] * kernel_we[k] for k in range(width))
+    # The new window ends at each row's last real token.
+    valid_b = jnp.sum(segment_ids_bt != 0, axis=1)
+    conv_state.value = jax.vmap(lambda row, start: jax.lax.dynamic_slice_in_dim(
+        row, start, width - 1, axis=0))(x_ext, valid_b)
+    return y_bte
+
+  def _scan_with_cache(self, x_bte, dt_bte, a_en, b_btn, c_btn, d_e, segment_ids_bt):
+    batch, _, inner = x_bte.shape
+    ssm_state = self.variable('cache', 'ssm_state', jnp.zeros, (batch, inner, a_en.shape[1]),
+                              jnp.float32)
+    dt_bte = jnp.where((segment_ids_bt != 0)[..., None], dt_bte, 0.0)  # Padding: no change.
+    never_bt = jnp.zeros(segment_ids_bt.shape, jnp.bool_)
+    y_bte, ssm_state.value = scan_from_state(ssm_state.value, x_bte, dt_bte, a_en, b_btn,
+                                             c_btn, d_e, never_bt)
+    return y_bte
 
 
 class MambaBlock(nn.Module):

@@ -190,10 +190,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
 
   checkpointer.wait()
   checkpointer.close()
-  if step >= config.train.num_steps and config.train.sample_tokens > 0 and not (
-      sampling.can_decode(config.model)):
-    log.print('no sample: decoding Mamba layers needs their state cache, not written yet')
-  elif step >= config.train.num_steps and config.train.sample_tokens > 0:
+  if step >= config.train.num_steps and config.train.sample_tokens > 0:
     [sample] = sampling.complete(
         model, state.params, tokenizer, [''], max_new_tokens=config.train.sample_tokens,
         temperature=config.train.sample_temperature, seed=config.seed)
