@@ -52,6 +52,25 @@ def unsupported(q, k) -> str | None:
   return None
 
 
+def _scores_and_mask(q_ref, k_ref, q_segment_ref, k_segment_ref, q_block, k_block, *,
+                     sm_scale, causal, block_q, block_k):
+  """Scaled scores q k^T of one [block_q, block_k] tile (float32) and where they count."""
+  s = lax.dot_general(q_ref[...], k_ref[...], (((1,), (1,)), ((), ())),
+                      preferred_element_type=jnp.float32) * sm_scale
+  mask = q_segment_ref[:, 0:1] == k_segment_ref[0:1, :]
+  if causal:
+    q_index = q_block * block_q + lax.broadcasted_iota(jnp.int32, s.shape, 0)
+    k_index = k_block * block_k + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+    mask &= q_index >= k_index
+  return s, mask
+
+
+def _unless_above_diagonal(compute, *, causal, q_block, k_block, block_q, block_k):
+  """Runs `compute`, skipping causal tiles that lie entirely above the diagonal."""
+  visible = k_block * block_k < (q_block + 1) * block_q
+  pl.when(visible)(compute) if causal else compute()
+
+
 def _forward_kernel(q_ref, k_ref, v_ref, q_segment_ref, k_segment_ref, o_ref, lse_ref,
                     m_scratch, l_scratch, acc_scratch, *, sm_scale, causal, block_q, block_k):
   q_block, k_block = pl.program_id(2), pl.program_id(3)
@@ -63,13 +82,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_segment_ref, k_segment_ref, o_ref, ls
     acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
 
   def compute():
-    s = lax.dot_general(q_ref[...], k_ref[...], (((1,), (1,)), ((), ())),
-                        preferred_element_type=jnp.float32) * sm_scale  # [block_q, block_k]
-    mask = q_segment_ref[:, 0:1] == k_segment_ref[0:1, :]
-    if causal:
-      q_index = q_block * block_q + lax.broadcasted_iota(jnp.int32, s.shape, 0)
-      k_index = k_block * block_k + lax.broadcasted_iota(jnp.int32, s.shape, 1)
-      mask &= q_index >= k_index
+    s, mask = _scores_and_mask(q_ref, k_ref, q_segment_ref, k_segment_ref, q_block, k_block,
+                               sm_scale=sm_scale, causal=causal, block_q=block_q,
+                               block_k=block_k)
     s = jnp.where(mask, s, MASK_VALUE)
     m_previous = m_scratch[:, 0:1]  # [block_q, 1]
     m_new = jnp.maximum(m_previous, jnp.max(s, axis=1, keepdims=True))
@@ -82,10 +97,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_segment_ref, k_segment_ref, o_ref, ls
     m_scratch[...] = jnp.broadcast_to(m_new, m_scratch.shape)
     l_scratch[...] = jnp.broadcast_to(l_new, l_scratch.shape)
 
-  if causal:  # Skip tiles entirely above the diagonal.
-    pl.when(k_block * block_k < (q_block + 1) * block_q)(compute)
-  else:
-    compute()
+  _unless_above_diagonal(compute, causal=causal, q_block=q_block, k_block=k_block,
+                         block_q=block_q, block_k=block_k)
 
   @pl.when(k_block == pl.num_programs(3) - 1)
   def _write():
@@ -97,13 +110,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_segment_ref, k_segment_ref, o_ref, ls
 def _probabilities(q_ref, k_ref, q_segment_ref, k_segment_ref, lse_ref, q_block, k_block, *,
                    sm_scale, causal, block_q, block_k):
   """The forward's softmax tile [block_q, block_k], recomputed from lse."""
-  s = lax.dot_general(q_ref[...], k_ref[...], (((1,), (1,)), ((), ())),
-                      preferred_element_type=jnp.float32) * sm_scale
-  mask = q_segment_ref[:, 0:1] == k_segment_ref[0:1, :]
-  if causal:
-    q_index = q_block * block_q + lax.broadcasted_iota(jnp.int32, s.shape, 0)
-    k_index = k_block * block_k + lax.broadcasted_iota(jnp.int32, s.shape, 1)
-    mask &= q_index >= k_index
+  s, mask = _scores_and_mask(q_ref, k_ref, q_segment_ref, k_segment_ref, q_block, k_block,
+                             sm_scale=sm_scale, causal=causal, block_q=block_q,
+                             block_k=block_k)
   return jnp.where(mask, jnp.exp(s - lse_ref[:, 0:1]), 0.0)
 
 
@@ -125,10 +134,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_segment_ref, k_segment_ref, do_ref, lse_re
     dq_scratch[...] += lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
                                        preferred_element_type=jnp.float32)
 
-  if causal:
-    pl.when(k_block * block_k < (q_block + 1) * block_q)(compute)
-  else:
-    compute()
+  _unless_above_diagonal(compute, causal=causal, q_block=q_block, k_block=k_block,
+                         block_q=block_q, block_k=block_k)
 
   @pl.when(k_block == pl.num_programs(3) - 1)
   def _write():
@@ -157,10 +164,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_segment_ref, k_segment_ref, do_ref, lse_r
     dk_scratch[...] += lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
                                        preferred_element_type=jnp.float32)
 
-  if causal:
-    pl.when((q_block + 1) * block_q > k_block * block_k)(compute)
-  else:
-    compute()
+  _unless_above_diagonal(compute, causal=causal, q_block=q_block, k_block=k_block,
+                         block_q=block_q, block_k=block_k)
 
   @pl.when((group == pl.num_programs(3) - 1) & (q_block == pl.num_programs(4) - 1))
   def _write():
