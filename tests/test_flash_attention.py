@@ -1,15 +1,14 @@
 """The Pallas flash-attention kernels against the reference, in interpret mode on CPU,
 and lowered for their real hardware with jax.export."""
 
-import contextlib
-import inspect
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pallas_kernels.flash_attention import api, gpu, reference, tpu
+
+import lowering
 
 # Small blocks so short test sequences still span several of them.
 SMALL_BLOCKS = {'gpu': gpu.BlockSizes(block_q=32, block_k=32),
@@ -99,43 +98,19 @@ def test_default_blocks_handle_a_sequence_shorter_than_one_block(kernel):
   assert_close(got, reference.attention(q, k, v), 1e-5, 'out')
 
 
-def nvidia_h100():
-  """jax 0.11 lowers Triton for a named GPU; on a machine without one, name the H100
-  through an abstract mesh (jax 0.10 needs nothing)."""
-  if 'abstract_device' not in inspect.signature(jax.sharding.AbstractMesh).parameters:
-    return contextlib.nullcontext()
-  device = jax.sharding.AbstractDevice(device_kind='NVIDIA H100 80GB HBM3', num_cores=132,
-                                       platform='cuda')
-  return jax.sharding.use_abstract_mesh(
-      jax.sharding.AbstractMesh((1,), ('x',), abstract_device=device))
-
-
-# platform, the custom call each kernel becomes, and the checks jax.export must skip
-# for it (the Triton call's serialization is not guaranteed stable).
-LOWERINGS = {
-    'gpu': ('cuda', '__gpu$xla.gpu.triton',
-            [jax.export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')]),
-    'tpu': ('tpu', 'tpu_custom_call', []),
-}
-
-
 @pytest.mark.parametrize('kernel', KERNELS)
 @pytest.mark.parametrize('head_dim', [64, 128])
 def test_kernel_lowers_for_its_hardware_forward_and_backward(kernel, head_dim):
   """Runs the real (Triton or Mosaic) lowering, so a kernel its hardware cannot compile
   fails here; forward is one kernel, the gradient three (forward, dq, dk/dv)."""
-  platform, custom_call, disabled_checks = LOWERINGS[kernel]
   batch, length, num_heads, num_kv_heads = 2, 1000, 8, 2
   shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
   args = (shape(batch, length, num_heads, head_dim), shape(batch, length, num_kv_heads, head_dim),
           shape(batch, length, num_kv_heads, head_dim), shape(batch, length, dtype=jnp.int32))
   attention = lambda q, k, v, ids: api.flash_attention(q, k, v, ids, ids, implementation=kernel)
   grads = jax.grad(lambda *a: jnp.sum(attention(*a).astype(jnp.float32)), argnums=(0, 1, 2))
-  for function, kernels in ((attention, 1), (grads, 3)):
-    with nvidia_h100() if kernel == 'gpu' else contextlib.nullcontext():
-      exported = jax.export.export(jax.jit(function), platforms=(platform,),
-                                   disabled_checks=disabled_checks)(*args)
-    assert exported.mlir_module().count(custom_call) == kernels
+  assert lowering.count_kernel_calls(kernel, attention, *args) == 1
+  assert lowering.count_kernel_calls(kernel, grads, *args) == 3
 
 
 def test_unsupported_shapes_fall_back_to_the_reference_with_a_log_line(caplog):

@@ -11,45 +11,6 @@ from lm.training import loop
 from conftest import small_model_config
 
 
-def scan_inputs(seed, batch=2, length=37, inner=6, state=4):
-  keys = jax.random.split(jax.random.key(seed), 5)
-  x = jax.random.normal(keys[0], (batch, length, inner))
-  dt = jax.nn.softplus(jax.random.normal(keys[1], (batch, length, inner)) - 1.0)
-  a = -jnp.exp(jax.random.normal(keys[2], (inner, state)))
-  b = jax.random.normal(keys[3], (batch, length, state))
-  c = jax.random.normal(keys[4], (batch, length, state))
-  d = jnp.linspace(0.5, 1.5, inner)
-  cuts = [length // 4, length // 2, length - length // 4 - length // 2]  # Three documents.
-  segment_ids = jnp.asarray(np.repeat([[1, 2, 3]], batch, 0).repeat(cuts, 1))
-  return x, dt, a, b, c, d, mamba.segment_starts(segment_ids)
-
-
-def test_reference_scan_follows_the_recurrence_step_by_step():
-  x, dt, a, b, c, d, reset = map(np.asarray, scan_inputs(0, batch=1, length=12))
-  h = np.zeros((x.shape[2], a.shape[1]))
-  want = []
-  for t in range(x.shape[1]):
-    decay = 0.0 if reset[0, t] else np.exp(dt[0, t][:, None] * a)
-    h = decay * h + (dt[0, t] * x[0, t])[:, None] * b[0, t][None, :]
-    want.append(h @ c[0, t] + d * x[0, t])
-  got = mamba.selective_scan_reference(*map(jnp.asarray, (x, dt, a, b, c, d, reset)))
-  np.testing.assert_allclose(got[0], np.stack(want), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize('chunk', [8, 16, 64])
-def test_chunked_scan_matches_the_reference_with_gradients(chunk):
-  inputs = scan_inputs(1)
-  reference = lambda *a: jnp.sum(jnp.sin(mamba.selective_scan_reference(*a, inputs[-1])))
-  chunked = lambda *a: jnp.sum(jnp.sin(mamba.selective_scan_chunked(*a, inputs[-1], chunk=chunk)))
-  np.testing.assert_allclose(
-      mamba.selective_scan_chunked(*inputs, chunk=chunk),
-      mamba.selective_scan_reference(*inputs), rtol=1e-5, atol=1e-5)
-  want = jax.grad(reference, argnums=range(6))(*inputs[:-1])
-  got = jax.grad(chunked, argnums=range(6))(*inputs[:-1])
-  for g, w in zip(got, want):
-    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
-
-
 def init(config, seed=0):
   model = models.build(config)
   tokens = jnp.zeros((1, 16), jnp.int32)

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from lm.models import layers
+from pallas_kernels.selective_scan import api as scan_api
+from pallas_kernels.selective_scan import reference
 
 
 def segment_starts(segment_ids_bt):
@@ -30,61 +32,12 @@ def segment_starts(segment_ids_bt):
   return segment_ids_bt != previous_bt
 
 
-def selective_scan_reference(x_bte, dt_bte, a_en, b_btn, c_btn, d_e, reset_bt):
-  """The specification: a lax.scan over time, float32 state. Returns y [B, T, E]."""
-  h0_ben = jnp.zeros((x_bte.shape[0], x_bte.shape[2], a_en.shape[1]), jnp.float32)
-  return scan_from_state(h0_ben, x_bte, dt_bte, a_en, b_btn, c_btn, d_e, reset_bt)[0]
-
-
-def scan_from_state(h0_ben, x_bte, dt_bte, a_en, b_btn, c_btn, d_e, reset_bt):
-  """The recurrence from state h0; returns (y [B, T, E], final state [B, E, N])."""
-  def step(h_ben, inputs):
-    x_be, dt_be, b_bn, c_bn, reset_b = inputs
-    decay_ben = jnp.where(reset_b[:, None, None], 0.0, jnp.exp(dt_be[..., None] * a_en))
-    h_ben = decay_ben * h_ben + (dt_be * x_be)[..., None] * b_bn[:, None, :]
-    return h_ben, jnp.einsum('ben,bn->be', h_ben, c_bn)
-
-  f32 = lambda t: jnp.swapaxes(t.astype(jnp.float32), 0, 1)  # Time first for scan.
-  h_ben, y_tbe = jax.lax.scan(step, h0_ben, (f32(x_bte), f32(dt_bte), f32(b_btn), f32(c_btn),
-                                             jnp.swapaxes(reset_bt, 0, 1)))
-  y_bte = jnp.swapaxes(y_tbe, 0, 1) + x_bte.astype(jnp.float32) * d_e
-  return y_bte.astype(x_bte.dtype), h_ben
-
-
-def selective_scan_chunked(x_bte, dt_bte, a_en, b_btn, c_btn, d_e, reset_bt, *, chunk: int = 64):
-  """Associative scan within chunks of `chunk` steps, state carried between chunks: the
-  parallel fallback. Holds one chunk's [B, chunk, E, N] states at a time."""
-  batch, length, inner = x_bte.shape
-  padded = -(-length // chunk) * chunk
-  pad = lambda t: jnp.pad(t.astype(jnp.float32), [(0, 0), (0, padded - length)]
-                          + [(0, 0)] * (t.ndim - 2))
-  # Padding steps have dt = 0: decay 1 and no input, so they leave the state alone.
-  x, dt, b, c = pad(x_bte), pad(dt_bte), pad(b_btn), pad(c_btn)
-  reset = jnp.pad(reset_bt, ((0, 0), (0, padded - length)))
-  to_chunks = lambda t: jnp.swapaxes(t.reshape(batch, padded // chunk, chunk, *t.shape[2:]), 0, 1)
-
-  def combine(earlier, later):
-    decay_1, state_1 = earlier
-    decay_2, state_2 = later
-    return decay_1 * decay_2, decay_2 * state_1 + state_2
-
-  def one_chunk(h_ben, inputs):
-    x_ble, dt_ble, b_bln, c_bln, reset_bl = inputs
-    decay = jnp.where(reset_bl[..., None, None], 0.0, jnp.exp(dt_ble[..., None] * a_en))
-    drive = (dt_ble * x_ble)[..., None] * b_bln[:, :, None, :]  # [B, L, E, N]
-    decay_so_far, h_blen = jax.lax.associative_scan(combine, (decay, drive), axis=1)
-    h_blen = h_blen + decay_so_far * h_ben[:, None]
-    return h_blen[:, -1], jnp.einsum('blen,bln->ble', h_blen, c_bln)
-
-  h0 = jnp.zeros((batch, inner, a_en.shape[1]), jnp.float32)
-  _, y_cble = jax.lax.scan(one_chunk, h0, tuple(map(to_chunks, (x, dt, b, c, reset))))
-  y_bte = jnp.swapaxes(y_cble, 0, 1).reshape(batch, padded, inner)[:, :length]
-  return (y_bte + x_bte.astype(jnp.float32) * d_e).astype(x_bte.dtype)
-
-
+# Each takes (x, dt, a, b, c, reset) and returns the scan's y without the D skip
+# (pallas_kernels/selective_scan/reference.py is the specification).
 SCANS = {
-    'reference': selective_scan_reference,
-    'chunked': selective_scan_chunked,
+    'reference': reference.selective_scan,  # lax.scan over time.
+    'chunked': reference.selective_scan_chunked,  # Associative scan in chunks.
+    'pallas': scan_api.selective_scan,  # The kernel for the backend; else 'chunked'.
 }
 
 
@@ -155,11 +108,12 @@ class MambaMixer(nn.Module):
     d_e = self.param('d', nn.with_logical_partitioning(nn.initializers.ones, ('mlp',)),
                      (inner,), jnp.float32)
     if decode:
-      y_bte = self._scan_with_cache(x_bte, dt_bte, -jnp.exp(a_log_en), b_btn, c_btn, d_e,
+      y_bte = self._scan_with_cache(x_bte, dt_bte, -jnp.exp(a_log_en), b_btn, c_btn,
                                     segment_ids_bt)
     else:
-      y_bte = SCANS[cfg.mamba_scan](x_bte, dt_bte, -jnp.exp(a_log_en), b_btn, c_btn, d_e,
+      y_bte = SCANS[cfg.mamba_scan](x_bte, dt_bte, -jnp.exp(a_log_en), b_btn, c_btn,
                                     segment_starts(segment_ids_bt))
+    y_bte = (y_bte.astype(jnp.float32) + x_bte.astype(jnp.float32) * d_e).astype(x_bte.dtype)
     y_bte = y_bte * nn.silu(z_bte)
     return dense(width, ('mlp', 'embed'), 'out_proj', use_bias=False)(y_bte)
 
@@ -177,14 +131,14 @@ class MambaMixer(nn.Module):
         row, start, width - 1, axis=0))(x_ext, valid_b)
     return y_bte
 
-  def _scan_with_cache(self, x_bte, dt_bte, a_en, b_btn, c_btn, d_e, segment_ids_bt):
+  def _scan_with_cache(self, x_bte, dt_bte, a_en, b_btn, c_btn, segment_ids_bt):
     batch, _, inner = x_bte.shape
     ssm_state = self.variable('cache', 'ssm_state', jnp.zeros, (batch, inner, a_en.shape[1]),
                               jnp.float32)
     dt_bte = jnp.where((segment_ids_bt != 0)[..., None], dt_bte, 0.0)  # Padding: no change.
     never_bt = jnp.zeros(segment_ids_bt.shape, jnp.bool_)
-    y_bte, ssm_state.value = scan_from_state(ssm_state.value, x_bte, dt_bte, a_en, b_btn,
-                                             c_btn, d_e, never_bt)
+    y_bte, ssm_state.value = reference.scan_from_state(ssm_state.value, x_bte, dt_bte, a_en,
+                                                       b_btn, c_btn, never_bt)
     return y_bte
 
 
