@@ -129,3 +129,19 @@ def test_mismatched_shapes_name_the_argument():
     api.selective_scan(x, dt, a, jnp.zeros((2, 37, 5)), c, reset)
   with pytest.raises(ValueError, match='not one of'):
     api.selective_scan(x, dt, a, b, c, reset, implementation='cuda')
+
+
+def test_benchmark_script_runs_on_a_tiny_shape_in_interpret_mode():
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+      [sys.executable, '-m', 'pallas_kernels.benchmarks.selective_scan', '--shape=1:64:16:4',
+       '--interpret', '--repeats=1', '--kernel_blocks=8:8:1'],
+      cwd=root, capture_output=True, text=True, timeout=300,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''})
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert '| lax.scan (reference) |' in result.stdout
+  assert 'pallas gpu (ours) BlockSizes(block_e=8, chunk=8, num_warps=1' in result.stdout
+  assert 'failed' not in result.stdout

@@ -9,13 +9,11 @@ FLOPs as in ../shared/ANCHORS.md: 4*B*S^2*N*H/2 forward (causal), 3.5x that for
 forward+backward. Each time is the median of --repeats runs after one warm-up.
 """
 
-import statistics
-import time
-
 from absl import app, flags
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.benchmarks import timing
 from pallas_kernels.flash_attention import api
 
 _SHAPES = flags.DEFINE_list('shapes', ['2048:8', '8192:2'], 'SEQ_LEN:BATCH pairs.')
@@ -53,16 +51,6 @@ def implementations():
   return found
 
 
-def median_seconds(function, *args) -> float:
-  jax.block_until_ready(function(*args))
-  times = []
-  for _ in range(_REPEATS.value):
-    start = time.perf_counter()
-    jax.block_until_ready(function(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def make_inputs(seq_len, batch):
   keys = jax.random.split(jax.random.key(0), 3)
   kv_heads = _KV_HEADS.value or _HEADS.value
@@ -76,6 +64,10 @@ def make_inputs(seq_len, batch):
 def forward_and_backward(attention):
   loss = lambda q, k, v: jnp.sum(attention(q, k, v).astype(jnp.float32))
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def median_seconds(function, *args):
+  return timing.median_seconds(function, *args, repeats=_REPEATS.value)
 
 
 def speed_table():

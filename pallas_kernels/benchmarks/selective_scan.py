@@ -1,0 +1,100 @@
+"""Selective-scan speed, forward and forward+backward, as a table.
+
+  python -m pallas_kernels.benchmarks.selective_scan        # ANCHORS.md shape, on a GPU
+  python -m pallas_kernels.benchmarks.selective_scan --kernel_blocks=16:16:1,32:16:2,64:8:4
+      # our kernel at several GPU BlockSizes (block_e:chunk:num_warps), for tuning
+  python -m pallas_kernels.benchmarks.selective_scan --shape=1:64:16:4 --interpret
+      # a smoke run on CPU
+
+Shape B:T:E:N (batch, time, channels, state). "floor" is the time to read x, dt, B, C,
+A once and write y once at --bandwidth; the GB/s column is those bytes over the measured
+time. Each time is the median of --repeats runs after one warm-up.
+"""
+
+import functools
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.benchmarks import timing
+from pallas_kernels.selective_scan import api, gpu, reference, tpu
+
+_SHAPE = flags.DEFINE_string('shape', '4:2048:2048:16', 'B:T:E:N.')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
+                           'dtype of x, B, C (dt, A and the state are float32).')
+_REPEATS = flags.DEFINE_integer('repeats', 10, 'Timed runs per case.')
+_INTERPRET = flags.DEFINE_bool('interpret', False, 'Run our kernel in interpret mode (CPU).')
+_KERNEL_BLOCKS = flags.DEFINE_list(
+    'kernel_blocks', [], 'GPU block sizes to time as block_e:chunk:num_warps (TPU: '
+    'block_e:block_t); empty: the defaults.')
+_BASELINES = flags.DEFINE_bool('baselines', True, 'Also time lax.scan and associative scans.')
+_BANDWIDTH = flags.DEFINE_float('bandwidth', 3.0e12, 'Bytes/s for the floor (H100 copy).')
+
+
+def make_inputs(batch, length, channels, state):
+  keys = jax.random.split(jax.random.key(0), 6)
+  dtype = jnp.dtype(_DTYPE.value)
+  x = jax.random.normal(keys[0], (batch, length, channels), dtype)
+  dt = jax.nn.softplus(jax.random.normal(keys[1], (batch, length, channels)) - 3.0)
+  a = -jnp.exp(jax.random.normal(keys[2], (channels, state)))
+  b = jax.random.normal(keys[3], (batch, length, state), dtype)
+  c = jax.random.normal(keys[4], (batch, length, state), dtype)
+  reset = jnp.zeros((batch, length), jnp.bool_).at[:, 0].set(True)
+  return x, dt, a, b, c, reset
+
+
+def kernel_variants():
+  """Name -> scan for our kernel, at the default or the requested block sizes."""
+  kernel = jax.default_backend() if jax.default_backend() in api.KERNELS else 'gpu'
+  module = {'gpu': gpu, 'tpu': tpu}[kernel]
+  fields = ('block_e', 'chunk', 'num_warps') if kernel == 'gpu' else ('block_e', 'block_t')
+  blocks = [module.BlockSizes()] + [
+      module.BlockSizes(**dict(zip(fields, map(int, spec.split(':')))))
+      for spec in _KERNEL_BLOCKS.value]
+  return {f'pallas {kernel} (ours) {block_sizes}': functools.partial(
+      api.selective_scan, implementation=kernel, block_sizes=block_sizes,
+      interpret=_INTERPRET.value) for block_sizes in blocks}
+
+
+def implementations(length):
+  found = {}
+  if _BASELINES.value:
+    found['lax.scan (reference)'] = reference.selective_scan
+    found['lax.associative_scan, whole length'] = functools.partial(
+        reference.selective_scan_chunked, chunk=length)
+    found['lax.associative_scan, chunks of 64'] = reference.selective_scan_chunked
+  found.update(kernel_variants())
+  return found
+
+
+def main(argv):
+  del argv
+  batch, length, channels, state = map(int, _SHAPE.value.split(':'))
+  inputs = make_inputs(batch, length, channels, state)
+  x_bytes = jnp.dtype(_DTYPE.value).itemsize
+  io_bytes = (batch * length * channels * (2 * x_bytes + 4)  # x, y; dt (float32)
+              + 2 * batch * length * state * x_bytes + channels * state * 4)  # B, C; A
+  floor = io_bytes / _BANDWIDTH.value
+  print(f'device: {jax.devices()[0].device_kind}, jax {jax.__version__}; B={batch} T={length} '
+        f'E={channels} N={state}, x/B/C {_DTYPE.value}; floor {floor * 1e3:.3f} ms '
+        f'({io_bytes / 1e6:.0f} MB at {_BANDWIDTH.value / 1e12:.1f} TB/s)')
+  print('| implementation | fwd ms | fwd GB/s | fwd / floor | fwd+bwd ms |')
+  print('|---|---|---|---|---|')
+  *differentiable, reset = inputs
+  for name, scan in implementations(length).items():
+    loss = lambda *args: jnp.sum(scan(*args, reset).astype(jnp.float32))
+    try:
+      forward = timing.median_seconds(jax.jit(lambda *a: scan(*a, reset)), *differentiable,
+                                      repeats=_REPEATS.value)
+      both = timing.median_seconds(jax.jit(jax.grad(loss, argnums=range(5))), *differentiable,
+                                   repeats=_REPEATS.value)
+    except Exception as error:  # One implementation failing must not hide the others.
+      print(f'| {name} | failed: {type(error).__name__}: {str(error).splitlines()[0][:100]} | | | |')
+      continue
+    print(f'| {name} | {forward * 1e3:.3f} | {io_bytes / forward / 1e9:.1f} | '
+          f'{forward / floor:.1f} | {both * 1e3:.3f} |', flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
