@@ -159,3 +159,15 @@ def test_bad_input_prints_one_line_and_no_traceback(tmp_path, corpus):
   assert result.stderr.strip().splitlines()[-1] == (
       'error: config.model.num_heads=2 is not divisible by config.model.num_kv_heads=3')
   assert 'Traceback' not in result.stderr
+
+
+@pytest.mark.parametrize('module,flags,row', [
+    ('experiments.benchmark_training',
+     ['--size=tiny', '--seq_lens=64', '--tokens_per_step=128', '--steps=1'], '| mamba |'),
+    ('experiments.benchmark_sampling',
+     ['--batch_sizes=2', '--new_tokens=8', '--repeats=1'], '| 2 |'),
+])
+def test_benchmark_scripts_print_their_table_on_a_tiny_case(module, flags, row):
+  result = run([sys.executable, '-m', module, *flags])
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert row in result.stdout and 'failed' not in result.stdout, result.stdout
