@@ -24,6 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.padding import pad_axis
 from pallas_kernels.flash_attention.reference import MASK_VALUE
 
 _QUERY_PAD_SEGMENT, _KEY_PAD_SEGMENT = -1, -2
@@ -149,12 +150,6 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_segment_ref, k_segment_ref, do_ref, lse_r
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _pad(x, length, axis, value=0):
-  padding = [(0, 0)] * x.ndim
-  padding[axis] = (0, length - x.shape[axis])
-  return jnp.pad(x, padding, constant_values=value)
-
-
 def _padded_inputs(q, k, v, q_segment_ids, kv_segment_ids, block_sizes):
   batch, q_len, _, _ = q.shape
   kv_len = k.shape[1]
@@ -163,9 +158,9 @@ def _padded_inputs(q, k, v, q_segment_ids, kv_segment_ids, block_sizes):
   if q_segment_ids is None:
     q_segment_ids = jnp.zeros((batch, q_len), jnp.int32)
     kv_segment_ids = jnp.zeros((batch, kv_len), jnp.int32)
-  return (_pad(q, q_pad, 1), _pad(k, kv_pad, 1), _pad(v, kv_pad, 1),
-          _pad(q_segment_ids.astype(jnp.int32), q_pad, 1, _QUERY_PAD_SEGMENT),
-          _pad(kv_segment_ids.astype(jnp.int32), kv_pad, 1, _KEY_PAD_SEGMENT))
+  return (pad_axis(q, q_pad, 1), pad_axis(k, kv_pad, 1), pad_axis(v, kv_pad, 1),
+          pad_axis(q_segment_ids.astype(jnp.int32), q_pad, 1, _QUERY_PAD_SEGMENT),
+          pad_axis(kv_segment_ids.astype(jnp.int32), kv_pad, 1, _KEY_PAD_SEGMENT))
 
 
 def _query_block_specs(block_q, kv_pad, head_dim, groups):
@@ -223,10 +218,10 @@ def backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, causal:
   kv_pad, num_kv_heads = k_p.shape[1], k_p.shape[2]
   groups = num_heads // num_kv_heads
   block_q, block_k = block_sizes.block_q, block_sizes.block_k
-  do_p = _pad(d_out, q_pad, 1)
+  do_p = pad_axis(d_out, q_pad, 1)
   # delta_i = sum_h dO_ih O_ih: the row term of the softmax gradient.
   delta = jnp.einsum('btnh,btnh->bnt', d_out.astype(jnp.float32), out.astype(jnp.float32))
-  delta = _pad(delta, q_pad, 2)
+  delta = pad_axis(delta, q_pad, 2)
   kernel_kwargs = dict(sm_scale=sm_scale, causal=causal)
 
   dq = pl.pallas_call(

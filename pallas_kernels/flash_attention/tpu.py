@@ -27,6 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.padding import pad_axis
 from pallas_kernels.flash_attention.reference import MASK_VALUE
 
 _LANES, _SUBLANES = 128, 8
@@ -173,28 +174,22 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_segment_ref, k_segment_ref, do_ref, lse_r
     dv_ref[...] = dv_scratch[...].astype(dv_ref.dtype)
 
 
-def _pad(x, length, axis, value=0):
-  padding = [(0, 0)] * x.ndim
-  padding[axis] = (0, length - x.shape[axis])
-  return jnp.pad(x, padding, constant_values=value)
-
-
 def _kernel_layout(q, k, v, q_segment_ids, kv_segment_ids, block_sizes):
   """Pads to the blocks and moves heads before sequence; segment ids replicated."""
   batch = q.shape[0]
   q_pad = pl.cdiv(q.shape[1], block_sizes.block_q) * block_sizes.block_q
   kv_pad = pl.cdiv(k.shape[1], block_sizes.block_k) * block_sizes.block_k
-  q_segments = _pad(q_segment_ids.astype(jnp.int32), q_pad, 1, _QUERY_PAD_SEGMENT)
-  k_segments = _pad(kv_segment_ids.astype(jnp.int32), kv_pad, 1, _KEY_PAD_SEGMENT)
-  return (_pad(q, q_pad, 1).transpose(0, 2, 1, 3), _pad(k, kv_pad, 1).transpose(0, 2, 1, 3),
-          _pad(v, kv_pad, 1).transpose(0, 2, 1, 3),
+  q_segments = pad_axis(q_segment_ids.astype(jnp.int32), q_pad, 1, _QUERY_PAD_SEGMENT)
+  k_segments = pad_axis(kv_segment_ids.astype(jnp.int32), kv_pad, 1, _KEY_PAD_SEGMENT)
+  return (pad_axis(q, q_pad, 1).transpose(0, 2, 1, 3), pad_axis(k, kv_pad, 1).transpose(0, 2, 1, 3),
+          pad_axis(v, kv_pad, 1).transpose(0, 2, 1, 3),
           jnp.broadcast_to(q_segments[:, :, None], (batch, q_pad, _LANES)),
           jnp.broadcast_to(k_segments[:, None, :], (batch, _SUBLANES, kv_pad)))
 
 
 def _rows(x_bnt, length):
   """[B, N, T] per-row values -> padded and lane-replicated [B, N, T_pad, 128]."""
-  x_bnt = _pad(x_bnt.astype(jnp.float32), length, 2)
+  x_bnt = pad_axis(x_bnt.astype(jnp.float32), length, 2)
   return jnp.broadcast_to(x_bnt[..., None], (*x_bnt.shape, _LANES))
 
 
@@ -247,7 +242,7 @@ def backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, causal:
   q_bnth, k_bksh, v_bksh, q_segments, k_segments = _kernel_layout(
       q, k, v, q_segment_ids, kv_segment_ids, block_sizes)
   q_pad, kv_pad = q_bnth.shape[2], k_bksh.shape[2]
-  do_bnth = _pad(d_out, q_pad, 1).transpose(0, 2, 1, 3)
+  do_bnth = pad_axis(d_out, q_pad, 1).transpose(0, 2, 1, 3)
   # delta_i = sum_h dO_ih O_ih: the row term of the softmax gradient.
   delta = jnp.einsum('btnh,btnh->bnt', d_out.astype(jnp.float32), out.astype(jnp.float32))
   lse_rows, delta_rows = _rows(lse, q_pad), _rows(delta, q_pad)

@@ -29,6 +29,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.padding import pad_to_multiple
+
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
@@ -36,16 +38,6 @@ class BlockSizes:
   chunk: int = 16  # Time steps per unrolled loop body, and the backward's checkpoint spacing.
   num_warps: int = 2
   num_stages: int = 1
-
-
-def _pad_to(x, multiple, axis, value=0):
-  size = x.shape[axis]
-  target = -(-size // multiple) * multiple
-  if target == size:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, target - size)
-  return jnp.pad(x, widths, constant_values=value)
 
 
 def _next_power_of_two(n):
@@ -56,10 +48,10 @@ def _kernel_inputs(x, dt, a, b, c, reset, block_sizes):
   """Padded, float32 where arithmetic needs it; `keep` is 0.0 at a reset, else 1.0."""
   chunk, block_e = block_sizes.chunk, block_sizes.block_e
   state = _next_power_of_two(a.shape[1])
-  pad_te = lambda t: _pad_to(_pad_to(t, chunk, 1), block_e, 2)
-  pad_tn = lambda t: _pad_to(_pad_to(t, chunk, 1), state, 2)
-  keep = _pad_to(1.0 - reset.astype(jnp.float32), chunk, 1, value=1.0)
-  a = _pad_to(_pad_to(a.astype(jnp.float32), block_e, 0), state, 1)
+  pad_te = lambda t: pad_to_multiple(pad_to_multiple(t, chunk, 1), block_e, 2)
+  pad_tn = lambda t: pad_to_multiple(pad_to_multiple(t, chunk, 1), state, 2)
+  keep = pad_to_multiple(1.0 - reset.astype(jnp.float32), chunk, 1, value=1.0)
+  a = pad_to_multiple(pad_to_multiple(a.astype(jnp.float32), block_e, 0), state, 1)
   return pad_te(x), pad_te(dt.astype(jnp.float32)), a, pad_tn(b), pad_tn(c), keep
 
 
@@ -170,7 +162,7 @@ def backward(x, dt, a, b, c, reset, states, dy, *, block_sizes: BlockSizes = Blo
   state = inputs[2].shape[1]
   block_e, chunk = block_sizes.block_e, block_sizes.chunk
   num_blocks = padded_channels // block_e
-  dy = _pad_to(_pad_to(dy, chunk, 1), block_e, 2)
+  dy = pad_to_multiple(pad_to_multiple(dy, chunk, 1), block_e, 2)
   rows = pl.BlockSpec((None, padded_length, block_e), lambda i, e: (i, 0, e))
   per_block = pl.BlockSpec((None, None, padded_length, state), lambda i, e: (i, e, 0, 0))
   dx, ddt, da, db, dc = pl.pallas_call(

@@ -30,6 +30,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.padding import pad_to_multiple
+
 _SUBLANES, _LANES = 8, 128
 
 
@@ -43,25 +45,16 @@ class BlockSizes:
       raise ValueError(f'{self.block_e=} and {self.block_t=} must be multiples of {_LANES}')
 
 
-def _pad_to(x, multiple, axis, value=0):
-  size = x.shape[axis]
-  target = -(-size // multiple) * multiple
-  if target == size:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, target - size)
-  return jnp.pad(x, widths, constant_values=value)
-
-
 def _kernel_inputs(x, dt, a, b, c, reset, block_sizes):
   """x, dt [B, T, E]; aT [N, E]; bT, cT [B, N, T]; keep [B, T, 1] (0.0 at a reset): padded
   float32."""
   block_e, block_t = block_sizes.block_e, block_sizes.block_t
   f32 = lambda t: t.astype(jnp.float32)
-  pad_te = lambda t: _pad_to(_pad_to(f32(t), block_t, 1), block_e, 2)
-  pad_nt = lambda t: _pad_to(_pad_to(f32(t).transpose(0, 2, 1), _SUBLANES, 1), block_t, 2)
-  keep = _pad_to(1.0 - f32(reset), block_t, 1, value=1.0)[..., None]
-  a_t = _pad_to(_pad_to(f32(a).T, _SUBLANES, 0), block_e, 1)
+  pad_te = lambda t: pad_to_multiple(pad_to_multiple(f32(t), block_t, 1), block_e, 2)
+  pad_nt = lambda t: pad_to_multiple(
+      pad_to_multiple(f32(t).transpose(0, 2, 1), _SUBLANES, 1), block_t, 2)
+  keep = pad_to_multiple(1.0 - f32(reset), block_t, 1, value=1.0)[..., None]
+  a_t = pad_to_multiple(pad_to_multiple(f32(a).T, _SUBLANES, 0), block_e, 1)
   return pad_te(x), pad_te(dt), a_t, pad_nt(b), pad_nt(c), keep
 
 
@@ -217,7 +210,7 @@ def backward(x, dt, a, b, c, reset, states, dy, *, block_sizes: BlockSizes = Blo
   state = inputs[2].shape[0]
   block_e, block_t = block_sizes.block_e, block_sizes.block_t
   num_t, num_e = padded_length // block_t, padded_channels // block_e
-  dy = _pad_to(_pad_to(dy.astype(jnp.float32), block_t, 1), block_e, 2)
+  dy = pad_to_multiple(pad_to_multiple(dy.astype(jnp.float32), block_t, 1), block_e, 2)
   rows = pl.BlockSpec((None, block_t, block_e), lambda i, e, t: (i, num_t - 1 - t, e))
   per_block = pl.BlockSpec((None, None, state, block_t), lambda i, e, t: (i, e, 0, num_t - 1 - t))
   dx, ddt, da, db, dc = pl.pallas_call(
