@@ -81,6 +81,10 @@ def validate(config, num_devices: int, tokenizer_vocab_size: int) -> None:
     _check(model[field] % mesh_shape['tensor'] == 0,
            f'config.model.{field}={model[field]} must be divisible by the tensor-parallel'
            f' mesh size {mesh_shape["tensor"]} (config.mesh.tensor)')
+  inner = model.mamba_expand * model.embed_dim  # Mamba's channels, split like mlp_dim.
+  _check(inner % mesh_shape['tensor'] == 0,
+         f'config.model.mamba_expand * embed_dim = {inner} must be divisible by the'
+         f' tensor-parallel mesh size {mesh_shape["tensor"]} (config.mesh.tensor)')
   _check(model.embed_dim % mesh_shape['fsdp'] == 0,
          f'config.model.embed_dim={model.embed_dim} must be divisible by config.mesh.fsdp'
          f'={mesh_shape["fsdp"]}')

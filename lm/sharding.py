@@ -7,6 +7,7 @@ the weights' embed dimension over 'fsdp' while activations split their batch ove
 """
 
 import contextlib
+import contextvars
 import math
 
 import flax.linen as nn
@@ -74,11 +75,36 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
   return Mesh(device_array, MESH_AXES)
 
 
+_ACTIVE_MESH = contextvars.ContextVar('active_mesh', default=None)
+
+
 @contextlib.contextmanager
 def activate(mesh: Mesh):
-  """Mesh and logical rules in scope, for tracing code that calls with_logical_constraint."""
-  with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-    yield
+  """Mesh and logical rules in scope, for tracing code that calls with_logical_constraint
+  or per_shard."""
+  token = _ACTIVE_MESH.set(mesh)
+  try:
+    with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+      yield
+  finally:
+    _ACTIVE_MESH.reset(token)
+
+
+def per_shard(function, in_names, out_names):
+  """`function` applied to each device's shard of its arguments, under the active mesh.
+
+  For Pallas kernels: a kernel is one opaque call that XLA cannot split, so under jit it
+  would gather its inputs whole onto every device. in_names holds a tuple of logical axis
+  names per argument, out_names one for the result; the named dimensions must not need
+  communication (batch, heads, channels). Without an active mesh of more than one device
+  this is `function` itself.
+  """
+  mesh = _ACTIVE_MESH.get()
+  if mesh is None or mesh.size == 1:
+    return function
+  spec = lambda names: nn.logical_to_mesh_axes(names, LOGICAL_AXIS_RULES)
+  return jax.shard_map(function, mesh=mesh, in_specs=tuple(map(spec, in_names)),
+                       out_specs=spec(out_names), check_vma=False)
 
 
 def logical_to_shardings(logical_tree, mesh: Mesh):

@@ -2,6 +2,7 @@
 like one device."""
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -67,3 +68,51 @@ def test_one_mesh_axis_takes_the_remaining_devices():
 def test_a_mesh_that_does_not_fit_the_devices_is_refused(mesh, message):
   with pytest.raises(ConfigError, match=message):
     sharding.resolve_mesh_shape(mesh, 8)
+
+
+def test_kernels_run_on_each_devices_shard_and_match_the_whole_computation(monkeypatch):
+  """Under a data x fsdp x tensor mesh the Pallas paths see only their device's rows and
+  heads/channels (XLA cannot split a kernel call), and give the unsharded result."""
+  from lm.models import attention, mamba
+  from pallas_kernels.flash_attention import api as attention_api
+  from pallas_kernels.flash_attention import reference as attention_reference
+  from pallas_kernels.selective_scan import api as scan_api
+  from pallas_kernels.selective_scan import reference as scan_reference
+
+  seen = []
+
+  def recording(kernel, implementation):
+    def run(first, *args, **kwargs):
+      seen.append(first.shape)
+      return kernel(first, *args, **kwargs, implementation=implementation, interpret=True)
+    return run
+
+  monkeypatch.setattr(mamba.scan_api, 'selective_scan',
+                      recording(scan_api.selective_scan, 'gpu'))
+  monkeypatch.setattr(attention.flash_attention, 'flash_attention',
+                      recording(attention_api.flash_attention, 'gpu'))
+  keys = jax.random.split(jax.random.key(0), 8)
+  batch, length, channels, state, heads, kv_heads, head_dim = 8, 16, 16, 4, 4, 2, 16
+  x, dt, b, c = (jax.random.normal(keys[i], shape) for i, shape in enumerate(
+      [(batch, length, channels)] * 2 + [(batch, length, state)] * 2))
+  dt, a = jax.nn.softplus(dt), -jnp.exp(jax.random.normal(keys[4], (channels, state)))
+  reset = jnp.zeros((batch, length), bool).at[:, 0].set(True).at[:, 9].set(True)
+  q = jax.random.normal(keys[5], (batch, length, heads, head_dim))
+  k, v = (jax.random.normal(key, (batch, length, kv_heads, head_dim)) for key in keys[6:])
+  segment_ids = jnp.where(reset.cumsum(1) > 1, 2, 1)
+
+  mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
+  with sharding.activate(mesh):
+    scan_grads = jax.jit(jax.value_and_grad(
+        lambda x, dt: jnp.sum(jnp.sin(mamba.kernel_scan(x, dt, a, b, c, reset))), (0, 1)))
+    attention_out = jax.jit(attention.pallas_attention)(q, k, v, segment_ids)
+    got_scan = scan_grads(x, dt)
+  want_scan = jax.value_and_grad(lambda x, dt: jnp.sum(jnp.sin(
+      scan_reference.selective_scan(x, dt, a, b, c, reset))), (0, 1))(x, dt)
+  want_attention = attention_reference.attention(q, k, v, segment_ids, segment_ids)
+
+  assert (2, length, channels // 2) in seen  # Rows over data x fsdp, channels over tensor.
+  assert (2, length, heads // 2, head_dim) in seen
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5),
+               got_scan, want_scan)
+  np.testing.assert_allclose(attention_out, want_attention, rtol=1e-5, atol=1e-5)

@@ -8,6 +8,7 @@ equal positions of their own segment. Returns [B, T, N, H].
 import jax
 import jax.numpy as jnp
 
+from lm import sharding
 from pallas_kernels.flash_attention import api as flash_attention
 
 
@@ -53,9 +54,13 @@ def cudnn_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt):
 
 def pallas_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt):
   """Our Pallas flash attention (pallas_kernels/flash_attention): the kernel for the
-  backend, or the reference where there is none (with a log line)."""
-  return flash_attention.flash_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt,
-                                         segment_ids_bt, causal=True)
+  backend, or the reference where there is none (with a log line). Each device runs it
+  on its own rows and heads."""
+  heads = ('act_batch', 'act_seq', 'act_heads', 'act_head_dim')
+  kv_heads = ('act_batch', 'act_seq', 'act_kv_heads', 'act_head_dim')
+  attend = lambda q, k, v, ids: flash_attention.flash_attention(q, k, v, ids, ids, causal=True)
+  return sharding.per_shard(attend, (heads, kv_heads, kv_heads, ('act_batch', 'act_seq')),
+                            heads)(q_btnh, k_bskh, v_bskh, segment_ids_bt)
 
 
 ATTENTION_IMPLEMENTATIONS = {

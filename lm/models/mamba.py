@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lm import sharding
 from lm.models import layers
 from pallas_kernels.selective_scan import api as scan_api
 from pallas_kernels.selective_scan import reference
@@ -32,12 +33,22 @@ def segment_starts(segment_ids_bt):
   return segment_ids_bt != previous_bt
 
 
+def kernel_scan(x_bte, dt_bte, a_en, b_btn, c_btn, reset_bt):
+  """The Pallas selective scan for the backend (else the chunked scan), each device on its
+  own rows and channels."""
+  channels, inputs = ('act_batch', 'act_seq', 'act_mlp'), ('act_batch', 'act_seq', None)
+  return sharding.per_shard(
+      scan_api.selective_scan,
+      (channels, channels, ('act_mlp', None), inputs, inputs, ('act_batch', 'act_seq')),
+      channels)(x_bte, dt_bte, a_en, b_btn, c_btn, reset_bt)
+
+
 # Each takes (x, dt, a, b, c, reset) and returns the scan's y without the D skip
 # (pallas_kernels/selective_scan/reference.py is the specification).
 SCANS = {
     'reference': reference.selective_scan,  # lax.scan over time.
     'chunked': reference.selective_scan_chunked,  # Associative scan in chunks.
-    'pallas': scan_api.selective_scan,  # The kernel for the backend; else 'chunked'.
+    'pallas': kernel_scan,
 }
 
 
