@@ -8,7 +8,6 @@ recomputes from the saved log-sum-exp. Shapes a kernel does not support, and bac
 without one, fall back to the reference (reference.py) with a log line.
 """
 
-import dataclasses
 import functools
 
 from absl import logging
@@ -20,36 +19,27 @@ from pallas_kernels.flash_attention import gpu, reference, tpu
 KERNELS = {'gpu': gpu, 'tpu': tpu}  # Implementation name (= backend) -> kernel module.
 
 
-@dataclasses.dataclass(frozen=True)
-class _Options:
-  kernel: str
-  causal: bool
-  sm_scale: float
-  block_sizes: object  # The kernel module's BlockSizes.
-  interpret: bool
+@functools.cache
+def _kernel_attention(kernel: str, causal: bool, sm_scale: float, block_sizes, interpret: bool):
+  """The kernel's forward and backward as one differentiable function of (q, k, v,
+  q_segment_ids, kv_segment_ids), cached per options so the static options never pass
+  through custom_vjp's argument list."""
+  module = KERNELS[kernel]
+  options = dict(causal=causal, sm_scale=sm_scale, block_sizes=block_sizes, interpret=interpret)
 
-  def kwargs(self):
-    return dict(causal=self.causal, sm_scale=self.sm_scale, block_sizes=self.block_sizes,
-                interpret=self.interpret)
+  @jax.custom_vjp
+  def attention(q, k, v, q_segment_ids, kv_segment_ids):
+    return module.forward(q, k, v, q_segment_ids, kv_segment_ids, **options)[0]
 
+  def attention_forward(q, k, v, q_segment_ids, kv_segment_ids):
+    out, lse = module.forward(q, k, v, q_segment_ids, kv_segment_ids, **options)
+    return out, (q, k, v, q_segment_ids, kv_segment_ids, out, lse)
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _kernel_attention(q, k, v, q_segment_ids, kv_segment_ids, options):
-  return _kernel_forward(q, k, v, q_segment_ids, kv_segment_ids, options)[0]
+  def attention_backward(residuals, d_out):
+    return (*module.backward(*residuals, d_out, **options), None, None)
 
-
-def _kernel_forward(q, k, v, q_segment_ids, kv_segment_ids, options):
-  out, lse = KERNELS[options.kernel].forward(q, k, v, q_segment_ids, kv_segment_ids,
-                                             **options.kwargs())
-  return out, (q, k, v, q_segment_ids, kv_segment_ids, out, lse)
-
-
-def _kernel_backward(options, residuals, d_out):
-  dq, dk, dv = KERNELS[options.kernel].backward(*residuals, d_out, **options.kwargs())
-  return dq, dk, dv, None, None
-
-
-_kernel_attention.defvjp(_kernel_forward, _kernel_backward)
+  attention.defvjp(attention_forward, attention_backward)
+  return attention
 
 
 @functools.cache
@@ -80,9 +70,9 @@ def flash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, causal:
       if q_segment_ids is None:
         q_segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
         kv_segment_ids = jnp.zeros(k.shape[:2], jnp.int32)
-      options = _Options(implementation, causal, sm_scale, block_sizes or kernel.BlockSizes(),
-                         interpret)
-      return _kernel_attention(q, k, v, q_segment_ids, kv_segment_ids, options)
+      attention = _kernel_attention(implementation, causal, sm_scale,
+                                    block_sizes or kernel.BlockSizes(), interpret)
+      return attention(q, k, v, q_segment_ids, kv_segment_ids)
     _warn_once(f'{implementation} kernel: falling back to the reference: {reason}')
   elif implementation != 'reference':
     raise ValueError(f'{implementation=} is not one of None, "gpu", "tpu", "reference"')
