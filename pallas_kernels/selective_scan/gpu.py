@@ -3,8 +3,9 @@
 Algorithm. One program per (batch row, block of `block_e` channels) holds the state
 h [block_e, N] in registers and walks time in chunks of `chunk` steps. A chunk's loads are
 issued together before its arithmetic (the loop body is unrolled in Python), so their
-latency is paid once per chunk rather than once per step; the recurrence itself is one
-fused multiply-add per state element per step.
+latency is paid once per chunk rather than once per step, and the forward issues the
+next chunk's loads before computing this one (held in registers across the loop); the
+recurrence itself is one fused multiply-add per state element per step.
   forward:  y_t = C_t . h_t, written per step; h never leaves the chip. For the backward
             pass it also writes the state at the start of every chunk, [B, T/chunk, E, N].
   backward: chunks in reverse. From the saved chunk-start state it recomputes the chunk's
@@ -62,18 +63,22 @@ def _load_chunk(t0, chunk, *refs):
 
 def _forward_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, keep_ref, y_ref, *states_ref, chunk):
   a = a_ref[...]  # [block_e, N]
+  num_chunks = x_ref.shape[0] // chunk
+  load = lambda j: _load_chunk(j * chunk, chunk, x_ref, dt_ref, b_ref, c_ref, keep_ref)
 
-  def one_chunk(j, h):
+  def one_chunk(j, carry):
+    h, rows = carry
     if states_ref:
       states_ref[0][j] = h
-    t0 = j * chunk
-    for i, (x, dt, b, c, keep) in enumerate(
-        _load_chunk(t0, chunk, x_ref, dt_ref, b_ref, c_ref, keep_ref)):
+    # Prefetch: the next chunk's loads are in flight while this chunk computes (the last
+    # chunk reloads itself rather than read past the end).
+    next_rows = load(jnp.minimum(j + 1, num_chunks - 1))
+    for i, (x, dt, b, c, keep) in enumerate(rows):
       h = keep * jnp.exp(dt[:, None] * a) * h + (dt * x)[:, None] * b[None, :]
-      y_ref[t0 + i] = jnp.sum(h * c[None, :], axis=1).astype(y_ref.dtype)
-    return h
+      y_ref[j * chunk + i] = jnp.sum(h * c[None, :], axis=1).astype(y_ref.dtype)
+    return h, next_rows
 
-  lax.fori_loop(0, x_ref.shape[0] // chunk, one_chunk, jnp.zeros(a.shape, jnp.float32))
+  lax.fori_loop(0, num_chunks, one_chunk, (jnp.zeros(a.shape, jnp.float32), load(0)))
 
 
 def _backward_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, keep_ref, states_ref, dy_ref,
