@@ -133,8 +133,10 @@ def test_benchmark_script_runs_on_a_tiny_shape_in_interpret_mode():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   result = subprocess.run(
       [sys.executable, '-m', 'pallas_kernels.benchmarks.attention', '--shapes=64:1',
-       '--heads=2', '--head_dim=64', '--dtype=float32', '--interpret', '--repeats=1'],
+       '--heads=2', '--head_dim=64', '--dtype=float32', '--interpret', '--repeats=1',
+       '--kernel_blocks=32:32:4:2'],
       cwd=root, capture_output=True, text=True, timeout=300,
       env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''})
   assert result.returncode == 0, result.stderr[-2000:]
   assert '| pallas (ours) | 64 | 1 |' in result.stdout
+  assert '| pallas (ours) 32:32:4:2 | 64 | 1 |' in result.stdout

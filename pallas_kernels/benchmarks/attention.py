@@ -2,6 +2,8 @@
 
   python -m pallas_kernels.benchmarks.attention             # ANCHORS.md shapes, on a GPU
   python -m pallas_kernels.benchmarks.attention --memory    # S=32768 fwd+bwd: who runs out?
+  python -m pallas_kernels.benchmarks.attention --kernel_blocks=128:64:8:3,64:64:4:2
+      # our kernel at several GPU BlockSizes (block_q:block_k:num_warps:num_stages)
   python -m pallas_kernels.benchmarks.attention --shapes=64:1 --heads=2 --head_dim=64 \
       --dtype=float32 --interpret   # a smoke run on CPU
 
@@ -14,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.benchmarks import timing
-from pallas_kernels.flash_attention import api
+from pallas_kernels.flash_attention import api, gpu
 
 _SHAPES = flags.DEFINE_list('shapes', ['2048:8', '8192:2'], 'SEQ_LEN:BATCH pairs.')
 _HEADS = flags.DEFINE_integer('heads', 16, 'Query heads.')
@@ -24,6 +26,9 @@ _DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'], 'Input 
 _REPEATS = flags.DEFINE_integer('repeats', 10, 'Timed runs per case.')
 _INTERPRET = flags.DEFINE_bool('interpret', False, 'Run our kernel in interpret mode (CPU).')
 _MEMORY = flags.DEFINE_bool('memory', False, 'Instead: fwd+bwd at S=32768, B=1.')
+_KERNEL_BLOCKS = flags.DEFINE_list(
+    'kernel_blocks', [], 'Also time our GPU kernel at these block sizes, as '
+    'block_q:block_k:num_warps:num_stages.')
 
 
 def xla(q, k, v):
@@ -39,8 +44,17 @@ def pallas(q, k, v):
                              interpret=_INTERPRET.value)
 
 
+def pallas_at(spec: str):
+  block_q, block_k, num_warps, num_stages = map(int, spec.split(':'))
+  blocks = gpu.BlockSizes(block_q=block_q, block_k=block_k, num_warps=num_warps,
+                          num_stages=num_stages)
+  return lambda q, k, v: api.flash_attention(q, k, v, causal=True, implementation='gpu',
+                                             block_sizes=blocks, interpret=_INTERPRET.value)
+
+
 def implementations():
   found = {'pallas (ours)': pallas}
+  found.update({f'pallas (ours) {spec}': pallas_at(spec) for spec in _KERNEL_BLOCKS.value})
   if not _INTERPRET.value:
     found.update({'xla': xla, 'cudnn': cudnn})
     try:
