@@ -68,6 +68,16 @@ def test_chunked_scan_matches_the_reference_with_gradients(chunk):
     assert_close(g, w, 1e-5, name)
 
 
+@pytest.mark.parametrize('length', [1, 37])  # One decode step; a prefill over chunks.
+def test_chunked_scan_from_a_state_matches_the_reference_and_its_final_state(length):
+  inputs, _ = scan_inputs(2, length=length)
+  h0 = jax.random.normal(jax.random.key(5), (2, 6, 4))
+  want_y, want_h = reference.scan_from_state(h0, *inputs)
+  got_y, got_h = reference.chunked_scan_from_state(h0, *inputs, chunk=16)
+  assert_close(got_y, want_y, 1e-5, 'y')
+  assert_close(got_h, want_h, 1e-5, 'final state')
+
+
 SHAPES = [
     # (batch, length, channels, state)
     (2, 37, 6, 4),  # Every dimension padded.

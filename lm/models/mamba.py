@@ -148,8 +148,9 @@ class MambaMixer(nn.Module):
                               jnp.float32)
     dt_bte = jnp.where((segment_ids_bt != 0)[..., None], dt_bte, 0.0)  # Padding: no change.
     never_bt = jnp.zeros(segment_ids_bt.shape, jnp.bool_)
-    y_bte, ssm_state.value = reference.scan_from_state(ssm_state.value, x_bte, dt_bte, a_en,
-                                                       b_btn, c_btn, never_bt)
+    # Parallel over the call's tokens, so a long prompt's prefill is not T serial steps.
+    y_bte, ssm_state.value = reference.chunked_scan_from_state(
+        ssm_state.value, x_bte, dt_bte, a_en, b_btn, c_btn, never_bt)
     return y_bte
 
 

@@ -40,6 +40,10 @@ class BlockSizes:
   num_warps: int = 2
   num_stages: int = 1
 
+  def __post_init__(self):
+    if self.block_e & (self.block_e - 1) or self.chunk < 1:
+      raise ValueError(f'{self.block_e=} must be a power of two and {self.chunk=} positive')
+
 
 def _next_power_of_two(n):
   return 1 << (n - 1).bit_length()

@@ -41,7 +41,17 @@ def selective_scan(x_bte, dt_bte, a_en, b_btn, c_btn, reset_bt):
 def selective_scan_chunked(x_bte, dt_bte, a_en, b_btn, c_btn, reset_bt, *, chunk: int = 64):
   """Associative scan within chunks of `chunk` steps, the state carried between chunks.
   Parallel over time but holds one chunk's [B, chunk, E, N] states at a time."""
+  h0_ben = jnp.zeros((x_bte.shape[0], x_bte.shape[2], a_en.shape[1]), jnp.float32)
+  y_bte, _ = chunked_scan_from_state(h0_ben, x_bte, dt_bte, a_en, b_btn, c_btn, reset_bt,
+                                     chunk=chunk)
+  return y_bte.astype(x_bte.dtype)
+
+
+def chunked_scan_from_state(h0_ben, x_bte, dt_bte, a_en, b_btn, c_btn, reset_bt, *,
+                            chunk: int = 64):
+  """scan_from_state computed as selective_scan_chunked: (y float32, final state)."""
   batch, length, channels = x_bte.shape
+  chunk = min(chunk, length)  # A short call (a decode step) pads to no more than itself.
   padded = -(-length // chunk) * chunk
   pad = lambda t: jnp.pad(t.astype(jnp.float32), [(0, 0), (0, padded - length)]
                           + [(0, 0)] * (t.ndim - 2))
@@ -64,7 +74,6 @@ def selective_scan_chunked(x_bte, dt_bte, a_en, b_btn, c_btn, reset_bt, *, chunk
     h_blen = h_blen + decay_so_far * h_ben[:, None]
     return h_blen[:, -1], jnp.einsum('blen,bln->ble', h_blen, c_bln)
 
-  h0 = jnp.zeros((batch, channels, a_en.shape[1]), jnp.float32)
-  _, y_cble = jax.lax.scan(one_chunk, h0, tuple(map(to_chunks, (x, dt, b, c, reset))))
-  y_bte = jnp.swapaxes(y_cble, 0, 1).reshape(batch, padded, channels)[:, :length]
-  return y_bte.astype(x_bte.dtype)
+  h_ben, y_cble = jax.lax.scan(one_chunk, h0_ben.astype(jnp.float32),
+                               tuple(map(to_chunks, (x, dt, b, c, reset))))
+  return jnp.swapaxes(y_cble, 0, 1).reshape(batch, padded, channels)[:, :length], h_ben
