@@ -4,7 +4,8 @@ import os
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
                            + ' --xla_force_host_platform_device_count=8')
-os.environ['JAX_PLATFORMS'] = 'cpu'
+# JAX_PLATFORMS=cuda runs the kernel tests compiled on a GPU (tests/backend.py).
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import random  # noqa: E402
 

@@ -8,12 +8,13 @@ import pytest
 
 from pallas_kernels.flash_attention import api, gpu, reference, tpu
 
+import backend
 import lowering
 
 # Small blocks so short test sequences still span several of them.
-SMALL_BLOCKS = {'gpu': gpu.BlockSizes(block_q=32, block_k=32),
+SMALL_BLOCKS = {'gpu': gpu.BlockSizes.uniform(block_q=32, block_k=32),
                 'tpu': tpu.BlockSizes(block_q=128, block_k=128)}
-KERNELS = sorted(api.KERNELS)
+KERNELS = backend.kernels(api.KERNELS)
 
 
 def segment_ids(batch, length, layout):
@@ -55,6 +56,7 @@ CASES = [
     (True, 8, 1, 64, 77, 'padded'),
     (False, 2, 2, 128, 45, 'none'),
     (True, 4, 1, 128, 96, 'packed'),
+    (False, 2, 1, 64, 64, 'none'),  # No padding, no segments: no mask at all.
 ]
 
 
@@ -66,12 +68,32 @@ def test_kernel_matches_reference_forward_and_gradients_in_float32(
                           jnp.float32)
   ids = segment_ids(2, length, segments)
   attention = lambda q, k, v: api.flash_attention(
-      q, k, v, ids, ids, causal=causal, implementation=kernel, interpret=True,
+      q, k, v, ids, ids, causal=causal, implementation=kernel, interpret=backend.INTERPRET,
       block_sizes=SMALL_BLOCKS[kernel])
   spec = lambda q, k, v: reference.attention(q, k, v, ids, ids, causal=causal)
   for name, got, want in zip(('out', 'dq', 'dk', 'dv'), value_and_grads(attention, q, k, v, d_out),
                              value_and_grads(spec, q, k, v, d_out)):
-    assert_close(got, want, 1e-5, name)
+    assert_close(got, want, backend.matmul_tolerance(1e-5), name)
+
+
+@pytest.mark.skipif('gpu' not in KERNELS, reason='GPU tiling')
+@pytest.mark.parametrize('causal,length,segments', [(True, 64, 'none'), (True, 100, 'packed'),
+                                                    (False, 64, 'none')])
+def test_gpu_kernels_tiled_differently_agree_with_the_reference(causal, length, segments):
+  """Forward, dq and dkv each with their own tile, key blocks larger than query blocks
+  in some: the diagonal split and the padding must still line up."""
+  blocks = gpu.BlockSizes(forward=gpu.Tile(block_q=16, block_k=32),
+                          dq=gpu.Tile(block_q=32, block_k=16),
+                          dkv=gpu.Tile(block_q=16, block_k=64))
+  q, k, v, d_out = inputs(length, 2, length, 4, 2, 64, jnp.float32)
+  ids = segment_ids(2, length, segments)
+  attention = lambda q, k, v: api.flash_attention(
+      q, k, v, ids, ids, causal=causal, implementation='gpu', interpret=backend.INTERPRET,
+      block_sizes=blocks)
+  spec = lambda q, k, v: reference.attention(q, k, v, ids, ids, causal=causal)
+  for name, got, want in zip(('out', 'dq', 'dk', 'dv'), value_and_grads(attention, q, k, v, d_out),
+                             value_and_grads(spec, q, k, v, d_out)):
+    assert_close(got, want, backend.matmul_tolerance(1e-5), name)
 
 
 @pytest.mark.parametrize('kernel', KERNELS)
@@ -79,7 +101,7 @@ def test_kernel_in_bfloat16_stays_within_bfloat16_tolerance(kernel):
   q, k, v, d_out = inputs(7, 1, 70, 4, 2, 64, jnp.bfloat16)
   ids = segment_ids(1, 70, 'packed')
   attention = lambda q, k, v: api.flash_attention(q, k, v, ids, ids, implementation=kernel,
-                                                  interpret=True,
+                                                  interpret=backend.INTERPRET,
                                                   block_sizes=SMALL_BLOCKS[kernel])
   # The reference in float32 on the same bf16 values is the target.
   spec = lambda q, k, v: reference.attention(q.astype(jnp.float32), k.astype(jnp.float32),
@@ -94,8 +116,8 @@ def test_kernel_in_bfloat16_stays_within_bfloat16_tolerance(kernel):
 @pytest.mark.parametrize('kernel', KERNELS)
 def test_default_blocks_handle_a_sequence_shorter_than_one_block(kernel):
   q, k, v, _ = inputs(3, 1, 20, 2, 1, 64, jnp.float32)
-  got = api.flash_attention(q, k, v, implementation=kernel, interpret=True)
-  assert_close(got, reference.attention(q, k, v), 1e-5, 'out')
+  got = api.flash_attention(q, k, v, implementation=kernel, interpret=backend.INTERPRET)
+  assert_close(got, reference.attention(q, k, v), backend.matmul_tolerance(1e-5), 'out')
 
 
 @pytest.mark.parametrize('kernel', KERNELS)
@@ -116,16 +138,18 @@ def test_kernel_lowers_for_its_hardware_forward_and_backward(kernel, head_dim):
 def test_unsupported_shapes_fall_back_to_the_reference_with_a_log_line(caplog):
   q, k, v, _ = inputs(5, 1, 16, 3, 1, 48, jnp.float32)  # head_dim 48, 3 heads per kv head.
   with caplog.at_level('WARNING'):
-    got = api.flash_attention(q, k, v, implementation='gpu', interpret=True)
+    got = api.flash_attention(q, k, v, implementation='gpu', interpret=backend.INTERPRET)
   assert "falling back to the reference" in caplog.text and "head_dim=48" in caplog.text
   assert_close(got, reference.attention(q, k, v), 1e-6, 'out')
 
 
+@pytest.mark.skipif(backend.ON_DEVICE, reason='checks the CPU dispatch')
 def test_on_cpu_the_dispatch_picks_the_reference():
   q, k, v, _ = inputs(6, 1, 8, 2, 2, 16, jnp.float32)
   np.testing.assert_array_equal(api.flash_attention(q, k, v), reference.attention(q, k, v))
 
 
+@pytest.mark.skipif(backend.ON_DEVICE, reason='the CPU smoke run of the benchmark')
 def test_benchmark_script_runs_on_a_tiny_shape_in_interpret_mode():
   import os
   import subprocess
@@ -134,9 +158,10 @@ def test_benchmark_script_runs_on_a_tiny_shape_in_interpret_mode():
   result = subprocess.run(
       [sys.executable, '-m', 'pallas_kernels.benchmarks.attention', '--shapes=64:1',
        '--heads=2', '--head_dim=64', '--dtype=float32', '--interpret', '--repeats=1',
-       '--kernel_blocks=32:32:4:2'],
+       '--kernel_blocks=32:32:4:2,16:32:4:2/32:16:4:2/16:32:4:2'],
       cwd=root, capture_output=True, text=True, timeout=300,
       env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''})
   assert result.returncode == 0, result.stderr[-2000:]
   assert '| pallas (ours) | 64 | 1 |' in result.stdout
   assert '| pallas (ours) 32:32:4:2 | 64 | 1 |' in result.stdout
+  assert '| pallas (ours) 16:32:4:2/32:16:4:2/16:32:4:2 | 64 | 1 |' in result.stdout

@@ -2,8 +2,9 @@
 
   python -m pallas_kernels.benchmarks.attention             # ANCHORS.md shapes, on a GPU
   python -m pallas_kernels.benchmarks.attention --memory    # S=32768 fwd+bwd: who runs out?
-  python -m pallas_kernels.benchmarks.attention --kernel_blocks=128:64:8:3,64:64:4:2
-      # our kernel at several GPU BlockSizes (block_q:block_k:num_warps:num_stages)
+  python -m pallas_kernels.benchmarks.attention --kernel_blocks=64:64:4:2,128:64:8:2/128:64:8:2/64:128:8:2
+      # our kernel at several GPU tilings: block_q:block_k:num_warps:num_stages for all
+      # three kernels, or FORWARD/DQ/DKV each in that form
   python -m pallas_kernels.benchmarks.attention --shapes=64:1 --heads=2 --head_dim=64 \
       --dtype=float32 --interpret   # a smoke run on CPU
 
@@ -27,8 +28,8 @@ _REPEATS = flags.DEFINE_integer('repeats', 10, 'Timed runs per case.')
 _INTERPRET = flags.DEFINE_bool('interpret', False, 'Run our kernel in interpret mode (CPU).')
 _MEMORY = flags.DEFINE_bool('memory', False, 'Instead: fwd+bwd at S=32768, B=1.')
 _KERNEL_BLOCKS = flags.DEFINE_list(
-    'kernel_blocks', [], 'Also time our GPU kernel at these block sizes, as '
-    'block_q:block_k:num_warps:num_stages.')
+    'kernel_blocks', [], 'Also time our GPU kernel at these tilings: '
+    'block_q:block_k:num_warps:num_stages, or FORWARD/DQ/DKV each in that form.')
 
 
 def xla(q, k, v):
@@ -44,10 +45,15 @@ def pallas(q, k, v):
                              interpret=_INTERPRET.value)
 
 
+def parse_blocks(spec: str) -> gpu.BlockSizes:
+  """'bq:bk:warps:stages' for all three kernels, or 'FORWARD/DQ/DKV' in that form each."""
+  tiles = [gpu.Tile(*map(int, part.split(':'))) for part in spec.split('/')]
+  return gpu.BlockSizes(*tiles) if len(tiles) == 3 else gpu.BlockSizes(tiles[0], tiles[0],
+                                                                        tiles[0])
+
+
 def pallas_at(spec: str):
-  block_q, block_k, num_warps, num_stages = map(int, spec.split(':'))
-  blocks = gpu.BlockSizes(block_q=block_q, block_k=block_k, num_warps=num_warps,
-                          num_stages=num_stages)
+  blocks = parse_blocks(spec)
   return lambda q, k, v: api.flash_attention(q, k, v, causal=True, implementation='gpu',
                                              block_sizes=blocks, interpret=_INTERPRET.value)
 

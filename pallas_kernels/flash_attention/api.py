@@ -66,10 +66,7 @@ def flash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, causal:
   if implementation in KERNELS:
     kernel = KERNELS[implementation]
     reason = kernel.unsupported(q, k)
-    if reason is None:
-      if q_segment_ids is None:
-        q_segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
-        kv_segment_ids = jnp.zeros(k.shape[:2], jnp.int32)
+    if reason is None:  # Segment ids may be None: the kernels skip the segment mask.
       attention = _kernel_attention(implementation, causal, sm_scale,
                                     block_sizes or kernel.BlockSizes(), interpret)
       return attention(q, k, v, q_segment_ids, kv_segment_ids)

@@ -4,14 +4,17 @@ Algorithm (FlashAttention-2, Dao 2023). Forward: one program per (query block, b
 query head) keeps its [block_q, H] queries on chip and streams the key/value blocks of
 its kv head (query head n reads kv head n // groups, so K/V are never repeated),
 keeping a running max m, normaliser l and float32 accumulator; it writes O and the
-row log-sum-exp (lse). Causal programs stop at the diagonal.
+row log-sum-exp (lse). Causal programs stop at the diagonal, and only tiles that cross
+it build a causal mask; the segment mask is built only when segment ids were given or
+padding was added. Softmax runs in base 2 (log2 e folded into the scale, exp2).
 Backward recomputes probabilities from Q, K and lse (no T x S tensor anywhere):
   dq program per (query block, batch, head): loops over key blocks;
   dk/dv program per (key block, batch, kv head): loops over its group's query heads
   and the query blocks at or after the diagonal, so no atomics are needed.
 Memory traffic, forward: Q, O read/written once; K, V read once per query block.
 
-Padding: sequences are padded to the block sizes with segment ids that never match
+Each of the three kernels has its own tiling (BlockSizes.forward, .dq, .dkv).
+Padding: sequences are padded to the largest block size with segment ids that never match
 (padded keys are masked for every query; padded query rows are sliced off).
 """
 
@@ -28,14 +31,42 @@ from pallas_kernels.padding import pad_axis
 from pallas_kernels.flash_attention.reference import MASK_VALUE
 
 _QUERY_PAD_SEGMENT, _KEY_PAD_SEGMENT = -1, -2
+_LOG2_E = 1.4426950408889634  # exp(x) = exp2(x log2 e)
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockSizes:
+class Tile:
+  """One kernel's tiling: its [block_q, block_k] tile, warps, software-pipeline stages."""
   block_q: int = 64
   block_k: int = 64
   num_warps: int = 4
   num_stages: int = 2
+
+  def __post_init__(self):
+    for name in ('block_q', 'block_k'):
+      value = getattr(self, name)
+      if value < 16 or value & (value - 1):
+        raise ValueError(f'{name}={value} must be a power of two, at least 16')
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Each kernel tiled on its own: dq streams keys past a query block, dkv queries past
+  a key block, so each wants the held side large and the streamed side small."""
+  # Defaults from the H100 sweep in docs/benchmarks.md (causal, bf16, head dim 128).
+  forward: Tile = Tile(block_q=128, block_k=128, num_warps=8, num_stages=2)
+  dq: Tile = Tile()
+  dkv: Tile = Tile()
+
+  @classmethod
+  def uniform(cls, **tile):
+    return cls(Tile(**tile), Tile(**tile), Tile(**tile))
+
+  def padding(self) -> tuple[int, int]:
+    """Multiples the query and key lengths are padded to: every kernel's blocks divide
+    them (powers of two, so the largest)."""
+    tiles = (self.forward, self.dq, self.dkv)
+    return max(t.block_q for t in tiles), max(t.block_k for t in tiles)
 
 
 def unsupported(q, k) -> str | None:
@@ -48,119 +79,138 @@ def unsupported(q, k) -> str | None:
   return None
 
 
-def _logits(q, k, q_segments, k_segments, q_start, k_start, *, sm_scale, causal):
-  """Masked, scaled q k^T of one [block_q, block_k] tile, float32."""
-  s = plgpu.dot(q, k, trans_b=True).astype(jnp.float32) * sm_scale
-  mask = q_segments[:, None] == k_segments[None, :]
+def _logits(q, k, q_segments, k_segments, q_start, k_start, *, scale, causal):
+  """Scaled q k^T of one [block_q, block_k] tile in float32, in base 2 (scale holds
+  log2(e), so exp2 gives the softmax numerators), masked by segment (when segment rows
+  are given) and, on tiles that cross the diagonal, causally."""
+  s = plgpu.dot(q, k, trans_b=True).astype(jnp.float32) * scale
+  mask = None if q_segments is None else q_segments[:, None] == k_segments[None, :]
   if causal:
     q_index = q_start + jnp.arange(q.shape[0])
     k_index = k_start + jnp.arange(k.shape[0])
-    mask &= q_index[:, None] >= k_index[None, :]
-  return jnp.where(mask, s, MASK_VALUE)
+    diagonal = q_index[:, None] >= k_index[None, :]
+    mask = diagonal if mask is None else mask & diagonal
+  return s if mask is None else jnp.where(mask, s, MASK_VALUE)
 
 
-def _num_key_blocks(q_block_index, block_q, block_k, kv_len, causal):
+def _key_blocks(q_start, block_q, block_k, kv_len, causal):
+  """Key blocks a query block sees, [0, end), and how many of them lie wholly before its
+  first query (no causal mask needed there)."""
   total = kv_len // block_k
   if not causal:
-    return total
-  return jnp.minimum(lax.div(block_q * (q_block_index + 1) + block_k - 1, block_k), total)
+    return total, total
+  return jnp.minimum(lax.div(q_start + block_q + block_k - 1, block_k), total), \
+      lax.div(q_start, block_k)
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, q_segment_ref, k_segment_ref, o_ref, lse_ref, *,
-                    sm_scale, causal, block_k):
+                    scale, causal, segments, block_k):
   block_q, head_dim = q_ref.shape
-  kv_len = k_ref.shape[0]
-  q_block = pl.program_id(0)
+  q_start = pl.program_id(0) * block_q
   q = q_ref[...]
-  q_segments = q_segment_ref[...]
+  q_segments = q_segment_ref[...] if segments else None
 
-  def body(j, carry):
+  def body(j, carry, diagonal):
     acc, m, l = carry
     keys = pl.ds(j * block_k, block_k)
-    s = _logits(q, k_ref[keys, :], q_segments, k_segment_ref[keys], q_block * block_q,
-                j * block_k, sm_scale=sm_scale, causal=causal)
+    s = _logits(q, k_ref[keys, :], q_segments, k_segment_ref[keys] if segments else None,
+                q_start, j * block_k, scale=scale, causal=diagonal)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    correction = jnp.exp(m - m_new)
-    p = jnp.exp(s - m_new[:, None])
+    correction = jnp.exp2(m - m_new)
+    p = jnp.exp2(s - m_new[:, None])
     l = l * correction + jnp.sum(p, axis=1)
     v = v_ref[keys, :]
     acc = acc * correction[:, None] + plgpu.dot(p.astype(v.dtype), v).astype(jnp.float32)
     return acc, m_new, l
 
-  initial = (jnp.zeros((block_q, head_dim), jnp.float32),
-             jnp.full((block_q,), MASK_VALUE, jnp.float32), jnp.zeros((block_q,), jnp.float32))
-  acc, m, l = lax.fori_loop(0, _num_key_blocks(q_block, block_q, block_k, kv_len, causal),
-                            body, initial)
+  carry = (jnp.zeros((block_q, head_dim), jnp.float32),
+           jnp.full((block_q,), MASK_VALUE, jnp.float32), jnp.zeros((block_q,), jnp.float32))
+  end, unmasked = _key_blocks(q_start, block_q, block_k, k_ref.shape[0], causal)
+  carry = lax.fori_loop(0, unmasked, functools.partial(body, diagonal=False), carry)
+  acc, m, l = lax.fori_loop(unmasked, end, functools.partial(body, diagonal=causal), carry)
   o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = m + jnp.log(l)
+  lse_ref[...] = m + jnp.log2(l)  # Base 2, for the backward's exp2.
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, q_segment_ref, k_segment_ref, do_ref, lse_ref, delta_ref,
-               dq_ref, *, sm_scale, causal, block_k):
+               dq_ref, *, scale, sm_scale, causal, segments, block_k):
   block_q, head_dim = q_ref.shape
-  kv_len = k_ref.shape[0]
-  q_block = pl.program_id(0)
+  q_start = pl.program_id(0) * block_q
   q, do = q_ref[...], do_ref[...]
-  q_segments, lse, delta = q_segment_ref[...], lse_ref[...], delta_ref[...]
+  q_segments = q_segment_ref[...] if segments else None
+  lse, delta = lse_ref[...], delta_ref[...]
 
-  def body(j, dq):
+  def body(j, dq, diagonal):
     keys = pl.ds(j * block_k, block_k)
     k, v = k_ref[keys, :], v_ref[keys, :]
-    s = _logits(q, k, q_segments, k_segment_ref[keys], q_block * block_q, j * block_k,
-                sm_scale=sm_scale, causal=causal)
-    p = jnp.exp(s - lse[:, None])
+    s = _logits(q, k, q_segments, k_segment_ref[keys] if segments else None, q_start,
+                j * block_k, scale=scale, causal=diagonal)
+    p = jnp.exp2(s - lse[:, None])
     dp = plgpu.dot(do, v, trans_b=True).astype(jnp.float32)
     ds = p * (dp - delta[:, None])
     return dq + plgpu.dot(ds.astype(k.dtype), k).astype(jnp.float32)
 
-  dq = lax.fori_loop(0, _num_key_blocks(q_block, block_q, block_k, kv_len, causal), body,
-                     jnp.zeros((block_q, head_dim), jnp.float32))
+  dq = jnp.zeros((block_q, head_dim), jnp.float32)
+  end, unmasked = _key_blocks(q_start, block_q, block_k, k_ref.shape[0], causal)
+  dq = lax.fori_loop(0, unmasked, functools.partial(body, diagonal=False), dq)
+  dq = lax.fori_loop(unmasked, end, functools.partial(body, diagonal=causal), dq)
   dq_ref[...] = (dq * sm_scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, q_segment_ref, k_segment_ref, do_ref, lse_ref, delta_ref,
-                dk_ref, dv_ref, *, sm_scale, causal, block_q, groups):
+                dk_ref, dv_ref, *, scale, sm_scale, causal, segments, block_q, groups):
   block_k, head_dim = k_ref.shape
-  q_len = q_ref.shape[0]
-  k_block = pl.program_id(0)
-  k, v, k_segments = k_ref[...], v_ref[...], k_segment_ref[...]
-  # Causal: query blocks before this key block see none of it.
-  first_q_block = lax.div(k_block * block_k, block_q) if causal else 0
+  num_q_blocks = q_ref.shape[0] // block_q
+  k_start = pl.program_id(0) * block_k
+  k, v = k_ref[...], v_ref[...]
+  k_segments = k_segment_ref[...] if segments else None
 
-  def body(i, carry, group):
+  def body(i, carry, group, diagonal):
     dk, dv = carry
     queries = pl.ds(i * block_q, block_q)
     q, do = q_ref[queries, group, :], do_ref[queries, group, :]
     lse, delta = lse_ref[group, queries], delta_ref[group, queries]
-    s = _logits(q, k, q_segment_ref[queries], k_segments, i * block_q, k_block * block_k,
-                sm_scale=sm_scale, causal=causal)
-    p = jnp.exp(s - lse[:, None])  # [block_q, block_k]
+    s = _logits(q, k, q_segment_ref[queries] if segments else None, k_segments, i * block_q,
+                k_start, scale=scale, causal=diagonal)
+    p = jnp.exp2(s - lse[:, None])  # [block_q, block_k]
     dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True).astype(jnp.float32)
     dp = plgpu.dot(do, v, trans_b=True).astype(jnp.float32)
     ds = p * (dp - delta[:, None])
     dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True).astype(jnp.float32)
     return dk, dv
 
+  # Causal: query blocks before this key block see none of it; those from `unmasked` on
+  # see all of it.
+  first, unmasked = 0, 0
+  if causal:
+    first = lax.div(k_start, block_q)
+    unmasked = jnp.minimum(lax.div(k_start + block_k + block_q - 1, block_q), num_q_blocks)
   carry = (jnp.zeros((block_k, head_dim), jnp.float32),) * 2
   for group in range(groups):  # Static: the query heads that read this kv head.
-    carry = lax.fori_loop(first_q_block, q_len // block_q,
-                          functools.partial(body, group=group), carry)
+    carry = lax.fori_loop(first, unmasked,
+                          functools.partial(body, group=group, diagonal=causal), carry)
+    carry = lax.fori_loop(unmasked, num_q_blocks,
+                          functools.partial(body, group=group, diagonal=False), carry)
   dk, dv = carry
   dk_ref[...] = (dk * sm_scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def _padded_inputs(q, k, v, q_segment_ids, kv_segment_ids, block_sizes):
+  """Inputs padded to the block multiples, and whether the kernels must compare segment
+  ids: when the caller gave them, or when padding added keys that must be masked."""
   batch, q_len, _, _ = q.shape
   kv_len = k.shape[1]
-  q_pad = pl.cdiv(q_len, block_sizes.block_q) * block_sizes.block_q
-  kv_pad = pl.cdiv(kv_len, block_sizes.block_k) * block_sizes.block_k
+  q_multiple, kv_multiple = block_sizes.padding()
+  q_pad = pl.cdiv(q_len, q_multiple) * q_multiple
+  kv_pad = pl.cdiv(kv_len, kv_multiple) * kv_multiple
+  segments = q_segment_ids is not None or q_pad != q_len or kv_pad != kv_len
   if q_segment_ids is None:
     q_segment_ids = jnp.zeros((batch, q_len), jnp.int32)
     kv_segment_ids = jnp.zeros((batch, kv_len), jnp.int32)
   return (pad_axis(q, q_pad, 1), pad_axis(k, kv_pad, 1), pad_axis(v, kv_pad, 1),
           pad_axis(q_segment_ids.astype(jnp.int32), q_pad, 1, _QUERY_PAD_SEGMENT),
-          pad_axis(kv_segment_ids.astype(jnp.int32), kv_pad, 1, _KEY_PAD_SEGMENT))
+          pad_axis(kv_segment_ids.astype(jnp.int32), kv_pad, 1, _KEY_PAD_SEGMENT)), segments
 
 
 def _query_block_specs(block_q, kv_pad, head_dim, groups):
@@ -175,23 +225,23 @@ def _query_block_specs(block_q, kv_pad, head_dim, groups):
   ]
 
 
-def _params(block_sizes):
-  return plgpu.CompilerParams(num_warps=block_sizes.num_warps,
-                              num_stages=block_sizes.num_stages)
+def _params(tile):
+  return plgpu.CompilerParams(num_warps=tile.num_warps, num_stages=tile.num_stages)
 
 
 def forward(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, sm_scale: float,
             block_sizes: BlockSizes, interpret: bool):
-  """Returns out [B, T, N, H] and lse [B, N, T_padded] (float32)."""
+  """Returns out [B, T, N, H] and lse [B, N, T_padded] (float32, base 2)."""
   batch, q_len, num_heads, head_dim = q.shape
   groups = num_heads // k.shape[2]
-  padded = _padded_inputs(q, k, v, q_segment_ids, kv_segment_ids, block_sizes)
-  q_p, k_p, v_p, q_seg, kv_seg = padded
+  padded, segments = _padded_inputs(q, k, v, q_segment_ids, kv_segment_ids, block_sizes)
+  q_p, k_p = padded[:2]
   q_pad, kv_pad = q_p.shape[1], k_p.shape[1]
-  block_q = block_sizes.block_q
+  tile = block_sizes.forward
+  block_q = tile.block_q
   out, lse = pl.pallas_call(
-      functools.partial(_forward_kernel, sm_scale=sm_scale, causal=causal,
-                        block_k=block_sizes.block_k),
+      functools.partial(_forward_kernel, scale=sm_scale * _LOG2_E, causal=causal,
+                        segments=segments, block_k=tile.block_k),
       grid=(q_pad // block_q, batch, num_heads),
       in_specs=_query_block_specs(block_q, kv_pad, head_dim, groups),
       out_specs=[
@@ -200,32 +250,34 @@ def forward(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, sm_scale: f
       ],
       out_shape=[jax.ShapeDtypeStruct(q_p.shape, q.dtype),
                  jax.ShapeDtypeStruct((batch, num_heads, q_pad), jnp.float32)],
-      compiler_params=_params(block_sizes),
+      compiler_params=_params(tile),
       interpret=interpret,
       name='flash_attention_forward',
-  )(q_p, k_p, v_p, q_seg, kv_seg)
+  )(*padded)
   return out[:, :q_len], lse
 
 
 def backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, causal: bool,
              sm_scale: float, block_sizes: BlockSizes, interpret: bool):
   """Gradients (dq, dk, dv) of the forward's inputs."""
-  q_p, k_p, v_p, q_seg, kv_seg = _padded_inputs(q, k, v, q_segment_ids, kv_segment_ids,
-                                                block_sizes)
+  padded, segments = _padded_inputs(q, k, v, q_segment_ids, kv_segment_ids, block_sizes)
+  q_p, k_p = padded[:2]
   kv_len = k.shape[1]
   batch, q_pad, num_heads, head_dim = q_p.shape
   q_len = out.shape[1]
   kv_pad, num_kv_heads = k_p.shape[1], k_p.shape[2]
   groups = num_heads // num_kv_heads
-  block_q, block_k = block_sizes.block_q, block_sizes.block_k
   do_p = pad_axis(d_out, q_pad, 1)
   # delta_i = sum_h dO_ih O_ih: the row term of the softmax gradient.
   delta = jnp.einsum('btnh,btnh->bnt', d_out.astype(jnp.float32), out.astype(jnp.float32))
   delta = pad_axis(delta, q_pad, 2)
-  kernel_kwargs = dict(sm_scale=sm_scale, causal=causal)
+  kernel_kwargs = dict(scale=sm_scale * _LOG2_E, sm_scale=sm_scale, causal=causal,
+                       segments=segments)
 
+  tile = block_sizes.dq
+  block_q = tile.block_q
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, block_k=block_k, **kernel_kwargs),
+      functools.partial(_dq_kernel, block_k=tile.block_k, **kernel_kwargs),
       grid=(q_pad // block_q, batch, num_heads),
       in_specs=_query_block_specs(block_q, kv_pad, head_dim, groups) + [
           pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, n: (b, i, n, 0)),
@@ -234,13 +286,15 @@ def backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, causal:
       ],
       out_specs=pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, n: (b, i, n, 0)),
       out_shape=jax.ShapeDtypeStruct(q_p.shape, q_p.dtype),
-      compiler_params=_params(block_sizes),
+      compiler_params=_params(tile),
       interpret=interpret,
       name='flash_attention_dq',
-  )(q_p, k_p, v_p, q_seg, kv_seg, do_p, lse, delta)
+  )(*padded, do_p, lse, delta)
 
+  tile = block_sizes.dkv
+  block_k = tile.block_k
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, block_q=block_q, groups=groups, **kernel_kwargs),
+      functools.partial(_dkv_kernel, block_q=tile.block_q, groups=groups, **kernel_kwargs),
       grid=(kv_pad // block_k, batch, num_kv_heads),
       in_specs=[
           pl.BlockSpec((None, q_pad, groups, head_dim), lambda j, b, k: (b, 0, k, 0)),
@@ -257,9 +311,9 @@ def backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, causal:
           pl.BlockSpec((None, block_k, None, head_dim), lambda j, b, k: (b, j, k, 0)),
       ],
       out_shape=[jax.ShapeDtypeStruct(k_p.shape, k_p.dtype),
-                 jax.ShapeDtypeStruct(v_p.shape, v_p.dtype)],
-      compiler_params=_params(block_sizes),
+                 jax.ShapeDtypeStruct(padded[2].shape, padded[2].dtype)],
+      compiler_params=_params(tile),
       interpret=interpret,
       name='flash_attention_dkv',
-  )(q_p, k_p, v_p, q_seg, kv_seg, do_p, lse, delta)
+  )(*padded, do_p, lse, delta)
   return dq[:, :q_len], dk[:, :kv_len], dv[:, :kv_len]

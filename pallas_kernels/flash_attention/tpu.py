@@ -177,6 +177,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_segment_ref, k_segment_ref, do_ref, lse_r
 def _kernel_layout(q, k, v, q_segment_ids, kv_segment_ids, block_sizes):
   """Pads to the blocks and moves heads before sequence; segment ids replicated."""
   batch = q.shape[0]
+  if q_segment_ids is None:
+    q_segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
+    kv_segment_ids = jnp.zeros(k.shape[:2], jnp.int32)
   q_pad = pl.cdiv(q.shape[1], block_sizes.block_q) * block_sizes.block_q
   kv_pad = pl.cdiv(k.shape[1], block_sizes.block_k) * block_sizes.block_k
   q_segments = pad_axis(q_segment_ids.astype(jnp.int32), q_pad, 1, _QUERY_PAD_SEGMENT)
