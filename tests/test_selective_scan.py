@@ -8,9 +8,10 @@ import pytest
 
 from pallas_kernels.selective_scan import api, gpu, reference, tpu
 
+import backend
 import lowering
 
-KERNELS = sorted(api.KERNELS)
+KERNELS = backend.kernels(api.KERNELS)
 # Small blocks so test shapes span several channel blocks and (TPU) time blocks.
 SMALL_BLOCKS = {'gpu': gpu.BlockSizes(block_e=8, chunk=4),
                 'tpu': tpu.BlockSizes(block_e=128, block_t=128)}
@@ -92,7 +93,22 @@ def test_kernel_matches_reference_forward_and_gradients_in_float32(
     kernel, batch, length, channels, state):
   inputs, dy = scan_inputs(length, batch, length, channels, state)
   scan = lambda *a: api.selective_scan(*a, implementation=kernel,
-                                       block_sizes=SMALL_BLOCKS[kernel], interpret=True)
+                                       block_sizes=SMALL_BLOCKS[kernel], interpret=backend.INTERPRET)
+  want = value_and_grads(reference.selective_scan, inputs, dy)
+  got = value_and_grads(scan, inputs, dy)
+  for name, g, w in zip(NAMES, got, want):
+    assert_close(g, w, 1e-5, name)
+
+
+@pytest.mark.skipif('gpu' not in KERNELS, reason='GPU time segments')
+@pytest.mark.parametrize('segment,reset_rate', [(8, 0.1), (12, 0.0), (40, 0.02)])
+def test_gpu_kernel_split_into_time_segments_matches_the_reference(segment, reset_rate):
+  """Segments of 8 and 12 steps over 37 (padded): states and adjoint carries cross
+  segment boundaries, with resets inside segments and none at all; 40 is one segment."""
+  inputs, dy = scan_inputs(segment, 2, 37, 10, 4, reset_rate=reset_rate)
+  blocks = gpu.BlockSizes(block_e=8, chunk=4, segment=segment)
+  scan = lambda *a: api.selective_scan(*a, implementation='gpu', block_sizes=blocks,
+                                       interpret=backend.INTERPRET)
   want = value_and_grads(reference.selective_scan, inputs, dy)
   got = value_and_grads(scan, inputs, dy)
   for name, g, w in zip(NAMES, got, want):
@@ -104,7 +120,7 @@ def test_kernel_with_bfloat16_inputs_keeps_a_float32_state(kernel):
   """bf16 x, B, C, dy (dt and A float32, as the model gives them): the kernel's float32
   state matches the reference's on the same bf16 inputs within bf16 rounding of y."""
   inputs, dy = scan_inputs(7, 2, 150, 12, 16, dtype=jnp.bfloat16, reset_rate=0.02)
-  scan = lambda *a: api.selective_scan(*a, implementation=kernel, interpret=True)
+  scan = lambda *a: api.selective_scan(*a, implementation=kernel, interpret=backend.INTERPRET)
   want = value_and_grads(reference.selective_scan, inputs, dy)
   got = value_and_grads(scan, inputs, dy)
   assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.bfloat16
@@ -127,6 +143,21 @@ def test_kernel_lowers_for_its_hardware_forward_and_backward(kernel):
   assert lowering.count_kernel_calls(kernel, grads, *args) == 2
 
 
+def test_gpu_kernel_in_time_segments_lowers_for_the_gpu():
+  """With segments the forward adds the segment-end pass (two kernels) and the gradient
+  the carry pass (forward two, backward two)."""
+  shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
+  args = (shape(2, 1000, 320), shape(2, 1000, 320, dtype=jnp.float32),
+          shape(320, 16, dtype=jnp.float32), shape(2, 1000, 16), shape(2, 1000, 16),
+          shape(2, 1000, dtype=jnp.bool_))
+  blocks = gpu.BlockSizes(segment=256)
+  scan = lambda *a: api.selective_scan(*a, implementation='gpu', block_sizes=blocks)
+  grads = jax.grad(lambda *a: jnp.sum(scan(*a).astype(jnp.float32)), argnums=range(5))
+  assert lowering.count_kernel_calls('gpu', scan, *args) == 2
+  assert lowering.count_kernel_calls('gpu', grads, *args) == 4
+
+
+@pytest.mark.skipif(backend.ON_DEVICE, reason='checks the CPU dispatch')
 def test_on_cpu_the_dispatch_runs_the_chunked_scan():
   inputs, _ = scan_inputs(3)
   got = api.selective_scan(*inputs)
@@ -141,6 +172,7 @@ def test_mismatched_shapes_name_the_argument():
     api.selective_scan(x, dt, a, b, c, reset, implementation='cuda')
 
 
+@pytest.mark.skipif(backend.ON_DEVICE, reason='the CPU smoke run of the benchmark')
 def test_benchmark_script_runs_on_a_tiny_shape_in_interpret_mode():
   import os
   import subprocess
@@ -148,10 +180,11 @@ def test_benchmark_script_runs_on_a_tiny_shape_in_interpret_mode():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   result = subprocess.run(
       [sys.executable, '-m', 'pallas_kernels.benchmarks.selective_scan', '--shape=1:64:16:4',
-       '--interpret', '--repeats=1', '--kernel_blocks=8:8:1'],
+       '--interpret', '--repeats=1', '--kernel_blocks=8:8:1,8:8:1:32'],
       cwd=root, capture_output=True, text=True, timeout=300,
       env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''})
   assert result.returncode == 0, result.stderr[-2000:]
   assert '| lax.scan (reference) |' in result.stdout
   assert 'pallas gpu (ours) BlockSizes(block_e=8, chunk=8, num_warps=1' in result.stdout
+  assert 'num_stages=1, segment=32)' in result.stdout
   assert 'failed' not in result.stdout

@@ -1,8 +1,8 @@
 """Selective-scan speed, forward and forward+backward, as a table.
 
   python -m pallas_kernels.benchmarks.selective_scan        # ANCHORS.md shape, on a GPU
-  python -m pallas_kernels.benchmarks.selective_scan --kernel_blocks=16:16:1,32:16:2,64:8:4
-      # our kernel at several GPU BlockSizes (block_e:chunk:num_warps), for tuning
+  python -m pallas_kernels.benchmarks.selective_scan --kernel_blocks=16:8:2:256,32:8:4:512
+      # our kernel at several GPU BlockSizes (block_e:chunk:num_warps[:segment]), for tuning
   python -m pallas_kernels.benchmarks.selective_scan --shape=1:64:16:4 --interpret
       # a smoke run on CPU
 
@@ -26,8 +26,8 @@ _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
 _REPEATS = flags.DEFINE_integer('repeats', 10, 'Timed runs per case.')
 _INTERPRET = flags.DEFINE_bool('interpret', False, 'Run our kernel in interpret mode (CPU).')
 _KERNEL_BLOCKS = flags.DEFINE_list(
-    'kernel_blocks', [], 'GPU block sizes to time as block_e:chunk:num_warps (TPU: '
-    'block_e:block_t); empty: the defaults.')
+    'kernel_blocks', [], 'GPU block sizes to time as block_e:chunk:num_warps[:segment] '
+    '(TPU: block_e:block_t); the defaults are always timed.')
 _BASELINES = flags.DEFINE_bool('baselines', True, 'Also time lax.scan and associative scans.')
 _BANDWIDTH = flags.DEFINE_float('bandwidth', 3.0e12, 'Bytes/s for the floor (H100 copy).')
 
@@ -48,7 +48,8 @@ def kernel_variants():
   """Name -> scan for our kernel, at the default or the requested block sizes."""
   kernel = jax.default_backend() if jax.default_backend() in api.KERNELS else 'gpu'
   module = {'gpu': gpu, 'tpu': tpu}[kernel]
-  fields = ('block_e', 'chunk', 'num_warps') if kernel == 'gpu' else ('block_e', 'block_t')
+  fields = ('block_e', 'chunk', 'num_warps', 'segment') if kernel == 'gpu' else ('block_e',
+                                                                         'block_t')
   blocks = [module.BlockSizes()] + [
       module.BlockSizes(**dict(zip(fields, map(int, spec.split(':')))))
       for spec in _KERNEL_BLOCKS.value]

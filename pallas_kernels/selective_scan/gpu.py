@@ -12,6 +12,13 @@ recurrence itself is one fused multiply-add per state element per step.
             chunk + 1 states (registers), then runs the adjoint recurrence
               g_t = C_t dy_t + a_{t+1} g_{t+1}        (g_t = dLoss/dh_t)
             and from g_t, h_{t-1}, h_t forms every gradient of step t.
+Time segments (BlockSizes.segment > 0): the recurrence is linear, so time can be split
+across programs too. A first pass runs each segment from a zero state and keeps only its
+end state; XLA combines them across segments (h entering segment s+1 = end_s + decay_s *
+h entering s, decay_s the product of the segment's decays) and the main pass runs each
+segment from its true start. The backward does the same with the adjoint carry in
+reverse. It costs one state-only pass and buys T / segment times the programs, which
+matters when B * E / block_e programs leave the GPU's warps idle.
 Memory traffic, forward: x, dt, y [B, T, E] and B, C [B, T, N] once (each program reads
 B, C of its batch row: E / block_e times in all, mostly from L2). Backward: the same plus
 dy, dx, ddt, the chunk states read once, and dB, dC partial sums per channel block,
@@ -35,14 +42,20 @@ from pallas_kernels.padding import pad_to_multiple
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  block_e: int = 32  # Channels per program; a power of two.
-  chunk: int = 16  # Time steps per unrolled loop body, and the backward's checkpoint spacing.
+  # Defaults from the H100 sweep in docs/benchmarks.md (B=4 T=2048 E=2048 N=16).
+  block_e: int = 16  # Channels per program; a power of two.
+  chunk: int = 8  # Time steps per unrolled loop body, and the backward's checkpoint spacing.
   num_warps: int = 2
   num_stages: int = 1
+  # Time steps per program (a multiple of chunk); 0: the whole sequence. Splitting time
+  # gives T / segment times the programs, for one extra state-only pass (see above).
+  segment: int = 0
 
   def __post_init__(self):
     if self.block_e & (self.block_e - 1) or self.chunk < 1:
       raise ValueError(f'{self.block_e=} must be a power of two and {self.chunk=} positive')
+    if self.segment < 0 or self.segment % self.chunk:
+      raise ValueError(f'{self.segment=} must be 0 or a positive multiple of {self.chunk=}')
 
 
 def _next_power_of_two(n):
@@ -50,8 +63,9 @@ def _next_power_of_two(n):
 
 
 def _kernel_inputs(x, dt, a, b, c, reset, block_sizes):
-  """Padded, float32 where arithmetic needs it; `keep` is 0.0 at a reset, else 1.0."""
-  chunk, block_e = block_sizes.chunk, block_sizes.block_e
+  """Padded (time to the segment or chunk), float32 where arithmetic needs it; `keep` is
+  0.0 at a reset, else 1.0."""
+  chunk, block_e = block_sizes.segment or block_sizes.chunk, block_sizes.block_e
   state = _next_power_of_two(a.shape[1])
   pad_te = lambda t: pad_to_multiple(pad_to_multiple(t, chunk, 1), block_e, 2)
   pad_tn = lambda t: pad_to_multiple(pad_to_multiple(t, chunk, 1), state, 2)
@@ -65,7 +79,8 @@ def _load_chunk(t0, chunk, *refs):
   return [[ref[t0 + i].astype(jnp.float32) for ref in refs] for i in range(chunk)]
 
 
-def _forward_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, keep_ref, y_ref, *states_ref, chunk):
+def _forward_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, keep_ref, h0_ref, y_ref, *states_ref,
+                    chunk):
   a = a_ref[...]  # [block_e, N]
   num_chunks = x_ref.shape[0] // chunk
   load = lambda j: _load_chunk(j * chunk, chunk, x_ref, dt_ref, b_ref, c_ref, keep_ref)
@@ -82,16 +97,29 @@ def _forward_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, keep_ref, y_ref, *states
       y_ref[j * chunk + i] = jnp.sum(h * c[None, :], axis=1).astype(y_ref.dtype)
     return h, next_rows
 
-  lax.fori_loop(0, num_chunks, one_chunk, (jnp.zeros(a.shape, jnp.float32), load(0)))
+  lax.fori_loop(0, num_chunks, one_chunk, (h0_ref[...], load(0)))
+
+
+def _segment_end_kernel(x_ref, dt_ref, a_ref, b_ref, keep_ref, h_ref, *, chunk):
+  """The state at the segment's end, starting from zero: the recurrence without y."""
+  a = a_ref[...]
+
+  def one_chunk(j, h):
+    for x, dt, b, keep in _load_chunk(j * chunk, chunk, x_ref, dt_ref, b_ref, keep_ref):
+      h = keep * jnp.exp(dt[:, None] * a) * h + (dt * x)[:, None] * b[None, :]
+    return h
+
+  h_ref[...] = lax.fori_loop(0, x_ref.shape[0] // chunk, one_chunk,
+                             jnp.zeros(a.shape, jnp.float32))
 
 
 def _backward_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, keep_ref, states_ref, dy_ref,
-                     dx_ref, ddt_ref, da_ref, db_ref, dc_ref, *, chunk):
+                     g0_ref, dx_ref, ddt_ref, da_ref, db_ref, dc_ref, *, chunk):
   a = a_ref[...]  # [block_e, N]
   num_chunks = states_ref.shape[0]
 
   def one_chunk(j, carry):
-    g_after, da = carry  # g_after = a_{t+1} g_{t+1}, zero after the last step.
+    g_after, da = carry  # g_after = a_{t+1} g_{t+1}: from the next segment, then ours.
     j = num_chunks - 1 - j
     t0 = j * chunk
     rows = _load_chunk(t0, chunk, x_ref, dt_ref, b_ref, c_ref, keep_ref, dy_ref)
@@ -113,9 +141,24 @@ def _backward_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, keep_ref, states_ref, d
       g_after = a_t * g
     return g_after, da
 
-  zeros = jnp.zeros(a.shape, jnp.float32)
-  _, da = lax.fori_loop(0, num_chunks, one_chunk, (zeros, zeros))
+  _, da = lax.fori_loop(0, num_chunks, one_chunk,
+                        (g0_ref[...], jnp.zeros(a.shape, jnp.float32)))
   da_ref[...] = da
+
+
+def _segment_carry_kernel(dt_ref, a_ref, c_ref, keep_ref, dy_ref, g_ref, *, chunk):
+  """The adjoint carry a_t g_t a segment hands to the one before it, given zero from the
+  one after: the backward recurrence without gradients."""
+  a = a_ref[...]
+  num_chunks = dt_ref.shape[0] // chunk
+
+  def one_chunk(j, g_after):
+    rows = _load_chunk((num_chunks - 1 - j) * chunk, chunk, dt_ref, c_ref, keep_ref, dy_ref)
+    for dt, c, keep, dy in reversed(rows):
+      g_after = keep * jnp.exp(dt[:, None] * a) * (c[None, :] * dy[:, None] + g_after)
+    return g_after
+
+  g_ref[...] = lax.fori_loop(0, num_chunks, one_chunk, jnp.zeros(a.shape, jnp.float32))
 
 
 def _params(block_sizes):
@@ -123,14 +166,61 @@ def _params(block_sizes):
                               num_stages=block_sizes.num_stages)
 
 
-def _specs(length, block_e, state):
-  """x, dt, a, b, c, keep for the program (batch row, channel block)."""
-  rows = pl.BlockSpec((None, length, block_e), lambda i, e: (i, 0, e))
-  return [rows, rows,
-          pl.BlockSpec((block_e, state), lambda i, e: (e, 0)),
-          pl.BlockSpec((None, length, state), lambda i, e: (i, 0, 0)),
-          pl.BlockSpec((None, length, state), lambda i, e: (i, 0, 0)),
-          pl.BlockSpec((None, length), lambda i, e: (i, 0))]
+class _Layout:
+  """Grid (batch row, channel block, time segment) and the BlockSpecs of each operand."""
+
+  def __init__(self, padded_x, state, block_sizes):
+    batch, length, channels = padded_x.shape
+    self.block_e, self.chunk, self.state = block_sizes.block_e, block_sizes.chunk, state
+    self.segment = block_sizes.segment or length
+    self.grid = (batch, channels // self.block_e, length // self.segment)
+    self.num_segments = self.grid[2]
+
+  def rows(self):  # [B, T, E]
+    return pl.BlockSpec((None, self.segment, self.block_e), lambda i, e, s: (i, s, e))
+
+  def a(self):  # [E, N]
+    return pl.BlockSpec((self.block_e, self.state), lambda i, e, s: (e, 0))
+
+  def state_rows(self):  # [B, T, N]
+    return pl.BlockSpec((None, self.segment, self.state), lambda i, e, s: (i, s, 0))
+
+  def keep(self):  # [B, T]
+    return pl.BlockSpec((None, self.segment), lambda i, e, s: (i, s))
+
+  def per_segment(self):  # [B, S, E, N]: one state per segment
+    return pl.BlockSpec((None, None, self.block_e, self.state), lambda i, e, s: (i, s, e, 0))
+
+  def chunk_states(self):  # [B, T / chunk, E, N]
+    return pl.BlockSpec((None, self.segment // self.chunk, self.block_e, self.state),
+                        lambda i, e, s: (i, s, e, 0))
+
+  def per_block(self):  # [B, E / block_e, T, N]: a channel block's partial sums
+    return pl.BlockSpec((None, None, self.segment, self.state), lambda i, e, s: (i, e, s, 0))
+
+  def per_segment_shape(self, channels):
+    return jax.ShapeDtypeStruct((self.grid[0], self.num_segments, channels, self.state),
+                                jnp.float32)
+
+
+def _segment_decay(dt, keep, a, segment):
+  """prod_t keep_t exp(dt_t A) over each segment, [B, S, E, N]."""
+  batch, length, channels = dt.shape
+  dt_sum = dt.reshape(batch, length // segment, segment, channels).sum(2)
+  kept = keep.reshape(batch, length // segment, segment).prod(2)
+  return kept[..., None, None] * jnp.exp(dt_sum[..., None] * a)
+
+
+def _combine(local, decay, *, reverse):
+  """True segment-boundary values of the linear recurrence v_s = local_{s'} + decay_{s'}
+  v_{s'} (s' the segment before s, or after it with reverse): what enters each segment."""
+  def step(entering, inputs):
+    local_s, decay_s = inputs
+    return local_s + decay_s * entering, entering
+
+  inputs = (jnp.moveaxis(local, 1, 0), jnp.moveaxis(decay, 1, 0))
+  _, entering = lax.scan(step, jnp.zeros_like(local[:, 0]), inputs, reverse=reverse)
+  return jnp.moveaxis(entering, 0, 1)
 
 
 def forward(x, dt, a, b, c, reset, *, block_sizes: BlockSizes = BlockSizes(),
@@ -139,26 +229,40 @@ def forward(x, dt, a, b, c, reset, *, block_sizes: BlockSizes = BlockSizes(),
   and, with save_states, the chunk-start states [B, T_padded / chunk, E_padded, N_padded]."""
   batch, length, channels = x.shape
   inputs = _kernel_inputs(x, dt, a, b, c, reset, block_sizes)
-  _, padded_length, padded_channels = inputs[0].shape
-  state = inputs[2].shape[1]
-  block_e, chunk = block_sizes.block_e, block_sizes.chunk
-  num_chunks = padded_length // chunk
-  out_specs = [pl.BlockSpec((None, padded_length, block_e), lambda i, e: (i, 0, e))]
-  out_shape = [jax.ShapeDtypeStruct(inputs[0].shape, x.dtype)]
+  x_p, dt_p, a_p, b_p, _, keep = inputs
+  padded_length, padded_channels = x_p.shape[1:]
+  layout = _Layout(x_p, a_p.shape[1], block_sizes)
+  h0 = jnp.zeros((batch, layout.num_segments, padded_channels, layout.state), jnp.float32)
+  if layout.num_segments > 1:  # Each segment's true start state, from a state-only pass.
+    ends = pl.pallas_call(
+        functools.partial(_segment_end_kernel, chunk=block_sizes.chunk),
+        grid=layout.grid,
+        in_specs=[layout.rows(), layout.rows(), layout.a(), layout.state_rows(), layout.keep()],
+        out_specs=layout.per_segment(),
+        out_shape=layout.per_segment_shape(padded_channels),
+        compiler_params=_params(block_sizes),
+        interpret=interpret,
+        name='selective_scan_segment_ends',
+    )(x_p, dt_p, a_p, b_p, keep)
+    h0 = _combine(ends, _segment_decay(dt_p, keep, a_p, layout.segment), reverse=False)
+  out_specs = [layout.rows()]
+  out_shape = [jax.ShapeDtypeStruct(x_p.shape, x.dtype)]
   if save_states:
-    out_specs.append(pl.BlockSpec((None, num_chunks, block_e, state), lambda i, e: (i, 0, e, 0)))
-    out_shape.append(jax.ShapeDtypeStruct((batch, num_chunks, padded_channels, state),
-                                          jnp.float32))
+    out_specs.append(layout.chunk_states())
+    out_shape.append(jax.ShapeDtypeStruct(
+        (batch, padded_length // block_sizes.chunk, padded_channels, layout.state),
+        jnp.float32))
   y, *states = pl.pallas_call(
-      functools.partial(_forward_kernel, chunk=chunk),
-      grid=(batch, padded_channels // block_e),
-      in_specs=_specs(padded_length, block_e, state),
+      functools.partial(_forward_kernel, chunk=block_sizes.chunk),
+      grid=layout.grid,
+      in_specs=[layout.rows(), layout.rows(), layout.a(), layout.state_rows(),
+                layout.state_rows(), layout.keep(), layout.per_segment()],
       out_specs=out_specs,
       out_shape=out_shape,
       compiler_params=_params(block_sizes),
       interpret=interpret,
       name='selective_scan_forward',
-  )(*inputs)
+  )(*inputs, h0)
   return y[:, :length, :channels], (states[0] if save_states else None)
 
 
@@ -167,32 +271,45 @@ def backward(x, dt, a, b, c, reset, states, dy, *, block_sizes: BlockSizes = Blo
   """Gradients (dx, ddt, da, db, dc) from forward's inputs, its saved states and dy."""
   batch, length, channels = x.shape
   inputs = _kernel_inputs(x, dt, a, b, c, reset, block_sizes)
-  _, padded_length, padded_channels = inputs[0].shape
-  state = inputs[2].shape[1]
-  block_e, chunk = block_sizes.block_e, block_sizes.chunk
-  num_blocks = padded_channels // block_e
-  dy = pad_to_multiple(pad_to_multiple(dy, chunk, 1), block_e, 2)
-  rows = pl.BlockSpec((None, padded_length, block_e), lambda i, e: (i, 0, e))
-  per_block = pl.BlockSpec((None, None, padded_length, state), lambda i, e: (i, e, 0, 0))
+  _, dt_p, a_p, _, c_p, keep = inputs
+  padded_channels = inputs[0].shape[2]
+  layout = _Layout(inputs[0], a_p.shape[1], block_sizes)
+  num_blocks = layout.grid[1]
+  dy = pad_to_multiple(pad_to_multiple(dy, layout.segment, 1), layout.block_e, 2)
+  g0 = jnp.zeros((batch, layout.num_segments, padded_channels, layout.state), jnp.float32)
+  if layout.num_segments > 1:  # The adjoint carry entering each segment from the next.
+    carries = pl.pallas_call(
+        functools.partial(_segment_carry_kernel, chunk=block_sizes.chunk),
+        grid=layout.grid,
+        in_specs=[layout.rows(), layout.a(), layout.state_rows(), layout.keep(),
+                  layout.rows()],
+        out_specs=layout.per_segment(),
+        out_shape=layout.per_segment_shape(padded_channels),
+        compiler_params=_params(block_sizes),
+        interpret=interpret,
+        name='selective_scan_segment_carries',
+    )(dt_p, a_p, c_p, keep, dy)
+    g0 = _combine(carries, _segment_decay(dt_p, keep, a_p, layout.segment), reverse=True)
+  padded = inputs[0].shape
+  per_block_shape = jax.ShapeDtypeStruct((batch, num_blocks, padded[1], layout.state),
+                                         jnp.float32)
   dx, ddt, da, db, dc = pl.pallas_call(
-      functools.partial(_backward_kernel, chunk=chunk),
-      grid=(batch, num_blocks),
-      in_specs=_specs(padded_length, block_e, state) + [
-          pl.BlockSpec((None, states.shape[1], block_e, state), lambda i, e: (i, 0, e, 0)),
-          rows],
-      out_specs=[rows, rows, pl.BlockSpec((None, block_e, state), lambda i, e: (i, e, 0)),
-                 per_block, per_block],
-      out_shape=[jax.ShapeDtypeStruct(inputs[0].shape, x.dtype),
-                 jax.ShapeDtypeStruct(inputs[0].shape, jnp.float32),
-                 jax.ShapeDtypeStruct((batch, padded_channels, state), jnp.float32),
-                 jax.ShapeDtypeStruct((batch, num_blocks, padded_length, state), jnp.float32),
-                 jax.ShapeDtypeStruct((batch, num_blocks, padded_length, state), jnp.float32)],
+      functools.partial(_backward_kernel, chunk=block_sizes.chunk),
+      grid=layout.grid,
+      in_specs=[layout.rows(), layout.rows(), layout.a(), layout.state_rows(),
+                layout.state_rows(), layout.keep(), layout.chunk_states(), layout.rows(),
+                layout.per_segment()],
+      out_specs=[layout.rows(), layout.rows(), layout.per_segment(), layout.per_block(),
+                 layout.per_block()],
+      out_shape=[jax.ShapeDtypeStruct(padded, x.dtype),
+                 jax.ShapeDtypeStruct(padded, jnp.float32),
+                 layout.per_segment_shape(padded_channels), per_block_shape, per_block_shape],
       compiler_params=_params(block_sizes),
       interpret=interpret,
       name='selective_scan_backward',
-  )(*inputs, states, dy)
+  )(*inputs, states, dy, g0)
   num_states = a.shape[1]
   return (dx[:, :length, :channels], ddt[:, :length, :channels].astype(dt.dtype),
-          jnp.sum(da, 0)[:channels, :num_states].astype(a.dtype),
+          jnp.sum(da, (0, 1))[:channels, :num_states].astype(a.dtype),
           jnp.sum(db, 1)[:, :length, :num_states].astype(b.dtype),
           jnp.sum(dc, 1)[:, :length, :num_states].astype(c.dtype))
