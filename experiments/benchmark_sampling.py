@@ -1,6 +1,7 @@
 """Decode speed with the KV cache against full recomputation, as a table.
 
   python -m experiments.benchmark_sampling [--batch_sizes=1,32 --new_tokens=512]
+      [--layer_pattern=mamba]
 
 Greedy decoding on the default config's model (random weights: speed does not depend
 on them). "cached" is lm.sampling.generate (one prefill, then one token per step);
@@ -27,6 +28,9 @@ _PROMPT_LENGTH = flags.DEFINE_integer('prompt_length', 16, 'Prompt tokens per ro
 _NEW_TOKENS = flags.DEFINE_integer('new_tokens', 512, 'Generated tokens per row.')
 _REPEATS = flags.DEFINE_integer('repeats', 2, 'Timed runs per case; the best is shown.')
 _DTYPE = flags.DEFINE_string('dtype', 'auto', 'Compute dtype (auto: bf16 on GPU/TPU).')
+_LAYER_PATTERN = flags.DEFINE_string(
+    'layer_pattern', 'attention', "The default model's config.model.layer_pattern: "
+    "'mamba' caches convolution and SSM state instead of keys and values.")
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'new_tokens'))
@@ -58,13 +62,15 @@ def main(argv):
   del argv
   model_config = default.get_config().model
   model_config.dtype = config_lib.resolve_dtype(_DTYPE.value)
+  model_config.layer_pattern = _LAYER_PATTERN.value
   model = models.build(ml_collections.FrozenConfigDict(model_config))
   prompt, new = _PROMPT_LENGTH.value, _NEW_TOKENS.value
   tokens = jnp.zeros((1, prompt), jnp.int32)
   params = nn.meta.unbox(model.init(jax.random.key(0), tokens, tokens, tokens)['params'])
 
   print(f'device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__},'
-        f' dtype {model_config.dtype}; model: default config'
+        f' dtype {model_config.dtype}; model: default config, layer_pattern'
+        f' {model_config.layer_pattern!r}'
         f' ({sum(x.size for x in jax.tree.leaves(params)):,} parameters);'
         f' prompt {prompt} tokens, {new} new tokens, greedy')
   print(f'| batch | cached tokens/s | recompute tokens/s | speed-up |')

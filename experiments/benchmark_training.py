@@ -55,13 +55,17 @@ SIZES = {  # Model config fields per --size and row.
 }
 
 
+def attention_implementation() -> str:
+  return _ATTENTION.value or ('cudnn' if jax.default_backend() == 'gpu' else 'xla')
+
+
 def model_config(kind: str, seq_len: int) -> ml_collections.ConfigDict:
   config = default.get_config().model
   config.update(SIZES[_SIZE.value]['common'])
   config.update(SIZES[_SIZE.value][kind])
-  attention = _ATTENTION.value or ('cudnn' if jax.default_backend() == 'gpu' else 'xla')
-  config.update(max_seq_len=seq_len, attention=attention, mamba_scan=_MAMBA_SCAN.value,
-                remat=_REMAT.value, dtype=config_lib.resolve_dtype('auto'))
+  config.update(max_seq_len=seq_len, attention=attention_implementation(),
+                mamba_scan=_MAMBA_SCAN.value, remat=_REMAT.value,
+                dtype=config_lib.resolve_dtype('auto'))
   return config
 
 
@@ -109,8 +113,8 @@ def main(argv):
   del argv
   peak = loop.peak_flops_per_device()
   print(f'device: {jax.devices()[0].device_kind} x {jax.device_count()}, jax {jax.__version__}; '
-        f'size {_SIZE.value}, {_TOKENS_PER_STEP.value} tokens per step, mamba_scan='
-        f'{_MAMBA_SCAN.value}, remat={_REMAT.value}')
+        f'size {_SIZE.value}, {_TOKENS_PER_STEP.value} tokens per step, attention='
+        f'{attention_implementation()}, mamba_scan={_MAMBA_SCAN.value}, remat={_REMAT.value}')
   print('| model | parameters | T | B | step ms | tokens/s | MFU |')
   print('|---|---|---|---|---|---|---|')
   for seq_len in map(int, _SEQ_LENS.value):
