@@ -49,6 +49,8 @@ def generate(params, prompts_bp, prompt_lengths_b, rng, stop_ids, *, model, max_
   ids in each row, stop id included. `cache_length` must hold P + max_new_tokens.
   """
   batch, prompt_length = prompts_bp.shape
+  if max_new_tokens < 1:
+    raise ValueError(f'{max_new_tokens=} must be at least 1')
   if prompt_length + max_new_tokens > cache_length:
     raise ValueError(f'{prompt_length=} + {max_new_tokens=} exceeds {cache_length=}')
   positions_bp = jnp.broadcast_to(jnp.arange(prompt_length), (batch, prompt_length))
@@ -58,29 +60,38 @@ def generate(params, prompts_bp, prompt_lengths_b, rng, stop_ids, *, model, max_
       prompts_bp, segment_ids_bp, positions_bp, decode=True, mutable=['cache'])
   last_logits_bv = logits_bpv[jnp.arange(batch), prompt_lengths_b - 1]
 
-  def step(carry):
-    index, logits_bv, cache, done_b, new_bn, num_new_b, rng = carry
+  def choose(index, logits_bv, done_b, new_bn, num_new_b, rng):
+    """Samples the token at `index` and records it; rows already done get pad."""
     rng, step_rng = jax.random.split(rng)
     token_b = sample_from_logits(logits_bv, step_rng, temperature=temperature, top_k=top_k,
                                  top_p=top_p)
     token_b = jnp.where(done_b, pad_id, token_b)
     new_bn = new_bn.at[:, index].set(token_b)
     num_new_b = num_new_b + (~done_b)
-    done_b = done_b | jnp.isin(token_b, stop_ids)
+    return token_b, done_b | jnp.isin(token_b, stop_ids), new_bn, num_new_b, rng
+
+  def step(carry):
+    index, logits_bv, cache, done_b, new_bn, num_new_b, rng = carry
+    token_b, done_b, new_bn, num_new_b, rng = choose(index, logits_bv, done_b, new_bn,
+                                                     num_new_b, rng)
     position_b1 = (prompt_lengths_b + index)[:, None]
     logits_b1v, variables = model.apply(
         {'params': params, 'cache': cache}, token_b[:, None], jnp.ones_like(position_b1),
         position_b1, decode=True, mutable=['cache'])
     return index + 1, logits_b1v[:, 0], variables['cache'], done_b, new_bn, num_new_b, rng
 
+  # The loop stops one token short: the last token is chosen after it, so no decode step
+  # computes logits nobody reads.
   def keep_going(carry):
     index, _, _, done_b, *_ = carry
-    return (index < max_new_tokens) & ~jnp.all(done_b)
+    return (index < max_new_tokens - 1) & ~jnp.all(done_b)
 
   initial = (jnp.int32(0), last_logits_bv, variables['cache'], jnp.zeros(batch, jnp.bool_),
              jnp.full((batch, max_new_tokens), pad_id, jnp.int32), jnp.zeros(batch, jnp.int32),
              rng)
-  _, _, _, _, new_bn, num_new_b, _ = jax.lax.while_loop(keep_going, step, initial)
+  index, logits_bv, _, done_b, new_bn, num_new_b, rng = jax.lax.while_loop(
+      keep_going, step, initial)
+  _, _, new_bn, num_new_b, _ = choose(index, logits_bv, done_b, new_bn, num_new_b, rng)
   return new_bn, num_new_b
 
 

@@ -61,17 +61,19 @@ def test_cached_decoding_gives_the_logits_of_a_full_forward_pass_for_ragged_prom
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_greedy_generation_matches_argmax_of_full_recomputation(model_and_params):
+@pytest.mark.parametrize('max_new_tokens', [1, 10])  # 1: the prefill's logits alone.
+def test_greedy_generation_matches_argmax_of_full_recomputation(model_and_params,
+                                                                 max_new_tokens):
   model, params = model_and_params
   prompts = [[1, 5, 9], [1, 7, 7, 7, 30, 2, 4], [1]]
   prompts_bp, lengths_b = sampling.pad_prompts(prompts, pad_id=0, multiple=8)
   new_bn, num_new_b = sampling.generate(
       params, jnp.asarray(prompts_bp), jnp.asarray(lengths_b), jax.random.key(0),
-      jnp.asarray([-1]), model=model, max_new_tokens=10, cache_length=24)
-  assert np.asarray(num_new_b).tolist() == [10, 10, 10]
+      jnp.asarray([-1]), model=model, max_new_tokens=max_new_tokens, cache_length=24)
+  assert np.asarray(num_new_b).tolist() == [max_new_tokens] * 3
   for row, prompt in enumerate(prompts):
     ids = list(prompt)
-    for _ in range(10):
+    for _ in range(max_new_tokens):
       ids.append(int(jnp.argmax(full_forward(model, params, ids)[-1])))
     assert np.asarray(new_bn[row]).tolist() == ids[len(prompt):]
 
