@@ -211,14 +211,29 @@ def _segment_decay(dt, keep, a, segment):
   return kept[..., None, None] * jnp.exp(dt_sum[..., None] * a)
 
 
-def _combine(local, decay, *, reverse):
-  """True segment-boundary values of the linear recurrence v_s = local_{s'} + decay_{s'}
-  v_{s'} (s' the segment before s, or after it with reverse): what enters each segment."""
+def _entering_segments(kernel, name, in_specs, operands, dt, keep, a, layout, block_sizes,
+                       interpret, *, reverse):
+  """What enters each segment, [B, S, E, N]: `kernel` gives every segment's own part (its
+  end state, or with reverse its adjoint carry, from zero), and the linear recurrence
+  over segments, v entering s+1 = part_s + decay_s * v entering s (reverse: s-1 from s),
+  adds what the earlier (later) segments pass on."""
+  local = pl.pallas_call(
+      functools.partial(kernel, chunk=block_sizes.chunk),
+      grid=layout.grid,
+      in_specs=in_specs,
+      out_specs=layout.per_segment(),
+      out_shape=layout.per_segment_shape(a.shape[0]),
+      compiler_params=_params(block_sizes),
+      interpret=interpret,
+      name=name,
+  )(*operands)
+
   def step(entering, inputs):
     local_s, decay_s = inputs
     return local_s + decay_s * entering, entering
 
-  inputs = (jnp.moveaxis(local, 1, 0), jnp.moveaxis(decay, 1, 0))
+  inputs = (jnp.moveaxis(local, 1, 0),
+            jnp.moveaxis(_segment_decay(dt, keep, a, layout.segment), 1, 0))
   _, entering = lax.scan(step, jnp.zeros_like(local[:, 0]), inputs, reverse=reverse)
   return jnp.moveaxis(entering, 0, 1)
 
@@ -234,17 +249,11 @@ def forward(x, dt, a, b, c, reset, *, block_sizes: BlockSizes = BlockSizes(),
   layout = _Layout(x_p, a_p.shape[1], block_sizes)
   h0 = jnp.zeros((batch, layout.num_segments, padded_channels, layout.state), jnp.float32)
   if layout.num_segments > 1:  # Each segment's true start state, from a state-only pass.
-    ends = pl.pallas_call(
-        functools.partial(_segment_end_kernel, chunk=block_sizes.chunk),
-        grid=layout.grid,
-        in_specs=[layout.rows(), layout.rows(), layout.a(), layout.state_rows(), layout.keep()],
-        out_specs=layout.per_segment(),
-        out_shape=layout.per_segment_shape(padded_channels),
-        compiler_params=_params(block_sizes),
-        interpret=interpret,
-        name='selective_scan_segment_ends',
-    )(x_p, dt_p, a_p, b_p, keep)
-    h0 = _combine(ends, _segment_decay(dt_p, keep, a_p, layout.segment), reverse=False)
+    h0 = _entering_segments(
+        _segment_end_kernel, 'selective_scan_segment_ends',
+        [layout.rows(), layout.rows(), layout.a(), layout.state_rows(), layout.keep()],
+        (x_p, dt_p, a_p, b_p, keep), dt_p, keep, a_p, layout, block_sizes, interpret,
+        reverse=False)
   out_specs = [layout.rows()]
   out_shape = [jax.ShapeDtypeStruct(x_p.shape, x.dtype)]
   if save_states:
@@ -278,18 +287,11 @@ def backward(x, dt, a, b, c, reset, states, dy, *, block_sizes: BlockSizes = Blo
   dy = pad_to_multiple(pad_to_multiple(dy, layout.segment, 1), layout.block_e, 2)
   g0 = jnp.zeros((batch, layout.num_segments, padded_channels, layout.state), jnp.float32)
   if layout.num_segments > 1:  # The adjoint carry entering each segment from the next.
-    carries = pl.pallas_call(
-        functools.partial(_segment_carry_kernel, chunk=block_sizes.chunk),
-        grid=layout.grid,
-        in_specs=[layout.rows(), layout.a(), layout.state_rows(), layout.keep(),
-                  layout.rows()],
-        out_specs=layout.per_segment(),
-        out_shape=layout.per_segment_shape(padded_channels),
-        compiler_params=_params(block_sizes),
-        interpret=interpret,
-        name='selective_scan_segment_carries',
-    )(dt_p, a_p, c_p, keep, dy)
-    g0 = _combine(carries, _segment_decay(dt_p, keep, a_p, layout.segment), reverse=True)
+    g0 = _entering_segments(
+        _segment_carry_kernel, 'selective_scan_segment_carries',
+        [layout.rows(), layout.a(), layout.state_rows(), layout.keep(), layout.rows()],
+        (dt_p, a_p, c_p, keep, dy), dt_p, keep, a_p, layout, block_sizes, interpret,
+        reverse=True)
   padded = inputs[0].shape
   per_block_shape = jax.ShapeDtypeStruct((batch, num_blocks, padded[1], layout.state),
                                          jnp.float32)
