@@ -1,10 +1,10 @@
 """Decode speed with the KV cache against full recomputation, as a table.
 
   python -m experiments.benchmark_sampling [--batch_sizes=1,32 --new_tokens=512]
-      [--layer_pattern=mamba]
+      [--layer_pattern=mamba] [--config.model.num_layers=12 --config.model.embed_dim=768 ...]
 
-Greedy decoding on the default config's model (random weights: speed does not depend
-on them). "cached" is lm.sampling.generate (one prefill, then one token per step);
+Greedy decoding on the model of --config (default: the default config's; random weights:
+speed does not depend on them). "cached" is lm.sampling.generate (one prefill, then one token per step);
 "recompute" runs the whole [B, prompt + new] buffer through the model for every new
 token, both inside one jitted loop so neither pays Python overhead per token. Times
 exclude compilation (each path runs once first) and are the best of --repeats.
@@ -18,19 +18,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from ml_collections import config_flags
 
-from experiments.configs import default
 from lm import config as config_lib
 from lm import models, sampling
 
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', 'experiments/configs/default.py', 'Config whose model to time; override '
+    'fields as --config.model.FIELD=VALUE for a larger model.')
 _BATCH_SIZES = flags.DEFINE_list('batch_sizes', ['1', '32'], 'Batch sizes to time.')
 _PROMPT_LENGTH = flags.DEFINE_integer('prompt_length', 16, 'Prompt tokens per row.')
 _NEW_TOKENS = flags.DEFINE_integer('new_tokens', 512, 'Generated tokens per row.')
 _REPEATS = flags.DEFINE_integer('repeats', 2, 'Timed runs per case; the best is shown.')
 _DTYPE = flags.DEFINE_string('dtype', 'auto', 'Compute dtype (auto: bf16 on GPU/TPU).')
 _LAYER_PATTERN = flags.DEFINE_string(
-    'layer_pattern', 'attention', "The default model's config.model.layer_pattern: "
-    "'mamba' caches convolution and SSM state instead of keys and values.")
+    'layer_pattern', None, "Shorthand for --config.model.layer_pattern: 'mamba' caches "
+    "convolution and SSM state instead of keys and values.")
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'new_tokens'))
@@ -60,23 +63,25 @@ def best_time(function, repeats: int) -> float:
 
 def main(argv):
   del argv
-  model_config = default.get_config().model
+  model_config = _CONFIG.value.model
   model_config.dtype = config_lib.resolve_dtype(_DTYPE.value)
-  model_config.layer_pattern = _LAYER_PATTERN.value
+  if _LAYER_PATTERN.value:
+    model_config.layer_pattern = _LAYER_PATTERN.value
   model = models.build(ml_collections.FrozenConfigDict(model_config))
   prompt, new = _PROMPT_LENGTH.value, _NEW_TOKENS.value
   tokens = jnp.zeros((1, prompt), jnp.int32)
   params = nn.meta.unbox(model.init(jax.random.key(0), tokens, tokens, tokens)['params'])
 
   print(f'device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__},'
-        f' dtype {model_config.dtype}; model: default config, layer_pattern'
-        f' {model_config.layer_pattern!r}'
+        f' dtype {model_config.dtype}; model: {model_config.num_layers} layers of width'
+        f' {model_config.embed_dim}, layer_pattern {model_config.layer_pattern!r}'
         f' ({sum(x.size for x in jax.tree.leaves(params)):,} parameters);'
         f' prompt {prompt} tokens, {new} new tokens, greedy')
   print(f'| batch | cached tokens/s | recompute tokens/s | speed-up |')
   print(f'|---|---|---|---|')
   for batch in map(int, _BATCH_SIZES.value):
-    prompts = jax.random.randint(jax.random.key(1), (batch, prompt), 3, 259)
+    prompts = jax.random.randint(jax.random.key(1), (batch, prompt), 3,
+                                 model_config.vocab_size)
     lengths = jnp.full((batch,), prompt, jnp.int32)
     buffer = jnp.zeros((batch, prompt + new), jnp.int32).at[:, :prompt].set(prompts)
     cached = best_time(lambda: sampling.generate(

@@ -166,6 +166,9 @@ def test_bad_input_prints_one_line_and_no_traceback(tmp_path, corpus):
      ['--size=tiny', '--seq_lens=64', '--tokens_per_step=128', '--steps=1'], '| mamba |'),
     ('experiments.benchmark_sampling',
      ['--batch_sizes=2', '--new_tokens=8', '--repeats=1'], '| 2 |'),
+    ('experiments.benchmark_sampling',  # A config override and the Mamba cache.
+     ['--batch_sizes=2', '--new_tokens=8', '--repeats=1', '--layer_pattern=mamba',
+      '--config.model.num_layers=2'], "2 layers of width 128, layer_pattern 'mamba'"),
 ])
 def test_benchmark_scripts_print_their_table_on_a_tiny_case(module, flags, row):
   result = run([sys.executable, '-m', module, *flags])
