@@ -23,27 +23,32 @@ def init_cache(model, batch_size: int, cache_length: int):
   return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(init))
 
 
-def sample_from_logits(logits_bv, rng, *, temperature, top_k: int, top_p):
-  """Next ids [B] from float32 logits [B, V]. `top_k` 0 and `top_p` 1 switch them off."""
-  greedy_b = jnp.argmax(logits_bv, axis=-1)
-  logits_bv = logits_bv / jnp.maximum(temperature, 1e-6)
+def sample_from_logits(logits_bv, rng, *, temperature: float, top_k: int, top_p: float):
+  """Next ids [B] from float32 logits [B, V]. `top_k` 0 and `top_p` 1 switch them off.
+  The options are Python numbers, so a decode step computes only what they ask for
+  (greedy is one argmax: no sort, no softmax, no random draw)."""
+  if temperature == 0:
+    return jnp.argmax(logits_bv, axis=-1)
+  logits_bv = logits_bv / temperature
   if top_k:
     kth_largest_b1 = jax.lax.top_k(logits_bv, top_k)[0][:, -1:]
     logits_bv = jnp.where(logits_bv < kth_largest_b1, -jnp.inf, logits_bv)
-  # Nucleus: drop tokens whose higher-ranked predecessors already reach top_p.
-  sorted_bv = jnp.sort(logits_bv, axis=-1)[:, ::-1]
-  cumulative_bv = jnp.cumsum(jax.nn.softmax(sorted_bv, axis=-1), axis=-1)
-  kept_bv = (cumulative_bv - jax.nn.softmax(sorted_bv, axis=-1)) < top_p
-  threshold_b1 = jnp.min(jnp.where(kept_bv, sorted_bv, jnp.inf), axis=-1, keepdims=True)
-  logits_bv = jnp.where(logits_bv < threshold_b1, -jnp.inf, logits_bv)
-  sampled_b = jax.random.categorical(rng, logits_bv, axis=-1)
-  return jnp.where(temperature > 0, sampled_b, greedy_b)
+  if top_p < 1:  # Nucleus: drop tokens whose higher-ranked predecessors reach top_p.
+    sorted_bv = jnp.sort(logits_bv, axis=-1)[:, ::-1]
+    probabilities_bv = jax.nn.softmax(sorted_bv, axis=-1)
+    kept_bv = jnp.cumsum(probabilities_bv, axis=-1) - probabilities_bv < top_p
+    threshold_b1 = jnp.min(jnp.where(kept_bv, sorted_bv, jnp.inf), axis=-1, keepdims=True)
+    logits_bv = jnp.where(logits_bv < threshold_b1, -jnp.inf, logits_bv)
+  return jax.random.categorical(rng, logits_bv, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'top_k', 'cache_length'))
+@functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'cache_length',
+                                             'temperature', 'top_k', 'top_p'))
 def generate(params, prompts_bp, prompt_lengths_b, rng, stop_ids, *, model, max_new_tokens: int,
-             cache_length: int, temperature=0.0, top_k: int = 0, top_p=1.0, pad_id: int = 0):
-  """Continues each prompt row (its first prompt_lengths_b[b] tokens).
+             cache_length: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             pad_id: int = 0):
+  """Continues each prompt row (its first prompt_lengths_b[b] tokens). The sampling
+  options are static (see sample_from_logits): each setting compiles once.
 
   Returns new ids [B, max_new_tokens] (pad after a row stops) and the number of new
   ids in each row, stop id included. `cache_length` must hold P + max_new_tokens.
@@ -51,6 +56,9 @@ def generate(params, prompts_bp, prompt_lengths_b, rng, stop_ids, *, model, max_
   batch, prompt_length = prompts_bp.shape
   if max_new_tokens < 1:
     raise ValueError(f'{max_new_tokens=} must be at least 1')
+  if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+    raise ValueError(f'need temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got '
+                     f'{temperature=}, {top_p=}, {top_k=}')
   if prompt_length + max_new_tokens > cache_length:
     raise ValueError(f'{prompt_length=} + {max_new_tokens=} exceeds {cache_length=}')
   positions_bp = jnp.broadcast_to(jnp.arange(prompt_length), (batch, prompt_length))

@@ -119,3 +119,16 @@ def test_sampling_is_seeded_and_text_round_trips(model_and_params):
   other = sampling.complete(model, params, tokenizer, ['ab', 'hello there'], seed=4, **kwargs)
   assert first == again and first != other
   assert all(isinstance(text, str) for text in first)
+
+
+@pytest.mark.parametrize('options', [dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-2),
+                                     dict(max_new_tokens=0)])
+def test_bad_sampling_options_are_refused_by_name(model_and_params, options):
+  model, params = model_and_params
+  prompts_bp, lengths_b = sampling.pad_prompts([[1, 5]], pad_id=0, multiple=8)
+  options = {'max_new_tokens': 4, **options}
+  with pytest.raises(ValueError, match=next(iter(options.keys() - {'max_new_tokens'}),
+                                            'max_new_tokens')):
+    sampling.generate(params, jnp.asarray(prompts_bp), jnp.asarray(lengths_b),
+                      jax.random.key(0), jnp.asarray([-1]), model=model, cache_length=16,
+                      **options)
