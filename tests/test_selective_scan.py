@@ -188,3 +188,5 @@ def test_benchmark_script_runs_on_a_tiny_shape_in_interpret_mode():
   assert 'pallas gpu (ours) BlockSizes(block_e=8, chunk=8, num_warps=1' in result.stdout
   assert 'num_stages=1, segment=32)' in result.stdout
   assert 'failed' not in result.stdout
+  rows = [line for line in result.stdout.splitlines() if line.startswith('| pallas')]
+  assert len(rows) == 3 and all(float(row.split('|')[-2]) < 1e-5 for row in rows), rows

@@ -8,7 +8,8 @@
 
 Shape B:T:E:N (batch, time, channels, state). "floor" is the time to read x, dt, B, C,
 A once and write y once at --bandwidth; the GB/s column is those bytes over the measured
-time. Each time is the median of --repeats runs after one warm-up.
+time. "max rel err" is the largest relative error (max |got - want| / max |want|) of y
+and the five gradients against the lax.scan reference on the same inputs. Each time is the median of --repeats runs after one warm-up.
 """
 
 import functools
@@ -80,9 +81,11 @@ def main(argv):
   print(f'device: {jax.devices()[0].device_kind}, jax {jax.__version__}; B={batch} T={length} '
         f'E={channels} N={state}, x/B/C {_DTYPE.value}; floor {floor * 1e3:.3f} ms '
         f'({io_bytes / 1e6:.0f} MB at {_BANDWIDTH.value / 1e12:.1f} TB/s)')
-  print('| implementation | fwd ms | fwd GB/s | fwd / floor | fwd+bwd ms |')
-  print('|---|---|---|---|---|')
+  print('| implementation | fwd ms | fwd GB/s | fwd / floor | fwd+bwd ms | max rel err |')
+  print('|---|---|---|---|---|---|')
   *differentiable, reset = inputs
+  dy = jax.random.normal(jax.random.key(1), inputs[0].shape, inputs[0].dtype)
+  want = outputs_and_gradients(reference.selective_scan, differentiable, reset, dy)
   for name, scan in implementations(length).items():
     loss = lambda *args: jnp.sum(scan(*args, reset).astype(jnp.float32))
     try:
@@ -90,11 +93,25 @@ def main(argv):
                                       repeats=_REPEATS.value)
       both = timing.median_seconds(jax.jit(jax.grad(loss, argnums=range(5))), *differentiable,
                                    repeats=_REPEATS.value)
+      got = outputs_and_gradients(scan, differentiable, reset, dy)
     except Exception as error:  # One implementation failing must not hide the others.
-      print(f'| {name} | failed: {type(error).__name__}: {str(error).splitlines()[0][:100]} | | | |')
+      print(f'| {name} | failed: {type(error).__name__}: {str(error).splitlines()[0][:100]} '
+            '| | | | |')
       continue
+    error = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32)))
+                      / jnp.maximum(jnp.max(jnp.abs(w.astype(jnp.float32))), 1e-30))
+                for g, w in zip(got, want))
     print(f'| {name} | {forward * 1e3:.3f} | {io_bytes / forward / 1e9:.1f} | '
-          f'{forward / floor:.1f} | {both * 1e3:.3f} |', flush=True)
+          f'{forward / floor:.1f} | {both * 1e3:.3f} | {error:.1e} |', flush=True)
+
+
+def outputs_and_gradients(scan, differentiable, reset, dy):
+  """y and the gradients of sum(y * dy) for x, dt, A, B, C: the error column compares
+  these with the lax.scan reference's, on the benchmark's own shape."""
+  def run(*args):
+    y, vjp = jax.vjp(lambda *a: scan(*a, reset), *args)
+    return (y, *vjp(dy))
+  return jax.jit(run)(*differentiable)
 
 
 if __name__ == '__main__':
