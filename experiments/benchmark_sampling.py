@@ -4,8 +4,8 @@
       [--layer_pattern=mamba] [--config.model.num_layers=12 --config.model.embed_dim=768 ...]
 
 Greedy decoding on the model of --config (default: the default config's; random weights:
-speed does not depend on them). "cached" is lm.sampling.generate (one prefill, then one token per step);
-"recompute" runs the whole [B, prompt + new] buffer through the model for every new
+speed does not depend on them). "cached" is lm.sampling.generate (one prefill, then one
+token per step); "recompute" runs the whole [B, prompt + new] buffer through the model for every new
 token, both inside one jitted loop so neither pays Python overhead per token. Times
 exclude compilation (each path runs once first) and are the best of --repeats.
 """

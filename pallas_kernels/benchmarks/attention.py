@@ -2,7 +2,8 @@
 
   python -m pallas_kernels.benchmarks.attention             # ANCHORS.md shapes, on a GPU
   python -m pallas_kernels.benchmarks.attention --memory    # S=32768 fwd+bwd: who runs out?
-  python -m pallas_kernels.benchmarks.attention --kernel_blocks=64:64:4:2,128:64:8:2/128:64:8:2/64:128:8:2
+  python -m pallas_kernels.benchmarks.attention \
+      --kernel_blocks=64:64:4:2,128:128:8:2/64:64:4:2/64:128:8:2
       # our kernel at several GPU tilings: block_q:block_k:num_warps:num_stages for all
       # three kernels, or FORWARD/DQ/DKV each in that form
   python -m pallas_kernels.benchmarks.attention --shapes=64:1 --heads=2 --head_dim=64 \

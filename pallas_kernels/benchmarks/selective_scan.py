@@ -9,7 +9,8 @@
 Shape B:T:E:N (batch, time, channels, state). "floor" is the time to read x, dt, B, C,
 A once and write y once at --bandwidth; the GB/s column is those bytes over the measured
 time. "max rel err" is the largest relative error (max |got - want| / max |want|) of y
-and the five gradients against the lax.scan reference on the same inputs. Each time is the median of --repeats runs after one warm-up.
+and the five gradients against the lax.scan reference on the same inputs. Each time is
+the median of --repeats runs after one warm-up.
 """
 
 import functools
@@ -49,8 +50,8 @@ def kernel_variants():
   """Name -> scan for our kernel, at the default or the requested block sizes."""
   kernel = jax.default_backend() if jax.default_backend() in api.KERNELS else 'gpu'
   module = {'gpu': gpu, 'tpu': tpu}[kernel]
-  fields = ('block_e', 'chunk', 'num_warps', 'segment') if kernel == 'gpu' else ('block_e',
-                                                                         'block_t')
+  fields = {'gpu': ('block_e', 'chunk', 'num_warps', 'segment'),
+            'tpu': ('block_e', 'block_t')}[kernel]
   blocks = [module.BlockSizes()] + [
       module.BlockSizes(**dict(zip(fields, map(int, spec.split(':')))))
       for spec in _KERNEL_BLOCKS.value]

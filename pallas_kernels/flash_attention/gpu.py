@@ -93,14 +93,15 @@ def _logits(q, k, q_segments, k_segments, q_start, k_start, *, scale, causal):
   return s if mask is None else jnp.where(mask, s, MASK_VALUE)
 
 
-def _key_blocks(q_start, block_q, block_k, kv_len, causal):
-  """Key blocks a query block sees, [0, end), and how many of them lie wholly before its
-  first query (no causal mask needed there)."""
-  total = kv_len // block_k
-  if not causal:
-    return total, total
-  return jnp.minimum(lax.div(q_start + block_q + block_k - 1, block_k), total), \
-      lax.div(q_start, block_k)
+def _loop_over_keys(body, carry, q_start, block_q, block_k, kv_len, causal):
+  """body(j, carry, diagonal) over the key blocks a query block sees: first those wholly
+  before its first query (no causal mask), then those up to the diagonal (masked)."""
+  end = unmasked = kv_len // block_k
+  if causal:
+    end = jnp.minimum(lax.div(q_start + block_q + block_k - 1, block_k), end)
+    unmasked = lax.div(q_start, block_k)
+  carry = lax.fori_loop(0, unmasked, functools.partial(body, diagonal=False), carry)
+  return lax.fori_loop(unmasked, end, functools.partial(body, diagonal=causal), carry)
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, q_segment_ref, k_segment_ref, o_ref, lse_ref, *,
@@ -125,9 +126,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_segment_ref, k_segment_ref, o_ref, ls
 
   carry = (jnp.zeros((block_q, head_dim), jnp.float32),
            jnp.full((block_q,), MASK_VALUE, jnp.float32), jnp.zeros((block_q,), jnp.float32))
-  end, unmasked = _key_blocks(q_start, block_q, block_k, k_ref.shape[0], causal)
-  carry = lax.fori_loop(0, unmasked, functools.partial(body, diagonal=False), carry)
-  acc, m, l = lax.fori_loop(unmasked, end, functools.partial(body, diagonal=causal), carry)
+  acc, m, l = _loop_over_keys(body, carry, q_start, block_q, block_k, k_ref.shape[0], causal)
   o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
   lse_ref[...] = m + jnp.log2(l)  # Base 2, for the backward's exp2.
 
@@ -150,10 +149,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_segment_ref, k_segment_ref, do_ref, lse_re
     ds = p * (dp - delta[:, None])
     return dq + plgpu.dot(ds.astype(k.dtype), k).astype(jnp.float32)
 
-  dq = jnp.zeros((block_q, head_dim), jnp.float32)
-  end, unmasked = _key_blocks(q_start, block_q, block_k, k_ref.shape[0], causal)
-  dq = lax.fori_loop(0, unmasked, functools.partial(body, diagonal=False), dq)
-  dq = lax.fori_loop(unmasked, end, functools.partial(body, diagonal=causal), dq)
+  dq = _loop_over_keys(body, jnp.zeros((block_q, head_dim), jnp.float32), q_start, block_q,
+                       block_k, k_ref.shape[0], causal)
   dq_ref[...] = (dq * sm_scale).astype(dq_ref.dtype)
 
 

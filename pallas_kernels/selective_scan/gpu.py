@@ -65,11 +65,12 @@ def _next_power_of_two(n):
 def _kernel_inputs(x, dt, a, b, c, reset, block_sizes):
   """Padded (time to the segment or chunk), float32 where arithmetic needs it; `keep` is
   0.0 at a reset, else 1.0."""
-  chunk, block_e = block_sizes.segment or block_sizes.chunk, block_sizes.block_e
+  time_multiple = block_sizes.segment or block_sizes.chunk
+  block_e = block_sizes.block_e
   state = _next_power_of_two(a.shape[1])
-  pad_te = lambda t: pad_to_multiple(pad_to_multiple(t, chunk, 1), block_e, 2)
-  pad_tn = lambda t: pad_to_multiple(pad_to_multiple(t, chunk, 1), state, 2)
-  keep = pad_to_multiple(1.0 - reset.astype(jnp.float32), chunk, 1, value=1.0)
+  pad_te = lambda t: pad_to_multiple(pad_to_multiple(t, time_multiple, 1), block_e, 2)
+  pad_tn = lambda t: pad_to_multiple(pad_to_multiple(t, time_multiple, 1), state, 2)
+  keep = pad_to_multiple(1.0 - reset.astype(jnp.float32), time_multiple, 1, value=1.0)
   a = pad_to_multiple(pad_to_multiple(a.astype(jnp.float32), block_e, 0), state, 1)
   return pad_te(x), pad_te(dt.astype(jnp.float32)), a, pad_tn(b), pad_tn(c), keep
 
