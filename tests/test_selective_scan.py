@@ -180,12 +180,12 @@ def test_benchmark_script_runs_on_a_tiny_shape_in_interpret_mode():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   result = subprocess.run(
       [sys.executable, '-m', 'pallas_kernels.benchmarks.selective_scan', '--shape=1:64:16:4',
-       '--interpret', '--repeats=1', '--kernel_blocks=8:8:1,8:8:1:32'],
+       '--interpret', '--repeats=1', '--kernel_blocks=16:8:2,8:8:1:32'],
       cwd=root, capture_output=True, text=True, timeout=300,
       env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''})
   assert result.returncode == 0, result.stderr[-2000:]
   assert '| lax.scan (reference) |' in result.stdout
-  assert 'pallas gpu (ours) BlockSizes(block_e=8, chunk=8, num_warps=1' in result.stdout
+  assert 'pallas gpu (ours) BlockSizes(block_e=16, chunk=8, num_warps=2' in result.stdout
   assert 'num_stages=1, segment=32)' in result.stdout
   assert 'failed' not in result.stdout
   rows = [line for line in result.stdout.splitlines() if line.startswith('| pallas')]

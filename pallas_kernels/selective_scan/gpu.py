@@ -17,8 +17,9 @@ across programs too. A first pass runs each segment from a zero state and keeps 
 end state; XLA combines them across segments (h entering segment s+1 = end_s + decay_s *
 h entering s, decay_s the product of the segment's decays) and the main pass runs each
 segment from its true start. The backward does the same with the adjoint carry in
-reverse. It costs one state-only pass and buys T / segment times the programs, which
-matters when B * E / block_e programs leave the GPU's warps idle.
+reverse. It costs one state-only pass and buys T / segment times the programs. On the
+H100 at B=4 T=2048 E=2048 it lost at every segment length tried (docs/benchmarks.md):
+more programs did not make a program's walk through time any shorter, so it is off.
 Memory traffic, forward: x, dt, y [B, T, E] and B, C [B, T, N] once (each program reads
 B, C of its batch row: E / block_e times in all, mostly from L2). Backward: the same plus
 dy, dx, ddt, the chunk states read once, and dB, dC partial sums per channel block,
@@ -43,9 +44,9 @@ from pallas_kernels.padding import pad_to_multiple
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   # Defaults from the H100 sweep in docs/benchmarks.md (B=4 T=2048 E=2048 N=16).
-  block_e: int = 16  # Channels per program; a power of two.
+  block_e: int = 8  # Channels per program; a power of two.
   chunk: int = 8  # Time steps per unrolled loop body, and the backward's checkpoint spacing.
-  num_warps: int = 2
+  num_warps: int = 1  # One warp: the per-step reductions over N and E stay in its lanes.
   num_stages: int = 1
   # Time steps per program (a multiple of chunk); 0: the whole sequence. Splitting time
   # gives T / segment times the programs, for one extra state-only pass (see above).
@@ -235,7 +236,9 @@ def _entering_segments(kernel, name, in_specs, operands, dt, keep, a, layout, bl
 
   inputs = (jnp.moveaxis(local, 1, 0),
             jnp.moveaxis(_segment_decay(dt, keep, a, layout.segment), 1, 0))
-  _, entering = lax.scan(step, jnp.zeros_like(local[:, 0]), inputs, reverse=reverse)
+  # Unrolled: a few segments' elementwise steps fuse into one XLA kernel, not one each.
+  _, entering = lax.scan(step, jnp.zeros_like(local[:, 0]), inputs, reverse=reverse,
+                         unroll=True)
   return jnp.moveaxis(entering, 0, 1)
 
 
