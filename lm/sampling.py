@@ -13,6 +13,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# Flax's Dense, DenseGeneral and Embed cast these to the module's compute dtype at every
+# call; see cast_weights.
+_CAST_BY_FLAX = ('kernel', 'bias', 'embedding')
+
+
+def cast_weights(params, dtype):
+  """params with every Dense/Embed weight already in `dtype`. The model computes the
+  same numbers from them (flax would cast them to `dtype` anyway), but a decode loop no
+  longer re-reads and converts the float32 weights at every step."""
+  def cast(path, leaf):
+    name = getattr(path[-1], 'key', None)
+    if name in _CAST_BY_FLAX and jnp.issubdtype(leaf.dtype, jnp.floating):
+      return leaf.astype(dtype)
+    return leaf
+  return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def init_cache(model, batch_size: int, cache_length: int):
@@ -61,6 +76,7 @@ def generate(params, prompts_bp, prompt_lengths_b, rng, stop_ids, *, model, max_
                      f'{temperature=}, {top_p=}, {top_k=}')
   if prompt_length + max_new_tokens > cache_length:
     raise ValueError(f'{prompt_length=} + {max_new_tokens=} exceeds {cache_length=}')
+  params = cast_weights(params, model.config.dtype)  # Once, outside the decode loop.
   positions_bp = jnp.broadcast_to(jnp.arange(prompt_length), (batch, prompt_length))
   segment_ids_bp = (positions_bp < prompt_lengths_b[:, None]).astype(jnp.int32)
   logits_bpv, variables = model.apply(

@@ -132,3 +132,28 @@ def test_bad_sampling_options_are_refused_by_name(model_and_params, options):
     sampling.generate(params, jnp.asarray(prompts_bp), jnp.asarray(lengths_b),
                       jax.random.key(0), jnp.asarray([-1]), model=model, cache_length=16,
                       **options)
+
+
+def test_weights_cast_once_give_the_same_logits_as_flax_casting_each_call():
+  # generate casts Dense/Embed weights to the compute dtype before its loop; this holds
+  # only while the model would cast exactly those weights itself (Mamba's a_log, d and
+  # the norms stay float32), so any path that used one in float32 would show here.
+  model = models.build(small_model_config(dtype='bfloat16', layer_pattern='mamba,attention'))
+  tokens = jax.random.randint(jax.random.key(2), (2, 8), 3, 97)
+  positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
+  params = nn.meta.unbox(model.init(jax.random.key(0), tokens, tokens, positions)['params'])
+  # Off their initial values (ones, log 1..N), which bf16 would hold exactly.
+  params = jax.tree.map(lambda p, k: p + 0.01 * jax.random.normal(k, p.shape), params,
+                        jax.tree.unflatten(jax.tree.structure(params), jax.random.split(
+                            jax.random.key(3), len(jax.tree.leaves(params)))))
+  cast = sampling.cast_weights(params, jnp.bfloat16)
+  assert {leaf.dtype for leaf in jax.tree.leaves(cast)} == {jnp.dtype(jnp.bfloat16),
+                                                            jnp.dtype(jnp.float32)}
+  segments = jnp.ones_like(tokens)
+  want = model.apply({'params': params}, tokens, segments, positions)
+  got = model.apply({'params': cast}, tokens, segments, positions)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  cache = sampling.init_cache(model, batch_size=2, cache_length=8)
+  decode = lambda p: model.apply({'params': p, 'cache': cache}, tokens, segments, positions,
+                                 decode=True, mutable=['cache'])[0]
+  np.testing.assert_array_equal(np.asarray(decode(cast)), np.asarray(decode(params)))
