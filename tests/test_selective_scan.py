@@ -93,7 +93,8 @@ def test_kernel_matches_reference_forward_and_gradients_in_float32(
     kernel, batch, length, channels, state):
   inputs, dy = scan_inputs(length, batch, length, channels, state)
   scan = lambda *a: api.selective_scan(*a, implementation=kernel,
-                                       block_sizes=SMALL_BLOCKS[kernel], interpret=backend.INTERPRET)
+                                       block_sizes=SMALL_BLOCKS[kernel],
+                                       interpret=backend.INTERPRET)
   want = value_and_grads(reference.selective_scan, inputs, dy)
   got = value_and_grads(scan, inputs, dy)
   for name, g, w in zip(NAMES, got, want):

@@ -258,7 +258,7 @@ def backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, causal:
              sm_scale: float, block_sizes: BlockSizes, interpret: bool):
   """Gradients (dq, dk, dv) of the forward's inputs."""
   padded, segments = _padded_inputs(q, k, v, q_segment_ids, kv_segment_ids, block_sizes)
-  q_p, k_p = padded[:2]
+  q_p, k_p, v_p = padded[:3]
   kv_len = k.shape[1]
   batch, q_pad, num_heads, head_dim = q_p.shape
   q_len = out.shape[1]
@@ -308,7 +308,7 @@ def backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, causal:
           pl.BlockSpec((None, block_k, None, head_dim), lambda j, b, k: (b, j, k, 0)),
       ],
       out_shape=[jax.ShapeDtypeStruct(k_p.shape, k_p.dtype),
-                 jax.ShapeDtypeStruct(padded[2].shape, padded[2].dtype)],
+                 jax.ShapeDtypeStruct(v_p.shape, v_p.dtype)],
       compiler_params=_params(tile),
       interpret=interpret,
       name='flash_attention_dkv',

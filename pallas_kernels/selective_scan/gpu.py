@@ -284,9 +284,9 @@ def backward(x, dt, a, b, c, reset, states, dy, *, block_sizes: BlockSizes = Blo
   """Gradients (dx, ddt, da, db, dc) from forward's inputs, its saved states and dy."""
   batch, length, channels = x.shape
   inputs = _kernel_inputs(x, dt, a, b, c, reset, block_sizes)
-  _, dt_p, a_p, _, c_p, keep = inputs
-  padded_channels = inputs[0].shape[2]
-  layout = _Layout(inputs[0], a_p.shape[1], block_sizes)
+  x_p, dt_p, a_p, _, c_p, keep = inputs
+  padded_length, padded_channels = x_p.shape[1:]
+  layout = _Layout(x_p, a_p.shape[1], block_sizes)
   num_blocks = layout.grid[1]
   dy = pad_to_multiple(pad_to_multiple(dy, layout.segment, 1), layout.block_e, 2)
   g0 = jnp.zeros((batch, layout.num_segments, padded_channels, layout.state), jnp.float32)
@@ -296,8 +296,7 @@ def backward(x, dt, a, b, c, reset, states, dy, *, block_sizes: BlockSizes = Blo
         [layout.rows(), layout.a(), layout.state_rows(), layout.keep(), layout.rows()],
         (dt_p, a_p, c_p, keep, dy), dt_p, keep, a_p, layout, block_sizes, interpret,
         reverse=True)
-  padded = inputs[0].shape
-  per_block_shape = jax.ShapeDtypeStruct((batch, num_blocks, padded[1], layout.state),
+  per_block_shape = jax.ShapeDtypeStruct((batch, num_blocks, padded_length, layout.state),
                                          jnp.float32)
   dx, ddt, da, db, dc = pl.pallas_call(
       functools.partial(_backward_kernel, chunk=block_sizes.chunk),
@@ -307,8 +306,8 @@ def backward(x, dt, a, b, c, reset, states, dy, *, block_sizes: BlockSizes = Blo
                 layout.per_segment()],
       out_specs=[layout.rows(), layout.rows(), layout.per_segment(), layout.per_block(),
                  layout.per_block()],
-      out_shape=[jax.ShapeDtypeStruct(padded, x.dtype),
-                 jax.ShapeDtypeStruct(padded, jnp.float32),
+      out_shape=[jax.ShapeDtypeStruct(x_p.shape, x.dtype),
+                 jax.ShapeDtypeStruct(x_p.shape, jnp.float32),
                  layout.per_segment_shape(padded_channels), per_block_shape, per_block_shape],
       compiler_params=_params(block_sizes),
       interpret=interpret,
