@@ -10,10 +10,10 @@ without one, fall back to the reference (reference.py) with a log line.
 
 import functools
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import dispatch
 from pallas_kernels.flash_attention import gpu, reference, tpu
 
 KERNELS = {'gpu': gpu, 'tpu': tpu}  # Implementation name (= backend) -> kernel module.
@@ -42,12 +42,6 @@ def _kernel_attention(kernel: str, causal: bool, sm_scale: float, block_sizes, i
   return attention
 
 
-@functools.cache
-def _warn_once(message: str) -> None:
-  # Traced once per shape but called every step: one line is enough.
-  logging.warning('flash_attention: %s', message)
-
-
 def flash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, causal: bool = True,
                     sm_scale: float | None = None, implementation: str | None = None,
                     block_sizes=None, interpret: bool = False):
@@ -58,20 +52,13 @@ def flash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, causal:
   if (q_segment_ids is None) != (kv_segment_ids is None):
     raise ValueError('give both q_segment_ids and kv_segment_ids, or neither')
   sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
-  if implementation is None:
-    implementation = jax.default_backend()
-    if implementation not in KERNELS:
-      _warn_once(f'no kernel for the {implementation} backend; using the reference')
-      implementation = 'reference'
-  if implementation in KERNELS:
-    kernel = KERNELS[implementation]
-    reason = kernel.unsupported(q, k)
-    if reason is None:  # Segment ids may be None: the kernels skip the segment mask.
-      attention = _kernel_attention(implementation, causal, sm_scale,
-                                    block_sizes or kernel.BlockSizes(), interpret)
-      return attention(q, k, v, q_segment_ids, kv_segment_ids)
-    _warn_once(f'{implementation} kernel: falling back to the reference: {reason}')
-  elif implementation != 'reference':
+  implementation = dispatch.pick('flash_attention', KERNELS, implementation, 'reference',
+                                 lambda kernel: kernel.unsupported(q, k))
+  if implementation in KERNELS:  # Segment ids may be None: the kernels skip the segment mask.
+    attention = _kernel_attention(implementation, causal, sm_scale,
+                                  block_sizes or KERNELS[implementation].BlockSizes(), interpret)
+    return attention(q, k, v, q_segment_ids, kv_segment_ids)
+  if implementation != 'reference':
     raise ValueError(f'{implementation=} is not one of None, "gpu", "tpu", "reference"')
   return reference.attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal,
                              sm_scale=sm_scale)

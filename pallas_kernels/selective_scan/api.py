@@ -10,9 +10,9 @@ Backends without a kernel run the chunked associative scan (reference.py), with 
 
 import functools
 
-from absl import logging
 import jax
 
+from pallas_kernels import dispatch
 from pallas_kernels.selective_scan import gpu, reference, tpu
 
 KERNELS = {'gpu': gpu, 'tpu': tpu}  # Implementation name (= backend) -> kernel module.
@@ -39,12 +39,6 @@ def _kernel_scan(kernel: str, block_sizes, interpret: bool):
   return scan
 
 
-@functools.cache
-def _warn_once(message: str) -> None:
-  # Traced once per shape but called every step: one line is enough.
-  logging.warning('selective_scan: %s', message)
-
-
 def _check_shapes(x, dt, a, b, c, reset):
   batch, length, channels = x.shape
   state = a.shape[-1]
@@ -62,11 +56,7 @@ def selective_scan(x, dt, a, b, c, reset, *, implementation: str | None = None,
   """`implementation`: None picks by backend; 'gpu', 'tpu', 'chunked' or 'reference'
   force one. `interpret=True` runs a kernel in the Pallas interpreter (tests on CPU)."""
   _check_shapes(x, dt, a, b, c, reset)
-  if implementation is None:
-    implementation = jax.default_backend()
-    if implementation not in KERNELS:
-      _warn_once(f'no kernel for the {implementation} backend; using the chunked scan')
-      implementation = 'chunked'
+  implementation = dispatch.pick('selective_scan', KERNELS, implementation, 'chunked')
   if implementation in KERNELS:
     block_sizes = block_sizes or KERNELS[implementation].BlockSizes()
     return _kernel_scan(implementation, block_sizes, interpret)(x, dt, a, b, c, reset)
