@@ -95,16 +95,17 @@ def per_shard(function, in_names, out_names):
 
   For Pallas kernels: a kernel is one opaque call that XLA cannot split, so under jit it
   would gather its inputs whole onto every device. in_names holds a tuple of logical axis
-  names per argument, out_names one for the result; the named dimensions must not need
-  communication (batch, heads, channels). Without an active mesh of more than one device
-  this is `function` itself.
+  names per argument, out_names one for the result (a list of them for several results);
+  the named dimensions must not need communication (batch, heads, channels). Without an
+  active mesh of more than one device this is `function` itself.
   """
   mesh = _ACTIVE_MESH.get()
   if mesh is None or mesh.size == 1:
     return function
   spec = lambda names: nn.logical_to_mesh_axes(names, LOGICAL_AXIS_RULES)
+  out_specs = tuple(map(spec, out_names)) if isinstance(out_names, list) else spec(out_names)
   return jax.shard_map(function, mesh=mesh, in_specs=tuple(map(spec, in_names)),
-                       out_specs=spec(out_names), check_vma=False)
+                       out_specs=out_specs, check_vma=False)
 
 
 def logical_to_shardings(logical_tree, mesh: Mesh):

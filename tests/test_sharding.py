@@ -74,6 +74,8 @@ def test_kernels_run_on_each_devices_shard_and_match_the_whole_computation(monke
   """Under a data x fsdp x tensor mesh the Pallas paths see only their device's rows and
   heads/channels (XLA cannot split a kernel call), and give the unsharded result."""
   from lm.models import attention, mamba
+  from pallas_kernels.decode_attention import api as decode_api
+  from pallas_kernels.decode_attention import reference as decode_reference
   from pallas_kernels.flash_attention import api as attention_api
   from pallas_kernels.flash_attention import reference as attention_reference
   from pallas_kernels.selective_scan import api as scan_api
@@ -91,6 +93,8 @@ def test_kernels_run_on_each_devices_shard_and_match_the_whole_computation(monke
                       recording(scan_api.selective_scan, 'gpu'))
   monkeypatch.setattr(attention.flash_attention, 'flash_attention',
                       recording(attention_api.flash_attention, 'gpu'))
+  monkeypatch.setattr(attention.decode_attention, 'decode_attention',
+                      recording(decode_api.decode_attention, 'gpu'))
   keys = jax.random.split(jax.random.key(0), 8)
   batch, length, channels, state, heads, kv_heads, head_dim = 8, 16, 16, 4, 4, 2, 16
   x, dt, b, c = (jax.random.normal(keys[i], shape) for i, shape in enumerate(
@@ -100,12 +104,15 @@ def test_kernels_run_on_each_devices_shard_and_match_the_whole_computation(monke
   q = jax.random.normal(keys[5], (batch, length, heads, head_dim))
   k, v = (jax.random.normal(key, (batch, length, kv_heads, head_dim)) for key in keys[6:])
   segment_ids = jnp.where(reset.cumsum(1) > 1, 2, 1)
+  # A decode step: row b's new token (position 0 of q, k, v) goes to slot b of caches k, v.
+  step = (q[:, 0], k[:, 0] + 1, v[:, 0] - 1, k, v, jnp.arange(batch))
 
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
   with sharding.activate(mesh):
     scan_grads = jax.jit(jax.value_and_grad(
         lambda x, dt: jnp.sum(jnp.sin(mamba.kernel_scan(x, dt, a, b, c, reset))), (0, 1)))
     attention_out = jax.jit(attention.pallas_attention)(q, k, v, segment_ids)
+    decode_out = jax.jit(attention.pallas_decode_attention)(*step)
     got_scan = scan_grads(x, dt)
   want_scan = jax.value_and_grad(lambda x, dt: jnp.sum(jnp.sin(
       scan_reference.selective_scan(x, dt, a, b, c, reset))), (0, 1))(x, dt)
@@ -113,6 +120,9 @@ def test_kernels_run_on_each_devices_shard_and_match_the_whole_computation(monke
 
   assert (2, length, channels // 2) in seen  # Rows over data x fsdp, channels over tensor.
   assert (2, length, heads // 2, head_dim) in seen
+  assert (2, heads // 2, head_dim) in seen
   jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5),
                got_scan, want_scan)
   np.testing.assert_allclose(attention_out, want_attention, rtol=1e-5, atol=1e-5)
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5),
+               decode_out, decode_reference.decode_attention(*step))

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from lm import sharding
+from pallas_kernels.decode_attention import api as decode_attention
 from pallas_kernels.flash_attention import api as flash_attention
 
 
@@ -61,6 +62,19 @@ def pallas_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt):
   attend = lambda q, k, v, ids: flash_attention.flash_attention(q, k, v, ids, ids, causal=True)
   return sharding.per_shard(attend, (heads, kv_heads, kv_heads, ('act_batch', 'act_seq')),
                             heads)(q_btnh, k_bskh, v_bskh, segment_ids_bt)
+
+
+def pallas_decode_attention(q_bnh, k_bkh, v_bkh, k_cache_bskh, v_cache_bskh, start_b):
+  """One cached decoding step (pallas_kernels/decode_attention): writes the new key and
+  value at each row's slot `start_b` and attends over the slots up to it. Returns out
+  [B, N, H] and both caches."""
+  heads = ('act_batch', 'act_heads', 'act_head_dim')
+  kv_heads = ('act_batch', 'act_kv_heads', 'act_head_dim')
+  cache = ('act_batch', None, 'act_kv_heads', 'act_head_dim')
+  return sharding.per_shard(decode_attention.decode_attention,
+                            (heads, kv_heads, kv_heads, cache, cache, ('act_batch',)),
+                            [heads, cache, cache])(
+                                q_bnh, k_bkh, v_bkh, k_cache_bskh, v_cache_bskh, start_b)
 
 
 ATTENTION_IMPLEMENTATIONS = {

@@ -12,6 +12,8 @@ keeps keys and values [B, S, K, H] for S cache slots and each row's filled lengt
 [B]. A call appends its T tokens at every row's own length (so prompts of different
 lengths share one static-shape cache) and attends to all filled slots. Padding
 tokens (segment id 0) are written but not counted, so the next call overwrites them.
+With `attention='pallas'`, a one-token call (a decode step) writes and attends in one
+kernel (pallas_kernels/decode_attention) instead of XLA's scatter and einsums.
 `lm.sampling.init_cache` builds an empty cache; the Mamba state cache of a later
 family lives in the same collection behind the same call.
 """
@@ -65,11 +67,15 @@ class Attention(nn.Module):
     lengths = self.variable('cache', 'cache_lengths', jnp.zeros, (batch,), jnp.int32)
 
     start_b = lengths.value
+    lengths.value = start_b + jnp.sum(segment_ids_bt != 0, axis=1, dtype=jnp.int32)
+    if length == 1 and self.config.attention == 'pallas':  # One token per row: a decode step.
+      out_bnh, key_cache.value, value_cache.value = attention_lib.pallas_decode_attention(
+          q_btnh[:, 0], k_btkh[:, 0], v_btkh[:, 0], key_cache.value, value_cache.value, start_b)
+      return out_bnh[:, None]
     append = jax.vmap(lambda cache, new, start: jax.lax.dynamic_update_slice_in_dim(
         cache, new.astype(cache.dtype), start, axis=0))
     key_cache.value = append(key_cache.value, k_btkh, start_b)
     value_cache.value = append(value_cache.value, v_btkh, start_b)
-    lengths.value = start_b + jnp.sum(segment_ids_bt != 0, axis=1, dtype=jnp.int32)
 
     # Query t of row b sits in slot start_b + t and sees every slot up to it.
     query_slot_bt = start_b[:, None] + jnp.arange(length)[None]
