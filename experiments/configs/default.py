@@ -33,7 +33,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
       tie_embeddings=True,
       norm_eps=1e-6,
       dtype='auto',  # bfloat16 on GPU/TPU, float32 on CPU; or 'float32', 'bfloat16'.
-      attention='xla',  # 'xla' | 'cudnn' | 'pallas' (our flash-attention kernels)
+      attention='xla',  # 'xla' | 'cudnn' | 'pallas' (our flash-attention and decode kernels)
       remat='none',  # 'none' | 'full' | 'save_dots'
       # Mamba layers (used where layer_pattern names them).
       mamba_expand=2,  # Inner width = mamba_expand * embed_dim.
