@@ -43,7 +43,7 @@ class BlockSizes:
 def unsupported(q_bnh, k_cache_bskh) -> str | None:
   """Why Triton cannot take these shapes, or None: the flash kernel's limits (powers of
   two for the head dim and the group), which are this kernel's too."""
-  return flash_gpu.unsupported(q_bnh[:, None], k_cache_bskh)
+  return flash_gpu.unsupported_heads(q_bnh.shape[-1], q_bnh.shape[1] // k_cache_bskh.shape[2])
 
 
 def _kernel(start_ref, q_ref, k_ref, v_ref, k_cache_ref, v_cache_ref, o_ref, k_out_ref,

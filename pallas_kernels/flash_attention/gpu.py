@@ -71,7 +71,11 @@ class BlockSizes:
 
 def unsupported(q, k) -> str | None:
   """Why Triton cannot take these shapes (its blocks are powers of two), or None."""
-  head_dim, groups = q.shape[-1], q.shape[2] // k.shape[2]
+  return unsupported_heads(q.shape[-1], q.shape[2] // k.shape[2])
+
+
+def unsupported_heads(head_dim: int, groups: int) -> str | None:
+  """The head dim and query heads per kv head the Triton kernels take, or why not."""
   if head_dim & (head_dim - 1) or not 16 <= head_dim <= 256:
     return f'{head_dim=} is not a power of two in [16, 256]'
   if groups & (groups - 1):
