@@ -1,16 +1,23 @@
 """Decode speed with the KV cache against full recomputation, as a table.
 
   python -m experiments.benchmark_sampling [--batch_sizes=1,32 --new_tokens=512]
-      [--layer_pattern=mamba] [--config.model.num_layers=12 --config.model.embed_dim=768 ...]
+      [--profile_steps=64] [--layer_pattern=mamba]
+      [--config.model.num_layers=12 --config.model.embed_dim=768 ...]
 
 Greedy decoding on the model of --config (default: the default config's; random weights:
 speed does not depend on them). "cached" is lm.sampling.generate (one prefill, then one
 token per step); "recompute" runs the whole [B, prompt + new] buffer through the model for every new
 token, both inside one jitted loop so neither pays Python overhead per token. Times
 exclude compilation (each path runs once first) and are the best of --repeats.
+
+--profile_steps=N also traces N cached decode steps per batch size (jax.profiler) and
+prints the device kernels that take the most time per step: where a step's time goes.
 """
 
+import collections
 import functools
+import glob
+import tempfile
 import time
 
 from absl import app, flags
@@ -34,6 +41,9 @@ _DTYPE = flags.DEFINE_string('dtype', 'auto', 'Compute dtype (auto: bf16 on GPU/
 _LAYER_PATTERN = flags.DEFINE_string(
     'layer_pattern', None, "Shorthand for --config.model.layer_pattern: 'mamba' caches "
     "convolution and SSM state instead of keys and values.")
+_PROFILE_STEPS = flags.DEFINE_integer(
+    'profile_steps', 0, 'If positive, trace this many cached decode steps per batch size '
+    'and print the device kernels that take the most time per step.')
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'new_tokens'))
@@ -61,6 +71,48 @@ def best_time(function, repeats: int) -> float:
   return min(times)
 
 
+def device_kernel_times(function) -> dict[str, list]:
+  """Kernel name -> [launches, total microseconds] over one traced call of function()."""
+  with tempfile.TemporaryDirectory() as directory:
+    with jax.profiler.trace(directory):
+      jax.block_until_ready(function())
+    [path] = glob.glob(f'{directory}/**/*.xplane.pb', recursive=True)
+    data = jax.profiler.ProfileData.from_file(path)
+  totals = collections.defaultdict(lambda: [0, 0.0])
+  for plane in data.planes:
+    if not plane.name.startswith('/device:'):  # Host planes hold Python and runtime threads.
+      continue
+    for line in plane.lines:
+      # GPU kernels sit on stream lines; TPU planes also have module and step lines,
+      # which would count the same time twice.
+      if line.name.startswith('Stream') or line.name == 'XLA Ops':
+        for event in line.events:
+          totals[event.name][0] += 1
+          totals[event.name][1] += event.duration_ns / 1e3
+  return totals
+
+
+def print_decode_profile(generate_new, steps: int, rows: int = 12):
+  """Per-step kernel times of cached decoding: a run of steps + 1 new tokens minus a run
+  of one (which does the prefill and no decode step)."""
+  for new in (1, steps + 1):
+    jax.block_until_ready(generate_new(new))  # Compile outside the trace.
+  prefill_only = device_kernel_times(lambda: generate_new(1))
+  with_steps = device_kernel_times(lambda: generate_new(steps + 1))
+  per_step = {name: ((n - prefill_only.get(name, (0, 0))[0]) / steps,
+                     (us - prefill_only.get(name, (0, 0.0))[1]) / steps)
+              for name, (n, us) in with_steps.items()}
+  if not per_step:
+    print('no device kernels in the trace (the CPU backend reports none)')
+    return
+  print(f'per decode step ({steps} traced): {sum(n for n, _ in per_step.values()):.0f} kernels,'
+        f' {sum(us for _, us in per_step.values()):,.0f} us of kernel time')
+  print('| us per step | launches per step | kernel |')
+  print('|---|---|---|')
+  for name, (n, us) in sorted(per_step.items(), key=lambda item: -item[1][1])[:rows]:
+    print(f'| {us:.1f} | {n:.1f} | {name} |')
+
+
 def main(argv):
   del argv
   model_config = _CONFIG.value.model
@@ -69,6 +121,8 @@ def main(argv):
     model_config.layer_pattern = _LAYER_PATTERN.value
   model = models.build(ml_collections.FrozenConfigDict(model_config))
   prompt, new = _PROMPT_LENGTH.value, _NEW_TOKENS.value
+  if _PROFILE_STEPS.value >= new:
+    raise ValueError(f'--profile_steps={_PROFILE_STEPS.value} must be below --new_tokens={new}')
   tokens = jnp.zeros((1, prompt), jnp.int32)
   params = nn.meta.unbox(model.init(jax.random.key(0), tokens, tokens, tokens)['params'])
 
@@ -77,6 +131,13 @@ def main(argv):
         f' {model_config.embed_dim}, layer_pattern {model_config.layer_pattern!r}'
         f' ({sum(x.size for x in jax.tree.leaves(params)):,} parameters);'
         f' prompt {prompt} tokens, {new} new tokens, greedy')
+
+  def generate(prompts, lengths, new_tokens):
+    # Always the full cache length: a step's cost depends on it, profiled or timed.
+    return sampling.generate(params, prompts, lengths, jax.random.key(0), jnp.asarray([-1]),
+                             model=model, max_new_tokens=new_tokens, cache_length=prompt + new)
+
+  profiles = []
   print(f'| batch | cached tokens/s | recompute tokens/s | speed-up |')
   print(f'|---|---|---|---|')
   for batch in map(int, _BATCH_SIZES.value):
@@ -84,13 +145,16 @@ def main(argv):
                                  model_config.vocab_size)
     lengths = jnp.full((batch,), prompt, jnp.int32)
     buffer = jnp.zeros((batch, prompt + new), jnp.int32).at[:, :prompt].set(prompts)
-    cached = best_time(lambda: sampling.generate(
-        params, prompts, lengths, jax.random.key(0), jnp.asarray([-1]), model=model,
-        max_new_tokens=new, cache_length=prompt + new), _REPEATS.value)
+    cached = best_time(lambda: generate(prompts, lengths, new), _REPEATS.value)
     recompute = best_time(lambda: generate_by_recomputation(
         params, buffer, lengths, model=model, new_tokens=new), _REPEATS.value)
     print(f'| {batch} | {batch * new / cached:,.0f} | {batch * new / recompute:,.0f} |'
           f' {recompute / cached:.1f}x |', flush=True)
+    if _PROFILE_STEPS.value > 0:
+      profiles.append((batch, functools.partial(generate, prompts, lengths)))
+  for batch, generate_new in profiles:  # After the table, so its rows stay together.
+    print(f'\nbatch {batch}, cached decoding:')
+    print_decode_profile(generate_new, _PROFILE_STEPS.value)
 
 
 if __name__ == '__main__':

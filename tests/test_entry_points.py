@@ -169,6 +169,9 @@ def test_bad_input_prints_one_line_and_no_traceback(tmp_path, corpus):
     ('experiments.benchmark_sampling',  # A config override and the Mamba cache.
      ['--batch_sizes=2', '--new_tokens=8', '--repeats=1', '--layer_pattern=mamba',
       '--config.model.num_layers=2'], "2 layers of width 128, layer_pattern 'mamba'"),
+    ('experiments.benchmark_sampling',  # The kernel profile (the CPU reports no kernels).
+     ['--batch_sizes=1', '--new_tokens=4', '--repeats=1', '--profile_steps=2'],
+     'batch 1, cached decoding:\nno device kernels'),
 ])
 def test_benchmark_scripts_print_their_table_on_a_tiny_case(module, flags, row):
   result = run([sys.executable, '-m', module, *flags])
