@@ -26,8 +26,6 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.flash_attention import gpu as flash_gpu
 from pallas_kernels.flash_attention.reference import MASK_VALUE
 
-_LOG2_E = 1.4426950408889634  # exp(x) = exp2(x log2 e)
-
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
@@ -97,7 +95,8 @@ def decode_attention(q_bnh, k_bkh, v_bkh, k_cache_bskh, v_cache_bskh, start_b, *
   q_bkrh = jnp.pad(q_bnh.reshape(batch, num_kv_heads, groups, head_dim),
                    ((0, 0), (0, 0), (0, rows - groups), (0, 0)))
   out, k_cache_bskh, v_cache_bskh = pl.pallas_call(
-      functools.partial(_kernel, scale=sm_scale * _LOG2_E, block_s=block_sizes.block_s),
+      functools.partial(_kernel, scale=sm_scale * flash_gpu.LOG2_E,
+                        block_s=block_sizes.block_s),
       grid=(batch, num_kv_heads),
       out_shape=[jax.ShapeDtypeStruct(q_bkrh.shape, q_bnh.dtype),
                  jax.ShapeDtypeStruct(k_cache_bskh.shape, k_cache_bskh.dtype),

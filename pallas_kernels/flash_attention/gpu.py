@@ -31,7 +31,7 @@ from pallas_kernels.padding import pad_axis
 from pallas_kernels.flash_attention.reference import MASK_VALUE
 
 _QUERY_PAD_SEGMENT, _KEY_PAD_SEGMENT = -1, -2
-_LOG2_E = 1.4426950408889634  # exp(x) = exp2(x log2 e)
+LOG2_E = 1.4426950408889634  # exp(x) = exp2(x log2 e); the decode kernel uses it too.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,7 +241,7 @@ def forward(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, sm_scale: f
   tile = block_sizes.forward
   block_q = tile.block_q
   out, lse = pl.pallas_call(
-      functools.partial(_forward_kernel, scale=sm_scale * _LOG2_E, causal=causal,
+      functools.partial(_forward_kernel, scale=sm_scale * LOG2_E, causal=causal,
                         segments=segments, block_k=tile.block_k),
       grid=(q_pad // block_q, batch, num_heads),
       in_specs=_query_block_specs(block_q, kv_pad, head_dim, groups),
@@ -272,7 +272,7 @@ def backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, causal:
   # delta_i = sum_h dO_ih O_ih: the row term of the softmax gradient.
   delta = jnp.einsum('btnh,btnh->bnt', d_out.astype(jnp.float32), out.astype(jnp.float32))
   delta = pad_axis(delta, q_pad, 2)
-  kernel_kwargs = dict(scale=sm_scale * _LOG2_E, sm_scale=sm_scale, causal=causal,
+  kernel_kwargs = dict(scale=sm_scale * LOG2_E, sm_scale=sm_scale, causal=causal,
                        segments=segments)
 
   tile = block_sizes.dq
