@@ -122,7 +122,8 @@ def main(argv):
   model = models.build(ml_collections.FrozenConfigDict(model_config))
   prompt, new = _PROMPT_LENGTH.value, _NEW_TOKENS.value
   if _PROFILE_STEPS.value >= new:
-    raise ValueError(f'--profile_steps={_PROFILE_STEPS.value} must be below --new_tokens={new}')
+    raise app.UsageError(f'--profile_steps={_PROFILE_STEPS.value} must be below'
+                         f' --new_tokens={new}')
   tokens = jnp.zeros((1, prompt), jnp.int32)
   params = nn.meta.unbox(model.init(jax.random.key(0), tokens, tokens, tokens)['params'])
 
