@@ -4,8 +4,9 @@ Algorithm. One program per (batch row, block of `block_e` channels) holds the st
 h [block_e, N] in registers and walks time in chunks of `chunk` steps. A chunk's loads are
 issued together before its arithmetic (the loop body is unrolled in Python), so their
 latency is paid once per chunk rather than once per step, and the forward issues the
-next chunk's loads before computing this one (held in registers across the loop); the
-recurrence itself is one fused multiply-add per state element per step.
+next chunk's loads before computing this one (held in registers across the loop). Per
+state element and step the decay exp(dt A) is one FMA and one ex2 instruction (A comes
+scaled by log2 e, a reset as an exponent of -inf) and the recurrence one more FMA.
   forward:  y_t = C_t . h_t, written per step; h never leaves the chip. For the backward
             pass it also writes the state at the start of every chunk, [B, T/chunk, E, N].
   backward: chunks in reverse. From the saved chunk-start state it recomputes the chunk's
@@ -38,7 +39,26 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.flash_attention.gpu import LOG2_E
 from pallas_kernels.padding import pad_to_multiple
+
+LN_2 = 0.6931471805599453
+
+
+def _exp2_ftz(x):
+  """2**x by one ex2.approx.ftz instruction. jnp.exp2 becomes libdevice's exp2f, which
+  also handles denormal results and timed no faster than expf on the H100
+  (docs/benchmarks.md); flushing results below 2**-126 to zero does not matter for a decay."""
+  [y] = plgpu.elementwise_inline_asm(
+      'ex2.approx.ftz.f32 $0, $1;', args=[x], constraints='=f,f', pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])
+  return y
+
+
+def _kernel(kernel, block_sizes, interpret):
+  """`kernel` with its static options; the interpreter has no PTX, so it gets jnp.exp2."""
+  return functools.partial(kernel, chunk=block_sizes.chunk,
+                           exp2=jnp.exp2 if interpret else _exp2_ftz)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,16 +84,18 @@ def _next_power_of_two(n):
 
 
 def _kernel_inputs(x, dt, a, b, c, reset, block_sizes):
-  """Padded (time to the segment or chunk), float32 where arithmetic needs it; `keep` is
-  0.0 at a reset, else 1.0."""
+  """Padded (time to the segment or chunk), float32 where arithmetic needs it. The decay
+  keep_t exp(dt_t A) becomes exp2(dt_t A log2(e) + log_keep_t), one FMA and one ex2
+  instruction per state element (libdevice's expf is nine): so `a` comes back times
+  log2(e) and the reset flag as `log_keep`, -inf at a reset (a zero decay), else 0."""
   time_multiple = block_sizes.segment or block_sizes.chunk
   block_e = block_sizes.block_e
   state = _next_power_of_two(a.shape[1])
   pad_te = lambda t: pad_to_multiple(pad_to_multiple(t, time_multiple, 1), block_e, 2)
   pad_tn = lambda t: pad_to_multiple(pad_to_multiple(t, time_multiple, 1), state, 2)
-  keep = pad_to_multiple(1.0 - reset.astype(jnp.float32), time_multiple, 1, value=1.0)
-  a = pad_to_multiple(pad_to_multiple(a.astype(jnp.float32), block_e, 0), state, 1)
-  return pad_te(x), pad_te(dt.astype(jnp.float32)), a, pad_tn(b), pad_tn(c), keep
+  log_keep = pad_to_multiple(jnp.where(reset, -jnp.inf, 0.0), time_multiple, 1)
+  a = pad_to_multiple(pad_to_multiple(a.astype(jnp.float32) * LOG2_E, block_e, 0), state, 1)
+  return pad_te(x), pad_te(dt.astype(jnp.float32)), a, pad_tn(b), pad_tn(c), log_keep
 
 
 def _load_chunk(t0, chunk, *refs):
@@ -81,11 +103,11 @@ def _load_chunk(t0, chunk, *refs):
   return [[ref[t0 + i].astype(jnp.float32) for ref in refs] for i in range(chunk)]
 
 
-def _forward_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, keep_ref, h0_ref, y_ref, *states_ref,
-                    chunk):
-  a = a_ref[...]  # [block_e, N]
+def _forward_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, log_keep_ref, h0_ref, y_ref,
+                    *states_ref, chunk, exp2):
+  a = a_ref[...]  # [block_e, N], A log2(e).
   num_chunks = x_ref.shape[0] // chunk
-  load = lambda j: _load_chunk(j * chunk, chunk, x_ref, dt_ref, b_ref, c_ref, keep_ref)
+  load = lambda j: _load_chunk(j * chunk, chunk, x_ref, dt_ref, b_ref, c_ref, log_keep_ref)
 
   def one_chunk(j, carry):
     h, rows = carry
@@ -94,49 +116,50 @@ def _forward_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, keep_ref, h0_ref, y_ref,
     # Prefetch: the next chunk's loads are in flight while this chunk computes (the last
     # chunk reloads itself rather than read past the end).
     next_rows = load(jnp.minimum(j + 1, num_chunks - 1))
-    for i, (x, dt, b, c, keep) in enumerate(rows):
-      h = keep * jnp.exp(dt[:, None] * a) * h + (dt * x)[:, None] * b[None, :]
+    for i, (x, dt, b, c, log_keep) in enumerate(rows):
+      h = exp2(dt[:, None] * a + log_keep) * h + (dt * x)[:, None] * b[None, :]
       y_ref[j * chunk + i] = jnp.sum(h * c[None, :], axis=1).astype(y_ref.dtype)
     return h, next_rows
 
   lax.fori_loop(0, num_chunks, one_chunk, (h0_ref[...], load(0)))
 
 
-def _segment_end_kernel(x_ref, dt_ref, a_ref, b_ref, keep_ref, h_ref, *, chunk):
+def _segment_end_kernel(x_ref, dt_ref, a_ref, b_ref, log_keep_ref, h_ref, *, chunk, exp2):
   """The state at the segment's end, starting from zero: the recurrence without y."""
   a = a_ref[...]
 
   def one_chunk(j, h):
-    for x, dt, b, keep in _load_chunk(j * chunk, chunk, x_ref, dt_ref, b_ref, keep_ref):
-      h = keep * jnp.exp(dt[:, None] * a) * h + (dt * x)[:, None] * b[None, :]
+    rows = _load_chunk(j * chunk, chunk, x_ref, dt_ref, b_ref, log_keep_ref)
+    for x, dt, b, log_keep in rows:
+      h = exp2(dt[:, None] * a + log_keep) * h + (dt * x)[:, None] * b[None, :]
     return h
 
   h_ref[...] = lax.fori_loop(0, x_ref.shape[0] // chunk, one_chunk,
                              jnp.zeros(a.shape, jnp.float32))
 
 
-def _backward_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, keep_ref, states_ref, dy_ref,
-                     g0_ref, dx_ref, ddt_ref, da_ref, db_ref, dc_ref, *, chunk):
-  a = a_ref[...]  # [block_e, N]
+def _backward_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, log_keep_ref, states_ref, dy_ref,
+                     g0_ref, dx_ref, ddt_ref, da_ref, db_ref, dc_ref, *, chunk, exp2):
+  a = a_ref[...]  # [block_e, N], A log2(e).
   num_chunks = states_ref.shape[0]
 
   def one_chunk(j, carry):
     g_after, da = carry  # g_after = a_{t+1} g_{t+1}: from the next segment, then ours.
     j = num_chunks - 1 - j
     t0 = j * chunk
-    rows = _load_chunk(t0, chunk, x_ref, dt_ref, b_ref, c_ref, keep_ref, dy_ref)
-    decay = lambda dt, keep: keep * jnp.exp(dt[:, None] * a)
+    rows = _load_chunk(t0, chunk, x_ref, dt_ref, b_ref, c_ref, log_keep_ref, dy_ref)
+    decay = lambda dt, log_keep: exp2(dt[:, None] * a + log_keep)
     states = [states_ref[j]]  # h_{t0-1}, h_{t0}, ..., h_{t0+chunk-1}
-    for x, dt, b, _, keep, _ in rows:
-      states.append(decay(dt, keep) * states[-1] + (dt * x)[:, None] * b[None, :])
+    for x, dt, b, _, log_keep, _ in rows:
+      states.append(decay(dt, log_keep) * states[-1] + (dt * x)[:, None] * b[None, :])
     for i in reversed(range(chunk)):
-      x, dt, b, c, keep, dy = rows[i]
-      a_t = decay(dt, keep)  # Recomputed rather than held: registers are the limit here.
+      x, dt, b, c, log_keep, dy = rows[i]
+      a_t = decay(dt, log_keep)  # Recomputed rather than held: registers are the limit here.
       g = c[None, :] * dy[:, None] + g_after
       g_b = jnp.sum(g * b[None, :], axis=1)
       w = g * states[i] * a_t  # dLoss / d(dt_t A), elementwise.
       dx_ref[t0 + i] = (dt * g_b).astype(dx_ref.dtype)
-      ddt_ref[t0 + i] = jnp.sum(w * a, axis=1) + x * g_b
+      ddt_ref[t0 + i] = LN_2 * jnp.sum(w * a, axis=1) + x * g_b  # a is A log2(e).
       db_ref[t0 + i] = jnp.sum(g * (dt * x)[:, None], axis=0)
       dc_ref[t0 + i] = jnp.sum(states[i + 1] * dy[:, None], axis=0)
       da = da + dt[:, None] * w
@@ -148,16 +171,18 @@ def _backward_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, keep_ref, states_ref, d
   da_ref[...] = da
 
 
-def _segment_carry_kernel(dt_ref, a_ref, c_ref, keep_ref, dy_ref, g_ref, *, chunk):
+def _segment_carry_kernel(dt_ref, a_ref, c_ref, log_keep_ref, dy_ref, g_ref, *, chunk,
+                          exp2):
   """The adjoint carry a_t g_t a segment hands to the one before it, given zero from the
   one after: the backward recurrence without gradients."""
   a = a_ref[...]
   num_chunks = dt_ref.shape[0] // chunk
 
   def one_chunk(j, g_after):
-    rows = _load_chunk((num_chunks - 1 - j) * chunk, chunk, dt_ref, c_ref, keep_ref, dy_ref)
-    for dt, c, keep, dy in reversed(rows):
-      g_after = keep * jnp.exp(dt[:, None] * a) * (c[None, :] * dy[:, None] + g_after)
+    t0 = (num_chunks - 1 - j) * chunk
+    rows = _load_chunk(t0, chunk, dt_ref, c_ref, log_keep_ref, dy_ref)
+    for dt, c, log_keep, dy in reversed(rows):
+      g_after = exp2(dt[:, None] * a + log_keep) * (c[None, :] * dy[:, None] + g_after)
     return g_after
 
   g_ref[...] = lax.fori_loop(0, num_chunks, one_chunk, jnp.zeros(a.shape, jnp.float32))
@@ -187,7 +212,7 @@ class _Layout:
   def state_rows(self):  # [B, T, N]
     return pl.BlockSpec((None, self.segment, self.state), lambda i, e, s: (i, s, 0))
 
-  def keep(self):  # [B, T]
+  def log_keep(self):  # [B, T]
     return pl.BlockSpec((None, self.segment), lambda i, e, s: (i, s))
 
   def per_segment(self):  # [B, S, E, N]: one state per segment
@@ -205,22 +230,23 @@ class _Layout:
                                 jnp.float32)
 
 
-def _segment_decay(dt, keep, a, segment):
-  """prod_t keep_t exp(dt_t A) over each segment, [B, S, E, N]."""
+def _segment_decay(dt, log_keep, a, segment):
+  """prod_t keep_t exp(dt_t A) over each segment, [B, S, E, N] (`a` times log2(e) and
+  `log_keep` as _kernel_inputs gives them)."""
   batch, length, channels = dt.shape
   dt_sum = dt.reshape(batch, length // segment, segment, channels).sum(2)
-  kept = keep.reshape(batch, length // segment, segment).prod(2)
-  return kept[..., None, None] * jnp.exp(dt_sum[..., None] * a)
+  log_kept = log_keep.reshape(batch, length // segment, segment).sum(2)
+  return jnp.exp2(dt_sum[..., None] * a + log_kept[..., None, None])
 
 
-def _entering_segments(kernel, name, in_specs, operands, dt, keep, a, layout, block_sizes,
-                       interpret, *, reverse):
+def _entering_segments(kernel, name, in_specs, operands, dt, log_keep, a, layout,
+                       block_sizes, interpret, *, reverse):
   """What enters each segment, [B, S, E, N]: `kernel` gives every segment's own part (its
   end state, or with reverse its adjoint carry, from zero), and the linear recurrence
   over segments, v entering s+1 = part_s + decay_s * v entering s (reverse: s-1 from s),
   adds what the earlier (later) segments pass on."""
   local = pl.pallas_call(
-      functools.partial(kernel, chunk=block_sizes.chunk),
+      _kernel(kernel, block_sizes, interpret),
       grid=layout.grid,
       in_specs=in_specs,
       out_specs=layout.per_segment(),
@@ -235,7 +261,7 @@ def _entering_segments(kernel, name, in_specs, operands, dt, keep, a, layout, bl
     return local_s + decay_s * entering, entering
 
   inputs = (jnp.moveaxis(local, 1, 0),
-            jnp.moveaxis(_segment_decay(dt, keep, a, layout.segment), 1, 0))
+            jnp.moveaxis(_segment_decay(dt, log_keep, a, layout.segment), 1, 0))
   # Unrolled: a few segments' elementwise steps fuse into one XLA kernel, not one each.
   _, entering = lax.scan(step, jnp.zeros_like(local[:, 0]), inputs, reverse=reverse,
                          unroll=True)
@@ -248,16 +274,16 @@ def forward(x, dt, a, b, c, reset, *, block_sizes: BlockSizes = BlockSizes(),
   and, with save_states, the chunk-start states [B, T_padded / chunk, E_padded, N_padded]."""
   batch, length, channels = x.shape
   inputs = _kernel_inputs(x, dt, a, b, c, reset, block_sizes)
-  x_p, dt_p, a_p, b_p, _, keep = inputs
+  x_p, dt_p, a_p, b_p, _, log_keep = inputs
   padded_length, padded_channels = x_p.shape[1:]
   layout = _Layout(x_p, a_p.shape[1], block_sizes)
   h0 = jnp.zeros((batch, layout.num_segments, padded_channels, layout.state), jnp.float32)
   if layout.num_segments > 1:  # Each segment's true start state, from a state-only pass.
     h0 = _entering_segments(
         _segment_end_kernel, 'selective_scan_segment_ends',
-        [layout.rows(), layout.rows(), layout.a(), layout.state_rows(), layout.keep()],
-        (x_p, dt_p, a_p, b_p, keep), dt_p, keep, a_p, layout, block_sizes, interpret,
-        reverse=False)
+        [layout.rows(), layout.rows(), layout.a(), layout.state_rows(), layout.log_keep()],
+        (x_p, dt_p, a_p, b_p, log_keep), dt_p, log_keep, a_p, layout, block_sizes,
+        interpret, reverse=False)
   out_specs = [layout.rows()]
   out_shape = [jax.ShapeDtypeStruct(x_p.shape, x.dtype)]
   if save_states:
@@ -266,10 +292,10 @@ def forward(x, dt, a, b, c, reset, *, block_sizes: BlockSizes = BlockSizes(),
         (batch, padded_length // block_sizes.chunk, padded_channels, layout.state),
         jnp.float32))
   y, *states = pl.pallas_call(
-      functools.partial(_forward_kernel, chunk=block_sizes.chunk),
+      _kernel(_forward_kernel, block_sizes, interpret),
       grid=layout.grid,
       in_specs=[layout.rows(), layout.rows(), layout.a(), layout.state_rows(),
-                layout.state_rows(), layout.keep(), layout.per_segment()],
+                layout.state_rows(), layout.log_keep(), layout.per_segment()],
       out_specs=out_specs,
       out_shape=out_shape,
       compiler_params=_params(block_sizes),
@@ -284,7 +310,7 @@ def backward(x, dt, a, b, c, reset, states, dy, *, block_sizes: BlockSizes = Blo
   """Gradients (dx, ddt, da, db, dc) from forward's inputs, its saved states and dy."""
   batch, length, channels = x.shape
   inputs = _kernel_inputs(x, dt, a, b, c, reset, block_sizes)
-  x_p, dt_p, a_p, _, c_p, keep = inputs
+  x_p, dt_p, a_p, _, c_p, log_keep = inputs
   padded_length, padded_channels = x_p.shape[1:]
   layout = _Layout(x_p, a_p.shape[1], block_sizes)
   num_blocks = layout.grid[1]
@@ -293,16 +319,16 @@ def backward(x, dt, a, b, c, reset, states, dy, *, block_sizes: BlockSizes = Blo
   if layout.num_segments > 1:  # The adjoint carry entering each segment from the next.
     g0 = _entering_segments(
         _segment_carry_kernel, 'selective_scan_segment_carries',
-        [layout.rows(), layout.a(), layout.state_rows(), layout.keep(), layout.rows()],
-        (dt_p, a_p, c_p, keep, dy), dt_p, keep, a_p, layout, block_sizes, interpret,
-        reverse=True)
+        [layout.rows(), layout.a(), layout.state_rows(), layout.log_keep(), layout.rows()],
+        (dt_p, a_p, c_p, log_keep, dy), dt_p, log_keep, a_p, layout, block_sizes,
+        interpret, reverse=True)
   per_block_shape = jax.ShapeDtypeStruct((batch, num_blocks, padded_length, layout.state),
                                          jnp.float32)
   dx, ddt, da, db, dc = pl.pallas_call(
-      functools.partial(_backward_kernel, chunk=block_sizes.chunk),
+      _kernel(_backward_kernel, block_sizes, interpret),
       grid=layout.grid,
       in_specs=[layout.rows(), layout.rows(), layout.a(), layout.state_rows(),
-                layout.state_rows(), layout.keep(), layout.chunk_states(), layout.rows(),
+                layout.state_rows(), layout.log_keep(), layout.chunk_states(), layout.rows(),
                 layout.per_segment()],
       out_specs=[layout.rows(), layout.rows(), layout.per_segment(), layout.per_block(),
                  layout.per_block()],
