@@ -14,10 +14,7 @@ exclude compilation (each path runs once first) and are the best of --repeats.
 prints the device kernels that take the most time per step: where a step's time goes.
 """
 
-import collections
 import functools
-import glob
-import tempfile
 import time
 
 from absl import app, flags
@@ -29,6 +26,7 @@ from ml_collections import config_flags
 
 from lm import config as config_lib
 from lm import models, sampling
+from pallas_kernels.benchmarks import timing
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', 'experiments/configs/default.py', 'Config whose model to time; override '
@@ -71,34 +69,13 @@ def best_time(function, repeats: int) -> float:
   return min(times)
 
 
-def device_kernel_times(function) -> dict[str, list]:
-  """Kernel name -> [launches, total microseconds] over one traced call of function()."""
-  with tempfile.TemporaryDirectory() as directory:
-    with jax.profiler.trace(directory):
-      jax.block_until_ready(function())
-    [path] = glob.glob(f'{directory}/**/*.xplane.pb', recursive=True)
-    data = jax.profiler.ProfileData.from_file(path)
-  totals = collections.defaultdict(lambda: [0, 0.0])
-  for plane in data.planes:
-    if not plane.name.startswith('/device:'):  # Host planes hold Python and runtime threads.
-      continue
-    for line in plane.lines:
-      # GPU kernels sit on stream lines; TPU planes also have module and step lines,
-      # which would count the same time twice.
-      if line.name.startswith('Stream') or line.name == 'XLA Ops':
-        for event in line.events:
-          totals[event.name][0] += 1
-          totals[event.name][1] += event.duration_ns / 1e3
-  return totals
-
-
 def print_decode_profile(generate_new, steps: int, rows: int = 12):
   """Per-step kernel times of cached decoding: a run of steps + 1 new tokens minus a run
   of one (which does the prefill and no decode step)."""
   for new in (1, steps + 1):
     jax.block_until_ready(generate_new(new))  # Compile outside the trace.
-  prefill_only = device_kernel_times(lambda: generate_new(1))
-  with_steps = device_kernel_times(lambda: generate_new(steps + 1))
+  prefill_only = timing.device_kernel_times(lambda: generate_new(1))
+  with_steps = timing.device_kernel_times(lambda: generate_new(steps + 1))
   per_step = {name: ((n - prefill_only.get(name, (0, 0))[0]) / steps,
                      (us - prefill_only.get(name, (0, 0.0))[1]) / steps)
               for name, (n, us) in with_steps.items()}

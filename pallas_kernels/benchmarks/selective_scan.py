@@ -7,10 +7,12 @@
       # a smoke run on CPU
 
 Shape B:T:E:N (batch, time, channels, state). "floor" is the time to read x, dt, B, C,
-A once and write y once at --bandwidth; the GB/s column is those bytes over the measured
-time. "max rel err" is the largest relative error (max |got - want| / max |want|) of y
-and the five gradients against the lax.scan reference on the same inputs. Each time is
-the median of --repeats runs after one warm-up.
+A once and write y once at --bandwidth. "wall" is the median of --repeats calls after
+one warm-up, each waited for, so it includes the host's dispatch; "device" is the kernel
+time per call from a profiler trace of --repeats calls (blank on the CPU, which reports
+no kernels). GB/s and "/ floor" use the device time where there is one. "max rel err" is
+the largest relative error (max |got - want| / max |want|) of y and the five gradients
+against the lax.scan reference on the same inputs.
 """
 
 import functools
@@ -82,18 +84,19 @@ def main(argv):
   print(f'device: {jax.devices()[0].device_kind}, jax {jax.__version__}; B={batch} T={length} '
         f'E={channels} N={state}, x/B/C {_DTYPE.value}; floor {floor * 1e3:.3f} ms '
         f'({io_bytes / 1e6:.0f} MB at {_BANDWIDTH.value / 1e12:.1f} TB/s)')
-  print('| implementation | fwd ms | fwd GB/s | fwd / floor | fwd+bwd ms | max rel err |')
-  print('|---|---|---|---|---|---|')
+  print('| implementation | fwd ms wall | fwd ms device | fwd GB/s | fwd / floor '
+        '| fwd+bwd ms wall | fwd+bwd ms device | max rel err |')
+  print('|---|---|---|---|---|---|---|---|')
   *differentiable, reset = inputs
   dy = jax.random.normal(jax.random.key(1), inputs[0].shape, inputs[0].dtype)
   want = outputs_and_gradients(reference.selective_scan, differentiable, reset, dy)
   for name, scan in implementations(length).items():
     loss = lambda *args: jnp.sum(scan(*args, reset).astype(jnp.float32))
     try:
-      forward = timing.median_seconds(jax.jit(lambda *a: scan(*a, reset)), *differentiable,
-                                      repeats=_REPEATS.value)
-      both = timing.median_seconds(jax.jit(jax.grad(loss, argnums=range(5))), *differentiable,
-                                   repeats=_REPEATS.value)
+      timed = (jax.jit(lambda *a: scan(*a, reset)), jax.jit(jax.grad(loss, argnums=range(5))))
+      forward, both = [(timing.median_seconds(f, *differentiable, repeats=_REPEATS.value),
+                        timing.device_seconds(f, *differentiable, repeats=_REPEATS.value))
+                       for f in timed]  # (wall, device) seconds each
       got = outputs_and_gradients(scan, differentiable, reset, dy)
     except Exception as error:  # One implementation failing must not hide the others.
       print(f'| {name} | failed: {type(error).__name__}: {str(error).splitlines()[0][:100]} '
@@ -102,8 +105,11 @@ def main(argv):
     error = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32)))
                       / jnp.maximum(jnp.max(jnp.abs(w.astype(jnp.float32))), 1e-30))
                 for g, w in zip(got, want))
-    print(f'| {name} | {forward * 1e3:.3f} | {io_bytes / forward / 1e9:.1f} | '
-          f'{forward / floor:.1f} | {both * 1e3:.3f} | {error:.1e} |', flush=True)
+    milliseconds = lambda seconds: '' if seconds is None else f'{seconds * 1e3:.3f}'
+    kernel_time = forward[1] or forward[0]
+    print(f'| {name} | {milliseconds(forward[0])} | {milliseconds(forward[1])} | '
+          f'{io_bytes / kernel_time / 1e9:.1f} | {kernel_time / floor:.1f} | '
+          f'{milliseconds(both[0])} | {milliseconds(both[1])} | {error:.1e} |', flush=True)
 
 
 def outputs_and_gradients(scan, differentiable, reset, dy):
