@@ -1,6 +1,6 @@
 """Timing for the benchmarks: wall time per call, and device time from a profiler trace.
 
-Wall time includes the host's dispatch of each call (about 0.15 ms for a jitted Pallas
+Wall time includes the host's dispatch of each call (0.15 to 0.35 ms for a jitted Pallas
 call on the H100), which a kernel under a millisecond cannot hide; the device time is
 what the kernels themselves take.
 """
