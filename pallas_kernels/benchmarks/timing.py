@@ -51,6 +51,8 @@ def device_kernel_times(function, calls: int = 1) -> dict[str, list]:
 def device_seconds(function, *args, repeats: int) -> float | None:
   """Kernel time per call, summed over its kernels, from `repeats` traced calls after a
   warm-up call; None where the backend reports no device kernels."""
+  if jax.default_backend() == 'cpu':  # Its traces hold no kernels: skip the extra calls.
+    return None
   jax.block_until_ready(function(*args))
   kernels = device_kernel_times(lambda: function(*args), calls=repeats)
   if not kernels:
