@@ -12,13 +12,16 @@ LOWERINGS = {
     'gpu': ('cuda', '__gpu$xla.gpu.triton',
             [jax.export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')]),
     'tpu': ('tpu', 'tpu_custom_call', []),
+    # Its backward is Triton's, so a gradient holds both kinds of call.
+    'mosaic_gpu': ('cuda', 'mosaic_gpu_v2',
+                   [jax.export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')]),
 }
 
 
 def _target(kernel):
   """jax 0.11 lowers Triton for a named GPU; on a machine without one, name the H100
   through an abstract mesh (jax 0.10 needs nothing)."""
-  if kernel != 'gpu' or 'abstract_device' not in inspect.signature(
+  if LOWERINGS[kernel][0] != 'cuda' or 'abstract_device' not in inspect.signature(
       jax.sharding.AbstractMesh).parameters:
     return contextlib.nullcontext()
   device = jax.sharding.AbstractDevice(device_kind='NVIDIA H100 80GB HBM3', num_cores=132,

@@ -6,11 +6,14 @@
       --kernel_blocks=64:64:4:2,128:128:8:2/64:64:4:2/64:128:8:2
       # our kernel at several GPU tilings: block_q:block_k:num_warps:num_stages for all
       # three kernels, or FORWARD/DQ/DKV each in that form
+  python -m pallas_kernels.benchmarks.attention --mosaic_blocks=128:2,64:3
+      # the Mosaic GPU forward at block_kv:stages tilings too
   python -m pallas_kernels.benchmarks.attention --shapes=64:1 --heads=2 --head_dim=64 \
       --dtype=float32 --interpret   # a smoke run on CPU
 
 FLOPs as in ../shared/ANCHORS.md: 4*B*S^2*N*H/2 forward (causal), 3.5x that for
-forward+backward. Each time is the median of --repeats runs after one warm-up.
+forward+backward. Wall time is the median of --repeats blocking calls after one warm-up;
+device time is the kernels' own per call from a profiler trace (GPU and TPU only).
 """
 
 from absl import app, flags
@@ -18,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.benchmarks import timing
-from pallas_kernels.flash_attention import api, gpu
+from pallas_kernels.flash_attention import api, gpu, mosaic_gpu
 
 _SHAPES = flags.DEFINE_list('shapes', ['2048:8', '8192:2'], 'SEQ_LEN:BATCH pairs.')
 _HEADS = flags.DEFINE_integer('heads', 16, 'Query heads.')
@@ -31,6 +34,9 @@ _MEMORY = flags.DEFINE_bool('memory', False, 'Instead: fwd+bwd at S=32768, B=1.'
 _KERNEL_BLOCKS = flags.DEFINE_list(
     'kernel_blocks', [], 'Also time our GPU kernel at these tilings: '
     'block_q:block_k:num_warps:num_stages, or FORWARD/DQ/DKV each in that form.')
+_MOSAIC_BLOCKS = flags.DEFINE_list(
+    'mosaic_blocks', [], 'Also time the Mosaic GPU forward (Triton backward) at these '
+    'block_kv:stages tilings.')
 
 
 def xla(q, k, v):
@@ -59,9 +65,21 @@ def pallas_at(spec: str):
                                              block_sizes=blocks, interpret=_INTERPRET.value)
 
 
+def mosaic_at(spec: str | None):
+  """The Mosaic GPU forward at 'block_kv:stages', or its default tiling."""
+  blocks = None
+  if spec:
+    block_kv, stages = map(int, spec.split(':'))
+    blocks = mosaic_gpu.BlockSizes(block_kv=block_kv, stages=stages)
+  return lambda q, k, v: api.flash_attention(q, k, v, causal=True, implementation='mosaic_gpu',
+                                             block_sizes=blocks, interpret=_INTERPRET.value)
+
+
 def implementations():
   found = {'pallas (ours)': pallas}
   found.update({f'pallas (ours) {spec}': pallas_at(spec) for spec in _KERNEL_BLOCKS.value})
+  found['pallas mosaic (ours)'] = mosaic_at(None)
+  found.update({f'pallas mosaic (ours) {spec}': mosaic_at(spec) for spec in _MOSAIC_BLOCKS.value})
   if not _INTERPRET.value:
     found.update({'xla': xla, 'cudnn': cudnn})
     try:
@@ -94,22 +112,30 @@ def median_seconds(function, *args):
 def speed_table():
   print(f'device: {jax.devices()[0].device_kind}, jax {jax.__version__}; causal, {_DTYPE.value},'
         f' {_HEADS.value} heads ({_KV_HEADS.value or _HEADS.value} kv), head dim {_HEAD_DIM.value}')
-  print('| implementation | S | B | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |')
-  print('|---|---|---|---|---|---|---|')
+  print('| implementation | S | B | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s '
+        '| fwd TFLOP/s device | fwd+bwd TFLOP/s device |')
+  print('|---|---|---|---|---|---|---|---|---|')
+  tflops = lambda flops, seconds: '' if seconds is None else f'{flops / seconds / 1e12:.1f}'
   for shape in _SHAPES.value:
     seq_len, batch = map(int, shape.split(':'))
     q, k, v = make_inputs(seq_len, batch)
     flops = 4 * batch * seq_len ** 2 * _HEADS.value * _HEAD_DIM.value / 2
     for name, attention in implementations().items():
+      if name.startswith('pallas mosaic') and (reason := mosaic_gpu.unsupported(q, k)):
+        print(f'| {name} | {seq_len} | {batch} | unsupported: {reason} | | | | | |')
+        continue
       try:
-        forward = median_seconds(jax.jit(attention), q, k, v)
-        both = median_seconds(forward_and_backward(attention), q, k, v)
+        forward, both = jax.jit(attention), forward_and_backward(attention)
+        times = [median_seconds(forward, q, k, v), median_seconds(both, q, k, v),
+                 timing.device_seconds(forward, q, k, v, repeats=_REPEATS.value),
+                 timing.device_seconds(both, q, k, v, repeats=_REPEATS.value)]
       except Exception as error:  # One implementation failing must not hide the others.
         print(f'| {name} | {seq_len} | {batch} | failed: {type(error).__name__}: '
-              f'{str(error).splitlines()[0][:80]} | | | |')
+              f'{str(error).splitlines()[0][:80]} | | | | | |')
         continue
-      print(f'| {name} | {seq_len} | {batch} | {forward * 1e3:.3f} | {flops / forward / 1e12:.1f}'
-            f' | {both * 1e3:.3f} | {3.5 * flops / both / 1e12:.1f} |', flush=True)
+      print(f'| {name} | {seq_len} | {batch} | {times[0] * 1e3:.3f} | {tflops(flops, times[0])}'
+            f' | {times[1] * 1e3:.3f} | {tflops(3.5 * flops, times[1])} | '
+            f'{tflops(flops, times[2])} | {tflops(3.5 * flops, times[3])} |', flush=True)
 
 
 def memory_check():

@@ -4,7 +4,9 @@
 [B, T, N, H], k and v [B, S, K, H] (K divides N) and optional int segment ids [B, T],
 [B, S]. On GPU it runs the Pallas Triton kernel (gpu.py), on TPU the Pallas Mosaic
 kernel (tpu.py), each forward and backward through one custom_vjp whose backward
-recomputes from the saved log-sum-exp. Shapes a kernel does not support, and backends
+recomputes from the saved log-sum-exp. `implementation='mosaic_gpu'` asks for the
+Hopper forward in Pallas Mosaic GPU (mosaic_gpu.py; Triton backward), not yet the
+default: it has not been timed on a GPU. Shapes a kernel does not support, and backends
 without one, fall back to the reference (reference.py) with a log line.
 """
 
@@ -14,9 +16,10 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import dispatch
-from pallas_kernels.flash_attention import gpu, reference, tpu
+from pallas_kernels.flash_attention import gpu, mosaic_gpu, reference, tpu
 
-KERNELS = {'gpu': gpu, 'tpu': tpu}  # Implementation name (= backend) -> kernel module.
+# Implementation name -> kernel module; a backend's name picks its default kernel.
+KERNELS = {'gpu': gpu, 'tpu': tpu, 'mosaic_gpu': mosaic_gpu}
 
 
 @functools.cache
@@ -45,7 +48,8 @@ def _kernel_attention(kernel: str, causal: bool, sm_scale: float, block_sizes, i
 def flash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, causal: bool = True,
                     sm_scale: float | None = None, implementation: str | None = None,
                     block_sizes=None, interpret: bool = False):
-  """`implementation`: None picks by backend; 'gpu', 'tpu' or 'reference' force one.
+  """`implementation`: None picks by backend; 'gpu', 'tpu', 'mosaic_gpu' or 'reference'
+  force one.
   `interpret=True` runs a kernel in the Pallas interpreter (tests on CPU)."""
   if q.shape[2] % k.shape[2]:
     raise ValueError(f'query heads {q.shape[2]} are not a multiple of kv heads {k.shape[2]}')
@@ -59,6 +63,6 @@ def flash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, causal:
                                   block_sizes or KERNELS[implementation].BlockSizes(), interpret)
     return attention(q, k, v, q_segment_ids, kv_segment_ids)
   if implementation != 'reference':
-    raise ValueError(f'{implementation=} is not one of None, "gpu", "tpu", "reference"')
+    raise ValueError(f'{implementation=} is not None, "reference" or one of {list(KERNELS)}')
   return reference.attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal,
                              sm_scale=sm_scale)
