@@ -171,26 +171,31 @@ def test_benchmark_script_runs_on_a_tiny_shape_in_interpret_mode():
   assert '| pallas mosaic (ours) | 64 | 1 | unsupported: dtype float32' in result.stdout
 
 
-# The Mosaic GPU (Hopper) forward: bf16, no segment ids; its backward is Triton's.
+# The Mosaic GPU (Hopper) forward: bf16 and f16 only; its backward is Triton's.
 MOSAIC_CASES = [
-    # (causal, num_heads, num_kv_heads, head_dim, length, block_kv)
-    (True, 2, 1, 64, 200, 64),  # Padded queries and keys; two key blocks per query tile.
-    (False, 4, 2, 64, 130, 128),  # Padding keys masked without a causal mask.
-    (True, 2, 2, 128, 256, 128),  # No padding: the mask only on the diagonal blocks.
+    # (causal, num_heads, num_kv_heads, head_dim, length, block_kv, segments)
+    (True, 2, 1, 64, 200, 64, 'none'),  # Padded queries and keys; 2 key blocks a tile.
+    (False, 4, 2, 64, 130, 128, 'none'),  # Padding keys masked without a causal mask.
+    (True, 2, 2, 128, 256, 128, 'none'),  # No padding: the mask only on diagonal blocks.
+    (True, 2, 1, 64, 200, 64, 'packed'),
+    (False, 2, 2, 64, 100, 128, 'padded'),
 ]
 
 
 @pytest.mark.skipif(not MOSAIC_ON_THIS_BACKEND, reason='a GPU kernel')
-@pytest.mark.parametrize('causal,num_heads,num_kv_heads,head_dim,length,block_kv', MOSAIC_CASES)
+@pytest.mark.parametrize('causal,num_heads,num_kv_heads,head_dim,length,block_kv,segments',
+                         MOSAIC_CASES)
 def test_mosaic_forward_matches_the_reference_in_bfloat16(causal, num_heads, num_kv_heads,
-                                                          head_dim, length, block_kv):
-  q, k, v, _ = inputs(length + head_dim, 1, length, num_heads, num_kv_heads, head_dim,
+                                                          head_dim, length, block_kv, segments):
+  batch = 1 if segments == 'none' else 2  # Two rows where the ids are per row.
+  q, k, v, _ = inputs(length + head_dim, batch, length, num_heads, num_kv_heads, head_dim,
                       jnp.bfloat16)
-  out, lse = mosaic_gpu.forward(q, k, v, None, None, causal=causal, sm_scale=head_dim ** -0.5,
+  ids = segment_ids(batch, length, segments)
+  out, lse = mosaic_gpu.forward(q, k, v, ids, ids, causal=causal, sm_scale=head_dim ** -0.5,
                                 block_sizes=mosaic_gpu.BlockSizes(block_kv=block_kv),
                                 interpret=backend.INTERPRET)
   want_out, want_lse = reference.attention_with_lse(
-      *(x.astype(jnp.float32) for x in (q, k, v)), causal=causal)
+      *(x.astype(jnp.float32) for x in (q, k, v)), ids, ids, causal=causal)
   assert out.dtype == jnp.bfloat16 and out.shape == q.shape
   assert_close(out, want_out, 1e-2, 'out')
   # lse is base 2 and padded to the query tile; the reference's is natural.
@@ -200,10 +205,11 @@ def test_mosaic_forward_matches_the_reference_in_bfloat16(causal, num_heads, num
 @pytest.mark.skipif(not MOSAIC_ON_THIS_BACKEND, reason='a GPU kernel')
 def test_mosaic_forward_with_the_triton_backward_gives_reference_gradients():
   q, k, v, d_out = inputs(11, 1, 100, 4, 2, 64, jnp.bfloat16)
-  attention = lambda q, k, v: api.flash_attention(q, k, v, implementation='mosaic_gpu',
+  ids = segment_ids(1, 100, 'packed')
+  attention = lambda q, k, v: api.flash_attention(q, k, v, ids, ids, implementation='mosaic_gpu',
                                                   interpret=backend.INTERPRET)
   spec = lambda q, k, v: reference.attention(q.astype(jnp.float32), k.astype(jnp.float32),
-                                             v.astype(jnp.float32))
+                                             v.astype(jnp.float32), ids, ids)
   got = value_and_grads(attention, q, k, v, d_out)
   want = value_and_grads(spec, q, k, v, d_out.astype(jnp.float32))
   for name, g, w in zip(('out', 'dq', 'dk', 'dv'), got, want):
@@ -211,19 +217,12 @@ def test_mosaic_forward_with_the_triton_backward_gives_reference_gradients():
 
 
 @pytest.mark.skipif(not MOSAIC_ON_THIS_BACKEND, reason='a GPU kernel')
-def test_mosaic_hands_what_it_cannot_take_on_with_a_log_line(caplog):
-  q, k, v, _ = inputs(12, 1, 40, 2, 1, 64, jnp.bfloat16)
-  ids = segment_ids(1, 40, 'packed')
+def test_mosaic_hands_float32_to_the_reference_with_a_log_line(caplog):
+  q, k, v, _ = inputs(12, 1, 40, 2, 1, 64, jnp.float32)
   with caplog.at_level('WARNING'):
-    got = api.flash_attention(q, k, v, ids, ids, implementation='mosaic_gpu',
-                              interpret=backend.INTERPRET)
-    as_float32 = api.flash_attention(*(x.astype(jnp.float32) for x in (q, k, v)),
-                                     implementation='mosaic_gpu', interpret=backend.INTERPRET)
-  assert 'segment ids are not supported yet; running the Triton kernel' in caplog.text
+    got = api.flash_attention(q, k, v, implementation='mosaic_gpu', interpret=backend.INTERPRET)
   assert 'falling back to the reference' in caplog.text and 'float32' in caplog.text
-  spec = lambda *x: reference.attention(*(a.astype(jnp.float32) for a in x[:3]), *x[3:])
-  assert_close(got, spec(q, k, v, ids, ids), 1e-2, 'out with segments')
-  assert_close(as_float32, spec(q, k, v), 1e-5, 'out in float32')
+  assert_close(got, reference.attention(q, k, v), 1e-6, 'out')
 
 
 def test_mosaic_block_sizes_that_do_not_fit_are_refused():
@@ -241,12 +240,12 @@ def test_mosaic_lowers_for_hopper_forward_and_backward(head_dim):
   """The Mosaic GPU lowering (wgmma, TMA, barriers) on the CPU: the forward is one
   Mosaic call, the gradient that call plus the Triton dq and dk/dv kernels."""
   batch, length, num_heads, num_kv_heads = 2, 1000, 8, 2
-  shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
+  shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
   args = (shape(batch, length, num_heads, head_dim), shape(batch, length, num_kv_heads, head_dim),
-          shape(batch, length, num_kv_heads, head_dim))
-  for causal in (True, False):
-    attention = lambda q, k, v: api.flash_attention(q, k, v, causal=causal,
-                                                    implementation='mosaic_gpu')
+          shape(batch, length, num_kv_heads, head_dim), shape(batch, length, dtype=jnp.int32))
+  for causal, segments in ((True, True), (False, False)):
+    attention = lambda q, k, v, ids: api.flash_attention(
+        q, k, v, *((ids, ids) if segments else ()), causal=causal, implementation='mosaic_gpu')
     grads = jax.grad(lambda *a: jnp.sum(attention(*a).astype(jnp.float32)), argnums=(0, 1, 2))
     assert lowering.count_kernel_calls('mosaic_gpu', attention, *args) == 1
     assert lowering.count_kernel_calls('mosaic_gpu', grads, *args) == 1

@@ -21,9 +21,9 @@ causal), so the ring advances in lockstep; rows that cannot see a block get it m
 Only blocks that cross the diagonal, or hold padding keys, build a mask.
 
 GQA: query head n reads kv head n // groups straight from K and V (never repeated).
-Padding: queries to a multiple of 2 * block_q (rows sliced off), keys to a multiple of
-block_kv (masked by index). Segment ids are not handled here: `forward` hands calls that
-have them to the Triton kernel, with a log line.
+Segment ids (packed documents): each step loads its key block's ids from global memory
+into registers and every block is masked. Padding: queries to a multiple of 2 * block_q
+(rows sliced off), keys to a multiple of block_kv (masked by index).
 
 The backward pass is the Triton kernels' (gpu.backward), from this forward's O and lse.
 
@@ -43,7 +43,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import dispatch
 from pallas_kernels.flash_attention import gpu as triton_gpu
 from pallas_kernels.flash_attention.reference import MASK_VALUE
 from pallas_kernels.padding import pad_axis
@@ -57,6 +56,7 @@ LOG2_E = triton_gpu.LOG2_E
 _COMPUTE_WARPGROUPS = 2
 _SMEM_BYTES = 227 * 1024  # Shared memory one CTA may use on the H100.
 _ROW = plgpu.Layout.WGMMA.reduce(1)  # A [rows] vector laid out like a wgmma result's rows.
+_COLUMN = plgpu.Layout.WGMMA.reduce(0)  # A [columns] vector likewise.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +95,11 @@ def _with_layout(x, layout, interpret):
   return x if interpret else plgpu.layout_cast(x, layout)
 
 
+def _load(ref, layout, interpret):
+  """A small vector straight from global memory into registers in `layout`."""
+  return ref[...] if interpret else plgpu.load(ref, (), layout=layout, optimized=False)
+
+
 def _iota(shape, dimension, interpret):
   if interpret:
     return lax.broadcasted_iota(jnp.int32, shape, dimension)
@@ -122,9 +127,10 @@ def _accumulate_dot(acc, p, v_smem, interpret):
   return pl.run_state(run)(plgpu.ACC.init(acc))
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_smem,
-                    q_ready, k_ready, v_ready, k_free, v_free, *, scale, causal, groups,
-                    kv_len, num_tiles, block_q, block_kv, stages, interpret):
+def _forward_kernel(q_ref, k_ref, v_ref, q_segment_ref, kv_segment_ref, o_ref, lse_ref,
+                    q_smem, k_smem, v_smem, lse_smem, q_ready, k_ready, v_ready, k_free,
+                    v_free, *, scale, causal, segments, groups, kv_len, num_tiles, block_q,
+                    block_kv, stages, interpret):
   batch, head = lax.axis_index('batch'), lax.axis_index('heads')
   # Causal tiles far from the start do the most work: start them first.
   tile = num_tiles - 1 - lax.axis_index('tiles') if causal else lax.axis_index('tiles')
@@ -133,7 +139,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem,
   kv_blocks = k_ref.shape[1] // block_kv
   # Key blocks the CTA visits (its last row's, when causal), and how many of them need no
   # mask for any row of the CTA: wholly before its first row, and free of padding keys.
-  num_steps, unmasked = kv_blocks, kv_len // block_kv
+  num_steps, unmasked = kv_blocks, 0 if segments else kv_len // block_kv
   if causal:
     num_steps = jnp.minimum(lax.div((tile + 1) * tile_rows + block_kv - 1, block_kv), kv_blocks)
     unmasked = jnp.minimum(lax.div(tile * tile_rows, block_kv), unmasked)
@@ -146,6 +152,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem,
     plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row0, block_q), head], q_tile,
                             q_ready.at[warpgroup])
     plgpu.barrier_wait(q_ready.at[warpgroup])
+    if segments:
+      q_segments = _load(q_segment_ref.at[batch, pl.ds(row0, block_q)], _ROW, interpret)
 
     def step(j, carry, masked):
       acc, m, l = carry
@@ -159,6 +167,11 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem,
         visible = cols < kv_len
         if causal:
           visible = visible & (rows >= cols)
+        if segments:
+          kv_segments = _load(kv_segment_ref.at[batch, pl.ds(j * block_kv, block_kv)], _COLUMN,
+                              interpret)
+          visible = visible & (lax.broadcast_in_dim(q_segments, s.shape, [0]) ==
+                               lax.broadcast_in_dim(kv_segments, s.shape, [1]))
         s = jnp.where(visible, s, MASK_VALUE)
       m_new = jnp.maximum(m, s.max(axis=1))
       correction = jnp.exp2(m - m_new)
@@ -222,12 +235,6 @@ def _interpret_params(interpret):
 def forward(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, sm_scale: float,
             block_sizes: BlockSizes, interpret: bool):
   """Returns out [B, T, N, H] and lse [B, N, T_padded] (float32, base 2)."""
-  if q_segment_ids is not None:
-    dispatch.warn_once('flash_attention: mosaic_gpu kernel: segment ids are not supported '
-                       'yet; running the Triton kernel')
-    return triton_gpu.forward(q, k, v, q_segment_ids, kv_segment_ids, causal=causal,
-                              sm_scale=sm_scale, block_sizes=triton_gpu.BlockSizes(),
-                              interpret=interpret)
   batch, q_len, num_heads, head_dim = q.shape
   kv_len, num_kv_heads = k.shape[1], k.shape[2]
   block_q, block_kv, stages = block_sizes.block_q, block_sizes.block_kv, block_sizes.stages
@@ -240,10 +247,17 @@ def forward(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, sm_scale: f
   kv_pad = pl.cdiv(kv_len, block_kv) * block_kv
   q_p = pad_axis(q, q_pad, 1)
   k_p, v_p = pad_axis(k, kv_pad, 1), pad_axis(v, kv_pad, 1)
+  segments = q_segment_ids is not None
+  if not segments:  # Never read; the kernel's signature wants the operands.
+    q_segment_ids = jnp.zeros((batch, q_len), jnp.int32)
+    kv_segment_ids = jnp.zeros((batch, kv_len), jnp.int32)
+  # Padding rows are sliced off and padding keys masked by index, so any id will do.
+  q_ids = pad_axis(q_segment_ids.astype(jnp.int32), q_pad, 1)
+  kv_ids = pad_axis(kv_segment_ids.astype(jnp.int32), kv_pad, 1)
   kernel = functools.partial(
-      _forward_kernel, scale=sm_scale * LOG2_E, causal=causal,
-      groups=num_heads // num_kv_heads, kv_len=kv_len, num_tiles=q_pad // tile_rows, block_q=block_q, block_kv=block_kv,
-      stages=stages, interpret=interpret)
+      _forward_kernel, scale=sm_scale * LOG2_E, causal=causal, segments=segments,
+      groups=num_heads // num_kv_heads, kv_len=kv_len, num_tiles=q_pad // tile_rows,
+      block_q=block_q, block_kv=block_kv, stages=stages, interpret=interpret)
   barrier = lambda arrivals=1: plgpu.Barrier(num_arrivals=arrivals, num_barriers=stages)
   out, lse = plgpu.kernel(
       kernel,
@@ -264,7 +278,7 @@ def forward(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, sm_scale: f
       thread_name='warpgroup',
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=_interpret_params(interpret),
-  )(q_p, k_p, v_p)
+  )(q_p, k_p, v_p, q_ids, kv_ids)
   return out[:, :q_len], lse
 
 
