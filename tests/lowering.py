@@ -12,9 +12,7 @@ LOWERINGS = {
     'gpu': ('cuda', '__gpu$xla.gpu.triton',
             [jax.export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')]),
     'tpu': ('tpu', 'tpu_custom_call', []),
-    # Its backward is Triton's, so a gradient holds both kinds of call.
-    'mosaic_gpu': ('cuda', 'mosaic_gpu_v2',
-                   [jax.export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')]),
+    'mosaic_gpu': ('cuda', 'mosaic_gpu_v2', []),
 }
 
 

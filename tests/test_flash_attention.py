@@ -171,7 +171,7 @@ def test_benchmark_script_runs_on_a_tiny_shape_in_interpret_mode():
   assert '| pallas mosaic (ours) | 64 | 1 | unsupported: dtype float32' in result.stdout
 
 
-# The Mosaic GPU (Hopper) forward: bf16 and f16 only; its backward is Triton's.
+# The Mosaic GPU (Hopper) kernels: bf16 and f16 only.
 MOSAIC_CASES = [
     # (causal, num_heads, num_kv_heads, head_dim, length, block_kv, segments)
     (True, 2, 1, 64, 200, 64, 'none'),  # Padded queries and keys; 2 key blocks a tile.
@@ -203,13 +203,20 @@ def test_mosaic_forward_matches_the_reference_in_bfloat16(causal, num_heads, num
 
 
 @pytest.mark.skipif(not MOSAIC_ON_THIS_BACKEND, reason='a GPU kernel')
-def test_mosaic_forward_with_the_triton_backward_gives_reference_gradients():
-  q, k, v, d_out = inputs(11, 1, 100, 4, 2, 64, jnp.bfloat16)
-  ids = segment_ids(1, 100, 'packed')
-  attention = lambda q, k, v: api.flash_attention(q, k, v, ids, ids, implementation='mosaic_gpu',
+@pytest.mark.parametrize('causal,num_heads,num_kv_heads,head_dim,length,segments', [
+    (True, 4, 2, 64, 100, 'packed'),
+    (True, 2, 1, 64, 300, 'none'),  # dk/dv: diagonal, unmasked and padding query blocks.
+    (False, 2, 2, 128, 130, 'none'),
+])
+def test_mosaic_kernels_give_reference_gradients(causal, num_heads, num_kv_heads, head_dim,
+                                                 length, segments):
+  q, k, v, d_out = inputs(length, 1, length, num_heads, num_kv_heads, head_dim, jnp.bfloat16)
+  ids = segment_ids(1, length, segments)
+  attention = lambda q, k, v: api.flash_attention(q, k, v, ids, ids, causal=causal,
+                                                  implementation='mosaic_gpu',
                                                   interpret=backend.INTERPRET)
   spec = lambda q, k, v: reference.attention(q.astype(jnp.float32), k.astype(jnp.float32),
-                                             v.astype(jnp.float32), ids, ids)
+                                             v.astype(jnp.float32), ids, ids, causal=causal)
   got = value_and_grads(attention, q, k, v, d_out)
   want = value_and_grads(spec, q, k, v, d_out.astype(jnp.float32))
   for name, g, w in zip(('out', 'dq', 'dk', 'dv'), got, want):
@@ -238,7 +245,7 @@ def test_mosaic_block_sizes_that_do_not_fit_are_refused():
 @pytest.mark.parametrize('head_dim', [64, 128])
 def test_mosaic_lowers_for_hopper_forward_and_backward(head_dim):
   """The Mosaic GPU lowering (wgmma, TMA, barriers) on the CPU: the forward is one
-  Mosaic call, the gradient that call plus the Triton dq and dk/dv kernels."""
+  Mosaic call, the gradient three (forward, dq, dk/dv)."""
   batch, length, num_heads, num_kv_heads = 2, 1000, 8, 2
   shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
   args = (shape(batch, length, num_heads, head_dim), shape(batch, length, num_kv_heads, head_dim),
@@ -248,5 +255,4 @@ def test_mosaic_lowers_for_hopper_forward_and_backward(head_dim):
         q, k, v, *((ids, ids) if segments else ()), causal=causal, implementation='mosaic_gpu')
     grads = jax.grad(lambda *a: jnp.sum(attention(*a).astype(jnp.float32)), argnums=(0, 1, 2))
     assert lowering.count_kernel_calls('mosaic_gpu', attention, *args) == 1
-    assert lowering.count_kernel_calls('mosaic_gpu', grads, *args) == 1
-    assert lowering.count_kernel_calls('gpu', grads, *args) == 2
+    assert lowering.count_kernel_calls('mosaic_gpu', grads, *args) == 3

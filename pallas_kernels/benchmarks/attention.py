@@ -6,8 +6,8 @@
       --kernel_blocks=64:64:4:2,128:128:8:2/64:64:4:2/64:128:8:2
       # our kernel at several GPU tilings: block_q:block_k:num_warps:num_stages for all
       # three kernels, or FORWARD/DQ/DKV each in that form
-  python -m pallas_kernels.benchmarks.attention --mosaic_blocks=128:2,64:3
-      # the Mosaic GPU forward at block_kv:stages tilings too
+  python -m pallas_kernels.benchmarks.attention --mosaic_blocks=128:64:2,64:64:3
+      # the Mosaic GPU kernels at block_kv:block_kv_dq:stages tilings too
   python -m pallas_kernels.benchmarks.attention --shapes=64:1 --heads=2 --head_dim=64 \
       --dtype=float32 --interpret   # a smoke run on CPU
 
@@ -35,8 +35,8 @@ _KERNEL_BLOCKS = flags.DEFINE_list(
     'kernel_blocks', [], 'Also time our GPU kernel at these tilings: '
     'block_q:block_k:num_warps:num_stages, or FORWARD/DQ/DKV each in that form.')
 _MOSAIC_BLOCKS = flags.DEFINE_list(
-    'mosaic_blocks', [], 'Also time the Mosaic GPU forward (Triton backward) at these '
-    'block_kv:stages tilings.')
+    'mosaic_blocks', [], 'Also time the Mosaic GPU kernels at these '
+    'block_kv:block_kv_dq:stages tilings.')
 
 
 def xla(q, k, v):
@@ -66,11 +66,8 @@ def pallas_at(spec: str):
 
 
 def mosaic_at(spec: str | None):
-  """The Mosaic GPU forward at 'block_kv:stages', or its default tiling."""
-  blocks = None
-  if spec:
-    block_kv, stages = map(int, spec.split(':'))
-    blocks = mosaic_gpu.BlockSizes(block_kv=block_kv, stages=stages)
+  """The Mosaic GPU kernels at 'block_kv:block_kv_dq:stages', or their default tiling."""
+  blocks = mosaic_gpu.BlockSizes(*map(int, spec.split(':'))) if spec else None
   return lambda q, k, v: api.flash_attention(q, k, v, causal=True, implementation='mosaic_gpu',
                                              block_sizes=blocks, interpret=_INTERPRET.value)
 
@@ -141,7 +138,8 @@ def speed_table():
 def memory_check():
   q, k, v = make_inputs(32768, 1)
   print(f'fwd+bwd at S=32768, B=1, {_HEADS.value} heads, head dim {_HEAD_DIM.value}, {_DTYPE.value}')
-  for name, attention in (('xla', xla), ('pallas (ours)', pallas)):
+  for name, attention in (('xla', xla), ('pallas (ours)', pallas),
+                          ('pallas mosaic (ours)', mosaic_at(None))):
     try:
       seconds = median_seconds(forward_and_backward(attention), q, k, v)
       print(f'{name}: ran, {seconds * 1e3:.1f} ms')

@@ -5,8 +5,8 @@
 [B, S]. On GPU it runs the Pallas Triton kernel (gpu.py), on TPU the Pallas Mosaic
 kernel (tpu.py), each forward and backward through one custom_vjp whose backward
 recomputes from the saved log-sum-exp. `implementation='mosaic_gpu'` asks for the
-Hopper forward in Pallas Mosaic GPU (mosaic_gpu.py; Triton backward), not yet the
-default: it has not been timed on a GPU. Shapes a kernel does not support, and backends
+Hopper kernels in Pallas Mosaic GPU (mosaic_gpu.py). They are not yet the default,
+because they have not yet been timed on a GPU. Shapes a kernel does not support, and backends
 without one, fall back to the reference (reference.py) with a log line.
 """
 

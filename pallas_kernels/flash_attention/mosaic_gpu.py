@@ -1,37 +1,42 @@
-"""Flash attention forward for Hopper GPUs in Pallas Mosaic GPU (wgmma and TMA).
+"""Flash attention for Hopper GPUs in Pallas Mosaic GPU (wgmma and TMA), forward and backward.
 
 Why a second GPU kernel: the Triton one (gpu.py) tops out near 320 TFLOP/s forward on
 the H100 (docs/benchmarks.md); Hopper's tensor cores are fed at full rate only by
 warpgroup MMAs (wgmma) reading operands from shared memory that the TMA unit fills
 asynchronously, which Triton's Pallas lowering does not give us control of.
 
-Algorithm (FlashAttention-3's warp specialisation, Shah et al. 2024). One CTA per
-(query tile of 2 * block_q rows, query head, batch row) runs three warpgroups:
-  warpgroups 0 and 1 (compute): each holds block_q query rows in shared memory and, per
-      key block, runs S = Q K^T as one wgmma into registers, the online softmax in base 2
-      (log2 e folded into the scale), and O += P V as a second wgmma whose left operand P
-      comes straight from registers. They write O and the row log-sum-exp (base 2, as the
-      Triton backward expects).
-  warpgroup 2 (memory): streams the kv head's key and value blocks by TMA into a ring of
-      `stages` shared-memory slots. Each slot has a "ready" barrier (the TMA's arrival)
-      and a "free" barrier both compute warpgroups arrive at when done with it, so loads
-      for later blocks overlap the math on earlier ones.
-Both compute warpgroups walk the same key blocks (those the CTA's last row can see when
-causal), so the ring advances in lockstep; rows that cannot see a block get it masked.
-Only blocks that cross the diagonal, or hold padding keys, build a mask.
+Structure (FlashAttention-3's warp specialisation, Shah et al. 2024). Every kernel runs
+CTAs of three warpgroups: two compute warpgroups, each owning 64 rows (one wgmma M) of
+the CTA's 128-row tile, and one memory warpgroup (`_stream`) that copies the streamed
+operand's blocks by TMA into a ring of `stages` shared-memory slots. Each slot has a
+"ready" barrier (the TMA's arrival) and a "free" barrier both compute warpgroups arrive
+at when done with it, so loads of later blocks overlap the math on earlier ones; both
+compute warpgroups walk the same blocks, so the ring advances in lockstep (rows that
+cannot see a block get it masked).
+  forward (tile: queries; streams K, V): S = Q K^T by one wgmma from shared memory
+      (K read transposed in place), the online softmax in base 2 (log2 e folded into the
+      scale), O += P V by a wgmma whose left operand P is in registers. Writes O and the
+      row log-sum-exp (base 2).
+  dq (tile: queries; streams K, V): P = exp2(S - lse), dP = dO V^T, dS = P (dP - delta),
+      dQ += dS K.
+  dk/dv (tile: keys; streams Q and dO of each query head that reads the kv head): keys as
+      rows, S^T = K Q^T, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q. Per-query lse and delta
+      come from global memory into registers in the wgmma column layout.
+Each kernel masks only the blocks that cross the diagonal or hold padding; causal query
+tiles far from the start, which do the most work, are started first.
 
 GQA: query head n reads kv head n // groups straight from K and V (never repeated).
-Segment ids (packed documents): each step loads its key block's ids from global memory
-into registers and every block is masked. Padding: queries to a multiple of 2 * block_q
-(rows sliced off), keys to a multiple of block_kv (masked by index).
+Segment ids (packed documents): each step loads its block's ids from global memory into
+registers and every block is masked. Padding: both lengths to a multiple of the 128-row
+tile (and of block_kv), padding keys masked by index, padding queries sliced off (and
+masked in dk/dv).
 
-The backward pass is the Triton kernels' (gpu.backward), from this forward's O and lse.
-
-In interpret mode (tests on the CPU) the two matmuls run as jnp dots on the shared-memory
-tiles: the interpreter of jax 0.10 cannot read a transposed wgmma operand, and none
-can run wgmma with a register operand or a preinitialised accumulator. The pipeline,
-barriers, masks and softmax are the kernel's own either way; the wgmma forms are checked
-by lowering for the GPU (tests) and by running on one (docs/benchmarks.md).
+In interpret mode (tests on the CPU) the matmuls run as jnp dots on the shared-memory
+tiles and layout casts are skipped: the interpreter of jax 0.10 cannot read a transposed
+wgmma operand nor cast layouts, and none can run wgmma with a register operand or a
+preinitialised accumulator. The pipeline, barriers, masks and softmax are the kernels'
+own either way; the wgmma forms are checked by lowering for the GPU (tests) and by
+running on one.
 """
 
 import dataclasses
@@ -54,6 +59,8 @@ except AttributeError:
 
 LOG2_E = triton_gpu.LOG2_E
 _COMPUTE_WARPGROUPS = 2
+_ROWS = 64  # Rows per compute warpgroup: one wgmma M.
+_TILE = _COMPUTE_WARPGROUPS * _ROWS  # Rows per CTA; sequences are padded to a multiple.
 _SMEM_BYTES = 227 * 1024  # Shared memory one CTA may use on the H100.
 _ROW = plgpu.Layout.WGMMA.reduce(1)  # A [rows] vector laid out like a wgmma result's rows.
 _COLUMN = plgpu.Layout.WGMMA.reduce(0)  # A [columns] vector likewise.
@@ -61,15 +68,17 @@ _COLUMN = plgpu.Layout.WGMMA.reduce(0)  # A [columns] vector likewise.
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  block_q: int = 64  # Query rows per compute warpgroup (wgmma's M is 64 per warpgroup).
-  block_kv: int = 128  # Keys per pipeline step.
-  stages: int = 2  # Key/value blocks in flight.
+  """Each warpgroup's rows are 64 (wgmma's M): queries in the forward and dq kernels, keys
+  in the dk/dv kernel, whose streamed query blocks are 64 too."""
+  block_kv: int = 128  # Keys per forward step.
+  block_kv_dq: int = 64  # Keys per dq step (it holds two [64, block] float32 tiles).
+  stages: int = 2  # Streamed blocks in flight, every kernel.
 
   def __post_init__(self):
-    if self.block_q != 64:
-      raise ValueError(f'block_q={self.block_q} must be 64 (one wgmma M per warpgroup)')
     if self.block_kv not in (64, 128, 192, 256):
       raise ValueError(f'block_kv={self.block_kv} must be 64, 128, 192 or 256')
+    if self.block_kv_dq not in (64, 128):
+      raise ValueError(f'block_kv_dq={self.block_kv_dq} must be 64 or 128')
     if self.stages < 2:
       raise ValueError(f'stages={self.stages} must be at least 2')
 
@@ -106,25 +115,104 @@ def _iota(shape, dimension, interpret):
   return plgpu.broadcasted_iota(jnp.int32, shape, dimension, layout=plgpu.Layout.WGMMA)
 
 
-def _logits_dot(q_smem, k_smem, block_q, block_kv, interpret):
-  """Q K^T of one tile, float32 [block_q, block_kv], as one wgmma from shared memory."""
+def _zeros(shape, layout, interpret):
+  return _with_layout(jnp.zeros(shape, jnp.float32), layout, interpret)
+
+
+def _dot_t(a_smem, b_smem, interpret):
+  """A B^T of two shared-memory tiles [M, H] and [N, H], float32 [M, N], as one wgmma
+  (B read transposed in place)."""
   if interpret:
-    return jnp.dot(q_smem[...], k_smem[...].T, preferred_element_type=jnp.float32)
+    return jnp.dot(a_smem[...], b_smem[...].T, preferred_element_type=jnp.float32)
 
   def run(acc_ref):
-    plgpu.wgmma(acc_ref, q_smem, k_smem.T)
+    plgpu.wgmma(acc_ref, a_smem, b_smem.T)
     return acc_ref[...]  # Waits for the wgmma.
-  return pl.run_scoped(run, plgpu.ACC((block_q, block_kv), jnp.float32))
+  return pl.run_scoped(run, plgpu.ACC((a_smem.shape[0], b_smem.shape[0]), jnp.float32))
 
 
 def _accumulate_dot(acc, p, v_smem, interpret):
-  """acc + P V, P from registers, accumulating in place in the wgmma registers."""
+  """acc + P V, P [M, N] from registers and V [N, H] from shared memory, accumulating in
+  place in the wgmma registers."""
   if interpret:
     return acc + jnp.dot(p, v_smem[...], preferred_element_type=jnp.float32)
 
   def run(acc_ref):
     plgpu.wgmma(acc_ref, p, v_smem)
   return pl.run_state(run)(plgpu.ACC.init(acc))
+
+
+def _stream(copies, num_steps, max_steps, stages):
+  """The memory warpgroup: for t in [0, num_steps), block t of every stream into ring slot
+  t % stages, once both compute warpgroups have freed that slot of that stream. `copies`
+  holds (source(t) -> global-memory view, ring [stages, ...], ready, free barriers);
+  `max_steps` bounds num_steps statically."""
+  plgpu.set_max_registers(40, action='decrease')  # Leaves registers to the math.
+
+  def load(t, slot, wait):
+    for source, ring, ready, free in copies:
+      if wait:
+        plgpu.barrier_wait(free.at[slot])
+      plgpu.copy_gmem_to_smem(source(t), ring.at[slot], ready.at[slot])
+
+  for t in range(min(stages, max_steps)):  # Fill the ring.
+    if isinstance(num_steps, int):
+      load(t, t, wait=False)
+    else:
+      pl.when(t < num_steps)(functools.partial(load, t, t, wait=False))
+
+  @pl.loop(stages, num_steps)
+  def _refill(t):
+    load(t, lax.rem(t, jnp.int32(stages)), wait=True)
+
+  @pl.loop(jnp.maximum(num_steps - stages, 0), num_steps)
+  def _drain(t):  # Observe the last frees too, so no barrier phase is left pending.
+    for _, _, _, free in copies:
+      plgpu.barrier_wait(free.at[lax.rem(t, jnp.int32(stages))])
+
+
+def _load_tiles(copies, barrier):
+  """This warpgroup's own tiles (global view, shared-memory buffer) by TMA, awaited."""
+  for source, destination in copies:
+    plgpu.copy_gmem_to_smem(source, destination, barrier)
+    plgpu.barrier_wait(barrier)
+
+
+def _store_tiles(copies):
+  """(registers, shared-memory buffer, global view) triples out by TMA, awaited."""
+  for value, buffer, _ in copies:
+    buffer[...] = value.astype(buffer.dtype)
+  plgpu.commit_smem()  # Make the stores visible to the TMA unit.
+  for _, buffer, destination in copies:
+    plgpu.copy_smem_to_gmem(buffer, destination)
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _query_steps(tile, tile_rows, block_kv, kv_blocks, kv_len, causal, segments):
+  """For a query tile: the key blocks it visits (up to its last row's, when causal) and
+  how many of them need no mask for any of its rows (before its first row, no padding
+  keys, no segment ids)."""
+  num_steps, unmasked = kv_blocks, 0 if segments else kv_len // block_kv
+  if causal:
+    num_steps = jnp.minimum(lax.div((tile + 1) * tile_rows + block_kv - 1, block_kv), kv_blocks)
+    unmasked = jnp.minimum(lax.div(tile * tile_rows, block_kv), unmasked)
+  return num_steps, unmasked
+
+
+def _mask(s, rows, cols, *, causal, row_limit=None, col_limit=None, row_ids=None,
+          col_ids=None):
+  """s where column (key) `cols` is visible to row `rows`, else MASK_VALUE. The kernels
+  hold either orientation: queries as rows (forward, dq) or keys as rows (dk/dv)."""
+  visible = None
+  conditions = [cols < col_limit if col_limit is not None else None,
+                rows < row_limit if row_limit is not None else None,
+                causal(rows, cols) if causal else None,
+                (lax.broadcast_in_dim(row_ids, s.shape, [0]) ==
+                 lax.broadcast_in_dim(col_ids, s.shape, [1])) if row_ids is not None else None]
+  for condition in conditions:
+    if condition is not None:
+      visible = condition if visible is None else visible & condition
+  return s if visible is None else jnp.where(visible, s, MASK_VALUE)
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, q_segment_ref, kv_segment_ref, o_ref, lse_ref,
@@ -137,21 +225,15 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_segment_ref, kv_segment_ref, o_ref, l
   warpgroup = lax.axis_index('warpgroup')
   tile_rows = _COMPUTE_WARPGROUPS * block_q
   kv_blocks = k_ref.shape[1] // block_kv
-  # Key blocks the CTA visits (its last row's, when causal), and how many of them need no
-  # mask for any row of the CTA: wholly before its first row, and free of padding keys.
-  num_steps, unmasked = kv_blocks, 0 if segments else kv_len // block_kv
-  if causal:
-    num_steps = jnp.minimum(lax.div((tile + 1) * tile_rows + block_kv - 1, block_kv), kv_blocks)
-    unmasked = jnp.minimum(lax.div(tile * tile_rows, block_kv), unmasked)
+  num_steps, unmasked = _query_steps(tile, tile_rows, block_kv, kv_blocks, kv_len, causal,
+                                     segments)
 
   @pl.when(warpgroup < _COMPUTE_WARPGROUPS)
   def _compute():
     plgpu.set_max_registers(240, action='increase')
     row0 = tile * tile_rows + warpgroup * block_q
     q_tile = q_smem.at[warpgroup]
-    plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row0, block_q), head], q_tile,
-                            q_ready.at[warpgroup])
-    plgpu.barrier_wait(q_ready.at[warpgroup])
+    _load_tiles([(q_ref.at[batch, pl.ds(row0, block_q), head], q_tile)], q_ready.at[warpgroup])
     if segments:
       q_segments = _load(q_segment_ref.at[batch, pl.ds(row0, block_q)], _ROW, interpret)
 
@@ -159,20 +241,15 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_segment_ref, kv_segment_ref, o_ref, l
       acc, m, l = carry
       slot = lax.rem(j, jnp.int32(stages))
       plgpu.barrier_wait(k_ready.at[slot])
-      s = _logits_dot(q_tile, k_smem.at[slot], block_q, block_kv, interpret) * scale
+      s = _dot_t(q_tile, k_smem.at[slot], interpret) * scale
       plgpu.barrier_arrive(k_free.at[slot])
       if masked:
-        rows = row0 + _iota(s.shape, 0, interpret)
-        cols = j * block_kv + _iota(s.shape, 1, interpret)
-        visible = cols < kv_len
-        if causal:
-          visible = visible & (rows >= cols)
-        if segments:
-          kv_segments = _load(kv_segment_ref.at[batch, pl.ds(j * block_kv, block_kv)], _COLUMN,
-                              interpret)
-          visible = visible & (lax.broadcast_in_dim(q_segments, s.shape, [0]) ==
-                               lax.broadcast_in_dim(kv_segments, s.shape, [1]))
-        s = jnp.where(visible, s, MASK_VALUE)
+        s = _mask(s, row0 + _iota(s.shape, 0, interpret),
+                  j * block_kv + _iota(s.shape, 1, interpret),
+                  causal=causal and (lambda rows, cols: rows >= cols), col_limit=kv_len,
+                  row_ids=q_segments if segments else None,
+                  col_ids=_load(kv_segment_ref.at[batch, pl.ds(j * block_kv, block_kv)],
+                                _COLUMN, interpret) if segments else None)
       m_new = jnp.maximum(m, s.max(axis=1))
       correction = jnp.exp2(m - m_new)
       p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
@@ -183,53 +260,198 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_segment_ref, kv_segment_ref, o_ref, l
       plgpu.barrier_arrive(v_free.at[slot])
       return acc, m_new, l
 
-    head_dim = q_ref.shape[-1]
-    carry = (_with_layout(jnp.zeros((block_q, head_dim), jnp.float32), plgpu.Layout.WGMMA,
-                          interpret),
+    carry = (_zeros((block_q, q_ref.shape[-1]), plgpu.Layout.WGMMA, interpret),
              _with_layout(jnp.full((block_q,), MASK_VALUE, jnp.float32), _ROW, interpret),
-             _with_layout(jnp.zeros((block_q,), jnp.float32), _ROW, interpret))
+             _zeros((block_q,), _ROW, interpret))
     carry = lax.fori_loop(0, unmasked, functools.partial(step, masked=False), carry)
     acc, m, l = lax.fori_loop(unmasked, num_steps, functools.partial(step, masked=True), carry)
-
-    q_tile[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(q_ref.dtype)
     lse_smem.at[warpgroup][...] = m + jnp.log2(l)
-    plgpu.commit_smem()  # Make the stores visible to the TMA unit.
-    plgpu.copy_smem_to_gmem(q_tile, o_ref.at[batch, pl.ds(row0, block_q), head])
+    _store_tiles([(acc / lax.broadcast_in_dim(l, acc.shape, [0]), q_tile,
+                   o_ref.at[batch, pl.ds(row0, block_q), head])])
     plgpu.copy_smem_to_gmem(lse_smem.at[warpgroup], lse_ref.at[batch, head, pl.ds(row0, block_q)])
     plgpu.wait_smem_to_gmem(0)
 
   @pl.when(warpgroup == _COMPUTE_WARPGROUPS)
   def _memory():
-    plgpu.set_max_registers(40, action='decrease')  # Leaves registers to the math.
-    kv_head = lax.div(head, groups)
+    keys = lambda j: (batch, pl.ds(j * block_kv, block_kv), lax.div(head, groups))
+    _stream([(lambda j: k_ref.at[keys(j)], k_smem, k_ready, k_free),
+             (lambda j: v_ref.at[keys(j)], v_smem, v_ready, v_free)],
+            num_steps, kv_blocks, stages)
 
-    def load(j, slot):
-      keys = (batch, pl.ds(j * block_kv, block_kv), kv_head)
-      plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
 
-    for j in range(min(stages, kv_blocks)):  # Fill the ring.
-      if causal:
-        pl.when(j < num_steps)(functools.partial(load, j, j))
-      else:
-        load(j, j)
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_segment_ref, kv_segment_ref,
+               dq_ref, q_smem, do_smem, k_smem, v_smem, tile_ready, k_ready, v_ready, k_free,
+               v_free, *, scale, sm_scale, causal, segments, groups, kv_len, num_tiles,
+               block_q, block_kv, stages, interpret):
+  """dQ = sum over key blocks of dS K, dS = P (dP - delta), P = exp2(S - lse), dP = dO V^T:
+  the forward's walk over key blocks, with K and V streamed the same way."""
+  batch, head = lax.axis_index('batch'), lax.axis_index('heads')
+  tile = num_tiles - 1 - lax.axis_index('tiles') if causal else lax.axis_index('tiles')
+  warpgroup = lax.axis_index('warpgroup')
+  tile_rows = _COMPUTE_WARPGROUPS * block_q
+  kv_blocks = k_ref.shape[1] // block_kv
+  num_steps, unmasked = _query_steps(tile, tile_rows, block_kv, kv_blocks, kv_len, causal,
+                                     segments)
 
-    @pl.loop(stages, num_steps)
-    def _refill(j):
+  @pl.when(warpgroup < _COMPUTE_WARPGROUPS)
+  def _compute():
+    plgpu.set_max_registers(240, action='increase')
+    row0 = tile * tile_rows + warpgroup * block_q
+    rows = pl.ds(row0, block_q)
+    q_tile, do_tile = q_smem.at[warpgroup], do_smem.at[warpgroup]
+    _load_tiles([(q_ref.at[batch, rows, head], q_tile), (do_ref.at[batch, rows, head], do_tile)],
+                tile_ready.at[warpgroup])
+    lse = _load(lse_ref.at[batch, head, rows], _ROW, interpret)
+    delta = _load(delta_ref.at[batch, head, rows], _ROW, interpret)
+    if segments:
+      q_segments = _load(q_segment_ref.at[batch, rows], _ROW, interpret)
+
+    def step(j, dq, masked):
       slot = lax.rem(j, jnp.int32(stages))
-      plgpu.barrier_wait(k_free.at[slot])  # Both warpgroups are done with block j - stages.
-      plgpu.barrier_wait(v_free.at[slot])
-      load(j, slot)
+      plgpu.barrier_wait(k_ready.at[slot])
+      s = _dot_t(q_tile, k_smem.at[slot], interpret) * scale
+      if masked:
+        s = _mask(s, row0 + _iota(s.shape, 0, interpret),
+                  j * block_kv + _iota(s.shape, 1, interpret),
+                  causal=causal and (lambda rows, cols: rows >= cols), col_limit=kv_len,
+                  row_ids=q_segments if segments else None,
+                  col_ids=_load(kv_segment_ref.at[batch, pl.ds(j * block_kv, block_kv)],
+                                _COLUMN, interpret) if segments else None)
+      p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
+      plgpu.barrier_wait(v_ready.at[slot])
+      dp = _dot_t(do_tile, v_smem.at[slot], interpret)
+      plgpu.barrier_arrive(v_free.at[slot])
+      ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
+      dq = _accumulate_dot(dq, ds.astype(k_ref.dtype), k_smem.at[slot], interpret)
+      plgpu.barrier_arrive(k_free.at[slot])
+      return dq
 
-    @pl.loop(jnp.maximum(num_steps - stages, 0), num_steps)
-    def _drain(j):  # Observe the last frees too, so no barrier phase is left pending.
-      slot = lax.rem(j, jnp.int32(stages))
-      plgpu.barrier_wait(k_free.at[slot])
-      plgpu.barrier_wait(v_free.at[slot])
+    dq = _zeros((block_q, q_ref.shape[-1]), plgpu.Layout.WGMMA, interpret)
+    dq = lax.fori_loop(0, unmasked, functools.partial(step, masked=False), dq)
+    dq = lax.fori_loop(unmasked, num_steps, functools.partial(step, masked=True), dq)
+    _store_tiles([(dq * sm_scale, q_tile, dq_ref.at[batch, rows, head])])
+
+  @pl.when(warpgroup == _COMPUTE_WARPGROUPS)
+  def _memory():
+    keys = lambda j: (batch, pl.ds(j * block_kv, block_kv), lax.div(head, groups))
+    _stream([(lambda j: k_ref.at[keys(j)], k_smem, k_ready, k_free),
+             (lambda j: v_ref.at[keys(j)], v_smem, v_ready, v_free)],
+            num_steps, kv_blocks, stages)
 
 
-def _interpret_params(interpret):
-  return InterpretParams() if interpret else None
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_segment_ref,
+                kv_segment_ref, dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, tile_ready,
+                q_ready, do_ready, q_free, do_free, *, scale, sm_scale, causal, segments,
+                groups, q_len, block_q, block_kv, stages, interpret):
+  """Keys as rows: per query block of each query head that reads this kv head,
+  S^T = K Q^T, P^T = exp2(S^T - lse), dV += P^T dO, dP^T = V dO^T,
+  dS^T = P^T (dP^T - delta), dK += dS^T Q; Q and dO streamed, no atomics."""
+  batch, kv_head = lax.axis_index('batch'), lax.axis_index('heads')
+  tile, warpgroup = lax.axis_index('tiles'), lax.axis_index('warpgroup')
+  tile_keys = _COMPUTE_WARPGROUPS * block_kv
+  q_blocks = q_ref.shape[1] // block_q
+  # Query blocks [first, diagonal_end) cross the diagonal (masked), [diagonal_end, full)
+  # see every key of the tile (no mask), [full, q_blocks) hold padding queries (masked).
+  # Before `first`, a causal block sees none of the tile. Segment ids: all masked.
+  first, diagonal_end, full = 0, 0, q_len // block_q
+  if causal:
+    first = lax.div(tile * tile_keys, block_q)
+    diagonal_end = (tile + 1) * tile_keys // block_q
+  if segments:
+    diagonal_end = full = first
+  elif causal:
+    full = jnp.maximum(full, first)
+    diagonal_end = jnp.clip(diagonal_end, first, full)
+  per_head = q_blocks - first
+  query_head = lambda g: kv_head * groups + g
+
+  @pl.when(warpgroup < _COMPUTE_WARPGROUPS)
+  def _compute():
+    plgpu.set_max_registers(240, action='increase')
+    key0 = tile * tile_keys + warpgroup * block_kv
+    keys = pl.ds(key0, block_kv)
+    k_tile, v_tile = k_smem.at[warpgroup], v_smem.at[warpgroup]
+    _load_tiles([(k_ref.at[batch, keys, kv_head], k_tile),
+                 (v_ref.at[batch, keys, kv_head], v_tile)], tile_ready.at[warpgroup])
+    if segments:
+      kv_segments = _load(kv_segment_ref.at[batch, keys], _ROW, interpret)
+
+    def step(i, carry, group, masked):
+      dk, dv = carry
+      slot = lax.rem(group * per_head + i - first, jnp.int32(stages))
+      queries = pl.ds(i * block_q, block_q)
+      lse = _load(lse_ref.at[batch, query_head(group), queries], _COLUMN, interpret)
+      delta = _load(delta_ref.at[batch, query_head(group), queries], _COLUMN, interpret)
+      plgpu.barrier_wait(q_ready.at[slot])
+      st = _dot_t(k_tile, q_smem.at[slot], interpret) * scale  # [keys, queries]
+      if masked:
+        st = _mask(st, key0 + _iota(st.shape, 0, interpret),
+                   i * block_q + _iota(st.shape, 1, interpret),
+                   causal=causal and (lambda rows, cols: cols >= rows), col_limit=q_len,
+                   row_ids=kv_segments if segments else None,
+                   col_ids=_load(q_segment_ref.at[batch, queries], _COLUMN, interpret)
+                   if segments else None)
+      pt = jnp.exp2(st - lax.broadcast_in_dim(lse, st.shape, [1]))
+      plgpu.barrier_wait(do_ready.at[slot])
+      dv = _accumulate_dot(dv, pt.astype(do_ref.dtype), do_smem.at[slot], interpret)
+      dpt = _dot_t(v_tile, do_smem.at[slot], interpret)
+      plgpu.barrier_arrive(do_free.at[slot])
+      dst = pt * (dpt - lax.broadcast_in_dim(delta, dpt.shape, [1]))
+      dk = _accumulate_dot(dk, dst.astype(q_ref.dtype), q_smem.at[slot], interpret)
+      plgpu.barrier_arrive(q_free.at[slot])
+      return dk, dv
+
+    head_dim = k_ref.shape[-1]
+    carry = (_zeros((block_kv, head_dim), plgpu.Layout.WGMMA, interpret),) * 2
+    for group in range(groups):  # The query heads that read this kv head, in turn.
+      for start, stop, masked in ((first, diagonal_end, True), (diagonal_end, full, False),
+                                  (full, q_blocks, True)):
+        carry = lax.fori_loop(start, stop, functools.partial(step, group=group, masked=masked),
+                              carry)
+    dk, dv = carry
+    _store_tiles([(dk * sm_scale, k_tile, dk_ref.at[batch, keys, kv_head]),
+                  (dv, v_tile, dv_ref.at[batch, keys, kv_head])])
+
+  @pl.when(warpgroup == _COMPUTE_WARPGROUPS)
+  def _memory():
+    def queries(t):
+      t, n = jnp.asarray(t, jnp.int32), jnp.asarray(per_head, jnp.int32)
+      group, i = lax.div(t, n), first + lax.rem(t, n)
+      return batch, pl.ds(i * block_q, block_q), query_head(group)
+    _stream([(lambda t: q_ref.at[queries(t)], q_smem, q_ready, q_free),
+             (lambda t: do_ref.at[queries(t)], do_smem, do_ready, do_free)],
+            groups * per_head, groups * q_blocks, stages)
+
+
+def _check_smem(block_sizes, buffers_rows, head_dim, dtype, kernel):
+  smem_bytes = buffers_rows * head_dim * jnp.dtype(dtype).itemsize
+  if smem_bytes > _SMEM_BYTES:
+    raise ValueError(f'{block_sizes} at head_dim={head_dim}: the {kernel} kernel needs '
+                     f'{smem_bytes} bytes of shared memory; a Hopper CTA has {_SMEM_BYTES}')
+
+
+def _segment_operands(q_segment_ids, kv_segment_ids, batch, q_len, kv_len, q_pad, kv_pad):
+  """Padded int32 segment ids (zeros when none: the kernels never read them then).
+  Padding rows are sliced off and padding keys masked by index, so any id will do."""
+  if q_segment_ids is None:
+    q_segment_ids = jnp.zeros((batch, q_len), jnp.int32)
+    kv_segment_ids = jnp.zeros((batch, kv_len), jnp.int32)
+  return (pad_axis(q_segment_ids.astype(jnp.int32), q_pad, 1),
+          pad_axis(kv_segment_ids.astype(jnp.int32), kv_pad, 1))
+
+
+def _call(kernel, out_type, scratch_types, grid, interpret):
+  return plgpu.kernel(
+      kernel, out_type=out_type, scratch_types=scratch_types, grid=grid,
+      grid_names=('tiles', 'heads', 'batch'), num_threads=_COMPUTE_WARPGROUPS + 1,
+      thread_name='warpgroup', compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=InterpretParams() if interpret else None)
+
+
+def _ring_barriers(stages):
+  """ready (the TMA's arrival) and free (both compute warpgroups') barriers of a ring."""
+  return (plgpu.Barrier(num_barriers=stages),
+          plgpu.Barrier(num_arrivals=_COMPUTE_WARPGROUPS, num_barriers=stages))
 
 
 def forward(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, sm_scale: float,
@@ -237,59 +459,73 @@ def forward(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, sm_scale: f
   """Returns out [B, T, N, H] and lse [B, N, T_padded] (float32, base 2)."""
   batch, q_len, num_heads, head_dim = q.shape
   kv_len, num_kv_heads = k.shape[1], k.shape[2]
-  block_q, block_kv, stages = block_sizes.block_q, block_sizes.block_kv, block_sizes.stages
-  tile_rows = _COMPUTE_WARPGROUPS * block_q
-  smem_bytes = (tile_rows + 2 * stages * block_kv) * head_dim * q.dtype.itemsize
-  if smem_bytes > _SMEM_BYTES:
-    raise ValueError(f'{block_sizes} at head_dim={head_dim} needs {smem_bytes} bytes of shared '
-                     f'memory; a Hopper CTA has {_SMEM_BYTES}')
-  q_pad = pl.cdiv(q_len, tile_rows) * tile_rows
+  block_kv, stages = block_sizes.block_kv, block_sizes.stages
+  _check_smem(block_sizes, _TILE + 2 * stages * block_kv, head_dim, q.dtype, 'forward')
+  q_pad = pl.cdiv(q_len, _TILE) * _TILE
   kv_pad = pl.cdiv(kv_len, block_kv) * block_kv
-  q_p = pad_axis(q, q_pad, 1)
-  k_p, v_p = pad_axis(k, kv_pad, 1), pad_axis(v, kv_pad, 1)
   segments = q_segment_ids is not None
-  if not segments:  # Never read; the kernel's signature wants the operands.
-    q_segment_ids = jnp.zeros((batch, q_len), jnp.int32)
-    kv_segment_ids = jnp.zeros((batch, kv_len), jnp.int32)
-  # Padding rows are sliced off and padding keys masked by index, so any id will do.
-  q_ids = pad_axis(q_segment_ids.astype(jnp.int32), q_pad, 1)
-  kv_ids = pad_axis(kv_segment_ids.astype(jnp.int32), kv_pad, 1)
+  ids = _segment_operands(q_segment_ids, kv_segment_ids, batch, q_len, kv_len, q_pad, kv_pad)
   kernel = functools.partial(
       _forward_kernel, scale=sm_scale * LOG2_E, causal=causal, segments=segments,
-      groups=num_heads // num_kv_heads, kv_len=kv_len, num_tiles=q_pad // tile_rows,
-      block_q=block_q, block_kv=block_kv, stages=stages, interpret=interpret)
-  barrier = lambda arrivals=1: plgpu.Barrier(num_arrivals=arrivals, num_barriers=stages)
-  out, lse = plgpu.kernel(
+      groups=num_heads // num_kv_heads, kv_len=kv_len, num_tiles=q_pad // _TILE,
+      block_q=_ROWS, block_kv=block_kv, stages=stages, interpret=interpret)
+  k_ready, k_free = _ring_barriers(stages)
+  v_ready, v_free = _ring_barriers(stages)
+  out, lse = _call(
       kernel,
-      out_type=(jax.ShapeDtypeStruct(q_p.shape, q.dtype),
-                jax.ShapeDtypeStruct((batch, num_heads, q_pad), jnp.float32)),
-      scratch_types=(
-          _smem_tile((_COMPUTE_WARPGROUPS, block_q, head_dim), q.dtype),  # Q, then O.
-          _smem_tile((stages, block_kv, head_dim), q.dtype),
-          _smem_tile((stages, block_kv, head_dim), q.dtype),
-          plgpu.SMEM((_COMPUTE_WARPGROUPS, block_q), jnp.float32),
-          plgpu.Barrier(num_barriers=_COMPUTE_WARPGROUPS),
-          barrier(), barrier(),
-          barrier(_COMPUTE_WARPGROUPS), barrier(_COMPUTE_WARPGROUPS),
-      ),
-      grid=(q_pad // tile_rows, num_heads, batch),
-      grid_names=('tiles', 'heads', 'batch'),
-      num_threads=_COMPUTE_WARPGROUPS + 1,
-      thread_name='warpgroup',
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=_interpret_params(interpret),
-  )(q_p, k_p, v_p, q_ids, kv_ids)
+      (jax.ShapeDtypeStruct((batch, q_pad, num_heads, head_dim), q.dtype),
+       jax.ShapeDtypeStruct((batch, num_heads, q_pad), jnp.float32)),
+      (_smem_tile((_COMPUTE_WARPGROUPS, _ROWS, head_dim), q.dtype),  # Q, then O.
+       _smem_tile((stages, block_kv, head_dim), q.dtype),
+       _smem_tile((stages, block_kv, head_dim), q.dtype),
+       plgpu.SMEM((_COMPUTE_WARPGROUPS, _ROWS), jnp.float32),
+       plgpu.Barrier(num_barriers=_COMPUTE_WARPGROUPS),
+       k_ready, v_ready, k_free, v_free),
+      (q_pad // _TILE, num_heads, batch), interpret,
+  )(pad_axis(q, q_pad, 1), pad_axis(k, kv_pad, 1), pad_axis(v, kv_pad, 1), *ids)
   return out[:, :q_len], lse
 
 
 def backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, causal: bool,
              sm_scale: float, block_sizes: BlockSizes, interpret: bool):
-  """Gradients (dq, dk, dv) by the Triton kernels, from this forward's O and lse."""
-  del block_sizes
-  triton_blocks = triton_gpu.BlockSizes()
-  q_len = q.shape[1]
-  q_pad = pl.cdiv(q_len, triton_blocks.padding()[0]) * triton_blocks.padding()[0]
-  lse = pad_axis(lse[..., :q_len], q_pad, 2)
-  return triton_gpu.backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out,
-                             causal=causal, sm_scale=sm_scale, block_sizes=triton_blocks,
-                             interpret=interpret)
+  """Gradients (dq, dk, dv) of the forward's inputs, from its O and lse: a dq kernel over
+  query tiles and a dk/dv kernel over key tiles, so neither needs atomics."""
+  batch, q_len, num_heads, head_dim = q.shape
+  kv_len, num_kv_heads = k.shape[1], k.shape[2]
+  groups = num_heads // num_kv_heads
+  block_kv, stages = block_sizes.block_kv_dq, block_sizes.stages
+  _check_smem(block_sizes, 2 * _TILE + 2 * stages * block_kv, head_dim, q.dtype, 'dq')
+  _check_smem(block_sizes, 2 * _TILE + 2 * stages * _ROWS, head_dim, q.dtype, 'dk/dv')
+  q_pad = pl.cdiv(q_len, _TILE) * _TILE
+  kv_pad = pl.cdiv(kv_len, _TILE) * _TILE  # block_kv_dq divides _TILE.
+  segments = q_segment_ids is not None
+  ids = _segment_operands(q_segment_ids, kv_segment_ids, batch, q_len, kv_len, q_pad, kv_pad)
+  # delta_i = sum_h dO_ih O_ih: the row term of the softmax gradient.
+  delta = jnp.einsum('btnh,btnh->bnt', d_out.astype(jnp.float32), out.astype(jnp.float32))
+  operands = (pad_axis(q, q_pad, 1), pad_axis(k, kv_pad, 1), pad_axis(v, kv_pad, 1),
+              pad_axis(d_out, q_pad, 1), pad_axis(lse[..., :q_len], q_pad, 2),
+              pad_axis(delta, q_pad, 2), *ids)
+  options = dict(scale=sm_scale * LOG2_E, sm_scale=sm_scale, causal=causal,
+                 segments=segments, groups=groups, stages=stages, interpret=interpret)
+  tiles = lambda x: _smem_tile((_COMPUTE_WARPGROUPS, _ROWS, head_dim), x.dtype)
+  ring = lambda rows, dtype: _smem_tile((stages, rows, head_dim), dtype)
+  a_ready, a_free = _ring_barriers(stages)
+  b_ready, b_free = _ring_barriers(stages)
+
+  dq = _call(
+      functools.partial(_dq_kernel, kv_len=kv_len, num_tiles=q_pad // _TILE, block_q=_ROWS,
+                        block_kv=block_kv, **options),
+      jax.ShapeDtypeStruct(operands[0].shape, q.dtype),
+      (tiles(q), tiles(d_out), ring(block_kv, k.dtype), ring(block_kv, v.dtype),
+       plgpu.Barrier(num_barriers=_COMPUTE_WARPGROUPS), a_ready, b_ready, a_free, b_free),
+      (q_pad // _TILE, num_heads, batch), interpret,
+  )(*operands)
+  dk, dv = _call(
+      functools.partial(_dkv_kernel, q_len=q_len, block_q=_ROWS, block_kv=_ROWS, **options),
+      (jax.ShapeDtypeStruct(operands[1].shape, k.dtype),
+       jax.ShapeDtypeStruct(operands[2].shape, v.dtype)),
+      (tiles(k), tiles(v), ring(_ROWS, q.dtype), ring(_ROWS, d_out.dtype),
+       plgpu.Barrier(num_barriers=_COMPUTE_WARPGROUPS), a_ready, b_ready, a_free, b_free),
+      (kv_pad // _TILE, num_kv_heads, batch), interpret,
+  )(*operands)
+  return dq[:, :q_len], dk[:, :kv_len], dv[:, :kv_len]
