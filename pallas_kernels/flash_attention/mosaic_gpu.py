@@ -62,6 +62,9 @@ _COMPUTE_WARPGROUPS = 2
 _ROWS = 64  # Rows per compute warpgroup: one wgmma M.
 _TILE = _COMPUTE_WARPGROUPS * _ROWS  # Rows per CTA; sequences are padded to a multiple.
 _SMEM_BYTES = 227 * 1024  # Shared memory one CTA may use on the H100.
+# Registers a thread: the SM's 65,536 split as 2 x 128 x 232 + 128 x 40 = 64,512, nearly
+# all to the math (the memory warpgroup only issues copies).
+_COMPUTE_REGISTERS, _MEMORY_REGISTERS = 232, 40
 _ROW = plgpu.Layout.WGMMA.reduce(1)  # A [rows] vector laid out like a wgmma result's rows.
 _COLUMN = plgpu.Layout.WGMMA.reduce(0)  # A [columns] vector likewise.
 
@@ -147,7 +150,7 @@ def _stream(copies, num_steps, max_steps, stages):
   t % stages, once both compute warpgroups have freed that slot of that stream. `copies`
   holds (source(t) -> global-memory view, ring [stages, ...], ready, free barriers);
   `max_steps` bounds num_steps statically."""
-  plgpu.set_max_registers(40, action='decrease')  # Leaves registers to the math.
+  plgpu.set_max_registers(_MEMORY_REGISTERS, action='decrease')
 
   def load(t, slot, wait):
     for source, ring, ready, free in copies:
@@ -230,7 +233,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_segment_ref, kv_segment_ref, o_ref, l
 
   @pl.when(warpgroup < _COMPUTE_WARPGROUPS)
   def _compute():
-    plgpu.set_max_registers(240, action='increase')
+    plgpu.set_max_registers(_COMPUTE_REGISTERS, action='increase')
     row0 = tile * tile_rows + warpgroup * block_q
     q_tile = q_smem.at[warpgroup]
     _load_tiles([(q_ref.at[batch, pl.ds(row0, block_q), head], q_tile)], q_ready.at[warpgroup])
@@ -295,7 +298,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_segment_ref, k
 
   @pl.when(warpgroup < _COMPUTE_WARPGROUPS)
   def _compute():
-    plgpu.set_max_registers(240, action='increase')
+    plgpu.set_max_registers(_COMPUTE_REGISTERS, action='increase')
     row0 = tile * tile_rows + warpgroup * block_q
     rows = pl.ds(row0, block_q)
     q_tile, do_tile = q_smem.at[warpgroup], do_smem.at[warpgroup]
@@ -367,7 +370,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_segment_ref,
 
   @pl.when(warpgroup < _COMPUTE_WARPGROUPS)
   def _compute():
-    plgpu.set_max_registers(240, action='increase')
+    plgpu.set_max_registers(_COMPUTE_REGISTERS, action='increase')
     key0 = tile * tile_keys + warpgroup * block_kv
     keys = pl.ds(key0, block_kv)
     k_tile, v_tile = k_smem.at[warpgroup], v_smem.at[warpgroup]
