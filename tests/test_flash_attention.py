@@ -174,10 +174,9 @@ def test_benchmark_script_runs_on_a_tiny_shape_in_interpret_mode():
 # The Mosaic GPU (Hopper) kernels: bf16 and f16 only.
 MOSAIC_CASES = [
     # (causal, num_heads, num_kv_heads, head_dim, length, block_kv, segments)
+    # (The gradient test below covers packed causal, and padding without a causal mask.)
     (True, 2, 1, 64, 200, 64, 'none'),  # Padded queries and keys; 2 key blocks a tile.
-    (False, 4, 2, 64, 130, 128, 'none'),  # Padding keys masked without a causal mask.
     (True, 2, 2, 128, 256, 128, 'none'),  # No padding: the mask only on diagonal blocks.
-    (True, 2, 1, 64, 200, 64, 'packed'),
     (False, 2, 2, 64, 100, 128, 'padded'),
 ]
 
