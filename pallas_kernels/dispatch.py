@@ -9,7 +9,7 @@ import jax
 
 
 @functools.cache
-def warn_once(message: str) -> None:
+def _warn_once(message: str) -> None:
   # Traced once per shape but called every step: one line is enough.
   logging.warning(message)
 
@@ -22,13 +22,13 @@ def pick(entry_point: str, kernels: dict, implementation: str | None, fallback: 
   if implementation is None:
     implementation = jax.default_backend()
     if implementation not in kernels:
-      warn_once(f'{entry_point}: no kernel for the {implementation} backend; using the '
+      _warn_once(f'{entry_point}: no kernel for the {implementation} backend; using the '
                  f'{fallback}')
       return fallback
   if implementation in kernels:
     reason = unsupported(kernels[implementation])
     if reason is not None:
-      warn_once(f'{entry_point}: {implementation} kernel: falling back to the {fallback}: '
+      _warn_once(f'{entry_point}: {implementation} kernel: falling back to the {fallback}: '
                  f'{reason}')
       return fallback
   return implementation

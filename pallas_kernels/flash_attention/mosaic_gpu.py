@@ -41,6 +41,7 @@ running on one.
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -191,24 +192,49 @@ def _store_tiles(copies):
   plgpu.wait_smem_to_gmem(0)
 
 
-def _query_steps(tile, tile_rows, block_kv, kv_blocks, kv_len, causal, segments):
-  """For a query tile: the key blocks it visits (up to its last row's, when causal) and
-  how many of them need no mask for any of its rows (before its first row, no padding
-  keys, no segment ids)."""
+class _QueryTile(NamedTuple):
+  """Where a query-tile CTA (forward, dq) and this warpgroup of it stand."""
+  batch: jax.Array
+  head: jax.Array
+  warpgroup: jax.Array
+  row0: jax.Array  # The warpgroup's first query row.
+  kv_blocks: int
+  num_steps: jax.Array | int  # Key blocks visited: up to the tile's last row's, if causal.
+  unmasked: jax.Array | int  # How many of them need no mask for any row of the tile
+  # (before its first row, no padding keys, no segment ids).
+
+
+def _query_tile(kv_len, kv_blocks, *, causal, segments, num_tiles, block_q, block_kv):
+  batch, head = lax.axis_index('batch'), lax.axis_index('heads')
+  # Causal tiles far from the start do the most work: start them first.
+  tile = num_tiles - 1 - lax.axis_index('tiles') if causal else lax.axis_index('tiles')
+  warpgroup = lax.axis_index('warpgroup')
+  tile_rows = _COMPUTE_WARPGROUPS * block_q
   num_steps, unmasked = kv_blocks, 0 if segments else kv_len // block_kv
   if causal:
     num_steps = jnp.minimum(lax.div((tile + 1) * tile_rows + block_kv - 1, block_kv), kv_blocks)
     unmasked = jnp.minimum(lax.div(tile * tile_rows, block_kv), unmasked)
-  return num_steps, unmasked
+  return _QueryTile(batch, head, warpgroup, tile * tile_rows + warpgroup * block_q, kv_blocks,
+                    num_steps, unmasked)
 
 
-def _mask(s, rows, cols, *, causal, row_limit=None, col_limit=None, row_ids=None,
-          col_ids=None):
+def _mask_key_block(s, where, j, block_kv, kv_segment_ref, q_segments, *, causal, kv_len,
+                    interpret):
+  """The mask of key block j for a query-row kernel (forward, dq)."""
+  return _mask(s, where.row0 + _iota(s.shape, 0, interpret),
+               j * block_kv + _iota(s.shape, 1, interpret),
+               causal=causal and (lambda rows, cols: rows >= cols), col_limit=kv_len,
+               row_ids=q_segments,
+               col_ids=None if q_segments is None else _load(
+                   kv_segment_ref.at[where.batch, pl.ds(j * block_kv, block_kv)], _COLUMN,
+                   interpret))
+
+
+def _mask(s, rows, cols, *, causal, col_limit=None, row_ids=None, col_ids=None):
   """s where column (key) `cols` is visible to row `rows`, else MASK_VALUE. The kernels
   hold either orientation: queries as rows (forward, dq) or keys as rows (dk/dv)."""
   visible = None
   conditions = [cols < col_limit if col_limit is not None else None,
-                rows < row_limit if row_limit is not None else None,
                 causal(rows, cols) if causal else None,
                 (lax.broadcast_in_dim(row_ids, s.shape, [0]) ==
                  lax.broadcast_in_dim(col_ids, s.shape, [1])) if row_ids is not None else None]
@@ -222,23 +248,17 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_segment_ref, kv_segment_ref, o_ref, l
                     q_smem, k_smem, v_smem, lse_smem, q_ready, k_ready, v_ready, k_free,
                     v_free, *, scale, causal, segments, groups, kv_len, num_tiles, block_q,
                     block_kv, stages, interpret):
-  batch, head = lax.axis_index('batch'), lax.axis_index('heads')
-  # Causal tiles far from the start do the most work: start them first.
-  tile = num_tiles - 1 - lax.axis_index('tiles') if causal else lax.axis_index('tiles')
-  warpgroup = lax.axis_index('warpgroup')
-  tile_rows = _COMPUTE_WARPGROUPS * block_q
-  kv_blocks = k_ref.shape[1] // block_kv
-  num_steps, unmasked = _query_steps(tile, tile_rows, block_kv, kv_blocks, kv_len, causal,
-                                     segments)
+  where = _query_tile(kv_len, k_ref.shape[1] // block_kv, causal=causal, segments=segments,
+                      num_tiles=num_tiles, block_q=block_q, block_kv=block_kv)
+  batch, head, warpgroup, row0 = where.batch, where.head, where.warpgroup, where.row0
 
   @pl.when(warpgroup < _COMPUTE_WARPGROUPS)
   def _compute():
     plgpu.set_max_registers(_COMPUTE_REGISTERS, action='increase')
-    row0 = tile * tile_rows + warpgroup * block_q
     q_tile = q_smem.at[warpgroup]
     _load_tiles([(q_ref.at[batch, pl.ds(row0, block_q), head], q_tile)], q_ready.at[warpgroup])
-    if segments:
-      q_segments = _load(q_segment_ref.at[batch, pl.ds(row0, block_q)], _ROW, interpret)
+    q_segments = (_load(q_segment_ref.at[batch, pl.ds(row0, block_q)], _ROW, interpret)
+                  if segments else None)
 
     def step(j, carry, masked):
       acc, m, l = carry
@@ -247,12 +267,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_segment_ref, kv_segment_ref, o_ref, l
       s = _dot_t(q_tile, k_smem.at[slot], interpret) * scale
       plgpu.barrier_arrive(k_free.at[slot])
       if masked:
-        s = _mask(s, row0 + _iota(s.shape, 0, interpret),
-                  j * block_kv + _iota(s.shape, 1, interpret),
-                  causal=causal and (lambda rows, cols: rows >= cols), col_limit=kv_len,
-                  row_ids=q_segments if segments else None,
-                  col_ids=_load(kv_segment_ref.at[batch, pl.ds(j * block_kv, block_kv)],
-                                _COLUMN, interpret) if segments else None)
+        s = _mask_key_block(s, where, j, block_kv, kv_segment_ref, q_segments, causal=causal,
+                            kv_len=kv_len, interpret=interpret)
       m_new = jnp.maximum(m, s.max(axis=1))
       correction = jnp.exp2(m - m_new)
       p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
@@ -266,8 +282,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_segment_ref, kv_segment_ref, o_ref, l
     carry = (_zeros((block_q, q_ref.shape[-1]), plgpu.Layout.WGMMA, interpret),
              _with_layout(jnp.full((block_q,), MASK_VALUE, jnp.float32), _ROW, interpret),
              _zeros((block_q,), _ROW, interpret))
-    carry = lax.fori_loop(0, unmasked, functools.partial(step, masked=False), carry)
-    acc, m, l = lax.fori_loop(unmasked, num_steps, functools.partial(step, masked=True), carry)
+    carry = lax.fori_loop(0, where.unmasked, functools.partial(step, masked=False), carry)
+    acc, m, l = lax.fori_loop(where.unmasked, where.num_steps,
+                              functools.partial(step, masked=True), carry)
     lse_smem.at[warpgroup][...] = m + jnp.log2(l)
     _store_tiles([(acc / lax.broadcast_in_dim(l, acc.shape, [0]), q_tile,
                    o_ref.at[batch, pl.ds(row0, block_q), head])])
@@ -279,7 +296,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_segment_ref, kv_segment_ref, o_ref, l
     keys = lambda j: (batch, pl.ds(j * block_kv, block_kv), lax.div(head, groups))
     _stream([(lambda j: k_ref.at[keys(j)], k_smem, k_ready, k_free),
              (lambda j: v_ref.at[keys(j)], v_smem, v_ready, v_free)],
-            num_steps, kv_blocks, stages)
+            where.num_steps, where.kv_blocks, stages)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_segment_ref, kv_segment_ref,
@@ -288,38 +305,28 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_segment_ref, k
                block_q, block_kv, stages, interpret):
   """dQ = sum over key blocks of dS K, dS = P (dP - delta), P = exp2(S - lse), dP = dO V^T:
   the forward's walk over key blocks, with K and V streamed the same way."""
-  batch, head = lax.axis_index('batch'), lax.axis_index('heads')
-  tile = num_tiles - 1 - lax.axis_index('tiles') if causal else lax.axis_index('tiles')
-  warpgroup = lax.axis_index('warpgroup')
-  tile_rows = _COMPUTE_WARPGROUPS * block_q
-  kv_blocks = k_ref.shape[1] // block_kv
-  num_steps, unmasked = _query_steps(tile, tile_rows, block_kv, kv_blocks, kv_len, causal,
-                                     segments)
+  where = _query_tile(kv_len, k_ref.shape[1] // block_kv, causal=causal, segments=segments,
+                      num_tiles=num_tiles, block_q=block_q, block_kv=block_kv)
+  batch, head, warpgroup, row0 = where.batch, where.head, where.warpgroup, where.row0
 
   @pl.when(warpgroup < _COMPUTE_WARPGROUPS)
   def _compute():
     plgpu.set_max_registers(_COMPUTE_REGISTERS, action='increase')
-    row0 = tile * tile_rows + warpgroup * block_q
     rows = pl.ds(row0, block_q)
     q_tile, do_tile = q_smem.at[warpgroup], do_smem.at[warpgroup]
     _load_tiles([(q_ref.at[batch, rows, head], q_tile), (do_ref.at[batch, rows, head], do_tile)],
                 tile_ready.at[warpgroup])
     lse = _load(lse_ref.at[batch, head, rows], _ROW, interpret)
     delta = _load(delta_ref.at[batch, head, rows], _ROW, interpret)
-    if segments:
-      q_segments = _load(q_segment_ref.at[batch, rows], _ROW, interpret)
+    q_segments = _load(q_segment_ref.at[batch, rows], _ROW, interpret) if segments else None
 
     def step(j, dq, masked):
       slot = lax.rem(j, jnp.int32(stages))
       plgpu.barrier_wait(k_ready.at[slot])
       s = _dot_t(q_tile, k_smem.at[slot], interpret) * scale
       if masked:
-        s = _mask(s, row0 + _iota(s.shape, 0, interpret),
-                  j * block_kv + _iota(s.shape, 1, interpret),
-                  causal=causal and (lambda rows, cols: rows >= cols), col_limit=kv_len,
-                  row_ids=q_segments if segments else None,
-                  col_ids=_load(kv_segment_ref.at[batch, pl.ds(j * block_kv, block_kv)],
-                                _COLUMN, interpret) if segments else None)
+        s = _mask_key_block(s, where, j, block_kv, kv_segment_ref, q_segments, causal=causal,
+                            kv_len=kv_len, interpret=interpret)
       p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
       plgpu.barrier_wait(v_ready.at[slot])
       dp = _dot_t(do_tile, v_smem.at[slot], interpret)
@@ -330,8 +337,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_segment_ref, k
       return dq
 
     dq = _zeros((block_q, q_ref.shape[-1]), plgpu.Layout.WGMMA, interpret)
-    dq = lax.fori_loop(0, unmasked, functools.partial(step, masked=False), dq)
-    dq = lax.fori_loop(unmasked, num_steps, functools.partial(step, masked=True), dq)
+    dq = lax.fori_loop(0, where.unmasked, functools.partial(step, masked=False), dq)
+    dq = lax.fori_loop(where.unmasked, where.num_steps, functools.partial(step, masked=True), dq)
     _store_tiles([(dq * sm_scale, q_tile, dq_ref.at[batch, rows, head])])
 
   @pl.when(warpgroup == _COMPUTE_WARPGROUPS)
@@ -339,7 +346,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_segment_ref, k
     keys = lambda j: (batch, pl.ds(j * block_kv, block_kv), lax.div(head, groups))
     _stream([(lambda j: k_ref.at[keys(j)], k_smem, k_ready, k_free),
              (lambda j: v_ref.at[keys(j)], v_smem, v_ready, v_free)],
-            num_steps, kv_blocks, stages)
+            where.num_steps, where.kv_blocks, stages)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_segment_ref,
@@ -376,8 +383,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_segment_ref,
     k_tile, v_tile = k_smem.at[warpgroup], v_smem.at[warpgroup]
     _load_tiles([(k_ref.at[batch, keys, kv_head], k_tile),
                  (v_ref.at[batch, keys, kv_head], v_tile)], tile_ready.at[warpgroup])
-    if segments:
-      kv_segments = _load(kv_segment_ref.at[batch, keys], _ROW, interpret)
+    kv_segments = _load(kv_segment_ref.at[batch, keys], _ROW, interpret) if segments else None
 
     def step(i, carry, group, masked):
       dk, dv = carry
@@ -391,7 +397,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_segment_ref,
         st = _mask(st, key0 + _iota(st.shape, 0, interpret),
                    i * block_q + _iota(st.shape, 1, interpret),
                    causal=causal and (lambda rows, cols: cols >= rows), col_limit=q_len,
-                   row_ids=kv_segments if segments else None,
+                   row_ids=kv_segments,
                    col_ids=_load(q_segment_ref.at[batch, queries], _COLUMN, interpret)
                    if segments else None)
       pt = jnp.exp2(st - lax.broadcast_in_dim(lse, st.shape, [1]))
