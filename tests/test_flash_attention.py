@@ -173,25 +173,27 @@ def test_benchmark_script_runs_on_a_tiny_shape_in_interpret_mode():
 
 # The Mosaic GPU (Hopper) kernels: bf16 and f16 only.
 MOSAIC_CASES = [
-    # (causal, num_heads, num_kv_heads, head_dim, length, block_kv, segments)
+    # (causal, num_heads, num_kv_heads, head_dim, length, block_kv, segments, pingpong)
     # (The gradient test below covers packed causal, and padding without a causal mask.)
-    (True, 2, 1, 64, 200, 64, 'none'),  # Padded queries and keys; 2 key blocks a tile.
-    (True, 2, 2, 128, 256, 128, 'none'),  # No padding: the mask only on diagonal blocks.
-    (False, 2, 2, 64, 100, 128, 'padded'),
+    (True, 2, 1, 64, 200, 64, 'none', True),  # Padded queries and keys; 2 key blocks a tile.
+    (True, 2, 2, 128, 256, 128, 'none', False),  # No padding: the mask only on diagonal blocks.
+    (False, 2, 2, 64, 100, 128, 'padded', False),
 ]
 
 
 @pytest.mark.skipif(not MOSAIC_ON_THIS_BACKEND, reason='a GPU kernel')
-@pytest.mark.parametrize('causal,num_heads,num_kv_heads,head_dim,length,block_kv,segments',
-                         MOSAIC_CASES)
+@pytest.mark.parametrize(
+    'causal,num_heads,num_kv_heads,head_dim,length,block_kv,segments,pingpong', MOSAIC_CASES)
 def test_mosaic_forward_matches_the_reference_in_bfloat16(causal, num_heads, num_kv_heads,
-                                                          head_dim, length, block_kv, segments):
+                                                          head_dim, length, block_kv, segments,
+                                                          pingpong):
   batch = 1 if segments == 'none' else 2  # Two rows where the ids are per row.
   q, k, v, _ = inputs(length + head_dim, batch, length, num_heads, num_kv_heads, head_dim,
                       jnp.bfloat16)
   ids = segment_ids(batch, length, segments)
   out, lse = mosaic_gpu.forward(q, k, v, ids, ids, causal=causal, sm_scale=head_dim ** -0.5,
-                                block_sizes=mosaic_gpu.BlockSizes(block_kv=block_kv),
+                                block_sizes=mosaic_gpu.BlockSizes(block_kv=block_kv,
+                                                                  pingpong=pingpong),
                                 interpret=backend.INTERPRET)
   want_out, want_lse = reference.attention_with_lse(
       *(x.astype(jnp.float32) for x in (q, k, v)), ids, ids, causal=causal)
@@ -255,3 +257,6 @@ def test_mosaic_lowers_for_hopper_forward_and_backward(head_dim):
     grads = jax.grad(lambda *a: jnp.sum(attention(*a).astype(jnp.float32)), argnums=(0, 1, 2))
     assert lowering.count_kernel_calls('mosaic_gpu', attention, *args) == 1
     assert lowering.count_kernel_calls('mosaic_gpu', grads, *args) == 3
+  pingpong = lambda q, k, v, ids: api.flash_attention(
+      q, k, v, implementation='mosaic_gpu', block_sizes=mosaic_gpu.BlockSizes(pingpong=True))
+  assert lowering.count_kernel_calls('mosaic_gpu', pingpong, *args) == 1

@@ -6,8 +6,8 @@
       --kernel_blocks=64:64:4:2,128:128:8:2/64:64:4:2/64:128:8:2
       # our kernel at several GPU tilings: block_q:block_k:num_warps:num_stages for all
       # three kernels, or FORWARD/DQ/DKV each in that form
-  python -m pallas_kernels.benchmarks.attention --mosaic_blocks=128:64:2,64:64:3
-      # the Mosaic GPU kernels at block_kv:block_kv_dq:stages tilings too
+  python -m pallas_kernels.benchmarks.attention --mosaic_blocks=128:64:2,64:64:3,128:64:2:1
+      # the Mosaic GPU kernels at block_kv:block_kv_dq:stages[:pingpong] tilings too
   python -m pallas_kernels.benchmarks.attention --shapes=64:1 --heads=2 --head_dim=64 \
       --dtype=float32 --interpret   # a smoke run on CPU
 
@@ -36,7 +36,8 @@ _KERNEL_BLOCKS = flags.DEFINE_list(
     'block_q:block_k:num_warps:num_stages, or FORWARD/DQ/DKV each in that form.')
 _MOSAIC_BLOCKS = flags.DEFINE_list(
     'mosaic_blocks', [], 'Also time the Mosaic GPU kernels at these '
-    'block_kv:block_kv_dq:stages tilings.')
+    'block_kv:block_kv_dq:stages[:pingpong] tilings (pingpong 1: the forward\'s '
+    'warpgroups alternate softmax and matmuls).')
 
 
 def xla(q, k, v):
@@ -66,8 +67,12 @@ def pallas_at(spec: str):
 
 
 def mosaic_at(spec: str | None):
-  """The Mosaic GPU kernels at 'block_kv:block_kv_dq:stages', or their default tiling."""
-  blocks = mosaic_gpu.BlockSizes(*map(int, spec.split(':'))) if spec else None
+  """The Mosaic GPU kernels at 'block_kv:block_kv_dq:stages[:pingpong]', or their default
+  tiling."""
+  blocks = None
+  if spec:
+    fields = [int(field) for field in spec.split(':')]
+    blocks = mosaic_gpu.BlockSizes(*fields[:3], *map(bool, fields[3:]))
   return lambda q, k, v: api.flash_attention(q, k, v, causal=True, implementation='mosaic_gpu',
                                              block_sizes=blocks, interpret=_INTERPRET.value)
 

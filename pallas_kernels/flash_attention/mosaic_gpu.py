@@ -12,7 +12,9 @@ operand's blocks by TMA into a ring of `stages` shared-memory slots. Each slot h
 "ready" barrier (the TMA's arrival) and a "free" barrier both compute warpgroups arrive
 at when done with it, so loads of later blocks overlap the math on earlier ones; both
 compute warpgroups walk the same blocks, so the ring advances in lockstep (rows that
-cannot see a block get it masked).
+cannot see a block get it masked). With BlockSizes.pingpong the forward's two compute
+warpgroups also meet at a barrier twice a step, one phase apart, so one's softmax runs
+while the other's matmuls occupy the tensor cores (FlashAttention-3's ping-pong).
   forward (tile: queries; streams K, V): S = Q K^T by one wgmma from shared memory
       (K read transposed in place), the online softmax in base 2 (log2 e folded into the
       scale), O += P V by a wgmma whose left operand P is in registers. Writes O and the
@@ -77,6 +79,9 @@ class BlockSizes:
   block_kv: int = 128  # Keys per forward step.
   block_kv_dq: int = 64  # Keys per dq step (it holds two [64, block] float32 tiles).
   stages: int = 2  # Streamed blocks in flight, every kernel.
+  # Forward: FlashAttention-3's ping-pong. The compute warpgroups meet at a barrier twice
+  # a step, one step out of phase, so one's softmax runs while the other's matmuls do.
+  pingpong: bool = False
 
   def __post_init__(self):
     if self.block_kv not in (64, 128, 192, 256):
@@ -123,14 +128,16 @@ def _zeros(shape, layout, interpret):
   return _with_layout(jnp.zeros(shape, jnp.float32), layout, interpret)
 
 
-def _dot_t(a_smem, b_smem, interpret):
+def _dot_t(a_smem, b_smem, interpret, while_running=lambda: None):
   """A B^T of two shared-memory tiles [M, H] and [N, H], float32 [M, N], as one wgmma
-  (B read transposed in place)."""
+  (B read transposed in place); `while_running()` runs between its issue and its wait."""
   if interpret:
+    while_running()
     return jnp.dot(a_smem[...], b_smem[...].T, preferred_element_type=jnp.float32)
 
   def run(acc_ref):
     plgpu.wgmma(acc_ref, a_smem, b_smem.T)
+    while_running()
     return acc_ref[...]  # Waits for the wgmma.
   return pl.run_scoped(run, plgpu.ACC((a_smem.shape[0], b_smem.shape[0]), jnp.float32))
 
@@ -180,6 +187,12 @@ def _load_tiles(copies, barrier):
   for source, destination in copies:
     plgpu.copy_gmem_to_smem(source, destination, barrier)
     plgpu.barrier_wait(barrier)
+
+
+def _meet(barrier):
+  """Both compute warpgroups reach this point (the next phase of a two-arrival barrier)."""
+  plgpu.barrier_arrive(barrier)
+  plgpu.barrier_wait(barrier)
 
 
 def _store_tiles(copies):
@@ -246,8 +259,8 @@ def _mask(s, rows, cols, *, causal, col_limit=None, row_ids=None, col_ids=None):
 
 def _forward_kernel(q_ref, k_ref, v_ref, q_segment_ref, kv_segment_ref, o_ref, lse_ref,
                     q_smem, k_smem, v_smem, lse_smem, q_ready, k_ready, v_ready, k_free,
-                    v_free, *, scale, causal, segments, groups, kv_len, num_tiles, block_q,
-                    block_kv, stages, interpret):
+                    v_free, schedule, *, scale, causal, segments, groups, kv_len, num_tiles,
+                    block_q, block_kv, stages, pingpong, interpret):
   where = _query_tile(kv_len, k_ref.shape[1] // block_kv, causal=causal, segments=segments,
                       num_tiles=num_tiles, block_q=block_q, block_kv=block_kv)
   batch, head, warpgroup, row0 = where.batch, where.head, where.warpgroup, where.row0
@@ -260,11 +273,15 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_segment_ref, kv_segment_ref, o_ref, l
     q_segments = (_load(q_segment_ref.at[batch, pl.ds(row0, block_q)], _ROW, interpret)
                   if segments else None)
 
+    if pingpong:  # Warpgroup 1 runs a phase behind: its softmax meets 0's matmuls.
+      pl.when(warpgroup == 1)(lambda: _meet(schedule))
+
     def step(j, carry, masked):
       acc, m, l = carry
       slot = lax.rem(j, jnp.int32(stages))
       plgpu.barrier_wait(k_ready.at[slot])
-      s = _dot_t(q_tile, k_smem.at[slot], interpret) * scale
+      s = _dot_t(q_tile, k_smem.at[slot], interpret,
+                 functools.partial(_meet, schedule) if pingpong else lambda: None) * scale
       plgpu.barrier_arrive(k_free.at[slot])
       if masked:
         s = _mask_key_block(s, where, j, block_kv, kv_segment_ref, q_segments, causal=causal,
@@ -274,7 +291,11 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_segment_ref, kv_segment_ref, o_ref, l
       p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
       l = l * correction + p.sum(axis=1)
       acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
+      if pingpong:
+        plgpu.barrier_arrive(schedule)  # Softmax done; the tensor cores are the other's.
       plgpu.barrier_wait(v_ready.at[slot])
+      if pingpong:
+        plgpu.barrier_wait(schedule)  # Until the other warpgroup's softmax is done too.
       acc = _accumulate_dot(acc, p.astype(q_ref.dtype), v_smem.at[slot], interpret)
       plgpu.barrier_arrive(v_free.at[slot])
       return acc, m_new, l
@@ -285,6 +306,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_segment_ref, kv_segment_ref, o_ref, l
     carry = lax.fori_loop(0, where.unmasked, functools.partial(step, masked=False), carry)
     acc, m, l = lax.fori_loop(where.unmasked, where.num_steps,
                               functools.partial(step, masked=True), carry)
+    if pingpong:  # Warpgroup 0's last meeting, matching 1's first: equal arrivals.
+      pl.when(warpgroup == 0)(lambda: _meet(schedule))
     lse_smem.at[warpgroup][...] = m + jnp.log2(l)
     _store_tiles([(acc / lax.broadcast_in_dim(l, acc.shape, [0]), q_tile,
                    o_ref.at[batch, pl.ds(row0, block_q), head])])
@@ -477,7 +500,8 @@ def forward(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, sm_scale: f
   kernel = functools.partial(
       _forward_kernel, scale=sm_scale * LOG2_E, causal=causal, segments=segments,
       groups=num_heads // num_kv_heads, kv_len=kv_len, num_tiles=q_pad // _TILE,
-      block_q=_ROWS, block_kv=block_kv, stages=stages, interpret=interpret)
+      block_q=_ROWS, block_kv=block_kv, stages=stages, pingpong=block_sizes.pingpong,
+      interpret=interpret)
   k_ready, k_free = _ring_barriers(stages)
   v_ready, v_free = _ring_barriers(stages)
   out, lse = _call(
@@ -489,7 +513,8 @@ def forward(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, sm_scale: f
        _smem_tile((stages, block_kv, head_dim), q.dtype),
        plgpu.SMEM((_COMPUTE_WARPGROUPS, _ROWS), jnp.float32),
        plgpu.Barrier(num_barriers=_COMPUTE_WARPGROUPS),
-       k_ready, v_ready, k_free, v_free),
+       k_ready, v_ready, k_free, v_free,
+       plgpu.Barrier(num_arrivals=_COMPUTE_WARPGROUPS)),  # The ping-pong's meeting point.
       (q_pad // _TILE, num_heads, batch), interpret,
   )(pad_axis(q, q_pad, 1), pad_axis(k, kv_pad, 1), pad_axis(v, kv_pad, 1), *ids)
   return out[:, :q_len], lse
