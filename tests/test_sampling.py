@@ -20,7 +20,7 @@ def model_and_params():
 
 
 def full_forward(model, params, ids):
-  tokens = jnp.asarray([ids], jnp.int32)
+  tokens = jnp.asarray(ids, jnp.int32)[None]
   positions = jnp.arange(len(ids))[None]
   return model.apply({'params': params}, tokens, jnp.ones_like(tokens), positions)[0]
 
@@ -71,10 +71,14 @@ def test_greedy_generation_matches_argmax_of_full_recomputation(model_and_params
       params, jnp.asarray(prompts_bp), jnp.asarray(lengths_b), jax.random.key(0),
       jnp.asarray([-1]), model=model, max_new_tokens=max_new_tokens, cache_length=24)
   assert np.asarray(num_new_b).tolist() == [max_new_tokens] * 3
+  # The full forward over one fixed-length buffer (a single compilation): causal, so the
+  # zeros after the ids do not reach the last id's logits.
+  forward = jax.jit(lambda tokens: full_forward(model, params, tokens))
   for row, prompt in enumerate(prompts):
     ids = list(prompt)
     for _ in range(max_new_tokens):
-      ids.append(int(jnp.argmax(full_forward(model, params, ids)[-1])))
+      logits = forward(jnp.asarray(ids + [0] * (24 - len(ids))))
+      ids.append(int(jnp.argmax(logits[len(ids) - 1])))
     assert np.asarray(new_bn[row]).tolist() == ids[len(prompt):]
 
 
