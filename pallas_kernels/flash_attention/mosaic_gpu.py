@@ -80,7 +80,7 @@ class BlockSizes:
   block_kv_dq: int = 64  # Keys per dq step (it holds two [64, block] float32 tiles).
   stages: int = 2  # Streamed blocks in flight, every kernel.
   # Forward: FlashAttention-3's ping-pong. The compute warpgroups meet at a barrier twice
-  # a step, one step out of phase, so one's softmax runs while the other's matmuls do.
+  # a step, one phase apart, so one's softmax runs while the other's matmuls do.
   pingpong: bool = False
 
   def __post_init__(self):
