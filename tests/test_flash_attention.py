@@ -152,6 +152,27 @@ def test_on_cpu_the_dispatch_picks_the_reference():
   np.testing.assert_array_equal(api.flash_attention(q, k, v), reference.attention(q, k, v))
 
 
+@pytest.mark.parametrize('hopper, dtype, head_dim, want', [
+    (True, jnp.bfloat16, 128, 'mosaic_gpu'), (True, jnp.float32, 128, 'gpu'),
+    (True, jnp.bfloat16, 32, 'gpu'), (False, jnp.bfloat16, 128, 'gpu')])
+def test_on_a_gpu_hopper_gets_the_mosaic_kernels_where_they_take_the_inputs(
+    monkeypatch, hopper, dtype, head_dim, want):
+  picked = []
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  monkeypatch.setattr(mosaic_gpu, 'runs_here', lambda: hopper)
+  monkeypatch.setattr(api, '_kernel_attention',
+                      lambda kernel, *_: lambda q, *__: picked.append(kernel) or q)
+  q, k, v, _ = inputs(7, 1, 8, 2, 2, head_dim, dtype)
+  api.flash_attention(q, k, v)
+  assert picked == [want]
+
+
+def test_block_sizes_for_another_kernel_are_refused_by_name():
+  q, k, v, _ = inputs(8, 1, 8, 2, 2, 64, jnp.bfloat16)
+  with pytest.raises(ValueError, match='not the mosaic_gpu kernel'):
+    api.flash_attention(q, k, v, implementation='mosaic_gpu', block_sizes=gpu.BlockSizes())
+
+
 @pytest.mark.skipif(backend.ON_DEVICE, reason='the CPU smoke run of the benchmark')
 def test_benchmark_script_runs_on_a_tiny_shape_in_interpret_mode():
   import os

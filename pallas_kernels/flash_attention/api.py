@@ -2,12 +2,12 @@
 
 `flash_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal, ...)` takes q
 [B, T, N, H], k and v [B, S, K, H] (K divides N) and optional int segment ids [B, T],
-[B, S]. On GPU it runs the Pallas Triton kernel (gpu.py), on TPU the Pallas Mosaic
-kernel (tpu.py), each forward and backward through one custom_vjp whose backward
-recomputes from the saved log-sum-exp. `implementation='mosaic_gpu'` asks for the
-Hopper kernels in Pallas Mosaic GPU (mosaic_gpu.py). They are not yet the default,
-because they have not yet been timed on a GPU. Shapes a kernel does not support, and backends
-without one, fall back to the reference (reference.py) with a log line.
+[B, S]. On a Hopper GPU it runs the Pallas Mosaic GPU kernels (mosaic_gpu.py: wgmma and
+TMA, the fastest here), on other GPUs and for what those refuse (float32) the Pallas
+Triton kernel (gpu.py), on TPU the Pallas Mosaic kernel (tpu.py); each forward and
+backward through one custom_vjp whose backward recomputes from the saved log-sum-exp.
+Shapes a kernel does not support, and backends without one, fall back to the reference
+(reference.py) with a log line.
 """
 
 import functools
@@ -56,9 +56,16 @@ def flash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, causal:
   if (q_segment_ids is None) != (kv_segment_ids is None):
     raise ValueError('give both q_segment_ids and kv_segment_ids, or neither')
   sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+  if implementation is None and jax.default_backend() == 'gpu':
+    mosaic = mosaic_gpu.runs_here() and mosaic_gpu.unsupported(q, k) is None
+    implementation = 'mosaic_gpu' if mosaic else 'gpu'
   implementation = dispatch.pick('flash_attention', KERNELS, implementation, 'reference',
                                  lambda kernel: kernel.unsupported(q, k))
   if implementation in KERNELS:  # Segment ids may be None: the kernels skip the segment mask.
+    expected = KERNELS[implementation].BlockSizes
+    if block_sizes is not None and not isinstance(block_sizes, expected):
+      raise ValueError(f'block_sizes={block_sizes} is not the {implementation} kernel\'s '
+                       f'{expected.__module__}.BlockSizes: name the implementation it is for')
     attention = _kernel_attention(implementation, causal, sm_scale,
                                   block_sizes or KERNELS[implementation].BlockSizes(), interpret)
     return attention(q, k, v, q_segment_ids, kv_segment_ids)
