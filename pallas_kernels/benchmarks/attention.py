@@ -6,7 +6,7 @@
       --kernel_blocks=64:64:4:2,128:128:8:2/64:64:4:2/64:128:8:2
       # our kernel at several GPU tilings: block_q:block_k:num_warps:num_stages for all
       # three kernels, or FORWARD/DQ/DKV each in that form
-  python -m pallas_kernels.benchmarks.attention --mosaic_blocks=128:64:2,64:64:3,128:64:2:1
+  python -m pallas_kernels.benchmarks.attention --mosaic_blocks=128:128:2,64:64:3,128:64:2:0
       # the Mosaic GPU kernels at block_kv:block_kv_dq:stages[:pingpong] tilings too
   python -m pallas_kernels.benchmarks.attention --shapes=64:1 --heads=2 --head_dim=64 \
       --dtype=float32 --interpret   # a smoke run on CPU
@@ -36,8 +36,8 @@ _KERNEL_BLOCKS = flags.DEFINE_list(
     'block_q:block_k:num_warps:num_stages, or FORWARD/DQ/DKV each in that form.')
 _MOSAIC_BLOCKS = flags.DEFINE_list(
     'mosaic_blocks', [], 'Also time the Mosaic GPU kernels at these '
-    'block_kv:block_kv_dq:stages[:pingpong] tilings (pingpong 1: the forward\'s '
-    'warpgroups alternate softmax and matmuls).')
+    'block_kv:block_kv_dq:stages[:pingpong] tilings (pingpong 1, the default: '
+    'the forward\'s warpgroups alternate softmax and matmuls).')
 
 
 def xla(q, k, v):
