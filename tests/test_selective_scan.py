@@ -116,6 +116,31 @@ def test_gpu_kernel_split_into_time_segments_matches_the_reference(segment, rese
     assert_close(g, w, 1e-5, name)
 
 
+@pytest.mark.skipif('gpu' not in KERNELS, reason='GPU backward options')
+@pytest.mark.parametrize('blocks', [
+    gpu.BlockSizes(block_e=8, chunk=4, atomic_sums=True),
+    gpu.BlockSizes(block_e=4, chunk=4, backward_block_e=8),
+    gpu.BlockSizes(block_e=8, chunk=4, backward_block_e=2, atomic_sums=True, segment=8),
+], ids=['atomic_sums', 'wider_backward', 'narrower_backward_atomic_segments'])
+def test_gpu_backward_tiling_and_atomic_sums_match_the_reference(blocks):
+  """dB, dC summed by atomic adds across channel blocks, and backward channel blocks
+  other than the forward's (10 channels: both pad to the larger block)."""
+  inputs, dy = scan_inputs(11, 2, 37, 10, 4)
+  scan = lambda *a: api.selective_scan(*a, implementation='gpu', block_sizes=blocks,
+                                       interpret=backend.INTERPRET)
+  want = value_and_grads(reference.selective_scan, inputs, dy)
+  got = value_and_grads(scan, inputs, dy)
+  for name, g, w in zip(NAMES, got, want):
+    assert_close(g, w, 1e-5, name)
+
+
+def test_gpu_block_sizes_name_a_bad_field():
+  with pytest.raises(ValueError, match='backward_block_e=3 must be a power of two or 0'):
+    gpu.BlockSizes(backward_block_e=3)
+  with pytest.raises(ValueError, match='block_e=0 must be a power of two'):
+    gpu.BlockSizes(block_e=0)
+
+
 @pytest.mark.parametrize('kernel', KERNELS)
 def test_kernel_with_bfloat16_inputs_keeps_a_float32_state(kernel):
   """bf16 x, B, C, dy (dt and A float32, as the model gives them): the kernel's float32
@@ -144,18 +169,21 @@ def test_kernel_lowers_for_its_hardware_forward_and_backward(kernel):
   assert lowering.count_kernel_calls(kernel, grads, *args) == 2
 
 
-def test_gpu_kernel_in_time_segments_lowers_for_the_gpu():
+@pytest.mark.parametrize('blocks,forward_kernels,gradient_kernels', [
+    (gpu.BlockSizes(segment=256), 2, 4),
+    (gpu.BlockSizes(backward_block_e=4, atomic_sums=True), 1, 2),
+], ids=['segments', 'atomic_sums'])
+def test_gpu_kernel_options_lower_for_the_gpu(blocks, forward_kernels, gradient_kernels):
   """With segments the forward adds the segment-end pass (two kernels) and the gradient
-  the carry pass (forward two, backward two)."""
+  the carry pass (forward two, backward two); atomic sums lower to Triton atomics."""
   shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
   args = (shape(2, 1000, 320), shape(2, 1000, 320, dtype=jnp.float32),
           shape(320, 16, dtype=jnp.float32), shape(2, 1000, 16), shape(2, 1000, 16),
           shape(2, 1000, dtype=jnp.bool_))
-  blocks = gpu.BlockSizes(segment=256)
   scan = lambda *a: api.selective_scan(*a, implementation='gpu', block_sizes=blocks)
   grads = jax.grad(lambda *a: jnp.sum(scan(*a).astype(jnp.float32)), argnums=range(5))
-  assert lowering.count_kernel_calls('gpu', scan, *args) == 2
-  assert lowering.count_kernel_calls('gpu', grads, *args) == 4
+  assert lowering.count_kernel_calls('gpu', scan, *args) == forward_kernels
+  assert lowering.count_kernel_calls('gpu', grads, *args) == gradient_kernels
 
 
 @pytest.mark.skipif(backend.ON_DEVICE, reason='checks the CPU dispatch')
@@ -181,13 +209,15 @@ def test_benchmark_script_runs_on_a_tiny_shape_in_interpret_mode():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   result = subprocess.run(
       [sys.executable, '-m', 'pallas_kernels.benchmarks.selective_scan', '--shape=1:64:16:4',
-       '--interpret', '--repeats=1', '--kernel_blocks=16:8:2,8:8:1:32'],
+       '--interpret', '--repeats=1',
+       '--kernel_blocks=16:8:2:atomic_sums=1:backward_block_e=4,8:8:1:32'],
       cwd=root, capture_output=True, text=True, timeout=300,
       env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''})
   assert result.returncode == 0, result.stderr[-2000:]
   assert '| lax.scan (reference) |' in result.stdout
   assert 'pallas gpu (ours) BlockSizes(block_e=16, chunk=8, num_warps=2' in result.stdout
-  assert 'num_stages=1, segment=32)' in result.stdout
+  assert 'num_stages=1, segment=32, backward_block_e=0, atomic_sums=False)' in result.stdout
+  assert 'segment=0, backward_block_e=4, atomic_sums=True)' in result.stdout  # By name.
   assert 'failed' not in result.stdout
   rows = [line for line in result.stdout.splitlines() if line.startswith('| pallas')]
   assert len(rows) == 3 and all(float(row.split('|')[-2]) < 1e-5 for row in rows), rows

@@ -1,8 +1,9 @@
 """Selective-scan speed, forward and forward+backward, as a table.
 
   python -m pallas_kernels.benchmarks.selective_scan        # ANCHORS.md shape, on a GPU
-  python -m pallas_kernels.benchmarks.selective_scan --kernel_blocks=16:8:2:256,32:8:4:512
-      # our kernel at several GPU BlockSizes (block_e:chunk:num_warps[:segment]), for tuning
+  python -m pallas_kernels.benchmarks.selective_scan --kernel_blocks=16:8:2:256,8:8:1:atomic_sums=1
+      # our kernel at several GPU BlockSizes (block_e:chunk:num_warps[:segment], and any
+      # field as name=value), for tuning
   python -m pallas_kernels.benchmarks.selective_scan --shape=1:64:16:4 --interpret
       # a smoke run on CPU
 
@@ -30,9 +31,13 @@ _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
 _REPEATS = flags.DEFINE_integer('repeats', 10, 'Timed runs per case.')
 _INTERPRET = flags.DEFINE_bool('interpret', False, 'Run our kernel in interpret mode (CPU).')
 _KERNEL_BLOCKS = flags.DEFINE_list(
-    'kernel_blocks', [], 'GPU block sizes to time as block_e:chunk:num_warps[:segment] '
-    '(TPU: block_e:block_t); the defaults are always timed.')
+    'kernel_blocks', [], 'Block sizes to time, GPU block_e:chunk:num_warps[:segment] (TPU '
+    'block_e:block_t), then any field as name=value, e.g. 8:8:1:backward_block_e=4; the '
+    'defaults are always timed.')
 _BASELINES = flags.DEFINE_bool('baselines', True, 'Also time lax.scan and associative scans.')
+_KERNEL_TIMES = flags.DEFINE_bool(
+    'kernel_times', False, 'After the table, each implementation\'s fwd+bwd device time '
+    'by kernel (its own kernels and XLA\'s), from a profiler trace.')
 _BANDWIDTH = flags.DEFINE_float('bandwidth', 3.0e12, 'Bytes/s for the floor (H100 copy).')
 
 
@@ -48,15 +53,25 @@ def make_inputs(batch, length, channels, state):
   return x, dt, a, b, c, reset
 
 
+def parse_block_sizes(block_sizes_type, fields, spec):
+  """'8:8:1:atomic_sums=1': values for `fields` in order, then any field by name."""
+  defaults, values = block_sizes_type(), {}
+  for position, token in enumerate(spec.split(':')):
+    name, value = token.split('=') if '=' in token else (fields[position], token)
+    if not hasattr(defaults, name):
+      raise ValueError(f'--kernel_blocks={spec}: {name!r} is not a field of {defaults}')
+    values[name] = type(getattr(defaults, name))(int(value))
+  return block_sizes_type(**values)
+
+
 def kernel_variants():
   """Name -> scan for our kernel, at the default or the requested block sizes."""
   kernel = jax.default_backend() if jax.default_backend() in api.KERNELS else 'gpu'
   module = {'gpu': gpu, 'tpu': tpu}[kernel]
   fields = {'gpu': ('block_e', 'chunk', 'num_warps', 'segment'),
             'tpu': ('block_e', 'block_t')}[kernel]
-  blocks = [module.BlockSizes()] + [
-      module.BlockSizes(**dict(zip(fields, map(int, spec.split(':')))))
-      for spec in _KERNEL_BLOCKS.value]
+  blocks = [module.BlockSizes()] + [parse_block_sizes(module.BlockSizes, fields, spec)
+                                    for spec in _KERNEL_BLOCKS.value]
   return {f'pallas {kernel} (ours) {block_sizes}': functools.partial(
       api.selective_scan, implementation=kernel, block_sizes=block_sizes,
       interpret=_INTERPRET.value) for block_sizes in blocks}
@@ -90,6 +105,7 @@ def main(argv):
   *differentiable, reset = inputs
   dy = jax.random.normal(jax.random.key(1), inputs[0].shape, inputs[0].dtype)
   want = outputs_and_gradients(reference.selective_scan, differentiable, reset, dy)
+  by_kernel = {}  # Implementation -> {kernel: [launches, microseconds]}, --kernel_times.
   for name, scan in implementations(length).items():
     loss = lambda *args: jnp.sum(scan(*args, reset).astype(jnp.float32))
     try:
@@ -110,6 +126,15 @@ def main(argv):
     print(f'| {name} | {milliseconds(forward[0])} | {milliseconds(forward[1])} | '
           f'{io_bytes / kernel_time / 1e9:.1f} | {kernel_time / floor:.1f} | '
           f'{milliseconds(both[0])} | {milliseconds(both[1])} | {error:.1e} |', flush=True)
+    if _KERNEL_TIMES.value:
+      by_kernel[name] = timing.device_kernel_times(lambda: timed[1](*differentiable),
+                                                   calls=_REPEATS.value)
+  for name, kernels in by_kernel.items():
+    if not kernels:  # The CPU reports no kernels.
+      continue
+    print(f'\nfwd+bwd device us per call by kernel, {name}:')
+    for kernel, (_, microseconds) in sorted(kernels.items(), key=lambda item: -item[1][1]):
+      print(f'  {microseconds / _REPEATS.value:9.1f}  {kernel}')
 
 
 def outputs_and_gradients(scan, differentiable, reset, dy):

@@ -25,7 +25,8 @@ more programs did not make a program's walk through time any shorter, so it is o
 Memory traffic, forward: x, dt, y [B, T, E] and B, C [B, T, N] once (each program reads
 B, C of its batch row: E / block_e times in all, mostly from L2). Backward: the same plus
 dy, dx, ddt, the chunk states read once, and dB, dC partial sums per channel block,
-[B, E / block_e, T, N], summed by XLA.
+[B, E / block_e, T, N], summed by XLA (at the H100 benchmark's shape 2 x 128 MB written and
+read again); with BlockSizes.atomic_sums the kernel adds them into [B, T, N] instead.
 
 Padding: T to a multiple of `chunk` with dt = 0 (decay 1, no input: the state passes
 through); E to a multiple of `block_e` and N to a power of two with zeros.
@@ -72,12 +73,29 @@ class BlockSizes:
   # Time steps per program (a multiple of chunk); 0: the whole sequence. Splitting time
   # gives T / segment times the programs, for one extra state-only pass (see above).
   segment: int = 0
+  # The backward's channels per program (a power of two); 0: block_e. Its tiling is free
+  # of the forward's but for `chunk`, the spacing of the saved states.
+  backward_block_e: int = 0
+  # The backward sums dB, dC over channel blocks by atomic adds into [B, T, N] rather than
+  # writing per-block partials for XLA to sum; the order of the adds, so the last bits of
+  # dB and dC, vary from run to run.
+  atomic_sums: bool = False
 
   def __post_init__(self):
-    if self.block_e & (self.block_e - 1) or self.chunk < 1:
-      raise ValueError(f'{self.block_e=} must be a power of two and {self.chunk=} positive')
+    for name in ('block_e', 'backward_block_e'):
+      value = getattr(self, name)
+      if value < 0 or value & (value - 1) or (name == 'block_e' and not value):
+        raise ValueError(f'{name}={value} must be a power of two'
+                         + (' or 0' if name == 'backward_block_e' else ''))
+    if self.chunk < 1:
+      raise ValueError(f'{self.chunk=} must be positive')
     if self.segment < 0 or self.segment % self.chunk:
       raise ValueError(f'{self.segment=} must be 0 or a positive multiple of {self.chunk=}')
+
+  @property
+  def channel_blocks(self):
+    """(forward, backward) channels per program."""
+    return self.block_e, self.backward_block_e or self.block_e
 
 
 def _next_power_of_two(n):
@@ -90,7 +108,7 @@ def _kernel_inputs(x, dt, a, b, c, reset, block_sizes):
   instruction per state element (libdevice's expf is nine): so `a` comes back times
   log2(e) and the reset flag as `log_keep`, -inf at a reset (a zero decay), else 0."""
   time_multiple = block_sizes.segment or block_sizes.chunk
-  block_e = block_sizes.block_e
+  block_e = max(block_sizes.channel_blocks)  # Powers of two: a multiple of both.
   state = _next_power_of_two(a.shape[1])
   pad_te = lambda t: pad_to_multiple(pad_to_multiple(t, time_multiple, 1), block_e, 2)
   pad_tn = lambda t: pad_to_multiple(pad_to_multiple(t, time_multiple, 1), state, 2)
@@ -140,36 +158,59 @@ def _segment_end_kernel(x_ref, dt_ref, a_ref, b_ref, log_keep_ref, h_ref, *, chu
 
 
 def _backward_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, log_keep_ref, states_ref, dy_ref,
-                     g0_ref, dx_ref, ddt_ref, da_ref, db_ref, dc_ref, *, chunk, exp2):
+                     g0_ref, *refs, chunk, exp2, atomic_sums):
+  # With atomic_sums two zero arrays come first, aliased to db_ref and dc_ref.
+  dx_ref, ddt_ref, da_ref, db_ref, dc_ref = refs[-5:]
   a = a_ref[...]  # [block_e, N], A log2(e).
+  block_e, state_size = a.shape
   num_chunks = states_ref.shape[0]
   load = lambda j: (_load_chunk(j * chunk, chunk, x_ref, dt_ref, b_ref, c_ref, log_keep_ref,
                                 dy_ref), states_ref[j])
+  # Where step i of a chunk goes in its gradient tiles: [block_e, chunk] for dx and ddt
+  # (stored transposed), [chunk, N] for dB and dC.
+  step_column = lax.broadcasted_iota(jnp.int32, (block_e, chunk), 1)
+  step_row = lax.broadcasted_iota(jnp.int32, (chunk, state_size), 0)
 
   def one_chunk(j, carry):
     # g_after = a_{t+1} g_{t+1}: from the next segment, then ours.
     g_after, da, (rows, state) = carry
     j = num_chunks - 1 - j
-    t0 = j * chunk
+    steps = pl.ds(j * chunk, chunk)
     # Prefetch, as in the forward but walking back: chunk j-1's loads are in flight while
     # chunk j computes (chunk 0 reloads itself). 14% off this kernel on the H100.
     next_loaded = load(jnp.maximum(j - 1, 0))
     decay = lambda dt, log_keep: exp2(dt[:, None] * a + log_keep)
-    states = [state]  # h_{t0-1}, h_{t0}, ..., h_{t0+chunk-1}
+    states = [state]  # The state before the chunk's first step, then after each step.
     for x, dt, b, _, log_keep, _ in rows:
       states.append(decay(dt, log_keep) * states[-1] + (dt * x)[:, None] * b[None, :])
+    # Each step's gradients go into tiles stored once a chunk: storing a row a step cost
+    # a layout conversion through shared memory, with a barrier, for each row.
+    dx = ddt = jnp.zeros((block_e, chunk), jnp.float32)
+    db = dc = jnp.zeros((chunk, state_size), jnp.float32)
     for i in reversed(range(chunk)):
       x, dt, b, c, log_keep, dy = rows[i]
       a_t = decay(dt, log_keep)  # Recomputed rather than held: registers are the limit here.
       g = c[None, :] * dy[:, None] + g_after
       g_b = jnp.sum(g * b[None, :], axis=1)
       w = g * states[i] * a_t  # dLoss / d(dt_t A), elementwise.
-      dx_ref[t0 + i] = (dt * g_b).astype(dx_ref.dtype)
-      ddt_ref[t0 + i] = LN_2 * jnp.sum(w * a, axis=1) + x * g_b  # a is A log2(e).
-      db_ref[t0 + i] = jnp.sum(g * (dt * x)[:, None], axis=0)
-      dc_ref[t0 + i] = jnp.sum(states[i + 1] * dy[:, None], axis=0)
+      at_step = lambda where, row, tile: jnp.where(where == i, row, tile)
+      dx = at_step(step_column, (dt * g_b)[:, None], dx)
+      ddt_t = LN_2 * jnp.sum(w * a, axis=1) + x * g_b  # a is A log2(e).
+      ddt = at_step(step_column, ddt_t[:, None], ddt)
+      db = at_step(step_row, jnp.sum(g * (dt * x)[:, None], axis=0)[None, :], db)
+      dc = at_step(step_row, jnp.sum(states[i + 1] * dy[:, None], axis=0)[None, :], dc)
       da = da + dt[:, None] * w
       g_after = a_t * g
+    dx_ref[steps, :] = dx.T.astype(dx_ref.dtype)
+    ddt_ref[steps, :] = ddt.T
+    if atomic_sums:  # Every channel block of the batch row adds into the same rows.
+      # Pallas's atomic add is acquire-release (a fence and an L1 invalidation each), so
+      # it is issued once a chunk, on whole tiles.
+      plgpu.atomic_add(db_ref, (steps, slice(None)), db)
+      plgpu.atomic_add(dc_ref, (steps, slice(None)), dc)
+    else:
+      db_ref[steps, :] = db
+      dc_ref[steps, :] = dc
     return g_after, da, next_loaded
 
   _, da, _ = lax.fori_loop(0, num_chunks, one_chunk,
@@ -203,9 +244,9 @@ def _params(block_sizes):
 class _Layout:
   """Grid (batch row, channel block, time segment) and the BlockSpecs of each operand."""
 
-  def __init__(self, padded_x, state, block_sizes):
+  def __init__(self, padded_x, state, block_sizes, block_e):
     batch, length, channels = padded_x.shape
-    self.block_e, self.chunk, self.state = block_sizes.block_e, block_sizes.chunk, state
+    self.block_e, self.chunk, self.state = block_e, block_sizes.chunk, state
     self.segment = block_sizes.segment or length
     self.grid = (batch, channels // self.block_e, length // self.segment)
     self.num_segments = self.grid[2]
@@ -283,7 +324,7 @@ def forward(x, dt, a, b, c, reset, *, block_sizes: BlockSizes = BlockSizes(),
   inputs = _kernel_inputs(x, dt, a, b, c, reset, block_sizes)
   x_p, dt_p, a_p, b_p, _, log_keep = inputs
   padded_length, padded_channels = x_p.shape[1:]
-  layout = _Layout(x_p, a_p.shape[1], block_sizes)
+  layout = _Layout(x_p, a_p.shape[1], block_sizes, block_sizes.block_e)
   h0 = jnp.zeros((batch, layout.num_segments, padded_channels, layout.state), jnp.float32)
   if layout.num_segments > 1:  # Each segment's true start state, from a state-only pass.
     h0 = _entering_segments(
@@ -319,9 +360,10 @@ def backward(x, dt, a, b, c, reset, states, dy, *, block_sizes: BlockSizes = Blo
   inputs = _kernel_inputs(x, dt, a, b, c, reset, block_sizes)
   x_p, dt_p, a_p, _, c_p, log_keep = inputs
   padded_length, padded_channels = x_p.shape[1:]
-  layout = _Layout(x_p, a_p.shape[1], block_sizes)
+  layout = _Layout(x_p, a_p.shape[1], block_sizes, block_sizes.channel_blocks[1])
   num_blocks = layout.grid[1]
-  dy = pad_to_multiple(pad_to_multiple(dy, layout.segment, 1), layout.block_e, 2)
+  dy = pad_to_multiple(pad_to_multiple(dy, layout.segment, 1), max(block_sizes.channel_blocks),
+                       2)
   g0 = jnp.zeros((batch, layout.num_segments, padded_channels, layout.state), jnp.float32)
   if layout.num_segments > 1:  # The adjoint carry entering each segment from the next.
     g0 = _entering_segments(
@@ -329,25 +371,39 @@ def backward(x, dt, a, b, c, reset, states, dy, *, block_sizes: BlockSizes = Blo
         [layout.rows(), layout.a(), layout.state_rows(), layout.log_keep(), layout.rows()],
         (dt_p, a_p, c_p, log_keep, dy), dt_p, log_keep, a_p, layout, block_sizes,
         interpret, reverse=True)
-  per_block_shape = jax.ShapeDtypeStruct((batch, num_blocks, padded_length, layout.state),
-                                         jnp.float32)
+  in_specs = [layout.rows(), layout.rows(), layout.a(), layout.state_rows(),
+              layout.state_rows(), layout.log_keep(), layout.chunk_states(), layout.rows(),
+              layout.per_segment()]
+  operands = [*inputs, states, dy, g0]
+  if block_sizes.atomic_sums:  # dB, dC [B, T, N], zeros that every channel block adds to.
+    sums_spec = layout.state_rows()
+    sums_shape = jax.ShapeDtypeStruct((batch, padded_length, layout.state), jnp.float32)
+    in_specs += [sums_spec, sums_spec]
+    operands += [jnp.zeros(sums_shape.shape, jnp.float32)] * 2
+    aliases = {len(operands) - 2: 3, len(operands) - 1: 4}
+  else:  # Each channel block's partial dB, dC, [B, E / block_e, T, N], summed below.
+    sums_spec = layout.per_block()
+    sums_shape = jax.ShapeDtypeStruct((batch, num_blocks, padded_length, layout.state),
+                                      jnp.float32)
+    aliases = {}
   dx, ddt, da, db, dc = pl.pallas_call(
-      _kernel(_backward_kernel, block_sizes, interpret),
+      functools.partial(_kernel(_backward_kernel, block_sizes, interpret),
+                        atomic_sums=block_sizes.atomic_sums),
       grid=layout.grid,
-      in_specs=[layout.rows(), layout.rows(), layout.a(), layout.state_rows(),
-                layout.state_rows(), layout.log_keep(), layout.chunk_states(), layout.rows(),
-                layout.per_segment()],
-      out_specs=[layout.rows(), layout.rows(), layout.per_segment(), layout.per_block(),
-                 layout.per_block()],
+      in_specs=in_specs,
+      out_specs=[layout.rows(), layout.rows(), layout.per_segment(), sums_spec, sums_spec],
       out_shape=[jax.ShapeDtypeStruct(x_p.shape, x.dtype),
                  jax.ShapeDtypeStruct(x_p.shape, jnp.float32),
-                 layout.per_segment_shape(padded_channels), per_block_shape, per_block_shape],
+                 layout.per_segment_shape(padded_channels), sums_shape, sums_shape],
+      input_output_aliases=aliases,
       compiler_params=_params(block_sizes),
       interpret=interpret,
       name='selective_scan_backward',
-  )(*inputs, states, dy, g0)
+  )(*operands)
+  if not block_sizes.atomic_sums:
+    db, dc = jnp.sum(db, 1), jnp.sum(dc, 1)
   num_states = a.shape[1]
   return (dx[:, :length, :channels], ddt[:, :length, :channels].astype(dt.dtype),
           jnp.sum(da, (0, 1))[:channels, :num_states].astype(a.dtype),
-          jnp.sum(db, 1)[:, :length, :num_states].astype(b.dtype),
-          jnp.sum(dc, 1)[:, :length, :num_states].astype(c.dtype))
+          db[:, :length, :num_states].astype(b.dtype),
+          dc[:, :length, :num_states].astype(c.dtype))
