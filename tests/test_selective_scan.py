@@ -175,7 +175,8 @@ def test_kernel_lowers_for_its_hardware_forward_and_backward(kernel):
 ], ids=['segments', 'atomic_sums'])
 def test_gpu_kernel_options_lower_for_the_gpu(blocks, forward_kernels, gradient_kernels):
   """With segments the forward adds the segment-end pass (two kernels) and the gradient
-  the carry pass (forward two, backward two); atomic sums lower to Triton atomics."""
+  the carry pass (forward two, backward two); with atomic sums and channel blocks of its
+  own the backward is still one kernel, and lowers."""
   shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
   args = (shape(2, 1000, 320), shape(2, 1000, 320, dtype=jnp.float32),
           shape(320, 16, dtype=jnp.float32), shape(2, 1000, 16), shape(2, 1000, 16),

@@ -57,6 +57,8 @@ def parse_block_sizes(block_sizes_type, fields, spec):
   """'8:8:1:atomic_sums=1': values for `fields` in order, then any field by name."""
   defaults, values = block_sizes_type(), {}
   for position, token in enumerate(spec.split(':')):
+    if '=' not in token and position >= len(fields):
+      raise ValueError(f'--kernel_blocks={spec}: give values after {":".join(fields)} by name')
     name, value = token.split('=') if '=' in token else (fields[position], token)
     if not hasattr(defaults, name):
       raise ValueError(f'--kernel_blocks={spec}: {name!r} is not a field of {defaults}')
