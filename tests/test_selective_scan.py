@@ -47,6 +47,16 @@ def assert_close(got, want, tolerance, name):
 NAMES = ('y', 'dx', 'ddt', 'da', 'db', 'dc')
 
 
+def assert_kernel_matches_reference(kernel, block_sizes, inputs, dy):
+  """y and the five gradients of the kernel at `block_sizes` against lax.scan's, float32."""
+  scan = lambda *a: api.selective_scan(*a, implementation=kernel, block_sizes=block_sizes,
+                                       interpret=backend.INTERPRET)
+  want = value_and_grads(reference.selective_scan, inputs, dy)
+  got = value_and_grads(scan, inputs, dy)
+  for name, g, w in zip(NAMES, got, want):
+    assert_close(g, w, 1e-5, name)
+
+
 def test_reference_follows_the_recurrence_step_by_step():
   (x, dt, a, b, c, reset), _ = scan_inputs(0, batch=1, length=12)
   x, dt, a, b, c, reset = map(np.asarray, (x, dt, a, b, c, reset))
@@ -92,13 +102,7 @@ SHAPES = [
 def test_kernel_matches_reference_forward_and_gradients_in_float32(
     kernel, batch, length, channels, state):
   inputs, dy = scan_inputs(length, batch, length, channels, state)
-  scan = lambda *a: api.selective_scan(*a, implementation=kernel,
-                                       block_sizes=SMALL_BLOCKS[kernel],
-                                       interpret=backend.INTERPRET)
-  want = value_and_grads(reference.selective_scan, inputs, dy)
-  got = value_and_grads(scan, inputs, dy)
-  for name, g, w in zip(NAMES, got, want):
-    assert_close(g, w, 1e-5, name)
+  assert_kernel_matches_reference(kernel, SMALL_BLOCKS[kernel], inputs, dy)
 
 
 @pytest.mark.skipif('gpu' not in KERNELS, reason='GPU time segments')
@@ -107,13 +111,8 @@ def test_gpu_kernel_split_into_time_segments_matches_the_reference(segment, rese
   """Segments of 8 and 12 steps over 37 (padded): states and adjoint carries cross
   segment boundaries, with resets inside segments and none at all; 40 is one segment."""
   inputs, dy = scan_inputs(segment, 2, 37, 10, 4, reset_rate=reset_rate)
-  blocks = gpu.BlockSizes(block_e=8, chunk=4, segment=segment)
-  scan = lambda *a: api.selective_scan(*a, implementation='gpu', block_sizes=blocks,
-                                       interpret=backend.INTERPRET)
-  want = value_and_grads(reference.selective_scan, inputs, dy)
-  got = value_and_grads(scan, inputs, dy)
-  for name, g, w in zip(NAMES, got, want):
-    assert_close(g, w, 1e-5, name)
+  assert_kernel_matches_reference(
+      'gpu', gpu.BlockSizes(block_e=8, chunk=4, segment=segment), inputs, dy)
 
 
 @pytest.mark.skipif('gpu' not in KERNELS, reason='GPU backward options')
@@ -126,12 +125,7 @@ def test_gpu_backward_tiling_and_atomic_sums_match_the_reference(blocks):
   """dB, dC summed by atomic adds across channel blocks, and backward channel blocks
   other than the forward's (10 channels: both pad to the larger block)."""
   inputs, dy = scan_inputs(11, 2, 37, 10, 4)
-  scan = lambda *a: api.selective_scan(*a, implementation='gpu', block_sizes=blocks,
-                                       interpret=backend.INTERPRET)
-  want = value_and_grads(reference.selective_scan, inputs, dy)
-  got = value_and_grads(scan, inputs, dy)
-  for name, g, w in zip(NAMES, got, want):
-    assert_close(g, w, 1e-5, name)
+  assert_kernel_matches_reference('gpu', blocks, inputs, dy)
 
 
 def test_gpu_block_sizes_name_a_bad_field():
