@@ -201,16 +201,17 @@ def _backward_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, log_keep_ref, states_re
       dc = at_step(step_row, jnp.sum(states[i + 1] * dy[:, None], axis=0)[None, :], dc)
       da = da + dt[:, None] * w
       g_after = a_t * g
-    dx_ref[steps, :] = dx.T.astype(dx_ref.dtype)
-    ddt_ref[steps, :] = ddt.T
     if atomic_sums:  # Every channel block of the batch row adds into the same rows.
       # Pallas's atomic add is acquire-release (a fence and an L1 invalidation each), so
-      # it is issued once a chunk, on whole tiles.
+      # it is issued once a chunk, on whole tiles, and before this chunk's stores, which
+      # its fence would otherwise wait for.
       plgpu.atomic_add(db_ref, (steps, slice(None)), db)
       plgpu.atomic_add(dc_ref, (steps, slice(None)), dc)
     else:
       db_ref[steps, :] = db
       dc_ref[steps, :] = dc
+    dx_ref[steps, :] = dx.T.astype(dx_ref.dtype)
+    ddt_ref[steps, :] = ddt.T
     return g_after, da, next_loaded
 
   _, da, _ = lax.fori_loop(0, num_chunks, one_chunk,
