@@ -29,7 +29,7 @@ dy, dx, ddt, the chunk states read once, and dB, dC partial sums per channel blo
 read again); with BlockSizes.atomic_sums the kernel adds them into [B, T, N] instead.
 
 Padding: T to a multiple of `chunk` with dt = 0 (decay 1, no input: the state passes
-through); E to a multiple of `block_e` and N to a power of two with zeros.
+through); E to a multiple of both kernels' `block_e` and N to a power of two with zeros.
 """
 
 import dataclasses
@@ -57,10 +57,10 @@ def _exp2_ftz(x):
   return y
 
 
-def _kernel(kernel, block_sizes, interpret):
+def _kernel(kernel, block_sizes, interpret, **options):
   """`kernel` with its static options; the interpreter has no PTX, so it gets jnp.exp2."""
   return functools.partial(kernel, chunk=block_sizes.chunk,
-                           exp2=jnp.exp2 if interpret else _exp2_ftz)
+                           exp2=jnp.exp2 if interpret else _exp2_ftz, **options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,9 +93,13 @@ class BlockSizes:
       raise ValueError(f'{self.segment=} must be 0 or a positive multiple of {self.chunk=}')
 
   @property
-  def channel_blocks(self):
-    """(forward, backward) channels per program."""
-    return self.block_e, self.backward_block_e or self.block_e
+  def backward_channels(self):
+    return self.backward_block_e or self.block_e
+
+  @property
+  def channel_multiple(self):
+    """Channels pad to this, a multiple of both kernels' blocks (powers of two)."""
+    return max(self.block_e, self.backward_channels)
 
 
 def _next_power_of_two(n):
@@ -108,7 +112,7 @@ def _kernel_inputs(x, dt, a, b, c, reset, block_sizes):
   instruction per state element (libdevice's expf is nine): so `a` comes back times
   log2(e) and the reset flag as `log_keep`, -inf at a reset (a zero decay), else 0."""
   time_multiple = block_sizes.segment or block_sizes.chunk
-  block_e = max(block_sizes.channel_blocks)  # Powers of two: a multiple of both.
+  block_e = block_sizes.channel_multiple
   state = _next_power_of_two(a.shape[1])
   pad_te = lambda t: pad_to_multiple(pad_to_multiple(t, time_multiple, 1), block_e, 2)
   pad_tn = lambda t: pad_to_multiple(pad_to_multiple(t, time_multiple, 1), state, 2)
@@ -361,10 +365,9 @@ def backward(x, dt, a, b, c, reset, states, dy, *, block_sizes: BlockSizes = Blo
   inputs = _kernel_inputs(x, dt, a, b, c, reset, block_sizes)
   x_p, dt_p, a_p, _, c_p, log_keep = inputs
   padded_length, padded_channels = x_p.shape[1:]
-  layout = _Layout(x_p, a_p.shape[1], block_sizes, block_sizes.channel_blocks[1])
+  layout = _Layout(x_p, a_p.shape[1], block_sizes, block_sizes.backward_channels)
   num_blocks = layout.grid[1]
-  dy = pad_to_multiple(pad_to_multiple(dy, layout.segment, 1), max(block_sizes.channel_blocks),
-                       2)
+  dy = pad_to_multiple(pad_to_multiple(dy, layout.segment, 1), block_sizes.channel_multiple, 2)
   g0 = jnp.zeros((batch, layout.num_segments, padded_channels, layout.state), jnp.float32)
   if layout.num_segments > 1:  # The adjoint carry entering each segment from the next.
     g0 = _entering_segments(
@@ -388,8 +391,7 @@ def backward(x, dt, a, b, c, reset, states, dy, *, block_sizes: BlockSizes = Blo
                                       jnp.float32)
     aliases = {}
   dx, ddt, da, db, dc = pl.pallas_call(
-      functools.partial(_kernel(_backward_kernel, block_sizes, interpret),
-                        atomic_sums=block_sizes.atomic_sums),
+      _kernel(_backward_kernel, block_sizes, interpret, atomic_sums=block_sizes.atomic_sums),
       grid=layout.grid,
       in_specs=in_specs,
       out_specs=[layout.rows(), layout.rows(), layout.per_segment(), sums_spec, sums_spec],
