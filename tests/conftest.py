@@ -2,20 +2,35 @@
 
 import os
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
-                           + ' --xla_force_host_platform_device_count=8')
 # JAX_PLATFORMS=cuda runs the kernel tests compiled on a GPU (tests/backend.py).
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# On the CPU, LLVM at -O0: the test models are tiny, so compiling them is most of a test's
+# time (eight Mamba model tests on 2 cores: 80 s at the default level, 47 s at -O0).
+FAST_CPU_COMPILE = '--xla_backend_optimization_level=0'
+os.environ['XLA_FLAGS'] = ' '.join([
+    os.environ.get('XLA_FLAGS', ''), '--xla_force_host_platform_device_count=8',
+    FAST_CPU_COMPILE if os.environ['JAX_PLATFORMS'] == 'cpu' else ''])
 
+import functools  # noqa: E402
 import random  # noqa: E402
 
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import pytest  # noqa: E402
 
 from experiments.configs import default  # noqa: E402
+from lm import models  # noqa: E402
 
 WORDS = ('the cat sat on a mat while dogs ran far away from big red trees and small'
          ' blue houses near quiet rivers').split()
+
+
+def cpu_subprocess_env(**extra):
+  """The environment of a command a test runs: JAX on the CPU with one device (the fake 8
+  would make every step slower), compiling at -O0 as here."""
+  return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': FAST_CPU_COMPILE, **extra}
 
 
 def write_corpus(directory, num_files: int = 40, seed: int = 0) -> str:
@@ -38,6 +53,27 @@ def small_model_config(**overrides) -> ml_collections.FrozenConfigDict:
                 mamba_state_dim=8, mamba_dt_rank=4)
   config.update(overrides)
   return ml_collections.FrozenConfigDict(config)
+
+
+def init_model(config, length: int = 16, seed: int = 0):
+  """The model of `config` and its unboxed params."""
+  model = models.build(config)
+  tokens = jnp.zeros((1, length), jnp.int32)
+  variables = model.init(jax.random.key(seed), tokens, tokens, tokens)
+  return model, nn.meta.unbox(variables['params'])
+
+
+def jit_apply(model):
+  """model.apply compiled, once per shape: eager Flax dispatches op by op, which for these
+  small models on the CPU took several times as long as compiling the whole forward.
+  decode=True returns (logits, variables) with the cache mutable, as apply would."""
+  @functools.partial(jax.jit, static_argnames='decode')
+  def apply(variables, tokens, segment_ids, positions, decode=False):
+    if decode:
+      return model.apply(variables, tokens, segment_ids, positions, decode=True,
+                         mutable=['cache'])
+    return model.apply(variables, tokens, segment_ids, positions)
+  return apply
 
 
 def make_tiny_config(corpus_directory):

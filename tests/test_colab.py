@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from conftest import cpu_subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, 'colab', '*.ipynb')))
 
@@ -31,8 +33,8 @@ def test_there_is_a_notebook():
 def test_notebook_runs_top_to_bottom_with_small_settings(path, tmp_path):
   script = tmp_path / 'notebook.py'
   script.write_text(notebook_script(path))
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '', 'LM_NOTEBOOK_SMALL': '1',
-         'LM_NOTEBOOK_WORKDIR': str(tmp_path / 'workdir'), 'PYTHONPATH': ROOT}
+  env = cpu_subprocess_env(LM_NOTEBOOK_SMALL='1', LM_NOTEBOOK_WORKDIR=str(tmp_path / 'workdir'),
+                           PYTHONPATH=ROOT)
   result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -14,7 +14,7 @@ from pallas_kernels.decode_attention import api, gpu, reference
 
 import backend
 import lowering
-from conftest import small_model_config
+from conftest import jit_apply, small_model_config
 
 
 def inputs(seed, batch, slots, num_heads, num_kv_heads, head_dim, dtype):
@@ -132,13 +132,12 @@ def test_pallas_decoding_in_the_model_matches_xla_decoding(monkeypatch):
     cache = sampling.init_cache(model, batch_size=3, cache_length=24)
     segment_ids = (np.arange(8)[None] < lengths_b[:, None]).astype(np.int32)
     positions = jnp.broadcast_to(jnp.arange(8), (3, 8))
-    _, variables = model.apply({'params': params, 'cache': cache}, jnp.asarray(prompts_bp),
-                               jnp.asarray(segment_ids), positions, decode=True,
-                               mutable=['cache'])
+    apply = jit_apply(model)
+    _, variables = apply({'params': params, 'cache': cache}, jnp.asarray(prompts_bp),
+                         jnp.asarray(segment_ids), positions, decode=True)
     token = jnp.asarray([[11], [12], [13]])
-    logits, _ = model.apply({'params': params, 'cache': variables['cache']}, token,
-                            jnp.ones_like(token), jnp.asarray(lengths_b)[:, None],
-                            decode=True, mutable=['cache'])
+    logits, _ = apply({'params': params, 'cache': variables['cache']}, token,
+                      jnp.ones_like(token), jnp.asarray(lengths_b)[:, None], decode=True)
     return logits
 
   np.testing.assert_allclose(step_logits(pallas_model), step_logits(xla_model), rtol=1e-5,

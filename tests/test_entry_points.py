@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import write_corpus
+from conftest import cpu_subprocess_env, write_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,9 +23,7 @@ def train_command(workdir, corpus, *overrides):
 
 
 def environment():
-  # One CPU device: the test process's fake 8 would make every step slower.
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  return {**env, 'JAX_PLATFORMS': 'cpu', 'PYTHONUNBUFFERED': '1'}
+  return cpu_subprocess_env(PYTHONUNBUFFERED='1')
 
 
 def run(command):

@@ -12,7 +12,7 @@ from lm import models, tokenizer as tokenizer_lib
 from lm.errors import ConfigError
 from lm.evaluation import builtin, harness, scoring, tasks
 
-from conftest import small_model_config
+from conftest import jit_apply, small_model_config
 
 
 @pytest.fixture(scope='module')
@@ -28,8 +28,8 @@ def scorer():
 def reference_log_probs(scorer, ids):
   """log p(ids[i] | ids[:i]) for i >= 1, from one plain forward pass."""
   tokens = jnp.asarray([ids])
-  logits = scorer.model.apply({'params': scorer.params}, tokens, jnp.ones_like(tokens),
-                              jnp.arange(len(ids))[None])[0]
+  logits = jit_apply(scorer.model)({'params': scorer.params}, tokens, jnp.ones_like(tokens),
+                                   jnp.arange(len(ids))[None])[0]
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   return np.array([log_probs[i - 1, ids[i]] for i in range(1, len(ids))])
 

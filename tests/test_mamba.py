@@ -1,4 +1,3 @@
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,29 +7,24 @@ from lm import models
 from lm.models import mamba, transformer
 from lm.training import loop
 
-from conftest import small_model_config
-
-
-def init(config, seed=0):
-  model = models.build(config)
-  tokens = jnp.zeros((1, 16), jnp.int32)
-  return model, nn.meta.unbox(model.init(jax.random.key(seed), tokens, tokens, tokens)['params'])
+from conftest import init_model as init, jit_apply, small_model_config
 
 
 @pytest.mark.parametrize('pattern', ['mamba', 'mamba,attention'])
 def test_packed_documents_give_the_same_logits_as_each_document_alone(pattern):
   model, params = init(small_model_config(layer_pattern=pattern, mamba_scan='chunked'))
+  apply = jit_apply(model)
   lengths = (5, 9, 4)
   documents = [jax.random.randint(jax.random.key(i), (1, n), 0, 97) for i, n in enumerate(lengths)]
   packed = jnp.concatenate(documents, axis=1)
   segment_ids = jnp.concatenate([jnp.full((1, n), i + 1) for i, n in enumerate(lengths)], 1)
   positions = jnp.concatenate([jnp.arange(n) for n in lengths])[None]
-  packed_logits = model.apply({'params': params}, packed, segment_ids, positions)
+  packed_logits = apply({'params': params}, packed, segment_ids, positions)
   start = 0
   for document in documents:
     length = document.shape[1]
-    alone = model.apply({'params': params}, document, jnp.ones_like(document),
-                        jnp.arange(length)[None])
+    alone = apply({'params': params}, document, jnp.ones_like(document),
+                  jnp.arange(length)[None])
     np.testing.assert_allclose(packed_logits[:, start:start + length], alone, rtol=1e-5,
                                atol=1e-5)
     start += length
@@ -42,12 +36,13 @@ def test_mamba_is_causal_and_both_scans_agree_inside_the_model():
   tokens = jax.random.randint(jax.random.key(9), (2, 20), 0, 97)
   changed = tokens.at[:, 12].set((tokens[:, 12] + 1) % 97)
   ones, positions = jnp.ones_like(tokens), jnp.broadcast_to(jnp.arange(20), (2, 20))
-  logits = model.apply({'params': params}, tokens, ones, positions)
-  logits_changed = model.apply({'params': params}, changed, ones, positions)
+  apply = jit_apply(model)
+  logits = apply({'params': params}, tokens, ones, positions)
+  logits_changed = apply({'params': params}, changed, ones, positions)
   np.testing.assert_allclose(logits[:, :12], logits_changed[:, :12], rtol=1e-6, atol=1e-6)
   assert not np.allclose(logits[:, 12:], logits_changed[:, 12:], atol=1e-3)
-  np.testing.assert_allclose(chunked.apply({'params': params}, tokens, ones, positions), logits,
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(jit_apply(chunked)({'params': params}, tokens, ones, positions),
+                             logits, rtol=1e-5, atol=1e-5)
 
 
 def test_layer_pattern_repeats_over_the_layers():
@@ -81,6 +76,7 @@ def test_mamba_and_hybrid_models_train_through_the_same_loop(pattern, tiny_confi
 def test_cached_decoding_gives_the_logits_of_a_full_forward_pass_for_ragged_prompts(pattern):
   from lm import sampling
   model, params = init(small_model_config(layer_pattern=pattern, vocab_size=61))
+  apply = jit_apply(model)
   rng = np.random.default_rng(0)
   lengths = [3, 8, 5]
   continuation = rng.integers(3, 61, (3, 5))
@@ -96,15 +92,13 @@ def test_cached_decoding_gives_the_logits_of_a_full_forward_pass_for_ragged_prom
                   lengths_b[:, None] + start + np.arange(size)[None]))
     start += size
   for tokens, segments, positions in calls:
-    logits, variables = model.apply(
-        {'params': params, 'cache': cache}, jnp.asarray(tokens), jnp.asarray(segments),
-        jnp.asarray(positions), decode=True, mutable=['cache'])
+    logits, variables = apply({'params': params, 'cache': cache}, jnp.asarray(tokens),
+                              jnp.asarray(segments), jnp.asarray(positions), decode=True)
     cache = variables['cache']
     pieces.append(logits)
   for row, length in enumerate(lengths):
     ids = jnp.asarray([list(prompts[row, :length]) + list(continuation[row])])
-    want = model.apply({'params': params}, ids, jnp.ones_like(ids),
-                       jnp.arange(ids.shape[1])[None])[0]
+    want = apply({'params': params}, ids, jnp.ones_like(ids), jnp.arange(ids.shape[1])[None])[0]
     got = np.concatenate([pieces[0][row, :length]] + [p[row] for p in pieces[1:]])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 

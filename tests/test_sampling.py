@@ -7,22 +7,18 @@ import pytest
 
 from lm import models, sampling, tokenizer as tokenizer_lib
 
-from conftest import small_model_config
+from conftest import init_model, jit_apply, small_model_config
 
 
 @pytest.fixture(scope='module')
 def model_and_params():
-  config = small_model_config(vocab_size=61, remat='full')
-  model = models.build(config)
-  tokens = jnp.zeros((1, 8), jnp.int32)
-  params = nn.meta.unbox(model.init(jax.random.key(0), tokens, tokens, tokens)['params'])
-  return model, params
+  return init_model(small_model_config(vocab_size=61, remat='full'), length=8)
 
 
 def full_forward(model, params, ids):
   tokens = jnp.asarray(ids, jnp.int32)[None]
   positions = jnp.arange(len(ids))[None]
-  return model.apply({'params': params}, tokens, jnp.ones_like(tokens), positions)[0]
+  return jit_apply(model)({'params': params}, tokens, jnp.ones_like(tokens), positions)[0]
 
 
 def test_cached_decoding_gives_the_logits_of_a_full_forward_pass_for_ragged_prompts(
@@ -36,15 +32,15 @@ def test_cached_decoding_gives_the_logits_of_a_full_forward_pass_for_ragged_prom
   cache = sampling.init_cache(model, batch_size=3, cache_length=20)
 
   def apply(cache, tokens_bt, positions_bt):
-    logits, variables = model.apply(
+    logits, variables = jit_apply(model)(
         {'params': params, 'cache': cache}, jnp.asarray(tokens_bt, jnp.int32),
-        jnp.ones_like(tokens_bt), jnp.asarray(positions_bt), decode=True, mutable=['cache'])
+        jnp.ones_like(tokens_bt), jnp.asarray(positions_bt), decode=True)
     return logits, variables['cache']
 
   segment_ids = (np.arange(8)[None] < lengths_b[:, None]).astype(np.int32)
-  logits, variables = model.apply(
+  logits, variables = jit_apply(model)(
       {'params': params, 'cache': cache}, jnp.asarray(prompts), jnp.asarray(segment_ids),
-      jnp.broadcast_to(jnp.arange(8), (3, 8)), decode=True, mutable=['cache'])
+      jnp.broadcast_to(jnp.arange(8), (3, 8)), decode=True)
   cache = variables['cache']
   pieces = [logits]
   start = 0
@@ -154,10 +150,11 @@ def test_weights_cast_once_give_the_same_logits_as_flax_casting_each_call():
   assert {leaf.dtype for leaf in jax.tree.leaves(cast)} == {jnp.dtype(jnp.bfloat16),
                                                             jnp.dtype(jnp.float32)}
   segments = jnp.ones_like(tokens)
-  want = model.apply({'params': params}, tokens, segments, positions)
-  got = model.apply({'params': cast}, tokens, segments, positions)
+  apply = jit_apply(model)
+  want = apply({'params': params}, tokens, segments, positions)
+  got = apply({'params': cast}, tokens, segments, positions)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   cache = sampling.init_cache(model, batch_size=2, cache_length=8)
-  decode = lambda p: model.apply({'params': p, 'cache': cache}, tokens, segments, positions,
-                                 decode=True, mutable=['cache'])[0]
+  decode = lambda p: apply({'params': p, 'cache': cache}, tokens, segments, positions,
+                           decode=True)[0]
   np.testing.assert_array_equal(np.asarray(decode(cast)), np.asarray(decode(params)))

@@ -10,6 +10,7 @@ from pallas_kernels.selective_scan import api, gpu, reference, tpu
 
 import backend
 import lowering
+from conftest import cpu_subprocess_env
 
 KERNELS = backend.kernels(api.KERNELS)
 # Small blocks so test shapes span several channel blocks and (TPU) time blocks.
@@ -205,13 +206,14 @@ def test_benchmark_script_runs_on_a_tiny_shape_in_interpret_mode():
   result = subprocess.run(
       [sys.executable, '-m', 'pallas_kernels.benchmarks.selective_scan', '--shape=1:64:16:4',
        '--interpret', '--repeats=1',
-       '--kernel_blocks=16:8:2:atomic_sums=1:backward_block_e=4,8:8:1:32'],
+       # chunk=2: the loop bodies are unrolled, and interpret mode compiles them all.
+       '--kernel_blocks=16:2:2:atomic_sums=1:backward_block_e=4,8:2:1:16'],
       cwd=root, capture_output=True, text=True, timeout=300,
-      env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''})
+      env=cpu_subprocess_env())
   assert result.returncode == 0, result.stderr[-2000:]
   assert '| lax.scan (reference) |' in result.stdout
-  assert 'pallas gpu (ours) BlockSizes(block_e=16, chunk=8, num_warps=2' in result.stdout
-  assert 'num_stages=1, segment=32, backward_block_e=0, atomic_sums=False)' in result.stdout
+  assert 'pallas gpu (ours) BlockSizes(block_e=16, chunk=2, num_warps=2' in result.stdout
+  assert 'num_stages=1, segment=16, backward_block_e=0, atomic_sums=False)' in result.stdout
   assert 'segment=0, backward_block_e=4, atomic_sums=True)' in result.stdout  # By name.
   assert 'failed' not in result.stdout
   rows = [line for line in result.stdout.splitlines() if line.startswith('| pallas')]

@@ -1,4 +1,3 @@
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -8,17 +7,10 @@ import pytest
 from lm import models
 from lm.models import attention, layers, transformer
 
-from conftest import small_model_config
+from conftest import init_model as init, jit_apply, small_model_config
 
 
 model_config = small_model_config
-
-
-def init(config, length=16, seed=0):
-  model = models.build(config)
-  tokens = jnp.zeros((1, length), jnp.int32)
-  params = nn.meta.unbox(model.init(jax.random.key(seed), tokens, tokens, tokens)['params'])
-  return model, params
 
 
 def single_document(tokens_bt):
@@ -60,8 +52,9 @@ def test_changing_a_later_token_never_changes_earlier_logits():
   model, params = init(config)
   tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, config.vocab_size)
   changed = tokens.at[:, 9].set((tokens[:, 9] + 1) % config.vocab_size)
-  logits = model.apply({'params': params}, tokens, *single_document(tokens))
-  logits_changed = model.apply({'params': params}, changed, *single_document(changed))
+  apply = jit_apply(model)
+  logits = apply({'params': params}, tokens, *single_document(tokens))
+  logits_changed = apply({'params': params}, changed, *single_document(changed))
   np.testing.assert_allclose(logits[:, :9], logits_changed[:, :9], rtol=1e-6, atol=1e-6)
   assert not np.allclose(logits[:, 9:], logits_changed[:, 9:], atol=1e-3)
 
@@ -78,10 +71,11 @@ def test_packed_documents_give_the_same_logits_as_each_document_alone():
       [jnp.full((1, n), i + 1) for i, n in enumerate(lengths)] + [jnp.zeros((1, padding))],
       axis=1).astype(jnp.int32)
   positions = jnp.concatenate([jnp.arange(n) for n in lengths + (padding,)])[None]
-  packed_logits = model.apply({'params': params}, packed, segment_ids, positions)
+  apply = jit_apply(model)
+  packed_logits = apply({'params': params}, packed, segment_ids, positions)
   start = 0
   for document in documents:
-    alone = model.apply({'params': params}, document, *single_document(document))
+    alone = apply({'params': params}, document, *single_document(document))
     length = document.shape[1]
     np.testing.assert_allclose(packed_logits[:, start:start + length], alone,
                                rtol=1e-5, atol=1e-5)
@@ -103,8 +97,8 @@ def test_bfloat16_compute_stays_close_to_float32():
   model32, params = init(model_config())
   model16 = models.build(model_config(dtype='bfloat16'))
   tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, 97)
-  logits32 = model32.apply({'params': params}, tokens, *single_document(tokens))
-  logits16 = model16.apply({'params': params}, tokens, *single_document(tokens))
+  logits32 = jit_apply(model32)({'params': params}, tokens, *single_document(tokens))
+  logits16 = jit_apply(model16)({'params': params}, tokens, *single_document(tokens))
   assert logits16.dtype == jnp.float32
   probs32, probs16 = jax.nn.softmax(logits32), jax.nn.softmax(logits16)
   np.testing.assert_allclose(probs16, probs32, atol=2e-2)
@@ -118,8 +112,8 @@ def test_remat_gives_the_same_gradients(remat):
   tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, 97)
   def loss(model, params):
     return jnp.mean(model.apply({'params': params}, tokens, *single_document(tokens)) ** 2)
-  grads = jax.grad(lambda p: loss(model, p))(params)
-  grads_remat = jax.grad(lambda p: loss(model_remat, p))(params)
+  grads = jax.jit(jax.grad(lambda p: loss(model, p)))(params)
+  grads_remat = jax.jit(jax.grad(lambda p: loss(model_remat, p)))(params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                grads, grads_remat)
 
@@ -152,5 +146,5 @@ def test_pallas_attention_switch_gives_the_xla_logits():
   segment_ids = jnp.array([[1] * 6 + [2] * 10, [1] * 12 + [0] * 4])
   positions = jnp.array([list(range(6)) + list(range(10)), list(range(16))])
   np.testing.assert_allclose(
-      model_pallas.apply({'params': params}, tokens, segment_ids, positions),
-      model.apply({'params': params}, tokens, segment_ids, positions), rtol=1e-5, atol=1e-5)
+      jit_apply(model_pallas)({'params': params}, tokens, segment_ids, positions),
+      jit_apply(model)({'params': params}, tokens, segment_ids, positions), rtol=1e-5, atol=1e-5)
