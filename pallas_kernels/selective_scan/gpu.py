@@ -34,6 +34,7 @@ through); E to a multiple of both kernels' `block_e` and N to a power of two wit
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -41,10 +42,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash_attention.gpu import LOG2_E
 from pallas_kernels.padding import pad_to_multiple
 
-LN_2 = 0.6931471805599453
+LOG2_E, LN_2 = math.log2(math.e), math.log(2.0)  # exp(x) = exp2(x log2 e)
 
 
 def _exp2_ftz(x):
