@@ -90,22 +90,22 @@ def activate(mesh: Mesh):
     _ACTIVE_MESH.reset(token)
 
 
-def per_shard(function, in_names, out_names):
+def per_shard(function, in_specs, out_specs):
   """`function` applied to each device's shard of its arguments, under the active mesh.
 
   For Pallas kernels: a kernel is one opaque call that XLA cannot split, so under jit it
-  would gather its inputs whole onto every device. in_names holds a tuple of logical axis
-  names per argument, out_names one for the result (a list of them for several results);
-  the named dimensions must not need communication (batch, heads, channels). Without an
-  active mesh of more than one device this is `function` itself.
+  would gather its inputs whole onto every device. in_specs holds a PartitionSpec of
+  logical axis names per argument, out_specs one per result (a pytree of them shaped as
+  the results); the named dimensions must not need communication (batch, heads,
+  channels). Without an active mesh of more than one device this is `function` itself.
   """
   mesh = _ACTIVE_MESH.get()
   if mesh is None or mesh.size == 1:
     return function
-  spec = lambda names: nn.logical_to_mesh_axes(names, LOGICAL_AXIS_RULES)
-  out_specs = tuple(map(spec, out_names)) if isinstance(out_names, list) else spec(out_names)
-  return jax.shard_map(function, mesh=mesh, in_specs=tuple(map(spec, in_names)),
-                       out_specs=out_specs, check_vma=False)
+  to_mesh = lambda specs: jax.tree.map(
+      lambda names: nn.logical_to_mesh_axes(names, LOGICAL_AXIS_RULES), specs)
+  return jax.shard_map(function, mesh=mesh, in_specs=to_mesh(tuple(in_specs)),
+                       out_specs=to_mesh(out_specs), check_vma=False)
 
 
 def logical_to_shardings(logical_tree, mesh: Mesh):

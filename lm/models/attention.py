@@ -7,6 +7,7 @@ equal positions of their own segment. Returns [B, T, N, H].
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from lm import sharding
 from pallas_kernels.decode_attention import api as decode_attention
@@ -57,10 +58,10 @@ def pallas_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt):
   """Our Pallas flash attention (pallas_kernels/flash_attention): the kernel for the
   backend, or the reference where there is none (with a log line). Each device runs it
   on its own rows and heads."""
-  heads = ('act_batch', 'act_seq', 'act_heads', 'act_head_dim')
-  kv_heads = ('act_batch', 'act_seq', 'act_kv_heads', 'act_head_dim')
+  heads = P('act_batch', 'act_seq', 'act_heads', 'act_head_dim')
+  kv_heads = P('act_batch', 'act_seq', 'act_kv_heads', 'act_head_dim')
   attend = lambda q, k, v, ids: flash_attention.flash_attention(q, k, v, ids, ids, causal=True)
-  return sharding.per_shard(attend, (heads, kv_heads, kv_heads, ('act_batch', 'act_seq')),
+  return sharding.per_shard(attend, (heads, kv_heads, kv_heads, P('act_batch', 'act_seq')),
                             heads)(q_btnh, k_bskh, v_bskh, segment_ids_bt)
 
 
@@ -68,12 +69,12 @@ def pallas_decode_attention(q_bnh, k_bkh, v_bkh, k_cache_bskh, v_cache_bskh, sta
   """One cached decoding step (pallas_kernels/decode_attention): writes the new key and
   value at each row's slot `start_b` and attends over the slots up to it. Returns out
   [B, N, H] and both caches."""
-  heads = ('act_batch', 'act_heads', 'act_head_dim')
-  kv_heads = ('act_batch', 'act_kv_heads', 'act_head_dim')
-  cache = ('act_batch', None, 'act_kv_heads', 'act_head_dim')
+  heads = P('act_batch', 'act_heads', 'act_head_dim')
+  kv_heads = P('act_batch', 'act_kv_heads', 'act_head_dim')
+  cache = P('act_batch', None, 'act_kv_heads', 'act_head_dim')
   return sharding.per_shard(decode_attention.decode_attention,
-                            (heads, kv_heads, kv_heads, cache, cache, ('act_batch',)),
-                            [heads, cache, cache])(
+                            (heads, kv_heads, kv_heads, cache, cache, P('act_batch')),
+                            (heads, cache, cache))(
                                 q_bnh, k_bkh, v_bkh, k_cache_bskh, v_cache_bskh, start_b)
 
 

@@ -20,6 +20,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from lm import sharding
 from lm.models import layers
@@ -36,10 +37,10 @@ def segment_starts(segment_ids_bt):
 def kernel_scan(x_bte, dt_bte, a_en, b_btn, c_btn, reset_bt):
   """The Pallas selective scan for the backend (else the chunked scan), each device on its
   own rows and channels."""
-  channels, inputs = ('act_batch', 'act_seq', 'act_mlp'), ('act_batch', 'act_seq', None)
+  channels, inputs = P('act_batch', 'act_seq', 'act_mlp'), P('act_batch', 'act_seq', None)
   return sharding.per_shard(
       scan_api.selective_scan,
-      (channels, channels, ('act_mlp', None), inputs, inputs, ('act_batch', 'act_seq')),
+      (channels, channels, P('act_mlp', None), inputs, inputs, P('act_batch', 'act_seq')),
       channels)(x_bte, dt_bte, a_en, b_btn, c_btn, reset_bt)
 
 
