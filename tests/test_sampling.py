@@ -30,15 +30,16 @@ def test_cached_decoding_gives_the_logits_of_a_full_forward_pass_for_ragged_prom
   prompts, lengths_b = sampling.pad_prompts(
       [list(rng.integers(3, 61, n)) for n in lengths], pad_id=0, multiple=8)
   cache = sampling.init_cache(model, batch_size=3, cache_length=20)
+  compiled = jit_apply(model)
 
   def apply(cache, tokens_bt, positions_bt):
-    logits, variables = jit_apply(model)(
+    logits, variables = compiled(
         {'params': params, 'cache': cache}, jnp.asarray(tokens_bt, jnp.int32),
         jnp.ones_like(tokens_bt), jnp.asarray(positions_bt), decode=True)
     return logits, variables['cache']
 
   segment_ids = (np.arange(8)[None] < lengths_b[:, None]).astype(np.int32)
-  logits, variables = jit_apply(model)(
+  logits, variables = compiled(
       {'params': params, 'cache': cache}, jnp.asarray(prompts), jnp.asarray(segment_ids),
       jnp.broadcast_to(jnp.arange(8), (3, 8)), decode=True)
   cache = variables['cache']
