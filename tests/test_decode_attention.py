@@ -3,7 +3,6 @@ lowered for its GPU with jax.export, and inside the model's cached decoding."""
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +13,7 @@ from pallas_kernels.decode_attention import api, gpu, reference
 
 import backend
 import lowering
-from conftest import jit_apply, small_model_config
+from conftest import init_model, jit_apply, small_model_config
 
 
 def inputs(seed, batch, slots, num_heads, num_kv_heads, head_dim, dtype):
@@ -116,11 +115,9 @@ def test_pallas_decoding_in_the_model_matches_xla_decoding(monkeypatch):
   monkeypatch.setattr(api, 'decode_attention', functools.partial(
       api.decode_attention, implementation='gpu', interpret=backend.INTERPRET))
   # head_dim 16: the smallest the kernel takes (it would fall back to the reference).
-  xla_model = models.build(small_model_config(vocab_size=61, head_dim=16))
+  xla_model, params = init_model(small_model_config(vocab_size=61, head_dim=16), length=8)
   pallas_model = models.build(small_model_config(vocab_size=61, head_dim=16,
                                                  attention='pallas'))
-  tokens = jnp.zeros((1, 8), jnp.int32)
-  params = nn.meta.unbox(xla_model.init(jax.random.key(0), tokens, tokens, tokens)['params'])
   prompts_bp, lengths_b = sampling.pad_prompts([[1, 5, 9], [1, 7, 7, 7, 30, 2, 4], [1]],
                                                pad_id=0, multiple=8)
   run = lambda model: sampling.generate(

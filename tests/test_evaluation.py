@@ -1,27 +1,22 @@
-import json
 import re
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from lm import models, tokenizer as tokenizer_lib
+from lm import tokenizer as tokenizer_lib
 from lm.errors import ConfigError
 from lm.evaluation import builtin, harness, scoring, tasks
 
-from conftest import jit_apply, small_model_config
+from conftest import init_model, jit_apply, small_model_config
 
 
 @pytest.fixture(scope='module')
 def scorer():
   tokenizer = tokenizer_lib.ByteTokenizer()
   config = small_model_config(vocab_size=tokenizer.vocab_size, tie_embeddings=True)
-  model = models.build(config)
-  tokens = jnp.zeros((1, 8), jnp.int32)
-  params = nn.meta.unbox(model.init(jax.random.key(0), tokens, tokens, tokens)['params'])
+  model, params = init_model(config, length=8)
   return scoring.Scorer(model, params, tokenizer, max_length=64, batch_size=4)
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from lm import models
-from lm.models import mamba, transformer
+from lm.models import transformer
 from lm.training import loop
 
 from conftest import init_model as init, jit_apply, small_model_config

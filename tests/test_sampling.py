@@ -110,10 +110,8 @@ def test_top_k_and_top_p_restrict_what_can_be_sampled():
 def test_sampling_is_seeded_and_text_round_trips(model_and_params):
   model, params = model_and_params
   tokenizer = tokenizer_lib.ByteTokenizer()
-  model = models.build(ml_collections.FrozenConfigDict(
-      {**model.config.to_dict(), 'vocab_size': tokenizer.vocab_size}))
-  tokens = jnp.zeros((1, 8), jnp.int32)
-  params = nn.meta.unbox(model.init(jax.random.key(1), tokens, tokens, tokens)['params'])
+  model, params = init_model(ml_collections.FrozenConfigDict(
+      {**model.config.to_dict(), 'vocab_size': tokenizer.vocab_size}), length=8, seed=1)
   kwargs = dict(max_new_tokens=12, temperature=1.0, top_k=20)
   first = sampling.complete(model, params, tokenizer, ['ab', 'hello there'], seed=3, **kwargs)
   again = sampling.complete(model, params, tokenizer, ['ab', 'hello there'], seed=3, **kwargs)

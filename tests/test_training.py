@@ -2,17 +2,15 @@ import functools
 import os
 import shutil
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
-from lm import models
 from lm.training import losses, loop, optimizer as optimizer_lib, steps
 
-from conftest import small_model_config
+from conftest import init_model, small_model_config
 
 
 def losses_by_step(history):
@@ -65,10 +63,8 @@ def small_setup(accumulation):
       learning_rate=1e-2, warmup_steps=0, num_steps=10, final_learning_rate_ratio=0.1,
       weight_decay=0.1, beta1=0.9, beta2=0.95, epsilon=1e-8, grad_clip_norm=1.0,
       grad_accumulation_steps=accumulation, z_loss_weight=1e-3))
-  model = models.build(model_config)
+  model, params = init_model(model_config, length=12)
   optimizer = optimizer_lib.make_optimizer(train_config)
-  tokens = jnp.zeros((1, 12), jnp.int32)
-  params = nn.meta.unbox(model.init(jax.random.key(0), tokens, tokens, tokens)['params'])
   state = steps.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
   step = jax.jit(functools.partial(steps.train_step, model=model, optimizer=optimizer,
                                    train_config=train_config))
