@@ -15,7 +15,6 @@ prints the device kernels that take the most time per step: where a step's time 
 """
 
 import functools
-import time
 
 from absl import app, flags
 import flax.linen as nn
@@ -57,16 +56,6 @@ def generate_by_recomputation(params, tokens_bl, lengths_b, *, model, new_tokens
     return tokens_bl.at[jnp.arange(batch), lengths_b].set(next_b), lengths_b + 1
 
   return jax.lax.fori_loop(0, new_tokens, step, (tokens_bl, lengths_b))[0]
-
-
-def best_time(function, repeats: int) -> float:
-  jax.block_until_ready(function())  # Compile.
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(function())
-    times.append(time.perf_counter() - start)
-  return min(times)
 
 
 def print_decode_profile(generate_new, steps: int, rows: int = 12):
@@ -123,9 +112,11 @@ def main(argv):
                                  model_config.vocab_size)
     lengths = jnp.full((batch,), prompt, jnp.int32)
     buffer = jnp.zeros((batch, prompt + new), jnp.int32).at[:, :prompt].set(prompts)
-    cached = best_time(lambda: generate(prompts, lengths, new), _REPEATS.value)
-    recompute = best_time(lambda: generate_by_recomputation(
-        params, buffer, lengths, model=model, new_tokens=new), _REPEATS.value)
+    # The best of the repeats: a generation is long enough that the host's noise only adds.
+    cached = min(timing.wall_seconds(generate, prompts, lengths, new, repeats=_REPEATS.value))
+    recompute = min(timing.wall_seconds(
+        functools.partial(generate_by_recomputation, model=model, new_tokens=new),
+        params, buffer, lengths, repeats=_REPEATS.value))
     print(f'| {batch} | {batch * new / cached:,.0f} | {batch * new / recompute:,.0f} |'
           f' {recompute / cached:.1f}x |', flush=True)
     if _PROFILE_STEPS.value > 0:

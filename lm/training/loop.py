@@ -1,7 +1,7 @@
 """The training loop: checks, shapes, shardings, init or restore, then step/log/eval/save.
 
-Plain Python, top to bottom. Pretraining, SFT and DPO differ in the step and the data,
-not in copies of this loop.
+Plain Python, top to bottom. It runs pretraining; post-training (SFT, DPO) is meant to
+plug in as another step and data source, not as a copy of this loop.
 """
 
 import functools

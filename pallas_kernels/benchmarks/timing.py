@@ -14,15 +14,19 @@ import time
 import jax
 
 
-def median_seconds(function, *args, repeats: int) -> float:
-  """Median wall time of `repeats` calls after one warm-up (compilation) call."""
+def wall_seconds(function, *args, repeats: int) -> list[float]:
+  """Wall time of each of `repeats` calls after one warm-up (compilation) call."""
   jax.block_until_ready(function(*args))
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
     jax.block_until_ready(function(*args))
     times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return times
+
+
+def median_seconds(function, *args, repeats: int) -> float:
+  return statistics.median(wall_seconds(function, *args, repeats=repeats))
 
 
 def device_kernel_times(function, calls: int = 1) -> dict[str, list]:

@@ -20,6 +20,7 @@ Padding: sequences are padded to the largest block size with segment ids that ne
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,7 @@ from pallas_kernels.padding import pad_axis
 from pallas_kernels.flash_attention.reference import MASK_VALUE
 
 _QUERY_PAD_SEGMENT, _KEY_PAD_SEGMENT = -1, -2
-LOG2_E = 1.4426950408889634  # exp(x) = exp2(x log2 e); the decode kernel uses it too.
+LOG2_E = math.log2(math.e)  # exp(x) = exp2(x log2 e); the decode kernel uses it too.
 
 
 @dataclasses.dataclass(frozen=True)
