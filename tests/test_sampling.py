@@ -1,11 +1,10 @@
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
-from lm import models, sampling, tokenizer as tokenizer_lib
+from lm import sampling, tokenizer as tokenizer_lib
 
 from conftest import init_model, jit_apply, small_model_config
 
@@ -137,10 +136,9 @@ def test_weights_cast_once_give_the_same_logits_as_flax_casting_each_call():
   # generate casts Dense/Embed weights to the compute dtype before its loop; this holds
   # only while the model would cast exactly those weights itself (Mamba's a_log, d and
   # the norms stay float32), so any path that used one in float32 would show here.
-  model = models.build(small_model_config(dtype='bfloat16', layer_pattern='mamba,attention'))
+  model, params = init_model(small_model_config(dtype='bfloat16', layer_pattern='mamba,attention'))
   tokens = jax.random.randint(jax.random.key(2), (2, 8), 3, 97)
   positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
-  params = nn.meta.unbox(model.init(jax.random.key(0), tokens, tokens, positions)['params'])
   # Off their initial values (ones, log 1..N), which bf16 would hold exactly.
   params = jax.tree.map(lambda p, k: p + 0.01 * jax.random.normal(k, p.shape), params,
                         jax.tree.unflatten(jax.tree.structure(params), jax.random.split(
