@@ -119,12 +119,13 @@ def test_gpu_kernel_split_into_time_segments_matches_the_reference(segment, rese
 @pytest.mark.skipif('gpu' not in KERNELS, reason='GPU backward options')
 @pytest.mark.parametrize('blocks', [
     gpu.BlockSizes(block_e=8, chunk=4, atomic_sums=True),
-    gpu.BlockSizes(block_e=4, chunk=4, backward_block_e=8),
+    gpu.BlockSizes(block_e=4, chunk=4, backward_block_e=8, backward_prefetch=False),
     gpu.BlockSizes(block_e=8, chunk=4, backward_block_e=2, atomic_sums=True, segment=8),
-], ids=['atomic_sums', 'wider_backward', 'narrower_backward_atomic_segments'])
+], ids=['atomic_sums', 'wider_backward_no_prefetch', 'narrower_backward_atomic_segments'])
 def test_gpu_backward_tiling_and_atomic_sums_match_the_reference(blocks):
-  """dB, dC summed by atomic adds across channel blocks, and backward channel blocks
-  other than the forward's (10 channels: both pad to the larger block)."""
+  """dB, dC summed by atomic adds across channel blocks, backward channel blocks other
+  than the forward's (10 channels: both pad to the larger block), the backward loading
+  each chunk when it starts rather than the chunk before."""
   inputs, dy = scan_inputs(11, 2, 37, 10, 4)
   assert_kernel_matches_reference('gpu', blocks, inputs, dy)
 
@@ -166,8 +167,8 @@ def test_kernel_lowers_for_its_hardware_forward_and_backward(kernel):
 
 @pytest.mark.parametrize('blocks,forward_kernels,gradient_kernels', [
     (gpu.BlockSizes(segment=256), 2, 4),
-    (gpu.BlockSizes(backward_block_e=4, atomic_sums=True), 1, 2),
-], ids=['segments', 'atomic_sums'])
+    (gpu.BlockSizes(backward_block_e=4, atomic_sums=True, backward_prefetch=False), 1, 2),
+], ids=['segments', 'atomic_sums_no_prefetch'])
 def test_gpu_kernel_options_lower_for_the_gpu(blocks, forward_kernels, gradient_kernels):
   """With segments the forward adds the segment-end pass (two kernels) and the gradient
   the carry pass (forward two, backward two); with atomic sums and channel blocks of its
@@ -213,8 +214,8 @@ def test_benchmark_script_runs_on_a_tiny_shape_in_interpret_mode():
   assert result.returncode == 0, result.stderr[-2000:]
   assert '| lax.scan (reference) |' in result.stdout
   assert 'pallas gpu (ours) BlockSizes(block_e=16, chunk=2, num_warps=2' in result.stdout
-  assert 'num_stages=1, segment=16, backward_block_e=0, atomic_sums=False)' in result.stdout
-  assert 'segment=0, backward_block_e=4, atomic_sums=True)' in result.stdout  # By name.
+  assert 'num_stages=1, segment=16, backward_block_e=0, atomic_sums=False,' in result.stdout
+  assert 'segment=0, backward_block_e=4, atomic_sums=True,' in result.stdout  # By name.
   assert 'failed' not in result.stdout
   rows = [line for line in result.stdout.splitlines() if line.startswith('| pallas')]
   assert len(rows) == 3 and all(float(row.split('|')[-2]) < 1e-5 for row in rows), rows

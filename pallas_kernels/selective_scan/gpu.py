@@ -5,7 +5,8 @@ h [block_e, N] in registers and walks time in chunks of `chunk` steps. A chunk's
 issued together before its arithmetic (the loop body is unrolled in Python), so their
 latency is paid once per chunk rather than once per step, and each kernel issues the
 next chunk's loads (the backward's next is the previous) before computing this one, held
-in registers across the loop. Per state element and step the decay exp(dt A) is one FMA
+in registers across the loop (BlockSizes.backward_prefetch can turn this off in the
+backward, for the registers). Per state element and step the decay exp(dt A) is one FMA
 and one ex2 instruction (A comes scaled by log2 e, a reset as an exponent of -inf) and the
 recurrence one more FMA.
   forward:  y_t = C_t . h_t, written per step; h never leaves the chip. For the backward
@@ -80,6 +81,11 @@ class BlockSizes:
   # writing per-block partials for XLA to sum; the order of the adds, so the last bits of
   # dB and dC, vary from run to run.
   atomic_sums: bool = False
+  # The backward loads a chunk's rows while the chunk before computes. That holds a second
+  # chunk of rows in registers, which caps how many programs an SM keeps resident: offline
+  # for sm_90, backward_block_e=4 takes 138 registers with it (14 one-warp programs an
+  # SM, short of the 2,048 programs at B=4 E=2048) and 128 without (16, all of them).
+  backward_prefetch: bool = True
 
   def __post_init__(self):
     for name in ('block_e', 'backward_block_e'):
@@ -162,7 +168,7 @@ def _segment_end_kernel(x_ref, dt_ref, a_ref, b_ref, log_keep_ref, h_ref, *, chu
 
 
 def _backward_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, log_keep_ref, states_ref, dy_ref,
-                     g0_ref, *refs, chunk, exp2, atomic_sums):
+                     g0_ref, *refs, chunk, exp2, atomic_sums, prefetch):
   # With atomic_sums two zero arrays come first, aliased to db_ref and dc_ref.
   dx_ref, ddt_ref, da_ref, db_ref, dc_ref = refs[-5:]
   a = a_ref[...]  # [block_e, N], A log2(e).
@@ -177,12 +183,14 @@ def _backward_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, log_keep_ref, states_re
 
   def one_chunk(j, carry):
     # g_after = a_{t+1} g_{t+1}: from the next segment, then ours.
-    g_after, da, (rows, state) = carry
+    g_after, da, loaded = carry
     j = num_chunks - 1 - j
     steps = pl.ds(j * chunk, chunk)
-    # Prefetch, as in the forward but walking back: chunk j-1's loads are in flight while
-    # chunk j computes (chunk 0 reloads itself). 14% off this kernel on the H100.
-    next_loaded = load(jnp.maximum(j - 1, 0))
+    if prefetch:  # As in the forward but walking back: chunk j-1's loads are in flight
+      # while chunk j computes (chunk 0 reloads itself). 14% off this kernel on the H100.
+      (rows, state), loaded = loaded, load(jnp.maximum(j - 1, 0))
+    else:
+      rows, state = load(j)
     decay = lambda dt, log_keep: exp2(dt[:, None] * a + log_keep)
     states = [state]  # The state before the chunk's first step, then after each step.
     for x, dt, b, _, log_keep, _ in rows:
@@ -216,11 +224,11 @@ def _backward_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, log_keep_ref, states_re
       dc_ref[steps, :] = dc
     dx_ref[steps, :] = dx.T.astype(dx_ref.dtype)
     ddt_ref[steps, :] = ddt.T
-    return g_after, da, next_loaded
+    return g_after, da, loaded
 
   _, da, _ = lax.fori_loop(0, num_chunks, one_chunk,
                            (g0_ref[...], jnp.zeros(a.shape, jnp.float32),
-                            load(num_chunks - 1)))
+                            load(num_chunks - 1) if prefetch else ()))
   da_ref[...] = da
 
 
@@ -391,7 +399,8 @@ def backward(x, dt, a, b, c, reset, states, dy, *, block_sizes: BlockSizes = Blo
                                       jnp.float32)
     aliases = {}
   dx, ddt, da, db, dc = pl.pallas_call(
-      _kernel(_backward_kernel, block_sizes, interpret, atomic_sums=block_sizes.atomic_sums),
+      _kernel(_backward_kernel, block_sizes, interpret, atomic_sums=block_sizes.atomic_sums,
+              prefetch=block_sizes.backward_prefetch),
       grid=layout.grid,
       in_specs=in_specs,
       out_specs=[layout.rows(), layout.rows(), layout.per_segment(), sums_spec, sums_spec],
