@@ -105,8 +105,8 @@ def main(argv):
                              model=model, max_new_tokens=new_tokens, cache_length=prompt + new)
 
   profiles = []
-  print(f'| batch | cached tokens/s | recompute tokens/s | speed-up |')
-  print(f'|---|---|---|---|')
+  print('| batch | cached tokens/s | recompute tokens/s | speed-up |')
+  print('|---|---|---|---|')
   for batch in map(int, _BATCH_SIZES.value):
     prompts = jax.random.randint(jax.random.key(1), (batch, prompt), 3,
                                  model_config.vocab_size)

@@ -66,10 +66,11 @@ def test_iterator_state_round_trips_through_the_checkpoint_encoding(shuffle_wind
 def test_jsonl_source_reads_the_named_field(tmp_path):
   path = tmp_path / 'data.jsonl'
   path.write_text('{"body": "first"}\n\n{"body": "second", "id": 2}\n')
-  source = sources.JsonLines([str(path)], 'body')
+  config = type('C', (), {'source': 'jsonl', 'path': str(path), 'text_field': 'body'})
+  source = sources.build(config)
   assert [source[i] for i in range(len(source))] == ['first', 'second']
   with pytest.raises(ConfigError, match=r'data.jsonl:3 has no field .text.'):
-    sources.JsonLines([str(path)], 'text')[1]
+    sources.JsonLines([str(path)], ('text',))[1]
 
 
 def test_text_source_takes_comma_separated_globs(tmp_path):

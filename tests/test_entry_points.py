@@ -1,5 +1,5 @@
-"""The real `python -m experiments.train` command: runs, survives SIGTERM and SIGKILL,
-and refuses unknown config fields."""
+"""The real `python -m experiments.train` command: pretrains, fine-tunes (SFT, DPO),
+survives SIGTERM and SIGKILL, and refuses unknown config fields."""
 
 import json
 import os
@@ -71,6 +71,23 @@ def test_tiny_run_trains_evaluates_and_prints_a_sample(trained_run):
   assert 'sample:' in output
   assert checkpoint_steps(workdir) == [10, 20]
   assert os.listdir(workdir / 'tensorboard')
+
+
+def test_sft_then_dpo_commands_start_from_the_run_before(trained_run, tmp_path):
+  workdir, _ = trained_run
+  outputs = {}
+  for objective, start in (('sft', workdir), ('dpo', tmp_path / 'sft')):
+    result = run([sys.executable, '-m', 'experiments.train',
+                  f'--config=experiments/configs/{objective}.py:tiny',
+                  f'--workdir={tmp_path / objective}', f'--config.train.init_from={start}'])
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs[objective] = result.stdout + result.stderr
+    assert f'{objective}: ' in outputs[objective]
+    assert f'starting from {start}' in outputs[objective]
+    assert 'sample:\ndef ' in outputs[objective]  # A held-out function's prompt, continued.
+    assert checkpoint_steps(tmp_path / objective) == [2, 4]
+  assert 'eval_perplexity=' in outputs['sft']
+  assert 'eval_reward_accuracy=' in outputs['dpo'] and 'reward_margin=' in outputs['dpo']
 
 
 def test_sample_command_completes_every_prompt(trained_run, tmp_path):

@@ -62,7 +62,7 @@ def small_setup(accumulation):
   train_config = ml_collections.ConfigDict(dict(
       learning_rate=1e-2, warmup_steps=0, num_steps=10, final_learning_rate_ratio=0.1,
       weight_decay=0.1, beta1=0.9, beta2=0.95, epsilon=1e-8, grad_clip_norm=1.0,
-      grad_accumulation_steps=accumulation, z_loss_weight=1e-3))
+      grad_accumulation_steps=accumulation, z_loss_weight=1e-3, objective='pretrain'))
   model, params = init_model(model_config, length=12)
   optimizer = optimizer_lib.make_optimizer(train_config)
   state = steps.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
@@ -129,8 +129,8 @@ def test_learning_rate_warms_up_linearly_then_decays_by_cosine():
 
 def test_a_non_finite_loss_stops_the_run_with_its_step(tiny_config, tmp_path, monkeypatch):
   original = steps.train_step
-  def poisoned(state, batch, **kwargs):
-    state, metrics = original(state, batch, **kwargs)
+  def poisoned(state, batch, reference_params, **kwargs):
+    state, metrics = original(state, batch, reference_params, **kwargs)
     metrics['loss'] = jnp.where(state.step >= 3, jnp.nan, metrics['loss'])
     return state, metrics
   monkeypatch.setattr(steps, 'train_step', poisoned)

@@ -51,16 +51,24 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   ))
 
   config.data = ml_collections.ConfigDict(dict(
-      source='stdlib',  # 'stdlib' | 'text' (files/globs, one document each) | 'jsonl'
+      # Pretraining: 'stdlib' | 'text' (files/globs, one document each) | 'jsonl'.
+      # SFT and DPO: 'stdlib_functions' (built in) | 'jsonl' with fields prompt and
+      # response (SFT) or prompt, chosen and rejected (DPO).
+      source='stdlib',
       path='',  # Comma-separated files or globs for 'text' and 'jsonl'.
-      text_field='text',  # The JSON field holding the document, for 'jsonl'.
+      text_field='text',  # The JSON field holding the document, for pretraining on 'jsonl'.
       validation_fraction=0.05,  # Of document groups (files; stdlib top-level modules).
       seq_len=128,
       batch_size=32,  # Global, across all devices and processes.
-      shuffle_window=16384,  # Packed rows shuffled together (long files fill many rows).
+      # Packed rows (pretraining: long files fill many rows) or examples (post-training:
+      # a file holds many) shuffled together.
+      shuffle_window=16384,
   ))
 
   config.train = ml_collections.ConfigDict(dict(
+      objective='pretrain',  # 'pretrain' | 'sft' | 'dpo' (configs/sft.py, configs/dpo.py)
+      init_from='',  # A workdir whose latest params start this run (and are DPO's reference).
+      dpo_beta=0.1,  # DPO's beta: how far from the reference the policy may move.
       num_steps=1500,
       learning_rate=2e-3,
       warmup_steps=100,

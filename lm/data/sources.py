@@ -1,14 +1,22 @@
-"""Document sources: random-access lists of texts, read lazily, for grain.
+"""Document sources: random-access lists, read lazily, for grain.
 
-Every source also gives each document a group key; the train/validation split
-holds out whole groups (a file, or a stdlib top-level module) by a stable hash of
-the key, so the split never changes between runs or resumes.
+For pretraining an item is a text. For post-training it is a list of examples, dicts
+of texts: {'prompt', 'response'} for SFT, {'prompt', 'chosen', 'rejected'} for DPO (a
+JSON line holds one; a stdlib file, all of its documented functions).
+
+Every source also gives each item a group key; the train/validation split holds out
+whole groups (a file, or a stdlib top-level module) by a stable hash of the key, so
+the split never changes between runs or resumes.
 """
 
+import ast
+import functools
 import glob
 import json
+import operator
 import os
 import sysconfig
+import threading
 import zlib
 
 from lm.errors import ConfigError
@@ -34,10 +42,10 @@ class TextFiles:
 
 
 class JsonLines:
-  """One document per line of JSON-lines files, the text in a named field."""
+  """One record per line of JSON-lines files; an item is the dict of the named fields."""
 
-  def __init__(self, paths: list[str], text_field: str):
-    self.text_field = text_field
+  def __init__(self, paths: list[str], fields: tuple[str, ...]):
+    self.fields = fields
     self.locations = []  # (path, byte offset, line number)
     for path in paths:
       with open(path, 'rb') as f:
@@ -51,7 +59,7 @@ class JsonLines:
   def __len__(self):
     return len(self.locations)
 
-  def __getitem__(self, index: int) -> str:
+  def __getitem__(self, index: int) -> dict[str, str]:
     path, offset, line_number = self.locations[index]
     with open(path, 'rb') as f:
       f.seek(offset)
@@ -60,10 +68,25 @@ class JsonLines:
       record = json.loads(line)
     except json.JSONDecodeError as error:
       raise ConfigError(f'{path}:{line_number} is not valid JSON: {error}') from error
-    if not isinstance(record, dict) or self.text_field not in record:
-      raise ConfigError(f'{path}:{line_number} has no field {self.text_field!r}'
-                       ' (config.data.text_field)')
-    return str(record[self.text_field])
+    missing = [field for field in self.fields
+               if not isinstance(record, dict) or field not in record]
+    if missing:
+      raise ConfigError(f'{path}:{line_number} has no field {missing[0]!r} (this objective'
+                        f' reads {", ".join(map(repr, self.fields))})')
+    return {field: str(record[field]) for field in self.fields}
+
+
+class Mapped:
+  """source[i] passed through `function` when read; the same keys."""
+
+  def __init__(self, source, function):
+    self.source, self.function, self.keys = source, function, source.keys
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index: int):
+    return self.function(self.source[index])
 
 
 class Subset:
@@ -110,19 +133,86 @@ def stdlib_source() -> TextFiles:
   return TextFiles(paths, keys)
 
 
-def build(data_config):
-  """From `config.data`: source 'stdlib', 'text' (files/globs) or 'jsonl'."""
+# The JSON fields a post-training example reads, by objective.
+EXAMPLE_FIELDS = {'sft': ('prompt', 'response'), 'dpo': ('prompt', 'chosen', 'rejected')}
+# config.data.source values by objective kind.
+PRETRAINING_SOURCES = ('stdlib', 'text', 'jsonl')
+POST_TRAINING_SOURCES = ('stdlib_functions', 'jsonl')
+
+
+# grain reads items from several threads, and CPython 3.11's parser is not thread-safe
+# ("SystemError: AST constructor recursion depth mismatch"); it holds the GIL anyway.
+_AST_LOCK = threading.Lock()
+
+
+def _dedent(lines: list[str], indent: int) -> str:
+  # Blank lines may be shorter than the indent; lines inside strings may start anywhere.
+  return ''.join((line[indent:] if not line[:indent].strip() else line) or '\n'
+                 for line in lines)
+
+
+def function_examples(text: str, *, pairs: bool) -> list[dict[str, str]]:
+  """Every documented function of Python source `text` as an SFT example: prompt its
+  `def` line(s) and the first paragraph of its docstring, response the rest of its
+  body. With `pairs`, DPO examples instead: chosen the function's own body, rejected
+  the next documented function's body in the same file (one that does not fit)."""
+  try:
+    with _AST_LOCK:
+      tree = ast.parse(text)
+  except (SyntaxError, ValueError):  # Not Python this interpreter reads: no examples.
+    return []
+  lines = text.splitlines(keepends=True)
+  functions = []
+  for node in ast.walk(tree):
+    docstring = (ast.get_docstring(node)
+                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else None)
+    if docstring and len(node.body) > 1:
+      first, second = node.body[0], node.body[1]
+      indent = ' ' * (first.col_offset - node.col_offset)
+      summary = ' '.join(docstring.split('\n\n')[0].split()).replace('"' * 3, "'" * 3)
+      signature = _dedent(lines[node.lineno - 1:first.lineno - 1], node.col_offset)
+      # From the line after the docstring: a body statement sharing its line is rare.
+      body = _dedent(lines[first.end_lineno:node.end_lineno], node.col_offset)
+      if second.lineno > first.end_lineno and body.strip():
+        functions.append((node.lineno, f'{signature}{indent}"""{summary}"""\n', body))
+  functions.sort()
+  if not pairs:
+    return [{'prompt': prompt, 'response': body} for _, prompt, body in functions]
+  examples = []
+  for index, (_, prompt, body) in enumerate(functions):
+    other = functions[(index + 1) % len(functions)][2]
+    if other != body:
+      examples.append({'prompt': prompt, 'chosen': body, 'rejected': other})
+  return examples
+
+
+def _one_example(record: dict[str, str]) -> list[dict[str, str]]:
+  return [record]
+
+
+def build(data_config, objective: str = 'pretrain'):
+  """From `config.data`: texts for pretraining ('stdlib', 'text' files/globs, 'jsonl'),
+  lists of examples for 'sft' and 'dpo' ('stdlib_functions', 'jsonl')."""
+  sources = PRETRAINING_SOURCES if objective == 'pretrain' else POST_TRAINING_SOURCES
+  if data_config.source not in sources:
+    raise ConfigError(f'config.data.source={data_config.source!r} is not one of {sources}'
+                      f' (the sources of config.train.objective={objective!r})')
   if data_config.source == 'stdlib':
     return stdlib_source()
+  if data_config.source == 'stdlib_functions':
+    return Mapped(stdlib_source(), functools.partial(function_examples,
+                                                     pairs=objective == 'dpo'))
   if data_config.source == 'text':
     return TextFiles(expand_paths(data_config.path))
-  if data_config.source == 'jsonl':
-    source = JsonLines(expand_paths(data_config.path), data_config.text_field)
-    if not len(source):
-      raise ConfigError(f'config.data.path={data_config.path!r} holds no JSON lines')
-    return source
-  raise ConfigError(f'config.data.source={data_config.source!r} is not one of'
-                   ' "stdlib", "text", "jsonl"')
+  if objective == 'pretrain':
+    records = JsonLines(expand_paths(data_config.path), (data_config.text_field,))
+    source = Mapped(records, operator.itemgetter(data_config.text_field))
+  else:
+    source = Mapped(JsonLines(expand_paths(data_config.path), EXAMPLE_FIELDS[objective]),
+                    _one_example)
+  if not len(source):
+    raise ConfigError(f'config.data.path={data_config.path!r} holds no JSON lines')
+  return source
 
 
 def is_validation(key: str, fraction: float) -> bool:

@@ -12,13 +12,13 @@ from typing import NamedTuple
 import flax.linen as nn
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
 from lm import models
 from lm import tokenizer as tokenizer_lib
 from lm.errors import ConfigError
-from lm.training import optimizer as optimizer_lib, steps
 
 # Model fields that decide parameter shapes; the rest (dtype, attention, remat) may
 # change between runs of the same checkpoint.
@@ -95,6 +95,18 @@ class Checkpointer:
       data_iterator.set_state(_decode_tuples(restored['data']))
     return restored['state']
 
+  def restore_params(self, step: int, abstract_params):
+    """Only the params saved at `step`, onto the shardings of `abstract_params`
+    (ShapeDtypeStructs); the optimizer state is never read."""
+    item = {'params': abstract_params}
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      restored = checkpointer.restore(
+          os.path.join(self.directory, str(step), 'state'),
+          args=ocp.args.PyTreeRestore(
+              item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+              partial_restore=True))
+    return restored['params']
+
   def wait(self):
     self.manager.wait_until_finished()
 
@@ -102,16 +114,43 @@ class Checkpointer:
     self.manager.close()
 
 
-def check_compatible(saved_config, config, directory: str) -> None:
-  """Raises, naming the fields, if the checkpoint's parameter shapes differ from the config's."""
+def check_compatible(saved_config, config, directory: str, *, resuming: bool = True) -> None:
+  """Raises, naming the fields, if the checkpoint's parameter shapes differ from the
+  config's or, when `resuming` the run, if its objective does (its data state is another
+  pipeline's)."""
   differences = [
       f'model.{field}: checkpoint has {saved_config.model[field]!r}, config has'
       f' {config.model[field]!r}'
       for field in _SHAPE_FIELDS if saved_config.model[field] != config.model[field]]
+  # Checkpoints from before config.train.objective existed are pretraining runs.
+  saved_objective = saved_config.train.get('objective', 'pretrain')
+  if resuming and saved_objective != config.train.objective:
+    differences.append(f'train.objective: checkpoint has {saved_objective!r}, config has'
+                       f' {config.train.objective!r} (to start from it, give its workdir as'
+                       ' config.train.init_from)')
   if differences:
     raise ConfigError(f'the checkpoint in {directory} does not match the config:\n  '
                      + '\n  '.join(differences)
-                     + '\nuse a new --workdir, or the model settings it was trained with')
+                     + ('\nuse a new --workdir, or the model settings it was trained with'
+                        if resuming else '\nuse the model settings it was trained with'))
+
+
+def load_params(workdir: str, abstract_params, config, tokenizer):
+  """The params of the latest checkpoint in `workdir` (config.train.init_from), checked
+  against this run's model and tokenizer, onto the shardings of `abstract_params`."""
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  source = Checkpointer(workdir, max_to_keep=None, read_only=True) if os.path.isdir(
+      directory) else None
+  step = source and source.latest_step()
+  if step is None:
+    raise ConfigError(f'config.train.init_from={workdir!r}: no checkpoints in {directory}')
+  saved_config, saved_tokenizer = source.read_metadata(step)
+  directory = os.path.join(source.directory, str(step))
+  tokenizer_lib.check_same(saved_tokenizer, tokenizer, directory)
+  check_compatible(saved_config, config, directory, resuming=False)
+  params = source.restore_params(step, abstract_params)
+  source.close()
+  return params
 
 
 class Restored(NamedTuple):
@@ -132,11 +171,11 @@ def restore_for_inference(workdir: str, step: int | None = None) -> Restored:
                       f' {checkpointer.directory} (have {checkpointer.manager.all_steps()})')
   config, tokenizer_dict = checkpointer.read_metadata(step)
   model = models.build(ml_collections.FrozenConfigDict(config.model))
-  init = steps.train_state_initializer(model, optimizer_lib.make_optimizer(config.train),
-                                       config.data.seq_len)
+  tokens = jax.ShapeDtypeStruct((1, config.data.seq_len), jnp.int32)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          nn.meta.unbox(jax.eval_shape(init, jax.random.key(0))))
-  state = checkpointer.restore(step, abstract, data_iterator=None)
+                          nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens,
+                                                       tokens, tokens)['params']))
+  params = checkpointer.restore_params(step, abstract)
   checkpointer.close()
-  return Restored(step, config, tokenizer_lib.from_dict(tokenizer_dict), model, state.params)
+  return Restored(step, config, tokenizer_lib.from_dict(tokenizer_dict), model, params)

@@ -8,6 +8,8 @@ import tqdm
 _CONSOLE_FORMATS = {
     'loss': '{:.4f}', 'eval_loss': '{:.4f}', 'eval_perplexity': '{:.2f}',
     'learning_rate': '{:.2e}', 'tokens_per_second': '{:,.0f}', 'mfu': '{:.1%}',
+    'reward_accuracy': '{:.1%}', 'eval_reward_accuracy': '{:.1%}',
+    'reward_margin': '{:.3f}', 'eval_reward_margin': '{:.3f}',
 }
 
 

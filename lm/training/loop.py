@@ -1,7 +1,7 @@
 """The training loop: checks, shapes, shardings, init or restore, then step/log/eval/save.
 
-Plain Python, top to bottom. It runs pretraining; post-training (SFT, DPO) is meant to
-plug in as another step and data source, not as a copy of this loop.
+Plain Python, top to bottom. Pretraining, SFT and DPO (config.train.objective) all run
+here and differ only in their data and loss (lm/training/steps.py).
 """
 
 import functools
@@ -65,6 +65,19 @@ def _device_batch(batch: dict, batch_sharding) -> dict:
           for name, value in batch.items()}
 
 
+def _sample_prompt(validation_documents, objective_name: str, tokenizer,
+                   max_length: int) -> str | None:
+  """What the end-of-run sample continues: nothing after pretraining, else the first
+  validation prompt that leaves room for the sample (None if none does)."""
+  if objective_name == 'pretrain':
+    return ''
+  for index in range(len(validation_documents)):
+    for example in validation_documents[index]:
+      if 1 + len(tokenizer.encode(example['prompt'])) <= max_length:
+        return example['prompt']
+  return None
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
   """Trains (or resumes) the run in `workdir`; returns (logged metric rows, final state)."""
   config = ml_collections.ConfigDict(config.to_dict())  # A private copy to resolve in.
@@ -74,12 +87,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
   tokenizer = tokenizer_lib.build(config.tokenizer)
   config_lib.validate(config, len(devices), tokenizer.vocab_size)
   config.model.dtype = config_lib.resolve_dtype(config.model.dtype)
+  objective_name = config.train.objective
+  objective = steps.OBJECTIVES[objective_name]
   train_documents, validation_documents = sources.split(
-      sources.build(config.data), config.data.validation_fraction)
+      sources.build(config.data, objective_name), config.data.validation_fraction)
   local_batch_size = config.data.batch_size // jax.process_count()
   make_data = functools.partial(pipeline.make_dataset, tokenizer=tokenizer,
                                 seq_len=config.data.seq_len, batch_size=local_batch_size,
-                                seed=config.seed, shuffle_window=config.data.shuffle_window)
+                                seed=config.seed, shuffle_window=config.data.shuffle_window,
+                                objective=objective_name)
   train_iterator = iter(make_data(train_documents, train=True))
   validation_dataset = make_data(validation_documents, train=False)
   if next(iter(validation_dataset), None) is None:
@@ -105,50 +121,78 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
   with sharding.activate(mesh):
     abstract_boxed = jax.eval_shape(init_boxed, jax.random.key(config.seed))
     state_shardings = sharding.logical_to_shardings(abstract_boxed, mesh)
+    abstract_state = jax.tree.map(
+        lambda value, sharding_: jax.ShapeDtypeStruct(value.shape, value.dtype,
+                                                      sharding=sharding_),
+        nn.meta.unbox(abstract_boxed), state_shardings)
     batch_sharding = sharding.batch_sharding(mesh)
+    init = jax.jit(lambda rng: nn.meta.unbox(init_boxed(rng)), out_shardings=state_shardings)
+
+    def initial_params():
+      """The params the run starts from: config.train.init_from's, or a fresh init's.
+      Fresh buffers on every call, as the train step donates (deletes) its state's."""
+      if config.train.init_from:
+        return checkpointing.load_params(config.train.init_from, abstract_state.params,
+                                         config, tokenizer)
+      return init(jax.random.key(config.seed)).params
+
     if start_step is None:
-      init = jax.jit(lambda rng: nn.meta.unbox(init_boxed(rng)), out_shardings=state_shardings)
-      state = init(jax.random.key(config.seed))
+      if config.train.init_from:
+        with_optimizer = jax.jit(
+            lambda params: steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                            opt_state=optimizer.init(params)),
+            out_shardings=state_shardings, donate_argnums=0)
+        state = with_optimizer(initial_params())
+      else:
+        state = init(jax.random.key(config.seed))
       start_step = 0
     else:
-      abstract_state = jax.tree.map(
-          lambda value, sharding_: jax.ShapeDtypeStruct(value.shape, value.dtype,
-                                                        sharding=sharding_),
-          nn.meta.unbox(abstract_boxed), state_shardings)
       state = checkpointer.restore(start_step, abstract_state, train_iterator)
+    # DPO's frozen reference: the params the run started from.
+    reference_params = initial_params() if objective.needs_reference else None
+    reference_shardings = state_shardings.params if objective.needs_reference else None
 
     train_step = jax.jit(
         functools.partial(steps.train_step, model=model, optimizer=optimizer,
                           train_config=config.train),
-        in_shardings=(state_shardings, batch_sharding),
+        in_shardings=(state_shardings, batch_sharding, reference_shardings),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0)
     eval_step = jax.jit(
-        functools.partial(steps.eval_step, model=model),
-        in_shardings=(state_shardings.params, batch_sharding),
+        functools.partial(steps.eval_step, model=model, train_config=config.train),
+        in_shardings=(state_shardings.params, batch_sharding, reference_shardings),
         out_shardings=sharding.replicated(mesh))
 
   # 3. The loop.
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
   flops_per_token = models.FLOPS_PER_TOKEN[config.model.name](config.model, config.data.seq_len)
   peak_flops = peak_flops_per_device()
-  tokens_per_step = config.data.batch_size * config.data.seq_len
+  # DPO's batch rows are pairs of sequences. MFU counts the trained model's forward and
+  # backward, not DPO's reference forward.
+  tokens_per_step = (config.data.batch_size * config.data.seq_len
+                     * (2 if objective_name == 'dpo' else 1))
   log = logger_lib.MetricLogger(workdir, start_step, config.train.num_steps,
                                 enabled=jax.process_index() == 0)
-  log.print(f'{num_params:,} parameters on a {dict(mesh.shape)} mesh of'
+  documents = 'documents' if objective_name == 'pretrain' else 'files or lines of examples'
+  start = (f'resuming from step {start_step}' if start_step else
+           f'starting from {config.train.init_from}' if config.train.init_from else
+           'starting from scratch')
+  log.print(f'{objective_name}: {num_params:,} parameters on a {dict(mesh.shape)} mesh of'
             f' {devices[0].device_kind}; {len(train_documents):,} training and'
-            f' {len(validation_documents):,} validation documents; compute dtype'
-            f' {config.model.dtype}; ' + (f'resuming from step {start_step}' if start_step
-                                          else 'starting from scratch'))
+            f' {len(validation_documents):,} validation {documents}; compute dtype'
+            f' {config.model.dtype}; {start}')
 
   def evaluate(params) -> dict[str, float]:
-    totals = {'loss_sum': 0.0, 'num_tokens': 0.0}
+    totals = {}
     with sharding.activate(mesh):
       for batch in itertools.islice(validation_dataset, config.train.eval_steps):
-        sums = eval_step(params, _device_batch(batch, batch_sharding))
-        totals = {name: totals[name] + float(sums[name]) for name in totals}
-    loss = totals['loss_sum'] / max(totals['num_tokens'], 1.0)
-    return {'eval_loss': loss, 'eval_perplexity': math.exp(min(loss, 50.0))}
+        sums = eval_step(params, _device_batch(batch, batch_sharding), reference_params)
+        totals = {name: totals.get(name, 0.0) + float(value) for name, value in sums.items()}
+    count = max(totals.pop('count'), 1.0)
+    row = {f'eval_{name}': value / count for name, value in totals.items()}
+    if objective.count_name == 'num_tokens':
+      row['eval_perplexity'] = math.exp(min(row['eval_loss'], 50.0))
+    return row
 
   history = []
   step = start_step
@@ -156,7 +200,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
   with _StopRequest() as stop, sharding.activate(mesh):
     while step < config.train.num_steps:
       batch = _device_batch(next(train_iterator), batch_sharding)
-      state, metrics = train_step(state, batch)
+      state, metrics = train_step(state, batch, reference_params)
       step += 1
       log.advance(step)
 
@@ -191,9 +235,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
   checkpointer.wait()
   checkpointer.close()
   if step >= config.train.num_steps and config.train.sample_tokens > 0:
-    [sample] = sampling.complete(
-        model, state.params, tokenizer, [''], max_new_tokens=config.train.sample_tokens,
-        temperature=config.train.sample_temperature, seed=config.seed)
-    log.print('sample:\n' + sample)
+    room = config.model.max_seq_len - config.train.sample_tokens
+    prompt = _sample_prompt(validation_documents, objective_name, tokenizer, room)
+    if prompt is None:
+      log.print(f'no sample: no validation prompt is under {room} tokens')
+    else:
+      [sample] = sampling.complete(
+          model, state.params, tokenizer, [prompt], max_new_tokens=config.train.sample_tokens,
+          temperature=config.train.sample_temperature, seed=config.seed)
+      log.print('sample:\n' + prompt + sample)
   log.close()
   return history, state

@@ -11,11 +11,14 @@ import jax.numpy as jnp
 
 def next_token_targets(batch):
   """Targets are the next token of the same document; the last position, padding and
-  the first token of the next packed document carry weight 0."""
+  the first token of the next packed document carry weight 0. With a `loss_mask`
+  (post-training: 1 on response tokens) only the masked tokens are targets."""
   tokens_bt, segment_ids_bt = batch['tokens'], batch['segment_ids']
-  targets_bt = jnp.pad(tokens_bt[:, 1:], ((0, 0), (0, 1)))
-  next_segment_bt = jnp.pad(segment_ids_bt[:, 1:], ((0, 0), (0, 1)))
-  weights_bt = (next_segment_bt == segment_ids_bt) & (segment_ids_bt != 0)
+  shift = lambda x_bt: jnp.pad(x_bt[:, 1:], ((0, 0), (0, 1)))
+  targets_bt = shift(tokens_bt)
+  weights_bt = (shift(segment_ids_bt) == segment_ids_bt) & (segment_ids_bt != 0)
+  if 'loss_mask' in batch:
+    weights_bt &= shift(batch['loss_mask']) != 0
   return targets_bt, weights_bt.astype(jnp.float32)
 
 
@@ -30,3 +33,32 @@ def cross_entropy(logits_btv, targets_bt, weights_bt):
   loss_sum = jnp.sum((log_z_bt - target_logits_bt) * weights_bt)
   z_loss_sum = jnp.sum(jnp.square(log_z_bt) * weights_bt)
   return loss_sum, z_loss_sum, jnp.sum(weights_bt)
+
+
+def sequence_log_probs(logits_btv, targets_bt, weights_bt):
+  """Each row's summed log-probability of its weighted targets, float32 [B]."""
+  log_probs_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
+  target_log_probs_bt = jnp.take_along_axis(log_probs_btv, targets_bt[..., None], axis=-1)[..., 0]
+  return jnp.sum(target_log_probs_bt * weights_bt, axis=-1)
+
+
+def dpo(policy_chosen_b, policy_rejected_b, reference_chosen_b, reference_rejected_b,
+        valid_b, beta: float):
+  """Direct Preference Optimization (Rafailov et al. 2023, eq. 7) on sequence log-probs.
+
+  The implicit reward of a response is beta * log(pi / pi_ref); the loss is
+  -log sigmoid(reward_chosen - reward_rejected). Returns sums over the valid pairs
+  (loss, reward accuracy and margin, each side's reward) and the number of valid pairs.
+  """
+  valid_b = valid_b.astype(jnp.float32)
+  chosen_b = beta * (policy_chosen_b - reference_chosen_b)
+  rejected_b = beta * (policy_rejected_b - reference_rejected_b)
+  margin_b = chosen_b - rejected_b
+  sums = {
+      'loss': -jax.nn.log_sigmoid(margin_b),
+      'reward_accuracy': (margin_b > 0).astype(jnp.float32),
+      'reward_margin': margin_b,
+      'chosen_reward': chosen_b,
+      'rejected_reward': rejected_b,
+  }
+  return {name: jnp.sum(value * valid_b) for name, value in sums.items()}, jnp.sum(valid_b)

@@ -1,4 +1,12 @@
-"""Pure train and eval steps. jit and sharding are applied around them by the loop."""
+"""Pure train and eval steps. jit and sharding are applied around them by the loop.
+
+Pretraining, SFT and DPO share the step and differ in their loss function (and data):
+a loss returns sums over the batch and what they are averaged over (tokens or pairs),
+so gradient accumulation and data parallelism divide once by the true count.
+"""
+
+import dataclasses
+from typing import Callable
 
 import flax.struct
 import jax
@@ -26,51 +34,87 @@ def train_state_initializer(model, optimizer, seq_len: int):
   return init
 
 
-def loss_sums(params, batch, model):
-  """(loss_sum, z_loss_sum, num_tokens) of next-token prediction on one batch."""
+def token_loss(params, batch, reference_params, *, model, train_config):
+  """Pretraining and SFT: next-token cross-entropy on the weighted targets of [B, T]
+  arrays, plus the z-loss. Returns (objective sum, metric sums, number of tokens)."""
+  del reference_params
   logits_btv = model.apply({'params': params}, batch['tokens'], batch['segment_ids'],
                            batch['positions'])
   targets_bt, weights_bt = losses.next_token_targets(batch)
-  return losses.cross_entropy(logits_btv, targets_bt, weights_bt)
+  loss_sum, z_loss_sum, num_tokens = losses.cross_entropy(logits_btv, targets_bt, weights_bt)
+  total = loss_sum + train_config.z_loss_weight * z_loss_sum
+  return total, {'loss': loss_sum, 'z_loss': z_loss_sum}, num_tokens
 
 
-def train_step(state: TrainState, batch, *, model, optimizer, train_config):
-  """One optimizer update on `batch` ([B, T] arrays), accumulating gradients over
-  `grad_accumulation_steps` micro-batches. Returns (state, metrics)."""
-  z_loss_weight = train_config.z_loss_weight
+def dpo_loss(params, batch, reference_params, *, model, train_config):
+  """DPO on [B, 2, T] arrays: each pair's chosen (0) and rejected (1) sequence, with the
+  response marked by `loss_mask`. Returns (loss sum, metric sums, number of pairs)."""
+  rows = {name: value.reshape(-1, value.shape[-1]) for name, value in batch.items()}
+  targets_bt, weights_bt = losses.next_token_targets(rows)
 
-  def objective(params, microbatch):
-    loss_sum, z_loss_sum, num_tokens = loss_sums(params, microbatch, model)
-    # Summed, so the gradient is divided once by the true token count below.
-    return loss_sum + z_loss_weight * z_loss_sum, (loss_sum, z_loss_sum, num_tokens)
+  def log_probs_b2(params):
+    logits_btv = model.apply({'params': params}, rows['tokens'], rows['segment_ids'],
+                             rows['positions'])
+    return losses.sequence_log_probs(logits_btv, targets_bt, weights_bt).reshape(-1, 2)
+
+  policy_b2 = log_probs_b2(params)
+  reference_b2 = jax.lax.stop_gradient(log_probs_b2(reference_params))
+  # A pair whose chosen or rejected response was truncated away carries no preference.
+  valid_b = jnp.all(weights_bt.sum(-1).reshape(-1, 2) > 0, axis=-1)
+  sums, num_pairs = losses.dpo(policy_b2[:, 0], policy_b2[:, 1], reference_b2[:, 0],
+                               reference_b2[:, 1], valid_b, train_config.dpo_beta)
+  return sums['loss'], sums, num_pairs
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  loss: Callable  # (params, batch, reference_params, *, model, train_config) -> sums
+  count_name: str  # What the sums are averaged over.
+  needs_reference: bool  # Whether the loss reads frozen reference params.
+
+
+OBJECTIVES = {
+    'pretrain': Objective(token_loss, 'num_tokens', needs_reference=False),
+    'sft': Objective(token_loss, 'num_tokens', needs_reference=False),
+    'dpo': Objective(dpo_loss, 'num_pairs', needs_reference=True),
+}
+
+
+def train_step(state: TrainState, batch, reference_params=None, *, model, optimizer,
+               train_config):
+  """One optimizer update on `batch` (arrays with the batch axis first), accumulating
+  gradients over `grad_accumulation_steps` micro-batches. `reference_params` are the
+  frozen params DPO compares with (None otherwise). Returns (state, metrics)."""
+  objective = OBJECTIVES[train_config.objective]
+
+  def loss(params, microbatch):
+    total, sums, count = objective.loss(params, microbatch, reference_params, model=model,
+                                        train_config=train_config)
+    return total, (sums, count)
 
   def accumulate(carry, microbatch):
-    grads, sums = carry
-    (_, microbatch_sums), microbatch_grads = jax.value_and_grad(objective, has_aux=True)(
+    (_, microbatch_sums), microbatch_grads = jax.value_and_grad(loss, has_aux=True)(
         state.params, microbatch)
-    return (jax.tree.map(jnp.add, grads, microbatch_grads),
-            jax.tree.map(jnp.add, sums, microbatch_sums)), None
+    return jax.tree.map(jnp.add, carry, (microbatch_grads, microbatch_sums)), None
 
   num_micro = train_config.grad_accumulation_steps
   microbatches = jax.tree.map(lambda x: x.reshape(num_micro, -1, *x.shape[1:]), batch)
-  zeros = (jax.tree.map(jnp.zeros_like, state.params), (jnp.zeros((), jnp.float32),) * 3)
-  (grad_sums, (loss_sum, z_loss_sum, num_tokens)), _ = jax.lax.scan(
-      accumulate, zeros, microbatches)
+  sums_shape = jax.eval_shape(loss, state.params, jax.tree.map(lambda x: x[0], microbatches))[1]
+  zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                       (state.params, sums_shape))
+  (grad_sums, (sums, count)), _ = jax.lax.scan(accumulate, zeros, microbatches)
 
-  num_tokens = jnp.maximum(num_tokens, 1.0)
-  grads = jax.tree.map(lambda g: g / num_tokens, grad_sums)
+  count = jnp.maximum(count, 1.0)
+  grads = jax.tree.map(lambda g: g / count, grad_sums)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {
-      'loss': loss_sum / num_tokens,
-      'z_loss': z_loss_sum / num_tokens,
-      'grad_norm': optax.global_norm(grads),
-      'num_tokens': num_tokens,
-  }
+  metrics = {name: value / count for name, value in sums.items()}
+  metrics.update({'grad_norm': optax.global_norm(grads), objective.count_name: count})
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params, batch, *, model):
-  """Sums for the validation loss: (loss_sum, num_tokens)."""
-  loss_sum, _, num_tokens = loss_sums(params, batch, model)
-  return {'loss_sum': loss_sum, 'num_tokens': num_tokens}
+def eval_step(params, batch, reference_params=None, *, model, train_config):
+  """The loss's metric sums on one batch, with their count under 'count'."""
+  _, sums, count = OBJECTIVES[train_config.objective].loss(
+      params, batch, reference_params, model=model, train_config=train_config)
+  return {**sums, 'count': count}

@@ -13,7 +13,6 @@ Shapes a kernel does not support, and backends without one, fall back to the ref
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from pallas_kernels import dispatch
 from pallas_kernels.flash_attention import gpu, mosaic_gpu, reference, tpu
