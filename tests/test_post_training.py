@@ -63,9 +63,9 @@ def test_function_examples_split_signature_docstring_and_body():
        'response': '    return await get(url, timeout)\n'},
   ]
   pairs = sources.function_examples(source, pairs=True)
-  assert [(p['prompt'], p['chosen'], p['rejected']) for p in pairs] == [
-      (examples[0]['prompt'], examples[0]['response'], examples[1]['response']),
-      (examples[1]['prompt'], examples[1]['response'], examples[0]['response'])]
+  assert pairs == [  # fetch's one-line body cannot be reversed into anything else.
+      {'prompt': examples[0]['prompt'], 'chosen': examples[0]['response'],
+       'rejected': '    return value\n\n    value = self.items[key]\n'}]
   assert sources.function_examples('def broken(:\n', pairs=False) == []
 
 

@@ -1,5 +1,6 @@
-"""DPO: prefer a function's own body to another function's, given its signature and
-docstring summary (pairs from the standard library; no download).
+"""DPO: prefer a function's body to the same lines in reverse order, given its signature
+and docstring summary (pairs from the standard library; no download). Both responses
+hold the same tokens, so the preference is for code in an order that runs.
 
 Start from an SFT run (or a pretraining run), which is also the frozen reference:
 
@@ -7,9 +8,12 @@ Start from an SFT run (or a pretraining run), which is also the frozen reference
       --config.train.init_from=/tmp/lm_sft
 
 eval_reward_accuracy is the share of held-out pairs whose chosen body gains more
-log-probability over the reference than the rejected one. For your own data:
---config.data.source=jsonl --config.data.path=FILES, each line {"prompt": ..., "chosen":
-..., "rejected": ...}. `:tiny` works too.
+log-probability over the reference than the rejected one. The learning rate is 50x
+below SFT's: at 1e-4 the held-out accuracy was as high, but each chosen body lost 54
+nats against the reference and samples turned to noise (docs/benchmarks.md).
+
+For your own data: --config.data.source=jsonl --config.data.path=FILES, each line
+{"prompt": ..., "chosen": ..., "rejected": ...}. `:tiny` works too.
 """
 
 from experiments.configs import default
@@ -20,7 +24,7 @@ def get_config(variant: str = ''):
   config.train.objective = 'dpo'
   config.data.update(source='stdlib_functions', seq_len=512, batch_size=8,
                      shuffle_window=1024)
-  config.train.update(num_steps=200, learning_rate=1e-4, warmup_steps=20, dpo_beta=0.1,
+  config.train.update(num_steps=200, learning_rate=1e-5, warmup_steps=20, dpo_beta=0.1,
                       z_loss_weight=0.0, log_every=25, eval_every=100, sample_tokens=200)
   config.checkpoint.every_steps = 100
   if variant == 'tiny':

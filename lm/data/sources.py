@@ -154,8 +154,10 @@ def _dedent(lines: list[str], indent: int) -> str:
 def function_examples(text: str, *, pairs: bool) -> list[dict[str, str]]:
   """Every documented function of Python source `text` as an SFT example: prompt its
   `def` line(s) and the first paragraph of its docstring, response the rest of its
-  body. With `pairs`, DPO examples instead: chosen the function's own body, rejected
-  the next documented function's body in the same file (one that does not fit)."""
+  body. With `pairs`, DPO examples instead: chosen the body, rejected its lines in
+  reverse order. The two hold the same tokens, so only their order can be preferred
+  (not length); and no body is both chosen and rejected, as it would be if another
+  function's body were the rejected one."""
   try:
     with _AST_LOCK:
       tree = ast.parse(text)
@@ -179,10 +181,10 @@ def function_examples(text: str, *, pairs: bool) -> list[dict[str, str]]:
   if not pairs:
     return [{'prompt': prompt, 'response': body} for _, prompt, body in functions]
   examples = []
-  for index, (_, prompt, body) in enumerate(functions):
-    other = functions[(index + 1) % len(functions)][2]
-    if other != body:
-      examples.append({'prompt': prompt, 'chosen': body, 'rejected': other})
+  for _, prompt, body in functions:
+    reversed_body = ''.join(line + '\n' for line in reversed(body.splitlines()))
+    if reversed_body != body:
+      examples.append({'prompt': prompt, 'chosen': body, 'rejected': reversed_body})
   return examples
 
 
