@@ -83,7 +83,8 @@ def test_sft_then_dpo_commands_start_from_the_run_before(trained_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     outputs[objective] = result.stdout + result.stderr
     assert f'{objective}: ' in outputs[objective]
-    assert f'starting from {start}' in outputs[objective]
+    start_step = 20 if objective == 'sft' else 4  # The latest checkpoint of `start`.
+    assert f'starting from step {start_step} of {start}' in outputs[objective]
     assert 'sample:\ndef ' in outputs[objective]  # A held-out function's prompt, continued.
     assert checkpoint_steps(tmp_path / objective) == [2, 4]
   assert 'eval_perplexity=' in outputs['sft']

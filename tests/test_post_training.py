@@ -250,18 +250,29 @@ def test_dpo_trains_from_its_reference_and_resumes(pretrained, tmp_path):
   rows = {row['step']: row for row in history}
   np.testing.assert_allclose(rows[1]['loss'], np.log(2.0), rtol=1e-6)  # policy = reference
   assert rows[4]['loss'] != rows[1]['loss'] and 'eval_reward_accuracy' in rows[4]
+  # The step init_from resolved to is recorded, so a resumed run reloads the same
+  # reference even if that workdir has saved newer steps since.
+  saved_config, _ = checkpointing.Checkpointer(str(tmp_path), None).read_metadata(4)
+  assert saved_config.train.init_from == workdir and saved_config.train.init_from_step == 2
   config.train.num_steps = 6
   resumed, _ = loop.train(config, str(tmp_path), jax.devices()[:1])
   assert [row['step'] for row in resumed if 'loss' in row] == [5, 6]
+  config.train.update(num_steps=8, init_from_step=1)
+  with pytest.raises(ConfigError, match=r'train.init_from_step: checkpoint has 2, config has 1'):
+    loop.train(config, str(tmp_path), jax.devices()[:1])
 
 
-@pytest.mark.parametrize('case', ['no checkpoints', 'other model', 'other objective'])
+@pytest.mark.parametrize('case', ['no checkpoints', 'no such step', 'other model',
+                                  'other objective'])
 def test_bad_post_training_starts_are_refused_by_name(case, pretrained, tmp_path):
   workdir, _ = pretrained
   config = post_training_config(sft_config, workdir)
   if case == 'no checkpoints':
     config.train.init_from = str(tmp_path / 'nothing')
     message = r'config.train.init_from=.*nothing.*: no checkpoints'
+  elif case == 'no such step':
+    config.train.init_from_step = 7
+    message = r'config.train.init_from_step=7: .*checkpoints has steps \[2\]'
   elif case == 'other model':
     config.model.num_layers = 3
     message = r'model.num_layers: checkpoint has 2, config has 3'

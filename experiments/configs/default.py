@@ -67,7 +67,8 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
 
   config.train = ml_collections.ConfigDict(dict(
       objective='pretrain',  # 'pretrain' | 'sft' | 'dpo' (configs/sft.py, configs/dpo.py)
-      init_from='',  # A workdir whose latest params start this run (and are DPO's reference).
+      init_from='',  # A workdir whose params start this run (and are DPO's reference),
+      init_from_step=-1,  # from this checkpoint step of it; -1: its latest at the start.
       dpo_beta=0.1,  # DPO's beta: how far from the reference the policy may move.
       num_steps=1500,
       learning_rate=2e-3,

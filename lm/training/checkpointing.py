@@ -122,12 +122,18 @@ def check_compatible(saved_config, config, directory: str, *, resuming: bool = T
       f'model.{field}: checkpoint has {saved_config.model[field]!r}, config has'
       f' {config.model[field]!r}'
       for field in _SHAPE_FIELDS if saved_config.model[field] != config.model[field]]
-  # Checkpoints from before config.train.objective existed are pretraining runs.
-  saved_objective = saved_config.train.get('objective', 'pretrain')
-  if resuming and saved_objective != config.train.objective:
-    differences.append(f'train.objective: checkpoint has {saved_objective!r}, config has'
-                       f' {config.train.objective!r} (to start from it, give its workdir as'
-                       ' config.train.init_from)')
+  if resuming:  # The same run: the same objective, started from the same params.
+    # Checkpoints from before these fields existed are pretraining runs from scratch.
+    saved = {'objective': saved_config.train.get('objective', 'pretrain'),
+             'init_from': saved_config.train.get('init_from', ''),
+             'init_from_step': saved_config.train.get('init_from_step', -1)}
+    for field, value in saved.items():
+      if config.train[field] != value and not (field == 'init_from_step'
+                                               and config.train[field] == -1):
+        hint = (' (to start from it, give its workdir as config.train.init_from)'
+                if field == 'objective' else '')
+        differences.append(f'train.{field}: checkpoint has {value!r}, config has'
+                           f' {config.train[field]!r}{hint}')
   if differences:
     raise ConfigError(f'the checkpoint in {directory} does not match the config:\n  '
                      + '\n  '.join(differences)
@@ -135,22 +141,27 @@ def check_compatible(saved_config, config, directory: str, *, resuming: bool = T
                         if resuming else '\nuse the model settings it was trained with'))
 
 
-def load_params(workdir: str, abstract_params, config, tokenizer):
-  """The params of the latest checkpoint in `workdir` (config.train.init_from), checked
-  against this run's model and tokenizer, onto the shardings of `abstract_params`."""
+def load_params(workdir: str, step: int, abstract_params, config, tokenizer):
+  """(params, step) of the checkpoint at `step` (-1: the latest) in `workdir`
+  (config.train.init_from), checked against this run's model and tokenizer, onto the
+  shardings of `abstract_params`."""
   directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
   source = Checkpointer(workdir, max_to_keep=None, read_only=True) if os.path.isdir(
       directory) else None
-  step = source and source.latest_step()
-  if step is None:
+  steps = source.manager.all_steps() if source else []
+  if not steps:
     raise ConfigError(f'config.train.init_from={workdir!r}: no checkpoints in {directory}')
+  step = max(steps) if step == -1 else step
+  if step not in steps:
+    raise ConfigError(f'config.train.init_from_step={step}: {directory} has steps'
+                      f' {sorted(steps)}')
   saved_config, saved_tokenizer = source.read_metadata(step)
   directory = os.path.join(source.directory, str(step))
   tokenizer_lib.check_same(saved_tokenizer, tokenizer, directory)
   check_compatible(saved_config, config, directory, resuming=False)
   params = source.restore_params(step, abstract_params)
   source.close()
-  return params
+  return params, step
 
 
 class Restored(NamedTuple):

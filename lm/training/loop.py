@@ -110,6 +110,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
     saved_config, saved_tokenizer = checkpointer.read_metadata(start_step)
     tokenizer_lib.check_same(saved_tokenizer, tokenizer, checkpointer.directory)
     checkpointing.check_compatible(saved_config, config, checkpointer.directory)
+    # The step init_from resolved to when the run started: DPO reloads the same reference.
+    config.train.init_from_step = saved_config.train.get('init_from_step', -1)
 
   # 2. Shapes, then shardings, then init or restore onto them.
   mesh = sharding.make_mesh(config.mesh, devices)
@@ -132,8 +134,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
       """The params the run starts from: config.train.init_from's, or a fresh init's.
       Fresh buffers on every call, as the train step donates (deletes) its state's."""
       if config.train.init_from:
-        return checkpointing.load_params(config.train.init_from, abstract_state.params,
-                                         config, tokenizer)
+        params, step = checkpointing.load_params(
+            config.train.init_from, config.train.init_from_step, abstract_state.params,
+            config, tokenizer)
+        config.train.init_from_step = step  # Saved with every checkpoint's config.
+        return params
       return init(jax.random.key(config.seed)).params
 
     if start_step is None:
@@ -175,7 +180,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
                                 enabled=jax.process_index() == 0)
   documents = 'documents' if objective_name == 'pretrain' else 'files or lines of examples'
   start = (f'resuming from step {start_step}' if start_step else
-           f'starting from {config.train.init_from}' if config.train.init_from else
+           f'starting from step {config.train.init_from_step} of {config.train.init_from}'
+           if config.train.init_from else
            'starting from scratch')
   log.print(f'{objective_name}: {num_params:,} parameters on a {dict(mesh.shape)} mesh of'
             f' {devices[0].device_kind}; {len(train_documents):,} training and'
