@@ -12,10 +12,11 @@ from lm.training import checkpointing
 from conftest import write_corpus
 
 
-def make_batches(documents, *, seq_len=32, batch_size=4, train=True, seed=0, shuffle_window=8):
+def make_batches(documents, *, seq_len=32, batch_size=4, train=True, seed=0, shuffle_window=8,
+                 objective='pretrain'):
   return pipeline.make_dataset(documents, tokenizer_lib.ByteTokenizer(), seq_len=seq_len,
                                batch_size=batch_size, seed=seed, train=train,
-                               shuffle_window=shuffle_window)
+                               shuffle_window=shuffle_window, objective=objective)
 
 
 def test_packed_rows_reassemble_into_the_documents_with_bos_and_eos():
@@ -47,10 +48,22 @@ def test_training_stream_is_seeded_and_reshuffled_each_epoch():
   assert not np.array_equal(np.stack(first), np.stack(other))
 
 
-@pytest.mark.parametrize('shuffle_window,skip', [(0, 3), (8, 3), (64, 3), (64, 20)])
-def test_iterator_state_round_trips_through_the_checkpoint_encoding(shuffle_window, skip):
-  documents = [f'doc {i} ' * (i + 1) for i in range(40)]
-  make = lambda: iter(make_batches(documents, seq_len=24, shuffle_window=shuffle_window))
+# Documents for each objective's pipeline (post-training items are lists of examples).
+DOCUMENTS = {
+    'pretrain': [f'doc {i} ' * (i + 1) for i in range(40)],
+    'sft': [[{'prompt': f'q{i}', 'response': ' a' * (i % 5 + 1)}] for i in range(40)],
+    'dpo': [[{'prompt': f'q{i}', 'chosen': ' yes' * (i % 3 + 1), 'rejected': ' no'}]
+            for i in range(40)],
+}
+
+
+@pytest.mark.parametrize('objective,shuffle_window,skip', [
+    ('pretrain', 0, 3), ('pretrain', 8, 3), ('pretrain', 64, 3), ('pretrain', 64, 20),
+    ('sft', 8, 5), ('dpo', 8, 5)])
+def test_iterator_state_round_trips_through_the_checkpoint_encoding(objective, shuffle_window,
+                                                                    skip):
+  make = lambda: iter(make_batches(DOCUMENTS[objective], seq_len=24,
+                                   shuffle_window=shuffle_window, objective=objective))
   iterator = make()
   for _ in range(skip):
     next(iterator)
