@@ -3,7 +3,6 @@
 import jax
 
 from lm import models, sharding
-from lm.data import sources
 from lm.errors import ConfigError
 from lm.models import attention, mamba, transformer
 from lm.training import steps
@@ -61,11 +60,6 @@ def validate(config, num_devices: int, tokenizer_vocab_size: int) -> None:
 
   _check(train.objective in steps.OBJECTIVES,
          f'config.train.objective={train.objective!r} is not one of {sorted(steps.OBJECTIVES)}')
-  data_sources = (sources.PRETRAINING_SOURCES if train.objective == 'pretrain'
-                  else sources.POST_TRAINING_SOURCES)
-  _check(data.source in data_sources,
-         f'config.data.source={data.source!r} is not one of {data_sources} (the sources of'
-         f' config.train.objective={train.objective!r})')
   _check(train.dpo_beta > 0, f'config.train.dpo_beta={train.dpo_beta} must be positive')
   _check(train.num_steps > 0, f'config.train.num_steps={train.num_steps} must be positive')
   _check(train.learning_rate > 0, f'config.train.learning_rate={train.learning_rate} must be positive')

@@ -4,10 +4,10 @@ Pretraining: each document becomes bos + tokens + eos; documents are concatenate
 split into rows of exactly `seq_len` (a long document continues in the next row as a
 new segment). SFT: each example becomes bos + prompt + response + eos, truncated to
 `seq_len`, with `loss_mask` 1 on the response and eos (the only targets), and examples
-are packed whole into rows (first fit); one with no response left after the cut is
-skipped. DPO: each example becomes two rows, bos +
+are packed whole into rows (first fit). DPO: each example becomes two rows, bos +
 prompt + chosen + eos and the same with rejected, each truncated and padded to
-`seq_len`, so a batch is [batch, 2, seq_len].
+`seq_len`, so a batch is [batch, 2, seq_len]. An example with a response cut away
+entirely is skipped.
 
 Rows carry `segment_ids` (1, 2, ... per document; 0 = padding) and `positions` (index
 within the document), which the model uses to keep documents apart. The training
@@ -76,8 +76,7 @@ class _TokenizePair(grain.transforms.Map):
 
 def _has_targets(example: dict) -> bool:
   """Every row has a response token (position 0 is bos, never one)."""
-  return bool(np.all(example['loss_mask'].reshape(-1, example['loss_mask'].shape[-1])
-                     .any(axis=-1)))
+  return bool(np.atleast_2d(example['loss_mask']).any(axis=-1).all())
 
 
 class _Examples(grain.experimental.FlatMapTransform):

@@ -43,14 +43,14 @@ def sequence_log_probs(logits_btv, targets_bt, weights_bt):
 
 
 def dpo(policy_chosen_b, policy_rejected_b, reference_chosen_b, reference_rejected_b,
-        valid_b, beta: float):
+        beta: float):
   """Direct Preference Optimization (Rafailov et al. 2023, eq. 7) on sequence log-probs.
 
   The implicit reward of a response is beta * log(pi / pi_ref); the loss is
-  -log sigmoid(reward_chosen - reward_rejected). Returns sums over the valid pairs
-  (loss, reward accuracy and margin, each side's reward) and the number of valid pairs.
+  -log sigmoid(reward_chosen - reward_rejected). Returns sums over the pairs: loss,
+  reward accuracy and margin, each side's reward. (The data pipeline has already dropped
+  pairs with a response truncated away.)
   """
-  valid_b = valid_b.astype(jnp.float32)
   chosen_b = beta * (policy_chosen_b - reference_chosen_b)
   rejected_b = beta * (policy_rejected_b - reference_rejected_b)
   margin_b = chosen_b - rejected_b
@@ -61,4 +61,4 @@ def dpo(policy_chosen_b, policy_rejected_b, reference_chosen_b, reference_reject
       'chosen_reward': chosen_b,
       'rejected_reward': rejected_b,
   }
-  return {name: jnp.sum(value * valid_b) for name, value in sums.items()}, jnp.sum(valid_b)
+  return {name: jnp.sum(value) for name, value in sums.items()}

@@ -59,11 +59,9 @@ def dpo_loss(params, batch, reference_params, *, model, train_config):
 
   policy_b2 = log_probs_b2(params)
   reference_b2 = jax.lax.stop_gradient(log_probs_b2(reference_params))
-  # A pair whose chosen or rejected response was truncated away carries no preference.
-  valid_b = jnp.all(weights_bt.sum(-1).reshape(-1, 2) > 0, axis=-1)
-  sums, num_pairs = losses.dpo(policy_b2[:, 0], policy_b2[:, 1], reference_b2[:, 0],
-                               reference_b2[:, 1], valid_b, train_config.dpo_beta)
-  return sums['loss'], sums, num_pairs
+  sums = losses.dpo(policy_b2[:, 0], policy_b2[:, 1], reference_b2[:, 0], reference_b2[:, 1],
+                    train_config.dpo_beta)
+  return sums['loss'], sums, jnp.asarray(policy_b2.shape[0], jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
