@@ -5,7 +5,7 @@ import jax
 from lm import models, sharding
 from lm.errors import ConfigError
 from lm.models import attention, mamba, transformer
-from lm.training import steps
+from lm.training import rewards, steps
 
 DTYPES = ('float32', 'bfloat16')
 
@@ -61,6 +61,8 @@ def validate(config, num_devices: int, tokenizer_vocab_size: int) -> None:
   _check(train.objective in steps.OBJECTIVES,
          f'config.train.objective={train.objective!r} is not one of {sorted(steps.OBJECTIVES)}')
   _check(train.dpo_beta > 0, f'config.train.dpo_beta={train.dpo_beta} must be positive')
+  if train.objective == 'grpo':
+    _validate_grpo(train.grpo, data.seq_len)
   _check(train.num_steps > 0, f'config.train.num_steps={train.num_steps} must be positive')
   _check(train.learning_rate > 0, f'config.train.learning_rate={train.learning_rate} must be positive')
   # The cosine decay needs a step after the warm-up.
@@ -94,6 +96,23 @@ def validate(config, num_devices: int, tokenizer_vocab_size: int) -> None:
   _check(model.embed_dim % mesh_shape['fsdp'] == 0,
          f'config.model.embed_dim={model.embed_dim} must be divisible by config.mesh.fsdp'
          f'={mesh_shape["fsdp"]}')
+
+
+def _validate_grpo(grpo, seq_len: int) -> None:
+  _check(grpo.reward in rewards.REWARDS,
+         f'config.train.grpo.reward={grpo.reward!r} is not one of {sorted(rewards.REWARDS)}')
+  _check(grpo.group_size >= 2,
+         f'config.train.grpo.group_size={grpo.group_size} must be at least 2 (a group\'s'
+         ' mean reward is each completion\'s baseline)')
+  _check(0 < grpo.max_new_tokens < seq_len,
+         f'config.train.grpo.max_new_tokens={grpo.max_new_tokens} must be in [1,'
+         f' config.data.seq_len={seq_len}) (prompts get the rest of the row)')
+  _check(grpo.temperature > 0,
+         f'config.train.grpo.temperature={grpo.temperature} must be positive')
+  _check(grpo.kl_weight >= 0, f'config.train.grpo.kl_weight={grpo.kl_weight} must be >= 0')
+  # Rollouts gather every completion on this host to reward it.
+  _check(jax.process_count() == 1,
+         f'config.train.objective="grpo" runs on one process, not {jax.process_count()}')
 
 
 def _check(condition: bool, message: str) -> None:

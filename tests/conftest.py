@@ -22,6 +22,7 @@ import pytest  # noqa: E402
 
 from experiments.configs import default  # noqa: E402
 from lm import models  # noqa: E402
+from lm.training import loop  # noqa: E402
 
 WORDS = ('the cat sat on a mat while dogs ran far away from big red trees and small'
          ' blue houses near quiet rivers').split()
@@ -89,3 +90,22 @@ def make_tiny_config(corpus_directory):
 @pytest.fixture
 def tiny_config(tmp_path):
   return make_tiny_config(tmp_path / 'corpus')
+
+
+@pytest.fixture(scope='module')
+def pretrained(tmp_path_factory):
+  """(workdir, params) of a two-step tiny pretraining run, for post-training to start from."""
+  config = make_tiny_config(tmp_path_factory.mktemp('corpus'))
+  config.train.update(num_steps=2, warmup_steps=1, eval_every=2)
+  workdir = str(tmp_path_factory.mktemp('pretrained'))
+  _, state = loop.train(config, workdir, jax.devices()[:1])
+  return workdir, state.params
+
+
+def post_training_config(module, workdir, **train):
+  """`module`'s tiny config, in float32, starting from the run in `workdir`."""
+  config = module.get_config('tiny')
+  config.data.update(validation_fraction=0.3)
+  config.model.dtype = 'float32'
+  config.train.update(init_from=workdir, sample_tokens=0, **train)
+  return config

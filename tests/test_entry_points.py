@@ -1,4 +1,4 @@
-"""The real `python -m experiments.train` command: pretrains, fine-tunes (SFT, DPO),
+"""The real `python -m experiments.train` command: pretrains, post-trains (SFT, DPO, GRPO),
 survives SIGTERM and SIGKILL, and refuses unknown config fields."""
 
 import json
@@ -73,10 +73,11 @@ def test_tiny_run_trains_evaluates_and_prints_a_sample(trained_run):
   assert os.listdir(workdir / 'tensorboard')
 
 
-def test_sft_then_dpo_commands_start_from_the_run_before(trained_run, tmp_path):
+def test_sft_then_dpo_and_grpo_commands_start_from_the_run_before(trained_run, tmp_path):
   workdir, _ = trained_run
   outputs = {}
-  for objective, start in (('sft', workdir), ('dpo', tmp_path / 'sft')):
+  for objective, start in (('sft', workdir), ('dpo', tmp_path / 'sft'),
+                           ('grpo', tmp_path / 'sft')):
     result = run([sys.executable, '-m', 'experiments.train',
                   f'--config=experiments/configs/{objective}.py:tiny',
                   f'--workdir={tmp_path / objective}', f'--config.train.init_from={start}'])
@@ -89,6 +90,7 @@ def test_sft_then_dpo_commands_start_from_the_run_before(trained_run, tmp_path):
     assert checkpoint_steps(tmp_path / objective) == [2, 4]
   assert 'eval_perplexity=' in outputs['sft']
   assert 'eval_reward_accuracy=' in outputs['dpo'] and 'reward_margin=' in outputs['dpo']
+  assert 'eval_reward=' in outputs['grpo'] and 'kl=' in outputs['grpo']
 
 
 def test_sample_command_completes_every_prompt(trained_run, tmp_path):

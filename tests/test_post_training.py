@@ -16,7 +16,7 @@ from lm.data import pipeline, sources
 from lm.errors import ConfigError
 from lm.training import checkpointing, losses, loop, optimizer as optimizer_lib, steps
 
-from conftest import init_model, jit_apply, make_tiny_config, small_model_config
+from conftest import init_model, jit_apply, post_training_config, small_model_config
 
 TOKENIZER = tokenizer_lib.ByteTokenizer()
 SFT_EXAMPLES = [[{'prompt': f'question {i}?', 'response': ' answer' * (i % 4 + 1)}]
@@ -195,23 +195,6 @@ def test_dpo_steps_on_one_batch_learn_its_preferences():
   np.testing.assert_allclose(first['loss'], np.log(2.0), rtol=1e-6)
   assert last['loss'] < 0.5 * first['loss'] and last['reward_accuracy'] == 1.0
   assert first['num_pairs'] == 3
-
-
-@pytest.fixture(scope='module')
-def pretrained(tmp_path_factory):
-  config = make_tiny_config(tmp_path_factory.mktemp('corpus'))
-  config.train.update(num_steps=2, warmup_steps=1, eval_every=2)
-  workdir = str(tmp_path_factory.mktemp('pretrained'))
-  _, state = loop.train(config, workdir, jax.devices()[:1])
-  return workdir, state.params
-
-
-def post_training_config(module, workdir, **train):
-  config = module.get_config('tiny')
-  config.data.update(validation_fraction=0.3)
-  config.model.dtype = 'float32'
-  config.train.update(init_from=workdir, sample_tokens=0, **train)
-  return config
 
 
 def test_sft_starts_from_the_init_from_params(pretrained, tmp_path):

@@ -52,8 +52,8 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict(dict(
       # Pretraining: 'stdlib' | 'text' (files/globs, one document each) | 'jsonl'.
-      # SFT and DPO: 'stdlib_functions' (built in) | 'jsonl' with fields prompt and
-      # response (SFT) or prompt, chosen and rejected (DPO).
+      # Post-training: 'stdlib_functions' (built in) | 'jsonl' with fields prompt and
+      # response (SFT), prompt, chosen and rejected (DPO) or prompt (GRPO).
       source='stdlib',
       path='',  # Comma-separated files or globs for 'text' and 'jsonl'.
       text_field='text',  # The JSON field holding the document, for pretraining on 'jsonl'.
@@ -66,10 +66,18 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   ))
 
   config.train = ml_collections.ConfigDict(dict(
-      objective='pretrain',  # 'pretrain' | 'sft' | 'dpo' (configs/sft.py, configs/dpo.py)
-      init_from='',  # A workdir whose params start this run (and are DPO's reference),
-      init_from_step=-1,  # from this checkpoint step of it; -1: its latest at the start.
+      # 'pretrain' | 'sft' | 'dpo' | 'grpo' (configs/sft.py, dpo.py, grpo.py)
+      objective='pretrain',
+      init_from='',  # A workdir whose params start this run (and are the reference of
+      init_from_step=-1,  # DPO and GRPO), from this step of it; -1: its latest at start.
       dpo_beta=0.1,  # DPO's beta: how far from the reference the policy may move.
+      grpo=ml_collections.ConfigDict(dict(
+          reward='python_function',  # By name, from lm/training/rewards.py.
+          group_size=8,  # Completions per prompt; data.batch_size counts prompts.
+          max_new_tokens=256,  # Per completion; the prompt gets the rest of data.seq_len.
+          temperature=0.7,  # Of the sampling policy, the one that is trained.
+          kl_weight=0.04,  # Of the per-token KL penalty to the reference.
+      )),
       num_steps=1500,
       learning_rate=2e-3,
       warmup_steps=100,

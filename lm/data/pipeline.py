@@ -7,7 +7,9 @@ new segment). SFT: each example becomes bos + prompt + response + eos, truncated
 are packed whole into rows (first fit). DPO: each example becomes two rows, bos +
 prompt + chosen + eos and the same with rejected, each truncated and padded to
 `seq_len`, so a batch is [batch, 2, seq_len]. An example with a response cut away
-entirely is skipped.
+entirely is skipped. GRPO: each example is its prompt, as text and as bos + prompt
+right-padded to `seq_len` (here the prompt's budget); longer prompts are skipped. The
+rollout (lm/training/rollouts.py) turns a batch of prompts into training rows.
 
 Rows carry `segment_ids` (1, 2, ... per document; 0 = padding) and `positions` (index
 within the document), which the model uses to keep documents apart. The training
@@ -74,6 +76,22 @@ class _TokenizePair(grain.transforms.Map):
     return rows
 
 
+class _TokenizePrompt(grain.transforms.Map):
+  def __init__(self, tokenizer, seq_len: int):
+    self.tokenizer, self.seq_len = tokenizer, seq_len
+
+  def map(self, example: dict) -> dict:
+    ids = [self.tokenizer.bos_id, *self.tokenizer.encode(example['prompt'])]
+    tokens = np.zeros(self.seq_len, np.int32)
+    tokens[:min(len(ids), self.seq_len)] = ids[:self.seq_len]
+    return {'prompt': example['prompt'], 'prompt_tokens': tokens,
+            'prompt_length': np.int32(len(ids))}
+
+
+def _prompt_fits(example: dict) -> bool:
+  return example['prompt_length'] <= len(example['prompt_tokens'])
+
+
 def _has_targets(example: dict) -> bool:
   """Every row has a response token (position 0 is bos, never one)."""
   return bool(np.atleast_2d(example['loss_mask']).any(axis=-1).all())
@@ -96,7 +114,8 @@ def make_dataset(documents, tokenizer, *, seq_len: int, batch_size: int, seed: i
                  train: bool, shuffle_window: int = 0,
                  objective: str = 'pretrain') -> grain.IterDataset:
   """Batches of {'tokens', 'segment_ids', 'positions'} and, after pretraining,
-  'loss_mask': int32 [batch_size, seq_len], for DPO [batch_size, 2, seq_len].
+  'loss_mask': int32 [batch_size, seq_len], for DPO [batch_size, 2, seq_len]; for GRPO,
+  prompts: 'prompt' texts, 'prompt_tokens' [batch_size, seq_len] and 'prompt_length'.
 
   `documents` come from `sources.build(..., objective)`. `batch_size` is this process's
   share of the global batch. `shuffle_window` packed rows (pretraining) or examples
@@ -115,9 +134,12 @@ def make_dataset(documents, tokenizer, *, seq_len: int, batch_size: int, seed: i
         dataset, length_struct={'tokens': seq_len})
   else:
     dataset = grain.experimental.FlatMapIterDataset(dataset.to_iter_dataset(), _Examples())
-    tokenize = _TokenizeSft if objective == 'sft' else _TokenizePair
-    # An example whose prompt fills seq_len has no target left: it is skipped.
-    dataset = dataset.map(tokenize(tokenizer, seq_len)).filter(_has_targets)
+    if objective == 'grpo':
+      dataset = dataset.map(_TokenizePrompt(tokenizer, seq_len)).filter(_prompt_fits)
+    else:
+      tokenize = _TokenizeSft if objective == 'sft' else _TokenizePair
+      # An example whose prompt fills seq_len has no target left: it is skipped.
+      dataset = dataset.map(tokenize(tokenizer, seq_len)).filter(_has_targets)
   if shuffle_window > 1:
     dataset = grain.experimental.WindowShuffleIterDataset(
         dataset, window_size=shuffle_window, seed=seed)
@@ -127,4 +149,4 @@ def make_dataset(documents, tokenizer, *, seq_len: int, batch_size: int, seed: i
         num_packing_bins=batch_size, seed=seed, shuffle_bins=train)
   # Validation keeps its last, partly padded batch out so every batch has one shape.
   dataset = dataset.batch(batch_size, drop_remainder=True)
-  return dataset.map(_to_batch) if objective != 'dpo' else dataset
+  return dataset.map(_to_batch) if objective in ('pretrain', 'sft') else dataset

@@ -1,8 +1,9 @@
 """Document sources: random-access lists, read lazily, for grain.
 
 For pretraining an item is a text. For post-training it is a list of examples, dicts
-of texts: {'prompt', 'response'} for SFT, {'prompt', 'chosen', 'rejected'} for DPO (a
-JSON line holds one; a stdlib file, all of its documented functions).
+of texts: {'prompt', 'response'} for SFT, {'prompt', 'chosen', 'rejected'} for DPO,
+{'prompt'} for GRPO (a JSON line holds one; a stdlib file, all of its documented
+functions).
 
 Every source also gives each item a group key; the train/validation split holds out
 whole groups (a file, or a stdlib top-level module) by a stable hash of the key, so
@@ -134,7 +135,8 @@ def stdlib_source() -> TextFiles:
 
 
 # The JSON fields a post-training example reads, by objective.
-EXAMPLE_FIELDS = {'sft': ('prompt', 'response'), 'dpo': ('prompt', 'chosen', 'rejected')}
+EXAMPLE_FIELDS = {'sft': ('prompt', 'response'), 'dpo': ('prompt', 'chosen', 'rejected'),
+                  'grpo': ('prompt',)}
 # config.data.source values by objective kind.
 PRETRAINING_SOURCES = ('stdlib', 'text', 'jsonl')
 POST_TRAINING_SOURCES = ('stdlib_functions', 'jsonl')
@@ -142,7 +144,7 @@ POST_TRAINING_SOURCES = ('stdlib_functions', 'jsonl')
 
 # grain reads items from several threads, and CPython 3.11's parser is not thread-safe
 # ("SystemError: AST constructor recursion depth mismatch"); it holds the GIL anyway.
-_AST_LOCK = threading.Lock()
+AST_LOCK = threading.Lock()
 
 
 def _dedent(lines: list[str], indent: int) -> str:
@@ -159,7 +161,7 @@ def function_examples(text: str, *, pairs: bool) -> list[dict[str, str]]:
   (not length); and no body is both chosen and rejected, as it would be if another
   function's body were the rejected one."""
   try:
-    with _AST_LOCK:
+    with AST_LOCK:
       tree = ast.parse(text)
   except (SyntaxError, ValueError):  # Not Python this interpreter reads: no examples.
     return []
@@ -194,7 +196,7 @@ def _one_example(record: dict[str, str]) -> list[dict[str, str]]:
 
 def build(data_config, objective: str = 'pretrain'):
   """From `config.data`: texts for pretraining ('stdlib', 'text' files/globs, 'jsonl'),
-  lists of examples for 'sft' and 'dpo' ('stdlib_functions', 'jsonl')."""
+  lists of examples for post-training ('stdlib_functions', 'jsonl')."""
   sources = PRETRAINING_SOURCES if objective == 'pretrain' else POST_TRAINING_SOURCES
   if data_config.source not in sources:
     raise ConfigError(f'config.data.source={data_config.source!r} is not one of {sources}'

@@ -1,7 +1,8 @@
 """The training loop: checks, shapes, shardings, init or restore, then step/log/eval/save.
 
-Plain Python, top to bottom. Pretraining, SFT and DPO (config.train.objective) all run
-here and differ only in their data and loss (lm/training/steps.py).
+Plain Python, top to bottom. Pretraining, SFT, DPO and GRPO (config.train.objective)
+all run here and differ only in their data and loss (lm/training/steps.py); GRPO's data
+are the policy's own completions of prompts (lm/training/rollouts.py).
 """
 
 import functools
@@ -20,7 +21,8 @@ from lm import models, sampling, sharding
 from lm import tokenizer as tokenizer_lib
 from lm.data import pipeline, sources
 from lm.errors import ConfigError
-from lm.training import checkpointing, logger as logger_lib, optimizer as optimizer_lib, steps
+from lm.training import (checkpointing, logger as logger_lib, optimizer as optimizer_lib,
+                         rollouts as rollouts_lib, steps)
 
 # Dense bf16 peak FLOP/s per device, for MFU. Unknown devices (CPU) show no MFU.
 PEAK_FLOPS = {
@@ -92,8 +94,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
   train_documents, validation_documents = sources.split(
       sources.build(config.data, objective_name), config.data.validation_fraction)
   local_batch_size = config.data.batch_size // jax.process_count()
+  # GRPO's pipeline gives prompts, which its completions then fill to seq_len.
+  data_seq_len = config.data.seq_len - (config.train.grpo.max_new_tokens
+                                        if objective_name == 'grpo' else 0)
   make_data = functools.partial(pipeline.make_dataset, tokenizer=tokenizer,
-                                seq_len=config.data.seq_len, batch_size=local_batch_size,
+                                seq_len=data_seq_len, batch_size=local_batch_size,
                                 seed=config.seed, shuffle_window=config.data.shuffle_window,
                                 objective=objective_name)
   train_iterator = iter(make_data(train_documents, train=True))
@@ -119,6 +124,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
   optimizer = optimizer_lib.make_optimizer(config.train)
   schedule = optimizer_lib.learning_rate_schedule(config.train)
   init_boxed = steps.train_state_initializer(model, optimizer, config.data.seq_len)
+  rollouts = (rollouts_lib.Rollouts(model, tokenizer, config.train.grpo, config.data.seq_len)
+              if objective_name == 'grpo' else None)
 
   with sharding.activate(mesh):
     abstract_boxed = jax.eval_shape(init_boxed, jax.random.key(config.seed))
@@ -153,7 +160,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
       start_step = 0
     else:
       state = checkpointer.restore(start_step, abstract_state, train_iterator)
-    # DPO's frozen reference: the params the run started from.
+    # DPO's and GRPO's frozen reference: the params the run started from.
     reference_params = initial_params() if objective.needs_reference else None
     reference_shardings = state_shardings.params if objective.needs_reference else None
 
@@ -172,10 +179,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
   flops_per_token = models.FLOPS_PER_TOKEN[config.model.name](config.model, config.data.seq_len)
   peak_flops = peak_flops_per_device()
-  # DPO's batch rows are pairs of sequences. MFU counts the trained model's forward and
-  # backward, not DPO's reference forward.
-  tokens_per_step = (config.data.batch_size * config.data.seq_len
-                     * (2 if objective_name == 'dpo' else 1))
+  # DPO's batch rows are pairs of sequences, GRPO's prompts with a group of completions
+  # each. MFU counts the trained model's forward and backward, not the reference's
+  # forward or GRPO's sampling.
+  rows_per_example = {'dpo': 2, 'grpo': config.train.grpo.group_size}.get(objective_name, 1)
+  tokens_per_step = config.data.batch_size * config.data.seq_len * rows_per_example
   log = logger_lib.MetricLogger(workdir, start_step, config.train.num_steps,
                                 enabled=jax.process_index() == 0)
   documents = 'documents' if objective_name == 'pretrain' else 'files or lines of examples'
@@ -189,14 +197,23 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
             f' {config.model.dtype}; {start}')
 
   def evaluate(params) -> dict[str, float]:
-    totals = {}
+    totals, rollout_totals, num_batches = {}, {}, 0
     with sharding.activate(mesh):
-      for batch in itertools.islice(validation_dataset, config.train.eval_steps):
+      for index, batch in enumerate(itertools.islice(validation_dataset,
+                                                     config.train.eval_steps)):
+        if rollouts:  # The same sampling keys at every evaluation.
+          batch, rollout_metrics = rollouts(
+              params, batch, rollouts_lib.rollout_key(config.seed, index, train=False))
+          rollout_totals = {name: rollout_totals.get(name, 0.0) + value
+                            for name, value in rollout_metrics.items()}
         sums = eval_step(params, _device_batch(batch, batch_sharding), reference_params)
         totals = {name: totals.get(name, 0.0) + float(value) for name, value in sums.items()}
+        num_batches += 1
     count = max(totals.pop('count'), 1.0)
     row = {f'eval_{name}': value / count for name, value in totals.items()}
-    if objective.count_name == 'num_tokens':
+    # Rollout metrics are means over a batch's rows, and every batch has as many.
+    row.update({f'eval_{name}': value / num_batches for name, value in rollout_totals.items()})
+    if objective.loss is steps.token_loss:
       row['eval_perplexity'] = math.exp(min(row['eval_loss'], 50.0))
     return row
 
@@ -205,14 +222,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
   last_log_time, last_log_step = time.perf_counter(), step
   with _StopRequest() as stop, sharding.activate(mesh):
     while step < config.train.num_steps:
-      batch = _device_batch(next(train_iterator), batch_sharding)
-      state, metrics = train_step(state, batch, reference_params)
+      batch, rollout_metrics = next(train_iterator), {}
+      if rollouts:
+        batch, rollout_metrics = rollouts(
+            state.params, batch, rollouts_lib.rollout_key(config.seed, step, train=True))
+      state, metrics = train_step(state, _device_batch(batch, batch_sharding),
+                                  reference_params)
       step += 1
       log.advance(step)
 
       row = {}
       if step % config.train.log_every == 0 or step == config.train.num_steps:
-        row = {name: float(value) for name, value in metrics.items()}
+        row = {name: float(value) for name, value in {**metrics, **rollout_metrics}.items()}
         if not math.isfinite(row['loss']) or not math.isfinite(row['grad_norm']):
           raise FloatingPointError(
               f'loss={row["loss"]} grad_norm={row["grad_norm"]} at step {step}; the last'

@@ -35,11 +35,15 @@ def cross_entropy(logits_btv, targets_bt, weights_bt):
   return loss_sum, z_loss_sum, jnp.sum(weights_bt)
 
 
+def token_log_probs(logits_btv, targets_bt):
+  """log p(target) at every position, float32 [B, T]."""
+  log_probs_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(log_probs_btv, targets_bt[..., None], axis=-1)[..., 0]
+
+
 def sequence_log_probs(logits_btv, targets_bt, weights_bt):
   """Each row's summed log-probability of its weighted targets, float32 [B]."""
-  log_probs_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
-  target_log_probs_bt = jnp.take_along_axis(log_probs_btv, targets_bt[..., None], axis=-1)[..., 0]
-  return jnp.sum(target_log_probs_bt * weights_bt, axis=-1)
+  return jnp.sum(token_log_probs(logits_btv, targets_bt) * weights_bt, axis=-1)
 
 
 def dpo(policy_chosen_b, policy_rejected_b, reference_chosen_b, reference_rejected_b,
@@ -62,3 +66,22 @@ def dpo(policy_chosen_b, policy_rejected_b, reference_chosen_b, reference_reject
       'rejected_reward': rejected_b,
   }
   return {name: jnp.sum(value) for name, value in sums.items()}
+
+
+def grpo(log_probs_bt, reference_log_probs_bt, advantages_bt, weights_bt, kl_weight: float):
+  """GRPO's objective (Shao et al. 2024, eq. 3) for one update per rollout, on the
+  log-probs of sampled completion tokens. Summed over tokens, for a mean over all of a
+  batch's completion tokens rather than per completion (as DAPO, Yu et al. 2025), so a
+  long completion's tokens weigh as much as a short one's.
+
+  The policy-gradient term is -advantage * ratio, where ratio = pi / pi_old and pi_old is
+  the policy that sampled: here pi itself, so the ratio is 1 (and PPO's clip never acts)
+  but its gradient is that of log pi. The KL penalty to the reference is the unbiased,
+  non-negative estimator exp(r) - r - 1 with r = log(pi_ref / pi) (Schulman 2020).
+  Returns sums over the weighted tokens: loss and kl.
+  """
+  ratio_bt = jnp.exp(log_probs_bt - jax.lax.stop_gradient(log_probs_bt))
+  log_ratio_bt = reference_log_probs_bt - log_probs_bt
+  kl_bt = jnp.expm1(log_ratio_bt) - log_ratio_bt  # exp(r) - 1 - r, accurate near r = 0.
+  loss_bt = -advantages_bt * ratio_bt + kl_weight * kl_bt
+  return {'loss': jnp.sum(loss_bt * weights_bt), 'kl': jnp.sum(kl_bt * weights_bt)}

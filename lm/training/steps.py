@@ -1,6 +1,6 @@
 """Pure train and eval steps. jit and sharding are applied around them by the loop.
 
-Pretraining, SFT and DPO share the step and differ in their loss function (and data):
+Pretraining, SFT, DPO and GRPO share the step and differ in their loss function (and data):
 a loss returns sums over the batch and what they are averaged over (tokens or pairs),
 so gradient accumulation and data parallelism divide once by the true count.
 """
@@ -64,6 +64,26 @@ def dpo_loss(params, batch, reference_params, *, model, train_config):
   return sums['loss'], sums, jnp.asarray(policy_b2.shape[0], jnp.float32)
 
 
+def grpo_loss(params, batch, reference_params, *, model, train_config):
+  """GRPO on rollout rows (lm/training/rollouts.py): [B, T] arrays of prompt + sampled
+  completion, `loss_mask` on the completion, `advantages` on every token. The policy is
+  the model at the sampling temperature, the one the completions were drawn from.
+  Returns (loss sum, metric sums, number of completion tokens)."""
+  grpo_config = train_config.grpo
+  targets_bt, weights_bt = losses.next_token_targets(batch)
+
+  def log_probs_bt(params):
+    logits_btv = model.apply({'params': params}, batch['tokens'], batch['segment_ids'],
+                             batch['positions'])
+    return losses.token_log_probs(logits_btv.astype(jnp.float32) / grpo_config.temperature,
+                                  targets_bt)
+
+  reference_bt = jax.lax.stop_gradient(log_probs_bt(reference_params))
+  sums = losses.grpo(log_probs_bt(params), reference_bt, batch['advantages'], weights_bt,
+                     grpo_config.kl_weight)
+  return sums['loss'], sums, jnp.sum(weights_bt)
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective:
   loss: Callable  # (params, batch, reference_params, *, model, train_config) -> sums
@@ -75,6 +95,7 @@ OBJECTIVES = {
     'pretrain': Objective(token_loss, 'num_tokens', needs_reference=False),
     'sft': Objective(token_loss, 'num_tokens', needs_reference=False),
     'dpo': Objective(dpo_loss, 'num_pairs', needs_reference=True),
+    'grpo': Objective(grpo_loss, 'num_tokens', needs_reference=True),
 }
 
 
@@ -82,7 +103,7 @@ def train_step(state: TrainState, batch, reference_params=None, *, model, optimi
                train_config):
   """One optimizer update on `batch` (arrays with the batch axis first), accumulating
   gradients over `grad_accumulation_steps` micro-batches. `reference_params` are the
-  frozen params DPO compares with (None otherwise). Returns (state, metrics)."""
+  frozen params DPO and GRPO compare with (None otherwise). Returns (state, metrics)."""
   objective = OBJECTIVES[train_config.objective]
 
   def loss(params, microbatch):

@@ -1,0 +1,44 @@
+"""Rewards for GRPO, by name (config.train.grpo.reward).
+
+A reward is `(prompt, completion, finished) -> float`: the prompt's text, the sampled
+completion's text (without its eos) and whether it ended with eos within the token budget.
+"""
+
+import ast
+
+from lm.data import sources
+
+# Parameters a method need not read.
+_IMPLICIT_PARAMETERS = ('self', 'cls')
+
+
+def python_function(prompt: str, completion: str, finished: bool) -> float:
+  """For prompts that open a Python function (its `def` line and docstring, as the
+  'stdlib_functions' source gives): 0 unless the completion ended and prompt + completion
+  parse as that one function with a statement after its docstring; then 1 if the body
+  reads every parameter (self and cls aside), else 0.5. A checkable proxy for a body that
+  implements the docstring; the KL penalty keeps the policy near the SFT model, which
+  writes bodies like the library's."""
+  if not finished:
+    return 0.0
+  try:
+    with sources.AST_LOCK:
+      module = ast.parse(prompt + completion)
+  except (SyntaxError, ValueError, RecursionError, MemoryError):
+    return 0.0
+  if len(module.body) != 1 or not isinstance(module.body[0],
+                                             (ast.FunctionDef, ast.AsyncFunctionDef)):
+    return 0.0
+  function = module.body[0]
+  if len(function.body) < 2:  # The docstring alone.
+    return 0.0
+  arguments = function.args
+  parameters = {argument.arg for argument in (
+      *arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs, arguments.vararg,
+      arguments.kwarg) if argument is not None} - set(_IMPLICIT_PARAMETERS)
+  read = {node.id for statement in function.body[1:] for node in ast.walk(statement)
+          if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
+  return 1.0 if parameters <= read else 0.5
+
+
+REWARDS = {'python_function': python_function}

@@ -1,0 +1,244 @@
+"""GRPO: its loss against direct computations, rewards, rollout rows, and runs that learn
+and resume."""
+
+import functools
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from experiments.configs import grpo as grpo_config_module
+from lm import tokenizer as tokenizer_lib
+from lm.data import pipeline
+from lm.errors import ConfigError
+from lm.training import losses, loop, optimizer as optimizer_lib, rewards, rollouts, steps
+
+from conftest import init_model, post_training_config, small_model_config
+
+TOKENIZER = tokenizer_lib.ByteTokenizer()
+PROMPTS = [[{'prompt': f'question {i}?'}] for i in range(12)]
+
+
+def grpo_config(**overrides):
+  config = ml_collections.ConfigDict(dict(reward='python_function', group_size=4,
+                                          max_new_tokens=24, temperature=0.8, kl_weight=0.1))
+  config.update(overrides)
+  return config
+
+
+def prompt_batch(batch_size=2, seq_len=24):
+  return next(iter(pipeline.make_dataset(PROMPTS, TOKENIZER, seq_len=seq_len,
+                                         batch_size=batch_size, seed=0, train=False,
+                                         objective='grpo')))
+
+
+def test_grpo_loss_and_its_gradient_match_the_per_token_formulas():
+  keys = jax.random.split(jax.random.key(0), 4)
+  log_probs = -jax.random.uniform(keys[0], (3, 7), minval=0.1, maxval=3.0)
+  reference = log_probs + 0.3 * jax.random.normal(keys[1], (3, 7))
+  advantages = jnp.repeat(jax.random.normal(keys[2], (3, 1)), 7, axis=1)
+  weights = (jax.random.uniform(keys[3], (3, 7)) < 0.7).astype(jnp.float32)
+  beta = 0.2
+  sums = losses.grpo(log_probs, reference, advantages, weights, beta)
+  lp, ref, adv, w = map(lambda x: np.asarray(x, np.float64),
+                        (log_probs, reference, advantages, weights))
+  kl = np.exp(ref - lp) - (ref - lp) - 1
+  np.testing.assert_allclose(sums['kl'], np.sum(w * kl), rtol=1e-5)
+  np.testing.assert_allclose(sums['loss'], np.sum(w * (-adv + beta * kl)), rtol=1e-5)
+  assert np.all(kl >= 0)
+  grad = jax.grad(lambda x: losses.grpo(x, reference, advantages, weights, beta)['loss'])(
+      log_probs)
+  np.testing.assert_allclose(grad, w * (-adv + beta * (1 - np.exp(ref - lp))), rtol=1e-5,
+                             atol=1e-7)
+
+
+def test_group_advantages_compare_each_reward_with_its_own_group():
+  advantages = rollouts.group_advantages(np.array([1, 0, 0, 1, 2, 2, 2, 2, 0, 0, 0, 3]), 4)
+  np.testing.assert_allclose(advantages[:8], [1, -1, -1, 1, 0, 0, 0, 0], atol=1e-5)
+  np.testing.assert_allclose(advantages[8:], np.array([-1, -1, -1, 3]) / np.sqrt(3),
+                             rtol=1e-5)
+
+
+@pytest.mark.parametrize('completion, finished, want', [
+    ('    return a + b\n', True, 1.0),
+    ('    return a\n', True, 0.5),  # b is never read.
+    ('    b = a\n    return a\n', True, 0.5),  # b is written, not read.
+    ('    return a + b\n', False, 0.0),  # Cut off by the token budget.
+    ('    return a +\n', True, 0.0),
+    ('', True, 0.0),  # The docstring alone.
+    ('    return a + b\nx = 1\n', True, 0.0),  # Code after the function.
+])
+def test_python_function_reward(completion, finished, want):
+  prompt = 'def add(self, a, *, b):\n    """Sum."""\n'
+  assert rewards.python_function(prompt, completion, finished) == want
+
+
+def test_grpo_prompts_are_texts_and_padded_tokens_and_long_ones_are_skipped():
+  examples = [[{'prompt': 'x' * 30}], [{'prompt': 'short'}], [{'prompt': 'also short'}]]
+  [batch] = list(pipeline.make_dataset(examples, TOKENIZER, seq_len=16, batch_size=2,
+                                       seed=0, train=False, objective='grpo'))
+  assert list(batch['prompt']) == ['short', 'also short']
+  np.testing.assert_array_equal(batch['prompt_length'], [6, 11])
+  for tokens, length, text in zip(batch['prompt_tokens'], batch['prompt_length'],
+                                  batch['prompt']):
+    assert tokens[0] == TOKENIZER.bos_id and (tokens[length:] == 0).all()
+    assert TOKENIZER.decode(tokens[1:length]) == text
+
+
+def test_rollout_rows_are_prompt_then_completion_with_group_advantages(monkeypatch):
+  model, params = init_model(small_model_config(vocab_size=TOKENIZER.vocab_size), length=8)
+  seen = []
+
+  def reward(prompt, completion, finished):  # Records its calls; rewards length.
+    seen.append((prompt, completion, finished))
+    return float(len(completion))
+
+  monkeypatch.setitem(rewards.REWARDS, 'recorded', reward)
+  make = rollouts.Rollouts(model, TOKENIZER, grpo_config(reward='recorded', max_new_tokens=40),
+                           seq_len=64)
+  prompts = prompt_batch(batch_size=4)
+  batch, metrics = make(params, prompts, jax.random.key(3))
+  assert batch['tokens'].shape == batch['advantages'].shape == (16, 64)
+  finished = np.array([f for _, _, f in seen])
+  assert 0 < finished.sum() < 16  # Both kinds of row are checked below.
+  for row, (prompt, completion, was_finished) in enumerate(seen):
+    assert prompt == prompts['prompt'][row // 4]
+    length = int(batch['segment_ids'][row].sum())
+    tokens, loss_mask = batch['tokens'][row, :length], batch['loss_mask'][row, :length]
+    assert tokens[0] == TOKENIZER.bos_id and TOKENIZER.decode(tokens[1:][loss_mask[1:] == 0]) == prompt
+    generated = tokens[loss_mask == 1]
+    assert was_finished == (generated[-1] == TOKENIZER.eos_id)
+    assert was_finished or len(generated) == 40  # Only the token budget cuts one short.
+    assert TOKENIZER.decode(generated[:-1] if was_finished else generated) == completion
+    assert (batch['tokens'][row, length:] == 0).all() and (batch['loss_mask'][row, length:] == 0).all()
+    np.testing.assert_array_equal(batch['positions'][row, :length], np.arange(length))
+  want = rollouts.group_advantages(np.array([len(c) for _, c, _ in seen]), 4)
+  np.testing.assert_allclose(batch['advantages'], np.repeat(want[:, None], 64, axis=1))
+  assert metrics['finished'] == finished.mean()
+
+
+def train_config(**grpo):
+  return ml_collections.ConfigDict(dict(
+      objective='grpo', grpo=grpo_config(**grpo), learning_rate=1e-2, warmup_steps=0,
+      num_steps=100, final_learning_rate_ratio=1.0, weight_decay=0.0, beta1=0.9, beta2=0.95,
+      epsilon=1e-8, grad_clip_norm=1.0, grad_accumulation_steps=1))
+
+
+def test_grpo_loss_at_the_reference_is_the_advantage_weighted_log_likelihood_gradient():
+  model, params = init_model(small_model_config(vocab_size=TOKENIZER.vocab_size), length=8)
+  batch, _ = rollouts.Rollouts(model, TOKENIZER, grpo_config(reward='python_function'),
+                               seq_len=48)(params, prompt_batch(), jax.random.key(0))
+  # Rewards are all 0 here: give the rows advantages of their own.
+  batch['advantages'] = np.repeat(np.linspace(-1.5, 1.5, 8, dtype=np.float32)[:, None], 48, 1)
+  batch = jax.tree.map(jnp.asarray, batch)
+  config = train_config(temperature=0.8)
+  loss = jax.jit(functools.partial(steps.grpo_loss, model=model, train_config=config))
+  _, sums, count = loss(params, batch, params)
+  assert sums['kl'] == 0 and count == batch['loss_mask'].sum()
+
+  def weighted_log_likelihood(params):  # Token by token, at the sampling temperature.
+    logits = model.apply({'params': params}, batch['tokens'], batch['segment_ids'],
+                         batch['positions'])
+    log_probs = jax.nn.log_softmax(logits / 0.8)[:, :-1]  # Position t - 1 predicts t.
+    chosen = jnp.take_along_axis(log_probs, batch['tokens'][:, 1:, None], axis=-1)[..., 0]
+    return jnp.sum(batch['advantages'][:, :1] * batch['loss_mask'][:, 1:] * chosen)
+  grads = jax.jit(jax.grad(lambda p: loss(p, batch, params)[0]))(params)
+  want = jax.tree.map(jnp.negative, jax.jit(jax.grad(weighted_log_likelihood))(params))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, want)
+
+
+def letters(prompt, completion, finished):
+  """A reward a random model can learn fast: the share of ten letters among 12 bytes."""
+  return sum(c in 'abcdefghij' for c in completion) / 12
+
+
+def test_grpo_steps_raise_the_reward(monkeypatch):
+  monkeypatch.setitem(rewards.REWARDS, 'letters', letters)
+  model, params = init_model(small_model_config(vocab_size=TOKENIZER.vocab_size), length=8)
+  config = train_config(reward='letters', group_size=8, max_new_tokens=12, temperature=1.0,
+                        kl_weight=0.0)
+  make = rollouts.Rollouts(model, TOKENIZER, config.grpo, seq_len=32)
+  optimizer = optimizer_lib.make_optimizer(config)
+  state = steps.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+  step = jax.jit(functools.partial(steps.train_step, model=model, optimizer=optimizer,
+                                   train_config=config))
+  reference = jax.tree.map(jnp.copy, params)
+  prompts = prompt_batch(batch_size=4, seq_len=20)
+  history = []
+  for index in range(20):
+    batch, metrics = make(state.params, prompts, jax.random.key(index))
+    state, _ = step(state, jax.tree.map(jnp.asarray, batch), reference)
+    history.append(metrics['reward'])
+  # Ten letters of the 259 byte ids at the start; mostly letters after.
+  assert np.mean(history[:3]) < 0.1 and np.mean(history[-3:]) > 0.6
+
+
+@pytest.fixture(scope='module')
+def letters_reward():
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setitem(rewards.REWARDS, 'letters', letters)
+    yield
+
+
+def letters_run_config(workdir, mesh):
+  config = post_training_config(grpo_config_module, workdir, num_steps=4, log_every=1,
+                                learning_rate=1e-3)
+  config.train.grpo.reward = 'letters'
+  config.data.batch_size = 4
+  config.mesh.update(mesh)
+  return config
+
+
+@pytest.fixture(scope='module')
+def one_device_run(letters_reward, pretrained, tmp_path_factory):
+  """Four GRPO steps on one device: (workdir, history, state)."""
+  workdir = tmp_path_factory.mktemp('grpo') / 'run'
+  config = letters_run_config(pretrained[0], dict(data=1, fsdp=1, tensor=1))
+  return (workdir, *loop.train(config, str(workdir), jax.devices()[:1]))
+
+
+COMPARED = ('step', 'loss', 'kl', 'reward', 'finished', 'eval_reward', 'eval_loss')
+
+
+def test_an_interrupted_grpo_run_resumes_exactly(one_device_run, pretrained, tmp_path):
+  workdir, history, state = one_device_run
+  # As if stopped after step 2's checkpoint: a resumed run samples and steps the same.
+  shutil.copytree(workdir, tmp_path / 'run')
+  shutil.rmtree(tmp_path / 'run' / 'checkpoints' / '4')
+  config = letters_run_config(pretrained[0], dict(data=1, fsdp=1, tensor=1))
+  resumed_history, resumed_state = loop.train(config, str(tmp_path / 'run'), jax.devices()[:1])
+  jax.tree.map(np.testing.assert_array_equal, resumed_state.params, state.params)
+  rows = [{name: row.get(name) for name in COMPARED} for row in history]
+  assert [{name: row.get(name) for name in COMPARED} for row in resumed_history] == rows[2:]
+  assert 0 < rows[0]['reward'] and rows[0]['loss'] != rows[3]['loss']
+
+
+def test_grpo_on_a_data_and_fsdp_mesh_matches_one_device(one_device_run, pretrained,
+                                                         tmp_path):
+  _, history, state = one_device_run
+  config = letters_run_config(pretrained[0], dict(data=2, fsdp=2, tensor=1))
+  mesh_history, mesh_state = loop.train(config, str(tmp_path), jax.devices()[:4])
+  # The same completions (the rewards are equal), then the same steps up to float sums.
+  for got, want in zip(mesh_history, history, strict=True):
+    assert got['reward'] == want['reward'] and got['finished'] == want['finished']
+    np.testing.assert_allclose(got['loss'], want['loss'], rtol=1e-5, atol=1e-7)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               mesh_state.params, state.params)
+  kernel = mesh_state.params['layer_0']['mlp']['wi_gate']['kernel']  # [embed 64, mlp 128]
+  assert kernel.addressable_shards[0].data.shape == (32, 128)
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('reward', 'unknown', r"config.train.grpo.reward='unknown' is not one of"),
+    ('group_size', 1, r'config.train.grpo.group_size=1 must be at least 2'),
+    ('max_new_tokens', 256, r'config.train.grpo.max_new_tokens=256 must be in \[1, config'
+                            r'.data.seq_len=256\)'),
+])
+def test_bad_grpo_settings_are_refused_by_name(field, value, message, pretrained, tmp_path):
+  config = post_training_config(grpo_config_module, pretrained[0])
+  config.train.grpo[field] = value
+  with pytest.raises(ConfigError, match=message):
+    loop.train(config, str(tmp_path), jax.devices()[:1])
