@@ -43,3 +43,6 @@ def test_notebook_runs_top_to_bottom_with_small_settings(path, tmp_path):
     assert 'step 20' in result.stdout, result.stdout[-2000:]
     for name in builtin.BUILTIN_TASKS:
       assert name in result.stdout
+  if os.path.basename(path) == 'post_training.ipynb':  # Every stage ran to its end.
+    for stage, step in (('pretrain', 20), ('sft', 4), ('dpo', 4), ('grpo', 4)):
+      assert f'--- {stage}, step {step}' in result.stdout, result.stdout[-2000:]

@@ -12,6 +12,20 @@ from lm.data import sources
 _IMPLICIT_PARAMETERS = ('self', 'cls')
 
 
+def parse_function(prompt: str, completion: str):
+  """The ast.FunctionDef (or AsyncFunctionDef) that prompt + completion is, or None if
+  they do not parse as exactly one function."""
+  try:
+    with sources.AST_LOCK:  # grain's threads may be parsing the stdlib meanwhile.
+      module = ast.parse(prompt + completion)
+  except (SyntaxError, ValueError, RecursionError, MemoryError):
+    return None
+  if len(module.body) != 1 or not isinstance(module.body[0],
+                                             (ast.FunctionDef, ast.AsyncFunctionDef)):
+    return None
+  return module.body[0]
+
+
 def python_function(prompt: str, completion: str, finished: bool) -> float:
   """For prompts that open a Python function (its `def` line and docstring, as the
   'stdlib_functions' source gives): 0 unless the completion ended and prompt + completion
@@ -19,18 +33,8 @@ def python_function(prompt: str, completion: str, finished: bool) -> float:
   reads every parameter (self and cls aside), else 0.5. A checkable proxy for a body that
   implements the docstring; the KL penalty keeps the policy near the SFT model, which
   writes bodies like the library's."""
-  if not finished:
-    return 0.0
-  try:
-    with sources.AST_LOCK:
-      module = ast.parse(prompt + completion)
-  except (SyntaxError, ValueError, RecursionError, MemoryError):
-    return 0.0
-  if len(module.body) != 1 or not isinstance(module.body[0],
-                                             (ast.FunctionDef, ast.AsyncFunctionDef)):
-    return 0.0
-  function = module.body[0]
-  if len(function.body) < 2:  # The docstring alone.
+  function = parse_function(prompt, completion) if finished else None
+  if function is None or len(function.body) < 2:  # Not a function, or the docstring alone.
     return 0.0
   arguments = function.args
   parameters = {argument.arg for argument in (
