@@ -61,6 +61,8 @@ def validate(config, num_devices: int, tokenizer_vocab_size: int) -> None:
   _check(train.objective in steps.OBJECTIVES,
          f'config.train.objective={train.objective!r} is not one of {sorted(steps.OBJECTIVES)}')
   _check(train.dpo_beta > 0, f'config.train.dpo_beta={train.dpo_beta} must be positive')
+  _check(train.dpo_nll_weight >= 0,
+         f'config.train.dpo_nll_weight={train.dpo_nll_weight} must be >= 0')
   if train.objective == 'grpo':
     _validate_grpo(train.grpo, data.seq_len)
   _check(train.num_steps > 0, f'config.train.num_steps={train.num_steps} must be positive')

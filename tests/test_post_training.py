@@ -123,34 +123,40 @@ def direct_log_prob(apply, params, tokens, loss_mask):
   return sum(log_probs[t - 1, tokens[t]] for t in range(1, len(tokens)) if loss_mask[t])
 
 
-def dpo_setup():
+def dpo_setup(nll_weight=0.0):
   model, params = init_model(small_model_config(vocab_size=TOKENIZER.vocab_size), length=32)
   batch = jax.tree.map(jnp.asarray, next(iter(batches(DPO_EXAMPLES, 'dpo', batch_size=3))))
-  train_config = ml_collections.ConfigDict(dict(objective='dpo', dpo_beta=0.5))
+  train_config = ml_collections.ConfigDict(dict(objective='dpo', dpo_beta=0.5,
+                                                dpo_nll_weight=nll_weight))
   loss = functools.partial(steps.dpo_loss, model=model, train_config=train_config)
   return jit_apply(model), params, batch, loss
 
 
-def test_dpo_loss_matches_a_direct_computation():
-  apply, reference, batch, loss = dpo_setup()
+@pytest.mark.parametrize('nll_weight', [0.0, 0.3])
+def test_dpo_loss_matches_a_direct_computation(nll_weight):
+  apply, reference, batch, loss = dpo_setup(nll_weight)
   # A policy away from the reference: the reference's params, perturbed.
   leaves, tree = jax.tree.flatten(reference)
   keys = jax.random.split(jax.random.key(1), len(leaves))
   policy = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape)
                                      for x, k in zip(leaves, keys)])
   total, sums, count = loss(policy, batch, reference)
-  want = []
+  want, chosen_nll = [], []
   for index in range(3):
     rewards = []
     for row in range(2):
       tokens, mask = batch['tokens'][index, row], batch['loss_mask'][index, row]
-      rewards.append(0.5 * (direct_log_prob(apply, policy, tokens, mask)
-                            - direct_log_prob(apply, reference, tokens, mask)))
+      policy_log_prob = direct_log_prob(apply, policy, tokens, mask)
+      rewards.append(0.5 * (policy_log_prob - direct_log_prob(apply, reference, tokens, mask)))
+      if row == 0:  # Per chosen token: the response and its eos.
+        chosen_nll.append(-policy_log_prob / int(mask.sum()))
     want.append(rewards)
-  want = np.array(want, np.float64)
+  want, chosen_nll = np.array(want, np.float64), np.array(chosen_nll, np.float64)
   margins = want[:, 0] - want[:, 1]
   assert count == 3
-  np.testing.assert_allclose(total, np.sum(np.log1p(np.exp(-margins))), rtol=1e-5)
+  np.testing.assert_allclose(
+      total, np.sum(np.log1p(np.exp(-margins))) + nll_weight * chosen_nll.sum(), rtol=1e-5)
+  np.testing.assert_allclose(sums['chosen_nll'], chosen_nll.sum(), rtol=1e-5)
   np.testing.assert_allclose(sums['reward_margin'], margins.sum(), rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(sums['chosen_reward'], want[:, 0].sum(), rtol=1e-4, atol=1e-6)
   assert sums['reward_accuracy'] == np.sum(margins > 0)
@@ -179,7 +185,7 @@ def test_dpo_steps_on_one_batch_learn_its_preferences():
   _, params, batch, _ = dpo_setup()
   model = models.build(small_model_config(vocab_size=TOKENIZER.vocab_size))
   train_config = ml_collections.ConfigDict(dict(
-      objective='dpo', dpo_beta=0.5, learning_rate=3e-3, warmup_steps=0, num_steps=20,
+      objective='dpo', dpo_beta=0.5, dpo_nll_weight=0.0, learning_rate=3e-3, warmup_steps=0, num_steps=20,
       final_learning_rate_ratio=1.0, weight_decay=0.0, beta1=0.9, beta2=0.95, epsilon=1e-8,
       grad_clip_norm=1.0, grad_accumulation_steps=1))
   optimizer = optimizer_lib.make_optimizer(train_config)

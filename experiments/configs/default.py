@@ -71,6 +71,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
       init_from='',  # A workdir whose params start this run (and are the reference of
       init_from_step=-1,  # DPO and GRPO), from this step of it; -1: its latest at start.
       dpo_beta=0.1,  # DPO's beta: how far from the reference the policy may move.
+      dpo_nll_weight=0.0,  # > 0: plus this x the chosen responses' per-token NLL (RPO).
       grpo=ml_collections.ConfigDict(dict(
           reward='python_function',  # By name, from lm/training/rewards.py.
           group_size=8,  # Completions per prompt; data.batch_size counts prompts.

@@ -9,7 +9,7 @@ _CONSOLE_FORMATS = {
     'loss': '{:.4f}', 'eval_loss': '{:.4f}', 'eval_perplexity': '{:.2f}',
     'learning_rate': '{:.2e}', 'tokens_per_second': '{:,.0f}', 'mfu': '{:.1%}',
     'reward_accuracy': '{:.1%}', 'eval_reward_accuracy': '{:.1%}',
-    'reward_margin': '{:.3f}', 'eval_reward_margin': '{:.3f}',
+    'reward_margin': '{:.3f}', 'eval_reward_margin': '{:.3f}', 'eval_chosen_nll': '{:.3f}',
     'reward': '{:.3f}', 'eval_reward': '{:.3f}', 'kl': '{:.4f}', 'eval_kl': '{:.4f}',
     'finished': '{:.0%}', 'eval_finished': '{:.0%}', 'eval_completion_length': '{:.0f}',
 }

@@ -47,23 +47,27 @@ def sequence_log_probs(logits_btv, targets_bt, weights_bt):
 
 
 def dpo(policy_chosen_b, policy_rejected_b, reference_chosen_b, reference_rejected_b,
-        beta: float):
+        chosen_lengths_b, *, beta: float, nll_weight: float = 0.0):
   """Direct Preference Optimization (Rafailov et al. 2023, eq. 7) on sequence log-probs.
 
   The implicit reward of a response is beta * log(pi / pi_ref); the loss is
-  -log sigmoid(reward_chosen - reward_rejected). Returns sums over the pairs: loss,
-  reward accuracy and margin, each side's reward. (The data pipeline has already dropped
-  pairs with a response truncated away.)
+  -log sigmoid(reward_chosen - reward_rejected), plus `nll_weight` times the chosen
+  response's negative log-likelihood per token (RPO, Pang et al. 2024, eq. 1), which
+  keeps DPO from lowering the chosen responses along with the rejected ones. Returns
+  sums over the pairs: loss, reward accuracy and margin, each side's reward, the chosen
+  NLL. (The data pipeline has already dropped pairs with a response truncated away.)
   """
   chosen_b = beta * (policy_chosen_b - reference_chosen_b)
   rejected_b = beta * (policy_rejected_b - reference_rejected_b)
   margin_b = chosen_b - rejected_b
+  chosen_nll_b = -policy_chosen_b / chosen_lengths_b
   sums = {
-      'loss': -jax.nn.log_sigmoid(margin_b),
+      'loss': -jax.nn.log_sigmoid(margin_b) + nll_weight * chosen_nll_b,
       'reward_accuracy': (margin_b > 0).astype(jnp.float32),
       'reward_margin': margin_b,
       'chosen_reward': chosen_b,
       'rejected_reward': rejected_b,
+      'chosen_nll': chosen_nll_b,
   }
   return {name: jnp.sum(value) for name, value in sums.items()}
 

@@ -59,8 +59,10 @@ def dpo_loss(params, batch, reference_params, *, model, train_config):
 
   policy_b2 = log_probs_b2(params)
   reference_b2 = jax.lax.stop_gradient(log_probs_b2(reference_params))
+  chosen_lengths_b = jnp.sum(weights_bt, axis=-1).reshape(-1, 2)[:, 0]
   sums = losses.dpo(policy_b2[:, 0], policy_b2[:, 1], reference_b2[:, 0], reference_b2[:, 1],
-                    train_config.dpo_beta)
+                    chosen_lengths_b, beta=train_config.dpo_beta,
+                    nll_weight=train_config.dpo_nll_weight)
   return sums['loss'], sums, jnp.asarray(policy_b2.shape[0], jnp.float32)
 
 
