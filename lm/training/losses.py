@@ -52,7 +52,7 @@ def dpo(policy_chosen_b, policy_rejected_b, reference_chosen_b, reference_reject
 
   The implicit reward of a response is beta * log(pi / pi_ref); the loss is
   -log sigmoid(reward_chosen - reward_rejected), plus `nll_weight` times the chosen
-  response's negative log-likelihood per token (RPO, Pang et al. 2024, eq. 1), which
+  response's negative log-likelihood per token (RPO, Pang et al. 2024), which
   keeps DPO from lowering the chosen responses along with the rejected ones. Returns
   sums over the pairs: loss, reward accuracy and margin, each side's reward, the chosen
   NLL. (The data pipeline has already dropped pairs with a response truncated away.)
