@@ -2,6 +2,7 @@
 and resume."""
 
 import functools
+import json
 import shutil
 
 import jax
@@ -12,14 +13,14 @@ import pytest
 
 from experiments.configs import grpo as grpo_config_module
 from lm import tokenizer as tokenizer_lib
-from lm.data import pipeline
+from lm.data import pipeline, sources
 from lm.errors import ConfigError
 from lm.training import losses, loop, optimizer as optimizer_lib, rewards, rollouts, steps
 
 from conftest import init_model, post_training_config, small_model_config
 
 TOKENIZER = tokenizer_lib.ByteTokenizer()
-PROMPTS = [[{'prompt': f'question {i}?'}] for i in range(12)]
+PROMPTS = [[{'prompt': f'question {i}?', 'answer': str(i)}] for i in range(12)]
 
 
 def grpo_config(**overrides):
@@ -72,28 +73,48 @@ def test_group_advantages_compare_each_reward_with_its_own_group():
     ('    return a + b\nx = 1\n', True, 0.0),  # Code after the function.
 ])
 def test_python_function_reward(completion, finished, want):
-  prompt = 'def add(self, a, *, b):\n    """Sum."""\n'
-  assert rewards.python_function(prompt, completion, finished) == want
+  example = {'prompt': 'def add(self, a, *, b):\n    """Sum."""\n'}
+  assert rewards.python_function(example, completion, finished) == want
 
 
-def test_grpo_prompts_are_texts_and_padded_tokens_and_long_ones_are_skipped():
-  examples = [[{'prompt': 'x' * 30}], [{'prompt': 'short'}], [{'prompt': 'also short'}]]
+def test_exact_match_reward_compares_with_the_answer_field():
+  example = {'prompt': '2 + 3 =', 'answer': '5'}
+  assert rewards.exact_match(example, ' 5\n', True) == 1.0
+  assert rewards.exact_match(example, ' 5', False) == 0.0  # Cut off: not an answer.
+  assert rewards.exact_match(example, '55', True) == 0.0
+  with pytest.raises(ConfigError, match=r"needs an 'answer' field.*\['prompt'\]"):
+    rewards.exact_match({'prompt': '2 + 3 ='}, '5', True)
+
+
+def test_grpo_jsonl_examples_keep_every_field_for_the_reward(tmp_path):
+  path = tmp_path / 'prompts.jsonl'
+  path.write_text('{"prompt": "2 + 3 =", "answer": 5}\n{"answer": "1"}\n')
+  source = sources.build(ml_collections.ConfigDict(dict(source='jsonl', path=str(path))),
+                         'grpo')
+  assert source[0] == [{'prompt': '2 + 3 =', 'answer': '5'}]
+  with pytest.raises(ConfigError, match=r"prompts.jsonl:2 has no field 'prompt'"):
+    source[1]
+
+
+def test_grpo_prompts_are_examples_and_padded_tokens_and_long_ones_are_skipped():
+  examples = [[{'prompt': 'x' * 30}], [{'prompt': 'short', 'answer': 'a'}],
+              [{'prompt': 'also short', 'answer': 'b'}]]
   [batch] = list(pipeline.make_dataset(examples, TOKENIZER, seq_len=16, batch_size=2,
                                        seed=0, train=False, objective='grpo'))
-  assert list(batch['prompt']) == ['short', 'also short']
+  kept = [json.loads(text) for text in batch['example']]
+  assert kept == [examples[1][0], examples[2][0]]
   np.testing.assert_array_equal(batch['prompt_length'], [6, 11])
-  for tokens, length, text in zip(batch['prompt_tokens'], batch['prompt_length'],
-                                  batch['prompt']):
+  for tokens, length, example in zip(batch['prompt_tokens'], batch['prompt_length'], kept):
     assert tokens[0] == TOKENIZER.bos_id and (tokens[length:] == 0).all()
-    assert TOKENIZER.decode(tokens[1:length]) == text
+    assert TOKENIZER.decode(tokens[1:length]) == example['prompt']
 
 
 def test_rollout_rows_are_prompt_then_completion_with_group_advantages(monkeypatch):
   model, params = init_model(small_model_config(vocab_size=TOKENIZER.vocab_size), length=8)
   seen = []
 
-  def reward(prompt, completion, finished):  # Records its calls; rewards length.
-    seen.append((prompt, completion, finished))
+  def reward(example, completion, finished):  # Records its calls; rewards length.
+    seen.append((example, completion, finished))
     return float(len(completion))
 
   monkeypatch.setitem(rewards.REWARDS, 'recorded', reward)
@@ -104,8 +125,9 @@ def test_rollout_rows_are_prompt_then_completion_with_group_advantages(monkeypat
   assert batch['tokens'].shape == batch['advantages'].shape == (16, 64)
   finished = np.array([f for _, _, f in seen])
   assert 0 < finished.sum() < 16  # Both kinds of row are checked below.
-  for row, (prompt, completion, was_finished) in enumerate(seen):
-    assert prompt == prompts['prompt'][row // 4]
+  for row, (example, completion, was_finished) in enumerate(seen):
+    assert example == PROMPTS[row // 4][0]  # The validation stream is in order.
+    prompt = example['prompt']
     length = int(batch['segment_ids'][row].sum())
     tokens, loss_mask = batch['tokens'][row, :length], batch['loss_mask'][row, :length]
     assert tokens[0] == TOKENIZER.bos_id and TOKENIZER.decode(tokens[1:][loss_mask[1:] == 0]) == prompt
@@ -150,7 +172,7 @@ def test_grpo_loss_at_the_reference_is_the_advantage_weighted_log_likelihood_gra
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, want)
 
 
-def letters(prompt, completion, finished):
+def letters(example, completion, finished):
   """A reward a random model can learn fast: the share of ten letters among 12 bytes."""
   return sum(c in 'abcdefghij' for c in completion) / 12
 

@@ -53,7 +53,8 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict(dict(
       # Pretraining: 'stdlib' | 'text' (files/globs, one document each) | 'jsonl'.
       # Post-training: 'stdlib_functions' (built in) | 'jsonl' with fields prompt and
-      # response (SFT), prompt, chosen and rejected (DPO) or prompt (GRPO).
+      # response (SFT), prompt, chosen and rejected (DPO) or prompt and any fields its
+      # reward reads (GRPO).
       source='stdlib',
       path='',  # Comma-separated files or globs for 'text' and 'jsonl'.
       text_field='text',  # The JSON field holding the document, for pretraining on 'jsonl'.

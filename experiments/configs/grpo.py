@@ -14,8 +14,9 @@ eval_reward is the mean reward of completions of held-out prompts, sampled with 
 keys at every evaluation. On a 2-core CPU the 100 steps take about 18 minutes and
 eval_reward rises from 0.25 to about 0.53, mostly through short bodies that end and
 parse (docs/benchmarks.md). For your own prompts: --config.data.source=jsonl
---config.data.path=FILES, each line {"prompt": ...}, and a reward of your own in
-lm/training/rewards.py named by --config.train.grpo.reward. `:tiny` works too.
+--config.data.path=FILES, each line {"prompt": ..., "answer": ...} with
+--config.train.grpo.reward=exact_match, or any fields and a reward of your own in
+lm/training/rewards.py. `:tiny` works too.
 """
 
 from experiments.configs import sft

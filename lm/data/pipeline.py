@@ -7,15 +7,17 @@ new segment). SFT: each example becomes bos + prompt + response + eos, truncated
 are packed whole into rows (first fit). DPO: each example becomes two rows, bos +
 prompt + chosen + eos and the same with rejected, each truncated and padded to
 `seq_len`, so a batch is [batch, 2, seq_len]. An example with a response cut away
-entirely is skipped. GRPO: each example is its prompt, as text and as bos + prompt
-right-padded to `seq_len` (here the prompt's budget); longer prompts are skipped. The
-rollout (lm/training/rollouts.py) turns a batch of prompts into training rows.
+entirely is skipped. GRPO: each example is kept whole, as JSON text for its reward, with
+bos + prompt right-padded to `seq_len` (here the prompt's budget); longer prompts are
+skipped. The rollout (lm/training/rollouts.py) turns a batch of prompts into rows.
 
 Rows carry `segment_ids` (1, 2, ... per document; 0 = padding) and `positions` (index
 within the document), which the model uses to keep documents apart. The training
 stream is shuffled with a fixed seed, repeats forever with a fresh order each epoch,
 and is sharded across processes; its iterator state is saved with each checkpoint.
 """
+
+import json
 
 import grain
 import jax
@@ -84,7 +86,7 @@ class _TokenizePrompt(grain.transforms.Map):
     ids = [self.tokenizer.bos_id, *self.tokenizer.encode(example['prompt'])]
     tokens = np.zeros(self.seq_len, np.int32)
     tokens[:min(len(ids), self.seq_len)] = ids[:self.seq_len]
-    return {'prompt': example['prompt'], 'prompt_tokens': tokens,
+    return {'example': json.dumps(example), 'prompt_tokens': tokens,
             'prompt_length': np.int32(len(ids))}
 
 
@@ -115,7 +117,7 @@ def make_dataset(documents, tokenizer, *, seq_len: int, batch_size: int, seed: i
                  objective: str = 'pretrain') -> grain.IterDataset:
   """Batches of {'tokens', 'segment_ids', 'positions'} and, after pretraining,
   'loss_mask': int32 [batch_size, seq_len], for DPO [batch_size, 2, seq_len]; for GRPO,
-  prompts: 'prompt' texts, 'prompt_tokens' [batch_size, seq_len] and 'prompt_length'.
+  prompts: 'example' (JSON texts), 'prompt_tokens' [batch_size, seq_len], 'prompt_length'.
 
   `documents` come from `sources.build(..., objective)`. `batch_size` is this process's
   share of the global batch. `shuffle_window` packed rows (pretraining) or examples

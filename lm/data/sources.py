@@ -2,8 +2,8 @@
 
 For pretraining an item is a text. For post-training it is a list of examples, dicts
 of texts: {'prompt', 'response'} for SFT, {'prompt', 'chosen', 'rejected'} for DPO,
-{'prompt'} for GRPO (a JSON line holds one; a stdlib file, all of its documented
-functions).
+{'prompt', ...} for GRPO, whose reward may read other fields, such as a reference
+answer (a JSON line holds one; a stdlib file, all of its documented functions).
 
 Every source also gives each item a group key; the train/validation split holds out
 whole groups (a file, or a stdlib top-level module) by a stable hash of the key, so
@@ -43,10 +43,11 @@ class TextFiles:
 
 
 class JsonLines:
-  """One record per line of JSON-lines files; an item is the dict of the named fields."""
+  """One record per line of JSON-lines files; an item is the dict of the named fields,
+  which every line must have, or with `keep_all` of all of its fields."""
 
-  def __init__(self, paths: list[str], fields: tuple[str, ...]):
-    self.fields = fields
+  def __init__(self, paths: list[str], fields: tuple[str, ...], keep_all: bool = False):
+    self.fields, self.keep_all = fields, keep_all
     self.locations = []  # (path, byte offset, line number)
     for path in paths:
       with open(path, 'rb') as f:
@@ -74,7 +75,7 @@ class JsonLines:
     if missing:
       raise ConfigError(f'{path}:{line_number} has no field {missing[0]!r} (this objective'
                         f' reads {", ".join(map(repr, self.fields))})')
-    return {field: str(record[field]) for field in self.fields}
+    return {field: str(record[field]) for field in (record if self.keep_all else self.fields)}
 
 
 class Mapped:
@@ -212,8 +213,8 @@ def build(data_config, objective: str = 'pretrain'):
     records = JsonLines(expand_paths(data_config.path), (data_config.text_field,))
     source = Mapped(records, operator.itemgetter(data_config.text_field))
   else:
-    source = Mapped(JsonLines(expand_paths(data_config.path), EXAMPLE_FIELDS[objective]),
-                    _one_example)
+    source = Mapped(JsonLines(expand_paths(data_config.path), EXAMPLE_FIELDS[objective],
+                              keep_all=objective == 'grpo'), _one_example)
   if not len(source):
     raise ConfigError(f'config.data.path={data_config.path!r} holds no JSON lines')
   return source

@@ -1,12 +1,14 @@
 """Rewards for GRPO, by name (config.train.grpo.reward).
 
-A reward is `(prompt, completion, finished) -> float`: the prompt's text, the sampled
-completion's text (without its eos) and whether it ended with eos within the token budget.
+A reward is `(example, completion, finished) -> float`: the example (a dict of texts:
+'prompt', and whatever else its JSON line holds), the sampled completion's text (without
+its eos) and whether it ended with eos within the token budget.
 """
 
 import ast
 
 from lm.data import sources
+from lm.errors import ConfigError
 
 # Parameters a method need not read.
 _IMPLICIT_PARAMETERS = ('self', 'cls')
@@ -26,14 +28,14 @@ def parse_function(prompt: str, completion: str):
   return module.body[0]
 
 
-def python_function(prompt: str, completion: str, finished: bool) -> float:
+def python_function(example: dict[str, str], completion: str, finished: bool) -> float:
   """For prompts that open a Python function (its `def` line and docstring, as the
   'stdlib_functions' source gives): 0 unless the completion ended and prompt + completion
   parse as that one function with a statement after its docstring; then 1 if the body
   reads every parameter (self and cls aside), else 0.5. A checkable proxy for a body that
   implements the docstring; the KL penalty keeps the policy near the SFT model, which
   writes bodies like the library's."""
-  function = parse_function(prompt, completion) if finished else None
+  function = parse_function(example['prompt'], completion) if finished else None
   if function is None or len(function.body) < 2:  # Not a function, or the docstring alone.
     return 0.0
   arguments = function.args
@@ -45,4 +47,13 @@ def python_function(prompt: str, completion: str, finished: bool) -> float:
   return 1.0 if parameters <= read else 0.5
 
 
-REWARDS = {'python_function': python_function}
+def exact_match(example: dict[str, str], completion: str, finished: bool) -> float:
+  """1 if the completion ended and, stripped of outer whitespace, equals the example's
+  'answer' field (so a jsonl line reads {"prompt": ..., "answer": ...}), else 0."""
+  if 'answer' not in example:
+    raise ConfigError(f"config.train.grpo.reward='exact_match' needs an 'answer' field in"
+                      f' each example; this one has {sorted(example)}')
+  return float(finished and completion.strip() == example['answer'].strip())
+
+
+REWARDS = {'python_function': python_function, 'exact_match': exact_match}

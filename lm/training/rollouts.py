@@ -8,6 +8,8 @@ sec. 4.1.2), so how hard a prompt is cancels out. The rows are prompt + completi
 token.
 """
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,8 +40,8 @@ class Rollouts:
     self.temperature = grpo_config.temperature
 
   def __call__(self, params, prompts: dict, rng) -> tuple[dict, dict]:
-    """`prompts`: 'prompt' texts [B], 'prompt_tokens' [B, P] (bos + prompt, right-padded)
-    and 'prompt_length' [B]. Returns the batch, [B * group_size, seq_len] arrays with
+    """`prompts`: 'example' [B] (each example as JSON text), 'prompt_tokens' [B, P] (bos +
+    prompt, right-padded) and 'prompt_length' [B]. Returns the batch, [B * group_size, seq_len] arrays with
     each prompt's group in consecutive rows, and the rollout's metrics (means over rows)."""
     prompt_tokens_np = np.repeat(prompts['prompt_tokens'], self.group_size, axis=0)
     prompt_lengths_n = np.repeat(prompts['prompt_length'], self.group_size)
@@ -50,6 +52,7 @@ class Rollouts:
         temperature=self.temperature, pad_id=self.tokenizer.pad_id)
     new_nm, num_new_n = np.asarray(new_nm), np.asarray(num_new_n)
 
+    examples = [json.loads(str(text)) for text in prompts['example']]
     num_rows = len(prompt_lengths_n)
     batch = {name: np.zeros((num_rows, self.seq_len), np.int32)
              for name in ('tokens', 'segment_ids', 'positions', 'loss_mask')}
@@ -59,7 +62,7 @@ class Rollouts:
       completion = new_nm[row, :num_new]
       finished_n[row] = num_new > 0 and completion[-1] == self.tokenizer.eos_id
       text = self.tokenizer.decode(completion[:-1] if finished_n[row] else completion)
-      rewards_n[row] = self.reward(str(prompts['prompt'][row // self.group_size]), text,
+      rewards_n[row] = self.reward(examples[row // self.group_size], text,
                                    bool(finished_n[row]))
       length = prompt_length + num_new
       batch['tokens'][row, :prompt_length] = prompt_tokens_np[row, :prompt_length]
