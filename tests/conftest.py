@@ -56,6 +56,15 @@ def small_model_config(**overrides) -> ml_collections.FrozenConfigDict:
   return ml_collections.FrozenConfigDict(config)
 
 
+def constant_rate_train_config(**fields):
+  """The default train config at a constant learning rate without weight decay, for
+  tests that take steps by hand; then `fields`."""
+  config = default.get_config().train
+  config.update(warmup_steps=0, final_learning_rate_ratio=1.0, weight_decay=0.0)
+  config.update(fields)
+  return config
+
+
 def init_model(config, length: int = 16, seed: int = 0):
   """The model of `config` and its unboxed params."""
   model = models.build(config)

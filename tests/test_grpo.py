@@ -17,7 +17,8 @@ from lm.data import pipeline, sources
 from lm.errors import ConfigError
 from lm.training import losses, loop, optimizer as optimizer_lib, rewards, rollouts, steps
 
-from conftest import init_model, post_training_config, small_model_config
+from conftest import (constant_rate_train_config, init_model, post_training_config,
+                      small_model_config)
 
 TOKENIZER = tokenizer_lib.ByteTokenizer()
 PROMPTS = [[{'prompt': f'question {i}?', 'answer': str(i)}] for i in range(12)]
@@ -143,10 +144,8 @@ def test_rollout_rows_are_prompt_then_completion_with_group_advantages(monkeypat
 
 
 def train_config(**grpo):
-  return ml_collections.ConfigDict(dict(
-      objective='grpo', grpo=grpo_config(**grpo), learning_rate=1e-2, warmup_steps=0,
-      num_steps=100, final_learning_rate_ratio=1.0, weight_decay=0.0, beta1=0.9, beta2=0.95,
-      epsilon=1e-8, grad_clip_norm=1.0, grad_accumulation_steps=1))
+  return constant_rate_train_config(objective='grpo', grpo=grpo_config(**grpo),
+                                    learning_rate=1e-2, num_steps=100)
 
 
 def test_grpo_loss_at_the_reference_is_the_advantage_weighted_log_likelihood_gradient():

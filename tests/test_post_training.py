@@ -16,7 +16,8 @@ from lm.data import pipeline, sources
 from lm.errors import ConfigError
 from lm.training import checkpointing, losses, loop, optimizer as optimizer_lib, steps
 
-from conftest import init_model, jit_apply, post_training_config, small_model_config
+from conftest import (constant_rate_train_config, init_model, jit_apply,
+                      post_training_config, small_model_config)
 
 TOKENIZER = tokenizer_lib.ByteTokenizer()
 SFT_EXAMPLES = [[{'prompt': f'question {i}?', 'response': ' answer' * (i % 4 + 1)}]
@@ -184,10 +185,8 @@ def test_dpo_at_the_reference_is_log_2_with_the_log_likelihood_ratio_gradient():
 def test_dpo_steps_on_one_batch_learn_its_preferences():
   _, params, batch, _ = dpo_setup()
   model = models.build(small_model_config(vocab_size=TOKENIZER.vocab_size))
-  train_config = ml_collections.ConfigDict(dict(
-      objective='dpo', dpo_beta=0.5, dpo_nll_weight=0.0, learning_rate=3e-3, warmup_steps=0, num_steps=20,
-      final_learning_rate_ratio=1.0, weight_decay=0.0, beta1=0.9, beta2=0.95, epsilon=1e-8,
-      grad_clip_norm=1.0, grad_accumulation_steps=1))
+  train_config = constant_rate_train_config(objective='dpo', dpo_beta=0.5,
+                                            learning_rate=3e-3, num_steps=20)
   optimizer = optimizer_lib.make_optimizer(train_config)
   state = steps.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
   step = jax.jit(functools.partial(steps.train_step, model=model, optimizer=optimizer,

@@ -84,8 +84,10 @@ class _TokenizePrompt(grain.transforms.Map):
 
   def map(self, example: dict) -> dict:
     ids = [self.tokenizer.bos_id, *self.tokenizer.encode(example['prompt'])]
+    kept = ids[:self.seq_len]  # A longer prompt is filtered out by its length.
     tokens = np.zeros(self.seq_len, np.int32)
-    tokens[:min(len(ids), self.seq_len)] = ids[:self.seq_len]
+    tokens[:len(kept)] = kept
+    # As JSON text: examples' fields may differ, and a batch stacks each key into one array.
     return {'example': json.dumps(example), 'prompt_tokens': tokens,
             'prompt_length': np.int32(len(ids))}
 
