@@ -64,7 +64,7 @@ def validate(config, num_devices: int, tokenizer_vocab_size: int) -> None:
   _check(train.dpo_nll_weight >= 0,
          f'config.train.dpo_nll_weight={train.dpo_nll_weight} must be >= 0')
   if train.objective == 'grpo':
-    _validate_grpo(train.grpo, data.seq_len)
+    _validate_grpo(train.grpo, data.seq_len, config.checkpoint.every_steps)
   _check(train.num_steps > 0, f'config.train.num_steps={train.num_steps} must be positive')
   _check(train.learning_rate > 0, f'config.train.learning_rate={train.learning_rate} must be positive')
   # The cosine decay needs a step after the warm-up.
@@ -100,7 +100,7 @@ def validate(config, num_devices: int, tokenizer_vocab_size: int) -> None:
          f'={mesh_shape["fsdp"]}')
 
 
-def _validate_grpo(grpo, seq_len: int) -> None:
+def _validate_grpo(grpo, seq_len: int, checkpoint_every: int) -> None:
   _check(grpo.reward in rewards.REWARDS,
          f'config.train.grpo.reward={grpo.reward!r} is not one of {sorted(rewards.REWARDS)}')
   _check(grpo.group_size >= 2,
@@ -112,6 +112,14 @@ def _validate_grpo(grpo, seq_len: int) -> None:
   _check(grpo.temperature > 0,
          f'config.train.grpo.temperature={grpo.temperature} must be positive')
   _check(grpo.kl_weight >= 0, f'config.train.grpo.kl_weight={grpo.kl_weight} must be >= 0')
+  _check(grpo.updates_per_rollout >= 1,
+         f'config.train.grpo.updates_per_rollout={grpo.updates_per_rollout} must be >= 1')
+  _check(grpo.clip_epsilon > 0,
+         f'config.train.grpo.clip_epsilon={grpo.clip_epsilon} must be positive')
+  # Checkpoints fall between rollouts, so that a resumed run samples where it stopped.
+  _check(checkpoint_every % grpo.updates_per_rollout == 0,
+         f'config.checkpoint.every_steps={checkpoint_every} must be a multiple of'
+         f' config.train.grpo.updates_per_rollout={grpo.updates_per_rollout}')
   # Rollouts gather every completion on this host to reward it.
   _check(jax.process_count() == 1,
          f'config.train.objective="grpo" runs on one process, not {jax.process_count()}')

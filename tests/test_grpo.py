@@ -3,7 +3,9 @@ and resume."""
 
 import functools
 import json
+import os
 import shutil
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +17,8 @@ from experiments.configs import grpo as grpo_config_module
 from lm import tokenizer as tokenizer_lib
 from lm.data import pipeline, sources
 from lm.errors import ConfigError
-from lm.training import losses, loop, optimizer as optimizer_lib, rewards, rollouts, steps
+from lm.training import (logger as logger_lib, losses, loop, optimizer as optimizer_lib, rewards,
+                         rollouts, steps)
 
 from conftest import (constant_rate_train_config, init_model, post_training_config,
                       small_model_config)
@@ -37,24 +40,39 @@ def prompt_batch(batch_size=2, seq_len=24):
                                          objective='grpo')))
 
 
-def test_grpo_loss_and_its_gradient_match_the_per_token_formulas():
-  keys = jax.random.split(jax.random.key(0), 4)
+@pytest.mark.parametrize('policy_moved', [False, True])
+def test_grpo_loss_and_its_gradient_match_the_per_token_formulas(policy_moved):
+  keys = jax.random.split(jax.random.key(int(policy_moved)), 5)
   log_probs = -jax.random.uniform(keys[0], (3, 7), minval=0.1, maxval=3.0)
   reference = log_probs + 0.3 * jax.random.normal(keys[1], (3, 7))
   advantages = jnp.repeat(jax.random.normal(keys[2], (3, 1)), 7, axis=1)
   weights = (jax.random.uniform(keys[3], (3, 7)) < 0.7).astype(jnp.float32)
-  beta = 0.2
-  sums = losses.grpo(log_probs, reference, advantages, weights, beta)
-  lp, ref, adv, w = map(lambda x: np.asarray(x, np.float64),
-                        (log_probs, reference, advantages, weights))
+  # A later update on the rollout: the sampler's log-probs differ from the policy's by up
+  # to ratios of e^+-0.5, past the clip's 1 +- 0.2 on some tokens.
+  old = log_probs + (jax.random.uniform(keys[4], (3, 7), minval=-0.5, maxval=0.5)
+                     if policy_moved else 0.0)
+  beta, epsilon = 0.2, 0.2
+  loss = lambda x, old: losses.grpo(x, old, reference, advantages, weights, kl_weight=beta,
+                                    clip_epsilon=epsilon)
+  sums = loss(log_probs, old)
+  lp, old_, ref, adv, w = map(lambda x: np.asarray(x, np.float64),
+                              (log_probs, old, reference, advantages, weights))
   kl = np.exp(ref - lp) - (ref - lp) - 1
+  ratio = np.exp(lp - old_)
+  # PPO's surrogate holds a token once its ratio is past the clip in its advantage's way.
+  held = ((ratio > 1 + epsilon) & (adv > 0)) | ((ratio < 1 - epsilon) & (adv < 0))
+  surrogate = np.where(held, np.clip(ratio, 1 - epsilon, 1 + epsilon), ratio) * adv
   np.testing.assert_allclose(sums['kl'], np.sum(w * kl), rtol=1e-5)
-  np.testing.assert_allclose(sums['loss'], np.sum(w * (-adv + beta * kl)), rtol=1e-5)
-  assert np.all(kl >= 0)
-  grad = jax.grad(lambda x: losses.grpo(x, reference, advantages, weights, beta)['loss'])(
-      log_probs)
-  np.testing.assert_allclose(grad, w * (-adv + beta * (1 - np.exp(ref - lp))), rtol=1e-5,
-                             atol=1e-7)
+  np.testing.assert_allclose(sums['loss'], np.sum(w * (-surrogate + beta * kl)), rtol=1e-5)
+  np.testing.assert_allclose(sums['clipped'], np.sum(w * held))
+  assert np.all(kl >= 0) and (np.sum(w * held) > 0) == policy_moved
+  grad = jax.grad(lambda x: loss(x, old)['loss'])(log_probs)
+  np.testing.assert_allclose(
+      grad, w * (-np.where(held, 0, ratio * adv) + beta * (1 - np.exp(ref - lp))),
+      rtol=1e-5, atol=1e-7)
+  if not policy_moved:  # One update per rollout: the policy is its own sampler.
+    on_policy = jax.grad(lambda x: loss(x, jax.lax.stop_gradient(x))['loss'])(log_probs)
+    np.testing.assert_allclose(on_policy, grad, rtol=1e-6)
 
 
 def test_group_advantages_compare_each_reward_with_its_own_group():
@@ -170,31 +188,52 @@ def test_grpo_loss_at_the_reference_is_the_advantage_weighted_log_likelihood_gra
   want = jax.tree.map(jnp.negative, jax.jit(jax.grad(weighted_log_likelihood))(params))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, want)
 
+  # A first update with the sampler's log-probs, as when a rollout serves several: they
+  # are the policy's own (micro-batched here), so the same gradient and nothing clipped.
+  in_halves = constant_rate_train_config(objective='grpo', grpo=config.grpo,
+                                         grad_accumulation_steps=2)
+  batch['old_log_probs'] = steps.sampling_log_probs(params, batch, model=model,
+                                                    train_config=in_halves)
+  assert loss(params, batch, params)[1]['clipped'] == 0
+  grads = jax.jit(jax.grad(lambda p: loss(p, batch, params)[0]))(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, want)
+
 
 def letters(example, completion, finished):
   """A reward a random model can learn fast: the share of ten letters among 12 bytes."""
   return sum(c in 'abcdefghij' for c in completion) / 12
 
 
-def test_grpo_steps_raise_the_reward(monkeypatch):
+@pytest.mark.parametrize('updates_per_rollout', [1, 2])
+def test_grpo_steps_raise_the_reward(updates_per_rollout, monkeypatch):
   monkeypatch.setitem(rewards.REWARDS, 'letters', letters)
   model, params = init_model(small_model_config(vocab_size=TOKENIZER.vocab_size), length=8)
   config = train_config(reward='letters', group_size=8, max_new_tokens=12, temperature=1.0,
-                        kl_weight=0.0)
+                        kl_weight=0.0, updates_per_rollout=updates_per_rollout)
   make = rollouts.Rollouts(model, TOKENIZER, config.grpo, seq_len=32)
   optimizer = optimizer_lib.make_optimizer(config)
   state = steps.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
   step = jax.jit(functools.partial(steps.train_step, model=model, optimizer=optimizer,
                                    train_config=config))
+  sampling_log_probs = jax.jit(functools.partial(steps.sampling_log_probs, model=model,
+                                                 train_config=config))
   reference = jax.tree.map(jnp.copy, params)
   prompts = prompt_batch(batch_size=4, seq_len=20)
-  history = []
+  history, clipped = [], []
   for index in range(20):
     batch, metrics = make(state.params, prompts, jax.random.key(index))
-    state, _ = step(state, jax.tree.map(jnp.asarray, batch), reference)
+    batch = jax.tree.map(jnp.asarray, batch)
+    if updates_per_rollout > 1:
+      batch['old_log_probs'] = sampling_log_probs(state.params, batch)
+    for _ in range(updates_per_rollout):
+      state, step_metrics = step(state, batch, reference)
+      clipped.append(float(step_metrics.get('clipped', 0.0)))
     history.append(metrics['reward'])
   # Ten letters of the 259 byte ids at the start; mostly letters after.
   assert np.mean(history[:3]) < 0.1 and np.mean(history[-3:]) > 0.6
+  # At lr 1e-2 one update moves many tokens past the clip; the first update cannot.
+  assert clipped[::updates_per_rollout] == [0.0] * len(history)
+  assert (max(clipped) > 0) == (updates_per_rollout > 1)
 
 
 @pytest.fixture(scope='module')
@@ -252,11 +291,40 @@ def test_grpo_on_a_data_and_fsdp_mesh_matches_one_device(one_device_run, pretrai
   assert kernel.addressable_shards[0].data.shape == (32, 128)
 
 
+def test_a_stop_between_two_updates_on_a_rollout_saves_after_the_second(
+    letters_reward, pretrained, tmp_path, monkeypatch):
+  config = letters_run_config(pretrained[0], dict(data=1, fsdp=1, tensor=1))
+  config.train.grpo.updates_per_rollout = 2
+  _, whole_state = loop.train(config, str(tmp_path / 'whole'), jax.devices()[:1])
+
+  advance = logger_lib.MetricLogger.advance
+  def ctrl_c_after_step_1(self, step):  # The loop's own SIGINT handler takes it.
+    advance(self, step)
+    if step == 1:
+      os.kill(os.getpid(), signal.SIGINT)
+  monkeypatch.setattr(logger_lib.MetricLogger, 'advance', ctrl_c_after_step_1)
+  stopped_history, _ = loop.train(config, str(tmp_path / 'run'), jax.devices()[:1])
+  monkeypatch.undo()
+  # Step 1 left the rollout half used, and a checkpoint holds none: the run went on.
+  assert stopped_history[-1]['step'] == 2
+  assert sorted(os.listdir(tmp_path / 'run' / 'checkpoints')) == ['2']
+  # Two updates on the rollout of step 3, the second clipped where the first moved far.
+  resumed_history, resumed_state = loop.train(config, str(tmp_path / 'run'),
+                                              jax.devices()[:1])
+  assert [row['step'] for row in resumed_history] == [3, 4]
+  assert resumed_history[0]['reward'] == resumed_history[1]['reward']
+  assert resumed_history[0]['clipped'] == 0 < resumed_history[1]['clipped']
+  jax.tree.map(np.testing.assert_array_equal, resumed_state.params, whole_state.params)
+
+
 @pytest.mark.parametrize('field, value, message', [
     ('reward', 'unknown', r"config.train.grpo.reward='unknown' is not one of"),
     ('group_size', 1, r'config.train.grpo.group_size=1 must be at least 2'),
     ('max_new_tokens', 256, r'config.train.grpo.max_new_tokens=256 must be in \[1, config'
                             r'.data.seq_len=256\)'),
+    ('clip_epsilon', 0.0, r'config.train.grpo.clip_epsilon=0.0 must be positive'),
+    ('updates_per_rollout', 3, r'config.checkpoint.every_steps=2 must be a multiple of'
+                               r' config.train.grpo.updates_per_rollout=3'),
 ])
 def test_bad_grpo_settings_are_refused_by_name(field, value, message, pretrained, tmp_path):
   config = post_training_config(grpo_config_module, pretrained[0])

@@ -79,6 +79,8 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
           max_new_tokens=256,  # Per completion; the prompt gets the rest of data.seq_len.
           temperature=0.7,  # Of the sampling policy, the one that is trained.
           kl_weight=0.04,  # Of the per-token KL penalty to the reference.
+          updates_per_rollout=1,  # Optimizer steps on each rollout (GRPO's mu).
+          clip_epsilon=0.2,  # PPO's clip on pi / pi_sampler, once updates_per_rollout > 1.
       )),
       num_steps=1500,
       learning_rate=2e-3,

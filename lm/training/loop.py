@@ -174,6 +174,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
         functools.partial(steps.eval_step, model=model, train_config=config.train),
         in_shardings=(state_shardings.params, batch_sharding, reference_shardings),
         out_shardings=sharding.replicated(mesh))
+    sampling_log_probs = jax.jit(
+        functools.partial(steps.sampling_log_probs, model=model, train_config=config.train),
+        in_shardings=(state_shardings.params, batch_sharding), out_shardings=batch_sharding)
 
   # 3. The loop.
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
@@ -217,17 +220,29 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
       row['eval_perplexity'] = math.exp(min(row['eval_loss'], 50.0))
     return row
 
+  # GRPO may take several optimizer steps on one rollout (PPO's clip keeps the policy
+  # near the one that sampled); every other objective takes a new batch each step.
+  updates_per_rollout = config.train.grpo.updates_per_rollout if rollouts else 1
+
+  def next_batch(params, step: int) -> tuple[dict, dict]:
+    batch, rollout_metrics = next(train_iterator), {}
+    if rollouts:
+      batch, rollout_metrics = rollouts(
+          params, batch, rollouts_lib.rollout_key(config.seed, step, train=True))
+    batch = _device_batch(batch, batch_sharding)
+    if updates_per_rollout > 1:  # The later updates' ratios are against the sampler.
+      batch['old_log_probs'] = sampling_log_probs(params, batch)
+    return batch, rollout_metrics
+
   history = []
   step = start_step
+  batch = None
   last_log_time, last_log_step = time.perf_counter(), step
   with _StopRequest() as stop, sharding.activate(mesh):
     while step < config.train.num_steps:
-      batch, rollout_metrics = next(train_iterator), {}
-      if rollouts:
-        batch, rollout_metrics = rollouts(
-            state.params, batch, rollouts_lib.rollout_key(config.seed, step, train=True))
-      state, metrics = train_step(state, _device_batch(batch, batch_sharding),
-                                  reference_params)
+      if batch is None or step % updates_per_rollout == 0:
+        batch, rollout_metrics = next_batch(state.params, step)
+      state, metrics = train_step(state, batch, reference_params)
       step += 1
       log.advance(step)
 
@@ -252,10 +267,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
         log.write(step, row)
         history.append({'step': step, **row})
 
-      if (step % config.checkpoint.every_steps == 0 or step == config.train.num_steps
-          or stop.requested):
+      # A checkpoint holds no rollout, so (but for the last) it falls between rollouts.
+      between_rollouts = step % updates_per_rollout == 0
+      if (between_rollouts and (step % config.checkpoint.every_steps == 0 or stop.requested)
+          or step == config.train.num_steps):
         checkpointer.save(step, state, train_iterator, config, tokenizer)
-      if stop.requested:
+      if stop.requested and between_rollouts:
         log.print(f'stopped at step {step}; checkpoint saved, run the same command to resume')
         break
 

@@ -72,20 +72,28 @@ def dpo(policy_chosen_b, policy_rejected_b, reference_chosen_b, reference_reject
   return {name: jnp.sum(value) for name, value in sums.items()}
 
 
-def grpo(log_probs_bt, reference_log_probs_bt, advantages_bt, weights_bt, kl_weight: float):
-  """GRPO's objective (Shao et al. 2024, eq. 3) for one update per rollout, on the
-  log-probs of sampled completion tokens. Summed over tokens, for a mean over all of a
-  batch's completion tokens rather than per completion (as DAPO, Yu et al. 2025), so a
-  long completion's tokens weigh as much as a short one's.
+def grpo(log_probs_bt, old_log_probs_bt, reference_log_probs_bt, advantages_bt, weights_bt,
+         *, kl_weight: float, clip_epsilon: float):
+  """GRPO's objective (Shao et al. 2024, eq. 3) on the log-probs of sampled completion
+  tokens. Summed over tokens, for a mean over all of a batch's completion tokens rather
+  than per completion (as DAPO, Yu et al. 2025), so a long completion's tokens weigh as
+  much as a short one's.
 
-  The policy-gradient term is -advantage * ratio, where ratio = pi / pi_old and pi_old is
-  the policy that sampled: here pi itself, so the ratio is 1 (and PPO's clip never acts)
-  but its gradient is that of log pi. The KL penalty to the reference is the unbiased,
-  non-negative estimator exp(r) - r - 1 with r = log(pi_ref / pi) (Schulman 2020).
-  Returns sums over the weighted tokens: loss and kl.
+  The policy-gradient term is PPO's clipped surrogate -min(ratio A, clip(ratio) A), where
+  ratio = pi / pi_old and pi_old is the policy that sampled: once the policy has moved
+  more than `clip_epsilon` from it on a token, in the direction its advantage A asks,
+  that token stops pulling. With one update per rollout, pi_old is pi itself
+  (`old_log_probs_bt` = stop_gradient(log_probs_bt)): the ratio is 1, the clip never
+  acts, and the gradient is A times that of log pi. The KL penalty to the reference is
+  the unbiased, non-negative estimator exp(r) - r - 1 with r = log(pi_ref / pi)
+  (Schulman 2020). Returns sums over the weighted tokens: loss, kl and clipped (the
+  tokens the clip holds).
   """
-  ratio_bt = jnp.exp(log_probs_bt - jax.lax.stop_gradient(log_probs_bt))
+  ratio_bt = jnp.exp(log_probs_bt - old_log_probs_bt)
+  unclipped_bt = ratio_bt * advantages_bt
+  clipped_bt = jnp.clip(ratio_bt, 1 - clip_epsilon, 1 + clip_epsilon) * advantages_bt
   log_ratio_bt = reference_log_probs_bt - log_probs_bt
   kl_bt = jnp.expm1(log_ratio_bt) - log_ratio_bt  # exp(r) - 1 - r, accurate near r = 0.
-  loss_bt = -advantages_bt * ratio_bt + kl_weight * kl_bt
-  return {'loss': jnp.sum(loss_bt * weights_bt), 'kl': jnp.sum(kl_bt * weights_bt)}
+  loss_bt = -jnp.minimum(unclipped_bt, clipped_bt) + kl_weight * kl_bt
+  return {'loss': jnp.sum(loss_bt * weights_bt), 'kl': jnp.sum(kl_bt * weights_bt),
+          'clipped': jnp.sum((clipped_bt < unclipped_bt) * weights_bt)}

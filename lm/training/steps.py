@@ -66,24 +66,47 @@ def dpo_loss(params, batch, reference_params, *, model, train_config):
   return sums['loss'], sums, jnp.asarray(policy_b2.shape[0], jnp.float32)
 
 
+def _policy_log_probs_bt(params, batch, model, temperature: float):
+  """Log-probs [B, T] of each row's next tokens under the model at `temperature`."""
+  targets_bt, _ = losses.next_token_targets(batch)
+  logits_btv = model.apply({'params': params}, batch['tokens'], batch['segment_ids'],
+                           batch['positions'])
+  return losses.token_log_probs(logits_btv.astype(jnp.float32) / temperature, targets_bt)
+
+
 def grpo_loss(params, batch, reference_params, *, model, train_config):
   """GRPO on rollout rows (lm/training/rollouts.py): [B, T] arrays of prompt + sampled
-  completion, `loss_mask` on the completion, `advantages` on every token. The policy is
-  the model at the sampling temperature, the one the completions were drawn from.
-  Returns (loss sum, metric sums, number of completion tokens)."""
+  completion, `loss_mask` on the completion, `advantages` on every token, and, when a
+  rollout serves several updates, `old_log_probs` of the policy that sampled. The policy
+  is the model at the sampling temperature. Returns (loss sum, metric sums, number of
+  completion tokens)."""
   grpo_config = train_config.grpo
-  targets_bt, weights_bt = losses.next_token_targets(batch)
-
-  def log_probs_bt(params):
-    logits_btv = model.apply({'params': params}, batch['tokens'], batch['segment_ids'],
-                             batch['positions'])
-    return losses.token_log_probs(logits_btv.astype(jnp.float32) / grpo_config.temperature,
-                                  targets_bt)
-
-  reference_bt = jax.lax.stop_gradient(log_probs_bt(reference_params))
-  sums = losses.grpo(log_probs_bt(params), reference_bt, batch['advantages'], weights_bt,
-                     grpo_config.kl_weight)
+  _, weights_bt = losses.next_token_targets(batch)
+  log_probs_bt = _policy_log_probs_bt(params, batch, model, grpo_config.temperature)
+  # Without them, this update is the rollout's only one (or an evaluation): the sampler
+  # is the policy itself, and nothing is clipped.
+  sampled_by_policy = 'old_log_probs' not in batch
+  old_log_probs_bt = (jax.lax.stop_gradient(log_probs_bt) if sampled_by_policy
+                      else batch['old_log_probs'])
+  reference_bt = jax.lax.stop_gradient(
+      _policy_log_probs_bt(reference_params, batch, model, grpo_config.temperature))
+  sums = losses.grpo(log_probs_bt, old_log_probs_bt, reference_bt, batch['advantages'],
+                     weights_bt, kl_weight=grpo_config.kl_weight,
+                     clip_epsilon=grpo_config.clip_epsilon)
+  if sampled_by_policy:
+    del sums['clipped']
   return sums['loss'], sums, jnp.sum(weights_bt)
+
+
+def sampling_log_probs(params, batch, *, model, train_config):
+  """GRPO's `old_log_probs` [B, T] for a rollout's rows, before its first update; in
+  micro-batches like the train step, as whole-batch logits may not fit."""
+  num_micro = train_config.grad_accumulation_steps
+  microbatches = jax.tree.map(lambda x: x.reshape(num_micro, -1, *x.shape[1:]), batch)
+  log_probs = jax.lax.map(
+      lambda rows: _policy_log_probs_bt(params, rows, model, train_config.grpo.temperature),
+      microbatches)
+  return log_probs.reshape(batch['tokens'].shape)
 
 
 @dataclasses.dataclass(frozen=True)
