@@ -138,8 +138,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
     init = jax.jit(lambda rng: nn.meta.unbox(init_boxed(rng)), out_shardings=state_shardings)
 
     def initial_params():
-      """The params the run starts from: config.train.init_from's, or a fresh init's.
-      Fresh buffers on every call, as the train step donates (deletes) its state's."""
+      """The params the run starts from: config.train.init_from's, or a fresh init's."""
       if config.train.init_from:
         params, step = checkpointing.load_params(
             config.train.init_from, config.train.init_from_step, abstract_state.params,
@@ -148,6 +147,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
         return params
       return init(jax.random.key(config.seed)).params
 
+    # DPO's and GRPO's frozen reference (else None): the params the run started from.
     if start_step is None:
       if config.train.init_from:
         with_optimizer = jax.jit(
@@ -158,10 +158,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
       else:
         state = init(jax.random.key(config.seed))
       start_step = 0
+      # A copy, as the train step donates the state's buffers.
+      reference_params = (jax.tree.map(jnp.copy, state.params) if objective.needs_reference
+                          else None)
     else:
       state = checkpointer.restore(start_step, abstract_state, train_iterator)
-    # DPO's and GRPO's frozen reference: the params the run started from.
-    reference_params = initial_params() if objective.needs_reference else None
+      reference_params = initial_params() if objective.needs_reference else None
     reference_shardings = state_shardings.params if objective.needs_reference else None
 
     train_step = jax.jit(
