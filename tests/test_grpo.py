@@ -243,10 +243,10 @@ def letters_reward():
     yield
 
 
-def letters_run_config(workdir, mesh):
+def letters_run_config(workdir, mesh, updates_per_rollout=1):
   config = post_training_config(grpo_config_module, workdir, num_steps=4, log_every=1,
                                 learning_rate=1e-3)
-  config.train.grpo.reward = 'letters'
+  config.train.grpo.update(reward='letters', updates_per_rollout=updates_per_rollout)
   config.data.batch_size = 4
   config.mesh.update(mesh)
   return config
@@ -254,7 +254,7 @@ def letters_run_config(workdir, mesh):
 
 @pytest.fixture(scope='module')
 def one_device_run(letters_reward, pretrained, tmp_path_factory):
-  """Four GRPO steps on one device: (workdir, history, state)."""
+  """Four GRPO steps on one device, one update per rollout: (workdir, history, state)."""
   workdir = tmp_path_factory.mktemp('grpo') / 'run'
   config = letters_run_config(pretrained[0], dict(data=1, fsdp=1, tensor=1))
   return (workdir, *loop.train(config, str(workdir), jax.devices()[:1]))
@@ -293,8 +293,8 @@ def test_grpo_on_a_data_and_fsdp_mesh_matches_one_device(one_device_run, pretrai
 
 def test_a_stop_between_two_updates_on_a_rollout_saves_after_the_second(
     letters_reward, pretrained, tmp_path, monkeypatch):
-  config = letters_run_config(pretrained[0], dict(data=1, fsdp=1, tensor=1))
-  config.train.grpo.updates_per_rollout = 2
+  config = letters_run_config(pretrained[0], dict(data=1, fsdp=1, tensor=1),
+                              updates_per_rollout=2)
   _, whole_state = loop.train(config, str(tmp_path / 'whole'), jax.devices()[:1])
 
   advance = logger_lib.MetricLogger.advance
