@@ -14,8 +14,8 @@ against the policy that sampled. Start from an SFT run:
 eval_reward is the mean reward of completions of held-out prompts, sampled with the same
 keys at every evaluation. On a 2-core CPU the 100 steps take about 11 minutes (18 at
 one update per rollout) and eval_reward rises from 0.25 to about 0.56, mostly through
-short bodies that end and parse (docs/benchmarks.md). For your own prompts: --config.data.source=jsonl
---config.data.path=FILES, each line {"prompt": ..., "answer": ...} with
+short bodies that end and parse (docs/benchmarks.md). For your own prompts:
+--config.data.source=jsonl --config.data.path=FILES, each line {"prompt": ..., "answer": ...} with
 --config.train.grpo.reward=exact_match, or any fields and a reward of your own in
 lm/training/rewards.py. `:tiny` works too.
 """

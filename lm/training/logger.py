@@ -10,7 +10,8 @@ _CONSOLE_FORMATS = {
     'learning_rate': '{:.2e}', 'tokens_per_second': '{:,.0f}', 'mfu': '{:.1%}',
     'reward_accuracy': '{:.1%}', 'eval_reward_accuracy': '{:.1%}',
     'reward_margin': '{:.3f}', 'eval_reward_margin': '{:.3f}', 'eval_chosen_nll': '{:.3f}',
-    'reward': '{:.3f}', 'eval_reward': '{:.3f}', 'kl': '{:.4f}', 'eval_kl': '{:.4f}', 'clipped': '{:.1%}',
+    'reward': '{:.3f}', 'eval_reward': '{:.3f}', 'kl': '{:.4f}', 'eval_kl': '{:.4f}',
+    'clipped': '{:.1%}',
     'finished': '{:.0%}', 'eval_finished': '{:.0%}', 'eval_completion_length': '{:.0f}',
 }
 

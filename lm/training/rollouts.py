@@ -41,8 +41,9 @@ class Rollouts:
 
   def __call__(self, params, prompts: dict, rng) -> tuple[dict, dict]:
     """`prompts`: 'example' [B] (each example as JSON text), 'prompt_tokens' [B, P] (bos +
-    prompt, right-padded) and 'prompt_length' [B]. Returns the batch, [B * group_size, seq_len] arrays with
-    each prompt's group in consecutive rows, and the rollout's metrics (means over rows)."""
+    prompt, right-padded) and 'prompt_length' [B]. Returns the batch, [B * group_size,
+    seq_len] arrays with each prompt's group in consecutive rows, and the rollout's
+    metrics (means over rows)."""
     prompt_tokens_np = np.repeat(prompts['prompt_tokens'], self.group_size, axis=0)
     prompt_lengths_n = np.repeat(prompts['prompt_length'], self.group_size)
     new_nm, num_new_n = sampling.generate(

@@ -98,14 +98,18 @@ def grpo_loss(params, batch, reference_params, *, model, train_config):
   return sums['loss'], sums, jnp.sum(weights_bt)
 
 
+def _microbatches(batch, train_config):
+  """[B, ...] arrays -> [grad_accumulation_steps, B / grad_accumulation_steps, ...]."""
+  num_micro = train_config.grad_accumulation_steps
+  return jax.tree.map(lambda x: x.reshape(num_micro, -1, *x.shape[1:]), batch)
+
+
 def sampling_log_probs(params, batch, *, model, train_config):
   """GRPO's `old_log_probs` [B, T] for a rollout's rows, before its first update; in
   micro-batches like the train step, as whole-batch logits may not fit."""
-  num_micro = train_config.grad_accumulation_steps
-  microbatches = jax.tree.map(lambda x: x.reshape(num_micro, -1, *x.shape[1:]), batch)
   log_probs = jax.lax.map(
       lambda rows: _policy_log_probs_bt(params, rows, model, train_config.grpo.temperature),
-      microbatches)
+      _microbatches(batch, train_config))
   return log_probs.reshape(batch['tokens'].shape)
 
 
@@ -141,8 +145,7 @@ def train_step(state: TrainState, batch, reference_params=None, *, model, optimi
         state.params, microbatch)
     return jax.tree.map(jnp.add, carry, (microbatch_grads, microbatch_sums)), None
 
-  num_micro = train_config.grad_accumulation_steps
-  microbatches = jax.tree.map(lambda x: x.reshape(num_micro, -1, *x.shape[1:]), batch)
+  microbatches = _microbatches(batch, train_config)
   sums_shape = jax.eval_shape(loss, state.params, jax.tree.map(lambda x: x[0], microbatches))[1]
   zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
                        (state.params, sums_shape))
