@@ -1,19 +1,19 @@
 """Selective-scan speed, forward and forward+backward, as a table.
 
   python -m pallas_kernels.benchmarks.selective_scan        # ANCHORS.md shape, on a GPU
-  python -m pallas_kernels.benchmarks.selective_scan --kernel_blocks=16:8:2:256,8:8:1:atomic_sums=1
-      # our kernel at several GPU BlockSizes (block_e:chunk:num_warps[:segment], and any
-      # field as name=value), for tuning
+  python -m pallas_kernels.benchmarks.selective_scan --kernel_blocks=16:8:2,8:8:1:atomic_sums=1
+      # our kernel at several GPU BlockSizes (block_e:chunk:num_warps, then any field as
+      # name=value), for tuning
   python -m pallas_kernels.benchmarks.selective_scan --shape=1:64:16:4 --interpret
       # a smoke run on CPU
 
-Shape B:T:E:N (batch, time, channels, state). "floor" is the time to read x, dt, B, C,
-A once and write y once at --bandwidth. "wall" is the median of --repeats calls after
-one warm-up, each waited for, so it includes the host's dispatch; "device" is the kernel
-time per call from a profiler trace of --repeats calls (blank on the CPU, which reports
-no kernels). GB/s and "/ floor" use the device time where there is one. "max rel err" is
-the largest relative error (max |got - want| / max |want|) of y and the five gradients
-against the lax.scan reference on the same inputs.
+Shape B:T:E:P (batch, time, channels, state size; the letters of lm/__init__.py).
+"floor" is the time to read x, dt, B, C, A once and write y once at --bandwidth. "wall"
+is the median of --repeats calls after one warm-up, each waited for, so it includes the
+host's dispatch; "device" is the kernel time per call from a profiler trace of --repeats
+calls (blank on the CPU, which reports no kernels). GB/s and "/ floor" use the device
+time where there is one. "max rel err" is the largest relative error (max |got - want| /
+max |want|) of y and the five gradients against the lax.scan reference on the same inputs.
 """
 
 import functools
@@ -25,13 +25,13 @@ import jax.numpy as jnp
 from pallas_kernels.benchmarks import timing
 from pallas_kernels.selective_scan import api, gpu, reference, tpu
 
-_SHAPE = flags.DEFINE_string('shape', '4:2048:2048:16', 'B:T:E:N.')
+_SHAPE = flags.DEFINE_string('shape', '4:2048:2048:16', 'B:T:E:P.')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
                            'dtype of x, B, C (dt, A and the state are float32).')
 _REPEATS = flags.DEFINE_integer('repeats', 10, 'Timed runs per case.')
 _INTERPRET = flags.DEFINE_bool('interpret', False, 'Run our kernel in interpret mode (CPU).')
 _KERNEL_BLOCKS = flags.DEFINE_list(
-    'kernel_blocks', [], 'Block sizes to time, GPU block_e:chunk:num_warps[:segment] (TPU '
+    'kernel_blocks', [], 'Block sizes to time, GPU block_e:chunk:num_warps (TPU '
     'block_e:block_t), then any field as name=value, e.g. 8:8:1:backward_block_e=4; the '
     'defaults are always timed.')
 _BASELINES = flags.DEFINE_bool('baselines', True, 'Also time lax.scan and associative scans.')
@@ -70,7 +70,7 @@ def kernel_variants():
   """Name -> scan for our kernel, at the default or the requested block sizes."""
   kernel = jax.default_backend() if jax.default_backend() in api.KERNELS else 'gpu'
   module = {'gpu': gpu, 'tpu': tpu}[kernel]
-  fields = {'gpu': ('block_e', 'chunk', 'num_warps', 'segment'),
+  fields = {'gpu': ('block_e', 'chunk', 'num_warps'),
             'tpu': ('block_e', 'block_t')}[kernel]
   blocks = [module.BlockSizes()] + [parse_block_sizes(module.BlockSizes, fields, spec)
                                     for spec in _KERNEL_BLOCKS.value]
@@ -99,7 +99,7 @@ def main(argv):
               + 2 * batch * length * state * x_bytes + channels * state * 4)  # B, C; A
   floor = io_bytes / _BANDWIDTH.value
   print(f'device: {jax.devices()[0].device_kind}, jax {jax.__version__}; B={batch} T={length} '
-        f'E={channels} N={state}, x/B/C {_DTYPE.value}; floor {floor * 1e3:.3f} ms '
+        f'E={channels} P={state}, x/B/C {_DTYPE.value}; floor {floor * 1e3:.3f} ms '
         f'({io_bytes / 1e6:.0f} MB at {_BANDWIDTH.value / 1e12:.1f} TB/s)')
   print('| implementation | fwd ms wall | fwd ms device | fwd GB/s | fwd / floor '
         '| fwd+bwd ms wall | fwd+bwd ms device | max rel err |')

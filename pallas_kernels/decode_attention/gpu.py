@@ -6,6 +6,8 @@ count, not their memory traffic, sets its time. In XLA this step is a scatter pe
 here it is one kernel that writes the new key and value into the caches (aliased, so in
 place) and attends.
 
+Dimension letters as in lm/__init__.py: B, S (cache slots), N, K, G, H.
+
 One program per (batch row, kv head) holds the group's queries [G, H] and streams the
 filled cache slots in blocks of `block_s` with an online softmax (float32, base 2). The
 new token is taken from registers rather than read back from the slot it was just
@@ -92,13 +94,13 @@ def decode_attention(q_bnh, k_bkh, v_bkh, k_cache_bskh, v_cache_bskh, start_b, *
   num_kv_heads = k_cache_bskh.shape[2]
   groups = num_heads // num_kv_heads
   rows = max(16, groups)  # Tensor-core dots take 16 rows at least: pad the group with zeros.
-  q_bkrh = jnp.pad(q_bnh.reshape(batch, num_kv_heads, groups, head_dim),
-                   ((0, 0), (0, 0), (0, rows - groups), (0, 0)))
+  q_bkgh = jnp.pad(q_bnh.reshape(batch, num_kv_heads, groups, head_dim),
+                   ((0, 0), (0, 0), (0, rows - groups), (0, 0)))  # G padded to `rows`.
   out, k_cache_bskh, v_cache_bskh = pl.pallas_call(
       functools.partial(_kernel, scale=sm_scale * flash_gpu.LOG2_E,
                         block_s=block_sizes.block_s),
       grid=(batch, num_kv_heads),
-      out_shape=[jax.ShapeDtypeStruct(q_bkrh.shape, q_bnh.dtype),
+      out_shape=[jax.ShapeDtypeStruct(q_bkgh.shape, q_bnh.dtype),
                  jax.ShapeDtypeStruct(k_cache_bskh.shape, k_cache_bskh.dtype),
                  jax.ShapeDtypeStruct(v_cache_bskh.shape, v_cache_bskh.dtype)],
       input_output_aliases={4: 1, 5: 2},
@@ -106,5 +108,5 @@ def decode_attention(q_bnh, k_bkh, v_bkh, k_cache_bskh, v_cache_bskh, start_b, *
                                            num_stages=block_sizes.num_stages),
       interpret=interpret,
       name='decode_attention',
-  )(start_b.astype(jnp.int32), q_bkrh, k_bkh, v_bkh, k_cache_bskh, v_cache_bskh)
+  )(start_b.astype(jnp.int32), q_bkgh, k_bkh, v_bkh, k_cache_bskh, v_cache_bskh)
   return out[:, :, :groups].reshape(batch, num_heads, head_dim), k_cache_bskh, v_cache_bskh

@@ -1,8 +1,8 @@
 """One decoding step of attention over a KV cache, in plain JAX: the specification the
 decode kernels are tested against.
 
-Dimension letters: B batch, N query heads, K kv heads (K divides N; query head n reads kv
-head n // (N // K)), S cache slots, H head dim.
+Dimension letters as in lm/__init__.py: B, S (cache slots), N, K, G, H (K divides N; query
+head n reads kv head n // G, G = N / K).
 
 Row b's new token goes to slot start[b] (which must be inside the cache, start[b] < S);
 its query attends to slots 0 .. start[b] (the cache so far and itself). Softmax is

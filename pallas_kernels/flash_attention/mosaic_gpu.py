@@ -1,5 +1,8 @@
 """Flash attention for Hopper GPUs in Pallas Mosaic GPU (wgmma and TMA), forward and backward.
 
+Dimension letters as in lm/__init__.py: B, T, S, N, K, H. S, P, dS, dP, O, Q, K, V in
+the formulas are the FlashAttention papers' matrices (scores, probabilities, ...).
+
 Why a second GPU kernel: the Triton one (gpu.py) tops out near 320 TFLOP/s forward on
 the H100 (docs/benchmarks.md); Hopper's tensor cores are fed at full rate only by
 warpgroup MMAs (wgmma) reading operands from shared memory that the TMA unit fills
@@ -23,9 +26,9 @@ while the other's matmuls occupy the tensor cores (FlashAttention-3's ping-pong)
       P = exp2(S - lse), dS = P (dP - delta), dQ += dS K.
   dk/dv (tile: keys; streams Q and dO of each query head that reads the kv head): keys as
       rows, S^T = K Q^T and dP^T = V dO^T issued together, then dV += P^T dO and
-      dK += dS^T Q together: two wgmma waits a step where one at a time took four (5% off
-      the backward at S=8192 on the H100). Per-query lse and delta come from global memory
-      into registers in the wgmma column layout.
+      dK += dS^T Q together: two wgmma waits a step rather than four (5% off the backward
+      at S=8192 on the H100). Per-query lse and delta come from global memory into
+      registers in the wgmma column layout.
 Each kernel masks only the blocks that cross the diagonal or hold padding. The tiles with
 the most causal work (queries far from the start, keys near it) are launched first, those
 of every head before any lighter one, so the last wave is short.
@@ -54,14 +57,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import compat
 from pallas_kernels.flash_attention import gpu as triton_gpu
 from pallas_kernels.flash_attention.reference import MASK_VALUE
 from pallas_kernels.padding import pad_axis
-
-try:  # Exported from jax 0.11; jax 0.10 has it under _src only.
-  InterpretParams = plgpu.InterpretGPUParams
-except AttributeError:
-  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as InterpretParams
 
 LOG2_E = triton_gpu.LOG2_E
 _COMPUTE_WARPGROUPS = 2
@@ -104,8 +103,7 @@ def runs_here() -> bool:
   device = jax.devices()[0]
   if device.platform != 'gpu' or getattr(device, 'compute_capability', None) != '9.0':
     return False
-  from jax._src.lib import cuda_versions  # None where jax has no CUDA plugin.
-  runtime = cuda_versions.cuda_runtime_get_version() if cuda_versions else 0
+  runtime = compat.cuda_runtime_version() or 0
   return not 12080 <= runtime < 12091
 
 
@@ -146,9 +144,9 @@ def _zeros(shape, layout, interpret):
 
 
 def _dots_t(pairs, interpret, while_running=None):
-  """[A B^T for (A, B) in pairs], shared-memory tiles [M, H] and [N, H] to float32 [M, N],
-  as wgmmas issued together and awaited once (B read transposed in place);
-  `while_running()` runs between the issue and the wait."""
+  """[A B^T for (A, B) in pairs], shared-memory tiles [rows, H] and [columns, H] to float32
+  [rows, columns], as wgmmas issued together and awaited once (B read transposed in
+  place); `while_running()` runs between the issue and the wait."""
   if interpret:
     while_running and while_running()
     return [jnp.dot(a[...], b[...].T, preferred_element_type=jnp.float32) for a, b in pairs]
@@ -163,8 +161,9 @@ def _dots_t(pairs, interpret, while_running=None):
 
 
 def _accumulate_dots(terms, interpret):
-  """[acc + P V for (acc, P, V) in terms], P [M, N] from registers and V [N, H] from shared
-  memory, accumulating in place in the wgmma registers; issued together, awaited once."""
+  """[acc + P V for (acc, P, V) in terms], P [rows, columns] from registers and V
+  [columns, H] from shared memory, accumulating in place in the wgmma registers; issued
+  together, awaited once."""
   if interpret:
     return [acc + jnp.dot(p, v[...], preferred_element_type=jnp.float32) for acc, p, v in terms]
 
@@ -506,7 +505,7 @@ def _call(kernel, out_type, scratch_types, grid, interpret):
       kernel, out_type=out_type, scratch_types=scratch_types, grid=grid,
       grid_names=('heads', 'batch', 'tiles'), num_threads=_COMPUTE_WARPGROUPS + 1,
       thread_name='warpgroup', compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=InterpretParams() if interpret else None)
+      interpret=compat.InterpretGPUParams() if interpret else None)
 
 
 def _ring_barriers(stages):

@@ -1,7 +1,7 @@
 """Attention in plain JAX: the specification the flash-attention kernels are tested against.
 
-Dimension letters: B batch, T query length, S key length, N query heads, K kv heads
-(K divides N; query head n reads kv head n // (N // K)), H head dim.
+Dimension letters as in lm/__init__.py: B, T, S, N, K, H (K divides N; query head n reads
+kv head n // G, G = N / K).
 
 A query attends to a key when both have the same segment id and, if causal, the key's
 index is not after the query's. Softmax and accumulation are float32; the

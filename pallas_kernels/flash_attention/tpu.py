@@ -1,5 +1,7 @@
 """Flash attention for TPUs in Pallas (Mosaic lowering), forward and backward.
 
+Dimension letters as in lm/__init__.py: B, T, S, N, K, H.
+
 Algorithm (FlashAttention-2): the grid is (batch, query head, query block, key block)
 with the key blocks innermost and sequential ("arbitrary"); the running max m,
 normaliser l and float32 accumulator live in VMEM scratch across them, are reset at
@@ -213,8 +215,10 @@ def forward(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, sm_scale: f
       grid=(batch, num_heads, q_pad // block_q, kv_pad // block_k),
       in_specs=[
           pl.BlockSpec((None, None, block_q, head_dim), lambda b, n, i, j: (b, n, i, 0)),
-          pl.BlockSpec((None, None, block_k, head_dim), lambda b, n, i, j: (b, lax.div(n, groups), j, 0)),
-          pl.BlockSpec((None, None, block_k, head_dim), lambda b, n, i, j: (b, lax.div(n, groups), j, 0)),
+          pl.BlockSpec((None, None, block_k, head_dim),
+                       lambda b, n, i, j: (b, lax.div(n, groups), j, 0)),
+          pl.BlockSpec((None, None, block_k, head_dim),
+                       lambda b, n, i, j: (b, lax.div(n, groups), j, 0)),
           pl.BlockSpec((None, block_q, _LANES), lambda b, n, i, j: (b, i, 0)),
           pl.BlockSpec((None, _SUBLANES, block_k), lambda b, n, i, j: (b, 0, j)),
       ],
@@ -271,18 +275,18 @@ def backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, causal:
       name='flash_attention_dq_tpu',
   )(q_bnth, k_bksh, v_bksh, q_segments, k_segments, do_bnth, lse_rows, delta_rows)
 
-  # Grid (b, kv head h, key block j, group member g, query block i): query head h*groups+g.
+  # Grid (b, kv head k, key block j, group member g, query block i): query head k*groups+g.
   q_spec = pl.BlockSpec((None, None, block_q, head_dim),
-                        lambda b, h, j, g, i: (b, h * groups + g, i, 0))
-  kv_spec = pl.BlockSpec((None, None, block_k, head_dim), lambda b, h, j, g, i: (b, h, j, 0))
+                        lambda b, k, j, g, i: (b, k * groups + g, i, 0))
+  kv_spec = pl.BlockSpec((None, None, block_k, head_dim), lambda b, k, j, g, i: (b, k, j, 0))
   row_spec = pl.BlockSpec((None, None, block_q, _LANES),
-                          lambda b, h, j, g, i: (b, h * groups + g, i, 0))
+                          lambda b, k, j, g, i: (b, k * groups + g, i, 0))
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, **kernel_kwargs),
       grid=(batch, num_kv_heads, kv_pad // block_k, groups, q_pad // block_q),
       in_specs=[q_spec, kv_spec, kv_spec,
-                pl.BlockSpec((None, block_q, _LANES), lambda b, h, j, g, i: (b, i, 0)),
-                pl.BlockSpec((None, _SUBLANES, block_k), lambda b, h, j, g, i: (b, 0, j)),
+                pl.BlockSpec((None, block_q, _LANES), lambda b, k, j, g, i: (b, i, 0)),
+                pl.BlockSpec((None, _SUBLANES, block_k), lambda b, k, j, g, i: (b, 0, j)),
                 q_spec, row_spec, row_spec],
       out_specs=[kv_spec, kv_spec],
       out_shape=[jax.ShapeDtypeStruct(k_bksh.shape, k.dtype),

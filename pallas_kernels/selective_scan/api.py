@@ -1,11 +1,12 @@
 """Selective scan: one entry point that picks the kernel for the backend.
 
-`selective_scan(x, dt, a, b, c, reset)` takes x, dt [B, T, E], a [E, N], b, c [B, T, N]
+`selective_scan(x, dt, a, b, c, reset)` takes x, dt [B, T, E], a [E, P], b, c [B, T, P]
 and reset [B, T] bool (True at the first token of each document) and returns y [B, T, E]
 in x's dtype (reference.py states the recurrence). On GPU it runs the Pallas Triton kernel
 (gpu.py), on TPU the Pallas Mosaic kernel (tpu.py), forward and backward through one
 custom_vjp whose backward recomputes states from the chunk-start states the forward saved.
 Backends without a kernel run the chunked associative scan (reference.py), with a log line.
+Dimension letters as in lm/__init__.py (E channels, P state size).
 """
 
 import functools

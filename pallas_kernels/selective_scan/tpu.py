@@ -1,24 +1,26 @@
 """Selective scan for TPUs in Pallas (Mosaic lowering), forward and backward.
 
-Layout. The state of a block of `block_e` channels is h [N, block_e]: channels on the 128
+Dimension letters as in lm/__init__.py: B, T, E (channels) and P (state size).
+
+Layout. The state of a block of `block_e` channels is h [P, block_e]: channels on the 128
 lanes, states on sublanes, so the per-step update exp(dt A) h + dt x B is dense vector
 work. The grid is (batch row, channel block, time block); time is the innermost,
 sequential ('arbitrary') axis and the state stays in a VMEM scratch between time blocks.
-B and C arrive transposed, [N, block_t] per time block, and step t takes its column with
+B and C arrive transposed, [P, block_t] per time block, and step t takes its column with
 a lane mask and a lane reduction (Mosaic has no dynamic lane indexing). Steps go eight at
 a time so x, dt, dy, y move as aligned [8, block_e] tiles.
   forward:  y_t = C_t . h_t. For the backward pass it also writes the state at the start
-            of each time block, [B, T / block_t, N, E].
+            of each time block, [B, T / block_t, P, E].
   backward: time blocks in reverse. From the block's start state it recomputes the
-            block's states into VMEM ([block_t, N, block_e], never to HBM), then runs the
+            block's states into VMEM ([block_t, P, block_e], never to HBM), then runs the
             adjoint g_t = C_t dy_t + a_{t+1} g_{t+1} backwards, carrying a_{t+1} g_{t+1}
             between time blocks in VMEM, and forms each step's gradients from g_t, h_{t-1}.
             dA accumulates in its output block across time blocks; dB, dC are per
-            channel block, [B, E / block_e, N, T], summed by XLA.
+            channel block, [B, E / block_e, P, T], summed by XLA.
 Memory traffic, forward: x, dt, y once, B and C once per channel block.
 
 Padding: T to a multiple of block_t with dt = 0 (the state passes through), E to a
-multiple of block_e and N to a multiple of 8 with zeros. Inputs go in as float32.
+multiple of block_e and P to a multiple of 8 with zeros. Inputs go in as float32.
 """
 
 import dataclasses
@@ -46,21 +48,21 @@ class BlockSizes:
 
 
 def _kernel_inputs(x, dt, a, b, c, reset, block_sizes):
-  """x, dt [B, T, E]; aT [N, E]; bT, cT [B, N, T]; keep [B, T, 1] (0.0 at a reset): padded
-  float32."""
+  """x, dt [B, T, E]; a transposed [P, E]; b, c transposed [B, P, T]; keep [B, T, 1] (0.0
+  at a reset): padded float32."""
   block_e, block_t = block_sizes.block_e, block_sizes.block_t
   f32 = lambda t: t.astype(jnp.float32)
   pad_te = lambda t: pad_to_multiple(pad_to_multiple(f32(t), block_t, 1), block_e, 2)
-  pad_nt = lambda t: pad_to_multiple(
+  pad_pt = lambda t: pad_to_multiple(
       pad_to_multiple(f32(t).transpose(0, 2, 1), _SUBLANES, 1), block_t, 2)
   keep = pad_to_multiple(1.0 - f32(reset), block_t, 1, value=1.0)[..., None]
-  a_t = pad_to_multiple(pad_to_multiple(f32(a).T, _SUBLANES, 0), block_e, 1)
-  return pad_te(x), pad_te(dt), a_t, pad_nt(b), pad_nt(c), keep
+  a_pe = pad_to_multiple(pad_to_multiple(f32(a).T, _SUBLANES, 0), block_e, 1)
+  return pad_te(x), pad_te(dt), a_pe, pad_pt(b), pad_pt(c), keep
 
 
-def _column(rows_nt, lane_nt, t):
-  """Column t of an [N, block_t] tile as [N, 1]."""
-  return jnp.sum(jnp.where(lane_nt == t, rows_nt, 0.0), axis=1, keepdims=True)
+def _column(rows_pt, lane_pt, t):
+  """Column t of a [P, block_t] tile as [P, 1]."""
+  return jnp.sum(jnp.where(lane_pt == t, rows_pt, 0.0), axis=1, keepdims=True)
 
 
 def _rows(ref, t0):
@@ -76,8 +78,8 @@ def _forward_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, keep_ref, y_ref, *rest, 
 
   if save_states:
     states_ref[...] = h_ref[...]
-  a, b_nt, c_nt = a_ref[...], b_ref[...], c_ref[...]  # [N, block_e], [N, block_t] x 2
-  lane_nt = lax.broadcasted_iota(jnp.int32, b_nt.shape, 1)
+  a, b_pt, c_pt = a_ref[...], b_ref[...], c_ref[...]  # [P, block_e], [P, block_t] x 2
+  lane_pt = lax.broadcasted_iota(jnp.int32, b_pt.shape, 1)
   sublane = lax.broadcasted_iota(jnp.int32, (_SUBLANES, a.shape[1]), 0)
 
   def eight_steps(group, h):
@@ -86,8 +88,8 @@ def _forward_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, keep_ref, y_ref, *rest, 
     y8 = jnp.zeros(x8.shape, jnp.float32)
     for k in range(_SUBLANES):
       x, dt, keep = x8[k:k + 1], dt8[k:k + 1], keep8[k:k + 1]
-      h = keep * jnp.exp(dt * a) * h + (dt * x) * _column(b_nt, lane_nt, t0 + k)
-      y = jnp.sum(_column(c_nt, lane_nt, t0 + k) * h, axis=0, keepdims=True)
+      h = keep * jnp.exp(dt * a) * h + (dt * x) * _column(b_pt, lane_pt, t0 + k)
+      y = jnp.sum(_column(c_pt, lane_pt, t0 + k) * h, axis=0, keepdims=True)
       y8 = jnp.where(sublane == k, y, y8)
     y_ref[pl.ds(t0, _SUBLANES), :] = y8
     return h
@@ -102,8 +104,8 @@ def _backward_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, keep_ref, states_ref, d
     g_ref[...] = jnp.zeros(g_ref.shape, jnp.float32)
     da_ref[...] = jnp.zeros(da_ref.shape, jnp.float32)
 
-  a, b_nt, c_nt = a_ref[...], b_ref[...], c_ref[...]
-  lane_nt = lax.broadcasted_iota(jnp.int32, b_nt.shape, 1)
+  a, b_pt, c_pt = a_ref[...], b_ref[...], c_ref[...]
+  lane_pt = lax.broadcasted_iota(jnp.int32, b_pt.shape, 1)
   sublane = lax.broadcasted_iota(jnp.int32, (_SUBLANES, a.shape[1]), 0)
   num_groups = x_ref.shape[0] // _SUBLANES
 
@@ -113,20 +115,20 @@ def _backward_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, keep_ref, states_ref, d
     for k in range(_SUBLANES):
       x, dt, keep = x8[k:k + 1], dt8[k:k + 1], keep8[k:k + 1]
       history_ref[t0 + k] = h
-      h = keep * jnp.exp(dt * a) * h + (dt * x) * _column(b_nt, lane_nt, t0 + k)
+      h = keep * jnp.exp(dt * a) * h + (dt * x) * _column(b_pt, lane_pt, t0 + k)
     return h
 
   lax.fori_loop(0, num_groups, recompute, states_ref[...])
 
   def eight_steps_back(j, carry):
-    g_after, da, db_nt, dc_nt = carry  # g_after = a_{t+1} g_{t+1}.
+    g_after, da, db_pt, dc_pt = carry  # g_after = a_{t+1} g_{t+1}.
     t0 = pl.multiple_of((num_groups - 1 - j) * _SUBLANES, _SUBLANES)
     x8, dt8, keep8, dy8 = (_rows(r, t0) for r in (x_ref, dt_ref, keep_ref, dy_ref))
     dx8 = ddt8 = jnp.zeros(x8.shape, jnp.float32)
     for k in reversed(range(_SUBLANES)):
       t = t0 + k
       x, dt, keep, dy = x8[k:k + 1], dt8[k:k + 1], keep8[k:k + 1], dy8[k:k + 1]
-      b, c = _column(b_nt, lane_nt, t), _column(c_nt, lane_nt, t)  # [N, 1]
+      b, c = _column(b_pt, lane_pt, t), _column(c_pt, lane_pt, t)  # [P, 1]
       h_before = history_ref[t]
       a_t = keep * jnp.exp(dt * a)
       h = a_t * h_before + (dt * x) * b
@@ -135,22 +137,22 @@ def _backward_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, keep_ref, states_ref, d
       w = g * h_before * a_t  # dLoss / d(dt_t A), elementwise.
       dx8 = jnp.where(sublane == k, dt * g_b, dx8)
       ddt8 = jnp.where(sublane == k, jnp.sum(w * a, axis=0, keepdims=True) + x * g_b, ddt8)
-      db_nt = jnp.where(lane_nt == t, jnp.sum(g * (dt * x), axis=1, keepdims=True), db_nt)
-      dc_nt = jnp.where(lane_nt == t, jnp.sum(h * dy, axis=1, keepdims=True), dc_nt)
+      db_pt = jnp.where(lane_pt == t, jnp.sum(g * (dt * x), axis=1, keepdims=True), db_pt)
+      dc_pt = jnp.where(lane_pt == t, jnp.sum(h * dy, axis=1, keepdims=True), dc_pt)
       da = da + dt * w
       g_after = a_t * g
     dx_ref[pl.ds(t0, _SUBLANES), :] = dx8
     ddt_ref[pl.ds(t0, _SUBLANES), :] = ddt8
-    return g_after, da, db_nt, dc_nt
+    return g_after, da, db_pt, dc_pt
 
-  zeros_nt = jnp.zeros(b_nt.shape, jnp.float32)
-  g_after, da, db_nt, dc_nt = lax.fori_loop(
+  zeros_pt = jnp.zeros(b_pt.shape, jnp.float32)
+  g_after, da, db_pt, dc_pt = lax.fori_loop(
       0, num_groups, eight_steps_back,
-      (g_ref[...], jnp.zeros(a.shape, jnp.float32), zeros_nt, zeros_nt))
+      (g_ref[...], jnp.zeros(a.shape, jnp.float32), zeros_pt, zeros_pt))
   g_ref[...] = g_after
   da_ref[...] += da
-  db_ref[...] = db_nt
-  dc_ref[...] = dc_nt
+  db_ref[...] = db_pt
+  dc_ref[...] = dc_pt
 
 
 def _specs(block_sizes, state, num_t, reverse_time):
@@ -173,8 +175,8 @@ _SEMANTICS = pltpu.CompilerParams(dimension_semantics=('parallel', 'parallel', '
 
 def forward(x, dt, a, b, c, reset, *, block_sizes: BlockSizes = BlockSizes(),
             interpret: bool = False, save_states: bool = False):
-  """x, dt [B, T, E], a [E, N], b, c [B, T, N], reset [B, T] bool -> y [B, T, E] (x's dtype)
-  and, with save_states, the time-block start states [B, T_padded / block_t, N_pad, E_pad]."""
+  """x, dt [B, T, E], a [E, P], b, c [B, T, P], reset [B, T] bool -> y [B, T, E] (x's dtype)
+  and, with save_states, the time-block start states [B, T_padded / block_t, P_pad, E_pad]."""
   batch, length, channels = x.shape
   inputs = _kernel_inputs(x, dt, a, b, c, reset, block_sizes)
   _, padded_length, padded_channels = inputs[0].shape
@@ -232,8 +234,8 @@ def backward(x, dt, a, b, c, reset, states, dy, *, block_sizes: BlockSizes = Blo
       interpret=interpret,
       name='selective_scan_backward_tpu',
   )(*inputs, states, dy)
-  unpad_nt = lambda t, like: jnp.sum(t, 1).transpose(0, 2, 1)[:, :length, :num_states].astype(
+  unpad_pt = lambda t, like: jnp.sum(t, 1).transpose(0, 2, 1)[:, :length, :num_states].astype(
       like.dtype)
   return (dx[:, :length, :channels].astype(x.dtype), ddt[:, :length, :channels].astype(dt.dtype),
-          jnp.sum(da, 0).T[:channels, :num_states].astype(a.dtype), unpad_nt(db, b),
-          unpad_nt(dc, c))
+          jnp.sum(da, 0).T[:channels, :num_states].astype(a.dtype), unpad_pt(db, b),
+          unpad_pt(dc, c))
