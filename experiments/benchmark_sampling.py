@@ -20,7 +20,6 @@ from absl import app, flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 from ml_collections import config_flags
 
 from lm import config as config_lib
@@ -44,18 +43,18 @@ _PROFILE_STEPS = flags.DEFINE_integer(
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'new_tokens'))
-def generate_by_recomputation(params, tokens_bl, lengths_b, *, model, new_tokens: int):
-  batch, length = tokens_bl.shape
-  positions_bl = jnp.broadcast_to(jnp.arange(length), (batch, length))
+def generate_by_recomputation(params, tokens_bt, lengths_b, *, model, new_tokens: int):
+  batch, length = tokens_bt.shape
+  positions_bt = jnp.broadcast_to(jnp.arange(length), (batch, length))
 
   def step(_, carry):
-    tokens_bl, lengths_b = carry
-    segment_ids_bl = (positions_bl < lengths_b[:, None]).astype(jnp.int32)
-    logits_blv = model.apply({'params': params}, tokens_bl, segment_ids_bl, positions_bl)
-    next_b = jnp.argmax(logits_blv[jnp.arange(batch), lengths_b - 1], axis=-1)
-    return tokens_bl.at[jnp.arange(batch), lengths_b].set(next_b), lengths_b + 1
+    tokens_bt, lengths_b = carry
+    segment_ids_bt = (positions_bt < lengths_b[:, None]).astype(jnp.int32)
+    logits_btv = model.apply({'params': params}, tokens_bt, segment_ids_bt, positions_bt)
+    next_b = jnp.argmax(logits_btv[jnp.arange(batch), lengths_b - 1], axis=-1)
+    return tokens_bt.at[jnp.arange(batch), lengths_b].set(next_b), lengths_b + 1
 
-  return jax.lax.fori_loop(0, new_tokens, step, (tokens_bl, lengths_b))[0]
+  return jax.lax.fori_loop(0, new_tokens, step, (tokens_bt, lengths_b))[0]
 
 
 def print_decode_profile(generate_new, steps: int, rows: int = 12):
@@ -85,13 +84,12 @@ def main(argv):
   model_config.dtype = config_lib.resolve_dtype(_DTYPE.value)
   if _LAYER_PATTERN.value:
     model_config.layer_pattern = _LAYER_PATTERN.value
-  model = models.build(ml_collections.FrozenConfigDict(model_config))
+  model = models.build(model_config)
   prompt, new = _PROMPT_LENGTH.value, _NEW_TOKENS.value
   if _PROFILE_STEPS.value >= new:
     raise app.UsageError(f'--profile_steps={_PROFILE_STEPS.value} must be below'
                          f' --new_tokens={new}')
-  tokens = jnp.zeros((1, prompt), jnp.int32)
-  params = nn.meta.unbox(model.init(jax.random.key(0), tokens, tokens, tokens)['params'])
+  params = nn.meta.unbox(models.init_variables(model, jax.random.key(0))['params'])
 
   print(f'device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__},'
         f' dtype {model_config.dtype}; model: {model_config.num_layers} layers of width'

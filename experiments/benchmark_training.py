@@ -5,27 +5,25 @@
       --steps=2   # a smoke run on CPU
 
 The full train step (forward, backward, AdamW update) of lm.training.steps, jitted as the
-trainer jits it, on random tokens (speed does not depend on them), one packed document
+training loop jits it (lm.training.setup), on random tokens (speed does not depend on them), one packed document
 per row. Sizes at --size=130m: the Transformer is 12 layers of width 768 (12 heads of 64,
 SwiGLU 2048); the Mamba LM is 24 Mamba layers of width 768 (expand 2, state 16, dt rank
 48), as Mamba-130M; both with a tied 32768-token embedding. Each row times --steps steps
 after two warm-up steps; MFU is against the device's dense bf16 peak.
 """
 
-import functools
 import math
 import time
 
 from absl import app, flags
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from experiments.configs import default
 from lm import config as config_lib
-from lm import models, sharding
-from lm.training import loop, optimizer as optimizer_lib, steps
+from lm import flops, sharding
+from lm.training import setup as setup_lib
 
 _SIZE = flags.DEFINE_enum('size', '130m', ['130m', 'tiny'], 'Model sizes to compare.')
 _SEQ_LENS = flags.DEFINE_list('seq_lens', ['2048', '8192'], 'Sequence lengths.')
@@ -74,44 +72,33 @@ def time_training(kind: str, seq_len: int) -> dict:
   config = default.get_config()
   config.model = model_config(kind, seq_len)
   batch_size = max(_TOKENS_PER_STEP.value // seq_len, 1)
-  mesh = sharding.make_mesh(config.mesh)
-  model = models.build(ml_collections.FrozenConfigDict(config.model))
-  optimizer = optimizer_lib.make_optimizer(config.train)
-  init_boxed = steps.train_state_initializer(model, optimizer, seq_len)
-  with sharding.activate(mesh):
-    state_shardings = sharding.logical_to_shardings(
-        jax.eval_shape(init_boxed, jax.random.key(0)), mesh)
-    state = jax.jit(lambda rng: nn.meta.unbox(init_boxed(rng)),
-                    out_shardings=state_shardings)(jax.random.key(0))
-    batch_sharding = sharding.batch_sharding(mesh)
-    train_step = jax.jit(
-        functools.partial(steps.train_step, model=model, optimizer=optimizer,
-                          train_config=config.train),
-        in_shardings=(state_shardings, batch_sharding), donate_argnums=0)
+  setup = setup_lib.make_setup(config, jax.devices())
+  with sharding.activate(setup.mesh):
+    state = setup.init(jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (batch_size, seq_len), 3,
                                 config.model.vocab_size)
     batch = jax.device_put({
         'tokens': tokens,
         'segment_ids': jnp.ones_like(tokens),
         'positions': jnp.broadcast_to(jnp.arange(seq_len), tokens.shape),
-    }, batch_sharding)
+    }, setup.batch_sharding)
     for _ in range(2):  # Compile, then one more so the timed steps start warm.
-      state, metrics = train_step(state, batch)
+      state, metrics = setup.train_step(state, batch, None)
     jax.block_until_ready(metrics)
     start = time.perf_counter()
     for _ in range(_STEPS.value):
-      state, metrics = train_step(state, batch)
+      state, metrics = setup.train_step(state, batch, None)
     jax.block_until_ready(metrics)
     seconds = (time.perf_counter() - start) / _STEPS.value
   return dict(seconds=seconds, batch_size=batch_size,
               params=sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)),
-              flops_per_token=models.FLOPS_PER_TOKEN[config.model.name](config.model, seq_len),
+              flops_per_token=flops.flops_per_token(config.model, seq_len),
               loss=float(metrics['loss']))
 
 
 def main(argv):
   del argv
-  peak = loop.peak_flops_per_device()
+  peak = flops.peak_flops_per_device()
   print(f'device: {jax.devices()[0].device_kind} x {jax.device_count()}, jax {jax.__version__}; '
         f'size {_SIZE.value}, {_TOKENS_PER_STEP.value} tokens per step, attention='
         f'{attention_implementation()}, mamba_scan={_MAMBA_SCAN.value}, remat={_REMAT.value}')

@@ -13,6 +13,7 @@ from ml_collections import config_flags
 
 from experiments import cli
 from lm import tokenizer as tokenizer_lib
+from lm import objectives
 from lm.data import sources
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config whose data to train on.')
@@ -24,7 +25,8 @@ flags.mark_flags_as_required(['config', 'output'])
 
 def main():
   data_config = _CONFIG.value.data
-  train_documents, _ = sources.split(sources.build(data_config), data_config.validation_fraction)
+  source = objectives.OBJECTIVES['pretrain'].source(data_config)
+  train_documents, _ = sources.split(source, data_config.validation_fraction)
   count = min(len(train_documents), _MAX_DOCUMENTS.value)
   # Validation documents are left out so validation loss stays honest.
   texts = (train_documents[i] for i in range(count))

@@ -2,10 +2,9 @@
 
 import jax
 
-from lm import models, sharding
-from lm.errors import ConfigError
-from lm.models import attention, mamba, transformer
-from lm.training import rewards, steps
+from lm import models, objectives, sharding
+from lm.errors import check as _check
+from lm.models import attention, decoder, mamba
 
 DTYPES = ('float32', 'bfloat16')
 
@@ -40,16 +39,16 @@ def validate(config, num_devices: int, tokenizer_vocab_size: int) -> None:
     _check(jax.default_backend() == 'gpu' and resolve_dtype(model.dtype) == 'bfloat16',
            'config.model.attention="cudnn" needs a GPU and config.model.dtype bfloat16'
            f' (here: {jax.default_backend()}, {resolve_dtype(model.dtype)}); use "xla"')
-  kinds = [kind.strip() for kind in model.layer_pattern.split(',')]
-  _check(all(kind in transformer.BLOCKS for kind in kinds),
+  kinds = decoder.parse_layer_pattern(model.layer_pattern)
+  _check(all(kind in decoder.BLOCKS for kind in kinds),
          f'config.model.layer_pattern={model.layer_pattern!r}: each entry must be one of'
-         f' {sorted(transformer.BLOCKS)}')
+         f' {sorted(decoder.BLOCKS)}')
   if 'mamba' in kinds:
     for field in ('mamba_expand', 'mamba_state_dim', 'mamba_dt_rank', 'mamba_conv_width'):
       _check(model[field] > 0, f'config.model.{field}={model[field]} must be positive')
     _check(model.mamba_scan in mamba.SCANS,
            f'config.model.mamba_scan={model.mamba_scan!r} is not one of {sorted(mamba.SCANS)}')
-  remats = ('none',) + tuple(transformer.REMAT_POLICIES)
+  remats = ('none',) + tuple(decoder.REMAT_POLICIES)
   _check(model.remat in remats, f'config.model.remat={model.remat!r} is not one of {remats}')
 
   _check(0 < data.seq_len <= model.max_seq_len,
@@ -58,13 +57,10 @@ def validate(config, num_devices: int, tokenizer_vocab_size: int) -> None:
   _check(0.0 < data.validation_fraction < 1.0,
          f'config.data.validation_fraction={data.validation_fraction} must be in (0, 1)')
 
-  _check(train.objective in steps.OBJECTIVES,
-         f'config.train.objective={train.objective!r} is not one of {sorted(steps.OBJECTIVES)}')
-  _check(train.dpo_beta > 0, f'config.train.dpo_beta={train.dpo_beta} must be positive')
-  _check(train.dpo_nll_weight >= 0,
-         f'config.train.dpo_nll_weight={train.dpo_nll_weight} must be >= 0')
-  if train.objective == 'grpo':
-    _validate_grpo(train.grpo, data.seq_len, config.checkpoint.every_steps)
+  _check(train.objective in objectives.OBJECTIVES,
+         f'config.train.objective={train.objective!r} is not one of'
+         f' {sorted(objectives.OBJECTIVES)}')
+  objectives.OBJECTIVES[train.objective].validate(config)
   _check(train.num_steps > 0, f'config.train.num_steps={train.num_steps} must be positive')
   _check(train.learning_rate > 0, f'config.train.learning_rate={train.learning_rate} must be positive')
   # The cosine decay needs a step after the warm-up.
@@ -98,33 +94,3 @@ def validate(config, num_devices: int, tokenizer_vocab_size: int) -> None:
   _check(model.embed_dim % mesh_shape['fsdp'] == 0,
          f'config.model.embed_dim={model.embed_dim} must be divisible by config.mesh.fsdp'
          f'={mesh_shape["fsdp"]}')
-
-
-def _validate_grpo(grpo, seq_len: int, checkpoint_every: int) -> None:
-  _check(grpo.reward in rewards.REWARDS,
-         f'config.train.grpo.reward={grpo.reward!r} is not one of {sorted(rewards.REWARDS)}')
-  _check(grpo.group_size >= 2,
-         f'config.train.grpo.group_size={grpo.group_size} must be at least 2 (a group\'s'
-         ' mean reward is each completion\'s baseline)')
-  _check(0 < grpo.max_new_tokens < seq_len,
-         f'config.train.grpo.max_new_tokens={grpo.max_new_tokens} must be in [1,'
-         f' config.data.seq_len={seq_len}) (prompts get the rest of the row)')
-  _check(grpo.temperature > 0,
-         f'config.train.grpo.temperature={grpo.temperature} must be positive')
-  _check(grpo.kl_weight >= 0, f'config.train.grpo.kl_weight={grpo.kl_weight} must be >= 0')
-  _check(grpo.updates_per_rollout >= 1,
-         f'config.train.grpo.updates_per_rollout={grpo.updates_per_rollout} must be >= 1')
-  _check(grpo.clip_epsilon > 0,
-         f'config.train.grpo.clip_epsilon={grpo.clip_epsilon} must be positive')
-  # Checkpoints fall between rollouts, so that a resumed run samples where it stopped.
-  _check(checkpoint_every % grpo.updates_per_rollout == 0,
-         f'config.checkpoint.every_steps={checkpoint_every} must be a multiple of'
-         f' config.train.grpo.updates_per_rollout={grpo.updates_per_rollout}')
-  # Rollouts gather every completion on this host to reward it.
-  _check(jax.process_count() == 1,
-         f'config.train.objective="grpo" runs on one process, not {jax.process_count()}')
-
-
-def _check(condition: bool, message: str) -> None:
-  if not condition:
-    raise ConfigError(message)

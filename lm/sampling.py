@@ -1,8 +1,8 @@
 """Sampling with a cache: one prefill over the prompts, then one token per step.
 
-Prompts of different lengths are right-padded into one [B, P] batch; each row keeps
+Prompts of different lengths are right-padded into one [B, T] batch; each row keeps
 its own length in the cache, so every shape is static and one compile serves any
-prompt up to P tokens. Greedy when temperature is 0, else softmax sampling at that
+prompt up to T tokens. Greedy when temperature is 0, else softmax sampling at that
 temperature restricted to the top-k tokens and to the smallest set whose probability
 reaches top-p. A row stops after emitting a stop id; rows that stopped emit pad.
 """
@@ -12,6 +12,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lm import models
 
 # Flax's Dense, DenseGeneral and Embed cast these to the module's compute dtype at every
 # call; see cast_weights.
@@ -33,8 +35,8 @@ def cast_weights(params, dtype):
 def init_cache(model, batch_size: int, cache_length: int):
   """An empty cache (the 'cache' collection) with `cache_length` slots per row."""
   def init():
-    tokens = jnp.zeros((batch_size, cache_length), jnp.int32)
-    return model.init(jax.random.key(0), tokens, tokens, tokens, decode=True)['cache']
+    return models.init_variables(model, jax.random.key(0), batch_size=batch_size,
+                                 length=cache_length, decode=True)['cache']
   return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(init))
 
 
@@ -59,16 +61,16 @@ def sample_from_logits(logits_bv, rng, *, temperature: float, top_k: int, top_p:
 
 @functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'cache_length',
                                              'temperature', 'top_k', 'top_p'))
-def generate(params, prompts_bp, prompt_lengths_b, rng, stop_ids, *, model, max_new_tokens: int,
+def generate(params, prompts_bt, prompt_lengths_b, rng, stop_ids, *, model, max_new_tokens: int,
              cache_length: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              pad_id: int = 0):
   """Continues each prompt row (its first prompt_lengths_b[b] tokens). The sampling
   options are static (see sample_from_logits): each setting compiles once.
 
-  Returns new ids [B, max_new_tokens] (pad after a row stops) and the number of new
-  ids in each row, stop id included. `cache_length` must hold P + max_new_tokens.
+  Returns new ids [B, M] (M = max_new_tokens) (pad after a row stops) and the number of new
+  ids in each row, stop id included. `cache_length` must hold T + max_new_tokens.
   """
-  batch, prompt_length = prompts_bp.shape
+  batch, prompt_length = prompts_bt.shape
   if max_new_tokens < 1:
     raise ValueError(f'{max_new_tokens=} must be at least 1')
   if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
@@ -77,32 +79,32 @@ def generate(params, prompts_bp, prompt_lengths_b, rng, stop_ids, *, model, max_
   if prompt_length + max_new_tokens > cache_length:
     raise ValueError(f'{prompt_length=} + {max_new_tokens=} exceeds {cache_length=}')
   params = cast_weights(params, model.config.dtype)  # Once, outside the decode loop.
-  positions_bp = jnp.broadcast_to(jnp.arange(prompt_length), (batch, prompt_length))
-  segment_ids_bp = (positions_bp < prompt_lengths_b[:, None]).astype(jnp.int32)
+  positions_bt = jnp.broadcast_to(jnp.arange(prompt_length), (batch, prompt_length))
+  segment_ids_bt = (positions_bt < prompt_lengths_b[:, None]).astype(jnp.int32)
   logits_bpv, variables = model.apply(
       {'params': params, 'cache': init_cache(model, batch, cache_length)},
-      prompts_bp, segment_ids_bp, positions_bp, decode=True, mutable=['cache'])
+      prompts_bt, segment_ids_bt, positions_bt, decode=True, mutable=['cache'])
   last_logits_bv = logits_bpv[jnp.arange(batch), prompt_lengths_b - 1]
 
-  def choose(index, logits_bv, done_b, new_bn, num_new_b, rng):
+  def choose(index, logits_bv, done_b, new_bm, num_new_b, rng):
     """Samples the token at `index` and records it; rows already done get pad."""
     rng, step_rng = jax.random.split(rng)
     token_b = sample_from_logits(logits_bv, step_rng, temperature=temperature, top_k=top_k,
                                  top_p=top_p)
     token_b = jnp.where(done_b, pad_id, token_b)
-    new_bn = new_bn.at[:, index].set(token_b)
+    new_bm = new_bm.at[:, index].set(token_b)
     num_new_b = num_new_b + (~done_b)
-    return token_b, done_b | jnp.isin(token_b, stop_ids), new_bn, num_new_b, rng
+    return token_b, done_b | jnp.isin(token_b, stop_ids), new_bm, num_new_b, rng
 
   def step(carry):
-    index, logits_bv, cache, done_b, new_bn, num_new_b, rng = carry
-    token_b, done_b, new_bn, num_new_b, rng = choose(index, logits_bv, done_b, new_bn,
+    index, logits_bv, cache, done_b, new_bm, num_new_b, rng = carry
+    token_b, done_b, new_bm, num_new_b, rng = choose(index, logits_bv, done_b, new_bm,
                                                      num_new_b, rng)
     position_b1 = (prompt_lengths_b + index)[:, None]
     logits_b1v, variables = model.apply(
         {'params': params, 'cache': cache}, token_b[:, None], jnp.ones_like(position_b1),
         position_b1, decode=True, mutable=['cache'])
-    return index + 1, logits_b1v[:, 0], variables['cache'], done_b, new_bn, num_new_b, rng
+    return index + 1, logits_b1v[:, 0], variables['cache'], done_b, new_bm, num_new_b, rng
 
   # The loop stops one token short: the last token is chosen after it, so no decode step
   # computes logits nobody reads.
@@ -113,14 +115,14 @@ def generate(params, prompts_bp, prompt_lengths_b, rng, stop_ids, *, model, max_
   initial = (jnp.int32(0), last_logits_bv, variables['cache'], jnp.zeros(batch, jnp.bool_),
              jnp.full((batch, max_new_tokens), pad_id, jnp.int32), jnp.zeros(batch, jnp.int32),
              rng)
-  index, logits_bv, _, done_b, new_bn, num_new_b, rng = jax.lax.while_loop(
+  index, logits_bv, _, done_b, new_bm, num_new_b, rng = jax.lax.while_loop(
       keep_going, step, initial)
-  _, _, new_bn, num_new_b, _ = choose(index, logits_bv, done_b, new_bn, num_new_b, rng)
-  return new_bn, num_new_b
+  _, _, new_bm, num_new_b, _ = choose(index, logits_bv, done_b, new_bm, num_new_b, rng)
+  return new_bm, num_new_b
 
 
 def pad_prompts(prompts: list[list[int]], pad_id: int, multiple: int = 64):
-  """Right-pads id lists into [B, P] with P rounded up to `multiple` (fewer compiles)."""
+  """Right-pads id lists into [B, T] with T rounded up to `multiple` (fewer compiles)."""
   if not prompts or min(len(p) for p in prompts) == 0:
     raise ValueError('every prompt needs at least one token (the tokenizer adds bos)')
   length = -(-max(len(p) for p in prompts) // multiple) * multiple
@@ -136,15 +138,15 @@ def complete(model, params, tokenizer, prompts: list[str], *, max_new_tokens: in
   """Text in, text out: bos + prompt, generate, decode up to (not including) the stop id."""
   stop_ids = (tokenizer.eos_id,) if stop_ids is None else stop_ids
   ids = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
-  prompts_bp, lengths_b = pad_prompts(ids, tokenizer.pad_id)
-  cache_length = cache_length or prompts_bp.shape[1] + max_new_tokens
-  new_bn, num_new_b = generate(
-      params, jnp.asarray(prompts_bp), jnp.asarray(lengths_b), jax.random.key(seed),
+  prompts_bt, lengths_b = pad_prompts(ids, tokenizer.pad_id)
+  cache_length = cache_length or prompts_bt.shape[1] + max_new_tokens
+  new_bm, num_new_b = generate(
+      params, jnp.asarray(prompts_bt), jnp.asarray(lengths_b), jax.random.key(seed),
       jnp.asarray(stop_ids, jnp.int32), model=model, max_new_tokens=max_new_tokens,
       cache_length=cache_length, temperature=temperature, top_k=top_k, top_p=top_p,
       pad_id=tokenizer.pad_id)
   completions = []
-  for row, count in zip(np.asarray(new_bn), np.asarray(num_new_b)):
+  for row, count in zip(np.asarray(new_bm), np.asarray(num_new_b)):
     row = [int(t) for t in row[:count]]
     completions.append(tokenizer.decode([t for t in row if t not in stop_ids]))
   return completions

@@ -121,3 +121,9 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def global_batch(batch: dict, sharding: NamedSharding) -> dict:
+  """This process's rows of each array -> global arrays over all processes' devices."""
+  return {name: jax.make_array_from_process_local_data(sharding, value)
+          for name, value in batch.items()}

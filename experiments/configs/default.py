@@ -19,7 +19,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.seed = 0
 
   config.model = ml_collections.ConfigDict(dict(
-      name='transformer',
+      name='decoder',  # lm.models.MODELS: the block stack of layer_pattern.
       vocab_size=264,  # The byte tokenizer's 259 ids, rounded up to a multiple of 8.
       num_layers=4,
       layer_pattern='attention',  # Repeated over the layers: 'mamba', 'mamba,attention', ...
@@ -74,7 +74,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
       dpo_beta=0.1,  # DPO's beta: how far from the reference the policy may move.
       dpo_nll_weight=0.0,  # > 0: plus this x the chosen responses' per-token NLL (RPO).
       grpo=ml_collections.ConfigDict(dict(
-          reward='python_function',  # By name, from lm/training/rewards.py.
+          reward='python_function',  # By name, from lm/objectives/rewards.py.
           group_size=8,  # Completions per prompt; data.batch_size counts prompts.
           max_new_tokens=256,  # Per completion; the prompt gets the rest of data.seq_len.
           temperature=0.7,  # Of the sampling policy, the one that is trained.

@@ -3,7 +3,7 @@
 Each step the policy completes `data.batch_size` function prompts (signature and
 docstring summary, from the standard library; no download) `grpo.group_size` times;
 a completion scores 1 if it ends and the function parses and reads every parameter,
-0.5 if it only parses, else 0 (lm/training/rewards.py). Completions better than their
+0.5 if it only parses, else 0 (lm/objectives/rewards.py). Completions better than their
 group's mean are made likelier, worse ones less likely, with a KL penalty that keeps the
 policy near the model it started from. Each rollout serves two updates, with PPO's clip
 against the policy that sampled. Start from an SFT run:
@@ -17,7 +17,7 @@ one update per rollout) and eval_reward rises from 0.25 to about 0.56, mostly th
 short bodies that end and parse (docs/benchmarks.md). For your own prompts:
 --config.data.source=jsonl --config.data.path=FILES, each line {"prompt": ..., "answer": ...} with
 --config.train.grpo.reward=exact_match, or any fields and a reward of your own in
-lm/training/rewards.py. `:tiny` works too.
+lm/objectives/rewards.py. `:tiny` works too.
 """
 
 from experiments.configs import sft
@@ -27,8 +27,7 @@ def get_config(variant: str = ''):
   config = sft.get_config(variant)
   config.train.objective = 'grpo'
   config.data.batch_size = 4  # Prompts: 32 completions a rollout.
-  # Sampling is most of a step's time on a CPU; at this learning rate a second update
-  # on each rollout reached the same rewards in 58% of the time (docs/benchmarks.md).
+  # Sampling is most of a step's time on a CPU: a second update per rollout halves it.
   config.train.grpo.updates_per_rollout = 2
   config.train.update(num_steps=100, learning_rate=5e-5, warmup_steps=10, log_every=10,
                       eval_every=25, eval_steps=4)

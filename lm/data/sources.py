@@ -1,9 +1,8 @@
 """Document sources: random-access lists, read lazily, for grain.
 
 For pretraining an item is a text. For post-training it is a list of examples, dicts
-of texts: {'prompt', 'response'} for SFT, {'prompt', 'chosen', 'rejected'} for DPO,
-{'prompt', ...} for GRPO, whose reward may read other fields, such as a reference
-answer (a JSON line holds one; a stdlib file, all of its documented functions).
+of texts such as {'prompt', 'response'} (a JSON line holds one; a stdlib file, all of
+its documented functions). Each objective (lm/objectives/) says which of these it reads.
 
 Every source also gives each item a group key; the train/validation split holds out
 whole groups (a file, or a stdlib top-level module) by a stable hash of the key, so
@@ -135,14 +134,6 @@ def stdlib_source() -> TextFiles:
   return TextFiles(paths, keys)
 
 
-# The JSON fields a post-training example reads, by objective.
-EXAMPLE_FIELDS = {'sft': ('prompt', 'response'), 'dpo': ('prompt', 'chosen', 'rejected'),
-                  'grpo': ('prompt',)}
-# config.data.source values by objective kind.
-PRETRAINING_SOURCES = ('stdlib', 'text', 'jsonl')
-POST_TRAINING_SOURCES = ('stdlib_functions', 'jsonl')
-
-
 # grain reads items from several threads, and CPython 3.11's parser is not thread-safe
 # ("SystemError: AST constructor recursion depth mismatch"); it holds the GIL anyway.
 AST_LOCK = threading.Lock()
@@ -191,30 +182,29 @@ def function_examples(text: str, *, pairs: bool) -> list[dict[str, str]]:
   return examples
 
 
+def stdlib_functions(*, pairs: bool) -> Mapped:
+  """Every standard-library file's documented functions (`function_examples`)."""
+  return Mapped(stdlib_source(), functools.partial(function_examples, pairs=pairs))
+
+
+def jsonl_texts(data_config) -> Mapped:
+  """Pretraining documents: the `config.data.text_field` of each JSON line."""
+  records = JsonLines(expand_paths(data_config.path), (data_config.text_field,))
+  return _nonempty(Mapped(records, operator.itemgetter(data_config.text_field)), data_config)
+
+
+def jsonl_examples(data_config, fields: tuple[str, ...], keep_all: bool = False) -> Mapped:
+  """Post-training examples from config.data.path, one per JSON line, each with
+  `fields` (or all of the line's, with `keep_all`), as one-example lists."""
+  records = JsonLines(expand_paths(data_config.path), fields, keep_all)
+  return _nonempty(Mapped(records, _one_example), data_config)
+
+
 def _one_example(record: dict[str, str]) -> list[dict[str, str]]:
   return [record]
 
 
-def build(data_config, objective: str = 'pretrain'):
-  """From `config.data`: texts for pretraining ('stdlib', 'text' files/globs, 'jsonl'),
-  lists of examples for post-training ('stdlib_functions', 'jsonl')."""
-  sources = PRETRAINING_SOURCES if objective == 'pretrain' else POST_TRAINING_SOURCES
-  if data_config.source not in sources:
-    raise ConfigError(f'config.data.source={data_config.source!r} is not one of {sources}'
-                      f' (the sources of config.train.objective={objective!r})')
-  if data_config.source == 'stdlib':
-    return stdlib_source()
-  if data_config.source == 'stdlib_functions':
-    return Mapped(stdlib_source(), functools.partial(function_examples,
-                                                     pairs=objective == 'dpo'))
-  if data_config.source == 'text':
-    return TextFiles(expand_paths(data_config.path))
-  if objective == 'pretrain':
-    records = JsonLines(expand_paths(data_config.path), (data_config.text_field,))
-    source = Mapped(records, operator.itemgetter(data_config.text_field))
-  else:
-    source = Mapped(JsonLines(expand_paths(data_config.path), EXAMPLE_FIELDS[objective],
-                              keep_all=objective == 'grpo'), _one_example)
+def _nonempty(source, data_config):
   if not len(source):
     raise ConfigError(f'config.data.path={data_config.path!r} holds no JSON lines')
   return source

@@ -1,6 +1,6 @@
 """Layers shared by the model families.
 
-Dimension letters: B batch, T sequence, N heads, H head dim, D model width, F mlp width.
+Dimension letters as in lm/__init__.py.
 """
 
 import flax.linen as nn

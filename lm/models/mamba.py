@@ -1,16 +1,15 @@
 """Mamba (Gu & Dao 2023) selective state-space mixer.
 
-Dimension letters: B batch, T sequence, D model width, E inner width (expand * D),
-N state size, R rank of the step-size projection, W convolution width.
+Dimension letters as in lm/__init__.py (E = expand * D inner channels, P state size).
 
-Per channel e the state h [N] follows, with input-dependent step dt, B and C (eq. 2a-2b
+Per channel e the state h [P] follows, with input-dependent step dt, B and C (eq. 2a-2b
 discretised by zero-order hold on A and Euler on B, as the paper's implementation does):
   h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t,   y_t = C_t . h_t + D x_t.
 A packed row restarts h (and the convolution's window) at each new segment, so a
 packed row equals its documents run one by one.
 
 Decoding (`decode=True`, 'cache' collection mutable) keeps per layer the last W-1
-convolution inputs [B, W-1, E] and the state h [B, E, N]: the same interface as the
+convolution inputs [B, W-1, E] and the state h [B, E, P]: the same interface as the
 attention KV cache. A call appends T tokens to each row; padding tokens (segment id 0)
 get dt = 0 and leave both states untouched.
 """
@@ -34,14 +33,14 @@ def segment_starts(segment_ids_bt):
   return segment_ids_bt != previous_bt
 
 
-def kernel_scan(x_bte, dt_bte, a_en, b_btn, c_btn, reset_bt):
+def kernel_scan(x_bte, dt_bte, a_ep, b_btp, c_btp, reset_bt):
   """The Pallas selective scan for the backend (else the chunked scan), each device on its
   own rows and channels."""
   channels, inputs = P('act_batch', 'act_seq', 'act_mlp'), P('act_batch', 'act_seq', None)
   return sharding.per_shard(
       scan_api.selective_scan,
       (channels, channels, P('act_mlp', None), inputs, inputs, P('act_batch', 'act_seq')),
-      channels)(x_bte, dt_bte, a_en, b_btn, c_btn, reset_bt)
+      channels)(x_bte, dt_bte, a_ep, b_btp, c_btp, reset_bt)
 
 
 # Each takes (x, dt, a, b, c, reset) and returns the scan's y without the D skip
@@ -107,23 +106,23 @@ class MambaMixer(nn.Module):
 
     projected = dense(rank + 2 * state, ('mlp', 'mamba_projection'), 'x_proj',
                       use_bias=False)(x_bte)
-    dt_low_btr, b_btn, c_btn = jnp.split(projected, [rank, rank + state], axis=-1)
+    dt_low_btr, b_btp, c_btp = jnp.split(projected, [rank, rank + state], axis=-1)
     dt_bte = nn.softplus(dense(
         inner, ('dt_rank', 'mlp'), 'dt_proj', use_bias=True,
         bias_init=nn.with_logical_partitioning(_dt_bias_init(), ('mlp',)))(dt_low_btr)
         .astype(jnp.float32))
-    # A = -exp(A_log) with A_log = log(1..N) per channel (S4D-real init).
-    a_log_en = self.param('a_log', nn.with_logical_partitioning(
+    # A = -exp(A_log) with A_log = log(1..P) per channel (S4D-real init).
+    a_log_ep = self.param('a_log', nn.with_logical_partitioning(
         lambda rng, shape, dtype: jnp.log(jnp.broadcast_to(
             jnp.arange(1, shape[1] + 1, dtype=dtype), shape)), ('mlp', 'state')),
         (inner, state), jnp.float32)
     d_e = self.param('d', nn.with_logical_partitioning(nn.initializers.ones, ('mlp',)),
                      (inner,), jnp.float32)
     if decode:
-      y_bte = self._scan_with_cache(x_bte, dt_bte, -jnp.exp(a_log_en), b_btn, c_btn,
+      y_bte = self._scan_with_cache(x_bte, dt_bte, -jnp.exp(a_log_ep), b_btp, c_btp,
                                     segment_ids_bt)
     else:
-      y_bte = SCANS[cfg.mamba_scan](x_bte, dt_bte, -jnp.exp(a_log_en), b_btn, c_btn,
+      y_bte = SCANS[cfg.mamba_scan](x_bte, dt_bte, -jnp.exp(a_log_ep), b_btp, c_btp,
                                     segment_starts(segment_ids_bt))
     y_bte = (y_bte.astype(jnp.float32) + x_bte.astype(jnp.float32) * d_e).astype(x_bte.dtype)
     y_bte = y_bte * nn.silu(z_bte)
@@ -143,15 +142,15 @@ class MambaMixer(nn.Module):
         row, start, width - 1, axis=0))(x_ext, valid_b)
     return y_bte
 
-  def _scan_with_cache(self, x_bte, dt_bte, a_en, b_btn, c_btn, segment_ids_bt):
+  def _scan_with_cache(self, x_bte, dt_bte, a_ep, b_btp, c_btp, segment_ids_bt):
     batch, _, inner = x_bte.shape
-    ssm_state = self.variable('cache', 'ssm_state', jnp.zeros, (batch, inner, a_en.shape[1]),
+    ssm_state = self.variable('cache', 'ssm_state', jnp.zeros, (batch, inner, a_ep.shape[1]),
                               jnp.float32)
     dt_bte = jnp.where((segment_ids_bt != 0)[..., None], dt_bte, 0.0)  # Padding: no change.
     never_bt = jnp.zeros(segment_ids_bt.shape, jnp.bool_)
     # Parallel over the call's tokens, so a long prompt's prefill is not T serial steps.
     y_bte, ssm_state.value = reference.chunked_scan_from_state(
-        ssm_state.value, x_bte, dt_bte, a_en, b_btn, c_btn, never_bt)
+        ssm_state.value, x_bte, dt_bte, a_ep, b_btp, c_btp, never_bt)
     return y_bte
 
 
@@ -167,9 +166,10 @@ class MambaBlock(nn.Module):
     return nn.with_logical_constraint(x_btd, ('act_batch', 'act_seq', 'act_embed'))
 
 
-def flops_per_token(cfg) -> float:
-  """Training FLOPs per token of one Mamba layer: 6 per matmul weight, plus the scan's
-  few multiply-adds per state element (3x for forward + backward)."""
+def flops_per_token(cfg, seq_len: int) -> float:
+  """Training FLOPs per token of one Mamba block: 6 per matmul weight, plus the scan's
+  few multiply-adds per state element (3x for forward + backward); no term in T."""
+  del seq_len
   inner = cfg.mamba_expand * cfg.embed_dim
   weights = (cfg.embed_dim * 2 * inner + inner * (cfg.mamba_dt_rank + 2 * cfg.mamba_state_dim)
              + cfg.mamba_dt_rank * inner + inner * cfg.embed_dim)

@@ -1,7 +1,6 @@
-"""Decoder-only Transformer: RoPE, RMSNorm, SwiGLU, grouped-query attention.
+"""The Transformer block: RoPE, RMSNorm, SwiGLU, grouped-query attention.
 
-Dimension letters: B batch, T sequence, N query heads, K kv heads, H head dim,
-D model width, V vocab.
+Dimension letters as in lm/__init__.py.
 
 Takes `segment_ids` and `positions` so a packed row of several documents behaves
 exactly like each document on its own: attention is masked to the token's segment
@@ -14,8 +13,8 @@ lengths share one static-shape cache) and attends to all filled slots. Padding
 tokens (segment id 0) are written but not counted, so the next call overwrites them.
 With `attention='pallas'`, a one-token call (a decode step) writes and attends in one
 kernel (pallas_kernels/decode_attention) instead of XLA's scatter and einsums.
-`lm.sampling.init_cache` builds an empty cache; the Mamba state cache of a later
-family lives in the same collection behind the same call.
+`lm.sampling.init_cache` builds an empty cache; Mamba blocks keep their state in the
+same collection behind the same call.
 """
 
 import flax.linen as nn
@@ -24,13 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from lm.models import attention as attention_lib
-from lm.models import layers, mamba
-
-REMAT_POLICIES = {
-    'full': jax.checkpoint_policies.nothing_saveable,
-    'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
+from lm.models import layers
 
 class Attention(nn.Module):
   config: ml_collections.ConfigDict
@@ -84,7 +77,7 @@ class Attention(nn.Module):
     return attention_lib.masked_attention(q_btnh, key_cache.value, value_cache.value, mask_b1ts)
 
 
-class DecoderBlock(nn.Module):
+class AttentionBlock(nn.Module):
   """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
   config: ml_collections.ConfigDict
 
@@ -98,63 +91,10 @@ class DecoderBlock(nn.Module):
     return nn.with_logical_constraint(x_btd, ('act_batch', 'act_seq', 'act_embed'))
 
 
-BLOCKS = {
-    'attention': DecoderBlock,
-    'mamba': mamba.MambaBlock,
-}
-
-
-def block_kinds(cfg) -> list[str]:
-  """Each layer's block: `layer_pattern` ('attention', 'mamba,mamba,attention', ...)
-  repeated over num_layers."""
-  pattern = [kind.strip() for kind in cfg.layer_pattern.split(',')]
-  return [pattern[layer % len(pattern)] for layer in range(cfg.num_layers)]
-
-
-class Transformer(nn.Module):
-  """tokens [B, T] -> logits [B, T, V] in float32. Layers are attention blocks, Mamba
-  blocks, or an interleaving of both (`layer_pattern`)."""
-  config: ml_collections.ConfigDict
-
-  @nn.compact
-  def __call__(self, tokens_bt, segment_ids_bt, positions_bt, decode: bool = False):
-    cfg = self.config
-    # Unit-variance inputs from a 1/sqrt(D) table (scaled by sqrt(D)) keep tied
-    # output logits at unit scale too.
-    embed = nn.Embed(
-        cfg.vocab_size, cfg.embed_dim, dtype=cfg.dtype, param_dtype=jnp.float32,
-        embedding_init=nn.with_logical_partitioning(
-            nn.initializers.variance_scaling(1.0, 'fan_out', 'normal', out_axis=0),
-            ('vocab', 'embed')),
-        name='embed')
-    x_btd = embed(tokens_bt) * jnp.asarray(cfg.embed_dim ** 0.5, cfg.dtype)
-    x_btd = nn.with_logical_constraint(x_btd, ('act_batch', 'act_seq', 'act_embed'))
-
-    for layer, kind in enumerate(block_kinds(cfg)):
-      block = BLOCKS[kind]
-      if cfg.remat != 'none' and not decode:  # Decoding keeps no activations for a backward pass.
-        block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(4,))
-      x_btd = block(cfg, name=f'layer_{layer}')(x_btd, segment_ids_bt, positions_bt, decode)
-
-    x_btd = layers.RMSNorm(cfg.norm_eps, cfg.dtype, name='final_norm')(x_btd)
-    if cfg.tie_embeddings:
-      logits_btv = embed.attend(x_btd)
-    else:
-      logits_btv = nn.Dense(
-          cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=jnp.float32,
-          kernel_init=layers.dense_init(('embed', 'vocab')), name='lm_head')(x_btd)
-    logits_btv = nn.with_logical_constraint(logits_btv, ('act_batch', 'act_seq', 'act_vocab'))
-    return logits_btv.astype(jnp.float32)
-
-
-def flops_per_token(cfg: ml_collections.ConfigDict, seq_len: int) -> float:
-  """Training FLOPs per token (forward + backward = 3x forward), matmuls only.
-
-  6 per weight for every matmul weight (the embedding lookup is not a matmul, the
-  LM head is), plus causal attention scores and values: 2 matmuls of 2*T*N*H flops
-  per token per layer, halved for causality, times 3.
-  """
+def flops_per_token(cfg, seq_len: int) -> float:
+  """Training FLOPs per token of one block (forward + backward = 3x forward), matmuls
+  only: 6 per weight, plus causal attention's scores and values, 2 matmuls of 2*T*N*H
+  flops per token, halved for causality, times 3."""
   d, n, k, h, f = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
-  attention_layer = 6 * (d * (n * h + 2 * k * h) + n * h * d + 3 * d * f) + 3 * 2 * seq_len * n * h
-  per_kind = {'attention': attention_layer, 'mamba': mamba.flops_per_token(cfg)}
-  return sum(per_kind[kind] for kind in block_kinds(cfg)) + 6 * d * cfg.vocab_size
+  weights = d * (n * h + 2 * k * h) + n * h * d + 3 * d * f
+  return 6 * weights + 3 * 2 * seq_len * n * h

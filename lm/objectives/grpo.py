@@ -1,6 +1,9 @@
-"""GRPO's data: prompts -> sampled completions -> rewards -> training rows.
+"""GRPO (Shao et al. 2024): reinforcement learning from a checkable reward on the model's
+own samples.
 
-The current policy completes each prompt `group_size` times (one sampling call for the
+The pipeline gives prompts: each example is kept whole, as JSON text for its reward, with
+bos + prompt right-padded to the prompt's budget (`seq_len - max_new_tokens`); longer
+prompts are skipped. Each rollout, the current policy completes each prompt `group_size` times (one sampling call for the
 whole batch, with the KV cache); each completion's reward is computed on the host from
 its text; its advantage is its reward against its own group's (GRPO, Shao et al. 2024,
 sec. 4.1.2), so how hard a prompt is cancels out. The rows are prompt + completion, with
@@ -8,23 +11,28 @@ sec. 4.1.2), so how hard a prompt is cancels out. The rows are prompt + completi
 token.
 """
 
+import functools
 import json
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm import sampling
-from lm.training import rewards
+from lm import sampling, sharding
+from lm.data import pipeline
+from lm.errors import check
+from lm.objectives import base, rewards
+from lm.training import losses, steps
 
 # Keeps the advantages of a group whose rewards are all equal at 0, not 0/0.
 _STD_EPSILON = 1e-6
 
 
-def group_advantages(rewards_n: np.ndarray, group_size: int) -> np.ndarray:
+def group_advantages(rewards_b: np.ndarray, group_size: int) -> np.ndarray:
   """(reward - its group's mean) / the group's standard deviation; rows are grouped
   consecutively, `group_size` to a prompt."""
-  groups = np.asarray(rewards_n, np.float32).reshape(-1, group_size)
+  groups = np.asarray(rewards_b, np.float32).reshape(-1, group_size)
   centred = groups - groups.mean(axis=1, keepdims=True)
   return (centred / (groups.std(axis=1, keepdims=True) + _STD_EPSILON)).reshape(-1)
 
@@ -40,41 +48,41 @@ class Rollouts:
     self.temperature = grpo_config.temperature
 
   def __call__(self, params, prompts: dict, rng) -> tuple[dict, dict]:
-    """`prompts`: 'example' [B] (each example as JSON text), 'prompt_tokens' [B, P] (bos +
+    """`prompts`: 'example' [B] (each example as JSON text), 'prompt_tokens' [B, T] (bos +
     prompt, right-padded) and 'prompt_length' [B]. Returns the batch, [B * group_size,
     seq_len] arrays with each prompt's group in consecutive rows, and the rollout's
     metrics (means over rows)."""
-    prompt_tokens_np = np.repeat(prompts['prompt_tokens'], self.group_size, axis=0)
-    prompt_lengths_n = np.repeat(prompts['prompt_length'], self.group_size)
-    new_nm, num_new_n = sampling.generate(
-        params, jnp.asarray(prompt_tokens_np), jnp.asarray(prompt_lengths_n), rng,
+    prompt_tokens_bt = np.repeat(prompts['prompt_tokens'], self.group_size, axis=0)
+    prompt_lengths_b = np.repeat(prompts['prompt_length'], self.group_size)
+    new_bm, num_new_b = sampling.generate(
+        params, jnp.asarray(prompt_tokens_bt), jnp.asarray(prompt_lengths_b), rng,
         jnp.asarray([self.tokenizer.eos_id], jnp.int32), model=self.model,
         max_new_tokens=self.max_new_tokens, cache_length=self.seq_len,
         temperature=self.temperature, pad_id=self.tokenizer.pad_id)
-    new_nm, num_new_n = np.asarray(new_nm), np.asarray(num_new_n)
+    new_bm, num_new_b = np.asarray(new_bm), np.asarray(num_new_b)
 
     examples = [json.loads(str(text)) for text in prompts['example']]
-    num_rows = len(prompt_lengths_n)
+    num_rows = len(prompt_lengths_b)
     batch = {name: np.zeros((num_rows, self.seq_len), np.int32)
              for name in ('tokens', 'segment_ids', 'positions', 'loss_mask')}
-    rewards_n, finished_n = np.zeros(num_rows, np.float32), np.zeros(num_rows, bool)
+    rewards_b, finished_b = np.zeros(num_rows, np.float32), np.zeros(num_rows, bool)
     for row in range(num_rows):
-      prompt_length, num_new = prompt_lengths_n[row], num_new_n[row]
-      completion = new_nm[row, :num_new]
-      finished_n[row] = num_new > 0 and completion[-1] == self.tokenizer.eos_id
-      text = self.tokenizer.decode(completion[:-1] if finished_n[row] else completion)
-      rewards_n[row] = self.reward(examples[row // self.group_size], text,
-                                   bool(finished_n[row]))
+      prompt_length, num_new = prompt_lengths_b[row], num_new_b[row]
+      completion = new_bm[row, :num_new]
+      finished_b[row] = num_new > 0 and completion[-1] == self.tokenizer.eos_id
+      text = self.tokenizer.decode(completion[:-1] if finished_b[row] else completion)
+      rewards_b[row] = self.reward(examples[row // self.group_size], text,
+                                   bool(finished_b[row]))
       length = prompt_length + num_new
-      batch['tokens'][row, :prompt_length] = prompt_tokens_np[row, :prompt_length]
+      batch['tokens'][row, :prompt_length] = prompt_tokens_bt[row, :prompt_length]
       batch['tokens'][row, prompt_length:length] = completion
       batch['segment_ids'][row, :length] = 1
       batch['positions'][row, :length] = np.arange(length)
       batch['loss_mask'][row, prompt_length:length] = 1
-    advantages_n = group_advantages(rewards_n, self.group_size)
-    batch['advantages'] = np.repeat(advantages_n[:, None], self.seq_len, axis=1)
-    metrics = {'reward': float(rewards_n.mean()), 'finished': float(finished_n.mean()),
-               'completion_length': float(num_new_n.mean())}
+    advantages_b = group_advantages(rewards_b, self.group_size)
+    batch['advantages'] = np.repeat(advantages_b[:, None], self.seq_len, axis=1)
+    metrics = {'reward': float(rewards_b.mean()), 'finished': float(finished_b.mean()),
+               'completion_length': float(num_new_b.mean())}
     return batch, metrics
 
 
@@ -82,3 +90,139 @@ def rollout_key(seed: int, step: int, *, train: bool):
   """The sampling key of a training step, or of an evaluation batch: fixed by the seed,
   so a resumed run samples what the uninterrupted one would have."""
   return jax.random.fold_in(jax.random.key(seed), 2 * step + (0 if train else 1))
+
+
+class _TokenizePrompt(grain.transforms.Map):
+  def __init__(self, tokenizer, seq_len: int):
+    self.tokenizer, self.seq_len = tokenizer, seq_len
+
+  def map(self, example: dict) -> dict:
+    ids = [self.tokenizer.bos_id, *self.tokenizer.encode(example['prompt'])]
+    kept = ids[:self.seq_len]  # A longer prompt is filtered out by its length.
+    tokens = np.zeros(self.seq_len, np.int32)
+    tokens[:len(kept)] = kept
+    # As JSON text: examples' fields may differ, and a batch stacks each key into one array.
+    return {'example': json.dumps(example), 'prompt_tokens': tokens,
+            'prompt_length': np.int32(len(ids))}
+
+
+def _prompt_fits(example: dict) -> bool:
+  return example['prompt_length'] <= len(example['prompt_tokens'])
+
+
+def _policy_log_probs_bt(params, batch, model, temperature: float):
+  """Log-probs [B, T] of each row's next tokens under the model at `temperature`."""
+  targets_bt, _ = losses.next_token_targets(batch)
+  logits_btv = model.apply({'params': params}, batch['tokens'], batch['segment_ids'],
+                           batch['positions'])
+  return losses.token_log_probs(logits_btv.astype(jnp.float32) / temperature, targets_bt)
+
+
+def grpo_loss(params, batch, reference_params, *, model, train_config):
+  """GRPO on rollout rows: [B, T] arrays of prompt + sampled completion, `loss_mask` on
+  the completion, `advantages` on every token, and, when a rollout serves several
+  updates, `old_log_probs` of the policy that sampled. The policy is the model at the
+  sampling temperature. Returns (loss sum, metric sums, number of completion tokens)."""
+  grpo_config = train_config.grpo
+  _, weights_bt = losses.next_token_targets(batch)
+  log_probs_bt = _policy_log_probs_bt(params, batch, model, grpo_config.temperature)
+  # Without them, this update is the rollout's only one (or an evaluation): the sampler
+  # is the policy itself, and nothing is clipped.
+  sampled_by_policy = 'old_log_probs' not in batch
+  old_log_probs_bt = (jax.lax.stop_gradient(log_probs_bt) if sampled_by_policy
+                      else batch['old_log_probs'])
+  reference_bt = jax.lax.stop_gradient(
+      _policy_log_probs_bt(reference_params, batch, model, grpo_config.temperature))
+  sums = losses.grpo(log_probs_bt, old_log_probs_bt, reference_bt, batch['advantages'],
+                     weights_bt, kl_weight=grpo_config.kl_weight,
+                     clip_epsilon=grpo_config.clip_epsilon)
+  if sampled_by_policy:
+    del sums['clipped']
+  return sums['loss'], sums, jnp.sum(weights_bt)
+
+
+def sampling_log_probs(params, batch, *, model, train_config):
+  """`old_log_probs` [B, T] for a rollout's rows, before its first update; in
+  micro-batches like the train step, as whole-batch logits may not fit."""
+  log_probs = jax.lax.map(
+      lambda rows: _policy_log_probs_bt(params, rows, model, train_config.grpo.temperature),
+      steps.microbatches(batch, train_config.grad_accumulation_steps))
+  return log_probs.reshape(batch['tokens'].shape)
+
+
+class _TrainingRollouts:
+  """Host prompts -> a device batch of the policy's completions, at the sampling key of
+  the step (or evaluation batch), with the sampler's log-probs when a rollout serves
+  several updates."""
+
+  def __init__(self, setup, tokenizer, config):
+    self.rollouts = Rollouts(setup.model, tokenizer, config.train.grpo, config.data.seq_len)
+    self.seed, self.batch_sharding = config.seed, setup.batch_sharding
+    self.several_updates = config.train.grpo.updates_per_rollout > 1
+    self.sampling_log_probs = jax.jit(
+        functools.partial(sampling_log_probs, model=setup.model, train_config=config.train),
+        in_shardings=(setup.state_shardings.params, setup.batch_sharding),
+        out_shardings=setup.batch_sharding)
+
+  def __call__(self, params, prompts: dict, step: int, *, train: bool):
+    batch, metrics = self.rollouts(params, prompts, rollout_key(self.seed, step, train=train))
+    batch = sharding.global_batch(batch, self.batch_sharding)
+    if train and self.several_updates:  # The later updates' ratios are against the sampler.
+      batch['old_log_probs'] = self.sampling_log_probs(params, batch)
+    return batch, metrics
+
+
+class GRPO(base.Objective):
+  name = 'grpo'
+  sources = base.POST_TRAINING_SOURCES
+  needs_reference = True
+
+  def validate(self, config) -> None:
+    grpo, seq_len = config.train.grpo, config.data.seq_len
+    check(grpo.reward in rewards.REWARDS,
+          f'config.train.grpo.reward={grpo.reward!r} is not one of {sorted(rewards.REWARDS)}')
+    check(grpo.group_size >= 2,
+          f'config.train.grpo.group_size={grpo.group_size} must be at least 2 (a group\'s'
+          ' mean reward is each completion\'s baseline)')
+    check(0 < grpo.max_new_tokens < seq_len,
+          f'config.train.grpo.max_new_tokens={grpo.max_new_tokens} must be in [1,'
+          f' config.data.seq_len={seq_len}) (prompts get the rest of the row)')
+    check(grpo.temperature > 0,
+          f'config.train.grpo.temperature={grpo.temperature} must be positive')
+    check(grpo.kl_weight >= 0, f'config.train.grpo.kl_weight={grpo.kl_weight} must be >= 0')
+    check(grpo.updates_per_rollout >= 1,
+          f'config.train.grpo.updates_per_rollout={grpo.updates_per_rollout} must be >= 1')
+    check(grpo.clip_epsilon > 0,
+          f'config.train.grpo.clip_epsilon={grpo.clip_epsilon} must be positive')
+    # Checkpoints fall between rollouts, so that a resumed run samples where it stopped.
+    every = config.checkpoint.every_steps
+    check(every % grpo.updates_per_rollout == 0,
+          f'config.checkpoint.every_steps={every} must be a multiple of'
+          f' config.train.grpo.updates_per_rollout={grpo.updates_per_rollout}')
+    # Rollouts gather every completion on this host to reward it.
+    check(jax.process_count() == 1,
+          f'config.train.objective="grpo" runs on one process, not {jax.process_count()}')
+
+  def build_source(self, data_config):
+    # A reward may read any field of a JSON line, such as a reference answer.
+    return base.stdlib_or_jsonl_examples(data_config, ('prompt',), keep_all=True)
+
+  def data_seq_len(self, config) -> int:
+    return config.data.seq_len - config.train.grpo.max_new_tokens  # Completions fill the rest.
+
+  def rows(self, dataset, tokenizer, seq_len: int):
+    """{'example' (JSON text), 'prompt_tokens' int32 [seq_len], 'prompt_length'}."""
+    return pipeline.examples(dataset).map(_TokenizePrompt(tokenizer, seq_len)).filter(
+        _prompt_fits)
+
+  def rows_per_example(self, train_config) -> int:
+    return train_config.grpo.group_size
+
+  def loss(self, params, batch, reference_params, *, model, train_config):
+    return grpo_loss(params, batch, reference_params, model=model, train_config=train_config)
+
+  def make_rollout(self, setup, tokenizer, config):
+    return _TrainingRollouts(setup, tokenizer, config)
+
+  def updates_per_batch(self, train_config) -> int:
+    return train_config.grpo.updates_per_rollout

@@ -12,7 +12,6 @@ from typing import NamedTuple
 import flax.linen as nn
 import grain
 import jax
-import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -82,7 +81,10 @@ class Checkpointer:
     """The (config, tokenizer dict) saved at `step`, without touching the arrays."""
     restored = self.manager.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore(), tokenizer=ocp.args.JsonRestore()))
-    return ml_collections.ConfigDict(restored['config']), restored['tokenizer']
+    config = ml_collections.ConfigDict(restored['config'])
+    if config.model.name == 'transformer':  # DecoderLM's name in older checkpoints.
+      config.model.name = 'decoder'
+    return config, restored['tokenizer']
 
   def restore(self, step: int, abstract_state, data_iterator: grain.DatasetIterator | None):
     """Restores the state onto the shardings of `abstract_state` (ShapeDtypeStructs) and,
@@ -181,12 +183,12 @@ def restore_for_inference(workdir: str, step: int | None = None) -> Restored:
     raise ConfigError(f'--workdir={workdir}: no checkpoint for step {step} in'
                       f' {checkpointer.directory} (have {checkpointer.manager.all_steps()})')
   config, tokenizer_dict = checkpointer.read_metadata(step)
-  model = models.build(ml_collections.FrozenConfigDict(config.model))
-  tokens = jax.ShapeDtypeStruct((1, config.data.seq_len), jnp.int32)
+  model = models.build(config.model)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens,
-                                                       tokens, tokens)['params']))
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+      nn.meta.unbox(jax.eval_shape(
+          lambda rng: models.init_variables(model, rng)['params'], jax.random.key(0))))
   params = checkpointer.restore_params(step, abstract)
   checkpointer.close()
   return Restored(step, config, tokenizer_lib.from_dict(tokenizer_dict), model, params)

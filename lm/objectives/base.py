@@ -1,0 +1,100 @@
+"""What an objective is: the one place that says how its data become rows, and its rows
+a loss. The loop, the config checks and the data pipeline read an objective only
+through this interface.
+
+A new objective is a module in lm/objectives/ with a subclass of `Objective`, and one
+line in the registry (lm/objectives/__init__.py).
+"""
+
+from lm.data import pipeline, sources
+from lm.errors import ConfigError
+
+
+class Objective:
+  """Defaults are pretraining's where one exists; a subclass overrides what differs."""
+  name: str
+  # config.data.source values this objective reads.
+  sources: tuple[str, ...]
+  # What a loss's sums are averaged over ('num_tokens', 'num_pairs'), logged by that name.
+  count_name = 'num_tokens'
+  # Whether the loss reads frozen reference params (the params the run started from).
+  needs_reference = False
+  # Whether evaluation adds exp(loss), for losses that are a per-token NLL.
+  reports_perplexity = False
+  # What an item of its source is, for the start-up line.
+  items = 'files or lines of examples'
+
+  # Start-up, before anything is compiled or written.
+
+  def validate(self, config) -> None:
+    """Raises ConfigError naming a field of this objective's settings."""
+
+  def source(self, data_config):
+    """The random-access source of `config.data`, checked against `sources`."""
+    if data_config.source not in self.sources:
+      raise ConfigError(f'config.data.source={data_config.source!r} is not one of'
+                        f' {self.sources} (the sources of config.train.objective={self.name!r})')
+    return self.build_source(data_config)
+
+  def build_source(self, data_config):
+    raise NotImplementedError
+
+  # Data (lm/data/pipeline.make_dataset).
+
+  def data_seq_len(self, config) -> int:
+    """The length of the pipeline's rows."""
+    return config.data.seq_len
+
+  def rows(self, dataset, tokenizer, seq_len: int):
+    """grain MapDataset of source items -> IterDataset of rows (dicts of arrays)."""
+    raise NotImplementedError
+
+  def batches(self, rows, *, seq_len: int, batch_size: int, seed: int, train: bool):
+    """IterDataset of rows -> IterDataset of batches the loss reads."""
+    del seq_len, seed, train
+    return pipeline.batch(rows, batch_size)
+
+  def rows_per_example(self, train_config) -> int:
+    """Model rows per batch element (DPO: a pair), for tokens/s and MFU."""
+    del train_config
+    return 1
+
+  # The step (lm/training/steps.py).
+
+  def loss(self, params, batch, reference_params, *, model, train_config):
+    """(objective sum, metric sums, count): sums over the batch and what they are
+    averaged over, so gradient accumulation and data parallelism divide once by the
+    true count."""
+    raise NotImplementedError
+
+  # The loop (lm/training/loop.py).
+
+  def make_rollout(self, setup, tokenizer, config):
+    """None, or a callable (params, host batch, step, *, train) -> (device batch,
+    metrics) that makes each batch from the model's own samples (GRPO)."""
+    del setup, tokenizer, config
+
+  def updates_per_batch(self, train_config) -> int:
+    """Optimizer steps each batch serves; checkpoints fall between batches."""
+    del train_config
+    return 1
+
+  def sample_prompt(self, validation_documents, tokenizer, max_length: int) -> str | None:
+    """What the end-of-run sample continues: the first validation prompt that leaves
+    room for the sample (None if none does)."""
+    for index in range(len(validation_documents)):
+      for example in validation_documents[index]:
+        if 1 + len(tokenizer.encode(example['prompt'])) <= max_length:
+          return example['prompt']
+    return None
+
+
+def stdlib_or_jsonl_examples(data_config, fields: tuple[str, ...], *, pairs: bool = False,
+                             keep_all: bool = False):
+  """A post-training source: 'stdlib_functions' (built in) or 'jsonl' lines with `fields`."""
+  if data_config.source == 'stdlib_functions':
+    return sources.stdlib_functions(pairs=pairs)
+  return sources.jsonl_examples(data_config, fields, keep_all)
+
+
+POST_TRAINING_SOURCES = ('stdlib_functions', 'jsonl')

@@ -1,0 +1,82 @@
+"""Direct preference optimisation (Rafailov et al. 2023) on {prompt, chosen, rejected}.
+
+Each example becomes two rows, bos + prompt + chosen + eos and the same with rejected,
+each truncated and padded to `seq_len`, with `loss_mask` on the response and eos: a
+batch is [B, 2, seq_len]. An example with a response cut away entirely is skipped. The
+'stdlib_functions' source rejects each function's body with its lines reversed: the
+same tokens in an order that cannot run.
+"""
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm.data import pipeline
+from lm.errors import check
+from lm.objectives import base
+from lm.training import losses
+
+
+class _TokenizePair(grain.transforms.Map):
+  """An example -> [2, seq_len] arrays: row 0 the chosen response, row 1 the rejected."""
+
+  def __init__(self, tokenizer, seq_len: int):
+    self.tokenizer, self.seq_len = tokenizer, seq_len
+
+  def map(self, example: dict) -> dict:
+    rows = {name: np.zeros((2, self.seq_len), np.int32)
+            for name in ('tokens', 'segment_ids', 'positions', 'loss_mask')}
+    for row, response in enumerate((example['chosen'], example['rejected'])):
+      tokens, loss_mask = pipeline.prompt_and_response(self.tokenizer, example['prompt'],
+                                                       response, self.seq_len)
+      length = len(tokens)
+      rows['tokens'][row, :length] = tokens
+      rows['loss_mask'][row, :length] = loss_mask
+      rows['segment_ids'][row, :length] = 1
+      rows['positions'][row, :length] = np.arange(length)
+    return rows
+
+
+class DPO(base.Objective):
+  name = 'dpo'
+  sources = base.POST_TRAINING_SOURCES
+  count_name = 'num_pairs'
+  needs_reference = True
+
+  def validate(self, config) -> None:
+    train = config.train
+    check(train.dpo_beta > 0, f'config.train.dpo_beta={train.dpo_beta} must be positive')
+    check(train.dpo_nll_weight >= 0,
+          f'config.train.dpo_nll_weight={train.dpo_nll_weight} must be >= 0')
+
+  def build_source(self, data_config):
+    return base.stdlib_or_jsonl_examples(data_config, ('prompt', 'chosen', 'rejected'),
+                                         pairs=True)
+
+  def rows(self, dataset, tokenizer, seq_len: int):
+    """{'tokens', 'segment_ids', 'positions', 'loss_mask'} int32 [2, seq_len]."""
+    return pipeline.examples(dataset).map(_TokenizePair(tokenizer, seq_len)).filter(
+        pipeline.has_targets)
+
+  def rows_per_example(self, train_config) -> int:
+    return 2
+
+  def loss(self, params, batch, reference_params, *, model, train_config):
+    """DPO on [B, 2, T] arrays: each pair's chosen (0) and rejected (1) sequence, with the
+    response marked by `loss_mask`. Returns (loss sum, metric sums, number of pairs)."""
+    rows = {name: value.reshape(-1, value.shape[-1]) for name, value in batch.items()}
+    targets_bt, weights_bt = losses.next_token_targets(rows)
+
+    def log_probs_b2(params):
+      logits_btv = model.apply({'params': params}, rows['tokens'], rows['segment_ids'],
+                               rows['positions'])
+      return losses.sequence_log_probs(logits_btv, targets_bt, weights_bt).reshape(-1, 2)
+
+    policy_b2 = log_probs_b2(params)
+    reference_b2 = jax.lax.stop_gradient(log_probs_b2(reference_params))
+    chosen_lengths_b = jnp.sum(weights_bt, axis=-1).reshape(-1, 2)[:, 0]
+    sums = losses.dpo(policy_b2[:, 0], policy_b2[:, 1], reference_b2[:, 0],
+                      reference_b2[:, 1], chosen_lengths_b, beta=train_config.dpo_beta,
+                      nll_weight=train_config.dpo_nll_weight)
+    return sums['loss'], sums, jnp.asarray(policy_b2.shape[0], jnp.float32)
