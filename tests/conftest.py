@@ -11,89 +11,12 @@ os.environ['XLA_FLAGS'] = ' '.join([
     os.environ.get('XLA_FLAGS', ''), '--xla_force_host_platform_device_count=8',
     FAST_CPU_COMPILE if os.environ['JAX_PLATFORMS'] == 'cpu' else ''])
 
-import functools  # noqa: E402
-import random  # noqa: E402
-
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
 import pytest  # noqa: E402
 
-from experiments.configs import default  # noqa: E402
-from lm import models  # noqa: E402
 from lm.training import loop  # noqa: E402
 
-WORDS = ('the cat sat on a mat while dogs ran far away from big red trees and small'
-         ' blue houses near quiet rivers').split()
-
-
-def cpu_subprocess_env(**extra):
-  """The environment of a command a test runs: JAX on the CPU with one device (the fake 8
-  would make every step slower), compiling at -O0 as here."""
-  return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': FAST_CPU_COMPILE, **extra}
-
-
-def write_corpus(directory, num_files: int = 40, seed: int = 0) -> str:
-  """Small text files of random sentences; returns a glob for them."""
-  rng = random.Random(seed)
-  os.makedirs(directory, exist_ok=True)
-  for index in range(num_files):
-    sentences = [' '.join(rng.choices(WORDS, k=rng.randint(4, 12))) + '.'
-                 for _ in range(rng.randint(2, 12))]
-    with open(os.path.join(directory, f'doc_{index:03d}.txt'), 'w') as f:
-      f.write(' '.join(sentences))
-  return os.path.join(directory, '*.txt')
-
-
-def small_model_config(**overrides) -> ml_collections.FrozenConfigDict:
-  """The default model config (every field) at test size, float32, then `overrides`."""
-  config = default.get_config().model
-  config.update(vocab_size=97, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2,
-                head_dim=8, mlp_dim=48, max_seq_len=64, tie_embeddings=False, dtype='float32',
-                mamba_state_dim=8, mamba_dt_rank=4)
-  config.update(overrides)
-  return ml_collections.FrozenConfigDict(config)
-
-
-def constant_rate_train_config(**fields):
-  """The default train config at a constant learning rate without weight decay, for
-  tests that take steps by hand; then `fields`."""
-  config = default.get_config().train
-  config.update(warmup_steps=0, final_learning_rate_ratio=1.0, weight_decay=0.0)
-  config.update(fields)
-  return config
-
-
-def init_model(config, length: int = 16, seed: int = 0):
-  """The model of `config` and its unboxed params."""
-  model = models.build(config)
-  tokens = jnp.zeros((1, length), jnp.int32)
-  variables = model.init(jax.random.key(seed), tokens, tokens, tokens)
-  return model, nn.meta.unbox(variables['params'])
-
-
-def jit_apply(model):
-  """model.apply compiled, once per shape: eager Flax dispatches op by op, which for these
-  small models on the CPU took several times as long as compiling the whole forward.
-  decode=True returns (logits, variables) with the cache mutable, as apply would."""
-  @functools.partial(jax.jit, static_argnames='decode')
-  def apply(variables, tokens, segment_ids, positions, decode=False):
-    if decode:
-      return model.apply(variables, tokens, segment_ids, positions, decode=True,
-                         mutable=['cache'])
-    return model.apply(variables, tokens, segment_ids, positions)
-  return apply
-
-
-def make_tiny_config(corpus_directory):
-  """The default config's tiny variant on a small generated corpus, in float32."""
-  config = default.get_config('tiny')
-  config.data.update(source='text', path=write_corpus(str(corpus_directory)),
-                     validation_fraction=0.25)
-  config.model.dtype = 'float32'
-  config.train.sample_tokens = 0
-  return config
+from helpers import make_tiny_config  # noqa: E402 (after the environment above)
 
 
 @pytest.fixture
@@ -111,10 +34,35 @@ def pretrained(tmp_path_factory):
   return workdir, state.params
 
 
-def post_training_config(module, workdir, **train):
-  """`module`'s tiny config, in float32, starting from the run in `workdir`."""
-  config = module.get_config('tiny')
-  config.data.update(validation_fraction=0.3)
-  config.model.dtype = 'float32'
-  config.train.update(init_from=workdir, sample_tokens=0, **train)
-  return config
+# Slow tests of the kernel test files, marked here until those files carry
+# @pytest.mark.slow themselves: {file: test functions (every parametrization)}. The quick
+# loop, `python -m pytest -q -n auto -m "not slow"`, keeps each kernel's reference, dispatch,
+# fallback and lowering tests and (for flash attention and the chunked scan) a comparison
+# with the reference.
+SLOW_KERNEL_TESTS = {
+    'test_flash_attention.py': (
+        'test_kernel_matches_reference_forward_and_gradients_in_float32',
+        'test_kernel_in_bfloat16_stays_within_bfloat16_tolerance',
+        'test_default_blocks_handle_a_sequence_shorter_than_one_block',
+        'test_mosaic_kernels_give_reference_gradients',
+        'test_mosaic_forward_matches_the_reference_in_bfloat16',
+        'test_mosaic_lowers_for_hopper_forward_and_backward',
+        'test_benchmark_script_runs_on_a_tiny_shape_in_interpret_mode'),
+    'test_selective_scan.py': (
+        'test_kernel_matches_reference_forward_and_gradients_in_float32',
+        'test_kernel_with_bfloat16_inputs_keeps_a_float32_state',
+        'test_gpu_kernel_split_into_time_segments_matches_the_reference',
+        'test_gpu_backward_tiling_and_atomic_sums_match_the_reference',
+        'test_gpu_kernel_options_lower_for_the_gpu',
+        'test_benchmark_script_runs_on_a_tiny_shape_in_interpret_mode'),
+    'test_decode_attention.py': (
+        'test_kernel_matches_reference',
+        'test_pallas_decoding_in_the_model_matches_xla_decoding'),
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # Before -m selects by the markers.
+def pytest_collection_modifyitems(items):
+  for item in items:
+    if getattr(item, 'originalname', None) in SLOW_KERNEL_TESTS.get(item.path.name, ()):
+      item.add_marker(pytest.mark.slow)

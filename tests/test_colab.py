@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import cpu_subprocess_env
+from helpers import cpu_subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, 'colab', '*.ipynb')))
@@ -29,6 +29,7 @@ def test_there_is_a_notebook():
   assert NOTEBOOKS, 'colab/ holds no notebook'
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=os.path.basename)
 def test_notebook_runs_top_to_bottom_with_small_settings(path, tmp_path):
   script = tmp_path / 'notebook.py'

@@ -13,7 +13,7 @@ from pallas_kernels.decode_attention import api, gpu, reference
 
 import backend
 import lowering
-from conftest import init_model, jit_apply, small_model_config
+from helpers import init_model, jit_apply, small_model_config
 
 
 def inputs(seed, batch, slots, num_heads, num_kv_heads, head_dim, dtype):
@@ -118,10 +118,10 @@ def test_pallas_decoding_in_the_model_matches_xla_decoding(monkeypatch):
   xla_model, params = init_model(small_model_config(vocab_size=61, head_dim=16), length=8)
   pallas_model = models.build(small_model_config(vocab_size=61, head_dim=16,
                                                  attention='pallas'))
-  prompts_bp, lengths_b = sampling.pad_prompts([[1, 5, 9], [1, 7, 7, 7, 30, 2, 4], [1]],
+  prompts_bt, lengths_b = sampling.pad_prompts([[1, 5, 9], [1, 7, 7, 7, 30, 2, 4], [1]],
                                                pad_id=0, multiple=8)
   run = lambda model: sampling.generate(
-      params, jnp.asarray(prompts_bp), jnp.asarray(lengths_b), jax.random.key(0),
+      params, jnp.asarray(prompts_bt), jnp.asarray(lengths_b), jax.random.key(0),
       jnp.asarray([-1]), model=model, max_new_tokens=12, cache_length=24)
   np.testing.assert_array_equal(run(pallas_model)[0], run(xla_model)[0])
 
@@ -130,7 +130,7 @@ def test_pallas_decoding_in_the_model_matches_xla_decoding(monkeypatch):
     segment_ids = (np.arange(8)[None] < lengths_b[:, None]).astype(np.int32)
     positions = jnp.broadcast_to(jnp.arange(8), (3, 8))
     apply = jit_apply(model)
-    _, variables = apply({'params': params, 'cache': cache}, jnp.asarray(prompts_bp),
+    _, variables = apply({'params': params, 'cache': cache}, jnp.asarray(prompts_bt),
                          jnp.asarray(segment_ids), positions, decode=True)
     token = jnp.asarray([[11], [12], [13]])
     logits, _ = apply({'params': params, 'cache': variables['cache']}, token,

@@ -9,7 +9,7 @@ from lm import tokenizer as tokenizer_lib
 from lm.errors import ConfigError
 from lm.evaluation import builtin, harness, scoring, tasks
 
-from conftest import init_model, jit_apply, small_model_config
+from helpers import init_model, jit_apply, small_model_config
 
 
 @pytest.fixture(scope='module')
@@ -39,6 +39,7 @@ def test_continuation_log_likelihood_matches_a_plain_forward_pass(scorer):
     np.testing.assert_allclose(log_likelihood, want, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_long_documents_are_scored_in_windows_that_predict_every_token_once(scorer):
   text = 'windows of sixty-four bytes overlap by one token each. ' * 3
   log_likelihood, count = scorer.document_log_likelihood(text)
@@ -72,6 +73,31 @@ def test_length_normalised_accuracy_can_prefer_the_longer_choice():
   metrics = harness.evaluate(task, fake)
   assert metrics['accuracy'] == 0.0  # -2 > -3
   assert metrics['accuracy_normalized'] == 1.0  # -3/27 > -2/2
+
+
+def test_multiple_choice_accuracy_picks_each_records_best_choice_wherever_the_answer_is():
+  """Answers at indices 0, 1 and 2; normalised by bytes ('é' is two), not by characters
+  nor by the scorer's token counts (here 1 per choice, so a per-token score is the sum)."""
+  records = [  # (choices, answer, log-likelihoods), scored by hand on the right.
+      ([' a', ' bb', ' ccc'], 2, [-1.0, -2.0, -1.6]),  # sum picks 0; per byte -.5 -.67 -.4: 2
+      ([' yes', ' no'], 0, [-1.0, -1.5]),  # sum 0; per byte -.25 -.5: 0
+      ([' x', ' yy', ' zzzz', ' w'], 1, [-3.0, -0.9, -2.0, -2.5]),  # sum 1; -1.5 -.3 -.4 -1.25: 1
+      ([' p', ' qqqqqqq', ' r'], 1, [-1.2, -2.0, -3.0]),  # sum 0; -.6 -.25 -1.5: 1
+      ([' m', ' éé'], 1, [-0.6, -1.4]),  # sum 0; per byte -.3 -.28: 1 (per character -.47: 0)
+      ([' k', ' ll'], 1, [-0.5, -3.0]),  # sum 0; per byte -.25 -1: 0
+  ]
+  task = tasks.Task('t', 'multiple_choice', [
+      {'context': f'q{i}', 'choices': choices, 'answer': answer}
+      for i, (choices, answer, _) in enumerate(records)])
+  scores = {(f'q{i}', choice): log_likelihood for i, (choices, _, log_likelihoods)
+            in enumerate(records) for choice, log_likelihood in zip(choices, log_likelihoods)}
+
+  class OneTokenPerChoice:
+    def continuation_log_likelihoods(self, pairs):
+      return [(scores[pair], 1, False) for pair in pairs]
+
+  metrics = harness.evaluate(task, OneTokenPerChoice())
+  assert metrics == {'accuracy': 2 / 6, 'accuracy_normalized': 5 / 6, 'examples': 6}
 
 
 def test_exact_match_and_self_consistency_majority_vote():

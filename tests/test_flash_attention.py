@@ -10,7 +10,7 @@ from pallas_kernels.flash_attention import api, gpu, mosaic_gpu, reference, tpu
 
 import backend
 import lowering
-from conftest import cpu_subprocess_env
+from helpers import cpu_subprocess_env
 
 # Small blocks so short test sequences still span several of them.
 SMALL_BLOCKS = {'gpu': gpu.BlockSizes.uniform(block_q=32, block_k=32),

@@ -4,12 +4,14 @@ import numpy as np
 import pytest
 
 from lm import models
-from lm.models import transformer
+from lm import flops
+from lm.models import decoder
 from lm.training import loop
 
-from conftest import init_model as init, jit_apply, small_model_config
+from helpers import init_model as init, jit_apply, small_model_config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('pattern', ['mamba', 'mamba,attention'])
 def test_packed_documents_give_the_same_logits_as_each_document_alone(pattern):
   model, params = init(small_model_config(layer_pattern=pattern, mamba_scan='chunked'))
@@ -47,7 +49,7 @@ def test_mamba_is_causal_and_both_scans_agree_inside_the_model():
 
 def test_layer_pattern_repeats_over_the_layers():
   config = small_model_config(num_layers=5, layer_pattern='mamba, mamba, attention')
-  assert transformer.block_kinds(config) == ['mamba', 'mamba', 'attention', 'mamba', 'mamba']
+  assert decoder.layer_kinds(config) == ['mamba', 'mamba', 'attention', 'mamba', 'mamba']
   _, params = init(config)
   assert 'mixer' in params['layer_0'] and 'attention' in params['layer_2']
 
@@ -59,10 +61,11 @@ def test_flops_count_covers_every_mamba_matmul_weight():
   weights = sum(layer[name]['kernel'].size for name in ('in_proj', 'x_proj', 'dt_proj', 'out_proj'))
   inner, state = 2 * config.embed_dim, config.mamba_state_dim
   scan_and_conv = 18 * inner * state + 6 * config.mamba_conv_width * inner
-  assert transformer.flops_per_token(config, 16) == (
+  assert flops.flops_per_token(config, 16) == (
       6 * weights + scan_and_conv + 6 * config.embed_dim * config.vocab_size)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('pattern', ['mamba', 'mamba,attention'])
 def test_mamba_and_hybrid_models_train_through_the_same_loop(pattern, tiny_config, tmp_path):
   tiny_config.model.update(layer_pattern=pattern)
@@ -72,6 +75,7 @@ def test_mamba_and_hybrid_models_train_through_the_same_loop(pattern, tiny_confi
   assert np.isfinite(losses).all() and np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('pattern', ['mamba', 'mamba,attention'])
 def test_cached_decoding_gives_the_logits_of_a_full_forward_pass_for_ragged_prompts(pattern):
   from lm import sampling

@@ -6,7 +6,7 @@ import pytest
 
 from lm import sampling, tokenizer as tokenizer_lib
 
-from conftest import init_model, jit_apply, small_model_config
+from helpers import init_model, jit_apply, small_model_config
 
 
 @pytest.fixture(scope='module')
@@ -20,6 +20,7 @@ def full_forward(model, params, ids):
   return jit_apply(model)({'params': params}, tokens, jnp.ones_like(tokens), positions)[0]
 
 
+@pytest.mark.slow
 def test_cached_decoding_gives_the_logits_of_a_full_forward_pass_for_ragged_prompts(
     model_and_params):
   model, params = model_and_params
@@ -111,12 +112,25 @@ def test_sampling_is_seeded_and_text_round_trips(model_and_params):
   tokenizer = tokenizer_lib.ByteTokenizer()
   model, params = init_model(ml_collections.FrozenConfigDict(
       {**model.config.to_dict(), 'vocab_size': tokenizer.vocab_size}), length=8, seed=1)
-  kwargs = dict(max_new_tokens=12, temperature=1.0, top_k=20)
-  first = sampling.complete(model, params, tokenizer, ['ab', 'hello there'], seed=3, **kwargs)
-  again = sampling.complete(model, params, tokenizer, ['ab', 'hello there'], seed=3, **kwargs)
-  other = sampling.complete(model, params, tokenizer, ['ab', 'hello there'], seed=4, **kwargs)
-  assert first == again and first != other
-  assert all(isinstance(text, str) for text in first)
+  prompts = ['ab', 'hello there']
+  kwargs = dict(max_new_tokens=16, temperature=1.0, top_k=20)
+  first = sampling.complete(model, params, tokenizer, prompts, seed=3, **kwargs)
+  again = sampling.complete(model, params, tokenizer, prompts, seed=3, **kwargs)
+  other = sampling.complete(model, params, tokenizer, prompts, seed=4, **kwargs)
+  # 16 tokens drawn from 20 each: another seed giving a row's text again is negligible.
+  assert first == again and all(a != b for a, b in zip(first, other, strict=True))
+  # Each text is the decoding of exactly the tokens that generate samples for its row
+  # (bos + prompt in, the eos left out), for the same seed.
+  ids = [[tokenizer.bos_id, *tokenizer.encode(prompt)] for prompt in prompts]
+  prompts_bp, lengths_b = sampling.pad_prompts(ids, tokenizer.pad_id)
+  new_bn, num_new_b = sampling.generate(
+      params, jnp.asarray(prompts_bp), jnp.asarray(lengths_b), jax.random.key(3),
+      jnp.asarray([tokenizer.eos_id]), model=model,
+      cache_length=prompts_bp.shape[1] + kwargs['max_new_tokens'], pad_id=tokenizer.pad_id,
+      **kwargs)
+  for text, row, count in zip(first, np.asarray(new_bn), np.asarray(num_new_b), strict=True):
+    tokens = [int(token) for token in row[:count] if token != tokenizer.eos_id]
+    assert len(tokens) >= 8 and text == tokenizer.decode(tokens)
 
 
 @pytest.mark.parametrize('options', [dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-2),
@@ -132,6 +146,7 @@ def test_bad_sampling_options_are_refused_by_name(model_and_params, options):
                       **options)
 
 
+@pytest.mark.slow
 def test_weights_cast_once_give_the_same_logits_as_flax_casting_each_call():
   # generate casts Dense/Embed weights to the compute dtype before its loop; this holds
   # only while the model would cast exactly those weights itself (Mamba's a_log, d and

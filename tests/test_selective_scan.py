@@ -10,7 +10,7 @@ from pallas_kernels.selective_scan import api, gpu, reference, tpu
 
 import backend
 import lowering
-from conftest import cpu_subprocess_env
+from helpers import cpu_subprocess_env
 
 KERNELS = backend.kernels(api.KERNELS)
 # Small blocks so test shapes span several channel blocks and (TPU) time blocks.
@@ -106,22 +106,12 @@ def test_kernel_matches_reference_forward_and_gradients_in_float32(
   assert_kernel_matches_reference(kernel, SMALL_BLOCKS[kernel], inputs, dy)
 
 
-@pytest.mark.skipif('gpu' not in KERNELS, reason='GPU time segments')
-@pytest.mark.parametrize('segment,reset_rate', [(8, 0.1), (12, 0.0), (40, 0.02)])
-def test_gpu_kernel_split_into_time_segments_matches_the_reference(segment, reset_rate):
-  """Segments of 8 and 12 steps over 37 (padded): states and adjoint carries cross
-  segment boundaries, with resets inside segments and none at all; 40 is one segment."""
-  inputs, dy = scan_inputs(segment, 2, 37, 10, 4, reset_rate=reset_rate)
-  assert_kernel_matches_reference(
-      'gpu', gpu.BlockSizes(block_e=8, chunk=4, segment=segment), inputs, dy)
-
-
 @pytest.mark.skipif('gpu' not in KERNELS, reason='GPU backward options')
 @pytest.mark.parametrize('blocks', [
     gpu.BlockSizes(block_e=8, chunk=4, atomic_sums=True),
     gpu.BlockSizes(block_e=4, chunk=4, backward_block_e=8, backward_prefetch=False),
-    gpu.BlockSizes(block_e=8, chunk=4, backward_block_e=2, atomic_sums=True, segment=8),
-], ids=['atomic_sums', 'wider_backward_no_prefetch', 'narrower_backward_atomic_segments'])
+    gpu.BlockSizes(block_e=8, chunk=4, backward_block_e=2, atomic_sums=True),
+], ids=['atomic_sums', 'wider_backward_no_prefetch', 'narrower_backward_atomic'])
 def test_gpu_backward_tiling_and_atomic_sums_match_the_reference(blocks):
   """dB, dC summed by atomic adds across channel blocks, backward channel blocks other
   than the forward's (10 channels: both pad to the larger block), the backward loading
@@ -165,22 +155,18 @@ def test_kernel_lowers_for_its_hardware_forward_and_backward(kernel):
   assert lowering.count_kernel_calls(kernel, grads, *args) == 2
 
 
-@pytest.mark.parametrize('blocks,forward_kernels,gradient_kernels', [
-    (gpu.BlockSizes(segment=256), 2, 4),
-    (gpu.BlockSizes(backward_block_e=4, atomic_sums=True, backward_prefetch=False), 1, 2),
-], ids=['segments', 'atomic_sums_no_prefetch'])
-def test_gpu_kernel_options_lower_for_the_gpu(blocks, forward_kernels, gradient_kernels):
-  """With segments the forward adds the segment-end pass (two kernels) and the gradient
-  the carry pass (forward two, backward two); with atomic sums and channel blocks of its
-  own the backward is still one kernel, and lowers."""
+def test_gpu_backward_options_lower_for_the_gpu():
+  """With atomic sums, channel blocks of its own and no prefetch the backward is still
+  one kernel (the gradient two, with the forward), and lowers."""
+  blocks = gpu.BlockSizes(backward_block_e=4, atomic_sums=True, backward_prefetch=False)
   shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
   args = (shape(2, 1000, 320), shape(2, 1000, 320, dtype=jnp.float32),
           shape(320, 16, dtype=jnp.float32), shape(2, 1000, 16), shape(2, 1000, 16),
           shape(2, 1000, dtype=jnp.bool_))
   scan = lambda *a: api.selective_scan(*a, implementation='gpu', block_sizes=blocks)
   grads = jax.grad(lambda *a: jnp.sum(scan(*a).astype(jnp.float32)), argnums=range(5))
-  assert lowering.count_kernel_calls('gpu', scan, *args) == forward_kernels
-  assert lowering.count_kernel_calls('gpu', grads, *args) == gradient_kernels
+  assert lowering.count_kernel_calls('gpu', scan, *args) == 1
+  assert lowering.count_kernel_calls('gpu', grads, *args) == 2
 
 
 @pytest.mark.skipif(backend.ON_DEVICE, reason='checks the CPU dispatch')
@@ -208,14 +194,15 @@ def test_benchmark_script_runs_on_a_tiny_shape_in_interpret_mode():
       [sys.executable, '-m', 'pallas_kernels.benchmarks.selective_scan', '--shape=1:64:16:4',
        '--interpret', '--repeats=1',
        # chunk=2: the loop bodies are unrolled, and interpret mode compiles them all.
-       '--kernel_blocks=16:2:2:atomic_sums=1:backward_block_e=4,8:2:1:16'],
+       '--kernel_blocks=16:2:2:atomic_sums=1:backward_block_e=4,8:2:1:backward_prefetch=0'],
       cwd=root, capture_output=True, text=True, timeout=300,
       env=cpu_subprocess_env())
   assert result.returncode == 0, result.stderr[-2000:]
   assert '| lax.scan (reference) |' in result.stdout
   assert 'pallas gpu (ours) BlockSizes(block_e=16, chunk=2, num_warps=2' in result.stdout
-  assert 'num_stages=1, segment=16, backward_block_e=0, atomic_sums=False,' in result.stdout
-  assert 'segment=0, backward_block_e=4, atomic_sums=True,' in result.stdout  # By name.
+  assert 'num_stages=1, backward_block_e=4, atomic_sums=True,' in result.stdout  # By name.
+  assert ('BlockSizes(block_e=8, chunk=2, num_warps=1, num_stages=1, backward_block_e=0, '
+          'atomic_sums=False, backward_prefetch=False)') in result.stdout
   assert 'failed' not in result.stdout
   rows = [line for line in result.stdout.splitlines() if line.startswith('| pallas')]
   assert len(rows) == 3 and all(float(row.split('|')[-2]) < 1e-5 for row in rows), rows

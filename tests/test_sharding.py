@@ -1,14 +1,18 @@
 """Data-parallel, FSDP and tensor-parallel layouts on 8 fake CPU devices train exactly
 like one device."""
 
+import math
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec
 
-from conftest import make_tiny_config
-from lm import sharding
+from helpers import make_tiny_config, small_model_config
+from lm import models, sharding
 from lm.errors import ConfigError
 from lm.training import loop
 
@@ -35,6 +39,7 @@ def one_device_run(tmp_path_factory):
   return config, history, state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('layout', sorted(LAYOUTS))
 def test_sharded_training_matches_one_device(layout, one_device_run, tmp_path):
   base_config, base_history, base_state = one_device_run
@@ -70,6 +75,7 @@ def test_a_mesh_that_does_not_fit_the_devices_is_refused(mesh, message):
     sharding.resolve_mesh_shape(mesh, 8)
 
 
+@pytest.mark.slow
 def test_kernels_run_on_each_devices_shard_and_match_the_whole_computation(monkeypatch):
   """Under a data x fsdp x tensor mesh the Pallas paths see only their device's rows and
   heads/channels (XLA cannot split a kernel call), and give the unsharded result."""
@@ -126,3 +132,46 @@ def test_kernels_run_on_each_devices_shard_and_match_the_whole_computation(monke
   np.testing.assert_allclose(attention_out, want_attention, rtol=1e-5, atol=1e-5)
   jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5),
                decode_out, decode_reference.decode_attention(*step))
+
+
+# The parameter dimensions big enough to split: each must go to a mesh axis.
+SPLIT_PARAMETER_AXES = ('vocab', 'embed', 'heads', 'kv_heads', 'mlp')
+
+
+def test_every_parameter_is_laid_out_as_the_rules_table_says():
+  """Each weight's PartitionSpec, on a mesh where every axis is > 1, is its logical names
+  looked up in LOGICAL_AXIS_RULES (first match), and the names of the large dimensions
+  map to real mesh axes, so no rule can quietly turn into None (replicated)."""
+  rules = {}
+  for name, axes in sharding.LOGICAL_AXIS_RULES:
+    rules.setdefault(name, axes)
+  for name in SPLIT_PARAMETER_AXES:
+    axes = (rules[name],) if isinstance(rules.get(name), str) else rules.get(name)
+    assert axes and set(axes) <= set(sharding.MESH_AXES), f'{name!r} -> {rules.get(name)!r}'
+
+  mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
+  model = models.build(small_model_config(layer_pattern='mamba,attention', vocab_size=96))
+  tokens = jnp.zeros((4, 16), jnp.int32)  # Rows for the data x fsdp split of the scan.
+  init = lambda rng: model.init(rng, tokens, tokens, tokens)['params']
+  with sharding.activate(mesh):
+    boxed = jax.eval_shape(init, jax.random.key(0))
+    params = jax.jit(lambda rng: nn.meta.unbox(init(rng)),
+                     out_shardings=sharding.logical_to_shardings(boxed, mesh))(jax.random.key(0))
+
+  used = set()
+  flat_boxed = jax.tree_util.tree_flatten_with_path(
+      boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
+  for (path, boxed_leaf), param in zip(flat_boxed, jax.tree.leaves(params), strict=True):
+    where = jax.tree_util.keystr(path)
+    assert isinstance(boxed_leaf, nn.Partitioned), f'{where} has no logical axis names'
+    assert all(name in rules for name in boxed_leaf.names), (where, boxed_leaf.names)
+    used.update(boxed_leaf.names)
+    want = PartitionSpec(*(rules[name] for name in boxed_leaf.names))
+    assert param.sharding.spec == want, (where, boxed_leaf.names, param.sharding.spec)
+    # And the arrays are split so: each dimension over the product of its axes' sizes.
+    split = [math.prod(mesh.shape[axis] for axis in ((axes,) if isinstance(axes, str) else
+                                                     axes or ()))
+             for axes in want]
+    assert param.addressable_shards[0].data.shape == tuple(
+        size // parts for size, parts in zip(param.shape, split)), where
+  assert set(SPLIT_PARAMETER_AXES) <= used  # The model uses each name tested above.

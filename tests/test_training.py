@@ -8,15 +8,17 @@ import ml_collections
 import numpy as np
 import pytest
 
+from lm import objectives
 from lm.training import losses, loop, optimizer as optimizer_lib, steps
 
-from conftest import init_model, small_model_config
+from helpers import init_model, small_model_config
 
 
 def losses_by_step(history):
   return {row['step']: row['loss'] for row in history if 'loss' in row}
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_losses_and_params_as_an_uninterrupted_run(tiny_config, tmp_path):
   config = tiny_config
   config.train.update(num_steps=8, warmup_steps=2, log_every=1, eval_every=4)
@@ -41,6 +43,7 @@ def test_resume_gives_the_same_losses_and_params_as_an_uninterrupted_run(tiny_co
                state.params, resumed_state.params)
 
 
+@pytest.mark.slow
 def test_an_unfinished_checkpoint_write_is_ignored(tiny_config, tmp_path):
   config = tiny_config
   config.train.update(num_steps=4, warmup_steps=1, eval_every=4)
@@ -67,10 +70,12 @@ def small_setup(accumulation):
   optimizer = optimizer_lib.make_optimizer(train_config)
   state = steps.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
   step = jax.jit(functools.partial(steps.train_step, model=model, optimizer=optimizer,
+                                   objective=objectives.OBJECTIVES['pretrain'],
                                    train_config=train_config))
   return state, step
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch():
   rng = np.random.default_rng(0)
   # Uneven document lengths: micro-batches hold different token counts.

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 
 from lm import models
-from lm.models import attention, layers, transformer
+from lm import flops
+from lm.models import attention, layers
 
-from conftest import init_model as init, jit_apply, small_model_config
+from helpers import init_model as init, jit_apply, small_model_config
 
 
 model_config = small_model_config
@@ -103,7 +104,7 @@ def test_bfloat16_compute_stays_close_to_float32():
   np.testing.assert_allclose(probs16, probs32, atol=2e-2)
 
 
-@pytest.mark.parametrize('remat', ['full', 'save_dots'])
+@pytest.mark.parametrize('remat', ['full', pytest.param('save_dots', marks=pytest.mark.slow)])
 def test_remat_gives_the_same_gradients(remat):
   config = model_config()
   model, params = init(config)
@@ -127,7 +128,7 @@ def test_flops_count_covers_every_matmul_weight(tie_embeddings):
   if tie_embeddings:  # The tied table is also the output matmul.
     matmul_weights += params['embed']['embedding'].size
   attention_flops = config.num_layers * 6 * 16 * config.num_heads * config.head_dim
-  assert transformer.flops_per_token(config, 16) == 6 * matmul_weights + attention_flops
+  assert flops.flops_per_token(config, 16) == 6 * matmul_weights + attention_flops
 
 
 def test_tied_embeddings_have_no_separate_head():
