@@ -1,5 +1,8 @@
-"""What every entry point shares: flag parsing and one-line errors for bad input."""
+"""What every entry point shares: flag parsing, and one line, not a traceback, for bad
+input or a diverged run."""
 
+import ast
+import os
 import re
 import sys
 
@@ -8,7 +11,29 @@ from absl import app, flags, logging
 from lm.errors import ConfigError
 
 
+def _check_config_file(argv: list[str]) -> None:
+  """A --config file that is missing, is not Python or has no get_config is named in one
+  line here; ml_collections would raise a traceback, or report a bogus field."""
+  values = [arg.split('=', 1)[1] for arg in argv if arg.startswith('--config=')]
+  values += [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == '--config']
+  for value in values:
+    path = value.split(':', 1)[0]
+    if not os.path.isfile(path):
+      sys.exit(f'error: --config={value}: no such file {path!r}')
+    try:
+      with open(path, encoding='utf-8') as f:
+        tree = ast.parse(f.read(), filename=path)
+    except (SyntaxError, UnicodeDecodeError, ValueError) as error:
+      where = f'{path}:{error.lineno}' if getattr(error, 'lineno', None) else path
+      sys.exit(f'error: --config={value}: {where}: not valid Python'
+               f' ({getattr(error, "msg", None) or error})')
+    if not any(isinstance(node, ast.FunctionDef) and node.name == 'get_config'
+               for node in tree.body):
+      sys.exit(f'error: --config={value}: {path} defines no get_config()')
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
+  _check_config_file(argv)
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as error:
@@ -21,7 +46,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
     sys.exit(f'error: unknown config field {culprit!r}'
              + (f' (did you mean {hint.group(1)!r}?)' if hint else ''))
   except flags.Error as error:
-    sys.exit(f'error: {error}')
+    lines = str(error).strip().splitlines()
+    if 'Traceback (most recent call last):' in lines:  # get_config raised: its last line.
+      lines = [lines[0], lines[-1]]
+    sys.exit('error: ' + ' '.join(lines))
 
 
 def run(main) -> None:
@@ -33,7 +61,7 @@ def run(main) -> None:
     logging.set_verbosity(logging.ERROR)  # orbax logs every file it writes, and more.
     try:
       main()
-    except ConfigError as error:
+    except (ConfigError, FloatingPointError) as error:  # Bad input, or a diverged run.
       sys.exit(f'error: {error}')
 
   app.run(main_with_errors, flags_parser=_parse_flags)

@@ -4,17 +4,16 @@
       --task=stdlib_perplexity --task=arithmetic_choice --task=arithmetic [--num_shots=3]
       [--task=my_task.jsonl --limit=100 --self_consistency=5]
 
-Prints a table and writes <workdir>/eval/step_<step>.json. Task formats are in
-lm/evaluation/tasks.py.
+Prints a table and adds the results, task by task, to <workdir>/eval/step_<step>.json
+(lm/evaluation/results.py). Task formats are in lm/evaluation/tasks.py.
 """
 
-import json
-import os
+import math
 
 from absl import flags
 
 from experiments import cli
-from lm.evaluation import builtin, harness, scoring, tasks
+from lm.evaluation import builtin, harness, inputs, results, scoring, tasks
 from lm.training import checkpointing
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory with checkpoints.')
@@ -33,6 +32,22 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Seed for few-shot draws and sampling.')
 flags.mark_flags_as_required(['workdir'])
 
 
+def check_flags() -> None:
+  """Every flag that needs no checkpoint, before one is loaded; all problems in one line."""
+  limit, temperature = _LIMIT.value, _TEMPERATURE.value
+  inputs.check_all([
+      inputs.workdir_check(_WORKDIR.value),
+      (limit is None or limit >= 1, f'--limit={limit} must be at least 1'),
+      (_BATCH_SIZE.value >= 1, f'--batch_size={_BATCH_SIZE.value} must be at least 1'),
+      (_NUM_SHOTS.value >= 0, f'--num_shots={_NUM_SHOTS.value} must be >= 0'),
+      (_SELF_CONSISTENCY.value >= 1,
+       f'--self_consistency={_SELF_CONSISTENCY.value} must be at least 1'),
+      (_MAX_NEW_TOKENS.value >= 1, f'--max_new_tokens={_MAX_NEW_TOKENS.value} must be at least 1'),
+      (math.isfinite(temperature) and temperature >= 0,
+       f'--temperature={temperature} must be a number >= 0'),
+  ])
+
+
 def load_task(name: str) -> tasks.Task:
   if name in builtin.BUILTIN_TASKS:
     return builtin.BUILTIN_TASKS[name]()
@@ -40,32 +55,32 @@ def load_task(name: str) -> tasks.Task:
 
 
 def main():
+  check_flags()
   task_list = [load_task(name) for name in _TASK.value]  # Bad task files fail first.
   run = checkpointing.restore_for_inference(_WORKDIR.value, _STEP.value)
-  step = run.step
+  inputs.check_finite_params(run.params, _WORKDIR.value, run.step)
   scorer = scoring.Scorer(run.model, run.params, run.tokenizer,
                           max_length=run.config.data.seq_len, batch_size=_BATCH_SIZE.value)
-  results = {}
+  metrics_by_task = {}
   for task in task_list:
-    results[task.name] = {'kind': task.kind, **harness.evaluate(
+    metrics_by_task[task.name] = {'kind': task.kind, **harness.evaluate(
         task, scorer, num_shots=_NUM_SHOTS.value, seed=_SEED.value, limit=_LIMIT.value,
         max_new_tokens=_MAX_NEW_TOKENS.value, self_consistency=_SELF_CONSISTENCY.value,
         temperature=_TEMPERATURE.value)}
 
-  print(f'step {step} of {_WORKDIR.value}, {_NUM_SHOTS.value}-shot')
+  print(f'step {run.step} of {_WORKDIR.value}, {_NUM_SHOTS.value}-shot')
   print(f'{"task":<22}{"kind":<17}metrics')
-  for name, metrics in results.items():
+  for name, metrics in metrics_by_task.items():
     shown = ', '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
                       for k, v in metrics.items() if k != 'kind')
     print(f'{name:<22}{metrics["kind"]:<17}{shown}')
 
-  path = os.path.join(_WORKDIR.value, 'eval', f'step_{step}.json')
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+  # Printed first, so a results file that cannot be written loses nothing.
+  path = results.path(_WORKDIR.value, run.step)
   settings = {'num_shots': _NUM_SHOTS.value, 'limit': _LIMIT.value, 'seed': _SEED.value,
-              'self_consistency': _SELF_CONSISTENCY.value}
-  with open(path + '.tmp', 'w') as f:
-    json.dump({'step': step, 'settings': settings, 'results': results}, f, indent=2)
-  os.replace(path + '.tmp', path)  # Atomic: a reader never sees half a file.
+              'self_consistency': _SELF_CONSISTENCY.value, 'temperature': _TEMPERATURE.value,
+              'max_new_tokens': _MAX_NEW_TOKENS.value}
+  results.save(path, run.step, metrics_by_task, settings)
   print(f'wrote {path}')
 
 

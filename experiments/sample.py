@@ -4,11 +4,14 @@
       [--prompt=... | --prompts_file=FILE (one prompt per line)] [--temperature=0.8 --top_p=0.95]
 """
 
+import math
+
 from absl import flags
 
 from experiments import cli
 from lm import sampling
-from lm.errors import ConfigError
+from lm.errors import ConfigError, check
+from lm.evaluation import inputs
 from lm.training import checkpointing
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory with checkpoints.')
@@ -23,27 +26,40 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 flags.mark_flags_as_required(['workdir'])
 
 
+def check_flags() -> None:
+  """Every flag that needs no checkpoint, before one is loaded; all problems in one line."""
+  inputs.check_all([
+      inputs.workdir_check(_WORKDIR.value),
+      (_MAX_NEW_TOKENS.value >= 1, f'--max_new_tokens={_MAX_NEW_TOKENS.value} must be at least 1'),
+      (math.isfinite(_TEMPERATURE.value) and _TEMPERATURE.value >= 0,
+       f'--temperature={_TEMPERATURE.value} must be a number >= 0 (0: greedy)'),
+      (0 < _TOP_P.value <= 1, f'--top_p={_TOP_P.value} must be in (0, 1] (1: off)'),
+      (_TOP_K.value >= 0, f'--top_k={_TOP_K.value} must be >= 0 (0: off)'),
+  ])
+
+
 def read_prompts() -> list[str]:
   prompts = list(_PROMPT.value)
   if _PROMPTS_FILE.value:
-    try:
-      with open(_PROMPTS_FILE.value, encoding='utf-8') as f:
-        prompts += [line.rstrip('\n').replace('\\n', '\n') for line in f if line.strip()]
-    except OSError as error:
-      raise ConfigError(f'--prompts_file={_PROMPTS_FILE.value}: {error.strerror}') from error
+    lines = inputs.read_lines(_PROMPTS_FILE.value, '--prompts_file')
+    prompts += [line.rstrip('\n').replace('\\n', '\n') for line in lines if line.strip()]
   if not prompts:
     raise ConfigError('give at least one --prompt or a --prompts_file')
   return prompts
 
 
 def main():
+  check_flags()
   prompts = read_prompts()
   run = checkpointing.restore_for_inference(_WORKDIR.value, _STEP.value)
+  inputs.check_finite_params(run.params, _WORKDIR.value, run.step)
+  vocab_size, max_seq_len = run.config.model.vocab_size, run.config.model.max_seq_len
+  check(_TOP_K.value <= vocab_size,
+        f'--top_k={_TOP_K.value} exceeds the vocabulary of the checkpoint ({vocab_size} ids)')
   longest = max(len(run.tokenizer.encode(p)) + 1 for p in prompts)
-  if longest + _MAX_NEW_TOKENS.value > run.config.model.max_seq_len:
-    raise ConfigError(
+  check(longest + _MAX_NEW_TOKENS.value <= max_seq_len,
         f'the longest prompt ({longest} tokens) + --max_new_tokens={_MAX_NEW_TOKENS.value}'
-        f' exceeds the model max_seq_len={run.config.model.max_seq_len}')
+        f' exceeds the model max_seq_len={max_seq_len}')
   completions = sampling.complete(
       run.model, run.params, run.tokenizer, prompts, max_new_tokens=_MAX_NEW_TOKENS.value,
       temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,

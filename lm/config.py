@@ -3,6 +3,7 @@
 import jax
 
 from lm import models, objectives, sharding
+from lm.data import sources
 from lm.errors import check as _check
 from lm.models import attention, decoder, mamba
 
@@ -51,9 +52,15 @@ def validate(config, num_devices: int, tokenizer_vocab_size: int) -> None:
   remats = ('none',) + tuple(decoder.REMAT_POLICIES)
   _check(model.remat in remats, f'config.model.remat={model.remat!r} is not one of {remats}')
 
-  _check(0 < data.seq_len <= model.max_seq_len,
-         f'config.data.seq_len={data.seq_len} must be in [1, config.model.max_seq_len='
+  # A row of one token has no next token to predict.
+  _check(2 <= data.seq_len <= model.max_seq_len,
+         f'config.data.seq_len={data.seq_len} must be in [2, config.model.max_seq_len='
          f'{model.max_seq_len}]')
+  _check(data.bad_records in sources.BAD_RECORDS,
+         f'config.data.bad_records={data.bad_records!r} is not one of {sources.BAD_RECORDS}')
+  _check(data.batch_size > 0, f'config.data.batch_size={data.batch_size} must be positive')
+  _check(data.shuffle_window >= 0,
+         f'config.data.shuffle_window={data.shuffle_window} must be >= 0 (0 or 1: no shuffle)')
   _check(0.0 < data.validation_fraction < 1.0,
          f'config.data.validation_fraction={data.validation_fraction} must be in (0, 1)')
 
@@ -74,6 +81,9 @@ def validate(config, num_devices: int, tokenizer_vocab_size: int) -> None:
     _check(train[field] > 0, f'config.train.{field}={train[field]} must be positive')
   _check(config.checkpoint.every_steps > 0,
          f'config.checkpoint.every_steps={config.checkpoint.every_steps} must be positive')
+  # 0 would delete every checkpoint of the workdir, earlier runs' included.
+  _check(config.checkpoint.max_to_keep >= 1,
+         f'config.checkpoint.max_to_keep={config.checkpoint.max_to_keep} must be at least 1')
 
   mesh_shape = sharding.resolve_mesh_shape(config.mesh, num_devices)
   data_parallel = mesh_shape['data'] * mesh_shape['fsdp'] * train.grad_accumulation_steps

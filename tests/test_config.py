@@ -12,7 +12,7 @@ from lm import tokenizer as tokenizer_lib
 from lm.errors import ConfigError
 from lm.training import loop
 
-from conftest import make_tiny_config
+from helpers import make_tiny_config
 
 
 def snapshot(directory):
@@ -68,6 +68,20 @@ CASES = {
                                r'config.model.attention="cudnn" needs a GPU'),
     'unknown data source': (lambda c, t: c.data.update(source='web'),
                             r"config.data.source='web' is not one of"),
+    'no checkpoints kept': (lambda c, t: c.checkpoint.update(max_to_keep=0),
+                            r'config.checkpoint.max_to_keep=0 must be at least 1'),
+    'negative checkpoints kept': (lambda c, t: c.checkpoint.update(max_to_keep=-2),
+                                  r'config.checkpoint.max_to_keep=-2 must be at least 1'),
+    'empty batch': (lambda c, t: c.data.update(batch_size=0),
+                    r'config.data.batch_size=0 must be positive'),
+    'negative batch': (lambda c, t: c.data.update(batch_size=-8),
+                       r'config.data.batch_size=-8 must be positive'),
+    'rows of one token': (lambda c, t: c.data.update(seq_len=1),
+                          r'config.data.seq_len=1 must be in \[2, '),
+    'negative shuffle window': (lambda c, t: c.data.update(shuffle_window=-1),
+                                r'config.data.shuffle_window=-1 must be >= 0'),
+    'unknown bad-record policy': (lambda c, t: c.data.update(bad_records='ignore'),
+                                  r"config.data.bad_records='ignore' is not one of"),
 }
 
 

@@ -4,19 +4,20 @@ import os
 import numpy as np
 import pytest
 
-from lm import tokenizer as tokenizer_lib
+from lm import objectives, tokenizer as tokenizer_lib
 from lm.data import pipeline, sources
 from lm.errors import ConfigError
 from lm.training import checkpointing
 
-from conftest import write_corpus
+from helpers import write_corpus
 
 
 def make_batches(documents, *, seq_len=32, batch_size=4, train=True, seed=0, shuffle_window=8,
                  objective='pretrain'):
-  return pipeline.make_dataset(documents, tokenizer_lib.ByteTokenizer(), seq_len=seq_len,
+  return pipeline.make_dataset(documents, objectives.OBJECTIVES[objective],
+                               tokenizer_lib.ByteTokenizer(), seq_len=seq_len,
                                batch_size=batch_size, seed=seed, train=train,
-                               shuffle_window=shuffle_window, objective=objective)
+                               shuffle_window=shuffle_window)
 
 
 def test_packed_rows_reassemble_into_the_documents_with_bos_and_eos():
@@ -79,18 +80,20 @@ def test_iterator_state_round_trips_through_the_checkpoint_encoding(objective, s
 def test_jsonl_source_reads_the_named_field(tmp_path):
   path = tmp_path / 'data.jsonl'
   path.write_text('{"body": "first"}\n\n{"body": "second", "id": 2}\n')
-  config = type('C', (), {'source': 'jsonl', 'path': str(path), 'text_field': 'body'})
-  source = sources.build(config)
+  config = type('C', (), {'source': 'jsonl', 'path': str(path), 'text_field': 'body',
+                         'bad_records': 'error'})
+  source = objectives.OBJECTIVES['pretrain'].source(config)
   assert [source[i] for i in range(len(source))] == ['first', 'second']
-  with pytest.raises(ConfigError, match=r'data.jsonl:3 has no field .text.'):
-    sources.JsonLines([str(path)], ('text',))[1]
+  with pytest.raises(ConfigError, match=r'data.jsonl:1 has no field .text.*2 bad lines in all'):
+    sources.JsonLines([str(path)], ('text',))
 
 
 def test_text_source_takes_comma_separated_globs(tmp_path):
   first = write_corpus(str(tmp_path / 'a'), num_files=3)
   second = write_corpus(str(tmp_path / 'b'), num_files=2, seed=1)
-  config = type('C', (), {'source': 'text', 'path': f'{first},{second}'})
-  assert len(sources.build(config)) == 5
+  config = type('C', (), {'source': 'text', 'path': f'{first},{second}',
+                         'bad_records': 'error'})
+  assert len(objectives.OBJECTIVES['pretrain'].source(config)) == 5
 
 
 def test_missing_and_empty_paths_name_the_field(tmp_path):

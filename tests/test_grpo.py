@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 
 from experiments.configs import grpo as grpo_config_module
-from lm import tokenizer as tokenizer_lib
-from lm.data import pipeline, sources
+from lm import objectives, tokenizer as tokenizer_lib
+from lm.data import pipeline
 from lm.errors import ConfigError
-from lm.training import (logger as logger_lib, losses, loop, optimizer as optimizer_lib, rewards,
-                         rollouts, steps)
+from lm.objectives import grpo, rewards
+from lm.training import logger as logger_lib, losses, loop, optimizer as optimizer_lib, steps
 
-from conftest import (constant_rate_train_config, init_model, post_training_config,
-                      small_model_config)
+from helpers import (constant_rate_train_config, init_model, post_training_config,
+                     small_model_config)
 
 TOKENIZER = tokenizer_lib.ByteTokenizer()
 PROMPTS = [[{'prompt': f'question {i}?', 'answer': str(i)}] for i in range(12)]
@@ -35,9 +35,9 @@ def grpo_config(**overrides):
 
 
 def prompt_batch(batch_size=2, seq_len=24):
-  return next(iter(pipeline.make_dataset(PROMPTS, TOKENIZER, seq_len=seq_len,
-                                         batch_size=batch_size, seed=0, train=False,
-                                         objective='grpo')))
+  return next(iter(pipeline.make_dataset(PROMPTS, objectives.OBJECTIVES['grpo'], TOKENIZER,
+                                         seq_len=seq_len, batch_size=batch_size, seed=0,
+                                         train=False)))
 
 
 @pytest.mark.parametrize('policy_moved', [False, True])
@@ -76,7 +76,7 @@ def test_grpo_loss_and_its_gradient_match_the_per_token_formulas(policy_moved):
 
 
 def test_group_advantages_compare_each_reward_with_its_own_group():
-  advantages = rollouts.group_advantages(np.array([1, 0, 0, 1, 2, 2, 2, 2, 0, 0, 0, 3]), 4)
+  advantages = grpo.group_advantages(np.array([1, 0, 0, 1, 2, 2, 2, 2, 0, 0, 0, 3]), 4)
   np.testing.assert_allclose(advantages[:8], [1, -1, -1, 1, 0, 0, 0, 0], atol=1e-5)
   np.testing.assert_allclose(advantages[8:], np.array([-1, -1, -1, 3]) / np.sqrt(3),
                              rtol=1e-5)
@@ -108,18 +108,19 @@ def test_exact_match_reward_compares_with_the_answer_field():
 def test_grpo_jsonl_examples_keep_every_field_for_the_reward(tmp_path):
   path = tmp_path / 'prompts.jsonl'
   path.write_text('{"prompt": "2 + 3 =", "answer": 5}\n{"answer": "1"}\n')
-  source = sources.build(ml_collections.ConfigDict(dict(source='jsonl', path=str(path))),
-                         'grpo')
-  assert source[0] == [{'prompt': '2 + 3 =', 'answer': '5'}]
+  config = ml_collections.ConfigDict(dict(source='jsonl', path=str(path), bad_records='error'))
   with pytest.raises(ConfigError, match=r"prompts.jsonl:2 has no field 'prompt'"):
-    source[1]
+    objectives.OBJECTIVES['grpo'].source(config)
+  config.bad_records = 'skip'
+  source = objectives.OBJECTIVES['grpo'].source(config)
+  assert len(source) == 1 and source[0] == [{'prompt': '2 + 3 =', 'answer': '5'}]
 
 
 def test_grpo_prompts_are_examples_and_padded_tokens_and_long_ones_are_skipped():
   examples = [[{'prompt': 'x' * 30}], [{'prompt': 'short', 'answer': 'a'}],
               [{'prompt': 'also short', 'answer': 'b'}]]
-  [batch] = list(pipeline.make_dataset(examples, TOKENIZER, seq_len=16, batch_size=2,
-                                       seed=0, train=False, objective='grpo'))
+  [batch] = list(pipeline.make_dataset(examples, objectives.OBJECTIVES['grpo'], TOKENIZER,
+                                       seq_len=16, batch_size=2, seed=0, train=False))
   kept = [json.loads(text) for text in batch['example']]
   assert kept == [examples[1][0], examples[2][0]]
   np.testing.assert_array_equal(batch['prompt_length'], [6, 11])
@@ -137,7 +138,7 @@ def test_rollout_rows_are_prompt_then_completion_with_group_advantages(monkeypat
     return float(len(completion))
 
   monkeypatch.setitem(rewards.REWARDS, 'recorded', reward)
-  make = rollouts.Rollouts(model, TOKENIZER, grpo_config(reward='recorded', max_new_tokens=40),
+  make = grpo.Rollouts(model, TOKENIZER, grpo_config(reward='recorded', max_new_tokens=40),
                            seq_len=64)
   prompts = prompt_batch(batch_size=4)
   batch, metrics = make(params, prompts, jax.random.key(3))
@@ -156,7 +157,7 @@ def test_rollout_rows_are_prompt_then_completion_with_group_advantages(monkeypat
     assert TOKENIZER.decode(generated[:-1] if was_finished else generated) == completion
     assert (batch['tokens'][row, length:] == 0).all() and (batch['loss_mask'][row, length:] == 0).all()
     np.testing.assert_array_equal(batch['positions'][row, :length], np.arange(length))
-  want = rollouts.group_advantages(np.array([len(c) for _, c, _ in seen]), 4)
+  want = grpo.group_advantages(np.array([len(c) for _, c, _ in seen]), 4)
   np.testing.assert_allclose(batch['advantages'], np.repeat(want[:, None], 64, axis=1))
   assert metrics['finished'] == finished.mean()
 
@@ -166,15 +167,16 @@ def train_config(**grpo):
                                     learning_rate=1e-2, num_steps=100)
 
 
+@pytest.mark.slow
 def test_grpo_loss_at_the_reference_is_the_advantage_weighted_log_likelihood_gradient():
   model, params = init_model(small_model_config(vocab_size=TOKENIZER.vocab_size), length=8)
-  batch, _ = rollouts.Rollouts(model, TOKENIZER, grpo_config(reward='python_function'),
+  batch, _ = grpo.Rollouts(model, TOKENIZER, grpo_config(reward='python_function'),
                                seq_len=48)(params, prompt_batch(), jax.random.key(0))
   # Rewards are all 0 here: give the rows advantages of their own.
   batch['advantages'] = np.repeat(np.linspace(-1.5, 1.5, 8, dtype=np.float32)[:, None], 48, 1)
   batch = jax.tree.map(jnp.asarray, batch)
   config = train_config(temperature=0.8)
-  loss = jax.jit(functools.partial(steps.grpo_loss, model=model, train_config=config))
+  loss = jax.jit(functools.partial(grpo.grpo_loss, model=model, train_config=config))
   _, sums, count = loss(params, batch, params)
   assert sums['kl'] == 0 and count == batch['loss_mask'].sum()
 
@@ -192,7 +194,7 @@ def test_grpo_loss_at_the_reference_is_the_advantage_weighted_log_likelihood_gra
   # are the policy's own (micro-batched here), so the same gradient and nothing clipped.
   in_halves = constant_rate_train_config(objective='grpo', grpo=config.grpo,
                                          grad_accumulation_steps=2)
-  batch['old_log_probs'] = steps.sampling_log_probs(params, batch, model=model,
+  batch['old_log_probs'] = grpo.sampling_log_probs(params, batch, model=model,
                                                     train_config=in_halves)
   assert loss(params, batch, params)[1]['clipped'] == 0
   grads = jax.jit(jax.grad(lambda p: loss(p, batch, params)[0]))(params)
@@ -204,18 +206,19 @@ def letters(example, completion, finished):
   return sum(c in 'abcdefghij' for c in completion) / 12
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('updates_per_rollout', [1, 2])
 def test_grpo_steps_raise_the_reward(updates_per_rollout, monkeypatch):
   monkeypatch.setitem(rewards.REWARDS, 'letters', letters)
   model, params = init_model(small_model_config(vocab_size=TOKENIZER.vocab_size), length=8)
   config = train_config(reward='letters', group_size=8, max_new_tokens=12, temperature=1.0,
                         kl_weight=0.0, updates_per_rollout=updates_per_rollout)
-  make = rollouts.Rollouts(model, TOKENIZER, config.grpo, seq_len=32)
+  make = grpo.Rollouts(model, TOKENIZER, config.grpo, seq_len=32)
   optimizer = optimizer_lib.make_optimizer(config)
   state = steps.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
   step = jax.jit(functools.partial(steps.train_step, model=model, optimizer=optimizer,
-                                   train_config=config))
-  sampling_log_probs = jax.jit(functools.partial(steps.sampling_log_probs, model=model,
+                                   objective=objectives.OBJECTIVES['grpo'], train_config=config))
+  sampling_log_probs = jax.jit(functools.partial(grpo.sampling_log_probs, model=model,
                                                  train_config=config))
   reference = jax.tree.map(jnp.copy, params)
   prompts = prompt_batch(batch_size=4, seq_len=20)
@@ -263,6 +266,7 @@ def one_device_run(letters_reward, pretrained, tmp_path_factory):
 COMPARED = ('step', 'loss', 'kl', 'reward', 'finished', 'eval_reward', 'eval_loss')
 
 
+@pytest.mark.slow
 def test_an_interrupted_grpo_run_resumes_exactly(one_device_run, pretrained, tmp_path):
   workdir, history, state = one_device_run
   # As if stopped after step 2's checkpoint: a resumed run samples and steps the same.
@@ -276,6 +280,7 @@ def test_an_interrupted_grpo_run_resumes_exactly(one_device_run, pretrained, tmp
   assert 0 < rows[0]['reward'] and rows[0]['loss'] != rows[3]['loss']
 
 
+@pytest.mark.slow
 def test_grpo_on_a_data_and_fsdp_mesh_matches_one_device(one_device_run, pretrained,
                                                          tmp_path):
   _, history, state = one_device_run
@@ -291,6 +296,7 @@ def test_grpo_on_a_data_and_fsdp_mesh_matches_one_device(one_device_run, pretrai
   assert kernel.addressable_shards[0].data.shape == (32, 128)
 
 
+@pytest.mark.slow
 def test_a_stop_between_two_updates_on_a_rollout_saves_after_the_second(
     letters_reward, pretrained, tmp_path, monkeypatch):
   config = letters_run_config(pretrained[0], dict(data=1, fsdp=1, tensor=1),
@@ -317,6 +323,7 @@ def test_a_stop_between_two_updates_on_a_rollout_saves_after_the_second(
   jax.tree.map(np.testing.assert_array_equal, resumed_state.params, whole_state.params)
 
 
+@pytest.mark.slow  # Each case starts from the module's pretraining run.
 @pytest.mark.parametrize('field, value, message', [
     ('reward', 'unknown', r"config.train.grpo.reward='unknown' is not one of"),
     ('group_size', 1, r'config.train.grpo.group_size=1 must be at least 2'),

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 from experiments.configs import dpo as dpo_config, sft as sft_config
-from lm import models, tokenizer as tokenizer_lib
+from lm import models, objectives, tokenizer as tokenizer_lib
 from lm.data import pipeline, sources
 from lm.errors import ConfigError
 from lm.training import checkpointing, losses, loop, optimizer as optimizer_lib, steps
 
-from conftest import (constant_rate_train_config, init_model, jit_apply,
-                      post_training_config, small_model_config)
+from helpers import (WORDS, constant_rate_train_config, init_model, jit_apply,
+                     make_tiny_config, post_training_config, small_model_config)
 
 TOKENIZER = tokenizer_lib.ByteTokenizer()
 SFT_EXAMPLES = [[{'prompt': f'question {i}?', 'response': ' answer' * (i % 4 + 1)}]
@@ -27,9 +27,9 @@ DPO_EXAMPLES = [[{'prompt': f'q{i}:', 'chosen': ' yes' * (i % 3 + 1), 'rejected'
 
 
 def batches(examples, objective, *, seq_len=32, batch_size=2, train=False, shuffle_window=0):
-  return pipeline.make_dataset(examples, TOKENIZER, seq_len=seq_len, batch_size=batch_size,
-                               seed=0, train=train, shuffle_window=shuffle_window,
-                               objective=objective)
+  return pipeline.make_dataset(examples, objectives.OBJECTIVES[objective], TOKENIZER,
+                               seq_len=seq_len, batch_size=batch_size, seed=0, train=train,
+                               shuffle_window=shuffle_window)
 
 
 def test_function_examples_split_signature_docstring_and_body():
@@ -129,10 +129,11 @@ def dpo_setup(nll_weight=0.0):
   batch = jax.tree.map(jnp.asarray, next(iter(batches(DPO_EXAMPLES, 'dpo', batch_size=3))))
   train_config = ml_collections.ConfigDict(dict(objective='dpo', dpo_beta=0.5,
                                                 dpo_nll_weight=nll_weight))
-  loss = functools.partial(steps.dpo_loss, model=model, train_config=train_config)
+  loss = functools.partial(objectives.OBJECTIVES['dpo'].loss, model=model, train_config=train_config)
   return jit_apply(model), params, batch, loss
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('nll_weight', [0.0, 0.3])
 def test_dpo_loss_matches_a_direct_computation(nll_weight):
   apply, reference, batch, loss = dpo_setup(nll_weight)
@@ -163,6 +164,7 @@ def test_dpo_loss_matches_a_direct_computation(nll_weight):
   assert sums['reward_accuracy'] == np.sum(margins > 0)
 
 
+@pytest.mark.slow
 def test_dpo_at_the_reference_is_log_2_with_the_log_likelihood_ratio_gradient():
   apply, params, batch, loss = dpo_setup()
   total, sums, _ = loss(params, batch, params)
@@ -190,6 +192,7 @@ def test_dpo_steps_on_one_batch_learn_its_preferences():
   optimizer = optimizer_lib.make_optimizer(train_config)
   state = steps.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
   step = jax.jit(functools.partial(steps.train_step, model=model, optimizer=optimizer,
+                                   objective=objectives.OBJECTIVES['dpo'],
                                    train_config=train_config))
   reference = jax.tree.map(jnp.copy, params)
   history = [step(state, batch, reference)]
@@ -202,6 +205,7 @@ def test_dpo_steps_on_one_batch_learn_its_preferences():
   assert first['num_pairs'] == 3
 
 
+@pytest.mark.slow
 def test_sft_starts_from_the_init_from_params(pretrained, tmp_path):
   workdir, pretrained_params = pretrained
   config = post_training_config(sft_config, workdir, num_steps=2, warmup_steps=1,
@@ -215,6 +219,7 @@ def test_sft_starts_from_the_init_from_params(pretrained, tmp_path):
   assert history[-1]['eval_loss'] > 0 and history[-1]['num_tokens'] > 0
 
 
+@pytest.mark.slow
 def test_dpo_trains_from_its_reference_and_resumes(pretrained, tmp_path):
   workdir, _ = pretrained
   config = post_training_config(dpo_config, workdir, num_steps=4, log_every=1,
@@ -235,6 +240,7 @@ def test_dpo_trains_from_its_reference_and_resumes(pretrained, tmp_path):
     loop.train(config, str(tmp_path), jax.devices()[:1])
 
 
+@pytest.mark.slow  # Each case starts from the module's pretraining run.
 @pytest.mark.parametrize('case', ['no checkpoints', 'no such step', 'other model',
                                   'other objective'])
 def test_bad_post_training_starts_are_refused_by_name(case, pretrained, tmp_path):
@@ -260,10 +266,35 @@ def test_bad_post_training_starts_are_refused_by_name(case, pretrained, tmp_path
 def test_jsonl_examples_name_the_line_missing_a_field(tmp_path):
   path = tmp_path / 'pairs.jsonl'
   path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
-  config = ml_collections.ConfigDict(dict(source='jsonl', path=str(path)))
-  source = sources.build(config, 'dpo')
-  assert source[0] == [{'prompt': 'a', 'chosen': 'b', 'rejected': 'c'}]
+  config = ml_collections.ConfigDict(dict(source='jsonl', path=str(path), bad_records='error'))
   with pytest.raises(ConfigError, match=r"pairs.jsonl:2 has no field 'rejected'"):
-    source[1]
+    objectives.OBJECTIVES['dpo'].source(config)
+  config.bad_records = 'skip'
+  source = objectives.OBJECTIVES['dpo'].source(config)
+  assert len(source) == 1 and source[0] == [{'prompt': 'a', 'chosen': 'b', 'rejected': 'c'}]
   with pytest.raises(ConfigError, match=r"config.data.source='text' is not one of"):
-    sources.build(ml_collections.ConfigDict(dict(source='text', path='')), 'sft')
+    objectives.OBJECTIVES['sft'].source(ml_collections.ConfigDict(dict(source='text', path='')))
+
+
+@pytest.mark.slow
+def test_init_from_refuses_a_different_tokenizer_of_the_same_vocabulary_size(tmp_path):
+  """Two sentencepiece models of 290 pieces trained on different text: the same model
+  shapes, other ids for the same text. Post-training must not start from the checkpoint
+  with the other one."""
+  paths = [str(tmp_path / 'prose.model'), str(tmp_path / 'code.model')]
+  prose = tokenizer_lib.train_sentencepiece([' '.join(WORDS) + '.\n'] * 50, 290, paths[0])
+  code = tokenizer_lib.train_sentencepiece(['def f(x):\n    return x\n'] * 50, 290, paths[1])
+  assert prose.vocab_size == code.vocab_size and prose.to_dict() != code.to_dict()
+  config = make_tiny_config(tmp_path / 'corpus')
+  config.tokenizer.update(kind='sentencepiece', path=paths[0])
+  config.model.vocab_size = 296
+  config.train.update(num_steps=1, warmup_steps=0, eval_every=1)
+  workdir = str(tmp_path / 'pretrained')
+  loop.train(config, workdir, jax.devices()[:1])
+
+  config = post_training_config(sft_config, workdir, num_steps=1, warmup_steps=0)
+  config.tokenizer.update(kind='sentencepiece', path=paths[1])
+  config.model.vocab_size = 296
+  with pytest.raises(ConfigError, match=r'tokenizer mismatch: the checkpoint in'
+                                        r' .*pretrained/checkpoints/1 .*\(config.tokenizer\)'):
+    loop.train(config, str(tmp_path / 'sft'), jax.devices()[:1])

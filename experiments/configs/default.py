@@ -58,6 +58,9 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
       source='stdlib',
       path='',  # Comma-separated files or globs for 'text' and 'jsonl'.
       text_field='text',  # The JSON field holding the document, for pretraining on 'jsonl'.
+      # A non-UTF-8 file, or a JSON line that is not an object with the fields as strings:
+      # 'error' refuses the run at start naming it; 'skip' leaves it out, counted in the log.
+      bad_records='error',
       validation_fraction=0.05,  # Of document groups (files; stdlib top-level modules).
       seq_len=128,
       batch_size=32,  # Global, across all devices and processes.

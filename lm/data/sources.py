@@ -26,54 +26,112 @@ _STDLIB_EXCLUDED_DIRS = {'test', 'tests', 'idle_test', 'site-packages', 'dist-pa
                          '__pycache__'}
 
 
-class TextFiles:
-  """One document per plain-text file."""
+BAD_RECORDS = ('error', 'skip')  # config.data.bad_records
 
-  def __init__(self, paths: list[str], keys: list[str] | None = None):
-    self.paths = paths
-    self.keys = keys if keys is not None else paths
+
+def _screen(items, check, bad_records: str, what: str):
+  """The items that `check` (item -> None, or why it is bad) passes. Under 'error' any
+  bad item is refused, naming the first and counting all; under 'skip' the bad ones are
+  dropped and kept in the second list as (item, why), for the run's log. Done once at
+  start, so a bad record never surfaces mid-run."""
+  good, skipped = [], []
+  for item in items:
+    reason = check(item)
+    if reason is None:
+      good.append(item)
+    else:
+      skipped.append((item, reason))
+  if skipped and bad_records == 'error':
+    raise ConfigError(f'{skipped[0][1]} ({len(skipped)} bad {what} in all; fix them, or'
+                      ' set config.data.bad_records=skip to leave them out)')
+  return good, skipped
+
+
+class TextFiles:
+  """One document per plain-text file (UTF-8)."""
+
+  def __init__(self, paths: list[str], keys: list[str] | None = None,
+               bad_records: str = 'error'):
+    keys = keys if keys is not None else paths
+    kept, self.skipped = _screen(list(zip(paths, keys)), lambda item: _not_utf8(item[0]),
+                                 bad_records, 'files')
+    self.paths = [path for path, _ in kept]
+    self.keys = [key for _, key in kept]
 
   def __len__(self):
     return len(self.paths)
 
   def __getitem__(self, index: int) -> str:
-    with open(self.paths[index], encoding='utf-8', errors='replace') as f:
+    with open(self.paths[index], encoding='utf-8') as f:
       return f.read()
+
+
+def _not_utf8(path: str) -> str | None:
+  with open(path, 'rb') as f:
+    data = f.read()
+  try:
+    data.decode('utf-8')
+  except UnicodeDecodeError as error:
+    line = data[:error.start].count(b'\n') + 1
+    return f'{path}:{line} is not UTF-8 text (byte {error.start})'
+  return None
 
 
 class JsonLines:
   """One record per line of JSON-lines files; an item is the dict of the named fields,
-  which every line must have, or with `keep_all` of all of its fields."""
+  which every line must have as strings, or with `keep_all` of all of its fields. Every
+  line is parsed once at start (see `_screen`)."""
 
-  def __init__(self, paths: list[str], fields: tuple[str, ...], keep_all: bool = False):
+  def __init__(self, paths: list[str], fields: tuple[str, ...], keep_all: bool = False,
+               bad_records: str = 'error'):
     self.fields, self.keep_all = fields, keep_all
-    self.locations = []  # (path, byte offset, line number)
+    locations = []  # (path, byte offset, line number)
     for path in paths:
       with open(path, 'rb') as f:
         offset = 0
         for line_number, line in enumerate(f, start=1):
           if line.strip():
-            self.locations.append((path, offset, line_number))
+            locations.append((path, offset, line_number))
           offset += len(line)
+    self.locations, self.skipped = _screen(locations, self._why_bad, bad_records, 'lines')
     self.keys = [f'{path}:{line_number}' for path, _, line_number in self.locations]
 
   def __len__(self):
     return len(self.locations)
 
-  def __getitem__(self, index: int) -> dict[str, str]:
-    path, offset, line_number = self.locations[index]
+  def _read(self, location) -> dict:
+    """The line's record; raises ConfigError naming file:line and what is wrong."""
+    path, offset, line_number = location
     with open(path, 'rb') as f:
       f.seek(offset)
       line = f.readline()
+    where = f'{path}:{line_number}'
     try:
-      record = json.loads(line)
+      record = json.loads(line.decode('utf-8'))
+    except UnicodeDecodeError as error:
+      raise ConfigError(f'{where} is not UTF-8 text (byte {error.start})') from error
     except json.JSONDecodeError as error:
-      raise ConfigError(f'{path}:{line_number} is not valid JSON: {error}') from error
-    missing = [field for field in self.fields
-               if not isinstance(record, dict) or field not in record]
-    if missing:
-      raise ConfigError(f'{path}:{line_number} has no field {missing[0]!r} (this objective'
-                        f' reads {", ".join(map(repr, self.fields))})')
+      raise ConfigError(f'{where} is not valid JSON: {error}') from error
+    if not isinstance(record, dict):
+      raise ConfigError(f'{where} is a JSON {type(record).__name__}, not an object')
+    for field in self.fields:
+      if field not in record:
+        raise ConfigError(f'{where} has no field {field!r} (this objective reads'
+                          f' {", ".join(map(repr, self.fields))})')
+      if not isinstance(record[field], str):
+        raise ConfigError(f'{where}: field {field!r} is {json.dumps(record[field])[:40]},'
+                          ' not a string')
+    return record
+
+  def _why_bad(self, location) -> str | None:
+    try:
+      self._read(location)
+    except ConfigError as error:
+      return str(error)
+    return None
+
+  def __getitem__(self, index: int) -> dict[str, str]:
+    record = self._read(self.locations[index])
     return {field: str(record[field]) for field in (record if self.keep_all else self.fields)}
 
 
@@ -82,6 +140,7 @@ class Mapped:
 
   def __init__(self, source, function):
     self.source, self.function, self.keys = source, function, source.keys
+    self.skipped = source.skipped
 
   def __len__(self):
     return len(self.source)
@@ -189,14 +248,16 @@ def stdlib_functions(*, pairs: bool) -> Mapped:
 
 def jsonl_texts(data_config) -> Mapped:
   """Pretraining documents: the `config.data.text_field` of each JSON line."""
-  records = JsonLines(expand_paths(data_config.path), (data_config.text_field,))
+  records = JsonLines(expand_paths(data_config.path), (data_config.text_field,),
+                      bad_records=data_config.bad_records)
   return _nonempty(Mapped(records, operator.itemgetter(data_config.text_field)), data_config)
 
 
 def jsonl_examples(data_config, fields: tuple[str, ...], keep_all: bool = False) -> Mapped:
   """Post-training examples from config.data.path, one per JSON line, each with
   `fields` (or all of the line's, with `keep_all`), as one-example lists."""
-  records = JsonLines(expand_paths(data_config.path), fields, keep_all)
+  records = JsonLines(expand_paths(data_config.path), fields, keep_all,
+                      bad_records=data_config.bad_records)
   return _nonempty(Mapped(records, _one_example), data_config)
 
 

@@ -2,7 +2,9 @@
 
   perplexity       {"text": ...}
   multiple_choice  {"context": ..., "choices": [...], "answer": <index of the right choice>}
-  generation       {"prompt": ..., "answer": ...}
+  generation       {"prompt": ..., "answer": <a string or a number>}
+
+Fields of the wrong type are refused at load time, naming file:line and the field.
 
 Few-shot prompts put `num_shots` other solved examples of the same task (seeded draw)
 before each one, separated by blank lines. The built-in tasks (lm.evaluation.builtin)
@@ -15,6 +17,7 @@ import os
 import random
 
 from lm.errors import ConfigError
+from lm.evaluation import inputs
 
 KINDS = {
     'perplexity': ('text',),
@@ -39,36 +42,56 @@ def kind_of(record: dict, where: str) -> str:
                     + '; or '.join(f'{k}: {", ".join(f)}' for k, f in KINDS.items()))
 
 
-def validate(record: dict, kind: str, where: str) -> None:
+def checked(record: dict, kind: str, where: str) -> dict:
+  """`record` if every field has its kind's type; a generation answer that is a number
+  becomes its text, since answers are compared and shown as text."""
+  def expect(ok: bool, field: str, what: str) -> None:
+    if not ok:
+      shown = repr(record[field])
+      raise ConfigError(f'{where}: "{field}" must be {what}, got'
+                        f' {shown if len(shown) <= 40 else shown[:37] + "..."}')
+
+  def is_number(value, types=(int, float)) -> bool:
+    return isinstance(value, types) and not isinstance(value, bool)  # bool is an int.
+
+  if kind == 'perplexity':
+    expect(isinstance(record['text'], str), 'text', 'a string')
+    return record
   if kind == 'multiple_choice':
     choices, answer = record['choices'], record['answer']
-    if not isinstance(choices, list) or len(choices) < 2:
-      raise ConfigError(f'{where}: "choices" must be a list of at least 2 strings')
-    if not isinstance(answer, int) or not 0 <= answer < len(choices):
-      raise ConfigError(f'{where}: "answer" must be an index into "choices", got {answer!r}')
+    expect(isinstance(record['context'], str), 'context', 'a string')
+    # An empty choice has log-likelihood 0, so it would always win.
+    expect(isinstance(choices, list) and len(choices) >= 2
+           and all(isinstance(c, str) and c for c in choices),
+           'choices', 'a list of at least 2 non-empty strings')
+    expect(is_number(answer, int) and 0 <= answer < len(choices),
+           'answer', 'an index into "choices"')
+    return record
+  expect(isinstance(record['prompt'], str), 'prompt', 'a string')
+  expect(isinstance(record['answer'], str) or is_number(record['answer']),
+         'answer', 'a string or a number')
+  return {**record, 'answer': str(record['answer'])}
 
 
 def load(path: str) -> Task:
   if not os.path.isfile(path):
     raise ConfigError(f'--task={path}: no such file (or built-in task)')
   records, kind = [], None
-  with open(path, encoding='utf-8') as f:
-    for line_number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f'{path}:{line_number}'
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as error:
-        raise ConfigError(f'{where} is not valid JSON: {error}') from error
-      if not isinstance(record, dict):
-        raise ConfigError(f'{where}: each line must be a JSON object')
-      record_kind = kind_of(record, where)
-      if kind is not None and record_kind != kind:
-        raise ConfigError(f'{where} is a {record_kind} record in a {kind} task')
-      kind = record_kind
-      validate(record, kind, where)
-      records.append(record)
+  for line_number, line in enumerate(inputs.read_lines(path, '--task'), start=1):
+    if not line.strip():
+      continue
+    where = f'{path}:{line_number}'
+    try:
+      record = json.loads(line)
+    except (ValueError, RecursionError) as error:  # Also ints too long, nesting too deep.
+      raise ConfigError(f'{where} is not valid JSON: {error}') from error
+    if not isinstance(record, dict):
+      raise ConfigError(f'{where}: each line must be a JSON object')
+    record_kind = kind_of(record, where)
+    if kind is not None and record_kind != kind:
+      raise ConfigError(f'{where} is a {record_kind} record in a {kind} task')
+    kind = record_kind
+    records.append(checked(record, kind, where))
   if not records:
     raise ConfigError(f'--task={path} holds no records')
   return Task(os.path.splitext(os.path.basename(path))[0], kind, records)

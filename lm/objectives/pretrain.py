@@ -45,7 +45,8 @@ class Pretrain(base.Objective):
     if data_config.source == 'stdlib':
       return sources.stdlib_source()
     if data_config.source == 'text':
-      return sources.TextFiles(sources.expand_paths(data_config.path))
+      return sources.TextFiles(sources.expand_paths(data_config.path),
+                               bad_records=data_config.bad_records)
     return sources.jsonl_texts(data_config)
 
   def rows(self, dataset, tokenizer, seq_len: int):

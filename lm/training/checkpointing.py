@@ -1,17 +1,25 @@
 """orbax checkpoints under `<workdir>/checkpoints`: everything a run needs to resume.
 
 Each step directory holds the train state (params, optimizer state, step), the data
-iterator's state, the config and the tokenizer. orbax writes into a temporary
-directory and renames it when complete, so a run killed mid-write leaves the last
-finished checkpoint intact; unfinished ones are removed on the next start.
+iterator's state, the config, the tokenizer and the state's fingerprint. orbax writes
+into a temporary directory and renames it when complete, so a run killed mid-write
+leaves the last finished checkpoint intact; unfinished ones are removed on the next
+start. A finished checkpoint that cannot be read back, or whose arrays no longer match
+their fingerprint, is moved to `<workdir>/set_aside/` (`Checkpointer.set_aside`), never
+deleted. DPO's and GRPO's reference params are kept in `<workdir>/reference`, so a run
+resumes even after its `init_from` run has pruned that step.
 """
 
+import fcntl
 import os
+import shutil
+import sys
 from typing import NamedTuple
 
 import flax.linen as nn
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -49,6 +57,26 @@ def _decode_tuples(value):
   return value
 
 
+@jax.jit
+def fingerprint(tree) -> dict:
+  """Per leaf, the wrapping uint32 sum of its bits: exact and independent of sharding
+  and summation order, and changed by any one flipped bit."""
+  def leaf(x):
+    if x.dtype.itemsize == 1:
+      bits = x.astype(jnp.uint32)
+    elif x.dtype.itemsize == 2:
+      bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+    else:  # 8-byte types become [..., 2] uint32.
+      bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.sum(bits, dtype=jnp.uint32)
+  return {jax.tree_util.keystr(path): leaf(x)
+          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _fingerprint_json(tree) -> dict[str, int]:
+  return {name: int(value) for name, value in jax.device_get(fingerprint(tree)).items()}
+
+
 class Checkpointer:
 
   def __init__(self, workdir: str, max_to_keep: int | None, read_only: bool = False):
@@ -63,7 +91,7 @@ class Checkpointer:
             create=not read_only,
             read_only=read_only,
         ),
-        item_names=('state', 'data', 'config', 'tokenizer'),
+        item_names=('state', 'data', 'config', 'tokenizer', 'fingerprint'),
     )
 
   def latest_step(self) -> int | None:
@@ -75,6 +103,7 @@ class Checkpointer:
         data=ocp.args.JsonSave(_encode_tuples(data_iterator.get_state())),
         config=ocp.args.JsonSave(config.to_dict()),
         tokenizer=ocp.args.JsonSave(tokenizer.to_dict()),
+        fingerprint=ocp.args.JsonSave(_fingerprint_json(state)),
     ))
 
   def read_metadata(self, step: int) -> tuple[ml_collections.ConfigDict, dict]:
@@ -92,7 +121,15 @@ class Checkpointer:
     items = {'state': ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items['data'] = ocp.args.JsonRestore()
+    if os.path.isdir(os.path.join(self.directory, str(step), 'fingerprint')):
+      items['fingerprint'] = ocp.args.JsonRestore()
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    if 'fingerprint' in items:
+      saved, now = restored['fingerprint'], _fingerprint_json(restored['state'])
+      changed = [name for name in saved if saved[name] != now.get(name)]
+      if changed or set(now) != set(saved):
+        raise ValueError(f'its arrays do not match their fingerprint ({len(changed)}'
+                         f' changed, first {changed[:1]})')
     if data_iterator is not None:
       data_iterator.set_state(_decode_tuples(restored['data']))
     return restored['state']
@@ -109,11 +146,56 @@ class Checkpointer:
               partial_restore=True))
     return restored['params']
 
+  def set_aside(self, step: int, error: Exception) -> None:
+    """Moves checkpoint `step` to `<workdir>/set_aside/` and says so in one line."""
+    set_aside = os.path.join(os.path.dirname(self.directory), 'set_aside')
+    target = os.path.join(set_aside, str(step))
+    suffix = 1
+    while os.path.exists(target):
+      target, suffix = os.path.join(set_aside, f'{step}.{suffix}'), suffix + 1
+    if jax.process_index() == 0:
+      os.makedirs(set_aside, exist_ok=True)
+      shutil.move(os.path.join(self.directory, str(step)), target)
+      reason = (str(error).strip().splitlines() or [''])[0][:200]
+      print(f'checkpoint step {step} cannot be read ({type(error).__name__}: {reason});'
+            f' moved to {target}', file=sys.stderr, flush=True)
+    self.manager.reload()
+
   def wait(self):
     self.manager.wait_until_finished()
 
   def close(self):
     self.manager.close()
+
+
+class WorkdirLock:
+  """Holds `<workdir>/lock` for a run's lifetime, so a second run on the same workdir is
+  refused. An flock: the kernel releases it when the process dies, so a killed run
+  leaves nothing stuck."""
+
+  def __init__(self, workdir: str):
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+      raise ConfigError(f'--workdir={workdir} is a file, not a directory')
+    try:
+      os.makedirs(workdir, exist_ok=True)
+      self.file = open(os.path.join(workdir, 'lock'), 'a+')
+    except OSError as error:
+      raise ConfigError(f'--workdir={workdir}: cannot write there ({error.strerror})') from error
+    try:
+      fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as error:
+      self.file.close()
+      raise ConfigError(f'--workdir={workdir} is in use by a running run; wait for it to'
+                        ' end or use another workdir') from error
+
+  def release(self):
+    self.file.close()  # Closing releases the flock.
+
+
+# Data fields and the seed that decide a resumed run's data stream: its iterator state
+# means nothing for another stream.
+_DATA_FIELDS = ('source', 'path', 'text_field', 'seq_len', 'batch_size', 'shuffle_window',
+                'validation_fraction', 'bad_records')
 
 
 def check_compatible(saved_config, config, directory: str, *, resuming: bool = True) -> None:
@@ -136,11 +218,35 @@ def check_compatible(saved_config, config, directory: str, *, resuming: bool = T
                 if field == 'objective' else '')
         differences.append(f'train.{field}: checkpoint has {value!r}, config has'
                            f' {config.train[field]!r}{hint}')
+    differences += [
+        f'data.{field}: checkpoint has {saved_config.data[field]!r}, config has'
+        f' {config.data[field]!r}'
+        for field in _DATA_FIELDS
+        if field in saved_config.data and saved_config.data[field] != config.data[field]]
+    if saved_config.get('seed', config.seed) != config.seed:
+      differences.append(f'seed: checkpoint has {saved_config.seed}, config has {config.seed}')
   if differences:
     raise ConfigError(f'the checkpoint in {directory} does not match the config:\n  '
                      + '\n  '.join(differences)
                      + ('\nuse a new --workdir, or the model settings it was trained with'
                         if resuming else '\nuse the model settings it was trained with'))
+
+
+def save_reference(workdir: str, params) -> None:
+  """The frozen reference params, once per run, in the run's own workdir."""
+  path = os.path.join(os.path.abspath(workdir), 'reference')
+  if not os.path.exists(path):
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(path, params)
+
+
+def restore_reference(workdir: str, abstract_params):
+  """The run's saved reference params onto `abstract_params`' shardings, or None."""
+  path = os.path.join(os.path.abspath(workdir), 'reference')
+  if not os.path.isdir(path):
+    return None
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(path, abstract_params)
 
 
 def load_params(workdir: str, step: int, abstract_params, config, tokenizer):

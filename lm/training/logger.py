@@ -46,6 +46,13 @@ class MetricLogger:
     if self.enabled:
       self.progress.write(text)
 
+  def __enter__(self):
+    return self
+
+  def __exit__(self, error_type, *_):
+    if error_type is not None:  # The error's message then prints below the progress bar.
+      self.close()
+
   def close(self) -> None:
     if self.enabled:
       self.progress.close()

@@ -9,10 +9,12 @@ import itertools
 import math
 import signal
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from lm import config as config_lib
 from lm import flops, objectives, sampling, sharding
@@ -48,10 +50,18 @@ class _StopRequest:
       signal.signal(signum, handler)
 
 
-def _datasets(config, objective, tokenizer):
-  """(train documents, validation documents, train iterator, validation dataset)."""
+class _Data(NamedTuple):
+  train_documents: object
+  validation_documents: object
+  train_iterator: object
+  validation_dataset: object
+  skipped: list  # (item, why) left out under config.data.bad_records='skip'
+
+
+def _datasets(config, objective, tokenizer) -> _Data:
+  source = objective.source(config.data)
   train_documents, validation_documents = sources.split(
-      objective.source(config.data), config.data.validation_fraction)
+      source, config.data.validation_fraction)
   def make(documents, train):
     return pipeline.make_dataset(
         documents, objective, tokenizer, seq_len=objective.data_seq_len(config),
@@ -63,8 +73,8 @@ def _datasets(config, objective, tokenizer):
         f'the validation split ({len(validation_documents)} documents) does not fill one'
         f' batch of config.data.batch_size={config.data.batch_size} x'
         f' config.data.seq_len={config.data.seq_len}; raise config.data.validation_fraction')
-  return (train_documents, validation_documents, iter(make(train_documents, train=True)),
-          validation_dataset)
+  return _Data(train_documents, validation_documents, iter(make(train_documents, train=True)),
+               validation_dataset, source.skipped)
 
 
 def _reference_params(setup, config, tokenizer, init_from_step: int):
@@ -116,22 +126,56 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
   config_lib.validate(config, len(devices), tokenizer.vocab_size)
   config.model.dtype = config_lib.resolve_dtype(config.model.dtype)
   objective = objectives.OBJECTIVES[config.train.objective]
-  train_documents, validation_documents, train_iterator, validation_dataset = _datasets(
-      config, objective, tokenizer)
+  data = _datasets(config, objective, tokenizer)
+  lock = checkpointing.WorkdirLock(workdir)
   checkpointer = checkpointing.Checkpointer(workdir, config.checkpoint.max_to_keep)
-  start_step = checkpointer.latest_step()
-  init_from_step = config.train.init_from_step
-  if start_step is not None:
-    saved_config, saved_tokenizer = checkpointer.read_metadata(start_step)
+  try:
+    return _train(config, workdir, devices, tokenizer, objective, data, checkpointer)
+  finally:
+    # Pending saves finish before any error is reported: no half-written checkpoint.
+    checkpointer.close()
+    lock.release()
+
+
+def _restore_latest(checkpointer, setup, train_iterator, config, tokenizer):
+  """(step, state, saved config) of the newest checkpoint that reads back whole, or None.
+  Unreadable ones are set aside, not deleted; a mismatch with the config is refused."""
+  while (step := checkpointer.latest_step()) is not None:
+    try:
+      saved_config, saved_tokenizer = checkpointer.read_metadata(step)
+    except Exception as error:  # pylint: disable=broad-except
+      checkpointer.set_aside(step, error)
+      continue
     tokenizer_lib.check_same(saved_tokenizer, tokenizer, checkpointer.directory)
     checkpointing.check_compatible(saved_config, config, checkpointer.directory)
-    # The step init_from resolved to when the run started: DPO reloads the same reference.
-    init_from_step = saved_config.train.get('init_from_step', -1)
+    try:
+      state = checkpointer.restore(step, setup.abstract_state, train_iterator)
+    except Exception as error:  # pylint: disable=broad-except
+      checkpointer.set_aside(step, error)
+      continue
+    return step, state, saved_config
+  return None
 
-  # 2. Shapes, shardings and the jitted steps; then init or restore onto them.
+
+def _first_non_finite(pending: list) -> tuple | None:
+  """The first (step, loss, grad_norm) of `pending` with a non-finite value; one transfer."""
+  values = np.asarray(jax.device_get([(loss, grad_norm) for _, loss, grad_norm in pending]))
+  bad = ~np.isfinite(values).all(axis=1)
+  if not bad.any():
+    return None
+  index = int(np.argmax(bad))
+  return pending[index][0], *values[index]
+
+
+def _train(config, workdir, devices, tokenizer, objective, data, checkpointer):
+  train_documents, validation_documents, train_iterator, validation_dataset, _ = data
+
+  # 2. Shapes, shardings and the jitted steps; then restore, init_from or init onto them.
   setup = setup_lib.make_setup(config, devices)
+  init_from_step = config.train.init_from_step
   with sharding.activate(setup.mesh):
-    if start_step is None:
+    restored = _restore_latest(checkpointer, setup, train_iterator, config, tokenizer)
+    if restored is None:
       if config.train.init_from:
         params, init_from_step = checkpointing.load_params(
             config.train.init_from, init_from_step, setup.abstract_state.params, config,
@@ -143,10 +187,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
       # A copy, as the train step donates the state's buffers.
       reference_params = (jax.tree.map(jnp.copy, state.params) if objective.needs_reference
                           else None)
+      if objective.needs_reference:
+        checkpointing.save_reference(workdir, reference_params)
     else:
-      state = checkpointer.restore(start_step, setup.abstract_state, train_iterator)
-      reference_params = (_reference_params(setup, config, tokenizer, init_from_step)
-                          if objective.needs_reference else None)
+      start_step, state, saved_config = restored
+      # The step init_from resolved to when the run started: the same reference.
+      init_from_step = saved_config.train.get('init_from_step', -1)
+      reference_params = None
+      if objective.needs_reference:
+        reference_params = (
+            checkpointing.restore_reference(workdir, setup.abstract_state.params)
+            or _reference_params(setup, config, tokenizer, init_from_step))
     rollout = objective.make_rollout(setup, tokenizer, config)
   # What every checkpoint records: the config with init_from's step resolved.
   run_config = ml_collections.ConfigDict(config.to_dict())
@@ -169,6 +220,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
             f' of {devices[0].device_kind}; {len(train_documents):,} training and'
             f' {len(validation_documents):,} validation {objective.items}; compute dtype'
             f' {config.model.dtype}; {start}')
+  if data.skipped:
+    log.print(f'left out {len(data.skipped)} bad records (config.data.bad_records=skip);'
+              f' the first: {data.skipped[0][1]}')
+  if start_step >= config.train.num_steps:
+    log.print(f'nothing to do: the checkpoint is at step {start_step} and'
+              f' config.train.num_steps={config.train.num_steps}')
+    log.close()
+    return [], state
 
   # An objective may take several optimizer steps on one batch (GRPO on one rollout).
   updates_per_batch = objective.updates_per_batch(config.train)
@@ -176,23 +235,33 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
   history = []
   step = start_step
   batch = None
+  unchecked = []  # (step, loss, grad_norm) on the device, checked before a log or save.
+
+  def check_finite():
+    bad = _first_non_finite(unchecked) if unchecked else None
+    unchecked.clear()
+    if bad:
+      last = checkpointer.latest_step()
+      raise FloatingPointError(
+          f'loss={bad[1]} grad_norm={bad[2]} at step {bad[0]}; nothing from it on was saved,'
+          f' and the last good checkpoint is '
+          + (f'step {last} in {checkpointer.directory}' if last is not None else 'none')
+          + '; try a lower config.train.learning_rate')
   last_log_time, last_log_step = time.perf_counter(), step
-  with _StopRequest() as stop, sharding.activate(setup.mesh):
+  with log, _StopRequest() as stop, sharding.activate(setup.mesh):
     while step < config.train.num_steps:
       if batch is None or step % updates_per_batch == 0:
         batch, batch_metrics = _global_batch(setup, rollout, state.params,
                                              next(train_iterator), step, train=True)
       state, metrics = setup.train_step(state, batch, reference_params)
       step += 1
+      unchecked.append((step, metrics['loss'], metrics['grad_norm']))
       log.advance(step)
 
       row = {}
       if step % config.train.log_every == 0 or step == config.train.num_steps:
+        check_finite()
         row = {name: float(value) for name, value in {**metrics, **batch_metrics}.items()}
-        if not math.isfinite(row['loss']) or not math.isfinite(row['grad_norm']):
-          raise FloatingPointError(
-              f'loss={row["loss"]} grad_norm={row["grad_norm"]} at step {step}; the last'
-              f' good checkpoint is step {checkpointer.latest_step()} in {checkpointer.directory}')
         elapsed = time.perf_counter() - last_log_time
         tokens_per_second = (step - last_log_step) * tokens_per_step / elapsed
         row['learning_rate'] = float(schedule(step - 1))
@@ -202,6 +271,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
           row['mfu'] = mfu
         last_log_time, last_log_step = time.perf_counter(), step
       if step % config.train.eval_every == 0 or step == config.train.num_steps:
+        check_finite()
         row.update(_evaluate(setup, state.params, reference_params, validation_dataset,
                              rollout, config.train.eval_steps))
         last_log_time = time.perf_counter()  # Eval time is not training throughput.
@@ -213,13 +283,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
       between_batches = step % updates_per_batch == 0
       if (between_batches and (step % config.checkpoint.every_steps == 0 or stop.requested)
           or step == config.train.num_steps):
+        check_finite()  # A checkpoint never holds params of a non-finite step.
         checkpointer.save(step, state, train_iterator, run_config, tokenizer)
       if stop.requested and between_batches:
         log.print(f'stopped at step {step}; checkpoint saved, run the same command to resume')
         break
 
   checkpointer.wait()
-  checkpointer.close()
   if step >= config.train.num_steps and config.train.sample_tokens > 0:
     room = config.model.max_seq_len - config.train.sample_tokens
     prompt = objective.sample_prompt(validation_documents, tokenizer, room)

@@ -1,0 +1,54 @@
+"""Checks of what sampling and evaluation are given (flags, text files, the workdir, the
+checkpoint's params), each failure one ConfigError naming the flag or file:line."""
+
+import io
+import os
+
+import jax
+import jax.numpy as jnp
+
+from lm.errors import ConfigError
+
+
+def check_all(checks: list[tuple[bool, str]]) -> None:
+  """Raises one ConfigError with the message of every failed (ok, message) check, so one
+  run names every bad flag."""
+  problems = [message for ok, message in checks if not ok]
+  if problems:
+    raise ConfigError('; '.join(problems))
+
+
+def workdir_check(workdir: str) -> tuple[bool, str]:
+  """(whether `workdir` is a directory, what it is instead), for check_all."""
+  return os.path.isdir(workdir), f'--workdir={workdir} ' + (
+      'is a file, not a run directory' if os.path.exists(workdir) else 'does not exist')
+
+
+def read_lines(path: str, flag: str) -> list[str]:
+  """The lines of the UTF-8 text file `flag`=`path`, as open(path) reads them."""
+  try:
+    with open(path, 'rb') as f:
+      data = f.read()
+  except OSError as error:
+    raise ConfigError(f'{flag}={path}: {error.strerror}') from error
+  try:
+    text = data.decode('utf-8')
+  except UnicodeDecodeError as error:
+    line = data.count(b'\n', 0, error.start) + 1
+    raise ConfigError(f'{flag}={path}:{line} is not UTF-8 text ({error.reason})') from error
+  return io.StringIO(text, newline=None).readlines()  # Universal newlines, as open() does.
+
+
+@jax.jit
+def _finite(params):
+  return jax.tree.map(lambda x: jnp.isfinite(x).all(), params)
+
+
+def check_finite_params(params, workdir: str, step: int) -> None:
+  """Refuses params holding a NaN or Inf: they would sample and score without complaint."""
+  finite = jax.device_get(_finite(params))
+  bad = [jax.tree_util.keystr(path, simple=True, separator='/')
+         for path, ok in jax.tree_util.tree_leaves_with_path(finite) if not ok]
+  if bad:
+    raise ConfigError(f'--workdir={workdir}: the params of step {step} are not finite'
+                      f' (NaN or Inf), e.g. {bad[0]}')
