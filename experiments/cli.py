@@ -11,6 +11,14 @@ from absl import app, flags, logging
 from lm.errors import ConfigError
 
 
+def checkpoint_flags():
+  """--workdir (required) and --step: the checkpoint that sample and evaluate read."""
+  workdir = flags.DEFINE_string('workdir', None, 'Run directory with checkpoints.')
+  step = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+  flags.mark_flags_as_required(['workdir'])
+  return workdir, step
+
+
 def _check_config_file(argv: list[str]) -> None:
   """A --config file that is missing, is not Python or has no get_config is named in one
   line here; ml_collections would raise a traceback, or report a bogus field."""

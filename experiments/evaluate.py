@@ -16,11 +16,10 @@ from experiments import cli
 from lm.evaluation import builtin, harness, inputs, results, scoring, tasks
 from lm.training import checkpointing
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory with checkpoints.')
+_WORKDIR, _STEP = cli.checkpoint_flags()
 _TASK = flags.DEFINE_multi_string(
     'task', sorted(builtin.BUILTIN_TASKS),
     f'A built-in task ({", ".join(sorted(builtin.BUILTIN_TASKS))}) or a .jsonl file; repeatable.')
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
 _NUM_SHOTS = flags.DEFINE_integer('num_shots', 0, 'Solved examples before each question.')
 _LIMIT = flags.DEFINE_integer('limit', None, 'Evaluate the first N records of each task.')
 _SELF_CONSISTENCY = flags.DEFINE_integer(
@@ -29,7 +28,6 @@ _TEMPERATURE = flags.DEFINE_float('temperature', 0.7, 'Sampling temperature for 
 _MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 16, 'Generation tasks: answer length.')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 16, 'Sequences per forward pass.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed for few-shot draws and sampling.')
-flags.mark_flags_as_required(['workdir'])
 
 
 def check_flags() -> None:

@@ -14,16 +14,14 @@ from lm.errors import ConfigError, check
 from lm.evaluation import inputs
 from lm.training import checkpointing
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory with checkpoints.')
+_WORKDIR, _STEP = cli.checkpoint_flags()
 _PROMPT = flags.DEFINE_multi_string('prompt', [], 'A prompt; repeat for a batch.')
 _PROMPTS_FILE = flags.DEFINE_string('prompts_file', None, 'File with one prompt per line.')
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
 _MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 100, 'Tokens to generate at most.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.8, '0 for greedy decoding.')
 _TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample among the k likeliest tokens (0: all).')
 _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling threshold (1: off).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
-flags.mark_flags_as_required(['workdir'])
 
 
 def check_flags() -> None:

@@ -10,7 +10,6 @@ import random
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from experiments.configs import default
@@ -63,8 +62,7 @@ def constant_rate_train_config(**fields):
 def init_model(config, length: int = 16, seed: int = 0):
   """The model of `config` and its unboxed params."""
   model = models.build(config)
-  tokens = jnp.zeros((1, length), jnp.int32)
-  variables = model.init(jax.random.key(seed), tokens, tokens, tokens)
+  variables = models.init_variables(model, jax.random.key(seed), length=length)
   return model, nn.meta.unbox(variables['params'])
 
 

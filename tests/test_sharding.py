@@ -151,8 +151,8 @@ def test_every_parameter_is_laid_out_as_the_rules_table_says():
 
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
   model = models.build(small_model_config(layer_pattern='mamba,attention', vocab_size=96))
-  tokens = jnp.zeros((4, 16), jnp.int32)  # Rows for the data x fsdp split of the scan.
-  init = lambda rng: model.init(rng, tokens, tokens, tokens)['params']
+  # Rows for the data x fsdp split of the scan.
+  init = lambda rng: models.init_variables(model, rng, batch_size=4, length=16)['params']
   with sharding.activate(mesh):
     boxed = jax.eval_shape(init, jax.random.key(0))
     params = jax.jit(lambda rng: nn.meta.unbox(init(rng)),
