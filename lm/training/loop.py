@@ -195,9 +195,10 @@ def _train(config, workdir, devices, tokenizer, objective, data, checkpointer):
       init_from_step = saved_config.train.get('init_from_step', -1)
       reference_params = None
       if objective.needs_reference:
-        reference_params = (
-            checkpointing.restore_reference(workdir, setup.abstract_state.params)
-            or _reference_params(setup, config, tokenizer, init_from_step))
+        reference_params = checkpointing.restore_reference(workdir,
+                                                           setup.abstract_state.params)
+      if objective.needs_reference and reference_params is None:  # Saved before it was kept.
+        reference_params = _reference_params(setup, config, tokenizer, init_from_step)
     rollout = objective.make_rollout(setup, tokenizer, config)
   # What every checkpoint records: the config with init_from's step resolved.
   run_config = ml_collections.ConfigDict(config.to_dict())
