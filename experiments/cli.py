@@ -2,6 +2,7 @@
 input or a diverged run."""
 
 import ast
+import logging as std_logging
 import os
 import re
 import sys
@@ -60,6 +61,25 @@ def _parse_flags(argv: list[str]) -> list[str]:
     sys.exit('error: ' + ' '.join(lines))
 
 
+def _quiet_abandoned_reads() -> None:
+  """A restore that fails (a corrupt checkpoint) abandons orbax's other reads: asyncio logs
+  each unretrieved future, and each coroutine collected later prints 'Event loop is closed',
+  all with tracebacks. The failure itself is reported (or the checkpoint set aside) in one
+  line, so those go unprinted."""
+  std_logging.getLogger('asyncio').setLevel(std_logging.CRITICAL)
+  default_hook = sys.unraisablehook
+
+  def hook(unraisable):
+    code = getattr(unraisable.object, 'cr_code', None)
+    orbax_read = code is not None and '/orbax/' in code.co_filename
+    # tensorstore's callbacks into the loop orbax has closed.
+    closed_loop = (isinstance(unraisable.exc_value, RuntimeError)
+                   and str(unraisable.exc_value) == 'Event loop is closed')
+    if not (orbax_read or closed_loop):
+      default_hook(unraisable)
+  sys.unraisablehook = hook
+
+
 def run(main) -> None:
   """app.run with quiet library logging and bad input (ConfigError) as one message."""
 
@@ -67,6 +87,7 @@ def run(main) -> None:
     if len(argv) > 1:
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     logging.set_verbosity(logging.ERROR)  # orbax logs every file it writes, and more.
+    _quiet_abandoned_reads()
     try:
       main()
     except (ConfigError, FloatingPointError) as error:  # Bad input, or a diverged run.

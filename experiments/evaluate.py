@@ -13,6 +13,7 @@ import math
 from absl import flags
 
 from experiments import cli
+from lm.errors import check
 from lm.evaluation import builtin, harness, inputs, results, scoring, tasks
 from lm.training import checkpointing
 
@@ -43,6 +44,7 @@ def check_flags() -> None:
       (_MAX_NEW_TOKENS.value >= 1, f'--max_new_tokens={_MAX_NEW_TOKENS.value} must be at least 1'),
       (math.isfinite(temperature) and temperature >= 0,
        f'--temperature={temperature} must be a number >= 0'),
+      inputs.seed_check(_SEED.value),
   ])
 
 
@@ -57,6 +59,10 @@ def main():
   task_list = [load_task(name) for name in _TASK.value]  # Bad task files fail first.
   run = checkpointing.restore_for_inference(_WORKDIR.value, _STEP.value)
   inputs.check_finite_params(run.params, _WORKDIR.value, run.step)
+  max_seq_len = run.config.model.max_seq_len
+  check(_MAX_NEW_TOKENS.value < max_seq_len,
+        f'--max_new_tokens={_MAX_NEW_TOKENS.value} leaves no room for a prompt in the model'
+        f' max_seq_len={max_seq_len}')
   scorer = scoring.Scorer(run.model, run.params, run.tokenizer,
                           max_length=run.config.data.seq_len, batch_size=_BATCH_SIZE.value)
   metrics_by_task = {}

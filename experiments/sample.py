@@ -33,6 +33,7 @@ def check_flags() -> None:
        f'--temperature={_TEMPERATURE.value} must be a number >= 0 (0: greedy)'),
       (0 < _TOP_P.value <= 1, f'--top_p={_TOP_P.value} must be in (0, 1] (1: off)'),
       (_TOP_K.value >= 0, f'--top_k={_TOP_K.value} must be >= 0 (0: off)'),
+      inputs.seed_check(_SEED.value),
   ])
 
 

@@ -5,6 +5,7 @@ import jax
 from lm import models, objectives, sharding
 from lm.data import sources
 from lm.errors import check as _check
+from lm.errors import check_number
 from lm.models import attention, decoder, mamba
 
 DTYPES = ('float32', 'bfloat16')
@@ -17,13 +18,23 @@ def resolve_dtype(dtype: str) -> str:
   return 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
 
 
+def _number(config, field: str, **bounds) -> None:
+  """check_number on the config's dotted `field`, named as config.FIELD."""
+  value = config
+  for part in field.split('.'):
+    value = value[part]
+  check_number(f'config.{field}', value, **bounds)
+
+
 def validate(config, num_devices: int, tokenizer_vocab_size: int) -> None:
   """Raises ConfigError naming the config field; runs before anything is compiled or written."""
   model, data, train = config.model, config.data, config.train
   _check(model.name in models.MODELS, f'config.model.name={model.name!r} is not one of {sorted(models.MODELS)}')
   for field in ('vocab_size', 'num_layers', 'embed_dim', 'num_heads', 'num_kv_heads',
                 'head_dim', 'mlp_dim', 'max_seq_len'):
-    _check(model[field] > 0, f'config.model.{field}={model[field]} must be positive')
+    _number(config, f'model.{field}', at_least=1)
+  _number(config, 'model.norm_eps', above=0)
+  _number(config, 'model.rope_theta', above=0)
   _check(model.head_dim % 2 == 0, f'config.model.head_dim={model.head_dim} must be even (RoPE)')
   _check(model.num_heads % model.num_kv_heads == 0,
          f'config.model.num_heads={model.num_heads} is not divisible by'
@@ -46,7 +57,7 @@ def validate(config, num_devices: int, tokenizer_vocab_size: int) -> None:
          f' {sorted(decoder.BLOCKS)}')
   if 'mamba' in kinds:
     for field in ('mamba_expand', 'mamba_state_dim', 'mamba_dt_rank', 'mamba_conv_width'):
-      _check(model[field] > 0, f'config.model.{field}={model[field]} must be positive')
+      _number(config, f'model.{field}', at_least=1)
     _check(model.mamba_scan in mamba.SCANS,
            f'config.model.mamba_scan={model.mamba_scan!r} is not one of {sorted(mamba.SCANS)}')
   remats = ('none',) + tuple(decoder.REMAT_POLICIES)
@@ -58,32 +69,36 @@ def validate(config, num_devices: int, tokenizer_vocab_size: int) -> None:
          f'{model.max_seq_len}]')
   _check(data.bad_records in sources.BAD_RECORDS,
          f'config.data.bad_records={data.bad_records!r} is not one of {sources.BAD_RECORDS}')
-  _check(data.batch_size > 0, f'config.data.batch_size={data.batch_size} must be positive')
-  _check(data.shuffle_window >= 0,
-         f'config.data.shuffle_window={data.shuffle_window} must be >= 0 (0 or 1: no shuffle)')
-  _check(0.0 < data.validation_fraction < 1.0,
-         f'config.data.validation_fraction={data.validation_fraction} must be in (0, 1)')
+  _number(config, 'data.batch_size', at_least=1)
+  _number(config, 'data.shuffle_window', at_least=0, why='0 or 1: no shuffle')
+  _number(config, 'data.validation_fraction', above=0, below=1)
+  # grain and jax.random take seeds as unsigned 32-bit integers.
+  _number(config, 'seed', at_least=0, below=2**32)
 
   _check(train.objective in objectives.OBJECTIVES,
          f'config.train.objective={train.objective!r} is not one of'
          f' {sorted(objectives.OBJECTIVES)}')
   objectives.OBJECTIVES[train.objective].validate(config)
-  _check(train.num_steps > 0, f'config.train.num_steps={train.num_steps} must be positive')
-  _check(train.learning_rate > 0, f'config.train.learning_rate={train.learning_rate} must be positive')
+  for field in ('num_steps', 'log_every', 'eval_every', 'eval_steps',
+                'grad_accumulation_steps'):
+    _number(config, f'train.{field}', at_least=1)
   # The cosine decay needs a step after the warm-up.
-  _check(0 <= train.warmup_steps < train.num_steps,
-         f'config.train.warmup_steps={train.warmup_steps} must be in [0,'
-         f' config.train.num_steps={train.num_steps})')
-  _check(0 <= train.sample_tokens < data.seq_len,
-         f'config.train.sample_tokens={train.sample_tokens} must be in [0, config.data.seq_len)'
-         ' (the sample is generated within one sequence)')
-  for field in ('log_every', 'eval_every', 'eval_steps', 'grad_accumulation_steps'):
-    _check(train[field] > 0, f'config.train.{field}={train[field]} must be positive')
-  _check(config.checkpoint.every_steps > 0,
-         f'config.checkpoint.every_steps={config.checkpoint.every_steps} must be positive')
+  _number(config, 'train.warmup_steps', at_least=0, below=train.num_steps)
+  _number(config, 'train.learning_rate', above=0)
+  _number(config, 'train.final_learning_rate_ratio', at_least=0, at_most=1)
+  _number(config, 'train.beta1', at_least=0, below=1)
+  _number(config, 'train.beta2', at_least=0, below=1)
+  _number(config, 'train.epsilon', above=0)
+  _number(config, 'train.weight_decay', at_least=0)
+  _number(config, 'train.grad_clip_norm', above=0)
+  _number(config, 'train.z_loss_weight', at_least=0)
+  _number(config, 'train.sample_tokens', at_least=0, below=data.seq_len,
+          why='the sample is generated within one sequence')
+  _number(config, 'train.sample_temperature', at_least=0, why='0: greedy')
+  _number(config, 'train.init_from_step', at_least=-1, why='-1: the latest')
+  _number(config, 'checkpoint.every_steps', at_least=1)
   # 0 would delete every checkpoint of the workdir, earlier runs' included.
-  _check(config.checkpoint.max_to_keep >= 1,
-         f'config.checkpoint.max_to_keep={config.checkpoint.max_to_keep} must be at least 1')
+  _number(config, 'checkpoint.max_to_keep', at_least=1)
 
   mesh_shape = sharding.resolve_mesh_shape(config.mesh, num_devices)
   data_parallel = mesh_shape['data'] * mesh_shape['fsdp'] * train.grad_accumulation_steps

@@ -1,4 +1,6 @@
-"""The one exception type for bad input."""
+"""The one exception type for bad input, and the checks that raise it."""
+
+import math
 
 
 class ConfigError(ValueError):
@@ -10,3 +12,20 @@ def check(condition: bool, message: str) -> None:
   """Raises ConfigError(message) unless `condition`."""
   if not condition:
     raise ConfigError(message)
+
+
+def check_number(name: str, value, *, at_least=None, above=None, below=None, at_most=None,
+                 why: str = '') -> None:
+  """Raises ConfigError naming `name` unless `value` is a finite number within the bounds
+  (NaN and infinities fail every bound; a bool is not a number here)."""
+  bounds = [(at_least, '>=', lambda low: value >= low), (above, '>', lambda low: value > low),
+            (below, '<', lambda high: value < high), (at_most, '<=', lambda high: value <= high)]
+  number = isinstance(value, (int, float)) and not isinstance(value, bool)
+  finite = number and (isinstance(value, int) or math.isfinite(value))
+  if finite and all(bound is None or holds(bound) for bound, _, holds in bounds):
+    return
+  wanted = ' and '.join(f'{op} {bound}' for bound, op, _ in bounds if bound is not None)
+  kind = 'a finite number' if isinstance(value, float) else 'an integer'
+  shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + '...'
+  raise ConfigError(f'{name}={shown} must be {kind}' + (f' {wanted}' if wanted else '')
+                    + (f' ({why})' if why else ''))

@@ -113,7 +113,10 @@ def build(tokenizer_config):
     if not tokenizer_config.path:
       raise ConfigError('config.tokenizer.path must name a sentencepiece .model file'
                        ' when config.tokenizer.kind="sentencepiece"')
-    return SentencePieceTokenizer.load(tokenizer_config.path)
+    try:
+      return SentencePieceTokenizer.load(tokenizer_config.path)
+    except ConfigError as error:
+      raise ConfigError(f'config.tokenizer.path: {error}') from error
   raise ConfigError(f'config.tokenizer.kind={tokenizer_config.kind!r} is not one of'
                    ' "byte", "sentencepiece"')
 

@@ -326,10 +326,10 @@ def test_a_stop_between_two_updates_on_a_rollout_saves_after_the_second(
 @pytest.mark.slow  # Each case starts from the module's pretraining run.
 @pytest.mark.parametrize('field, value, message', [
     ('reward', 'unknown', r"config.train.grpo.reward='unknown' is not one of"),
-    ('group_size', 1, r'config.train.grpo.group_size=1 must be at least 2'),
-    ('max_new_tokens', 256, r'config.train.grpo.max_new_tokens=256 must be in \[1, config'
-                            r'.data.seq_len=256\)'),
-    ('clip_epsilon', 0.0, r'config.train.grpo.clip_epsilon=0.0 must be positive'),
+    ('group_size', 1, r'config.train.grpo.group_size=1 must be an integer >= 2'),
+    ('max_new_tokens', 256, r'config.train.grpo.max_new_tokens=256 must be an integer >= 1'
+                            r' and < 256 \(config.data.seq_len'),
+    ('clip_epsilon', 0.0, r'config.train.grpo.clip_epsilon=0.0 must be a finite number > 0'),
     ('updates_per_rollout', 3, r'config.checkpoint.every_steps=2 must be a multiple of'
                                r' config.train.grpo.updates_per_rollout=3'),
 ])

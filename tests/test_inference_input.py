@@ -16,6 +16,7 @@ import pytest
 
 from lm.errors import ConfigError
 from lm.evaluation import harness, inputs, results, tasks
+from lm.training import checkpointing
 
 from helpers import cpu_subprocess_env
 
@@ -173,7 +174,8 @@ def test_params_with_a_nan_or_inf_are_refused_naming_the_workdir_and_step():
 
 @pytest.fixture(scope='module')
 def non_finite_workdir(pretrained, tmp_path_factory):
-  """A copy of the `pretrained` run whose latest params are all NaN."""
+  """A copy of the `pretrained` run whose latest params are all NaN, fingerprint and all
+  (as a run saved them before non-finite steps were caught)."""
   workdir = tmp_path_factory.mktemp('non_finite') / 'run'
   shutil.copytree(pretrained[0], workdir)
   step = max(int(name) for name in os.listdir(workdir / 'checkpoints') if name.isdigit())
@@ -182,6 +184,11 @@ def non_finite_workdir(pretrained, tmp_path_factory):
     state = checkpointer.restore(path)
     state['params'] = jax.tree.map(lambda x: np.full_like(x, np.nan), state['params'])
     checkpointer.save(path, state, force=True)
+  fingerprint_file = workdir / 'checkpoints' / str(step) / 'fingerprint' / 'metadata'
+  fingerprint = json.loads(fingerprint_file.read_text())
+  fingerprint.update({'.params' + name: value for name, value in
+                      checkpointing._fingerprint_json(state['params']).items()})
+  fingerprint_file.write_text(json.dumps(fingerprint))
   return workdir, step
 
 

@@ -107,7 +107,17 @@ CORRUPTIONS = {
     'no _METADATA': lambda d: os.remove(os.path.join(d, 'state', '_METADATA')),
     'no config': lambda d: shutil.rmtree(os.path.join(d, 'config')),
     'no data state': lambda d: shutil.rmtree(os.path.join(d, 'data')),
+    'another value in the data state': lambda d: _edit_json(os.path.join(d, 'data', 'metadata')),
 }
+
+
+def _edit_json(path):
+  """Still valid JSON, with one digit changed: only the fingerprint can tell."""
+  with open(path) as f:
+    text = f.read()
+  index = next(i for i, c in enumerate(text) if c.isdigit())
+  with open(path, 'w') as f:
+    f.write(text[:index] + str((int(text[index]) + 1) % 10) + text[index + 1:])
 
 
 @pytest.mark.slow

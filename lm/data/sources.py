@@ -80,11 +80,12 @@ def _not_utf8(path: str) -> str | None:
 class JsonLines:
   """One record per line of JSON-lines files; an item is the dict of the named fields,
   which every line must have as strings, or with `keep_all` of all of its fields. Every
-  line is parsed once at start (see `_screen`)."""
+  line is parsed once at start (see `_screen`). `fields_from` names the config field that
+  chose `fields`, if one did."""
 
   def __init__(self, paths: list[str], fields: tuple[str, ...], keep_all: bool = False,
-               bad_records: str = 'error'):
-    self.fields, self.keep_all = fields, keep_all
+               bad_records: str = 'error', fields_from: str = ''):
+    self.fields, self.keep_all, self.fields_from = fields, keep_all, fields_from
     locations = []  # (path, byte offset, line number)
     for path in paths:
       with open(path, 'rb') as f:
@@ -116,8 +117,9 @@ class JsonLines:
       raise ConfigError(f'{where} is a JSON {type(record).__name__}, not an object')
     for field in self.fields:
       if field not in record:
-        raise ConfigError(f'{where} has no field {field!r} (this objective reads'
-                          f' {", ".join(map(repr, self.fields))})')
+        raise ConfigError(f'{where} has no field {field!r} (' + (
+            f'{self.fields_from}={field!r}' if self.fields_from else
+            f'this objective reads {", ".join(map(repr, self.fields))}') + ')')
       if not isinstance(record[field], str):
         raise ConfigError(f'{where}: field {field!r} is {json.dumps(record[field])[:40]},'
                           ' not a string')
@@ -249,7 +251,7 @@ def stdlib_functions(*, pairs: bool) -> Mapped:
 def jsonl_texts(data_config) -> Mapped:
   """Pretraining documents: the `config.data.text_field` of each JSON line."""
   records = JsonLines(expand_paths(data_config.path), (data_config.text_field,),
-                      bad_records=data_config.bad_records)
+                      bad_records=data_config.bad_records, fields_from='config.data.text_field')
   return _nonempty(Mapped(records, operator.itemgetter(data_config.text_field)), data_config)
 
 

@@ -24,6 +24,11 @@ def workdir_check(workdir: str) -> tuple[bool, str]:
       'is a file, not a run directory' if os.path.exists(workdir) else 'does not exist')
 
 
+def seed_check(seed: int) -> tuple[bool, str]:
+  """--seed as jax.random and grain take it: an unsigned 32-bit integer."""
+  return 0 <= seed < 2**32, f'--seed={seed} must be in [0, 2**32)'
+
+
 def read_lines(path: str, flag: str) -> list[str]:
   """The lines of the UTF-8 text file `flag`=`path`, as open(path) reads them."""
   try:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm.data import pipeline
-from lm.errors import check
+from lm.errors import check, check_number
 from lm.objectives import base
 from lm.training import losses
 
@@ -45,10 +45,8 @@ class DPO(base.Objective):
   needs_reference = True
 
   def validate(self, config) -> None:
-    train = config.train
-    check(train.dpo_beta > 0, f'config.train.dpo_beta={train.dpo_beta} must be positive')
-    check(train.dpo_nll_weight >= 0,
-          f'config.train.dpo_nll_weight={train.dpo_nll_weight} must be >= 0')
+    check_number('config.train.dpo_beta', config.train.dpo_beta, above=0)
+    check_number('config.train.dpo_nll_weight', config.train.dpo_nll_weight, at_least=0)
 
   def build_source(self, data_config):
     return base.stdlib_or_jsonl_examples(data_config, ('prompt', 'chosen', 'rejected'),

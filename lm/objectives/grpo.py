@@ -21,7 +21,7 @@ import numpy as np
 
 from lm import sampling, sharding
 from lm.data import pipeline
-from lm.errors import check
+from lm.errors import check, check_number
 from lm.objectives import base, rewards
 from lm.training import losses, steps
 
@@ -181,19 +181,15 @@ class GRPO(base.Objective):
     grpo, seq_len = config.train.grpo, config.data.seq_len
     check(grpo.reward in rewards.REWARDS,
           f'config.train.grpo.reward={grpo.reward!r} is not one of {sorted(rewards.REWARDS)}')
-    check(grpo.group_size >= 2,
-          f'config.train.grpo.group_size={grpo.group_size} must be at least 2 (a group\'s'
-          ' mean reward is each completion\'s baseline)')
-    check(0 < grpo.max_new_tokens < seq_len,
-          f'config.train.grpo.max_new_tokens={grpo.max_new_tokens} must be in [1,'
-          f' config.data.seq_len={seq_len}) (prompts get the rest of the row)')
-    check(grpo.temperature > 0,
-          f'config.train.grpo.temperature={grpo.temperature} must be positive')
-    check(grpo.kl_weight >= 0, f'config.train.grpo.kl_weight={grpo.kl_weight} must be >= 0')
-    check(grpo.updates_per_rollout >= 1,
-          f'config.train.grpo.updates_per_rollout={grpo.updates_per_rollout} must be >= 1')
-    check(grpo.clip_epsilon > 0,
-          f'config.train.grpo.clip_epsilon={grpo.clip_epsilon} must be positive')
+    name = 'config.train.grpo.'
+    check_number(name + 'group_size', grpo.group_size, at_least=2,
+                 why="a group's mean reward is each completion's baseline")
+    check_number(name + 'max_new_tokens', grpo.max_new_tokens, at_least=1, below=seq_len,
+                 why='config.data.seq_len: prompts get the rest of the row')
+    check_number(name + 'temperature', grpo.temperature, above=0)
+    check_number(name + 'kl_weight', grpo.kl_weight, at_least=0)
+    check_number(name + 'updates_per_rollout', grpo.updates_per_rollout, at_least=1)
+    check_number(name + 'clip_epsilon', grpo.clip_epsilon, above=0)
     # Checkpoints fall between rollouts, so that a resumed run samples where it stopped.
     every = config.checkpoint.every_steps
     check(every % grpo.updates_per_rollout == 0,

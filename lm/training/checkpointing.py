@@ -1,16 +1,19 @@
 """orbax checkpoints under `<workdir>/checkpoints`: everything a run needs to resume.
 
 Each step directory holds the train state (params, optimizer state, step), the data
-iterator's state, the config, the tokenizer and the state's fingerprint. orbax writes
+iterator's state, the config, the tokenizer and a fingerprint of all of them. orbax writes
 into a temporary directory and renames it when complete, so a run killed mid-write
 leaves the last finished checkpoint intact; unfinished ones are removed on the next
-start. A finished checkpoint that cannot be read back, or whose arrays no longer match
-their fingerprint, is moved to `<workdir>/set_aside/` (`Checkpointer.set_aside`), never
+start. A finished checkpoint that cannot be read back, or whose arrays or JSON no longer
+match their fingerprint, is moved to `<workdir>/set_aside/` (`Checkpointer.set_aside`), never
 deleted. DPO's and GRPO's reference params are kept in `<workdir>/reference`, so a run
 resumes even after its `init_from` run has pruned that step.
 """
 
+import contextlib
 import fcntl
+import hashlib
+import json
 import os
 import shutil
 import sys
@@ -77,6 +80,27 @@ def _fingerprint_json(tree) -> dict[str, int]:
   return {name: int(value) for name, value in jax.device_get(fingerprint(tree)).items()}
 
 
+def _json_fingerprint(items: dict) -> dict[str, str]:
+  """{'json:NAME': sha256 of the item as JSON with sorted keys}: what a flipped byte in a
+  JSON item changes, where the item would still parse."""
+  return {f'json:{name}': hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+          for name, value in items.items()}
+
+
+def _verify(saved: dict, now: dict, exact: bool = False) -> None:
+  """Raises ValueError if an entry of `now` differs from the saved fingerprint (`exact`:
+  or the two name different arrays). JSON entries are skipped in checkpoints from before
+  they were recorded; so is everything in checkpoints from before there was a fingerprint."""
+  if not saved:
+    return
+  changed = [name for name, value in now.items()
+             if saved.get(name, value if name.startswith('json:') else None) != value]
+  arrays = lambda names: {name for name in names if not name.startswith('json:')}
+  if changed or (exact and arrays(saved) != arrays(now)):
+    raise ValueError(f'its contents do not match their fingerprint ({len(changed)} changed,'
+                     f' first {changed[:1]})')
+
+
 class Checkpointer:
 
   def __init__(self, workdir: str, max_to_keep: int | None, read_only: bool = False):
@@ -98,18 +122,28 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_iterator: grain.DatasetIterator, config, tokenizer):
+    items = dict(data=_encode_tuples(data_iterator.get_state()), config=config.to_dict(),
+                 tokenizer=tokenizer.to_dict())
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(_encode_tuples(data_iterator.get_state())),
-        config=ocp.args.JsonSave(config.to_dict()),
-        tokenizer=ocp.args.JsonSave(tokenizer.to_dict()),
-        fingerprint=ocp.args.JsonSave(_fingerprint_json(state)),
+        **{name: ocp.args.JsonSave(value) for name, value in items.items()},
+        fingerprint=ocp.args.JsonSave({**_fingerprint_json(state), **_json_fingerprint(items)}),
     ))
+
+  def _restore_with_fingerprint(self, step: int, **items) -> tuple[dict, dict]:
+    """(restored items, saved fingerprint: {} in checkpoints from before there was one)."""
+    if os.path.isdir(os.path.join(self.directory, str(step), 'fingerprint')):
+      items['fingerprint'] = ocp.args.JsonRestore()
+    if not items:
+      return {}, {}
+    restored = dict(self.manager.restore(step, args=ocp.args.Composite(**items)))
+    return restored, restored.pop('fingerprint', None) or {}
 
   def read_metadata(self, step: int) -> tuple[ml_collections.ConfigDict, dict]:
     """The (config, tokenizer dict) saved at `step`, without touching the arrays."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        config=ocp.args.JsonRestore(), tokenizer=ocp.args.JsonRestore()))
+    restored, saved = self._restore_with_fingerprint(
+        step, config=ocp.args.JsonRestore(), tokenizer=ocp.args.JsonRestore())
+    _verify(saved, _json_fingerprint(restored))
     config = ml_collections.ConfigDict(restored['config'])
     if config.model.name == 'transformer':  # DecoderLM's name in older checkpoints.
       config.model.name = 'decoder'
@@ -121,15 +155,10 @@ class Checkpointer:
     items = {'state': ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items['data'] = ocp.args.JsonRestore()
-    if os.path.isdir(os.path.join(self.directory, str(step), 'fingerprint')):
-      items['fingerprint'] = ocp.args.JsonRestore()
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    if 'fingerprint' in items:
-      saved, now = restored['fingerprint'], _fingerprint_json(restored['state'])
-      changed = [name for name in saved if saved[name] != now.get(name)]
-      if changed or set(now) != set(saved):
-        raise ValueError(f'its arrays do not match their fingerprint ({len(changed)}'
-                         f' changed, first {changed[:1]})')
+    restored, saved = self._restore_with_fingerprint(step, **items)
+    json_items = {'data': restored['data']} if data_iterator is not None else {}
+    _verify(saved, {**_fingerprint_json(restored['state']), **_json_fingerprint(json_items)},
+            exact=True)
     if data_iterator is not None:
       data_iterator.set_state(_decode_tuples(restored['data']))
     return restored['state']
@@ -144,6 +173,10 @@ class Checkpointer:
           args=ocp.args.PyTreeRestore(
               item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
               partial_restore=True))
+    _, saved = self._restore_with_fingerprint(step)
+    # The state's fingerprint names params leaves '.params[...]'; these are '[...]'.
+    _verify({name[len('.params'):]: value for name, value in saved.items()
+             if name.startswith('.params')}, _fingerprint_json(restored['params']))
     return restored['params']
 
   def set_aside(self, step: int, error: Exception) -> None:
@@ -226,10 +259,24 @@ def check_compatible(saved_config, config, directory: str, *, resuming: bool = T
     if saved_config.get('seed', config.seed) != config.seed:
       differences.append(f'seed: checkpoint has {saved_config.seed}, config has {config.seed}')
   if differences:
-    raise ConfigError(f'the checkpoint in {directory} does not match the config:\n  '
-                     + '\n  '.join(differences)
-                     + ('\nuse a new --workdir, or the model settings it was trained with'
-                        if resuming else '\nuse the model settings it was trained with'))
+    raise ConfigError(f'the checkpoint in {directory} does not match the config ('
+                     + '; '.join(differences) + '): '
+                     + ('use a new --workdir, or the settings it was trained with'
+                        if resuming else 'use the model settings it was trained with'))
+
+
+@contextlib.contextmanager
+def unreadable_as_config_error(named: str, checkpointer: Checkpointer, step: int):
+  """A checkpoint that another run reads (sample, evaluate, init_from) is never moved:
+  one that cannot be read, or no longer matches its fingerprint, is named in one line."""
+  try:
+    yield
+  except ConfigError:
+    raise
+  except Exception as error:  # pylint: disable=broad-except (tensorstore, JSON, orbax...)
+    reason = (str(error).strip().splitlines() or [''])[0][:200]
+    raise ConfigError(f'{named}: checkpoint {os.path.join(checkpointer.directory, str(step))}'
+                      f' cannot be read ({type(error).__name__}: {reason})') from error
 
 
 def save_reference(workdir: str, params) -> None:
@@ -263,11 +310,13 @@ def load_params(workdir: str, step: int, abstract_params, config, tokenizer):
   if step not in steps:
     raise ConfigError(f'config.train.init_from_step={step}: {directory} has steps'
                       f' {sorted(steps)}')
-  saved_config, saved_tokenizer = source.read_metadata(step)
+  with unreadable_as_config_error(f'config.train.init_from={workdir!r}', source, step):
+    saved_config, saved_tokenizer = source.read_metadata(step)
   directory = os.path.join(source.directory, str(step))
   tokenizer_lib.check_same(saved_tokenizer, tokenizer, directory)
   check_compatible(saved_config, config, directory, resuming=False)
-  params = source.restore_params(step, abstract_params)
+  with unreadable_as_config_error(f'config.train.init_from={workdir!r}', source, step):
+    params = source.restore_params(step, abstract_params)
   source.close()
   return params, step
 
@@ -284,17 +333,22 @@ def restore_for_inference(workdir: str, step: int | None = None) -> Restored:
   """The checkpoint at `step` (default: latest) on the first device, with the model and
   tokenizer built from the config and tokenizer saved with it."""
   checkpointer = Checkpointer(workdir, max_to_keep=None, read_only=True)
-  step = checkpointer.latest_step() if step is None else step
-  if step is None or step not in checkpointer.manager.all_steps():
-    raise ConfigError(f'--workdir={workdir}: no checkpoint for step {step} in'
-                      f' {checkpointer.directory} (have {checkpointer.manager.all_steps()})')
-  config, tokenizer_dict = checkpointer.read_metadata(step)
-  model = models.build(config.model)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-      nn.meta.unbox(jax.eval_shape(
-          lambda rng: models.init_variables(model, rng)['params'], jax.random.key(0))))
-  params = checkpointer.restore_params(step, abstract)
+  steps = sorted(checkpointer.manager.all_steps())
+  if step is None and not steps:
+    raise ConfigError(f'--workdir={workdir}: no checkpoints in {checkpointer.directory}')
+  if step is not None and step not in steps:
+    raise ConfigError(f'--step={step}: {checkpointer.directory} has no checkpoint for it'
+                      f' (it has steps {steps})')
+  step = steps[-1] if step is None else step
+  with unreadable_as_config_error(f'--workdir={workdir}', checkpointer, step):
+    config, tokenizer_dict = checkpointer.read_metadata(step)
+    model = models.build(config.model)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+        nn.meta.unbox(jax.eval_shape(
+            lambda rng: models.init_variables(model, rng)['params'], jax.random.key(0))))
+    params = checkpointer.restore_params(step, abstract)
+    tokenizer = tokenizer_lib.from_dict(tokenizer_dict)
   checkpointer.close()
-  return Restored(step, config, tokenizer_lib.from_dict(tokenizer_dict), model, params)
+  return Restored(step, config, tokenizer, model, params)
