@@ -9,7 +9,14 @@ import sys
 
 from absl import app, flags, logging
 
+from lm import distributed
 from lm.errors import ConfigError
+
+# Hosts started by hand; on Cloud TPU pods, SLURM and Open MPI, JAX finds these itself.
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'Several processes: host:port of process 0, the same for all.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Several processes: how many.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Several processes: this one\'s, from 0.')
 
 
 def checkpoint_flags():
@@ -81,7 +88,8 @@ def _quiet_abandoned_reads() -> None:
 
 
 def run(main) -> None:
-  """app.run with quiet library logging and bad input (ConfigError) as one message."""
+  """app.run with several processes connected (lm.distributed), quiet library logging,
+  and bad input (ConfigError) as one message."""
 
   def main_with_errors(argv):
     if len(argv) > 1:
@@ -89,6 +97,7 @@ def run(main) -> None:
     logging.set_verbosity(logging.ERROR)  # orbax logs every file it writes, and more.
     _quiet_abandoned_reads()
     try:
+      distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
       main()
     except (ConfigError, FloatingPointError) as error:  # Bad input, or a diverged run.
       sys.exit(f'error: {error}')

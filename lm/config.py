@@ -70,6 +70,11 @@ def validate(config, num_devices: int, tokenizer_vocab_size: int) -> None:
   _check(data.bad_records in sources.BAD_RECORDS,
          f'config.data.bad_records={data.bad_records!r} is not one of {sources.BAD_RECORDS}')
   _number(config, 'data.batch_size', at_least=1)
+  _number(config, 'data.streams', at_least=0, why='0: one per process')
+  streams = data.streams or jax.process_count()
+  _check(streams % jax.process_count() == 0 and data.batch_size % streams == 0,
+         f'config.data.streams={streams} must be a multiple of the {jax.process_count()}'
+         f' processes and divide config.data.batch_size={data.batch_size}')
   _number(config, 'data.shuffle_window', at_least=0, why='0 or 1: no shuffle')
   _number(config, 'data.validation_fraction', above=0, below=1)
   # grain and jax.random take seeds as unsigned 32-bit integers.
@@ -105,9 +110,6 @@ def validate(config, num_devices: int, tokenizer_vocab_size: int) -> None:
   _check(data.batch_size % data_parallel == 0,
          f'config.data.batch_size={data.batch_size} must be divisible by'
          f' mesh.data * mesh.fsdp * train.grad_accumulation_steps = {data_parallel}')
-  _check(data.batch_size % jax.process_count() == 0,
-         f'config.data.batch_size={data.batch_size} must be divisible by the'
-         f' {jax.process_count()} processes')
   for field in ('num_heads', 'num_kv_heads', 'mlp_dim', 'vocab_size'):
     _check(model[field] % mesh_shape['tensor'] == 0,
            f'config.model.{field}={model[field]} must be divisible by the tensor-parallel'

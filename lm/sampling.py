@@ -11,6 +11,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 
 from lm import models
@@ -130,6 +131,27 @@ def pad_prompts(prompts: list[list[int]], pad_id: int, multiple: int = 64):
   for row, prompt in enumerate(prompts):
     batch[row, :len(prompt)] = prompt
   return batch, np.array([len(p) for p in prompts], np.int32)
+
+
+def generate_rows(params, prompts_bt: np.ndarray, prompt_lengths_b: np.ndarray, rng, stop_ids,
+                  *, batch_sharding=None, **options) -> tuple[np.ndarray, np.ndarray]:
+  """`generate` on this process's rows of a global batch: with `batch_sharding` (a
+  NamedSharding of [B, T] rows over the mesh), every process gives its rows, the batch
+  is sampled over all devices at once, and each gets its own rows back (numpy). Without
+  it, the rows are this process's whole batch."""
+  if batch_sharding is None:
+    new_bm, num_new_b = generate(params, jnp.asarray(prompts_bt), jnp.asarray(prompt_lengths_b),
+                                 rng, stop_ids, **options)
+    return np.asarray(new_bm), np.asarray(num_new_b)
+  mesh, rows = batch_sharding.mesh, batch_sharding.spec[0]
+  as_global = lambda value, spec: jax.make_array_from_process_local_data(
+      jax.sharding.NamedSharding(mesh, spec), value)
+  new_bm, num_new_b = generate(
+      params, as_global(prompts_bt, jax.sharding.PartitionSpec(rows, None)),
+      as_global(prompt_lengths_b, jax.sharding.PartitionSpec(rows)), rng, stop_ids, **options)
+  return tuple(np.asarray(multihost_utils.global_array_to_host_local_array(array, mesh, spec))
+               for array, spec in ((new_bm, jax.sharding.PartitionSpec(rows, None)),
+                                   (num_new_b, jax.sharding.PartitionSpec(rows))))
 
 
 def complete(model, params, tokenizer, prompts: list[str], *, max_new_tokens: int,

@@ -69,10 +69,10 @@ def test_iterator_state_round_trips_through_the_checkpoint_encoding(objective, s
   for _ in range(skip):
     next(iterator)
   # Exactly what the checkpoint stores and reads back.
-  stored = json.loads(json.dumps(checkpointing._encode_tuples(iterator.get_state())))
+  stored = json.loads(json.dumps(pipeline.encode_tuples(iterator.get_state())))
   expected = [next(iterator)['tokens'] for _ in range(4)]
   resumed = make()
-  resumed.set_state(checkpointing._decode_tuples(stored))
+  resumed.set_state(pipeline.decode_tuples(stored))
   np.testing.assert_array_equal(np.stack([next(resumed)['tokens'] for _ in range(4)]),
                                 np.stack(expected))
 

@@ -2,6 +2,7 @@
 checkpoint set aside (never deleted) and the run resumed from the newest intact one, a
 resumed run's data and reference its own; bad records named at start."""
 
+import json
 import os
 import shutil
 
@@ -107,7 +108,8 @@ CORRUPTIONS = {
     'no _METADATA': lambda d: os.remove(os.path.join(d, 'state', '_METADATA')),
     'no config': lambda d: shutil.rmtree(os.path.join(d, 'config')),
     'no data state': lambda d: shutil.rmtree(os.path.join(d, 'data')),
-    'another value in the data state': lambda d: _edit_json(os.path.join(d, 'data', 'metadata')),
+    'another value in the data state':
+        lambda d: _edit_json(os.path.join(d, 'data', 'process_0-of-1.json')),
 }
 
 
@@ -134,6 +136,28 @@ def test_a_corrupt_latest_checkpoint_is_set_aside_and_the_run_resumes_before_it(
   assert os.path.isdir(os.path.join(workdir, 'set_aside', '4'))  # Kept, not deleted.
   assert [row['step'] for row in history if 'loss' in row] == [3, 4]
   assert checkpoint_steps(workdir) == [2, 4]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               jax.device_get(state.params), want_params)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_with_the_data_state_as_one_json_item_still_resumes_exactly(
+    four_steps, tmp_path):
+  """Checkpoints written before grain's handler held each process's data state kept the
+  one process's single stream's state as an orbax JSON item ('data/metadata')."""
+  config, finished, want_params = four_steps
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(finished, workdir, ignore=shutil.ignore_patterns('lock'))
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', '4'))
+  data = os.path.join(workdir, 'checkpoints', '2', 'data')
+  with open(os.path.join(data, 'process_0-of-1.json')) as f:
+    [state] = json.load(f)
+  os.remove(os.path.join(data, 'process_0-of-1.json'))
+  with open(os.path.join(data, 'metadata'), 'w') as f:
+    json.dump(state, f)
+
+  history, state = loop.train(config, workdir, DEVICES)
+  assert [row['step'] for row in history if 'loss' in row] == [3, 4]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                jax.device_get(state.params), want_params)
 

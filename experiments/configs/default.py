@@ -64,6 +64,10 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
       validation_fraction=0.05,  # Of document groups (files; stdlib top-level modules).
       seq_len=128,
       batch_size=32,  # Global, across all devices and processes.
+      # The documents are split into this many streams, each packed on its own, that
+      # make up each batch; each process runs an equal share. 0: one per process. Runs
+      # with the same number of streams see the same batches on any number of processes.
+      streams=0,
       # Packed rows (pretraining: long files fill many rows) or examples (post-training:
       # a file holds many) shuffled together.
       shuffle_window=16384,

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm import sampling, sharding
+from lm import distributed, sampling, sharding
 from lm.data import pipeline
 from lm.errors import check, check_number
 from lm.objectives import base, rewards
@@ -40,8 +40,10 @@ def group_advantages(rewards_b: np.ndarray, group_size: int) -> np.ndarray:
 class Rollouts:
   """Turns a batch of prompts (the 'grpo' pipeline's) into a GRPO training batch."""
 
-  def __init__(self, model, tokenizer, grpo_config, seq_len: int):
+  def __init__(self, model, tokenizer, grpo_config, seq_len: int, batch_sharding=None):
     self.model, self.tokenizer, self.seq_len = model, tokenizer, seq_len
+    # With it, each process samples and rewards its own prompts' rows of a global batch.
+    self.batch_sharding = batch_sharding
     self.reward = rewards.REWARDS[grpo_config.reward]
     self.group_size = grpo_config.group_size
     self.max_new_tokens = grpo_config.max_new_tokens
@@ -54,12 +56,11 @@ class Rollouts:
     metrics (means over rows)."""
     prompt_tokens_bt = np.repeat(prompts['prompt_tokens'], self.group_size, axis=0)
     prompt_lengths_b = np.repeat(prompts['prompt_length'], self.group_size)
-    new_bm, num_new_b = sampling.generate(
-        params, jnp.asarray(prompt_tokens_bt), jnp.asarray(prompt_lengths_b), rng,
-        jnp.asarray([self.tokenizer.eos_id], jnp.int32), model=self.model,
-        max_new_tokens=self.max_new_tokens, cache_length=self.seq_len,
+    new_bm, num_new_b = sampling.generate_rows(
+        params, prompt_tokens_bt, prompt_lengths_b, rng,
+        np.asarray([self.tokenizer.eos_id], np.int32), batch_sharding=self.batch_sharding,
+        model=self.model, max_new_tokens=self.max_new_tokens, cache_length=self.seq_len,
         temperature=self.temperature, pad_id=self.tokenizer.pad_id)
-    new_bm, num_new_b = np.asarray(new_bm), np.asarray(num_new_b)
 
     examples = [json.loads(str(text)) for text in prompts['example']]
     num_rows = len(prompt_lengths_b)
@@ -81,8 +82,10 @@ class Rollouts:
       batch['loss_mask'][row, prompt_length:length] = 1
     advantages_b = group_advantages(rewards_b, self.group_size)
     batch['advantages'] = np.repeat(advantages_b[:, None], self.seq_len, axis=1)
-    metrics = {'reward': float(rewards_b.mean()), 'finished': float(finished_b.mean()),
-               'completion_length': float(num_new_b.mean())}
+    # Means over every process's rows (each has as many).
+    means = distributed.all_gather(np.array(
+        [rewards_b.mean(), finished_b.mean(), num_new_b.mean()], np.float64)).mean(axis=0)
+    metrics = dict(zip(('reward', 'finished', 'completion_length'), map(float, means)))
     return batch, metrics
 
 
@@ -156,7 +159,8 @@ class _TrainingRollouts:
   several updates."""
 
   def __init__(self, setup, tokenizer, config):
-    self.rollouts = Rollouts(setup.model, tokenizer, config.train.grpo, config.data.seq_len)
+    self.rollouts = Rollouts(setup.model, tokenizer, config.train.grpo, config.data.seq_len,
+                             setup.batch_sharding)
     self.seed, self.batch_sharding = config.seed, setup.batch_sharding
     self.several_updates = config.train.grpo.updates_per_rollout > 1
     self.sampling_log_probs = jax.jit(
@@ -195,9 +199,6 @@ class GRPO(base.Objective):
     check(every % grpo.updates_per_rollout == 0,
           f'config.checkpoint.every_steps={every} must be a multiple of'
           f' config.train.grpo.updates_per_rollout={grpo.updates_per_rollout}')
-    # Rollouts gather every completion on this host to reward it.
-    check(jax.process_count() == 1,
-          f'config.train.objective="grpo" runs on one process, not {jax.process_count()}')
 
   def build_source(self, data_config):
     # A reward may read any field of a JSON line, such as a reference answer.

@@ -24,9 +24,10 @@ import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
-from lm import models
+from lm import distributed, models
 from lm import tokenizer as tokenizer_lib
 from lm.errors import ConfigError
 
@@ -35,29 +36,6 @@ from lm.errors import ConfigError
 _SHAPE_FIELDS = ('name', 'vocab_size', 'num_layers', 'layer_pattern', 'embed_dim', 'num_heads',
                  'num_kv_heads', 'head_dim', 'mlp_dim', 'tie_embeddings', 'mamba_expand',
                  'mamba_state_dim', 'mamba_dt_rank', 'mamba_conv_width')
-
-
-def _encode_tuples(value):
-  """JSON turns tuples into lists, and grain's packer compares its state with the tuple
-  (-1, -1) to mean "no remainder"; a list would restore a phantom remainder and a
-  different data order. Tuples are stored tagged and restored as tuples."""
-  if isinstance(value, tuple):
-    return {'__tuple__': [_encode_tuples(v) for v in value]}
-  if isinstance(value, list):
-    return [_encode_tuples(v) for v in value]
-  if isinstance(value, dict):
-    return {k: _encode_tuples(v) for k, v in value.items()}
-  return value
-
-
-def _decode_tuples(value):
-  if isinstance(value, dict):
-    if set(value) == {'__tuple__'}:
-      return tuple(_decode_tuples(v) for v in value['__tuple__'])
-    return {k: _decode_tuples(v) for k, v in value.items()}
-  if isinstance(value, list):
-    return [_decode_tuples(v) for v in value]
-  return value
 
 
 @jax.jit
@@ -85,6 +63,30 @@ def _json_fingerprint(items: dict) -> dict[str, str]:
   JSON item changes, where the item would still parse."""
   return {f'json:{name}': hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
           for name, value in items.items()}
+
+
+class _Snapshot:
+  """An iterator's state as grain's checkpoint handler saves it (get_state -> bytes)."""
+
+  def __init__(self, state: bytes):
+    self.state = state
+
+  def get_state(self) -> bytes:
+    return self.state
+
+
+def _data_key(process: int, processes: int) -> str:
+  return f'json:data:{process}-of-{processes}'
+
+
+def _data_fingerprints(state: bytes, gather: bool = True) -> dict[str, str]:
+  """{'json:data:I-of-N': sha256 of process I's data state}: every process's, gathered
+  (the fingerprint is written once), or with `gather=False` this process's alone."""
+  digest = hashlib.sha256(json.dumps(json.loads(state), sort_keys=True).encode()).digest()
+  if not gather:
+    return {_data_key(jax.process_index(), jax.process_count()): digest.hex()}
+  rows = distributed.all_gather(np.frombuffer(digest, np.uint32))
+  return {_data_key(i, len(rows)): row.tobytes().hex() for i, row in enumerate(rows)}
 
 
 def _verify(saved: dict, now: dict, exact: bool = False) -> None:
@@ -121,14 +123,27 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_iterator: grain.DatasetIterator, config, tokenizer):
-    items = dict(data=_encode_tuples(data_iterator.get_state()), config=config.to_dict(),
-                 tokenizer=tokenizer.to_dict())
+  def save(self, step: int, state, data_iterator, config, tokenizer):
+    """Everything, from every process: orbax writes each process's shards of the arrays
+    and, once, the JSON items; grain's handler writes each process's data state."""
+    items = dict(config=config.to_dict(), tokenizer=tokenizer.to_dict())
+    data = _Snapshot(data_iterator.get_state())  # Now, not when the write runs.
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(data),
         **{name: ocp.args.JsonSave(value) for name, value in items.items()},
-        fingerprint=ocp.args.JsonSave({**_fingerprint_json(state), **_json_fingerprint(items)}),
+        fingerprint=ocp.args.JsonSave({**_fingerprint_json(state), **_json_fingerprint(items),
+                                       **_data_fingerprints(data.state)}),
     ))
+
+  def processes(self, step: int) -> int | None:
+    """How many processes wrote checkpoint `step`'s data state (None: not known)."""
+    try:
+      names = os.listdir(os.path.join(self.directory, str(step), 'data'))
+    except OSError:  # Unreadable: restoring it fails, and sets it aside.
+      return None
+    counts = {name.rsplit('-of-', 1)[1].split('.')[0] for name in names if '-of-' in name}
+    return int(counts.pop()) if len(counts) == 1 else (1 if 'metadata' in names else None)
 
   def _restore_with_fingerprint(self, step: int, **items) -> tuple[dict, dict]:
     """(restored items, saved fingerprint: {} in checkpoints from before there was one)."""
@@ -149,18 +164,26 @@ class Checkpointer:
       config.model.name = 'decoder'
     return config, restored['tokenizer']
 
-  def restore(self, step: int, abstract_state, data_iterator: grain.DatasetIterator | None):
+  def restore(self, step: int, abstract_state, data_iterator=None):
     """Restores the state onto the shardings of `abstract_state` (ShapeDtypeStructs) and,
-    if given, rewinds `data_iterator` to where it was at `step`."""
+    if given, rewinds `data_iterator` (a pipeline.StreamsIterator) to where this
+    process's streams were at `step`."""
     items = {'state': ocp.args.StandardRestore(abstract_state)}
-    if data_iterator is not None:
-      items['data'] = ocp.args.JsonRestore()
+    legacy = os.path.join(self.directory, str(step), 'data', 'metadata')
+    if data_iterator is not None and not os.path.exists(legacy):
+      items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored, saved = self._restore_with_fingerprint(step, **items)
-    json_items = {'data': restored['data']} if data_iterator is not None else {}
-    _verify(saved, {**_fingerprint_json(restored['state']), **_json_fingerprint(json_items)},
-            exact=True)
-    if data_iterator is not None:
-      data_iterator.set_state(_decode_tuples(restored['data']))
+    now = _fingerprint_json(restored['state'])
+    if data_iterator is not None and os.path.exists(legacy):
+      # One process's single stream, as JSON, from before grain's handler wrote it.
+      with open(legacy) as f:
+        state = json.load(f)
+      now.update(_json_fingerprint({'data': state}))
+      data_iterator.set_state(json.dumps([state]).encode())
+    elif data_iterator is not None:
+      key = _data_key(jax.process_index(), jax.process_count())
+      now[key] = _data_fingerprints(data_iterator.get_state(), gather=False)[key]
+    _verify(saved, now, exact=True)
     return restored['state']
 
   def restore_params(self, step: int, abstract_params):
@@ -179,8 +202,9 @@ class Checkpointer:
              if name.startswith('.params')}, _fingerprint_json(restored['params']))
     return restored['params']
 
-  def set_aside(self, step: int, error: Exception) -> None:
-    """Moves checkpoint `step` to `<workdir>/set_aside/` and says so in one line."""
+  def set_aside(self, step: int, error: Exception | None) -> None:
+    """Moves checkpoint `step` to `<workdir>/set_aside/` and says so in one line. Every
+    process calls this when any failed to read the step (`error`: this one's, or None)."""
     set_aside = os.path.join(os.path.dirname(self.directory), 'set_aside')
     target = os.path.join(set_aside, str(step))
     suffix = 1
@@ -189,9 +213,11 @@ class Checkpointer:
     if jax.process_index() == 0:
       os.makedirs(set_aside, exist_ok=True)
       shutil.move(os.path.join(self.directory, str(step)), target)
-      reason = (str(error).strip().splitlines() or [''])[0][:200]
-      print(f'checkpoint step {step} cannot be read ({type(error).__name__}: {reason});'
-            f' moved to {target}', file=sys.stderr, flush=True)
+      reason = ('another process could not read it' if error is None else
+                f'{type(error).__name__}: ' + (str(error).strip().splitlines() or [''])[0][:200])
+      print(f'checkpoint step {step} cannot be read ({reason}); moved to {target}',
+            file=sys.stderr, flush=True)
+    distributed.barrier(f'set_aside_{step}')
     self.manager.reload()
 
   def wait(self):
@@ -204,31 +230,44 @@ class Checkpointer:
 class WorkdirLock:
   """Holds `<workdir>/lock` for a run's lifetime, so a second run on the same workdir is
   refused. An flock: the kernel releases it when the process dies, so a killed run
-  leaves nothing stuck."""
+  leaves nothing stuck. With several processes, process 0 holds it for all."""
 
   def __init__(self, workdir: str):
+    self.file, problem = None, None
+    if jax.process_index() == 0:
+      try:
+        self.file = self._lock(workdir)
+      except ConfigError as error:
+        problem = error
+    if not distributed.all_ok(problem is None):
+      raise problem or ConfigError(f'--workdir={workdir}: process 0 could not lock it')
+
+  @staticmethod
+  def _lock(workdir: str):
     if os.path.exists(workdir) and not os.path.isdir(workdir):
       raise ConfigError(f'--workdir={workdir} is a file, not a directory')
     try:
       os.makedirs(workdir, exist_ok=True)
-      self.file = open(os.path.join(workdir, 'lock'), 'a+')
+      file = open(os.path.join(workdir, 'lock'), 'a+')
     except OSError as error:
       raise ConfigError(f'--workdir={workdir}: cannot write there ({error.strerror})') from error
     try:
-      fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as error:
-      self.file.close()
+      file.close()
       raise ConfigError(f'--workdir={workdir} is in use by a running run; wait for it to'
                         ' end or use another workdir') from error
+    return file
 
   def release(self):
-    self.file.close()  # Closing releases the flock.
+    if self.file is not None:
+      self.file.close()  # Closing releases the flock.
 
 
 # Data fields and the seed that decide a resumed run's data stream: its iterator state
 # means nothing for another stream.
 _DATA_FIELDS = ('source', 'path', 'text_field', 'seq_len', 'batch_size', 'shuffle_window',
-                'validation_fraction', 'bad_records')
+                'validation_fraction', 'bad_records', 'streams')
 
 
 def check_compatible(saved_config, config, directory: str, *, resuming: bool = True) -> None:

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 
 from lm import config as config_lib
-from lm import flops, objectives, sampling, sharding
+from lm import distributed, flops, objectives, sampling, sharding
 from lm import tokenizer as tokenizer_lib
 from lm.data import pipeline, sources
 from lm.errors import ConfigError
@@ -62,17 +62,21 @@ def _datasets(config, objective, tokenizer) -> _Data:
   source = objective.source(config.data)
   train_documents, validation_documents = sources.split(
       source, config.data.validation_fraction)
+  num_streams = config.data.streams
+
   def make(documents, train):
-    return pipeline.make_dataset(
+    return pipeline.Streams([pipeline.make_dataset(
         documents, objective, tokenizer, seq_len=objective.data_seq_len(config),
-        batch_size=config.data.batch_size // jax.process_count(), seed=config.seed,
-        train=train, shuffle_window=config.data.shuffle_window)
+        batch_size=config.data.batch_size // num_streams, seed=config.seed, train=train,
+        shuffle_window=config.data.shuffle_window, stream=stream, num_streams=num_streams)
+        for stream in pipeline.process_streams(num_streams)])
   validation_dataset = make(validation_documents, train=False)
-  if next(iter(validation_dataset), None) is None:
+  if not distributed.all_ok(next(iter(validation_dataset), None) is not None):
     raise ConfigError(
         f'the validation split ({len(validation_documents)} documents) does not fill one'
         f' batch of config.data.batch_size={config.data.batch_size} x'
-        f' config.data.seq_len={config.data.seq_len}; raise config.data.validation_fraction')
+        f' config.data.seq_len={config.data.seq_len} in each of config.data.streams='
+        f'{num_streams} streams; raise config.data.validation_fraction')
   return _Data(train_documents, validation_documents, iter(make(train_documents, train=True)),
                validation_dataset, source.skipped)
 
@@ -125,6 +129,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
   tokenizer = tokenizer_lib.build(config.tokenizer)
   config_lib.validate(config, len(devices), tokenizer.vocab_size)
   config.model.dtype = config_lib.resolve_dtype(config.model.dtype)
+  config.data.streams = config.data.streams or jax.process_count()
   objective = objectives.OBJECTIVES[config.train.objective]
   data = _datasets(config, objective, tokenizer)
   lock = checkpointing.WorkdirLock(workdir)
@@ -138,19 +143,33 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
 
 
 def _restore_latest(checkpointer, setup, train_iterator, config, tokenizer):
-  """(step, state, saved config) of the newest checkpoint that reads back whole, or None.
-  Unreadable ones are set aside, not deleted; a mismatch with the config is refused."""
+  """(step, state, saved config) of the newest checkpoint that reads back whole on every
+  process, or None. Unreadable ones are set aside, not deleted; a mismatch with the config
+  or the number of processes is refused."""
   while (step := checkpointer.latest_step()) is not None:
     try:
       saved_config, saved_tokenizer = checkpointer.read_metadata(step)
-    except Exception as error:  # pylint: disable=broad-except
+      error = None
+    except Exception as caught:  # pylint: disable=broad-except
+      error = caught
+    if not distributed.all_ok(error is None):
       checkpointer.set_aside(step, error)
       continue
+    processes = checkpointer.processes(step)
+    if processes not in (None, jax.process_count()):
+      raise ConfigError(
+          f'checkpoint step {step} in {checkpointer.directory} was written by {processes}'
+          f' process(es) and this run has {jax.process_count()}: each process resumes its own'
+          f' share of the data streams; resume with {processes} processes, or use a new'
+          ' --workdir')
     tokenizer_lib.check_same(saved_tokenizer, tokenizer, checkpointer.directory)
     checkpointing.check_compatible(saved_config, config, checkpointer.directory)
     try:
       state = checkpointer.restore(step, setup.abstract_state, train_iterator)
-    except Exception as error:  # pylint: disable=broad-except
+      error = None
+    except Exception as caught:  # pylint: disable=broad-except
+      error = caught
+    if not distributed.all_ok(error is None):
       checkpointer.set_aside(step, error)
       continue
     return step, state, saved_config
@@ -282,6 +301,10 @@ def _train(config, workdir, devices, tokenizer, objective, data, checkpointer):
 
       # A checkpoint holds no batch, so (but for the last) it falls between batches.
       between_batches = step % updates_per_batch == 0
+      if jax.process_count() > 1 and between_batches:
+        # A scheduler signals every process, not at the same step: all stop at the first
+        # step any saw it.
+        stop.requested = not distributed.all_ok(not stop.requested)
       if (between_batches and (step % config.checkpoint.every_steps == 0 or stop.requested)
           or step == config.train.num_steps):
         check_finite()  # A checkpoint never holds params of a non-finite step.

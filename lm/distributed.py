@@ -1,0 +1,73 @@
+"""Several processes, one per host: JAX's multi-controller runtime.
+
+Every process runs the same program on its own devices; `jax.distributed.initialize`
+connects them, after which `jax.devices()` lists every process's devices and arrays are
+global. `initialize` here calls it when this process is one of several:
+- from explicit settings (coordinator address, number of processes, this process's id),
+  for hosts started by hand;
+- else, when the environment is a cluster of several tasks that JAX detects by itself
+  (Cloud TPU pod slices, SLURM, Open MPI), with no arguments;
+- else (one process on one host) not at all.
+"""
+
+import os
+
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+
+from lm.errors import ConfigError
+
+
+def _cluster_of_several() -> str | None:
+  """The name of the multi-process cluster this process is a task of, if any."""
+  if int(os.environ.get('SLURM_NTASKS', '1')) > 1 and 'SLURM_JOB_ID' in os.environ:
+    return 'SLURM'
+  if int(os.environ.get('OMPI_COMM_WORLD_SIZE', '1')) > 1:
+    return 'Open MPI'
+  # Cloud TPU VMs list every worker of the slice; one host lists one.
+  if len([h for h in os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1:
+    return 'Cloud TPU'
+  return None
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+  """Connects this process to the others; must run before anything touches a device."""
+  explicit = (coordinator_address, num_processes, process_id)
+  if any(value is not None for value in explicit):
+    names = ('--coordinator_address', '--num_processes', '--process_id')
+    missing = [name for name, value in zip(names, explicit) if value is None]
+    if missing:
+      raise ConfigError(f'{", ".join(missing)}: give all three of {", ".join(names)} (or none,'
+                        ' to run alone or on a cluster JAX detects)')
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+      raise ConfigError(f'--process_id={process_id} must be in [0, --num_processes='
+                        f'{num_processes})')
+    if num_processes == 1:
+      return
+  elif _cluster_of_several() is None:
+    return
+  # Collectives between CPU devices of different processes (used by the tests here, and
+  # by CPU-only runs) go through gloo; accelerators use their own.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+
+
+def all_gather(values: np.ndarray) -> np.ndarray:
+  """This process's `values` -> [number of processes, ...] of every process's, on each."""
+  if jax.process_count() == 1:
+    return np.asarray(values)[None]
+  return np.asarray(multihost_utils.process_allgather(np.asarray(values)))
+
+
+def all_ok(ok: bool) -> bool:
+  """Whether `ok` holds on every process: they take the same branch after it."""
+  return bool(all_gather(np.array([ok], np.int32)).all())
+
+
+def barrier(name: str) -> None:
+  """Waits for every process to reach `name`."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

@@ -1,0 +1,114 @@
+"""Several processes, as on several hosts: 2 processes x 4 CPU devices, connected over
+localhost, against 1 process x 8 devices (tests/multiprocess.py starts them)."""
+
+import os
+import re
+import signal
+import time
+
+import pytest
+
+from helpers import write_corpus
+import multiprocess
+
+pytestmark = pytest.mark.slow
+
+
+def losses(stdout: str) -> dict[int, str]:
+  """{step: 'loss=... eval_loss=...'} as process 0 printed them (4 decimals)."""
+  rows = {}
+  for step, rest in re.findall(r'^step (\d+): (.*)$', stdout, re.MULTILINE):
+    rows[int(step)] = ' '.join(re.findall(r'\b(?:eval_)?loss=\S+', rest))
+  return rows
+
+
+def assert_ok(results):
+  for index, result in enumerate(results):
+    assert result.returncode == 0, (index, result.stdout[-2000:], result.stderr[-3000:])
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+  return write_corpus(str(tmp_path_factory.mktemp('corpus')))
+
+
+def pretrain_flags(corpus: str, workdir, num_steps: int = 6) -> list[str]:
+  # Two streams make up each batch, whatever the number of processes; data x fsdp mesh.
+  return ['--config=experiments/configs/default.py:tiny', f'--workdir={workdir}',
+          '--config.data.source=text', f'--config.data.path={corpus}',
+          '--config.data.validation_fraction=0.25', '--config.train.sample_tokens=0',
+          f'--config.train.num_steps={num_steps}', '--config.train.warmup_steps=1',
+          '--config.checkpoint.every_steps=2', '--config.train.eval_every=2',
+          '--config.train.log_every=1', '--config.data.streams=2', '--config.mesh.fsdp=2']
+
+
+@pytest.fixture(scope='module')
+def one_process(corpus, tmp_path_factory):
+  """The pretraining run on 1 process x 8 devices: (workdir, its losses)."""
+  workdir = tmp_path_factory.mktemp('one_process') / 'run'
+  [result] = multiprocess.launch('train', *pretrain_flags(corpus, workdir), num_processes=1,
+                                 devices_per_process=8)
+  assert_ok([result])
+  return workdir, losses(result.stdout)
+
+
+def test_two_processes_train_as_one_then_resume_exactly_after_sigterm(
+    corpus, one_process, tmp_path):
+  _, want = one_process
+  assert sorted(want) == [1, 2, 3, 4, 5, 6]
+
+  results = multiprocess.launch('train', *pretrain_flags(corpus, tmp_path / 'whole'))
+  assert_ok(results)
+  assert losses(results[0].stdout) == want
+  assert losses(results[1].stdout) == {}  # Only process 0 logs.
+  data = tmp_path / 'whole' / 'checkpoints' / '6' / 'data'
+  assert sorted(p for p in os.listdir(data) if p.endswith('.json')) == [
+      'process_0-of-2.json', 'process_1-of-2.json']
+
+  # SIGTERM to both once the first checkpoint is written, as a scheduler does; resume.
+  workdir = tmp_path / 'interrupted'
+  processes = multiprocess.start('train', *pretrain_flags(corpus, workdir))
+  deadline = time.time() + 300
+  while not (workdir / 'checkpoints' / '2').exists() and time.time() < deadline:
+    time.sleep(0.2)
+  for process in processes:
+    process.send_signal(signal.SIGTERM)
+  first = multiprocess.wait(processes)
+  assert_ok(first)
+  stopped = re.search(r'stopped at step (\d+)', first[0].stdout + first[0].stderr)
+  assert stopped, first[0].stdout[-2000:]
+  resumed = multiprocess.launch('train', *pretrain_flags(corpus, workdir))
+  assert_ok(resumed)
+  rows = {**losses(first[0].stdout), **losses(resumed[0].stdout)}
+  assert rows == want, (stopped.group(1), rows)
+
+
+def test_resuming_with_another_number_of_processes_is_refused(corpus, one_process, tmp_path):
+  workdir, _ = one_process
+  results = multiprocess.launch('train', *pretrain_flags(corpus, workdir, num_steps=8))
+  for result in results:
+    assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        'error: checkpoint step 6 in ') and 'was written by 1 process(es) and this run has 2' in (
+            result.stderr), result.stderr[-2000:]
+
+
+@pytest.mark.parametrize('objective', ['sft', 'dpo', 'grpo'])
+def test_post_training_on_two_processes_gives_the_losses_of_one(objective, one_process,
+                                                                tmp_path):
+  source, _ = one_process
+  flags = lambda workdir: [
+      f'--config=experiments/configs/{objective}.py:tiny', f'--workdir={workdir}',
+      f'--config.train.init_from={source}', '--config.data.validation_fraction=0.3',
+      '--config.model.dtype=float32', '--config.train.sample_tokens=0',
+      '--config.train.num_steps=3', '--config.train.warmup_steps=1',
+      '--config.train.eval_every=3', '--config.train.log_every=1', '--config.data.streams=2',
+      '--config.data.batch_size=8']
+  [one] = multiprocess.launch('train', *flags(tmp_path / 'one'), num_processes=1,
+                              devices_per_process=8)
+  two = multiprocess.launch('train', *flags(tmp_path / 'two'))
+  assert_ok([one, *two])
+  assert losses(two[0].stdout) == losses(one.stdout) and len(losses(one.stdout)) == 3
+  if objective == 'grpo':  # Rewards, from every process's rows, averaged.
+    reward = lambda result: re.findall(r'\breward=\S+', result.stdout)
+    assert reward(two[0]) == reward(one) and reward(one)
