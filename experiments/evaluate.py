@@ -11,8 +11,10 @@ Prints a table and adds the results, task by task, to <workdir>/eval/step_<step>
 import math
 
 from absl import flags
+import jax
 
 from experiments import cli
+from lm import sharding
 from lm.errors import check
 from lm.evaluation import builtin, harness, inputs, results, scoring, tasks
 from lm.training import checkpointing
@@ -66,11 +68,15 @@ def main():
   scorer = scoring.Scorer(run.model, run.params, run.tokenizer,
                           max_length=run.config.data.seq_len, batch_size=_BATCH_SIZE.value)
   metrics_by_task = {}
-  for task in task_list:
-    metrics_by_task[task.name] = {'kind': task.kind, **harness.evaluate(
-        task, scorer, num_shots=_NUM_SHOTS.value, seed=_SEED.value, limit=_LIMIT.value,
-        max_new_tokens=_MAX_NEW_TOKENS.value, self_consistency=_SELF_CONSISTENCY.value,
-        temperature=_TEMPERATURE.value)}
+  # Every process scores the same records over all devices; process 0 reports.
+  with sharding.activate(run.mesh):
+    for task in task_list:
+      metrics_by_task[task.name] = {'kind': task.kind, **harness.evaluate(
+          task, scorer, num_shots=_NUM_SHOTS.value, seed=_SEED.value, limit=_LIMIT.value,
+          max_new_tokens=_MAX_NEW_TOKENS.value, self_consistency=_SELF_CONSISTENCY.value,
+          temperature=_TEMPERATURE.value)}
+  if jax.process_index() != 0:
+    return
 
   print(f'step {run.step} of {_WORKDIR.value}, {_NUM_SHOTS.value}-shot')
   print(f'{"task":<22}{"kind":<17}metrics')

@@ -7,9 +7,10 @@
 import math
 
 from absl import flags
+import jax
 
 from experiments import cli
-from lm import sampling
+from lm import sampling, sharding
 from lm.errors import ConfigError, check
 from lm.evaluation import inputs
 from lm.training import checkpointing
@@ -59,12 +60,15 @@ def main():
   check(longest + _MAX_NEW_TOKENS.value <= max_seq_len,
         f'the longest prompt ({longest} tokens) + --max_new_tokens={_MAX_NEW_TOKENS.value}'
         f' exceeds the model max_seq_len={max_seq_len}')
-  completions = sampling.complete(
-      run.model, run.params, run.tokenizer, prompts, max_new_tokens=_MAX_NEW_TOKENS.value,
-      temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-      seed=_SEED.value)
-  for prompt, completion in zip(prompts, completions):
-    print(f'--- prompt: {prompt!r}\n{prompt}{completion}\n')
+  # Every process samples the same prompts over all devices; process 0 prints.
+  with sharding.activate(run.mesh):
+    completions = sampling.complete(
+        run.model, run.params, run.tokenizer, prompts, max_new_tokens=_MAX_NEW_TOKENS.value,
+        temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+        seed=_SEED.value)
+  if jax.process_index() == 0:
+    for prompt, completion in zip(prompts, completions):
+      print(f'--- prompt: {prompt!r}\n{prompt}{completion}\n')
 
 
 if __name__ == '__main__':

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import numpy as np
 
-from lm import models
+from lm import models, sharding
 
 # Flax's Dense, DenseGeneral and Embed cast these to the module's compute dtype at every
 # call; see cast_weights.
@@ -168,7 +168,7 @@ def complete(model, params, tokenizer, prompts: list[str], *, max_new_tokens: in
       cache_length=cache_length, temperature=temperature, top_k=top_k, top_p=top_p,
       pad_id=tokenizer.pad_id)
   completions = []
-  for row, count in zip(np.asarray(new_bm), np.asarray(num_new_b)):
+  for row, count in zip(*sharding.to_host((new_bm, num_new_b))):
     row = [int(t) for t in row[:count]]
     completions.append(tokenizer.decode([t for t in row if t not in stop_ids]))
   return completions

@@ -13,6 +13,7 @@ import math
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lm.errors import ConfigError
@@ -121,6 +122,25 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def to_host(tree):
+  """Arrays -> numpy on this process, whole: an array split over several processes'
+  devices is gathered first."""
+  def leaf(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+  return jax.tree.map(leaf, tree)
+
+
+def inference_mesh(embed_dim: int, devices=None) -> Mesh:
+  """A mesh of every device (every process's) for sampling and scoring: the params split
+  over 'fsdp' as far as `embed_dim` divides (a model too big for one device still fits),
+  the rest 'data'; rows split over both."""
+  devices = list(jax.devices() if devices is None else devices)
+  fsdp = math.gcd(embed_dim, len(devices))
+  return make_mesh({'data': len(devices) // fsdp, 'fsdp': fsdp, 'tensor': 1}, devices)
 
 
 def global_batch(batch: dict, sharding: NamedSharding) -> dict:

@@ -42,7 +42,7 @@ def start(module: str, *flags: str, num_processes: int = 2,
 
 
 def wait(processes: list[subprocess.Popen], timeout: int = 600) -> list[Process]:
-  """Each process's exit code and output; a job still running after `timeout` seconds is
+  """Each process's exit code and output (less gloo's connection lines); a job still running after `timeout` seconds is
   killed (its processes report -9)."""
   results = []
   for process in processes:
@@ -52,6 +52,9 @@ def wait(processes: list[subprocess.Popen], timeout: int = 600) -> list[Process]
       for other in processes:
         other.kill()
       stdout, stderr = process.communicate()
+    # gloo's C++ prints each connection to stdout.
+    stdout = ''.join(line for line in stdout.splitlines(keepends=True)
+                     if not line.startswith('[Gloo]'))
     results.append(Process(process.returncode, stdout, stderr))
   return results
 

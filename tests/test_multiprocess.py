@@ -112,3 +112,24 @@ def test_post_training_on_two_processes_gives_the_losses_of_one(objective, one_p
   if objective == 'grpo':  # Rewards, from every process's rows, averaged.
     reward = lambda result: re.findall(r'\breward=\S+', result.stdout)
     assert reward(two[0]) == reward(one) and reward(one)
+
+
+def test_sample_and_evaluate_on_two_processes_give_what_one_gives(one_process):
+  workdir, _ = one_process
+  sample = ['--prompt=the cat', '--prompt=a dog ran', '--max_new_tokens=12', '--seed=3',
+            '--temperature=0.8', f'--workdir={workdir}']
+  evaluate = ['--task=arithmetic_choice', '--task=arithmetic', '--limit=6',
+              '--batch_size=4', '--max_new_tokens=6', f'--workdir={workdir}']
+  outputs = {}
+  for processes, devices in ((1, 1), (1, 8), (2, 4)):
+    sampled = multiprocess.launch('sample', *sample, num_processes=processes,
+                                  devices_per_process=devices)
+    scored = multiprocess.launch('evaluate', *evaluate, num_processes=processes,
+                                 devices_per_process=devices)
+    assert_ok(sampled + scored)
+    assert all(not result.stdout for result in sampled[1:] + scored[1:])  # Process 0 reports.
+    metrics = [line for line in scored[0].stdout.splitlines() if line.startswith('arithmetic')]
+    outputs[processes, devices] = (sampled[0].stdout, metrics)
+  assert outputs[2, 4] == outputs[1, 8]
+  assert outputs[1, 8][1] == outputs[1, 1][1]  # Scores do not depend on the sharding.
+  assert '--- prompt' in outputs[1, 1][0] and len(outputs[1, 1][1]) == 2

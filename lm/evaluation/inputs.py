@@ -7,6 +7,7 @@ import os
 import jax
 import jax.numpy as jnp
 
+from lm import sharding
 from lm.errors import ConfigError
 
 
@@ -51,7 +52,7 @@ def _finite(params):
 
 def check_finite_params(params, workdir: str, step: int) -> None:
   """Refuses params holding a NaN or Inf: they would sample and score without complaint."""
-  finite = jax.device_get(_finite(params))
+  finite = sharding.to_host(_finite(params))
   bad = [jax.tree_util.keystr(path, simple=True, separator='/')
          for path, ok in jax.tree_util.tree_leaves_with_path(finite) if not ok]
   if bad:

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm import sampling
+from lm import sampling, sharding
 
 
 @functools.partial(jax.jit, static_argnames=('model',))
@@ -40,7 +40,7 @@ class Scorer:
       for row, ids in enumerate(chunk):
         tokens[row, :len(ids)] = ids
         segment_ids[row, :len(ids)] = 1
-      log_probs, greedy = jax.device_get(_next_token_log_probs(
+      log_probs, greedy = sharding.to_host(_next_token_log_probs(
           self.params, jnp.asarray(tokens), jnp.asarray(segment_ids), model=self.model))
       for row, ids in enumerate(chunk):
         first = score_from[start + row]

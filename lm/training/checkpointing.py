@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lm import distributed, models
+from lm import distributed, models, sharding
 from lm import tokenizer as tokenizer_lib
 from lm.errors import ConfigError
 
@@ -366,11 +366,13 @@ class Restored(NamedTuple):
   tokenizer: object
   model: object
   params: dict
+  mesh: jax.sharding.Mesh  # Of every device; sample and score under sharding.activate(mesh).
 
 
 def restore_for_inference(workdir: str, step: int | None = None) -> Restored:
-  """The checkpoint at `step` (default: latest) on the first device, with the model and
-  tokenizer built from the config and tokenizer saved with it."""
+  """The checkpoint at `step` (default: latest), its params split over a mesh of every
+  device of every process (sharding.inference_mesh), with the model and tokenizer built
+  from the config and tokenizer saved with it."""
   checkpointer = Checkpointer(workdir, max_to_keep=None, read_only=True)
   steps = sorted(checkpointer.manager.all_steps())
   if step is None and not steps:
@@ -382,12 +384,13 @@ def restore_for_inference(workdir: str, step: int | None = None) -> Restored:
   with unreadable_as_config_error(f'--workdir={workdir}', checkpointer, step):
     config, tokenizer_dict = checkpointer.read_metadata(step)
     model = models.build(config.model)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    mesh = sharding.inference_mesh(config.model.embed_dim)
+    boxed = jax.eval_shape(lambda rng: models.init_variables(model, rng)['params'],
+                           jax.random.key(0))
     abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-        nn.meta.unbox(jax.eval_shape(
-            lambda rng: models.init_variables(model, rng)['params'], jax.random.key(0))))
+        lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where),
+        nn.meta.unbox(boxed), sharding.logical_to_shardings(boxed, mesh))
     params = checkpointer.restore_params(step, abstract)
     tokenizer = tokenizer_lib.from_dict(tokenizer_dict)
   checkpointer.close()
-  return Restored(step, config, tokenizer, model, params)
+  return Restored(step, config, tokenizer, model, params, mesh)
