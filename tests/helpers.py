@@ -5,6 +5,7 @@ devices): pytest loads conftest.py before any test module.
 """
 
 import functools
+import hashlib
 import os
 import random
 
@@ -26,6 +27,18 @@ def cpu_subprocess_env(**extra):
   """The environment of a command a test runs: JAX on the CPU with one device (the fake 8
   would make every step slower), compiling at -O0 as here."""
   return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': FAST_CPU_COMPILE, **extra}
+
+
+def snapshot(directory) -> dict[str, str]:
+  """{relative path: sha256} of every file under `directory`: what a refused run must
+  leave as it was."""
+  files = {}
+  for parent, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(parent, name)
+      with open(path, 'rb') as f:
+        files[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+  return files
 
 
 def write_corpus(directory, num_files: int = 40, seed: int = 0) -> str:

@@ -15,9 +15,7 @@ cleanly goes to $LM_BAD_INPUT_REPORT when that is set.
 """
 
 import collections
-import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -31,7 +29,7 @@ import pytest
 
 from experiments.configs import default
 
-from helpers import cpu_subprocess_env, write_corpus
+from helpers import cpu_subprocess_env, snapshot, write_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # LM_BAD_INPUT_EXPLORE=1 draws new examples each run, to look for more.
@@ -82,7 +80,7 @@ def entry_points(tmp_path_factory):
                             **dict(OUTCOMES[kind])}) + '\n')
 
 
-# The finished run every example is tried on, and the files it is made of.
+# The finished run every example is tried on.
 
 def train_flags(workdir: str, corpus: str) -> list[str]:
   """The tiny run's own command line: given alone, a resume with nothing to do."""
@@ -102,17 +100,6 @@ def run(entry_points, tmp_path_factory):
   returncode, _, stderr = entry_points['train'](*flags)
   assert returncode == 0, stderr[-3000:]
   return dict(root=root, workdir=workdir, corpus=corpus, flags=flags)
-
-
-def snapshot(directory: str) -> dict[str, str]:
-  """{relative path: sha256} of every file under `directory`."""
-  files = {}
-  for parent, _, names in os.walk(directory):
-    for name in names:
-      path = os.path.join(parent, name)
-      with open(path, 'rb') as f:
-        files[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
-  return files
 
 
 def assert_refused(kind: str | None, result, culprits: tuple[str, ...], workdir: str,

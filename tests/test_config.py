@@ -1,9 +1,6 @@
 """Bad input stops before compiling with one message naming the field or file, and leaves
 what is already in the workdir untouched."""
 
-import hashlib
-import os
-
 import jax
 import ml_collections
 import pytest
@@ -12,18 +9,9 @@ from lm import tokenizer as tokenizer_lib
 from lm.errors import ConfigError
 from lm.training import loop
 
-from helpers import make_tiny_config
+from helpers import make_tiny_config, snapshot
 
 
-def snapshot(directory):
-  """{relative path: sha256} of every file under `directory`."""
-  files = {}
-  for root, _, names in os.walk(directory):
-    for name in names:
-      path = os.path.join(root, name)
-      with open(path, 'rb') as f:
-        files[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
-  return files
 
 
 @pytest.fixture(scope='module')

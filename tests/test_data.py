@@ -7,7 +7,6 @@ import pytest
 from lm import objectives, tokenizer as tokenizer_lib
 from lm.data import pipeline, sources
 from lm.errors import ConfigError
-from lm.training import checkpointing
 
 from helpers import write_corpus
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm.data import pipeline
-from lm.errors import check, check_number
+from lm.errors import check_number
 from lm.objectives import base
 from lm.training import losses
 
