@@ -8,6 +8,7 @@ import re
 import sys
 
 from absl import app, flags, logging
+import jax
 
 from lm import distributed
 from lm.errors import ConfigError
@@ -101,5 +102,10 @@ def run(main) -> None:
       main()
     except (ConfigError, FloatingPointError) as error:  # Bad input, or a diverged run.
       sys.exit(f'error: {error}')
+    except jax.errors.JaxRuntimeError as error:
+      if not distributed.lost_another_process(error):
+        raise
+      sys.exit(f'error: process {jax.process_index()}: another process stopped or cannot be'
+               f' reached; its own output says why ({str(error).splitlines()[0][:160]})')
 
   app.run(main_with_errors, flags_parser=_parse_flags)

@@ -55,6 +55,13 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                              num_processes=num_processes, process_id=process_id)
 
 
+def lost_another_process(error: Exception) -> bool:
+  """Whether `error` is a collective that timed out waiting for a process that stopped
+  (it reported its own error) or cannot be reached."""
+  return jax.process_count() > 1 and any(
+      sign in str(error) for sign in ('CoordinationService', 'DEADLINE_EXCEEDED', 'Gloo'))
+
+
 def all_gather(values: np.ndarray) -> np.ndarray:
   """This process's `values` -> [number of processes, ...] of every process's, on each."""
   if jax.process_count() == 1:

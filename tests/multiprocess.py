@@ -25,9 +25,11 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start(module: str, *flags: str, num_processes: int = 2,
-          devices_per_process: int = 4) -> list[subprocess.Popen]:
-  """Starts `python -m experiments.MODULE FLAGS` as process 0..num_processes-1 of one job."""
+def start(module: str, *flags: str, num_processes: int = 2, devices_per_process: int = 4,
+          only: dict[int, list[str]] | None = None) -> list[subprocess.Popen]:
+  """Starts `python -m experiments.MODULE FLAGS` as process 0..num_processes-1 of one job,
+  process i with the flags `only[i]` too."""
+  only = only or {}
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ' '.join([
       f'--xla_force_host_platform_device_count={devices_per_process}', FAST_CPU_COMPILE])}
   distributed = lambda i: []
@@ -36,7 +38,8 @@ def start(module: str, *flags: str, num_processes: int = 2,
     distributed = lambda i: [f'--coordinator_address=127.0.0.1:{port}',
                              f'--num_processes={num_processes}', f'--process_id={i}']
   return [subprocess.Popen(
-      [sys.executable, '-m', f'experiments.{module}', *flags, *distributed(i)], cwd=ROOT,
+      [sys.executable, '-m', f'experiments.{module}', *flags, *only.get(i, []),
+       *distributed(i)], cwd=ROOT,
       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(num_processes)]
 
@@ -60,7 +63,7 @@ def wait(processes: list[subprocess.Popen], timeout: int = 600) -> list[Process]
 
 
 def launch(module: str, *flags: str, num_processes: int = 2, devices_per_process: int = 4,
-           timeout: int = 600) -> list[Process]:
+           only: dict[int, list[str]] | None = None, timeout: int = 600) -> list[Process]:
   """start, then wait."""
   return wait(start(module, *flags, num_processes=num_processes,
-                    devices_per_process=devices_per_process), timeout)
+                    devices_per_process=devices_per_process, only=only), timeout)

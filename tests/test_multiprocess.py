@@ -93,6 +93,18 @@ def test_resuming_with_another_number_of_processes_is_refused(corpus, one_proces
             result.stderr), result.stderr[-2000:]
 
 
+def test_an_error_on_one_process_stops_every_process_in_one_line(corpus, tmp_path):
+  # Only process 1 is given a bad value: process 0 goes on, and waits for it in vain.
+  results = multiprocess.launch('train', *pretrain_flags(corpus, tmp_path / 'run'),
+                                only={1: ['--config.train.learning_rate=-1']}, timeout=300)
+  for result in results:
+    assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+  assert results[1].stderr.strip().splitlines()[-1].startswith(
+      'error: config.train.learning_rate=-1.0 must be'), results[1].stderr[-1000:]
+  assert results[0].stderr.strip().splitlines()[-1].startswith(
+      'error: process 0: another process stopped or cannot be reached'), results[0].stderr[-1000:]
+
+
 @pytest.mark.parametrize('objective', ['sft', 'dpo', 'grpo'])
 def test_post_training_on_two_processes_gives_the_losses_of_one(objective, one_process,
                                                                 tmp_path):
