@@ -60,7 +60,7 @@ def main():
   check(longest + _MAX_NEW_TOKENS.value <= max_seq_len,
         f'the longest prompt ({longest} tokens) + --max_new_tokens={_MAX_NEW_TOKENS.value}'
         f' exceeds the model max_seq_len={max_seq_len}')
-  # Every process samples the same prompts over all devices; process 0 prints.
+  # The prompts are split over every device of every process; process 0 prints.
   with sharding.activate(run.mesh):
     completions = sampling.complete(
         run.model, run.params, run.tokenizer, prompts, max_new_tokens=_MAX_NEW_TOKENS.value,

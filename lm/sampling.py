@@ -160,15 +160,17 @@ def complete(model, params, tokenizer, prompts: list[str], *, max_new_tokens: in
   """Text in, text out: bos + prompt, generate, decode up to (not including) the stop id."""
   stop_ids = (tokenizer.eos_id,) if stop_ids is None else stop_ids
   ids = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
+  # Rows split over every device of every process; extra rows are a lone bos, dropped.
+  ids += [[tokenizer.bos_id]] * (-len(ids) % sharding.rows_multiple())
   prompts_bt, lengths_b = pad_prompts(ids, tokenizer.pad_id)
   cache_length = cache_length or prompts_bt.shape[1] + max_new_tokens
   new_bm, num_new_b = generate(
-      params, jnp.asarray(prompts_bt), jnp.asarray(lengths_b), jax.random.key(seed),
+      params, sharding.put_rows(prompts_bt), sharding.put_rows(lengths_b), jax.random.key(seed),
       jnp.asarray(stop_ids, jnp.int32), model=model, max_new_tokens=max_new_tokens,
       cache_length=cache_length, temperature=temperature, top_k=top_k, top_p=top_p,
       pad_id=tokenizer.pad_id)
   completions = []
-  for row, count in zip(*sharding.to_host((new_bm, num_new_b))):
+  for row, count in list(zip(*sharding.to_host((new_bm, num_new_b))))[:len(prompts)]:
     row = [int(t) for t in row[:count]]
     completions.append(tokenizer.decode([t for t in row if t not in stop_ids]))
   return completions

@@ -120,6 +120,24 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(('data', 'fsdp'), None))
 
 
+def rows_multiple(mesh: Mesh | None = None) -> int:
+  """Rows of a batch for `put_rows` must be a multiple of this (1 without a mesh)."""
+  mesh = mesh or _ACTIVE_MESH.get()
+  return 1 if mesh is None else mesh.shape['data'] * mesh.shape['fsdp']
+
+
+def put_rows(array: np.ndarray, mesh: Mesh | None = None) -> jax.Array:
+  """A host array [B, ...] every process holds whole -> one global array, rows split over
+  the data-parallel axes of `mesh` (default: the active one): each process places only
+  its own devices' rows, so the batch is computed once over all devices."""
+  mesh = mesh or _ACTIVE_MESH.get()
+  if mesh is None:
+    return jax.numpy.asarray(array)
+  spec = PartitionSpec(('data', 'fsdp'), *([None] * (array.ndim - 1)))
+  return jax.make_array_from_callback(array.shape, NamedSharding(mesh, spec),
+                                      lambda index: array[index])
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 

@@ -32,16 +32,19 @@ class Scorer:
     Each id at index i >= 1 is predicted from ids[:i]; sequences must fit max_length.
     """
     results = []
+    # Rows split over every device of every process (padding rows score nothing).
+    rows = -(-self.batch_size // sharding.rows_multiple()) * sharding.rows_multiple()
     for start in range(0, len(sequences), self.batch_size):
       chunk = sequences[start:start + self.batch_size]
       bucket = min(-(-max(len(s) for s in chunk) // 64) * 64, self.max_length)
-      tokens = np.zeros((self.batch_size, bucket), np.int32)
-      segment_ids = np.zeros((self.batch_size, bucket), np.int32)
+      tokens = np.zeros((rows, bucket), np.int32)
+      segment_ids = np.zeros((rows, bucket), np.int32)
       for row, ids in enumerate(chunk):
         tokens[row, :len(ids)] = ids
         segment_ids[row, :len(ids)] = 1
       log_probs, greedy = sharding.to_host(_next_token_log_probs(
-          self.params, jnp.asarray(tokens), jnp.asarray(segment_ids), model=self.model))
+          self.params, sharding.put_rows(tokens), sharding.put_rows(segment_ids),
+          model=self.model))
       for row, ids in enumerate(chunk):
         first = score_from[start + row]
         span = slice(first - 1, len(ids) - 1)  # Predictions of ids[first:].
