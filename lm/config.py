@@ -9,6 +9,22 @@ from lm.errors import check_number
 from lm.models import attention, decoder, mamba
 
 DTYPES = ('float32', 'bfloat16')
+ROPE_SCALINGS = ('none', 'llama3')
+
+# Model fields added after the first checkpoints were written, with the value that
+# reproduces those checkpoints' models.
+ADDED_MODEL_FIELDS = dict(
+    rope_scaling=dict(kind='none', factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_len=8192),
+    scale_embeddings=True, qkv_bias=False, attention_out_bias=False, qk_norm=False,
+    param_dtype='float32')
+
+
+def fill_added_model_fields(model_config) -> None:
+  """A saved config from before a field existed gets the value its model was built with."""
+  for field, value in ADDED_MODEL_FIELDS.items():
+    if field not in model_config:
+      model_config[field] = value
 
 
 def resolve_dtype(dtype: str) -> str:
@@ -44,6 +60,16 @@ def validate(config, num_devices: int, tokenizer_vocab_size: int) -> None:
          f' vocabulary ({tokenizer_vocab_size} ids, config.tokenizer)')
   _check(model.dtype in DTYPES + ('auto',),
          f'config.model.dtype={model.dtype!r} is not one of {DTYPES + ("auto",)}')
+  _check(model.param_dtype in DTYPES,
+         f'config.model.param_dtype={model.param_dtype!r} is not one of {DTYPES}')
+  _check(model.rope_scaling.kind in ROPE_SCALINGS,
+         f'config.model.rope_scaling.kind={model.rope_scaling.kind!r} is not one of'
+         f' {ROPE_SCALINGS}')
+  if model.rope_scaling.kind == 'llama3':
+    for field in ('factor', 'low_freq_factor', 'original_max_len'):
+      _number(config, f'model.rope_scaling.{field}', above=0)
+    _number(config, 'model.rope_scaling.high_freq_factor',
+            above=model.rope_scaling.low_freq_factor)
   _check(model.attention in attention.ATTENTION_IMPLEMENTATIONS,
          f'config.model.attention={model.attention!r} is not one of'
          f' {sorted(attention.ATTENTION_IMPLEMENTATIONS)}')

@@ -179,6 +179,7 @@ def paths(*kinds: str) -> st.SearchStrategy:
 
 
 MAMBA = ('--config.model.layer_pattern=mamba',)
+LLAMA3 = ('--config.model.rope_scaling.kind=llama3',)
 # Post-training starts from the run, in a workdir of its own.
 DPO = ('--config.train.objective=dpo', '--config.data.source=stdlib_functions',
        '--workdir={fresh}', '--config.train.init_from={run}')
@@ -227,6 +228,16 @@ CONFIG_FIELDS = {  # field: (bad values, flags that make the field matter)
     'model.num_layers': (POSITIVE_INT, ()),
     'model.remat': (choices('none', 'full', 'save_dots'), ()),
     'model.rope_theta': (POSITIVE_FLOAT, ()),
+    'model.rope_scaling.kind': (choices('none', 'llama3'), ()),
+    'model.rope_scaling.factor': (POSITIVE_FLOAT, LLAMA3),
+    'model.rope_scaling.low_freq_factor': (POSITIVE_FLOAT, LLAMA3),
+    'model.rope_scaling.high_freq_factor': (floats(above=1.0), LLAMA3),  # > low_freq_factor.
+    'model.rope_scaling.original_max_len': (POSITIVE_INT, LLAMA3),
+    'model.param_dtype': (choices('float32', 'bfloat16'), ()),
+    'model.scale_embeddings': (NOT_BOOL, ()),
+    'model.qkv_bias': (NOT_BOOL, ()),
+    'model.attention_out_bias': (NOT_BOOL, ()),
+    'model.qk_norm': (NOT_BOOL, ()),
     'model.tie_embeddings': (NOT_BOOL, ()),
     'model.vocab_size': (ints(at_least=259), ()),
     'tokenizer.kind': (choices('byte', 'sentencepiece'), ()),

@@ -30,9 +30,18 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
       mlp_dim=384,
       max_seq_len=1024,
       rope_theta=10_000.0,
+      # Long-context RoPE rescaling: kind 'none' | 'llama3' (Llama 3.1's rule, with these).
+      rope_scaling=ml_collections.ConfigDict(dict(
+          kind='none', factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+          original_max_len=8192)),
       tie_embeddings=True,
+      scale_embeddings=True,  # Inputs x sqrt(embed_dim); imported models do not scale.
+      qkv_bias=False,  # Biases on query, key and value (Qwen2).
+      attention_out_bias=False,  # A bias on the attention output (Llama's attention_bias).
+      qk_norm=False,  # RMSNorm of each head's query and key before RoPE (Qwen3).
       norm_eps=1e-6,
       dtype='auto',  # bfloat16 on GPU/TPU, float32 on CPU; or 'float32', 'bfloat16'.
+      param_dtype='float32',  # Of the weights (Dense and embedding); norms stay float32.
       attention='xla',  # 'xla' | 'cudnn' | 'pallas' (our flash-attention and decode kernels)
       remat='none',  # 'none' | 'full' | 'save_dots'
       # Mamba layers (used where layer_pattern names them).

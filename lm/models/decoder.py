@@ -54,14 +54,16 @@ class DecoderLM(nn.Module):
   def __call__(self, tokens_bt, segment_ids_bt, positions_bt, decode: bool = False):
     cfg = self.config
     # Unit-variance inputs from a 1/sqrt(D) table (scaled by sqrt(D)) keep tied
-    # output logits at unit scale too.
+    # output logits at unit scale too. Imported models (Llama, Qwen, Mamba) do not scale.
     embed = nn.Embed(
-        cfg.vocab_size, cfg.embed_dim, dtype=cfg.dtype, param_dtype=jnp.float32,
+        cfg.vocab_size, cfg.embed_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
         embedding_init=nn.with_logical_partitioning(
             nn.initializers.variance_scaling(1.0, 'fan_out', 'normal', out_axis=0),
             ('vocab', 'embed')),
         name='embed')
-    x_btd = embed(tokens_bt) * jnp.asarray(cfg.embed_dim ** 0.5, cfg.dtype)
+    x_btd = embed(tokens_bt)
+    if cfg.scale_embeddings:
+      x_btd = x_btd * jnp.asarray(cfg.embed_dim ** 0.5, cfg.dtype)
     x_btd = nn.with_logical_constraint(x_btd, ('act_batch', 'act_seq', 'act_embed'))
 
     for layer, kind in enumerate(layer_kinds(cfg)):
@@ -75,7 +77,7 @@ class DecoderLM(nn.Module):
       logits_btv = embed.attend(x_btd)
     else:
       logits_btv = nn.Dense(
-          cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=jnp.float32,
+          cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
           kernel_init=layers.dense_init(('embed', 'vocab')), name='lm_head')(x_btd)
     logits_btv = nn.with_logical_constraint(logits_btv, ('act_batch', 'act_seq', 'act_vocab'))
     return logits_btv.astype(jnp.float32)

@@ -31,7 +31,26 @@ class RMSNorm(nn.Module):
     return (x32 * scale).astype(self.dtype)
 
 
-def apply_rope(x_btnh, positions_bt, theta: float):
+def rope_frequencies(head_dim: int, theta: float, scaling=None):
+  """RoPE's inverse frequencies [H/2]: theta^(-2i/H) (Su et al. 2021), optionally
+  rescaled for long contexts. `scaling.kind` 'llama3' (Llama 3.1's published rule):
+  wavelengths beyond original_max_len / low_freq_factor are stretched by `factor`, those
+  under original_max_len / high_freq_factor kept, and the band between interpolated."""
+  fraction = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+  inv_frequency = theta ** -fraction
+  if scaling is None or scaling.kind == 'none':
+    return inv_frequency
+  wavelength = 2 * jnp.pi / inv_frequency
+  low, high = scaling.low_freq_factor, scaling.high_freq_factor
+  smooth = (scaling.original_max_len / wavelength - low) / (high - low)
+  interpolated = (1 - smooth) * inv_frequency / scaling.factor + smooth * inv_frequency
+  long = wavelength > scaling.original_max_len / low
+  short = wavelength < scaling.original_max_len / high
+  return jnp.where(long, inv_frequency / scaling.factor,
+                   jnp.where(short, inv_frequency, interpolated))
+
+
+def apply_rope(x_btnh, positions_bt, theta: float, scaling=None):
   """Rotary position embedding (Su et al. 2021), rotate-half form, in float32.
 
   Uses each token's position within its own document, so packed documents each
@@ -40,8 +59,7 @@ def apply_rope(x_btnh, positions_bt, theta: float):
   head_dim = x_btnh.shape[-1]
   if head_dim % 2:
     raise ValueError(f'RoPE needs an even head_dim, got {head_dim}')
-  fraction = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
-  inv_frequency = theta ** -fraction  # [H/2]
+  inv_frequency = rope_frequencies(head_dim, theta, scaling)  # [H/2]
   angles = positions_bt[..., None].astype(jnp.float32) * inv_frequency  # [B, T, H/2]
   sin = jnp.sin(angles)[:, :, None, :]
   cos = jnp.cos(angles)[:, :, None, :]
@@ -54,12 +72,13 @@ class MLP(nn.Module):
   """SwiGLU feed-forward (Shazeer 2020): wo(silu(x wi_gate) * (x wi_up))."""
   mlp_dim: int
   dtype: jnp.dtype
+  param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x_btd):
     embed_dim = x_btd.shape[-1]
     dense = lambda features, names, name: nn.Dense(
-        features, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+        features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=dense_init(names), name=name)
     gate_btf = dense(self.mlp_dim, ('embed', 'mlp'), 'wi_gate')(x_btd)
     up_btf = dense(self.mlp_dim, ('embed', 'mlp'), 'wi_up')(x_btd)

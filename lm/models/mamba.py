@@ -86,7 +86,7 @@ class MambaMixer(nn.Module):
     width, inner = cfg.embed_dim, cfg.mamba_expand * cfg.embed_dim
     state, rank, conv = cfg.mamba_state_dim, cfg.mamba_dt_rank, cfg.mamba_conv_width
     dense = lambda features, names, name, **kwargs: nn.Dense(
-        features, dtype=cfg.dtype, param_dtype=jnp.float32,
+        features, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
         kernel_init=kwargs.pop('kernel_init', layers.dense_init(names)), name=name, **kwargs)
 
     xz_bte = dense(2 * inner, ('embed', 'mlp'), 'in_proj', use_bias=False)(x_btd)

@@ -31,14 +31,23 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x_btd, segment_ids_bt, positions_bt, decode: bool = False):
     cfg = self.config
-    dense = lambda features, names, name, axis=-1: nn.DenseGeneral(
-        features, axis=axis, use_bias=False, dtype=cfg.dtype, param_dtype=jnp.float32,
-        kernel_init=layers.dense_init(names), name=name)
-    q_btnh = dense((cfg.num_heads, cfg.head_dim), ('embed', 'heads', 'head_dim'), 'query')(x_btd)
-    k_btkh = dense((cfg.num_kv_heads, cfg.head_dim), ('embed', 'kv_heads', 'head_dim'), 'key')(x_btd)
-    v_btkh = dense((cfg.num_kv_heads, cfg.head_dim), ('embed', 'kv_heads', 'head_dim'), 'value')(x_btd)
-    q_btnh = layers.apply_rope(q_btnh, positions_bt, cfg.rope_theta)
-    k_btkh = layers.apply_rope(k_btkh, positions_bt, cfg.rope_theta)
+    dense = lambda features, names, name, axis=-1, bias=False: nn.DenseGeneral(
+        features, axis=axis, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        kernel_init=layers.dense_init(names),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-len(features):]
+                                               if isinstance(features, tuple) else names[-1:]),
+        name=name)
+    q_btnh = dense((cfg.num_heads, cfg.head_dim), ('embed', 'heads', 'head_dim'), 'query',
+                   bias=cfg.qkv_bias)(x_btd)
+    k_btkh = dense((cfg.num_kv_heads, cfg.head_dim), ('embed', 'kv_heads', 'head_dim'), 'key',
+                   bias=cfg.qkv_bias)(x_btd)
+    v_btkh = dense((cfg.num_kv_heads, cfg.head_dim), ('embed', 'kv_heads', 'head_dim'), 'value',
+                   bias=cfg.qkv_bias)(x_btd)
+    if cfg.qk_norm:  # Per-head RMSNorm of queries and keys before RoPE (Qwen3).
+      q_btnh = layers.RMSNorm(cfg.norm_eps, cfg.dtype, name='query_norm')(q_btnh)
+      k_btkh = layers.RMSNorm(cfg.norm_eps, cfg.dtype, name='key_norm')(k_btkh)
+    q_btnh = layers.apply_rope(q_btnh, positions_bt, cfg.rope_theta, cfg.rope_scaling)
+    k_btkh = layers.apply_rope(k_btkh, positions_bt, cfg.rope_theta, cfg.rope_scaling)
     q_btnh = nn.with_logical_constraint(q_btnh, ('act_batch', 'act_seq', 'act_heads', 'act_head_dim'))
     k_btkh = nn.with_logical_constraint(k_btkh, ('act_batch', 'act_seq', 'act_kv_heads', 'act_head_dim'))
     v_btkh = nn.with_logical_constraint(v_btkh, ('act_batch', 'act_seq', 'act_kv_heads', 'act_head_dim'))
@@ -48,7 +57,8 @@ class Attention(nn.Module):
       attend = attention_lib.ATTENTION_IMPLEMENTATIONS[cfg.attention]
       out_btnh = attend(q_btnh, k_btkh, v_btkh, segment_ids_bt)
     out_btnh = nn.with_logical_constraint(out_btnh, ('act_batch', 'act_seq', 'act_heads', 'act_head_dim'))
-    return dense(x_btd.shape[-1], ('heads', 'head_dim', 'embed'), 'out', axis=(-2, -1))(out_btnh)
+    return dense(x_btd.shape[-1], ('heads', 'head_dim', 'embed'), 'out', axis=(-2, -1),
+                 bias=cfg.attention_out_bias)(out_btnh)
 
   def _attend_with_cache(self, q_btnh, k_btkh, v_btkh, segment_ids_bt):
     # At init the variables take this call's shape: init_cache passes [B, S] tokens.
@@ -87,7 +97,7 @@ class AttentionBlock(nn.Module):
     h_btd = layers.RMSNorm(cfg.norm_eps, cfg.dtype, name='attention_norm')(x_btd)
     x_btd = x_btd + Attention(cfg, name='attention')(h_btd, segment_ids_bt, positions_bt, decode)
     h_btd = layers.RMSNorm(cfg.norm_eps, cfg.dtype, name='mlp_norm')(x_btd)
-    x_btd = x_btd + layers.MLP(cfg.mlp_dim, cfg.dtype, name='mlp')(h_btd)
+    x_btd = x_btd + layers.MLP(cfg.mlp_dim, cfg.dtype, cfg.param_dtype, name='mlp')(h_btd)
     return nn.with_logical_constraint(x_btd, ('act_batch', 'act_seq', 'act_embed'))
 
 

@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lm import config as config_lib
 from lm import distributed, models, sharding
 from lm import tokenizer as tokenizer_lib
 from lm.errors import ConfigError
@@ -34,8 +35,9 @@ from lm.errors import ConfigError
 # Model fields that decide parameter shapes; the rest (dtype, attention, remat) may
 # change between runs of the same checkpoint.
 _SHAPE_FIELDS = ('name', 'vocab_size', 'num_layers', 'layer_pattern', 'embed_dim', 'num_heads',
-                 'num_kv_heads', 'head_dim', 'mlp_dim', 'tie_embeddings', 'mamba_expand',
-                 'mamba_state_dim', 'mamba_dt_rank', 'mamba_conv_width')
+                 'num_kv_heads', 'head_dim', 'mlp_dim', 'tie_embeddings', 'qkv_bias',
+                 'attention_out_bias', 'qk_norm', 'mamba_expand', 'mamba_state_dim',
+                 'mamba_dt_rank', 'mamba_conv_width')
 
 
 @jax.jit
@@ -162,6 +164,7 @@ class Checkpointer:
     config = ml_collections.ConfigDict(restored['config'])
     if config.model.name == 'transformer':  # DecoderLM's name in older checkpoints.
       config.model.name = 'decoder'
+    config_lib.fill_added_model_fields(config.model)
     return config, restored['tokenizer']
 
   def restore(self, step: int, abstract_state, data_iterator=None):
