@@ -2,6 +2,10 @@
 
   python -m experiments.sample --workdir=/tmp/lm_default --prompt='def main(' \
       [--prompt=... | --prompts_file=FILE (one prompt per line)] [--temperature=0.8 --top_p=0.95]
+
+With --chat each prompt is a user's message (after --system's, if given), rendered by the
+checkpoint's chat template (lm's default one for models without), and the assistant's
+reply is printed.
 """
 
 import math
@@ -10,7 +14,7 @@ from absl import flags
 import jax
 
 from experiments import cli
-from lm import sampling, sharding
+from lm import chat, sampling, sharding
 from lm.errors import ConfigError, check
 from lm.evaluation import inputs
 from lm.training import checkpointing
@@ -23,6 +27,8 @@ _TEMPERATURE = flags.DEFINE_float('temperature', 0.8, '0 for greedy decoding.')
 _TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample among the k likeliest tokens (0: all).')
 _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling threshold (1: off).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+_CHAT = flags.DEFINE_bool('chat', False, 'Each prompt is a user message; print the reply.')
+_SYSTEM = flags.DEFINE_string('system', None, 'With --chat: a system message before each.')
 
 
 def check_flags() -> None:
@@ -35,6 +41,7 @@ def check_flags() -> None:
       (0 < _TOP_P.value <= 1, f'--top_p={_TOP_P.value} must be in (0, 1] (1: off)'),
       (_TOP_K.value >= 0, f'--top_k={_TOP_K.value} must be >= 0 (0: off)'),
       inputs.seed_check(_SEED.value),
+      (_CHAT.value or _SYSTEM.value is None, '--system goes with --chat'),
   ])
 
 
@@ -56,19 +63,32 @@ def main():
   vocab_size, max_seq_len = run.config.model.vocab_size, run.config.model.max_seq_len
   check(_TOP_K.value <= vocab_size,
         f'--top_k={_TOP_K.value} exceeds the vocabulary of the checkpoint ({vocab_size} ids)')
-  longest = max(len(run.tokenizer.encode(p)) + 1 for p in prompts)
+  if _CHAT.value:
+    ids = [chat.render(run.tokenizer, conversation(prompt), add_generation_prompt=True).ids
+           for prompt in prompts]
+    stop_ids = chat.end_of_turn_ids(run.tokenizer)
+  else:
+    ids = [[run.tokenizer.bos_id, *run.tokenizer.encode(p)] for p in prompts]
+    stop_ids = None
+  longest = max(len(i) for i in ids)
   check(longest + _MAX_NEW_TOKENS.value <= max_seq_len,
         f'the longest prompt ({longest} tokens) + --max_new_tokens={_MAX_NEW_TOKENS.value}'
         f' exceeds the model max_seq_len={max_seq_len}')
   # The prompts are split over every device of every process; process 0 prints.
   with sharding.activate(run.mesh):
-    completions = sampling.complete(
-        run.model, run.params, run.tokenizer, prompts, max_new_tokens=_MAX_NEW_TOKENS.value,
-        temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-        seed=_SEED.value)
+    completions = sampling.complete_ids(
+        run.model, run.params, run.tokenizer, [list(i) for i in ids],
+        max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
+        top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value, stop_ids=stop_ids)
   if jax.process_index() == 0:
     for prompt, completion in zip(prompts, completions):
-      print(f'--- prompt: {prompt!r}\n{prompt}{completion}\n')
+      shown = f'{completion}' if _CHAT.value else f'{prompt}{completion}'
+      print(f'--- prompt: {prompt!r}\n{shown}\n')
+
+
+def conversation(prompt: str) -> list[dict]:
+  system = [{'role': 'system', 'content': _SYSTEM.value}] if _SYSTEM.value else []
+  return system + [{'role': 'user', 'content': prompt}]
 
 
 if __name__ == '__main__':

@@ -158,10 +158,21 @@ def complete(model, params, tokenizer, prompts: list[str], *, max_new_tokens: in
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              stop_ids: tuple[int, ...] | None = None, cache_length: int | None = None) -> list[str]:
   """Text in, text out: bos + prompt, generate, decode up to (not including) the stop id."""
-  stop_ids = (tokenizer.eos_id,) if stop_ids is None else stop_ids
   ids = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
+  return complete_ids(model, params, tokenizer, ids, max_new_tokens=max_new_tokens,
+                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                      stop_ids=stop_ids, cache_length=cache_length)
+
+
+def complete_ids(model, params, tokenizer, ids: list[list[int]], *, max_new_tokens: int,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                 stop_ids: tuple[int, ...] | None = None,
+                 cache_length: int | None = None) -> list[str]:
+  """`complete` for prompts already in ids (a rendered chat, say), taken as they are."""
+  stop_ids = tuple(tokenizer.stop_ids) if stop_ids is None else stop_ids
+  count = len(ids)
   # Rows split over every device of every process; extra rows are a lone bos, dropped.
-  ids += [[tokenizer.bos_id]] * (-len(ids) % sharding.rows_multiple())
+  ids = list(ids) + [[tokenizer.bos_id]] * (-count % sharding.rows_multiple())
   prompts_bt, lengths_b = pad_prompts(ids, tokenizer.pad_id)
   cache_length = cache_length or prompts_bt.shape[1] + max_new_tokens
   new_bm, num_new_b = generate(
@@ -170,7 +181,7 @@ def complete(model, params, tokenizer, prompts: list[str], *, max_new_tokens: in
       cache_length=cache_length, temperature=temperature, top_k=top_k, top_p=top_p,
       pad_id=tokenizer.pad_id)
   completions = []
-  for row, count in list(zip(*sharding.to_host((new_bm, num_new_b))))[:len(prompts)]:
-    row = [int(t) for t in row[:count]]
+  for row, count_b in list(zip(*sharding.to_host((new_bm, num_new_b))))[:count]:
+    row = [int(t) for t in row[:count_b]]
     completions.append(tokenizer.decode([t for t in row if t not in stop_ids]))
   return completions

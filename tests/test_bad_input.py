@@ -221,7 +221,7 @@ CONFIG_FIELDS = {  # field: (bad values, flags that make the field matter)
     'model.mamba_state_dim': (POSITIVE_INT, MAMBA),
     'model.max_seq_len': (ints(at_least=64), ()),
     'model.mlp_dim': (POSITIVE_INT, ()),
-    'model.name': (choices('decoder'), ()),
+    'model.name': (choices('decoder', 'from_init'), ()),
     'model.norm_eps': (POSITIVE_FLOAT, ()),
     'model.num_heads': (POSITIVE_INT, ()),
     'model.num_kv_heads': (ints(at_least=1, below=3), ()),  # 1 and 2 divide 2 query heads.
@@ -240,7 +240,7 @@ CONFIG_FIELDS = {  # field: (bad values, flags that make the field matter)
     'model.qk_norm': (NOT_BOOL, ()),
     'model.tie_embeddings': (NOT_BOOL, ()),
     'model.vocab_size': (ints(at_least=259), ()),
-    'tokenizer.kind': (choices('byte', 'sentencepiece'), ()),
+    'tokenizer.kind': (choices('byte', 'sentencepiece', 'huggingface'), ()),
     'tokenizer.path': (paths('missing', 'empty_dir', 'text', 'binary'),
                        ('--config.tokenizer.kind=sentencepiece',)),
     'train.beta1': (floats(at_least=0, below=1), ()),
@@ -343,6 +343,7 @@ SAMPLE_FLAGS = {
     'step': ints(also=(-1, 0, 1, 3, 5)).filter(lambda v: v not in ('2', '4')),
     'workdir': paths('missing', 'empty_dir', 'text'),
     'prompts_file': paths('missing', 'empty_dir', 'binary'),
+    'chat': NOT_BOOL,
 }
 EVALUATE_FLAGS = {
     'limit': POSITIVE_INT,

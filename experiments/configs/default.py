@@ -19,7 +19,10 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.seed = 0
 
   config.model = ml_collections.ConfigDict(dict(
-      name='decoder',  # lm.models.MODELS: the block stack of layer_pattern.
+      # lm.models.MODELS ('decoder': the block stack of layer_pattern), or 'from_init': the
+      # model and tokenizer of train.init_from (an imported one), keeping dtype, attention,
+      # remat and mamba_scan from here.
+      name='decoder',
       vocab_size=264,  # The byte tokenizer's 259 ids, rounded up to a multiple of 8.
       num_layers=4,
       layer_pattern='attention',  # Repeated over the layers: 'mamba', 'mamba,attention', ...

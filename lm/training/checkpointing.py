@@ -19,6 +19,7 @@ import shutil
 import sys
 from typing import NamedTuple
 
+import flax
 import flax.linen as nn
 import grain
 import jax
@@ -105,6 +106,11 @@ def _verify(saved: dict, now: dict, exact: bool = False) -> None:
                      f' first {changed[:1]})')
 
 
+@flax.struct.dataclass
+class _ParamsOnly:
+  params: dict  # Named '.params' in the fingerprint, as a TrainState's are.
+
+
 class Checkpointer:
 
   def __init__(self, workdir: str, max_to_keep: int | None, read_only: bool = False):
@@ -137,6 +143,18 @@ class Checkpointer:
         fingerprint=ocp.args.JsonSave({**_fingerprint_json(state), **_json_fingerprint(items),
                                        **_data_fingerprints(data.state)}),
     ))
+
+  def save_params(self, step: int, params, config, tokenizer) -> None:
+    """Params alone, with the config and tokenizer (an imported model: no optimizer or
+    data state); restore_params, load_params and restore_for_inference read it."""
+    items = dict(config=config.to_dict(), tokenizer=tokenizer.to_dict())
+    state = _ParamsOnly(params)
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        **{name: ocp.args.JsonSave(value) for name, value in items.items()},
+        fingerprint=ocp.args.JsonSave({**_fingerprint_json(state), **_json_fingerprint(items)}),
+    ))
+    self.manager.wait_until_finished()
 
   def processes(self, step: int) -> int | None:
     """How many processes wrote checkpoint `step`'s data state (None: not known)."""
@@ -338,10 +356,9 @@ def restore_reference(workdir: str, abstract_params):
     return checkpointer.restore(path, abstract_params)
 
 
-def load_params(workdir: str, step: int, abstract_params, config, tokenizer):
-  """(params, step) of the checkpoint at `step` (-1: the latest) in `workdir`
-  (config.train.init_from), checked against this run's model and tokenizer, onto the
-  shardings of `abstract_params`."""
+def read_init_from(workdir: str, step: int) -> tuple[int, ml_collections.ConfigDict, dict]:
+  """(step, config, tokenizer dict) of `workdir`'s checkpoint at `step` (-1: the latest),
+  for config.train.init_from; named in one line when missing or unreadable."""
   directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
   source = Checkpointer(workdir, max_to_keep=None, read_only=True) if os.path.isdir(
       directory) else None
@@ -354,6 +371,16 @@ def load_params(workdir: str, step: int, abstract_params, config, tokenizer):
                       f' {sorted(steps)}')
   with unreadable_as_config_error(f'config.train.init_from={workdir!r}', source, step):
     saved_config, saved_tokenizer = source.read_metadata(step)
+  source.close()
+  return step, saved_config, saved_tokenizer
+
+
+def load_params(workdir: str, step: int, abstract_params, config, tokenizer):
+  """(params, step) of the checkpoint at `step` (-1: the latest) in `workdir`
+  (config.train.init_from), checked against this run's model and tokenizer, onto the
+  shardings of `abstract_params`."""
+  step, saved_config, saved_tokenizer = read_init_from(workdir, step)
+  source = Checkpointer(workdir, max_to_keep=None, read_only=True)
   directory = os.path.join(source.directory, str(step))
   tokenizer_lib.check_same(saved_tokenizer, tokenizer, directory)
   check_compatible(saved_config, config, directory, resuming=False)
@@ -361,6 +388,14 @@ def load_params(workdir: str, step: int, abstract_params, config, tokenizer):
     params = source.restore_params(step, abstract_params)
   source.close()
   return params, step
+
+
+def abstract_params(model, mesh) -> dict:
+  """The model's params as ShapeDtypeStructs with their shardings on `mesh`."""
+  boxed = jax.eval_shape(lambda rng: models.init_variables(model, rng)['params'],
+                         jax.random.key(0))
+  return jax.tree.map(lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where),
+                      nn.meta.unbox(boxed), sharding.logical_to_shardings(boxed, mesh))
 
 
 class Restored(NamedTuple):
@@ -388,12 +423,7 @@ def restore_for_inference(workdir: str, step: int | None = None) -> Restored:
     config, tokenizer_dict = checkpointer.read_metadata(step)
     model = models.build(config.model)
     mesh = sharding.inference_mesh(config.model.embed_dim)
-    boxed = jax.eval_shape(lambda rng: models.init_variables(model, rng)['params'],
-                           jax.random.key(0))
-    abstract = jax.tree.map(
-        lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where),
-        nn.meta.unbox(boxed), sharding.logical_to_shardings(boxed, mesh))
-    params = checkpointer.restore_params(step, abstract)
+    params = checkpointer.restore_params(step, abstract_params(model, mesh))
     tokenizer = tokenizer_lib.from_dict(tokenizer_dict)
   checkpointer.close()
   return Restored(step, config, tokenizer, model, params, mesh)

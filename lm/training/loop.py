@@ -20,7 +20,7 @@ from lm import config as config_lib
 from lm import distributed, flops, objectives, sampling, sharding
 from lm import tokenizer as tokenizer_lib
 from lm.data import pipeline, sources
-from lm.errors import ConfigError
+from lm.errors import ConfigError, check
 from lm.training import checkpointing, logger as logger_lib, optimizer as optimizer_lib
 from lm.training import setup as setup_lib
 
@@ -126,7 +126,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
   devices = list(jax.devices() if devices is None else devices)
 
   # 1. Everything that can be wrong with the inputs, before compiling or writing.
-  tokenizer = tokenizer_lib.build(config.tokenizer)
+  if config.model.name == 'from_init':
+    tokenizer = _model_from_init(config)
+  else:
+    tokenizer = tokenizer_lib.build(config.tokenizer)
   config_lib.validate(config, len(devices), tokenizer.vocab_size)
   config.model.dtype = config_lib.resolve_dtype(config.model.dtype)
   config.data.streams = config.data.streams or jax.process_count()
@@ -140,6 +143,24 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
     # Pending saves finish before any error is reported: no half-written checkpoint.
     checkpointer.close()
     lock.release()
+
+
+# What a run chooses for itself when it takes its model from config.train.init_from.
+_RUN_MODEL_FIELDS = ('dtype', 'attention', 'remat', 'mamba_scan')
+
+
+def _model_from_init(config) -> object:
+  """config.model.name 'from_init': config.model and config.tokenizer become those of the
+  config.train.init_from checkpoint (an imported model's, say), keeping this config's
+  dtype, attention, remat and mamba_scan. Returns the tokenizer stored with it."""
+  check(config.train.init_from, 'config.model.name="from_init" needs config.train.init_from')
+  _, saved, saved_tokenizer = checkpointing.read_init_from(config.train.init_from,
+                                                           config.train.init_from_step)
+  kept = {field: config.model[field] for field in _RUN_MODEL_FIELDS}
+  config.model = saved.model
+  config.model.update(kept)
+  config.tokenizer = saved.tokenizer
+  return tokenizer_lib.from_dict(saved_tokenizer)
 
 
 def _restore_latest(checkpointer, setup, train_iterator, config, tokenizer):
@@ -162,6 +183,11 @@ def _restore_latest(checkpointer, setup, train_iterator, config, tokenizer):
           f' process(es) and this run has {jax.process_count()}: each process resumes its own'
           f' share of the data streams; resume with {processes} processes, or use a new'
           ' --workdir')
+    if 'imported_from' in saved_config:
+      raise ConfigError(
+          f'{checkpointer.directory} holds a model imported from'
+          f' {saved_config.imported_from} (experiments.convert), not a training run: start'
+          ' from it with --config.train.init_from=<its workdir> and a new --workdir')
     tokenizer_lib.check_same(saved_tokenizer, tokenizer, checkpointer.directory)
     checkpointing.check_compatible(saved_config, config, checkpointer.directory)
     try:

@@ -1,0 +1,108 @@
+"""Hugging Face checkpoints in and out of `lm` runs.
+
+  python -m experiments.convert --from_hf=DIR --workdir=W
+      An lm run in W (params, config, tokenizer) from a transformers checkpoint directory
+      (config.json, *.safetensors, tokenizer files): Llama, Mistral, Qwen2, Qwen3, Mamba.
+      Sample and evaluate it with --workdir=W; fine-tune it (SFT, DPO, GRPO or more
+      pretraining) with --config.train.init_from=W --config.model.name=from_init.
+  python -m experiments.convert --to_hf --workdir=W [--step=N] --output=DIR
+      A directory transformers' AutoModelForCausalLM and AutoTokenizer open, from a run
+      trained or imported here.
+"""
+
+import json
+import os
+
+from absl import flags
+import jax
+
+from experiments import cli
+from experiments.configs import default
+from lm import config as config_lib
+from lm import models, sharding
+from lm import tokenizer as tokenizer_lib
+from lm.errors import ConfigError, check
+from lm.interop import hf
+from lm.training import checkpointing
+
+_FROM_HF = flags.DEFINE_string('from_hf', None, 'A transformers checkpoint directory to import.')
+_TO_HF = flags.DEFINE_bool('to_hf', False, 'Export --workdir\'s checkpoint to --output.')
+_OUTPUT = flags.DEFINE_string('output', None, 'With --to_hf: the directory to write.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'The lm run written (import) or read (export).')
+_STEP = flags.DEFINE_integer('step', None, 'With --to_hf: the checkpoint step (default: latest).')
+flags.mark_flags_as_required(['workdir'])
+
+
+def import_checkpoint(directory: str, workdir: str) -> None:
+  check(os.path.isdir(directory), f'--from_hf={directory}: no such directory')
+  checkpoints = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  check(not (os.path.isdir(checkpoints) and os.listdir(checkpoints)),
+        f'--workdir={workdir} already holds checkpoints; give a new --workdir')
+  config = default.get_config()
+  config.model = hf.model_config(
+      hf.read_json(os.path.join(directory, 'config.json'), f'--from_hf={directory}'),
+      config.model, os.path.join(directory, 'config.json'))
+  tokenizer = tokenizer_lib.from_hf_directory(directory)
+  check(config.model.vocab_size >= tokenizer.vocab_size,
+        f'{directory}: config.json has vocab_size={config.model.vocab_size}, fewer than the'
+        f' tokenizer\'s {tokenizer.vocab_size} ids')
+  config.tokenizer.update(kind='huggingface', path=os.path.abspath(directory))
+  config.imported_from = os.path.abspath(directory)
+  config.model.dtype = config_lib.resolve_dtype(config.model.dtype)
+  model = models.build(config.model)
+  mesh = sharding.inference_mesh(config.model.embed_dim)
+  params = hf.load_params(directory, config.model,
+                          checkpointing.abstract_params(model, mesh))
+  checkpointer = checkpointing.Checkpointer(workdir, max_to_keep=None)
+  checkpointer.save_params(0, params, config, tokenizer)
+  checkpointer.close()
+  if jax.process_index() == 0:
+    count = sum(x.size for x in jax.tree.leaves(params))
+    print(f'imported {count:,} parameters ({config.model.param_dtype}) from {directory} into'
+          f' {workdir}')
+
+
+def hf_tokenizer(tokenizer) -> tokenizer_lib.HuggingFaceTokenizer:
+  """The run's tokenizer as a tokenizer.json one: itself, or the byte tokenizer's
+  equivalent (the same ids for every text)."""
+  if tokenizer.kind == 'huggingface':
+    return tokenizer
+  if tokenizer.kind == 'byte':
+    return tokenizer_lib.HuggingFaceTokenizer(
+        tokenizer_lib.byte_tokenizer_json(),
+        dict(pad_token='<pad>', bos_token='<s>', eos_token='</s>'), source='byte tokenizer')
+  raise ConfigError(f'--to_hf: the run\'s {tokenizer.kind} tokenizer has no tokenizer.json'
+                    ' form here; export models with the byte or a Hugging Face tokenizer')
+
+
+def export_checkpoint(workdir: str, step: int | None, output: str) -> None:
+  check(output, '--to_hf needs --output=DIR')
+  check(not (os.path.isdir(output) and os.listdir(output)),
+        f'--output={output} is not empty; give a new directory')
+  run = checkpointing.restore_for_inference(workdir, step)
+  hf.hf_config(run.config.model)  # Refuses what transformers cannot hold, before writing.
+  hf_tokenizer(run.tokenizer)
+  special_ids = dict(bos_token_id=run.tokenizer.bos_id, eos_token_id=run.tokenizer.eos_id,
+                     pad_token_id=run.tokenizer.pad_id)
+  hf.save_model(output, run.config.model, run.params, special_ids)
+  if jax.process_index() == 0:
+    hf_tokenizer(run.tokenizer).save_pretrained(output,
+                                                model_max_length=run.config.model.max_seq_len)
+    generation = dict(special_ids, eos_token_id=list(run.tokenizer.stop_ids))
+    with open(os.path.join(output, 'generation_config.json'), 'w') as f:
+      json.dump(generation, f, indent=2)
+    print(f'exported step {run.step} of {workdir} to {output}')
+
+
+def main():
+  check(bool(_FROM_HF.value) != _TO_HF.value, 'give exactly one of --from_hf=DIR and --to_hf')
+  if _FROM_HF.value:
+    check(_STEP.value is None and _OUTPUT.value is None,
+          '--step and --output go with --to_hf, not --from_hf')
+    import_checkpoint(_FROM_HF.value, _WORKDIR.value)
+  else:
+    export_checkpoint(_WORKDIR.value, _STEP.value, _OUTPUT.value)
+
+
+if __name__ == '__main__':
+  cli.run(main)

@@ -1,0 +1,130 @@
+"""`python -m experiments.convert` end to end: a transformers checkpoint (a tiny random
+Llama with a BPE tokenizer trained here) becomes an lm run that sample, SFT and export
+accept unchanged, and comes back out as a directory transformers opens."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from helpers import WORDS, cpu_subprocess_env, snapshot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+
+def run(*args):
+  return subprocess.run([sys.executable, '-m', *args], cwd=ROOT, capture_output=True, text=True,
+                        env=cpu_subprocess_env(PYTHONUNBUFFERED='1'), timeout=600)
+
+
+def write_checkpoint(directory):
+  """A Llama-3-shaped tiny model and a byte-level BPE tokenizer, as transformers saves them."""
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+  bpe = tokenizers.Tokenizer(models.BPE())
+  bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  bpe.decoder = decoders.ByteLevel()
+  specials = ['<|begin_of_text|>', '<|end_of_text|>', '<|eot_id|>']
+  rng = np.random.default_rng(0)
+  lines = [' '.join(rng.choice(WORDS, 12)) + '\ndef f(x):\n    return x + 1\n' for _ in range(200)]
+  bpe.train_from_iterator(lines, trainers.BpeTrainer(
+      vocab_size=400, special_tokens=specials,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  fast = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=bpe, bos_token=specials[0], eos_token=specials[1])
+  fast.chat_template = (
+      "{{ bos_token }}{% for m in messages %}<|eot_id|>{{ m['role'] }}\n{{ m['content'] }}"
+      "<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|eot_id|>assistant\n{% endif %}")
+  fast.save_pretrained(directory)
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=bpe.get_vocab_size(), hidden_size=64, intermediate_size=96,
+      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+      max_position_embeddings=512, bos_token_id=fast.bos_token_id,
+      eos_token_id=fast.eos_token_id))
+  model.save_pretrained(directory)
+  return model.eval(), fast
+
+
+def logits(model, ids):
+  with torch.no_grad():
+    return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def test_import_sample_fine_tune_and_export_through_the_commands(tmp_path):
+  reference, fast = write_checkpoint(tmp_path / 'hf')
+  workdir = tmp_path / 'imported'
+  imported = run('experiments.convert', f'--from_hf={tmp_path / "hf"}', f'--workdir={workdir}')
+  assert imported.returncode == 0, imported.stderr
+  assert 'imported' in imported.stdout
+
+  sampled = run('experiments.sample', f'--workdir={workdir}', '--prompt=the cat',
+                '--temperature=0', '--max_new_tokens=8')
+  assert sampled.returncode == 0, sampled.stderr
+  assert '--- prompt' in sampled.stdout
+  chatted = run('experiments.sample', f'--workdir={workdir}', '--chat', '--prompt=hello',
+                '--system=be brief', '--temperature=0', '--max_new_tokens=8')
+  assert chatted.returncode == 0, chatted.stderr
+  assert "--- prompt: 'hello'" in chatted.stdout
+
+  # Training in the imported workdir itself is refused, and it is left as it was.
+  before = snapshot(workdir)
+  refused = run('experiments.train', '--config=experiments/configs/default.py:tiny',
+                f'--workdir={workdir}', '--config.model.name=from_init',
+                f'--config.train.init_from={workdir}')
+  assert refused.returncode != 0 and 'imported from' in refused.stderr, refused.stderr
+  assert len(refused.stderr.strip().splitlines()) == 1
+  after = snapshot(workdir)
+  after.pop('lock', None)  # The run's lock file, empty, is all it adds.
+  assert after == before
+
+  tuned = tmp_path / 'sft'
+  sft = run('experiments.train', '--config=experiments/configs/sft.py:tiny',
+            f'--workdir={tuned}', '--config.model.name=from_init',
+            f'--config.train.init_from={workdir}', '--config.train.num_steps=2',
+            '--config.train.eval_every=2', '--config.checkpoint.every_steps=2')
+  assert sft.returncode == 0, sft.stderr
+
+  output = tmp_path / 'exported'
+  exported = run('experiments.convert', '--to_hf', f'--workdir={workdir}', f'--output={output}')
+  assert exported.returncode == 0, exported.stderr
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(output)
+  text = 'the cat sat\ndef f(x):\n    return x'
+  ids = fast(text).input_ids
+  assert tokenizer(text).input_ids == ids
+  np.testing.assert_allclose(logits(reloaded.eval(), ids), logits(reference, ids), rtol=0,
+                             atol=0)
+
+  # The fine-tuned run exports too, with weights that moved.
+  moved = run('experiments.convert', '--to_hf', f'--workdir={tuned}',
+              f'--output={tmp_path / "tuned"}')
+  assert moved.returncode == 0, moved.stderr
+  tuned_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'tuned',
+                                                                  dtype=torch.float32)
+  assert not np.allclose(logits(tuned_model.eval(), ids), logits(reference, ids))
+  with open(output / 'config.json') as f:
+    assert json.load(f)['architectures'] == ['LlamaForCausalLM']
+
+
+def test_bad_convert_input_is_one_line(tmp_path):
+  (tmp_path / 'empty').mkdir()
+  (tmp_path / 'bad').mkdir()
+  (tmp_path / 'bad' / 'config.json').write_text('{"architectures": ["GPT2LMHeadModel"]}')
+  for args, named in (
+      ([f'--from_hf={tmp_path / "missing"}'], 'no such directory'),
+      ([f'--from_hf={tmp_path / "empty"}'], 'config.json'),
+      ([f'--from_hf={tmp_path / "bad"}'], 'architectures'),
+      (['--to_hf'], '--output'),
+      ([], 'exactly one of'),
+  ):
+    result = run('experiments.convert', f'--workdir={tmp_path / "w"}', *args)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0], result.stderr
