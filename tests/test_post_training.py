@@ -127,8 +127,8 @@ def direct_log_prob(apply, params, tokens, loss_mask):
 def dpo_setup(nll_weight=0.0):
   model, params = init_model(small_model_config(vocab_size=TOKENIZER.vocab_size), length=32)
   batch = jax.tree.map(jnp.asarray, next(iter(batches(DPO_EXAMPLES, 'dpo', batch_size=3))))
-  train_config = ml_collections.ConfigDict(dict(objective='dpo', dpo_beta=0.5,
-                                                dpo_nll_weight=nll_weight))
+  train_config = constant_rate_train_config(objective='dpo', dpo_beta=0.5,
+                                            dpo_nll_weight=nll_weight)
   loss = functools.partial(objectives.OBJECTIVES['dpo'].loss, model=model, train_config=train_config)
   return jit_apply(model), params, batch, loss
 

@@ -90,8 +90,17 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
       objective='pretrain',
       init_from='',  # A workdir whose params start this run (and are the reference of
       init_from_step=-1,  # DPO and GRPO), from this step of it; -1: its latest at start.
-      dpo_beta=0.1,  # DPO's beta: how far from the reference the policy may move.
+      # DPO's loss (lm/training/losses.py): 'sigmoid' (DPO) | 'robust' (rDPO) | 'ipo' |
+      # 'hinge' (SLiC) | 'simpo' | 'orpo'; SimPO and ORPO need no reference model.
+      dpo_loss='sigmoid',
+      # DPO's beta: how far from the reference the policy may move; IPO's tau; SimPO's
+      # reward scale (its paper uses 2 to 2.5); ORPO does not read it.
+      dpo_beta=0.1,
       dpo_nll_weight=0.0,  # > 0: plus this x the chosen responses' per-token NLL (RPO).
+      # 'sigmoid' (cDPO) and 'robust': the probability that a pair's label is flipped.
+      dpo_label_smoothing=0.0,
+      dpo_simpo_gamma=0.5,  # 'simpo': the target reward margin gamma.
+      dpo_orpo_lambda=0.1,  # 'orpo': the weight of the odds-ratio term beside the NLL.
       grpo=ml_collections.ConfigDict(dict(
           reward='python_function',  # By name, from lm/objectives/rewards.py.
           group_size=8,  # Completions per prompt; data.batch_size counts prompts.

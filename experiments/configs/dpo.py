@@ -14,6 +14,11 @@ below SFT's because higher rates, at the same accuracy, also push the chosen bod
 likelihood far below the reference's, and samples degrade (docs/benchmarks.md);
 `dpo_nll_weight` > 0 (RPO) holds it up instead.
 
+Other losses of the family: --config.train.dpo_loss=robust (with dpo_label_smoothing),
+ipo, hinge, or the reference-free simpo and orpo (no reference is loaded or run; they
+log eval_log_prob_accuracy, the share of held-out pairs whose chosen body is the likelier
+per token, in place of the reward's).
+
 For your own data: --config.data.source=jsonl --config.data.path=FILES, each line
 {"prompt": ..., "chosen": ..., "rejected": ...}. `:tiny` works too.
 """

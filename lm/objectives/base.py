@@ -17,8 +17,6 @@ class Objective:
   sources: tuple[str, ...]
   # What a loss's sums are averaged over ('num_tokens', 'num_pairs'), logged by that name.
   count_name = 'num_tokens'
-  # Whether the loss reads frozen reference params (the params the run started from).
-  needs_reference = False
   # Whether evaluation adds exp(loss), for losses that are a per-token NLL.
   reports_perplexity = False
   # What an item of its source is, for the start-up line.
@@ -53,6 +51,12 @@ class Objective:
     """IterDataset of rows -> IterDataset of batches the loss reads."""
     del seq_len, seed, train
     return pipeline.batch(rows, batch_size)
+
+  def needs_reference(self, train_config) -> bool:
+    """Whether the loss reads frozen reference params (the params the run started from);
+    if not, the loop neither loads nor keeps them and the loss gets None."""
+    del train_config
+    return False
 
   def rows_per_example(self, train_config) -> int:
     """Model rows per batch element (DPO: a pair), for tokens/s and MFU."""

@@ -179,7 +179,10 @@ class _TrainingRollouts:
 class GRPO(base.Objective):
   name = 'grpo'
   sources = base.POST_TRAINING_SOURCES
-  needs_reference = True
+
+  def needs_reference(self, train_config) -> bool:
+    del train_config
+    return True  # The KL to it is penalised and logged (at any kl_weight).
 
   def validate(self, config) -> None:
     grpo, seq_len = config.train.grpo, config.data.seq_len

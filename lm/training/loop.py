@@ -218,6 +218,8 @@ def _train(config, workdir, devices, tokenizer, objective, data, checkpointer):
   # 2. Shapes, shardings and the jitted steps; then restore, init_from or init onto them.
   setup = setup_lib.make_setup(config, devices)
   init_from_step = config.train.init_from_step
+  # A loss without one (SimPO, ORPO) gets None: no reference is loaded, kept or run.
+  needs_reference = objective.needs_reference(config.train)
   with sharding.activate(setup.mesh):
     restored = _restore_latest(checkpointer, setup, train_iterator, config, tokenizer)
     if restored is None:
@@ -230,19 +232,20 @@ def _train(config, workdir, devices, tokenizer, objective, data, checkpointer):
         state = setup.init(jax.random.key(config.seed))
       start_step = 0
       # A copy, as the train step donates the state's buffers.
-      reference_params = (jax.tree.map(jnp.copy, state.params) if objective.needs_reference
+      reference_params = (jax.tree.map(jnp.copy, state.params) if needs_reference
                           else None)
-      if objective.needs_reference:
+      if needs_reference:
         checkpointing.save_reference(workdir, reference_params)
     else:
       start_step, state, saved_config = restored
       # The step init_from resolved to when the run started: the same reference.
       init_from_step = saved_config.train.get('init_from_step', -1)
       reference_params = None
-      if objective.needs_reference:
+      if needs_reference:
         reference_params = checkpointing.restore_reference(workdir,
                                                            setup.abstract_state.params)
-      if objective.needs_reference and reference_params is None:  # Saved before it was kept.
+      # Saved before it was kept, or by a run of a loss without one.
+      if needs_reference and reference_params is None:
         reference_params = _reference_params(setup, config, tokenizer, init_from_step)
     rollout = objective.make_rollout(setup, tokenizer, config)
   # What every checkpoint records: the config with init_from's step resolved.

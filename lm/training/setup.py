@@ -47,7 +47,8 @@ def make_setup(config, devices) -> TrainingSetup:
                                                     sharding=sharding_),
       nn.meta.unbox(abstract_boxed), state_shardings)
   batch_sharding = sharding.batch_sharding(mesh)
-  reference_shardings = state_shardings.params if objective.needs_reference else None
+  reference_shardings = (state_shardings.params if objective.needs_reference(config.train)
+                         else None)
   step_options = dict(model=model, objective=objective, train_config=config.train)
   return TrainingSetup(
       mesh=mesh, model=model, objective=objective, optimizer=optimizer,
