@@ -68,6 +68,10 @@ def test_import_sample_fine_tune_and_export_through_the_commands(tmp_path):
                 '--temperature=0', '--max_new_tokens=8')
   assert sampled.returncode == 0, sampled.stderr
   assert '--- prompt' in sampled.stdout
+  evaluated = run('experiments.evaluate', f'--workdir={workdir}', '--task=arithmetic_choice',
+                  '--limit=4')
+  assert evaluated.returncode == 0, evaluated.stderr
+  assert 'arithmetic_choice' in evaluated.stdout
   chatted = run('experiments.sample', f'--workdir={workdir}', '--chat', '--prompt=hello',
                 '--system=be brief', '--temperature=0', '--max_new_tokens=8')
   assert chatted.returncode == 0, chatted.stderr

@@ -145,3 +145,20 @@ def test_sample_and_evaluate_on_two_processes_give_what_one_gives(one_process):
   assert outputs[2, 4] == outputs[1, 8]
   assert outputs[1, 8][1] == outputs[1, 1][1]  # Scores do not depend on the sharding.
   assert '--- prompt' in outputs[1, 1][0] and len(outputs[1, 1][1]) == 2
+
+
+def test_convert_in_and_out_on_two_processes_keeps_every_tensor(tmp_path):
+  """Import places each tensor over both processes' devices; export gathers them back:
+  the tensors that come out are the ones that went in, bit for bit."""
+  from safetensors.numpy import load_file
+  from test_convert import write_checkpoint
+  write_checkpoint(tmp_path / 'hf')
+  workdir, output = tmp_path / 'imported', tmp_path / 'exported'
+  assert_ok(multiprocess.launch('convert', f'--from_hf={tmp_path / "hf"}', f'--workdir={workdir}'))
+  results = multiprocess.launch('convert', '--to_hf', f'--workdir={workdir}', f'--output={output}')
+  assert_ok(results)
+  assert 'exported' in results[0].stdout and not results[1].stdout
+  original, exported = (load_file(path / 'model.safetensors') for path in (tmp_path / 'hf', output))
+  assert sorted(exported) == sorted(original)
+  for name, tensor in original.items():
+    assert exported[name].tobytes() == tensor.tobytes(), name
