@@ -170,8 +170,8 @@ def render(tokenizer, messages: list[dict], *, add_generation_prompt: bool = Fal
   mask = np.zeros(len(ids), np.bool_)
   for start, end in _assistant_spans(tokenizer, messages, text):
     inside = np.flatnonzero((starts < end) & (ends > start))
-    special = [i for i in inside if int(ids[i]) in tokenizer.special_ids]
-    if special:
+    special = inside[np.isin(ids[inside], list(tokenizer.special_ids))]
+    if len(special):
       inside = inside[inside <= special[-1]]
     mask[inside] = True
   return Rendered(text=text, ids=ids, assistant_mask=mask)

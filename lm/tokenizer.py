@@ -50,17 +50,24 @@ SPECIAL_TOKEN_NAMES = ('bos_token', 'eos_token', 'unk_token', 'sep_token', 'pad_
                        'cls_token', 'mask_token')
 
 
+def _char_of_byte(text: str) -> np.ndarray:
+  """[len(utf-8 bytes) + 1]: the index of the character each byte of `text` belongs to
+  (the last entry, len(text), stands for the end)."""
+  code_points = np.frombuffer(text.encode('utf-32-le'), np.uint32)
+  widths = 1 + (code_points >= 0x80) + (code_points >= 0x800) + (code_points >= 0x10000)
+  return np.repeat(np.arange(len(text) + 1), np.append(widths, 1))
+
+
 def _char_offsets_from_byte_offsets(text: str, byte_offsets) -> np.ndarray:
   """[T, 2] character offsets of tokens given by UTF-8 byte offsets into `text`. A token
   holding part of a character, or none of the input (begin == end), gets that character."""
-  char_of_byte = np.repeat(np.arange(len(text) + 1),
-                           [len(c.encode('utf-8')) for c in text] + [1])
-  offsets = np.zeros((len(byte_offsets), 2), np.int32)
-  for row, (begin, end) in enumerate(byte_offsets):
-    start = char_of_byte[begin]
-    stop = char_of_byte[end - 1] + 1 if end > begin else min(start + 1, len(text))
-    offsets[row] = start, stop
-  return offsets
+  byte_offsets = np.asarray(byte_offsets, np.int64).reshape(-1, 2)
+  char_of_byte = _char_of_byte(text)
+  begin, end = byte_offsets[:, 0], byte_offsets[:, 1]
+  start = char_of_byte[begin]
+  stop = np.where(end > begin, char_of_byte[np.maximum(end - 1, 0)] + 1,
+                  np.minimum(start + 1, len(text)))
+  return np.stack([start, stop], axis=1).astype(np.int32)
 
 
 class ByteTokenizer:
@@ -81,9 +88,8 @@ class ByteTokenizer:
 
   def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
     """(ids [T], offsets [T, 2]): each byte's token spans the character it is part of."""
-    data = text.encode('utf-8')
-    return self.encode(text), _char_offsets_from_byte_offsets(
-        text, [(i, i + 1) for i in range(len(data))])
+    char_of_byte = _char_of_byte(text)[:-1]
+    return self.encode(text), np.stack([char_of_byte, char_of_byte + 1], 1).astype(np.int32)
 
   def decode(self, ids: Iterable[int]) -> str:
     data = bytes(int(i) - 3 for i in ids if 3 <= int(i) < self.vocab_size)

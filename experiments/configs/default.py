@@ -64,9 +64,10 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict(dict(
       # Pretraining: 'stdlib' | 'text' (files/globs, one document each) | 'jsonl'.
-      # Post-training: 'stdlib_functions' (built in) | 'jsonl' with fields prompt and
-      # response (SFT), prompt, chosen and rejected (DPO) or prompt and any fields its
-      # reward reads (GRPO).
+      # Post-training: 'stdlib_functions' (built in) | 'stdlib_chats' (built in
+      # conversations, SFT) | 'jsonl' with fields prompt and response or messages (SFT),
+      # prompt, chosen and rejected (DPO) or prompt and any fields its reward reads
+      # (GRPO); prompt, response, chosen and rejected may be lists of messages.
       source='stdlib',
       path='',  # Comma-separated files or globs for 'text' and 'jsonl'.
       text_field='text',  # The JSON field holding the document, for pretraining on 'jsonl'.

@@ -24,6 +24,8 @@ import grain
 import jax
 import numpy as np
 
+from lm import chat
+
 # grain's packers name their outputs after the packed feature.
 _RENAMES = {'tokens': 'tokens', 'tokens_segment_ids': 'segment_ids',
             'tokens_positions': 'positions', 'loss_mask': 'loss_mask'}
@@ -31,17 +33,17 @@ _RENAMES = {'tokens': 'tokens', 'tokens_segment_ids': 'segment_ids',
 
 def make_dataset(documents, objective, tokenizer, *, seq_len: int, batch_size: int,
                  seed: int, train: bool, shuffle_window: int = 0, stream: int = 0,
-                 num_streams: int = 1) -> grain.IterDataset:
+                 num_streams: int = 1, counts=None) -> grain.IterDataset:
   """Batches of `objective`'s rows (see its `rows`) from stream `stream` of `num_streams`
   of `documents`, the source that `objective.source` built. `batch_size` is the stream's
-  share of the global batch.
+  share of the global batch; `counts` as in Objective.rows.
   `shuffle_window` rows (pretraining: packed rows; post-training: examples) are shuffled
   together: a long document fills many consecutive rows and a file holds many examples,
   and a batch drawn from one trains badly and evaluates unrepresentatively."""
   dataset = grain.MapDataset.source(documents)[stream::num_streams]
   if train:
     dataset = dataset.seed(seed).shuffle().repeat(None)
-  dataset = objective.rows(dataset, tokenizer, seq_len)
+  dataset = objective.rows(dataset, tokenizer, seq_len, counts)
   if shuffle_window > 1:
     dataset = grain.experimental.WindowShuffleIterDataset(
         dataset, window_size=shuffle_window, seed=seed)
@@ -144,14 +146,46 @@ def examples(dataset: grain.MapDataset) -> grain.IterDataset:
   return grain.experimental.FlatMapIterDataset(dataset.to_iter_dataset(), Examples())
 
 
-def prompt_and_response(tokenizer, prompt: str, response: str, seq_len: int):
-  """(tokens, loss_mask) of bos + prompt + response + eos, cut to seq_len; the mask is 1
-  on the response and eos. Prompt and response are encoded apart, as at sampling time."""
-  prompt_ids = np.concatenate([[tokenizer.bos_id], tokenizer.encode(prompt)])
-  response_ids = np.concatenate([tokenizer.encode(response), [tokenizer.eos_id]])
-  tokens = np.concatenate([prompt_ids, response_ids])[:seq_len].astype(np.int32)
-  loss_mask = (np.arange(len(tokens)) >= len(prompt_ids)).astype(np.int32)
-  return tokens, loss_mask
+def prompt_and_response(tokenizer, prompt, response, seq_len: int | None = None):
+  """(tokens, loss_mask) of one example, cut to `seq_len` (None: whole); the mask is 1 on
+  the answer's tokens, the only targets. The one rendering every objective shares:
+
+  - strings: bos + prompt + response + eos, the mask on response and eos; prompt and
+    response are encoded apart, as at sampling time;
+  - conversations: `prompt` a list of {'role', 'content'} messages and `response` the
+    assistant's (a list of messages, or a string: one assistant message; None: the
+    conversation is all in `prompt`), rendered whole by the chat template (lm/chat.py),
+    which writes bos and each turn's end once; the mask on the assistant messages of
+    `response` (of `prompt` when `response` is None) and their ends of turn.
+  """
+  if isinstance(prompt, str):
+    prompt_ids = np.concatenate([[tokenizer.bos_id], tokenizer.encode(prompt)])
+    response_ids = np.concatenate([tokenizer.encode(response), [tokenizer.eos_id]])
+    tokens = np.concatenate([prompt_ids, response_ids]).astype(np.int32)
+    loss_mask = (np.arange(len(tokens)) >= len(prompt_ids)).astype(np.int32)
+  else:
+    if isinstance(response, str):
+      response = [{'role': 'assistant', 'content': response}]
+    rendered = chat.render(tokenizer, list(prompt) + list(response or []))
+    tokens, loss_mask = rendered.ids.astype(np.int32), rendered.assistant_mask.astype(np.int32)
+    if response:  # Only the answer's turns are targets, not the assistant's in the prompt.
+      start = len(chat.render(tokenizer, list(prompt), add_generation_prompt=True).ids)
+      loss_mask[:start] = 0
+  return tokens[:seq_len], loss_mask[:seq_len]
+
+
+class HasTargets(grain.transforms.Filter):
+  """`has_targets`, counting what it drops in counts['examples_skipped'] (see
+  Objective.rows)."""
+
+  def __init__(self, counts=None):
+    self.counts = counts
+
+  def filter(self, example: dict) -> bool:
+    keep = has_targets(example)
+    if not keep and self.counts is not None:
+      self.counts['examples_skipped'] += 1
+    return keep
 
 
 def has_targets(example: dict) -> bool:

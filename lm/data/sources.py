@@ -84,8 +84,12 @@ class JsonLines:
   chose `fields`, if one did."""
 
   def __init__(self, paths: list[str], fields: tuple[str, ...], keep_all: bool = False,
-               bad_records: str = 'error', fields_from: str = ''):
+               bad_records: str = 'error', fields_from: str = '',
+               conversations: bool = False, messages: bool = False):
     self.fields, self.keep_all, self.fields_from = fields, keep_all, fields_from
+    # Post-training lines may hold conversations: any field as a list of messages (TRL's
+    # conversational format) and, with `messages`, a whole 'messages' one in their place.
+    self.conversations, self.messages = conversations, messages
     locations = []  # (path, byte offset, line number)
     for path in paths:
       with open(path, 'rb') as f:
@@ -115,7 +119,15 @@ class JsonLines:
       raise ConfigError(f'{where} is not valid JSON: {error}') from error
     if not isinstance(record, dict):
       raise ConfigError(f'{where} is a JSON {type(record).__name__}, not an object')
+    if self.messages and 'messages' in record:
+      _check_conversation(record['messages'], f'{where}: field \'messages\'')
+      if not any(m['role'] == 'assistant' for m in record['messages']):
+        raise ConfigError(f'{where}: field \'messages\' has no assistant message to learn')
+      return {'messages': record['messages']}
     for field in self.fields:
+      if self.conversations and isinstance(record.get(field), list):
+        _check_conversation(record[field], f'{where}: field {field!r}')
+        continue
       if field not in record:
         raise ConfigError(f'{where} has no field {field!r} (' + (
             f'{self.fields_from}={field!r}' if self.fields_from else
@@ -132,9 +144,26 @@ class JsonLines:
       return str(error)
     return None
 
-  def __getitem__(self, index: int) -> dict[str, str]:
+  def __getitem__(self, index: int) -> dict:
     record = self._read(self.locations[index])
-    return {field: str(record[field]) for field in (record if self.keep_all else self.fields)}
+    if self.messages and 'messages' in record:
+      return record
+    return {field: record[field] if isinstance(record[field], list) else str(record[field])
+            for field in (record if self.keep_all else self.fields)}
+
+
+ROLES = ('system', 'user', 'assistant')
+
+
+def _check_conversation(messages, where: str) -> None:
+  """A conversation: a non-empty list of {'role': one of ROLES, 'content': str}."""
+  if not isinstance(messages, list) or not messages:
+    raise ConfigError(f'{where} is not a non-empty list of messages')
+  for i, message in enumerate(messages):
+    if not (isinstance(message, dict) and message.get('role') in ROLES
+            and isinstance(message.get('content'), str)):
+      raise ConfigError(f'{where}: message {i} is {json.dumps(message)[:60]}, not'
+                        f' {{"role": one of {"/".join(ROLES)}, "content": a string}}')
 
 
 class Mapped:
@@ -206,13 +235,11 @@ def _dedent(lines: list[str], indent: int) -> str:
                  for line in lines)
 
 
-def function_examples(text: str, *, pairs: bool) -> list[dict[str, str]]:
-  """Every documented function of Python source `text` as an SFT example: prompt its
-  `def` line(s) and the first paragraph of its docstring, response the rest of its
-  body. With `pairs`, DPO examples instead: chosen the body, rejected its lines in
-  reverse order. The two hold the same tokens, so only their order can be preferred
-  (not length); and no body is both chosen and rejected, as it would be if another
-  function's body were the rejected one."""
+def documented_functions(text: str) -> list[tuple[str, str, str, str]]:
+  """(signature, indent, summary, body) of every documented function of Python source
+  `text`, in source order: its `def` line(s), the body's indent, the first paragraph of
+  its docstring on one line, and the rest of its body (from the line after the
+  docstring); each dedented to column 0."""
   try:
     with AST_LOCK:
       tree = ast.parse(text)
@@ -231,21 +258,54 @@ def function_examples(text: str, *, pairs: bool) -> list[dict[str, str]]:
       # From the line after the docstring: a body statement sharing its line is rare.
       body = _dedent(lines[first.end_lineno:node.end_lineno], node.col_offset)
       if second.lineno > first.end_lineno and body.strip():
-        functions.append((node.lineno, f'{signature}{indent}"""{summary}"""\n', body))
-  functions.sort()
+        functions.append((node.lineno, signature, indent, summary, body))
+  return [function[1:] for function in sorted(functions)]
+
+
+def function_examples(text: str, *, pairs: bool) -> list[dict[str, str]]:
+  """Every documented function of Python source `text` as an SFT example: prompt its
+  `def` line(s) and the first paragraph of its docstring, response the rest of its
+  body. With `pairs`, DPO examples instead: chosen the body, rejected its lines in
+  reverse order. The two hold the same tokens, so only their order can be preferred
+  (not length); and no body is both chosen and rejected, as it would be if another
+  function's body were the rejected one."""
+  functions = [(f'{signature}{indent}"""{summary}"""\n', body)
+               for signature, indent, summary, body in documented_functions(text)]
   if not pairs:
-    return [{'prompt': prompt, 'response': body} for _, prompt, body in functions]
+    return [{'prompt': prompt, 'response': body} for prompt, body in functions]
   examples = []
-  for _, prompt, body in functions:
+  for prompt, body in functions:
     reversed_body = ''.join(line + '\n' for line in reversed(body.splitlines()))
     if reversed_body != body:
       examples.append({'prompt': prompt, 'chosen': body, 'rejected': reversed_body})
   return examples
 
 
+def chat_examples(text: str) -> list[dict[str, list]]:
+  """Every documented function of Python source `text` as a two-turn conversation: the
+  user asks for a function with its signature that does what the docstring's first
+  paragraph says, the assistant writes it; the user asks for a docstring, the assistant
+  writes the function again with it."""
+  examples = []
+  for signature, indent, summary, body in documented_functions(text):
+    examples.append({'messages': [
+        {'role': 'user', 'content': f'Write a Python function `{signature.strip()}` that'
+                                    f' does this: {summary}'},
+        {'role': 'assistant', 'content': signature + body},
+        {'role': 'user', 'content': 'Now add a docstring.'},
+        {'role': 'assistant', 'content': f'{signature}{indent}"""{summary}"""\n{body}'},
+    ]})
+  return examples
+
+
 def stdlib_functions(*, pairs: bool) -> Mapped:
   """Every standard-library file's documented functions (`function_examples`)."""
   return Mapped(stdlib_source(), functools.partial(function_examples, pairs=pairs))
+
+
+def stdlib_chats() -> Mapped:
+  """Every standard-library file's documented functions as conversations (`chat_examples`)."""
+  return Mapped(stdlib_source(), chat_examples)
 
 
 def jsonl_texts(data_config) -> Mapped:
@@ -255,11 +315,15 @@ def jsonl_texts(data_config) -> Mapped:
   return _nonempty(Mapped(records, operator.itemgetter(data_config.text_field)), data_config)
 
 
-def jsonl_examples(data_config, fields: tuple[str, ...], keep_all: bool = False) -> Mapped:
+def jsonl_examples(data_config, fields: tuple[str, ...], keep_all: bool = False,
+                   messages: bool = False) -> Mapped:
   """Post-training examples from config.data.path, one per JSON line, each with
-  `fields` (or all of the line's, with `keep_all`), as one-example lists."""
+  `fields` (or all of the line's, with `keep_all`), as one-example lists; a field may be
+  a conversation (a list of messages), or with `messages` the line one 'messages'
+  conversation in their place."""
   records = JsonLines(expand_paths(data_config.path), fields, keep_all,
-                      bad_records=data_config.bad_records)
+                      bad_records=data_config.bad_records, conversations=True,
+                      messages=messages)
   return _nonempty(Mapped(records, _one_example), data_config)
 
 

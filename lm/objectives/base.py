@@ -43,8 +43,11 @@ class Objective:
     """The length of the pipeline's rows."""
     return config.data.seq_len
 
-  def rows(self, dataset, tokenizer, seq_len: int):
-    """grain MapDataset of source items -> IterDataset of rows (dicts of arrays)."""
+  def rows(self, dataset, tokenizer, seq_len: int, counts=None):
+    """grain MapDataset of source items -> IterDataset of rows (dicts of arrays).
+    `counts` (a collections.Counter, or None) tallies the examples read ('examples'),
+    those cut to seq_len ('examples_cut') and those left with no target and skipped
+    ('examples_skipped'), for the run's log."""
     raise NotImplementedError
 
   def batches(self, rows, *, seq_len: int, batch_size: int, seed: int, train: bool):
@@ -94,11 +97,17 @@ class Objective:
 
 
 def stdlib_or_jsonl_examples(data_config, fields: tuple[str, ...], *, pairs: bool = False,
-                             keep_all: bool = False):
-  """A post-training source: 'stdlib_functions' (built in) or 'jsonl' lines with `fields`."""
+                             keep_all: bool = False, messages: bool = False):
+  """A post-training source: 'stdlib_functions' or 'stdlib_chats' (built in), or 'jsonl'
+  lines with `fields` (each a string or a conversation; with `messages`, or a whole
+  'messages' conversation)."""
   if data_config.source == 'stdlib_functions':
     return sources.stdlib_functions(pairs=pairs)
-  return sources.jsonl_examples(data_config, fields, keep_all)
+  if data_config.source == 'stdlib_chats':
+    return sources.stdlib_chats()
+  return sources.jsonl_examples(data_config, fields, keep_all, messages)
 
 
 POST_TRAINING_SOURCES = ('stdlib_functions', 'jsonl')
+# Conversations of the standard library's functions, for SFT (sources.stdlib_chats).
+CHAT_SOURCES = ('stdlib_chats',)

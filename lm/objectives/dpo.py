@@ -22,20 +22,26 @@ from lm.training import losses
 class _TokenizePair(grain.transforms.Map):
   """An example -> [2, seq_len] arrays: row 0 the chosen response, row 1 the rejected."""
 
-  def __init__(self, tokenizer, seq_len: int):
-    self.tokenizer, self.seq_len = tokenizer, seq_len
+  def __init__(self, tokenizer, seq_len: int, counts=None):
+    self.tokenizer, self.seq_len, self.counts = tokenizer, seq_len, counts
 
   def map(self, example: dict) -> dict:
     rows = {name: np.zeros((2, self.seq_len), np.int32)
             for name in ('tokens', 'segment_ids', 'positions', 'loss_mask')}
+    cut = False
     for row, response in enumerate((example['chosen'], example['rejected'])):
       tokens, loss_mask = pipeline.prompt_and_response(self.tokenizer, example['prompt'],
-                                                       response, self.seq_len)
+                                                       response)
+      cut |= len(tokens) > self.seq_len
+      tokens, loss_mask = tokens[:self.seq_len], loss_mask[:self.seq_len]
       length = len(tokens)
       rows['tokens'][row, :length] = tokens
       rows['loss_mask'][row, :length] = loss_mask
       rows['segment_ids'][row, :length] = 1
       rows['positions'][row, :length] = np.arange(length)
+    if self.counts is not None:
+      self.counts['examples'] += 1
+      self.counts['examples_cut'] += cut
     return rows
 
 
@@ -67,10 +73,10 @@ class DPO(base.Objective):
     return base.stdlib_or_jsonl_examples(data_config, ('prompt', 'chosen', 'rejected'),
                                          pairs=True)
 
-  def rows(self, dataset, tokenizer, seq_len: int):
+  def rows(self, dataset, tokenizer, seq_len: int, counts=None):
     """{'tokens', 'segment_ids', 'positions', 'loss_mask'} int32 [2, seq_len]."""
-    return pipeline.examples(dataset).map(_TokenizePair(tokenizer, seq_len)).filter(
-        pipeline.has_targets)
+    return pipeline.examples(dataset).map(_TokenizePair(tokenizer, seq_len, counts)).filter(
+        pipeline.HasTargets(counts))
 
   def rows_per_example(self, train_config) -> int:
     return 2

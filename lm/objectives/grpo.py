@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm import distributed, sampling, sharding
+from lm import chat, distributed, sampling, sharding
 from lm.data import pipeline
 from lm.errors import check, check_number
 from lm.objectives import base, rewards
@@ -48,6 +48,8 @@ class Rollouts:
     self.group_size = grpo_config.group_size
     self.max_new_tokens = grpo_config.max_new_tokens
     self.temperature = grpo_config.temperature
+    # eos, and a chat template's end of turn (the prompts may be conversations).
+    self.stop_ids = chat.end_of_turn_ids(tokenizer)
 
   def __call__(self, params, prompts: dict, rng) -> tuple[dict, dict]:
     """`prompts`: 'example' [B] (each example as JSON text), 'prompt_tokens' [B, T] (bos +
@@ -58,7 +60,7 @@ class Rollouts:
     prompt_lengths_b = np.repeat(prompts['prompt_length'], self.group_size)
     new_bm, num_new_b = sampling.generate_rows(
         params, prompt_tokens_bt, prompt_lengths_b, rng,
-        np.asarray([self.tokenizer.eos_id], np.int32), batch_sharding=self.batch_sharding,
+        np.asarray(self.stop_ids, np.int32), batch_sharding=self.batch_sharding,
         model=self.model, max_new_tokens=self.max_new_tokens, cache_length=self.seq_len,
         temperature=self.temperature, pad_id=self.tokenizer.pad_id)
 
@@ -70,7 +72,7 @@ class Rollouts:
     for row in range(num_rows):
       prompt_length, num_new = prompt_lengths_b[row], num_new_b[row]
       completion = new_bm[row, :num_new]
-      finished_b[row] = num_new > 0 and completion[-1] == self.tokenizer.eos_id
+      finished_b[row] = num_new > 0 and completion[-1] in self.stop_ids
       text = self.tokenizer.decode(completion[:-1] if finished_b[row] else completion)
       rewards_b[row] = self.reward(examples[row // self.group_size], text,
                                    bool(finished_b[row]))
@@ -100,7 +102,11 @@ class _TokenizePrompt(grain.transforms.Map):
     self.tokenizer, self.seq_len = tokenizer, seq_len
 
   def map(self, example: dict) -> dict:
-    ids = [self.tokenizer.bos_id, *self.tokenizer.encode(example['prompt'])]
+    prompt = example['prompt']
+    if isinstance(prompt, str):
+      ids = [self.tokenizer.bos_id, *self.tokenizer.encode(prompt)]
+    else:  # A conversation: the model's chat template, up to where the assistant writes.
+      ids = list(chat.render(self.tokenizer, prompt, add_generation_prompt=True).ids)
     kept = ids[:self.seq_len]  # A longer prompt is filtered out by its length.
     tokens = np.zeros(self.seq_len, np.int32)
     tokens[:len(kept)] = kept
@@ -210,7 +216,7 @@ class GRPO(base.Objective):
   def data_seq_len(self, config) -> int:
     return config.data.seq_len - config.train.grpo.max_new_tokens  # Completions fill the rest.
 
-  def rows(self, dataset, tokenizer, seq_len: int):
+  def rows(self, dataset, tokenizer, seq_len: int, counts=None):
     """{'example' (JSON text), 'prompt_tokens' int32 [seq_len], 'prompt_length'}."""
     return pipeline.examples(dataset).map(_TokenizePrompt(tokenizer, seq_len)).filter(
         _prompt_fits)

@@ -49,7 +49,7 @@ class Pretrain(base.Objective):
                                bad_records=data_config.bad_records)
     return sources.jsonl_texts(data_config)
 
-  def rows(self, dataset, tokenizer, seq_len: int):
+  def rows(self, dataset, tokenizer, seq_len: int, counts=None):
     """{'tokens', 'segment_ids', 'positions'} int32 [seq_len]."""
     dataset = dataset.map(_Tokenize(tokenizer)).to_iter_dataset()
     return grain.experimental.ConcatThenSplitIterDataset(

@@ -5,6 +5,7 @@ runs here; they differ only in their data, their loss and, for GRPO, the rollout
 makes each batch from the model's own samples.
 """
 
+import collections
 import itertools
 import math
 import signal
@@ -56,6 +57,7 @@ class _Data(NamedTuple):
   train_iterator: object
   validation_dataset: object
   skipped: list  # (item, why) left out under config.data.bad_records='skip'
+  counts: collections.Counter  # Of the training examples read (Objective.rows).
 
 
 def _datasets(config, objective, tokenizer) -> _Data:
@@ -64,11 +66,14 @@ def _datasets(config, objective, tokenizer) -> _Data:
       source, config.data.validation_fraction)
   num_streams = config.data.streams
 
+  counts = collections.Counter()
+
   def make(documents, train):
     return pipeline.Streams([pipeline.make_dataset(
         documents, objective, tokenizer, seq_len=objective.data_seq_len(config),
         batch_size=config.data.batch_size // num_streams, seed=config.seed, train=train,
-        shuffle_window=config.data.shuffle_window, stream=stream, num_streams=num_streams)
+        shuffle_window=config.data.shuffle_window, stream=stream, num_streams=num_streams,
+        counts=counts if train else None)
         for stream in pipeline.process_streams(num_streams)])
   validation_dataset = make(validation_documents, train=False)
   if not distributed.all_ok(next(iter(validation_dataset), None) is not None):
@@ -78,7 +83,15 @@ def _datasets(config, objective, tokenizer) -> _Data:
         f' config.data.seq_len={config.data.seq_len} in each of config.data.streams='
         f'{num_streams} streams; raise config.data.validation_fraction')
   return _Data(train_documents, validation_documents, iter(make(train_documents, train=True)),
-               validation_dataset, source.skipped)
+               validation_dataset, source.skipped, counts)
+
+
+def _example_counts(counts) -> dict[str, float]:
+  """Of the training examples every process has read so far (with what the pipeline
+  holds ahead), how many were cut to seq_len and how many skipped with no target left."""
+  names = ('examples', 'examples_cut', 'examples_skipped')
+  totals = distributed.all_gather(np.array([counts[name] for name in names])).sum(axis=0)
+  return {name: float(total) for name, total in zip(names[1:], totals[1:])} if totals[0] else {}
 
 
 def _reference_params(setup, config, tokenizer, init_from_step: int):
@@ -213,7 +226,7 @@ def _first_non_finite(pending: list) -> tuple | None:
 
 
 def _train(config, workdir, devices, tokenizer, objective, data, checkpointer):
-  train_documents, validation_documents, train_iterator, validation_dataset, _ = data
+  train_documents, validation_documents, train_iterator, validation_dataset, _, _ = data
 
   # 2. Shapes, shardings and the jitted steps; then restore, init_from or init onto them.
   setup = setup_lib.make_setup(config, devices)
@@ -314,6 +327,7 @@ def _train(config, workdir, devices, tokenizer, objective, data, checkpointer):
         elapsed = time.perf_counter() - last_log_time
         tokens_per_second = (step - last_log_step) * tokens_per_step / elapsed
         row['learning_rate'] = float(schedule(step - 1))
+        row.update(_example_counts(data.counts))
         row['tokens_per_second'] = tokens_per_second
         mfu = flops.mfu(tokens_per_second, flops_per_token, len(devices))
         if mfu is not None:
