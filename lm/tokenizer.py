@@ -114,8 +114,13 @@ class SentencePieceTokenizer:
 
   def __init__(self, model_proto: bytes, source: str = '<bytes>', *,
                special_tokens: dict | None = None, stop_ids: Iterable[int] = (),
-               chat_template: str | None = None):
+               chat_template: str | None = None, transformers_spaces: bool = False):
     self.model_proto = model_proto
+    # transformers runs a checkpoint's bare tokenizer.model as a Metaspace BPE that adds
+    # the dummy prefix '▁' only to text not starting with a space; sentencepiece always
+    # adds it. A checkpoint's tokenizer encodes as transformers does, to match the ids
+    # its users' pipelines make; one trained here keeps sentencepiece's own rule.
+    self.transformers_spaces = transformers_spaces
     self._processor = spm.SentencePieceProcessor()
     try:
       self._processor.LoadFromSerializedProto(model_proto)
@@ -150,12 +155,29 @@ class SentencePieceTokenizer:
     with open(path, 'rb') as f:
       return cls(f.read(), source=path)
 
+  def _leading_space(self, text: str) -> bool:
+    """Whether `text`'s leading space stands for the dummy prefix (transformers_spaces)."""
+    return self.transformers_spaces and text.startswith(' ')
+
   def encode(self, text: str) -> np.ndarray:
+    if self._leading_space(text):
+      return self.encode_with_offsets(text)[0]
     return np.asarray(self._processor.EncodeAsIds(text), dtype=np.int32)
 
   def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
     """(ids [T], offsets [T, 2]) in characters of `text`; byte-fallback pieces of one
     character all span it."""
+    if self._leading_space(text):
+      if text == ' ':  # Nothing for the prefix to attach to: the bare '▁'.
+        return (np.asarray([self._processor.piece_to_id('▁')], np.int32),
+                np.asarray([[0, 1]], np.int32))
+      ids, offsets = self._encode_with_offsets(text[1:])
+      offsets = offsets + 1
+      offsets[:1, 0] = 0  # The first piece's '▁' is the space.
+      return ids, offsets
+    return self._encode_with_offsets(text)
+
+  def _encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
     try:
       pieces = self._processor.encode(text, out_type='proto').pieces
     except ValueError:  # sentencepiece before 0.2.3 names it 'immutable_proto'.
@@ -182,6 +204,8 @@ class SentencePieceTokenizer:
       data['stop_ids'] = list(self.stop_ids)
     if self.chat_template is not None:
       data['chat_template'] = self.chat_template
+    if self.transformers_spaces:
+      data['transformers_spaces'] = True
     return data
 
 
@@ -379,7 +403,8 @@ def from_hf_directory(directory: str):
   return SentencePieceTokenizer(proto, source=model_path,
                                 special_tokens=settings['special_tokens'],
                                 stop_ids=settings['stop_ids'],
-                                chat_template=settings['chat_template'])
+                                chat_template=settings['chat_template'],
+                                transformers_spaces=True)
 
 
 def byte_tokenizer_json() -> str:
@@ -488,7 +513,8 @@ def from_dict(data: dict):
   return SentencePieceTokenizer(base64.b64decode(data['model_proto']), source='checkpoint',
                                 special_tokens=data.get('special_tokens'),
                                 stop_ids=data.get('stop_ids', ()),
-                                chat_template=data.get('chat_template'))
+                                chat_template=data.get('chat_template'),
+                                transformers_spaces=data.get('transformers_spaces', False))
 
 
 def check_same(saved: dict, current, where: str) -> None:
