@@ -108,11 +108,13 @@ def test_sft_on_conversations_counts_what_it_cuts_and_skips(pretrained, tmp_path
   trained on with no target; the rest train."""
   workdir, _ = pretrained
   long_system = {'role': 'system', 'content': 'x' * 300}
-  records = [{'messages': CONVERSATION}] * 30 + [{'messages': [long_system] + CONVERSATION[1:]}] * 10
+  # The split hashes file:line, so enough lines that both sides fill a batch wherever the
+  # file is.
+  records = ([{'messages': CONVERSATION}] * 6 + [{'messages': [long_system] + CONVERSATION[1:]}]) * 12
   path = write_lines(tmp_path / 'chats.jsonl', records)
   config = post_training_config(sft_config, workdir, num_steps=3, log_every=3, eval_every=3)
   config.data.update(source='jsonl', path=path, seq_len=128, batch_size=4,
-                     validation_fraction=0.2)
+                     validation_fraction=0.3)
   history, _ = loop.train(config, str(tmp_path / 'run'), jax.devices()[:1])
   logged = [row for row in history if 'examples_skipped' in row][-1]
   assert logged['examples_skipped'] >= 1 and logged['examples_cut'] >= logged['examples_skipped']
