@@ -5,14 +5,13 @@
 Makes the checkpoint once if `directory` has none (random weights of a released shape
 from experiments/configs/open_models.py, saved by transformers as bf16 safetensors), then
 loads it in a fresh process each way and prints a table: seconds to load, peak resident
-memory of the process once loaded (ru_maxrss: the libraries included), and the logits of both
+memory of the process once loaded (VmHWM: the libraries included), and the logits of both
 on one prompt, computed in float32 from the same bf16 weights. Needs torch and
 transformers (the `test` extra).
 """
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -57,8 +56,9 @@ def load_lm(directory: str) -> np.ndarray:
   tokens = np.array([PROMPT_IDS], np.int32)
   positions = np.arange(len(PROMPT_IDS))[None]
   with sharding.activate(mesh):
-    logits = model.apply({'params': params}, tokens, np.ones_like(tokens), positions)
-  return seconds, peak, np.asarray(logits[0])
+    logits = np.asarray(model.apply({'params': params}, tokens, np.ones_like(tokens),
+                                    positions)[0])
+  return seconds, (*peak, _peak_gib()), logits
 
 
 def load_transformers(directory: str) -> np.ndarray:
@@ -67,14 +67,18 @@ def load_transformers(directory: str) -> np.ndarray:
   libraries, start = _peak_gib(), time.perf_counter()
   model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16)
   seconds, peak = time.perf_counter() - start, (libraries, _peak_gib())
-  model = model.float().eval()  # The same bf16 weights, computed in float32 as lm does.
+  model = model.eval()
   with torch.no_grad():
-    logits = model(torch.tensor([PROMPT_IDS])).logits[0].numpy()
-  return seconds, peak, logits
+    logits = model.float()(torch.tensor([PROMPT_IDS])).logits[0].numpy()
+  return seconds, (*peak, _peak_gib()), logits
 
 
 def _peak_gib() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB.
+  """This process's peak resident memory (Linux's VmHWM: unlike ru_maxrss, it starts
+  afresh at exec, not at the parent's peak)."""
+  with open('/proc/self/status') as f:
+    kib = next(int(line.split()[1]) for line in f if line.startswith('VmHWM:'))
+  return kib / 2**20
 
 
 def main(argv):
@@ -103,10 +107,10 @@ def main(argv):
                   for name in ('lm', 'transformers'))
   error = float(np.abs(ours - theirs).max() / np.abs(theirs).max())
   print(f'{_SHAPE.value}: {size / 2**30:.2f} GiB of bf16 safetensors in {directory}')
-  print('| loader | load s | RSS after imports GiB | peak RSS loaded GiB | peak - imports GiB |')
+  print('| loader | load s | peak RSS GiB: imports | loaded | after one forward |')
   print('|---|---|---|---|---|')
-  for loader, seconds, libraries, peak in rows:
-    print(f'| {loader} | {seconds:.1f} | {libraries:.2f} | {peak:.2f} | {peak - libraries:.2f} |')
+  for loader, seconds, libraries, peak, used in rows:
+    print(f'| {loader} | {seconds:.1f} | {libraries:.2f} | {peak:.2f} | {used:.2f} |')
   print(f'logits on {len(PROMPT_IDS)} tokens: max |lm - transformers| / max |transformers|'
         f' = {error:.2e}; same argmax at {int((ours.argmax(-1) == theirs.argmax(-1)).sum())}'
         f' of {len(PROMPT_IDS)} positions')
