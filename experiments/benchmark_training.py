@@ -83,11 +83,11 @@ def time_training(kind: str, seq_len: int) -> dict:
         'positions': jnp.broadcast_to(jnp.arange(seq_len), tokens.shape),
     }, setup.batch_sharding)
     for _ in range(2):  # Compile, then one more so the timed steps start warm.
-      state, metrics = setup.train_step(state, batch, None)
+      state, metrics = setup.train_step(state, batch, None, None)
     jax.block_until_ready(metrics)
     start = time.perf_counter()
     for _ in range(_STEPS.value):
-      state, metrics = setup.train_step(state, batch, None)
+      state, metrics = setup.train_step(state, batch, None, None)
     jax.block_until_ready(metrics)
     seconds = (time.perf_counter() - start) / _STEPS.value
   return dict(seconds=seconds, batch_size=batch_size,

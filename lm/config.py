@@ -2,7 +2,7 @@
 
 import jax
 
-from lm import models, objectives, sharding
+from lm import lora, models, objectives, sharding
 from lm.data import sources
 from lm.errors import check as _check
 from lm.errors import check_number
@@ -25,6 +25,18 @@ def fill_added_model_fields(model_config) -> None:
   for field, value in ADDED_MODEL_FIELDS.items():
     if field not in model_config:
       model_config[field] = value
+
+
+# Sections added after the first checkpoints were written, as those runs had them.
+ADDED_SECTIONS = dict(
+    lora=dict(rank=0, alpha=16.0, dropout=0.0, targets='attention,mlp,mamba', base_dtype='',
+              tile_size=64))
+
+
+def fill_added_sections(config) -> None:
+  for section, value in ADDED_SECTIONS.items():
+    if section not in config:
+      config[section] = value
 
 
 def resolve_dtype(dtype: str) -> str:
@@ -110,6 +122,7 @@ def validate(config, num_devices: int, tokenizer_vocab_size: int) -> None:
          f'config.train.objective={train.objective!r} is not one of'
          f' {sorted(objectives.OBJECTIVES)}')
   objectives.OBJECTIVES[train.objective].validate(config)
+  lora.validate(config)
   for field in ('num_steps', 'log_every', 'eval_every', 'eval_steps',
                 'grad_accumulation_steps'):
     _number(config, f'train.{field}', at_least=1)

@@ -186,6 +186,9 @@ DPO = ('--config.train.objective=dpo', '--config.data.source=stdlib_functions',
 GRPO = ('--config.train.objective=grpo', '--config.data.source=stdlib_functions',
         '--workdir={fresh}', '--config.train.init_from={run}', '--config.checkpoint.every_steps=2',
         '--config.train.grpo.max_new_tokens=16')
+# Low-rank adapters on the run, in a workdir of their own.
+LORA = ('--config.train.objective=sft', '--config.data.source=stdlib_functions',
+        '--workdir={fresh}', '--config.train.init_from={run}', '--config.lora.rank=4')
 POSITIVE_INT = ints(at_least=1)
 ODD = st.integers(0, 500).map(lambda n: str(2 * n + 1))
 NON_NEGATIVE_FLOAT = floats(at_least=0)
@@ -206,6 +209,14 @@ CONFIG_FIELDS = {  # field: (bad values, flags that make the field matter)
     'data.text_field': (choices('text'), ('--config.data.source=jsonl',
                                           '--config.data.path={jsonl}')),
     'data.validation_fraction': (floats(above=0, below=1), ()),
+    'lora.alpha': (POSITIVE_FLOAT, LORA),
+    'lora.base_dtype': (choices('', 'int8', 'int4', 'nf4'), LORA),
+    'lora.dropout': (floats(at_least=0, below=1), LORA),
+    'lora.rank': (ints(at_least=0), LORA[:4]),
+    'lora.targets': (choices('attention', 'mlp', 'mamba', 'query', 'key', 'value', 'out',
+                             'wi_gate', 'wi_up', 'wo', 'in_proj', 'x_proj', 'dt_proj',
+                             'out_proj'), LORA),
+    'lora.tile_size': (POSITIVE_INT, LORA),
     'mesh.data': (ints(at_least=-1, below=2, also=(0,)), ()),
     'mesh.fsdp': (ints(at_least=1, below=2), ()),
     'mesh.tensor': (ints(at_least=1, below=2), ()),

@@ -129,6 +129,19 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
       sample_temperature=0.7,
   ))
 
+  # Low-rank adapters (lm/lora.py; configs/sft_lora.py): with rank > 0 a run trains only
+  # adapters on the frozen model of train.init_from, and its checkpoints hold only them.
+  config.lora = ml_collections.ConfigDict(dict(
+      rank=0,  # 0: train every weight.
+      alpha=16.0,  # The adapters' product is scaled by alpha / rank.
+      dropout=0.0,  # On the adapters' input, in training.
+      # Groups 'attention', 'mlp', 'mamba' or layer names (lm/lora.py LAYERS).
+      targets='attention,mlp,mamba',
+      # QLoRA: 'int8' | 'int4' | 'nf4' stores the base's block matrices quantized.
+      base_dtype='',
+      tile_size=64,  # 4-bit: one scale per this many inputs.
+  ))
+
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
   config.checkpoint = ml_collections.ConfigDict(dict(every_steps=250, max_to_keep=3))

@@ -171,7 +171,7 @@ class _TrainingRollouts:
     self.several_updates = config.train.grpo.updates_per_rollout > 1
     self.sampling_log_probs = jax.jit(
         functools.partial(sampling_log_probs, model=setup.model, train_config=config.train),
-        in_shardings=(setup.state_shardings.params, setup.batch_sharding),
+        in_shardings=(setup.params_shardings, setup.batch_sharding),
         out_shardings=setup.batch_sharding)
 
   def __call__(self, params, prompts: dict, step: int, *, train: bool):

@@ -11,6 +11,7 @@ resumes even after its `init_from` run has pruned that step.
 """
 
 import contextlib
+import functools
 import fcntl
 import hashlib
 import json
@@ -29,7 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lm import config as config_lib
-from lm import distributed, models, sharding
+from lm import distributed, lora, models, sharding
 from lm import tokenizer as tokenizer_lib
 from lm.errors import ConfigError
 
@@ -183,6 +184,7 @@ class Checkpointer:
     if config.model.name == 'transformer':  # DecoderLM's name in older checkpoints.
       config.model.name = 'decoder'
     config_lib.fill_added_model_fields(config.model)
+    config_lib.fill_added_sections(config)
     return config, restored['tokenizer']
 
   def restore(self, step: int, abstract_state, data_iterator=None):
@@ -291,6 +293,9 @@ _DATA_FIELDS = ('source', 'path', 'text_field', 'seq_len', 'batch_size', 'shuffl
                 'validation_fraction', 'bad_records', 'streams')
 
 
+_LORA_FIELDS = ('rank', 'alpha', 'targets', 'base_dtype', 'tile_size')
+
+
 def check_compatible(saved_config, config, directory: str, *, resuming: bool = True) -> None:
   """Raises, naming the fields, if the checkpoint's parameter shapes differ from the
   config's or, when `resuming` the run, if its objective does (its data state is another
@@ -318,6 +323,12 @@ def check_compatible(saved_config, config, directory: str, *, resuming: bool = T
         if field in saved_config.data and saved_config.data[field] != config.data[field]]
     if saved_config.get('seed', config.seed) != config.seed:
       differences.append(f'seed: checkpoint has {saved_config.seed}, config has {config.seed}')
+    # The adapters' shapes and what their base is (the dropout may change).
+    differences += [
+        f'lora.{field}: checkpoint has {saved_config.lora[field]!r}, config has'
+        f' {config.lora[field]!r}'
+        for field in _LORA_FIELDS if saved_config.lora[field] != config.lora[field]
+        and (lora.enabled(saved_config.lora) or lora.enabled(config.lora))]
   if differences:
     raise ConfigError(f'the checkpoint in {directory} does not match the config ('
                      + '; '.join(differences) + '): '
@@ -385,17 +396,40 @@ def load_params(workdir: str, step: int, abstract_params, config, tokenizer):
   tokenizer_lib.check_same(saved_tokenizer, tokenizer, directory)
   check_compatible(saved_config, config, directory, resuming=False)
   with unreadable_as_config_error(f'config.train.init_from={workdir!r}', source, step):
-    params = source.restore_params(step, abstract_params)
+    if lora.enabled(saved_config.lora):
+      params = _merged_params(source, step, saved_config, tokenizer, abstract_params)
+    else:
+      params = source.restore_params(step, abstract_params)
   source.close()
   return params, step
 
 
-def abstract_params(model, mesh) -> dict:
-  """The model's params as ShapeDtypeStructs with their shardings on `mesh`."""
-  boxed = jax.eval_shape(lambda rng: models.init_variables(model, rng)['params'],
-                         jax.random.key(0))
+def _merged_params(checkpointer, step, saved_config, tokenizer, plain_abstract):
+  """A LoRA run's model at `step` as plain params onto `plain_abstract`'s shardings: its
+  base (its own config.train.init_from's params, quantized as it trained on them) with
+  the adapters folded in."""
+  stored_boxed, adapters_boxed = lora.abstract_split(models.build(saved_config.model),
+                                                     saved_config.lora)
+  mesh = jax.tree.leaves(plain_abstract)[0].sharding.mesh
+  adapters = checkpointer.restore_params(step, _abstract(adapters_boxed, mesh))
+  base, _ = load_params(saved_config.train.init_from, saved_config.train.init_from_step,
+                        plain_abstract, saved_config, tokenizer)
+  if saved_config.lora.base_dtype:
+    base = lora.quantize_base(base, stored_boxed)
+  shardings = jax.tree.map(lambda x: x.sharding, plain_abstract)
+  return jax.jit(functools.partial(lora.merge, lora_config=saved_config.lora),
+                 out_shardings=shardings)(base, adapters)
+
+
+def _abstract(boxed, mesh) -> dict:
   return jax.tree.map(lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where),
                       nn.meta.unbox(boxed), sharding.logical_to_shardings(boxed, mesh))
+
+
+def abstract_params(model, mesh) -> dict:
+  """The model's params as ShapeDtypeStructs with their shardings on `mesh`."""
+  return _abstract(jax.eval_shape(lambda rng: models.init_variables(model, rng)['params'],
+                                  jax.random.key(0)), mesh)
 
 
 class Restored(NamedTuple):
@@ -423,7 +457,11 @@ def restore_for_inference(workdir: str, step: int | None = None) -> Restored:
     config, tokenizer_dict = checkpointer.read_metadata(step)
     model = models.build(config.model)
     mesh = sharding.inference_mesh(config.model.embed_dim)
-    params = checkpointer.restore_params(step, abstract_params(model, mesh))
     tokenizer = tokenizer_lib.from_dict(tokenizer_dict)
+    if lora.enabled(config.lora):  # Adapters: folded into their base.
+      params = _merged_params(checkpointer, step, config, tokenizer,
+                              abstract_params(model, mesh))
+    else:
+      params = checkpointer.restore_params(step, abstract_params(model, mesh))
   checkpointer.close()
   return Restored(step, config, tokenizer, model, params, mesh)

@@ -23,7 +23,7 @@ from lm import tokenizer as tokenizer_lib
 from lm.data import pipeline, sources
 from lm.errors import ConfigError, check
 from lm.training import checkpointing, logger as logger_lib, optimizer as optimizer_lib
-from lm.training import setup as setup_lib
+from lm.training import setup as setup_lib, steps
 
 
 class _StopRequest:
@@ -96,8 +96,8 @@ def _example_counts(counts) -> dict[str, float]:
 
 def _reference_params(setup, config, tokenizer, init_from_step: int):
   """A resumed run's reference: the params it started from (config.train.init_from's at
-  `init_from_step`, or the fresh init's)."""
-  if config.train.init_from:
+  `init_from_step`, or the fresh init's: with LoRA, the fresh adapters)."""
+  if config.train.init_from and not setup.base:
     return checkpointing.load_params(config.train.init_from, init_from_step,
                                      setup.abstract_state.params, config, tokenizer)[0]
   return setup.init(jax.random.key(config.seed)).params
@@ -112,16 +112,17 @@ def _global_batch(setup, rollout, params, host_batch: dict, step: int, *,
   return sharding.global_batch(host_batch, setup.batch_sharding), {}
 
 
-def _evaluate(setup, params, reference_params, validation_dataset, rollout,
+def _evaluate(setup, params, reference_params, base_params, validation_dataset, rollout,
               eval_steps: int) -> dict[str, float]:
   totals, rollout_totals, num_batches = {}, {}, 0
   for index, host_batch in enumerate(itertools.islice(validation_dataset, eval_steps)):
     # Batch `index` is sampled with the same key at every evaluation.
-    batch, rollout_metrics = _global_batch(setup, rollout, params, host_batch, index,
-                                           train=False)
+    batch, rollout_metrics = _global_batch(setup, rollout,
+                                           steps.model_params(params, base_params),
+                                           host_batch, index, train=False)
     rollout_totals = {name: rollout_totals.get(name, 0.0) + value
                       for name, value in rollout_metrics.items()}
-    sums = setup.eval_step(params, batch, reference_params)
+    sums = setup.eval_step(params, batch, reference_params, base_params)
     totals = {name: totals.get(name, 0.0) + float(value) for name, value in sums.items()}
     num_batches += 1
   count = max(totals.pop('count'), 1.0)
@@ -235,13 +236,23 @@ def _train(config, workdir, devices, tokenizer, objective, data, checkpointer):
   needs_reference = objective.needs_reference(config.train)
   with sharding.activate(setup.mesh):
     restored = _restore_latest(checkpointer, setup, train_iterator, config, tokenizer)
+    if restored is not None:
+      start_step, state, saved_config = restored
+      # The step init_from resolved to when the run started: the same base and reference.
+      init_from_step = saved_config.train.get('init_from_step', -1)
+    base_params = None
+    if setup.base:  # LoRA: the frozen model the adapters train on, read at every start.
+      params, init_from_step = checkpointing.load_params(
+          config.train.init_from, init_from_step, setup.base.checkpoint_abstract, config,
+          tokenizer)
+      base_params = setup.base.prepare(params)
     if restored is None:
-      if config.train.init_from:
+      if config.train.init_from and not setup.base:
         params, init_from_step = checkpointing.load_params(
             config.train.init_from, init_from_step, setup.abstract_state.params, config,
             tokenizer)
         state = setup.with_optimizer(params)
-      else:
+      else:  # From scratch, or LoRA's fresh adapters (so the reference is the base).
         state = setup.init(jax.random.key(config.seed))
       start_step = 0
       # A copy, as the train step donates the state's buffers.
@@ -250,9 +261,6 @@ def _train(config, workdir, devices, tokenizer, objective, data, checkpointer):
       if needs_reference:
         checkpointing.save_reference(workdir, reference_params)
     else:
-      start_step, state, saved_config = restored
-      # The step init_from resolved to when the run started: the same reference.
-      init_from_step = saved_config.train.get('init_from_step', -1)
       reference_params = None
       if needs_reference:
         reference_params = checkpointing.restore_reference(workdir,
@@ -278,7 +286,15 @@ def _train(config, workdir, devices, tokenizer, objective, data, checkpointer):
   start = (f'resuming from step {start_step}' if start_step else
            f'starting from step {init_from_step} of {config.train.init_from}'
            if config.train.init_from else 'starting from scratch')
-  log.print(f'{objective.name}: {num_params:,} parameters on a {dict(setup.mesh.shape)} mesh'
+  if base_params is not None:
+    frozen = sum(math.prod(x.shape) for x in jax.tree.leaves(
+        setup.base.checkpoint_abstract))
+    trained = (f'{num_params:,} adapter parameters (rank {config.lora.rank}) on a frozen'
+               f' base of {frozen:,}' + (f' stored in {config.lora.base_dtype}'
+                                         if config.lora.base_dtype else ''))
+  else:
+    trained = f'{num_params:,} parameters'
+  log.print(f'{objective.name}: {trained} on a {dict(setup.mesh.shape)} mesh'
             f' of {devices[0].device_kind}; {len(train_documents):,} training and'
             f' {len(validation_documents):,} validation {objective.items}; compute dtype'
             f' {config.model.dtype}; {start}')
@@ -313,9 +329,10 @@ def _train(config, workdir, devices, tokenizer, objective, data, checkpointer):
   with log, _StopRequest() as stop, sharding.activate(setup.mesh):
     while step < config.train.num_steps:
       if batch is None or step % updates_per_batch == 0:
-        batch, batch_metrics = _global_batch(setup, rollout, state.params,
+        batch, batch_metrics = _global_batch(setup, rollout,
+                                             steps.model_params(state.params, base_params),
                                              next(train_iterator), step, train=True)
-      state, metrics = setup.train_step(state, batch, reference_params)
+      state, metrics = setup.train_step(state, batch, reference_params, base_params)
       step += 1
       unchecked.append((step, metrics['loss'], metrics['grad_norm']))
       log.advance(step)
@@ -335,7 +352,8 @@ def _train(config, workdir, devices, tokenizer, objective, data, checkpointer):
         last_log_time, last_log_step = time.perf_counter(), step
       if step % config.train.eval_every == 0 or step == config.train.num_steps:
         check_finite()
-        row.update(_evaluate(setup, state.params, reference_params, validation_dataset,
+        row.update(_evaluate(setup, state.params, reference_params, base_params,
+                             validation_dataset,
                              rollout, config.train.eval_steps))
         last_log_time = time.perf_counter()  # Eval time is not training throughput.
       if row:
@@ -364,7 +382,7 @@ def _train(config, workdir, devices, tokenizer, objective, data, checkpointer):
       log.print(f'no sample: no validation prompt is under {room} tokens')
     else:
       [sample] = sampling.complete(
-          setup.model, state.params, tokenizer, [prompt],
+          setup.model, steps.model_params(state.params, base_params), tokenizer, [prompt],
           max_new_tokens=config.train.sample_tokens,
           temperature=config.train.sample_temperature, seed=config.seed)
       log.print('sample:\n' + prompt + sample)

@@ -3,6 +3,8 @@ optimizer, the state's shapes and shardings, and the jitted init, train and eval
 
 Shapes first (`jax.eval_shape` of the init), then shardings from the logical axis
 names, then `jax.jit` with those shardings; nothing here reads data or checkpoints.
+With config.lora the state's params are the adapters (lm/lora.py), and `base` says how
+the frozen model they adapt is loaded, stored and passed to the steps.
 """
 
 import dataclasses
@@ -13,14 +15,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lm import models, objectives, sharding
+from lm import lora, models, objectives, sharding
 from lm.training import optimizer as optimizer_lib, steps
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenBase:
+  """With LoRA: the frozen params the adapters train on."""
+  checkpoint_abstract: dict  # As config.train.init_from holds them, with their shardings.
+  shardings: dict  # As the steps take them (quantized with config.lora.base_dtype).
+  prepare: Callable  # Loaded params -> the base as the steps take it; donates them.
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainingSetup:
   mesh: jax.sharding.Mesh
-  model: object
+  model: object  # For evaluation and sampling, on steps.model_params(params, base).
   objective: objectives.Objective
   optimizer: object
   abstract_state: steps.TrainState  # ShapeDtypeStructs carrying their shardings.
@@ -28,28 +38,43 @@ class TrainingSetup:
   batch_sharding: jax.sharding.NamedSharding
   init: Callable  # rng -> TrainState, fresh, on its shardings.
   with_optimizer: Callable  # params -> TrainState at step 0 with a fresh optimizer state.
-  train_step: Callable  # (state, batch, reference_params) -> (state, metrics); donates state.
-  eval_step: Callable  # (params, batch, reference_params) -> metric sums and their count.
+  # (state, batch, reference_params, base_params) -> (state, metrics); donates state.
+  train_step: Callable
+  # (params, batch, reference_params, base_params) -> metric sums and their count.
+  eval_step: Callable
+  base: FrozenBase | None  # With LoRA; else None, and steps take base_params=None.
+  params_shardings: dict  # Of steps.model_params(state.params, base): what the model takes.
+
+
+def _abstract(boxed, shardings):
+  return jax.tree.map(lambda value, where: jax.ShapeDtypeStruct(value.shape, value.dtype,
+                                                                sharding=where),
+                      nn.meta.unbox(boxed), shardings)
 
 
 def make_setup(config, devices) -> TrainingSetup:
   """For a validated config whose model.dtype is resolved (lm.config)."""
   mesh = sharding.make_mesh(config.mesh, devices)
-  model = models.build(config.model)
+  model = train_model = init_model = plain = models.build(config.model)
   objective = objectives.OBJECTIVES[config.train.objective]
   optimizer = optimizer_lib.make_optimizer(config.train)
-  init_boxed = steps.train_state_initializer(model, optimizer)
+  adapted = lora.enabled(config.lora)
+  if adapted:
+    model = lora.wrap(plain, config.lora, train=False)
+    train_model = lora.wrap(plain, config.lora, train=True)
+    init_model = lora.wrap(plain, config.lora, train=False, quantize=False)
+  init_boxed = steps.train_state_initializer(init_model, optimizer, adapters_only=adapted)
   with sharding.activate(mesh):
     abstract_boxed = jax.eval_shape(init_boxed, jax.random.key(config.seed))
     state_shardings = sharding.logical_to_shardings(abstract_boxed, mesh)
-  abstract_state = jax.tree.map(
-      lambda value, sharding_: jax.ShapeDtypeStruct(value.shape, value.dtype,
-                                                    sharding=sharding_),
-      nn.meta.unbox(abstract_boxed), state_shardings)
+    base, base_shardings = _frozen_base(plain, config, mesh) if adapted else (None, None)
+  abstract_state = _abstract(abstract_boxed, state_shardings)
   batch_sharding = sharding.batch_sharding(mesh)
   reference_shardings = (state_shardings.params if objective.needs_reference(config.train)
                          else None)
-  step_options = dict(model=model, objective=objective, train_config=config.train)
+  step_options = dict(objective=objective, train_config=config.train)
+  dropout_rng = (jax.random.key(config.seed) if adapted and config.lora.dropout > 0
+                 else None)
   return TrainingSetup(
       mesh=mesh, model=model, objective=objective, optimizer=optimizer,
       abstract_state=abstract_state, state_shardings=state_shardings,
@@ -60,11 +85,31 @@ def make_setup(config, devices) -> TrainingSetup:
                                           opt_state=optimizer.init(params)),
           out_shardings=state_shardings, donate_argnums=0),
       train_step=jax.jit(
-          functools.partial(steps.train_step, optimizer=optimizer, **step_options),
-          in_shardings=(state_shardings, batch_sharding, reference_shardings),
+          functools.partial(steps.train_step, optimizer=optimizer, model=train_model,
+                            dropout_rng=dropout_rng, **step_options),
+          in_shardings=(state_shardings, batch_sharding, reference_shardings, base_shardings),
           out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0),
       eval_step=jax.jit(
-          functools.partial(steps.eval_step, **step_options),
-          in_shardings=(state_shardings.params, batch_sharding, reference_shardings),
+          functools.partial(steps.eval_step, model=model, **step_options),
+          in_shardings=(state_shardings.params, batch_sharding, reference_shardings,
+                        base_shardings),
           out_shardings=sharding.replicated(mesh)),
+      base=base,
+      params_shardings=steps.model_params(state_shardings.params, base_shardings),
   )
+
+
+def _frozen_base(plain_model, config, mesh) -> tuple[FrozenBase, dict]:
+  """How the base of an adapted model is loaded (as the plain model's params) and stored
+  (quantized or not), with the shardings of what is stored."""
+  plain_boxed = jax.eval_shape(
+      lambda rng: models.init_variables(plain_model, rng)['params'], jax.random.key(0))
+  checkpoint_abstract = _abstract(plain_boxed, sharding.logical_to_shardings(plain_boxed, mesh))
+  stored_boxed, _ = lora.abstract_split(plain_model, config.lora)
+  shardings = sharding.logical_to_shardings(stored_boxed, mesh)
+  if config.lora.base_dtype:
+    prepare = jax.jit(lambda params: lora.quantize_base(params, stored_boxed),
+                      out_shardings=shardings, donate_argnums=0)
+  else:
+    prepare = lambda params: params  # pylint: disable=unnecessary-lambda-assignment
+  return FrozenBase(checkpoint_abstract, shardings, prepare), shardings

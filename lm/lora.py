@@ -1,0 +1,188 @@
+"""Low-rank adapters (LoRA, Hu et al. 2021) and a quantized frozen base (QLoRA, Dettmers
+et al. 2023), through qwix.
+
+qwix intercepts the matrix products of the chosen Dense layers: each weight W [in..., out...]
+gains `kernel_lora_a` [prod(in), r] and `kernel_lora_b` [r, prod(out)] beside it, and the
+layer computes x W + (alpha / r) dropout(x) A B. B starts at zero, so an adapted model
+starts as its base. The adapters take their logical axis names from W's (the first input
+and output axes), so the one rules table shards them. With `base_dtype` set, the base's
+block matrices are stored quantized (qwix's PTQ: int8 per output channel, 4-bit in tiles
+of `tile_size` inputs) and dequantized in the product.
+
+A run trains the adapters alone (the train state's params); the base is a separate,
+frozen tree that `combine` joins with them for the model.
+"""
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import qwix
+from qwix._src.providers import ptq as qwix_ptq  # WithAux: a quantized weight's type.
+
+from lm import models
+from lm.errors import check, check_number
+
+# The Dense layers of lm's blocks, by module name, and the groups `targets` may name.
+LAYERS = ('query', 'key', 'value', 'out', 'wi_gate', 'wi_up', 'wo', 'in_proj', 'x_proj',
+          'dt_proj', 'out_proj')
+GROUPS = {'attention': ('query', 'key', 'value', 'out'), 'mlp': ('wi_gate', 'wi_up', 'wo'),
+          'mamba': ('in_proj', 'out_proj')}
+BASE_DTYPES = ('', 'int8', 'int4', 'nf4')  # '' keeps the base as the checkpoint holds it.
+# What QLoRA stores quantized, adapted or not: all but dt_proj, whose input (dt_rank) is
+# too narrow to tile.
+QUANTIZED = tuple(layer for layer in LAYERS if layer != 'dt_proj')
+ADAPTER_SUFFIXES = ('_lora_a', '_lora_b')
+
+
+def enabled(lora_config) -> bool:
+  return lora_config.rank > 0
+
+
+def target_layers(targets: str) -> tuple[str, ...]:
+  """'attention, wo' -> ('query', 'key', 'value', 'out', 'wo')."""
+  names = []
+  for name in (part.strip() for part in targets.split(',') if part.strip()):
+    for layer in GROUPS.get(name, (name,)):
+      if layer not in names:
+        names.append(layer)
+  return tuple(names)
+
+
+def validate(config) -> None:
+  """config.lora's fields, named in one line when wrong."""
+  lora = config.lora
+  check_number('config.lora.rank', lora.rank, at_least=0, why='0: no adapters')
+  if not enabled(lora):
+    return
+  check_number('config.lora.alpha', lora.alpha, above=0)
+  check_number('config.lora.dropout', lora.dropout, at_least=0, below=1)
+  check_number('config.lora.tile_size', lora.tile_size, at_least=1)
+  layers = target_layers(lora.targets)
+  check(layers, 'config.lora.targets is empty: name layers or groups, such as'
+        f' "attention,mlp" (groups {sorted(GROUPS)}; layers {", ".join(LAYERS)})')
+  for layer in layers:
+    check(layer in LAYERS, f'config.lora.targets: {layer!r} is not one of the groups'
+          f' {sorted(GROUPS)} or the layers {", ".join(LAYERS)}')
+  check(lora.base_dtype in BASE_DTYPES,
+        f'config.lora.base_dtype={lora.base_dtype!r} is not one of {BASE_DTYPES}')
+  check(config.train.init_from, 'config.lora.rank > 0 adapts a trained model: give its run'
+        ' as config.train.init_from')
+  if _tile(lora):  # Each quantized matrix's innermost input axis splits into tiles.
+    for layer in sorted(set(layers) | set(QUANTIZED)):
+      size = _innermost_input(config.model, layer)
+      check(size % lora.tile_size == 0,
+            f'config.lora.tile_size={lora.tile_size} does not divide {layer}\'s input axis'
+            f' of {size} ({lora.base_dtype} is quantized in tiles of it)')
+
+
+def _innermost_input(model, layer: str) -> int:
+  inner = model.mamba_expand * model.embed_dim
+  return {'out': model.head_dim, 'wo': model.mlp_dim, 'x_proj': inner, 'out_proj': inner,
+          'dt_proj': model.mamba_dt_rank}.get(layer, model.embed_dim)
+
+
+def _path_regex(layers) -> str:
+  # qwix matches a module path such as 'layer_3/attention/query'.
+  return '(.*/)?(' + '|'.join(layers) + ')$'
+
+
+def wrap(model: nn.Module, lora_config, *, train: bool, quantize: bool = True) -> nn.Module:
+  """A copy of `model` whose target layers carry adapters (dropout only when `train`:
+  qwix applies it on every call) and, with base_dtype and `quantize`, whose block
+  matrices are quantized. Initialise adapters with quantize=False: qwix 0.1.8 creates
+  none for a quantized DenseGeneral (attention) at init, though it applies them."""
+  quantized = (lora_config.base_dtype or None) if quantize else None
+  rules = [qwix.LoraRule(
+      module_path=_path_regex(target_layers(lora_config.targets)), rank=lora_config.rank,
+      alpha=float(lora_config.alpha), dropout=lora_config.dropout if train else 0.0,
+      weight_qtype=quantized, tile_size=_tile(lora_config))]
+  if quantized:  # QLoRA stores every block matrix quantized, adapted or not.
+    rules.append(qwix.QuantizationRule(module_path=_path_regex(QUANTIZED),
+                                       weight_qtype=quantized, tile_size=_tile(lora_config)))
+  return qwix.apply_lora_to_model(model.clone(), qwix.LoraProvider(rules))
+
+
+def _tile(lora_config):
+  # int8 keeps one scale per output channel; 4 bits need smaller blocks (QLoRA's: 64).
+  return lora_config.tile_size if lora_config.base_dtype in ('int4', 'nf4') else None
+
+
+def abstract_split(model: nn.Module, lora_config) -> tuple[dict, dict]:
+  """(base as the adapted model stores it, adapters), boxed ShapeDtypeStructs."""
+  def params(wrapped):
+    return jax.eval_shape(lambda rng: models.init_variables(wrapped, rng)['params'],
+                          jax.random.key(0))
+  base = split(params(wrap(model, lora_config, train=False)))[0]
+  adapters = split(params(wrap(model, lora_config, train=False, quantize=False)))[1]
+  return base, adapters
+
+
+def is_adapter(path) -> bool:
+  name = getattr(path[-1], 'key', '')
+  return isinstance(name, str) and name.endswith(ADAPTER_SUFFIXES)
+
+
+def split(params) -> tuple[dict, dict]:
+  """(base, adapters) of an adapted model's params (nested dicts, boxed or not)."""
+  flat = flax.traverse_util.flatten_dict(params, is_leaf=_is_param_leaf)
+  adapter = lambda key: key[-1].endswith(ADAPTER_SUFFIXES)
+  unflatten = flax.traverse_util.unflatten_dict
+  return (unflatten({key: value for key, value in flat.items() if not adapter(key)}),
+          unflatten({key: value for key, value in flat.items() if adapter(key)}))
+
+
+def _is_param_leaf(_, value) -> bool:
+  # A quantized weight (qwix's WithAux) or a boxed one is one parameter, not a subtree.
+  return not isinstance(value, dict)
+
+
+def combine(base: dict, adapters: dict) -> dict:
+  """The adapted model's params: `base` with `adapters` beside their weights."""
+  flat = flax.traverse_util.flatten_dict(base, is_leaf=_is_param_leaf)
+  flat.update(flax.traverse_util.flatten_dict(adapters, is_leaf=_is_param_leaf))
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+def quantize_base(params: dict, stored_boxed: dict) -> dict:
+  """A plain model's params as the adapted model stores its base: the quantized layers'
+  weights quantized (qwix), the rest as they are. `stored_boxed`: the base half of the
+  adapted model's init (abstract)."""
+  return qwix.quantize_params(params, stored_boxed)
+
+
+def dequantize(base: dict) -> dict:
+  """The base with every quantized weight back in floating point."""
+  def value(leaf):
+    return qwix.dequantize(leaf.array) if isinstance(leaf, qwix_ptq.WithAux) else leaf
+  return jax.tree.map(value, base, is_leaf=lambda x: isinstance(x, qwix_ptq.WithAux))
+
+
+def merge(base: dict, adapters: dict, lora_config) -> dict:
+  """Plain params of the base model (float, as `base` holds them, dequantized if stored
+  quantized) with each adapter folded in: W + (alpha / r) A B, reshaped to W's shape (a
+  Dense kernel lists its input axes, then its output axes)."""
+  scale = lora_config.alpha / lora_config.rank
+  merged = flax.traverse_util.flatten_dict(dequantize(base), is_leaf=_is_param_leaf)
+  flat_adapters = flax.traverse_util.flatten_dict(adapters)
+  for key, a in flat_adapters.items():
+    if not key[-1].endswith('_lora_a'):
+      continue
+    weight_key = (*key[:-1], key[-1][:-len('_lora_a')])
+    b = flat_adapters[(*key[:-1], weight_key[-1] + '_lora_b')]
+    weight = merged[weight_key]
+    delta = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32)) * scale
+    merged[weight_key] = (weight.astype(jnp.float32) + delta.reshape(weight.shape)).astype(
+        weight.dtype)
+  return flax.traverse_util.unflatten_dict(merged)
+
+
+class WithDropoutRng:
+  """An adapted model whose `apply` draws the adapters' dropout masks from `rng` (the
+  objectives call model.apply without rngs)."""
+
+  def __init__(self, model: nn.Module, rng: jax.Array):
+    self.model, self.rng, self.config = model, rng, model.config
+
+  def apply(self, variables, *args, **kwargs):
+    return self.model.apply(variables, *args, rngs={'dropout': self.rng}, **kwargs)
