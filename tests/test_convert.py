@@ -132,3 +132,46 @@ def test_bad_convert_input_is_one_line(tmp_path):
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and named in lines[0], result.stderr
+
+
+def test_lora_on_an_imported_model_merges_into_a_checkpoint_transformers_opens(tmp_path):
+  from lm.training import checkpointing  # pylint: disable=import-outside-toplevel
+  reference, fast = write_checkpoint(tmp_path / 'hf')
+  workdir = tmp_path / 'imported'
+  assert run('experiments.convert', f'--from_hf={tmp_path / "hf"}',
+             f'--workdir={workdir}').returncode == 0
+  adapted = tmp_path / 'lora'
+  trained = run('experiments.train', '--config=experiments/configs/sft_lora.py:tiny',
+                f'--workdir={adapted}', '--config.model.name=from_init',
+                f'--config.train.init_from={workdir}', '--config.train.num_steps=2',
+                '--config.train.eval_every=2', '--config.checkpoint.every_steps=2',
+                '--config.lora.rank=4', '--config.train.learning_rate=0.05')
+  assert trained.returncode == 0, trained.stderr
+  assert 'adapter parameters (rank 4) on a frozen base' in trained.stdout
+  sampled = run('experiments.sample', f'--workdir={adapted}', '--prompt=the cat',
+                '--temperature=0', '--max_new_tokens=4')
+  assert sampled.returncode == 0, sampled.stderr
+
+  merged = tmp_path / 'merged'
+  result = run('experiments.merge', f'--workdir={adapted}', f'--output={merged}')
+  assert result.returncode == 0, result.stderr
+  again = run('experiments.merge', f'--workdir={workdir}', f'--output={tmp_path / "m2"}')
+  assert again.returncode != 0 and 'nothing to merge' in again.stderr
+  assert len(again.stderr.strip().splitlines()) == 1
+  run_merged = checkpointing.restore_for_inference(str(merged))
+  assert run_merged.config.lora.rank == 0 and str(adapted) in run_merged.config.merged_from
+  exported = run('experiments.convert', '--to_hf', f'--workdir={merged}',
+                 f'--output={tmp_path / "out"}')
+  assert exported.returncode == 0, exported.stderr
+  direct = run('experiments.convert', '--to_hf', f'--workdir={adapted}',
+               f'--output={tmp_path / "direct"}')
+  assert direct.returncode == 0, direct.stderr
+  ids = fast('the cat sat\ndef f(x):\n    return x').input_ids
+  opened = [logits(transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path / name, dtype=torch.float32).eval(), ids) for name in ('out', 'direct')]
+  np.testing.assert_array_equal(opened[0], opened[1])
+  assert not np.allclose(opened[0], logits(reference, ids), atol=1e-3)  # The adapters moved.
+  tokens = np.asarray([ids], np.int32)
+  ours = run_merged.model.apply({'params': run_merged.params}, tokens, np.ones_like(tokens),
+                                np.arange(len(ids), dtype=np.int32)[None])[0]
+  np.testing.assert_allclose(np.asarray(ours), opened[0], rtol=1e-4, atol=1e-4)

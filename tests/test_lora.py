@@ -220,3 +220,22 @@ def test_a_lora_run_names_its_base_resumes_exactly_and_samples_merged(pretrained
   with pytest.raises(ConfigError, match=r'lora.rank: checkpoint has 4, config has 8'):
     loop.train(config, str(tmp_path / 'whole'), jax.devices()[:2])
   assert not (tmp_path / 'whole' / 'set_aside').exists()
+
+
+@pytest.mark.slow
+def test_dpo_and_grpo_train_adapters_against_the_frozen_base(pretrained, tmp_path):
+  from experiments.configs import dpo, grpo  # pylint: disable=import-outside-toplevel
+  workdir, _ = pretrained
+  config = post_training_config(dpo, workdir, num_steps=3, log_every=1, learning_rate=1e-2)
+  config.lora.update(rank=4, dropout=0.1)
+  history, _ = loop.train(config, str(tmp_path / 'dpo'), jax.devices()[:1])
+  rows = {row['step']: row for row in history}
+  # The reference is the base: the adapted policy starts on it exactly (B = 0).
+  np.testing.assert_allclose(rows[1]['loss'], np.log(2.0), rtol=1e-6)
+  assert rows[3]['loss'] != rows[1]['loss']  # Step 1's rate is 0 (warm-up).
+  config = post_training_config(grpo, workdir, num_steps=2, log_every=1, learning_rate=1e-2)
+  config.train.grpo.update(max_new_tokens=8, group_size=2)
+  config.data.batch_size = 2
+  config.lora.update(rank=4, base_dtype='int8')
+  history, _ = loop.train(config, str(tmp_path / 'grpo'), jax.devices()[:1])
+  assert all(np.isfinite(row['loss']) for row in history if 'loss' in row)

@@ -197,11 +197,13 @@ def _restore_latest(checkpointer, setup, train_iterator, config, tokenizer):
           f' process(es) and this run has {jax.process_count()}: each process resumes its own'
           f' share of the data streams; resume with {processes} processes, or use a new'
           ' --workdir')
-    if 'imported_from' in saved_config:
-      raise ConfigError(
-          f'{checkpointer.directory} holds a model imported from'
-          f' {saved_config.imported_from} (experiments.convert), not a training run: start'
-          ' from it with --config.train.init_from=<its workdir> and a new --workdir')
+    for field, made_by in (('imported_from', 'experiments.convert'),
+                           ('merged_from', 'experiments.merge')):
+      if field in saved_config:
+        raise ConfigError(
+            f'{checkpointer.directory} holds a model {field.replace("_", " ")}'
+            f' {saved_config[field]} ({made_by}), not a training run: start from it with'
+            ' --config.train.init_from=<its workdir> and a new --workdir')
     tokenizer_lib.check_same(saved_tokenizer, tokenizer, checkpointer.directory)
     checkpointing.check_compatible(saved_config, config, checkpointer.directory)
     try:
