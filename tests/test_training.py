@@ -134,8 +134,8 @@ def test_learning_rate_warms_up_linearly_then_decays_by_cosine():
 
 def test_a_non_finite_loss_stops_the_run_with_its_step(tiny_config, tmp_path, monkeypatch):
   original = steps.train_step
-  def poisoned(state, batch, reference_params, **kwargs):
-    state, metrics = original(state, batch, reference_params, **kwargs)
+  def poisoned(state, batch, reference_params, base_params, **kwargs):
+    state, metrics = original(state, batch, reference_params, base_params, **kwargs)
     metrics['loss'] = jnp.where(state.step >= 3, jnp.nan, metrics['loss'])
     return state, metrics
   monkeypatch.setattr(steps, 'train_step', poisoned)
