@@ -17,7 +17,7 @@ import math
 import os
 import statistics
 
-from absl import app, flags
+from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -93,6 +93,7 @@ def shape_row(name: str, rank: int, base_dtype: str = '') -> dict:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.ERROR)  # orbax logs every file it reads and writes.
   if _INIT_FROM.value:
     rows = [measured_row('full SFT', run_config(0))]
     for rank in map(int, _RANKS.value):

@@ -1,8 +1,10 @@
-"""Evaluate a run's checkpoint on tasks: built-in names or JSON-lines files.
+"""Evaluate a run's checkpoint on tasks: built-in names, JSON-lines files, or the field's
+benchmarks from their published files (lm/evaluation/benchmarks.py).
 
   python -m experiments.evaluate --workdir=/tmp/lm_default \
       --task=stdlib_perplexity --task=arithmetic_choice --task=arithmetic [--num_shots=3]
       [--task=my_task.jsonl --limit=100 --self_consistency=5]
+      [--task=mmlu:DIR --task=hellaswag:FILE --task=arc:FILE --task=gsm8k:FILE]
 
 Prints a table and adds the results, task by task, to <workdir>/eval/step_<step>.json
 (lm/evaluation/results.py). Task formats are in lm/evaluation/tasks.py.
@@ -16,7 +18,7 @@ import jax
 from experiments import cli
 from lm import sharding
 from lm.errors import check
-from lm.evaluation import builtin, harness, inputs, results, scoring, tasks
+from lm.evaluation import benchmarks, builtin, harness, inputs, results, scoring, tasks
 from lm.training import checkpointing
 
 _WORKDIR, _STEP = cli.checkpoint_flags()
@@ -28,7 +30,9 @@ _LIMIT = flags.DEFINE_integer('limit', None, 'Evaluate the first N records of ea
 _SELF_CONSISTENCY = flags.DEFINE_integer(
     'self_consistency', 1, 'Generation tasks: sample this many answers and take the majority.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.7, 'Sampling temperature for self-consistency.')
-_MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 16, 'Generation tasks: answer length.')
+_MAX_NEW_TOKENS = flags.DEFINE_integer(
+    'max_new_tokens', None, 'Generation tasks: answer length (default: 16; 256 for a chain'
+    ' of thought, as gsm8k).')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 16, 'Sequences per forward pass.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed for few-shot draws and sampling.')
 
@@ -43,7 +47,8 @@ def check_flags() -> None:
       (_NUM_SHOTS.value >= 0, f'--num_shots={_NUM_SHOTS.value} must be >= 0'),
       (_SELF_CONSISTENCY.value >= 1,
        f'--self_consistency={_SELF_CONSISTENCY.value} must be at least 1'),
-      (_MAX_NEW_TOKENS.value >= 1, f'--max_new_tokens={_MAX_NEW_TOKENS.value} must be at least 1'),
+      (_MAX_NEW_TOKENS.value is None or _MAX_NEW_TOKENS.value >= 1,
+       f'--max_new_tokens={_MAX_NEW_TOKENS.value} must be at least 1'),
       (math.isfinite(temperature) and temperature >= 0,
        f'--temperature={temperature} must be a number >= 0'),
       inputs.seed_check(_SEED.value),
@@ -53,7 +58,19 @@ def check_flags() -> None:
 def load_task(name: str) -> tasks.Task:
   if name in builtin.BUILTIN_TASKS:
     return builtin.BUILTIN_TASKS[name]()
+  if benchmarks.is_benchmark(name):
+    task = benchmarks.load(name)
+    check(not (task.fixed_shots and _NUM_SHOTS.value),
+          f'--num_shots={_NUM_SHOTS.value}: --task={name} uses its published'
+          f' {task.fixed_shots} shots; leave --num_shots at 0')
+    return task
   return tasks.load(name)
+
+
+def max_new_tokens(task: tasks.Task) -> int:
+  if _MAX_NEW_TOKENS.value is not None:
+    return _MAX_NEW_TOKENS.value
+  return 256 if task.extract == 'chain_of_thought' else 16
 
 
 def main():
@@ -62,9 +79,10 @@ def main():
   run = checkpointing.restore_for_inference(_WORKDIR.value, _STEP.value)
   inputs.check_finite_params(run.params, _WORKDIR.value, run.step)
   max_seq_len = run.config.model.max_seq_len
-  check(_MAX_NEW_TOKENS.value < max_seq_len,
-        f'--max_new_tokens={_MAX_NEW_TOKENS.value} leaves no room for a prompt in the model'
-        f' max_seq_len={max_seq_len}')
+  for task in task_list:
+    check(task.kind != 'generation' or max_new_tokens(task) < max_seq_len,
+          f'--max_new_tokens={max_new_tokens(task)} leaves no room for a prompt of'
+          f' {task.name} in the model max_seq_len={max_seq_len}')
   scorer = scoring.Scorer(run.model, run.params, run.tokenizer,
                           max_length=run.config.data.seq_len, batch_size=_BATCH_SIZE.value)
   metrics_by_task = {}
@@ -73,7 +91,7 @@ def main():
     for task in task_list:
       metrics_by_task[task.name] = {'kind': task.kind, **harness.evaluate(
           task, scorer, num_shots=_NUM_SHOTS.value, seed=_SEED.value, limit=_LIMIT.value,
-          max_new_tokens=_MAX_NEW_TOKENS.value, self_consistency=_SELF_CONSISTENCY.value,
+          max_new_tokens=max_new_tokens(task), self_consistency=_SELF_CONSISTENCY.value,
           temperature=_TEMPERATURE.value)}
   if jax.process_index() != 0:
     return
@@ -82,14 +100,17 @@ def main():
   print(f'{"task":<22}{"kind":<17}metrics')
   for name, metrics in metrics_by_task.items():
     shown = ', '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
-                      for k, v in metrics.items() if k != 'kind')
+                      for k, v in metrics.items() if k != 'kind' and not isinstance(v, dict))
     print(f'{name:<22}{metrics["kind"]:<17}{shown}')
+    for subject, accuracy in metrics.get('acc_by_subject', {}).items():
+      print(f'  {subject:<40}acc={accuracy:.4f}')
 
   # Printed first, so a results file that cannot be written loses nothing.
   path = results.path(_WORKDIR.value, run.step)
   settings = {'num_shots': _NUM_SHOTS.value, 'limit': _LIMIT.value, 'seed': _SEED.value,
               'self_consistency': _SELF_CONSISTENCY.value, 'temperature': _TEMPERATURE.value,
-              'max_new_tokens': _MAX_NEW_TOKENS.value}
+              'max_new_tokens': {task.name: max_new_tokens(task) for task in task_list
+                                 if task.kind == 'generation'}}
   results.save(path, run.step, metrics_by_task, settings)
   print(f'wrote {path}')
 

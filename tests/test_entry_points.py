@@ -128,6 +128,30 @@ def test_evaluate_command_prints_a_table_and_writes_json(trained_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_evaluate_command_reads_published_benchmark_files(trained_run, tmp_path):
+  workdir, _ = trained_run
+  for split, count in (('dev', 5), ('test', 2)):
+    (tmp_path / 'mmlu' / split).mkdir(parents=True)
+    (tmp_path / 'mmlu' / split / f'virology_{split}.csv').write_text(''.join(
+        f'"Is {i} a virus?",yes,no,maybe,never,{"ABCD"[i % 4]}\n' for i in range(count)))
+  gsm8k = tmp_path / 'gsm8k.jsonl'
+  gsm8k.write_text('{"question": "What is 2 + 2?", "answer": "2 + 2 = 4\\n#### 4"}\n')
+  result = run([sys.executable, '-m', 'experiments.evaluate', f'--workdir={workdir}',
+                f'--task=mmlu:{tmp_path / "mmlu"}', f'--task=gsm8k:{gsm8k}',
+                '--max_new_tokens=8'])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'virology' in result.stdout and 'exact_match_strict=' in result.stdout
+  with open(workdir / 'eval' / 'step_20.json') as f:
+    written = json.load(f)['results']
+  assert set(written['mmlu']['acc_by_subject']) == {'virology'}
+  assert written['gsm8k']['examples'] == 1
+  refused = run([sys.executable, '-m', 'experiments.evaluate', f'--workdir={workdir}',
+                 f'--task=gsm8k:{gsm8k}', '--num_shots=2'])
+  assert refused.returncode != 0 and 'published 8 shots' in refused.stderr
+  assert len(refused.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
 def test_sample_and_evaluate_name_a_workdir_without_checkpoints(tmp_path):
   for module in ('experiments.sample', 'experiments.evaluate'):
     result = run([sys.executable, '-m', module, f'--workdir={tmp_path}', '--prompt=x'

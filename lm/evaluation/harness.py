@@ -2,16 +2,19 @@
 
 - perplexity: token loss, perplexity and bits per byte over every document.
 - multiple_choice: accuracy by the summed log-likelihood of each choice, and by that sum
-  divided by the choice's length in bytes (length-normalised, like common harnesses'
-  acc_norm), so long choices are not penalised for their length.
+  divided by the choice's length in bytes (length-normalised), so long choices are not
+  penalised for their length. Benchmarks report lm-evaluation-harness's names and
+  normalisation: acc, and acc_norm per character; MMLU also per subject.
 - generation: exact match of the extracted answer; with `self_consistency` = k > 1,
-  k sampled answers per example and the majority vote.
+  k sampled answers per example and the majority vote. Chain-of-thought tasks (GSM8K)
+  score the strict extraction ("The answer is N") and the flexible one (the last number).
 """
 
 import collections
 import math
 import re
 
+from lm.evaluation import benchmarks
 from lm.evaluation import tasks as tasks_lib
 
 _NUMBER = re.compile(r'-?\d+(?:\.\d+)?')
@@ -42,6 +45,10 @@ def evaluate(task: tasks_lib.Task, scorer, *, num_shots: int = 0, seed: int = 0,
   indices = range(len(task.records))[:limit]
   records = [task.records[i] for i in indices]
   prefixes = [tasks_lib.few_shot_prefix(task, i, num_shots, seed) for i in indices]
+  if task.delimiter or task.extract != 'first_line':
+    return _evaluate_benchmark(task, records, scorer, max_new_tokens=max_new_tokens,
+                               self_consistency=self_consistency, temperature=temperature,
+                               seed=seed)
 
   if task.kind == 'perplexity':
     nats, tokens, num_bytes = 0.0, 0, 0
@@ -80,3 +87,41 @@ def evaluate(task: tasks_lib.Task, scorer, *, num_shots: int = 0, seed: int = 0,
   matches = sum(normalize(a) == normalize(r['answer']) for a, r in zip(answers, records))
   return {'exact_match': matches / len(records), 'examples': len(records),
           'self_consistency': self_consistency}
+
+
+def _evaluate_benchmark(task, records, scorer, *, max_new_tokens, self_consistency,
+                        temperature, seed) -> dict:
+  """A published benchmark, scored as lm-evaluation-harness scores it."""
+  if task.kind == 'multiple_choice':
+    pairs = [(r['context'], task.delimiter + choice) for r in records for choice in r['choices']]
+    scores = iter(scorer.continuation_log_likelihoods(pairs))
+    right, right_norm = [], []
+    for record in records:
+      log_likelihoods = [next(scores)[0] for _ in record['choices']]
+      per_char = [ll / max(len(c), 1) for ll, c in zip(log_likelihoods, record['choices'])]
+      right.append(log_likelihoods.index(max(log_likelihoods)) == record['answer'])
+      right_norm.append(per_char.index(max(per_char)) == record['answer'])
+    metrics = {'acc': sum(right) / len(records), 'acc_norm': sum(right_norm) / len(records),
+               'examples': len(records)}
+    if 'subject' in records[0]:
+      by_subject = collections.defaultdict(list)
+      for record, ok in zip(records, right):
+        by_subject[record['subject']].append(ok)
+      metrics['acc_by_subject'] = {subject: sum(oks) / len(oks)
+                                   for subject, oks in sorted(by_subject.items())}
+    return metrics
+
+  prompts = [r['prompt'] for r in records]
+  samples = [scorer.complete(prompts, max_new_tokens=max_new_tokens,
+                             temperature=temperature if self_consistency > 1 else 0.0,
+                             seed=seed + 1000 * k, stops=task.stops)
+             for k in range(self_consistency)]
+  metrics = {'examples': len(records), 'self_consistency': self_consistency}
+  for name, extract in (('strict', benchmarks.strict_answer),
+                        ('flexible', benchmarks.flexible_answer)):
+    answers = [majority_vote([benchmarks.normalize_number(extract(s[i])) for s in samples])
+               for i in range(len(records))]
+    metrics[f'exact_match_{name}'] = sum(
+        answer == benchmarks.normalize_number(r['answer'])
+        for answer, r in zip(answers, records)) / len(records)
+  return metrics

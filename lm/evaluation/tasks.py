@@ -32,6 +32,11 @@ class Task:
   name: str
   kind: str
   records: list[dict]
+  # Benchmarks (lm/evaluation/benchmarks.py) set these as lm-evaluation-harness does.
+  delimiter: str = ''  # Between a multiple-choice context and each choice.
+  fixed_shots: int = 0  # Shots already in each record's prompt (--num_shots then refused).
+  stops: tuple[str, ...] = ()  # Generation ends at the first; () : at the first line.
+  extract: str = 'first_line'  # Or 'chain_of_thought' (benchmarks.strict_answer, ...).
 
 
 def kind_of(record: dict, where: str) -> str:
