@@ -260,9 +260,9 @@ def test_a_dpo_family_run_keeps_a_reference_only_if_its_loss_reads_one(
     loss, pretrained, tmp_path, monkeypatch):
   given_reference = []
   original = steps.train_step
-  def spy(state, batch, reference_params=None, **options):
+  def spy(state, batch, reference_params=None, base_params=None, **options):
     given_reference.append(reference_params is not None)
-    return original(state, batch, reference_params, **options)
+    return original(state, batch, reference_params, base_params, **options)
   monkeypatch.setattr(steps, 'train_step', spy)
 
   config = post_training_config(dpo_config, pretrained[0], num_steps=2, warmup_steps=0,

@@ -188,7 +188,8 @@ def test_grpo_loss_at_the_reference_is_the_advantage_weighted_log_likelihood_gra
     return jnp.sum(batch['advantages'][:, :1] * batch['loss_mask'][:, 1:] * chosen)
   grads = jax.jit(jax.grad(lambda p: loss(p, batch, params)[0]))(params)
   want = jax.tree.map(jnp.negative, jax.jit(jax.grad(weighted_log_likelihood))(params))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, want)
+  # Two float32 sums over 8 rows in different orders: seen 2.4e-6 apart where 1e-2.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads, want)
 
   # A first update with the sampler's log-probs, as when a rollout serves several: they
   # are the policy's own (micro-batched here), so the same gradient and nothing clipped.
@@ -198,7 +199,7 @@ def test_grpo_loss_at_the_reference_is_the_advantage_weighted_log_likelihood_gra
                                                     train_config=in_halves)
   assert loss(params, batch, params)[1]['clipped'] == 0
   grads = jax.jit(jax.grad(lambda p: loss(p, batch, params)[0]))(params)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, want)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads, want)
 
 
 def letters(example, completion, finished):
@@ -290,7 +291,7 @@ def test_grpo_on_a_data_and_fsdp_mesh_matches_one_device(one_device_run, pretrai
   for got, want in zip(mesh_history, history, strict=True):
     assert got['reward'] == want['reward'] and got['finished'] == want['finished']
     np.testing.assert_allclose(got['loss'], want['loss'], rtol=1e-5, atol=1e-7)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                mesh_state.params, state.params)
   kernel = mesh_state.params['layer_0']['mlp']['wi_gate']['kernel']  # [embed 64, mlp 128]
   assert kernel.addressable_shards[0].data.shape == (32, 128)

@@ -1,5 +1,5 @@
 """Several processes, as on several hosts: 2 processes x 4 CPU devices, connected over
-localhost, against 1 process x 8 devices (tests/multiprocess.py starts them)."""
+localhost, against 1 process x 8 devices (tests/local_processes.py starts them)."""
 
 import os
 import re
@@ -9,7 +9,7 @@ import time
 import pytest
 
 from helpers import write_corpus
-import multiprocess
+import local_processes
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,7 @@ def pretrain_flags(corpus: str, workdir, num_steps: int = 6) -> list[str]:
 def one_process(corpus, tmp_path_factory):
   """The pretraining run on 1 process x 8 devices: (workdir, its losses)."""
   workdir = tmp_path_factory.mktemp('one_process') / 'run'
-  [result] = multiprocess.launch('train', *pretrain_flags(corpus, workdir), num_processes=1,
+  [result] = local_processes.launch('train', *pretrain_flags(corpus, workdir), num_processes=1,
                                  devices_per_process=8)
   assert_ok([result])
   return workdir, losses(result.stdout)
@@ -57,7 +57,7 @@ def test_two_processes_train_as_one_then_resume_exactly_after_sigterm(
   _, want = one_process
   assert sorted(want) == [1, 2, 3, 4, 5, 6]
 
-  results = multiprocess.launch('train', *pretrain_flags(corpus, tmp_path / 'whole'))
+  results = local_processes.launch('train', *pretrain_flags(corpus, tmp_path / 'whole'))
   assert_ok(results)
   assert losses(results[0].stdout) == want
   assert losses(results[1].stdout) == {}  # Only process 0 logs.
@@ -67,17 +67,17 @@ def test_two_processes_train_as_one_then_resume_exactly_after_sigterm(
 
   # SIGTERM to both once the first checkpoint is written, as a scheduler does; resume.
   workdir = tmp_path / 'interrupted'
-  processes = multiprocess.start('train', *pretrain_flags(corpus, workdir))
+  processes = local_processes.start('train', *pretrain_flags(corpus, workdir))
   deadline = time.time() + 300
   while not (workdir / 'checkpoints' / '2').exists() and time.time() < deadline:
     time.sleep(0.2)
   for process in processes:
     process.send_signal(signal.SIGTERM)
-  first = multiprocess.wait(processes)
+  first = local_processes.wait(processes)
   assert_ok(first)
   stopped = re.search(r'stopped at step (\d+)', first[0].stdout + first[0].stderr)
   assert stopped, first[0].stdout[-2000:]
-  resumed = multiprocess.launch('train', *pretrain_flags(corpus, workdir))
+  resumed = local_processes.launch('train', *pretrain_flags(corpus, workdir))
   assert_ok(resumed)
   rows = {**losses(first[0].stdout), **losses(resumed[0].stdout)}
   assert rows == want, (stopped.group(1), rows)
@@ -85,7 +85,7 @@ def test_two_processes_train_as_one_then_resume_exactly_after_sigterm(
 
 def test_resuming_with_another_number_of_processes_is_refused(corpus, one_process, tmp_path):
   workdir, _ = one_process
-  results = multiprocess.launch('train', *pretrain_flags(corpus, workdir, num_steps=8))
+  results = local_processes.launch('train', *pretrain_flags(corpus, workdir, num_steps=8))
   for result in results:
     assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1].startswith(
@@ -95,7 +95,7 @@ def test_resuming_with_another_number_of_processes_is_refused(corpus, one_proces
 
 def test_an_error_on_one_process_stops_every_process_in_one_line(corpus, tmp_path):
   # Only process 1 is given a bad value: process 0 goes on, and waits for it in vain.
-  results = multiprocess.launch('train', *pretrain_flags(corpus, tmp_path / 'run'),
+  results = local_processes.launch('train', *pretrain_flags(corpus, tmp_path / 'run'),
                                 only={1: ['--config.train.learning_rate=-1']}, timeout=300)
   for result in results:
     assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
@@ -116,9 +116,9 @@ def test_post_training_on_two_processes_gives_the_losses_of_one(objective, one_p
       '--config.train.num_steps=3', '--config.train.warmup_steps=1',
       '--config.train.eval_every=3', '--config.train.log_every=1', '--config.data.streams=2',
       '--config.data.batch_size=8']
-  [one] = multiprocess.launch('train', *flags(tmp_path / 'one'), num_processes=1,
+  [one] = local_processes.launch('train', *flags(tmp_path / 'one'), num_processes=1,
                               devices_per_process=8)
-  two = multiprocess.launch('train', *flags(tmp_path / 'two'))
+  two = local_processes.launch('train', *flags(tmp_path / 'two'))
   assert_ok([one, *two])
   assert losses(two[0].stdout) == losses(one.stdout) and len(losses(one.stdout)) == 3
   if objective == 'grpo':  # Rewards, from every process's rows, averaged.
@@ -134,9 +134,9 @@ def test_sample_and_evaluate_on_two_processes_give_what_one_gives(one_process):
               '--batch_size=4', '--max_new_tokens=6', f'--workdir={workdir}']
   outputs = {}
   for processes, devices in ((1, 1), (1, 8), (2, 4)):
-    sampled = multiprocess.launch('sample', *sample, num_processes=processes,
+    sampled = local_processes.launch('sample', *sample, num_processes=processes,
                                   devices_per_process=devices)
-    scored = multiprocess.launch('evaluate', *evaluate, num_processes=processes,
+    scored = local_processes.launch('evaluate', *evaluate, num_processes=processes,
                                  devices_per_process=devices)
     assert_ok(sampled + scored)
     assert all(not result.stdout for result in sampled[1:] + scored[1:])  # Process 0 reports.
@@ -154,8 +154,8 @@ def test_convert_in_and_out_on_two_processes_keeps_every_tensor(tmp_path):
   from test_convert import write_checkpoint
   write_checkpoint(tmp_path / 'hf')
   workdir, output = tmp_path / 'imported', tmp_path / 'exported'
-  assert_ok(multiprocess.launch('convert', f'--from_hf={tmp_path / "hf"}', f'--workdir={workdir}'))
-  results = multiprocess.launch('convert', '--to_hf', f'--workdir={workdir}', f'--output={output}')
+  assert_ok(local_processes.launch('convert', f'--from_hf={tmp_path / "hf"}', f'--workdir={workdir}'))
+  results = local_processes.launch('convert', '--to_hf', f'--workdir={workdir}', f'--output={output}')
   assert_ok(results)
   assert 'exported' in results[0].stdout and 'exported' not in results[1].stdout
   original, exported = (load_file(path / 'model.safetensors') for path in (tmp_path / 'hf', output))

@@ -22,7 +22,6 @@ harness does. A wrong or partial file is named with file:line and the field.
 
 import csv
 import glob
-import json
 import os
 import re
 
@@ -43,21 +42,10 @@ def is_benchmark(spec: str) -> bool:
   return spec.partition(':')[0] in READERS and ':' in spec
 
 
-def _json_lines(path: str, flag_value: str):
-  """(file:line, record) for each non-blank line of `path`."""
+def _json_lines(path: str, spec: str):
   if not os.path.isfile(path):
-    raise ConfigError(f'--task={flag_value}: no such file {path!r}')
-  for number, line in enumerate(inputs.read_lines(path, '--task'), start=1):
-    if not line.strip():
-      continue
-    where = f'{path}:{number}'
-    try:
-      record = json.loads(line)
-    except (ValueError, RecursionError) as error:
-      raise ConfigError(f'{where} is not valid JSON: {error}') from error
-    if not isinstance(record, dict):
-      raise ConfigError(f'{where}: each line must be a JSON object')
-    yield where, record
+    raise ConfigError(f'--task={spec}: no such file {path!r}')
+  return inputs.json_records(path, '--task')
 
 
 def _field(record: dict, name: str, where: str, kind=str, what: str = 'a string'):

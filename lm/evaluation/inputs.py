@@ -2,6 +2,7 @@
 checkpoint's params), each failure one ConfigError naming the flag or file:line."""
 
 import io
+import json
 import os
 
 import jax
@@ -58,3 +59,19 @@ def check_finite_params(params, workdir: str, step: int) -> None:
   if bad:
     raise ConfigError(f'--workdir={workdir}: the params of step {step} are not finite'
                       f' (NaN or Inf), e.g. {bad[0]}')
+
+
+def json_records(path: str, flag: str):
+  """(file:line, object) for each non-blank line of the JSON-lines file `flag`=`path`;
+  a line that is not a JSON object is named by file:line."""
+  for number, line in enumerate(read_lines(path, flag), start=1):
+    if not line.strip():
+      continue
+    where = f'{path}:{number}'
+    try:
+      record = json.loads(line)
+    except (ValueError, RecursionError) as error:  # Also ints too long, nesting too deep.
+      raise ConfigError(f'{where} is not valid JSON: {error}') from error
+    if not isinstance(record, dict):
+      raise ConfigError(f'{where}: each line must be a JSON object')
+    yield where, record

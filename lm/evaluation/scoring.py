@@ -74,13 +74,13 @@ class Scorer:
     return sum(s[0] for s in scored), sum(s[1] for s in scored)
 
   def complete(self, prompts: list[str], *, max_new_tokens: int, temperature: float,
-               seed: int, stops: tuple[str, ...] = ()) -> list[str]:
+               seed: int, stops: tuple[str, ...] | None = None) -> list[str]:
     """Completions up to the end of turn (the tokenizer's stop ids) or max_new_tokens;
-    without `stops`, also the first newline (one-line answers); with them, cut before the
+    with `stops` None, also the first newline (one-line answers); else cut before the
     first of those strings (a multi-line chain of thought)."""
     stop_ids = tuple(self.tokenizer.stop_ids)
     newline = list(self.tokenizer.encode('\n'))
-    if not stops and len(newline) == 1:
+    if stops is None and len(newline) == 1:
       stop_ids += tuple(newline)
     completions = []
     for start in range(0, len(prompts), self.batch_size):
@@ -88,7 +88,7 @@ class Scorer:
           self.model, self.params, self.tokenizer, prompts[start:start + self.batch_size],
           max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + start,
           stop_ids=stop_ids)
-    return [cut_at_stops(c, stops) for c in completions]
+    return [cut_at_stops(c, stops or ()) for c in completions]
 
 
 def cut_at_stops(text: str, stops: tuple[str, ...]) -> str:

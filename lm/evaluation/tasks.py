@@ -12,7 +12,6 @@ are the same records, generated.
 """
 
 import dataclasses
-import json
 import os
 import random
 
@@ -82,16 +81,7 @@ def load(path: str) -> Task:
   if not os.path.isfile(path):
     raise ConfigError(f'--task={path}: no such file (or built-in task)')
   records, kind = [], None
-  for line_number, line in enumerate(inputs.read_lines(path, '--task'), start=1):
-    if not line.strip():
-      continue
-    where = f'{path}:{line_number}'
-    try:
-      record = json.loads(line)
-    except (ValueError, RecursionError) as error:  # Also ints too long, nesting too deep.
-      raise ConfigError(f'{where} is not valid JSON: {error}') from error
-    if not isinstance(record, dict):
-      raise ConfigError(f'{where}: each line must be a JSON object')
+  for where, record in inputs.json_records(path, '--task'):
     record_kind = kind_of(record, where)
     if kind is not None and record_kind != kind:
       raise ConfigError(f'{where} is a {record_kind} record in a {kind} task')

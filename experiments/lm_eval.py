@@ -1,0 +1,20 @@
+"""lm-evaluation-harness's command line with lm registered as its model `lm`.
+
+  python -m experiments.lm_eval --model lm --model_args workdir=/tmp/lm_default \
+      --tasks my_task --include_path DIR_OF_TASK_YAMLS [--limit N] [--log_samples ...]
+
+Every flag is lm_eval's (`lm_eval run --help`). Needs the `eval` extra:
+pip install -e ".[eval]". The adapter is lm/evaluation/lm_eval_model.py.
+"""
+
+import os
+
+# The harness's tasks read local files here; nothing is downloaded.
+os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
+
+from lm_eval import __main__ as lm_eval_main  # noqa: E402
+
+from lm.evaluation import lm_eval_model  # noqa: E402,F401  (registers the model 'lm')
+
+if __name__ == '__main__':
+  lm_eval_main.cli_evaluate()
