@@ -16,7 +16,7 @@ from absl import flags
 import jax
 
 from experiments import cli
-from lm import sharding
+from lm import chat, sharding
 from lm.errors import check
 from lm.evaluation import benchmarks, builtin, harness, inputs, results, scoring, tasks
 from lm.training import checkpointing
@@ -35,6 +35,9 @@ _MAX_NEW_TOKENS = flags.DEFINE_integer(
     ' of thought, as gsm8k).')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 16, 'Sequences per forward pass.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed for few-shot draws and sampling.')
+_CHAT = flags.DEFINE_bool(
+    'chat', False, "Prompt through the model's chat template: each prompt, shots included,"
+    " one user message; answers are the assistant's, ending at its end of turn.")
 
 
 def check_flags() -> None:
@@ -52,6 +55,9 @@ def check_flags() -> None:
       (math.isfinite(temperature) and temperature >= 0,
        f'--temperature={temperature} must be a number >= 0'),
       inputs.seed_check(_SEED.value),
+      (not (_CHAT.value and _NUM_SHOTS.value),
+       '--chat puts a prompt in one user message: give shots in the task (the benchmarks'
+       ' do), not --num_shots'),
   ])
 
 
@@ -83,8 +89,13 @@ def main():
     check(task.kind != 'generation' or max_new_tokens(task) < max_seq_len,
           f'--max_new_tokens={max_new_tokens(task)} leaves no room for a prompt of'
           f' {task.name} in the model max_seq_len={max_seq_len}')
+  stop_ids = None
+  if _CHAT.value:
+    task_list = [harness.as_chat(task, run.tokenizer) for task in task_list]
+    stop_ids = chat.end_of_turn_ids(run.tokenizer)
   scorer = scoring.Scorer(run.model, run.params, run.tokenizer,
-                          max_length=run.config.data.seq_len, batch_size=_BATCH_SIZE.value)
+                          max_length=run.config.data.seq_len, batch_size=_BATCH_SIZE.value,
+                          stop_ids=stop_ids)
   metrics_by_task = {}
   # Every process scores the same records over all devices; process 0 reports.
   with sharding.activate(run.mesh):
@@ -107,7 +118,7 @@ def main():
 
   # Printed first, so a results file that cannot be written loses nothing.
   path = results.path(_WORKDIR.value, run.step)
-  settings = {'num_shots': _NUM_SHOTS.value, 'limit': _LIMIT.value, 'seed': _SEED.value,
+  settings = {'num_shots': _NUM_SHOTS.value, 'chat': _CHAT.value, 'limit': _LIMIT.value, 'seed': _SEED.value,
               'self_consistency': _SELF_CONSISTENCY.value, 'temperature': _TEMPERATURE.value,
               'max_new_tokens': {task.name: max_new_tokens(task) for task in task_list
                                  if task.kind == 'generation'}}

@@ -373,6 +373,7 @@ EVALUATE_FLAGS = {
     'task': st.one_of(paths('missing', 'empty_dir', 'binary'),
                       WORDS.filter(lambda s: s not in ('arithmetic', 'arithmetic_choice',
                                                        'stdlib_perplexity'))),
+    'chat': NOT_BOOL,
 }
 GOOD_FLAGS = {
     'sample': ['--prompt=def f(', '--max_new_tokens=4', '--seed=0', '--temperature=0'],

@@ -190,3 +190,34 @@ def test_a_wrong_mmlu_file_is_named(tmp_path):
     benchmarks.load(f'mmlu:{tmp_path}')
   with pytest.raises(ConfigError, match=r'--task=mmlu:.*missing: no such directory'):
     benchmarks.load(f'mmlu:{tmp_path / "missing"}')
+
+
+def test_mmlu_parquet_as_hugging_face_publishes_it(tmp_path):
+  pyarrow_parquet = pytest.importorskip('pyarrow.parquet')
+  import pyarrow  # pylint: disable=import-outside-toplevel
+  csv_dir = tmp_path / 'csv'
+  write_csv(csv_dir / 'dev' / 'virology_dev.csv', mmlu_rows('virology', 5))
+  write_csv(csv_dir / 'test' / 'virology_test.csv', mmlu_rows('virology', 2, offset=5))
+  (tmp_path / 'hf' / 'all').mkdir(parents=True)
+  for split, rows in (('dev', mmlu_rows('virology', 5)), ('test', mmlu_rows('virology', 2, 5))):
+    table = pyarrow.Table.from_pylist([
+        dict(question=r[0], subject='virology', choices=r[1:5], answer='ABCD'.index(r[5]))
+        for r in rows])
+    pyarrow_parquet.write_table(table, tmp_path / 'hf' / 'all' / f'{split}-00000-of-00001.parquet')
+  assert (benchmarks.load(f'mmlu:{tmp_path / "hf"}').records
+          == benchmarks.load(f'mmlu:{csv_dir}').records)
+
+
+def test_chat_prompting_sends_each_prompt_as_one_user_message():
+  from lm import chat, tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+  tokenizer = tokenizer_lib.ByteTokenizer()
+  records = [dict(context='Question: Which is a gas?\nAnswer:', choices=['ice', 'steam'],
+                  answer=1)]
+  task = harness.as_chat(benchmarks.Task('arc', 'multiple_choice', records, delimiter=' '),
+                         tokenizer)
+  want = chat.render_text(tokenizer, [{'role': 'user', 'content': records[0]['context']}],
+                          add_generation_prompt=True)
+  bos = tokenizer.special_tokens.get('bos_token') or ''
+  assert task.records[0]['context'] == (want[len(bos):] if want.startswith(bos) else want)
+  assert 'Which is a gas?' in task.records[0]['context'] and task.delimiter == ' '
+  assert task.records[0]['choices'] == ['ice', 'steam']

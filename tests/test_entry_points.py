@@ -145,6 +145,11 @@ def test_evaluate_command_reads_published_benchmark_files(trained_run, tmp_path)
     written = json.load(f)['results']
   assert set(written['mmlu']['acc_by_subject']) == {'virology'}
   assert written['gsm8k']['examples'] == 1
+  chatted = run([sys.executable, '-m', 'experiments.evaluate', f'--workdir={workdir}',
+                 f'--task=gsm8k:{gsm8k}', '--max_new_tokens=8', '--chat'])
+  assert chatted.returncode == 0, chatted.stderr[-3000:]
+  with open(workdir / 'eval' / 'step_20.json') as f:
+    assert json.load(f)['settings']['chat'] is True
   refused = run([sys.executable, '-m', 'experiments.evaluate', f'--workdir={workdir}',
                  f'--task=gsm8k:{gsm8k}', '--num_shots=2'])
   assert refused.returncode != 0 and 'published 8 shots' in refused.stderr

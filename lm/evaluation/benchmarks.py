@@ -3,9 +3,10 @@ prompt formats and metrics, so a number here means what one there does.
 
   --task=mmlu:DIR        MMLU: DIR/dev/*_dev.csv and DIR/test/*_test.csv as the original
                          archive has them (question, A, B, C, D, answer letter; no header),
-                         or DIR/dev.jsonl and DIR/test.jsonl in the Hugging Face rows
-                         ({question, subject, choices, answer}). 5-shot from the subject's
-                         dev rows; acc over " A".." D", and per subject.
+                         or the Hugging Face rows ({question, subject, choices, answer}) as
+                         DIR/**/{dev,test}-*.parquet (with pyarrow) or DIR/{dev,test}.jsonl.
+                         5-shot from the subject's dev rows; acc over " A".." D", and per
+                         subject.
   --task=hellaswag:FILE  HellaSwag JSON lines (ctx_a, ctx_b, activity_label, endings,
                          label); 0-shot; acc and acc_norm.
   --task=arc:FILE        ARC-Easy or -Challenge JSON lines (AI2's {question: {stem, choices}}
@@ -75,7 +76,13 @@ def _mmlu_rows(directory: str, split: str, spec: str) -> list[dict]:
   rows = []
   csv_files = sorted(glob.glob(os.path.join(directory, split, f'*_{split}.csv')))
   jsonl = os.path.join(directory, f'{split}.jsonl')
-  if csv_files:
+  parquet = sorted(glob.glob(os.path.join(directory, '**', f'{split}-*.parquet'),
+                             recursive=True))
+  if parquet:
+    for path in parquet:
+      for number, record in enumerate(_parquet_rows(path, spec), start=1):
+        rows.append(_mmlu_record(record, f'{path} row {number}'))
+  elif csv_files:
     for path in csv_files:
       subject = os.path.basename(path)[:-len(f'_{split}.csv')]
       with open(path, newline='', encoding='utf-8') as f:
@@ -87,20 +94,36 @@ def _mmlu_rows(directory: str, split: str, spec: str) -> list[dict]:
           rows.append(dict(subject=subject, question=cells[0], choices=cells[1:5],
                            answer=LETTERS.index(cells[5].strip()), where=where))
   elif os.path.isfile(jsonl):
-    for where, record in _json_lines(jsonl, spec):
-      choices = _field(record, 'choices', where, list, 'a list of 4 strings')
-      if len(choices) != 4 or not all(isinstance(c, str) for c in choices):
-        raise ConfigError(f'{where}: "choices" must be a list of 4 strings')
-      answer = _field(record, 'answer', where, int, 'an index 0-3')
-      if not 0 <= answer < 4:
-        raise ConfigError(f'{where}: "answer" must be an index 0-3 (got {answer})')
-      rows.append(dict(subject=_field(record, 'subject', where), choices=choices,
-                       question=_field(record, 'question', where), answer=answer,
-                       where=where))
+    rows = [_mmlu_record(record, where) for where, record in _json_lines(jsonl, spec)]
   else:
-    raise ConfigError(f'--task={spec}: {directory} has neither {split}/*_{split}.csv nor'
-                      f' {split}.jsonl')
+    raise ConfigError(f'--task={spec}: {directory} has no {split}/*_{split}.csv,'
+                      f' {split}.jsonl or {split}-*.parquet')
   return rows
+
+
+def _mmlu_record(record: dict, where: str) -> dict:
+  """A Hugging Face row {question, subject, choices, answer}, checked."""
+  choices = record.get('choices')
+  if not isinstance(choices, list) or len(choices) != 4 or not all(
+      isinstance(c, str) for c in choices):
+    raise ConfigError(f'{where}: "choices" must be a list of 4 strings')
+  answer = _field(record, 'answer', where, int, 'an index 0-3')
+  if not 0 <= answer < 4:
+    raise ConfigError(f'{where}: "answer" must be an index 0-3 (got {answer})')
+  return dict(subject=_field(record, 'subject', where), choices=choices,
+              question=_field(record, 'question', where), answer=answer, where=where)
+
+
+def _parquet_rows(path: str, spec: str) -> list[dict]:
+  try:
+    import pyarrow.parquet  # pylint: disable=import-outside-toplevel (optional)
+  except ImportError as error:
+    raise ConfigError(f'--task={spec}: reading {path} needs pyarrow (pip install pyarrow),'
+                      ' or give the CSV or JSON-lines files') from error
+  try:
+    return pyarrow.parquet.read_table(path).to_pylist()
+  except Exception as error:  # pylint: disable=broad-except (pyarrow's many kinds)
+    raise ConfigError(f'{path} is not a readable parquet file ({error})') from error
 
 
 def mmlu(directory: str) -> Task:

@@ -11,8 +11,11 @@
 """
 
 import collections
+import dataclasses
 import math
 import re
+
+from lm import chat
 
 from lm.evaluation import benchmarks
 from lm.evaluation import tasks as tasks_lib
@@ -125,3 +128,19 @@ def _evaluate_benchmark(task, records, scorer, *, max_new_tokens, self_consisten
         answer == benchmarks.normalize_number(r['answer'])
         for answer, r in zip(answers, records)) / len(records)
   return metrics
+
+
+def as_chat(task: tasks_lib.Task, tokenizer) -> tasks_lib.Task:
+  """`task` with each prompt (shots included) sent as one user message through the
+  model's chat template, ending with the assistant's turn opening; the scorer adds bos
+  itself, so the template's leading bos text is dropped."""
+  if task.kind == 'perplexity':
+    return task
+  field = 'context' if task.kind == 'multiple_choice' else 'prompt'
+  bos = tokenizer.special_tokens.get('bos_token') or ''
+
+  def render(text: str) -> str:
+    rendered = chat.render_text(tokenizer, [{'role': 'user', 'content': text}],
+                                add_generation_prompt=True)
+    return rendered[len(bos):] if bos and rendered.startswith(bos) else rendered
+  return dataclasses.replace(task, records=[{**r, field: render(r[field])} for r in task.records])

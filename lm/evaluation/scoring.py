@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from lm import sampling, sharding
 
@@ -22,34 +23,42 @@ def _next_token_log_probs(params, tokens_bt, segment_ids_bt, *, model):
 
 class Scorer:
 
-  def __init__(self, model, params, tokenizer, *, max_length: int, batch_size: int = 16):
+  def __init__(self, model, params, tokenizer, *, max_length: int, batch_size: int = 16,
+               stop_ids: tuple[int, ...] | None = None):
     self.model, self.params, self.tokenizer = model, params, tokenizer
     self.max_length, self.batch_size = max_length, batch_size
+    # Where a completion ends: the tokenizer's stop ids, or a chat template's end of turn.
+    self.stop_ids = tuple(stop_ids or tokenizer.stop_ids)
 
   def score(self, sequences: list[list[int]], score_from: list[int]):
     """For each id list: (sum of log p of ids[score_from:], their count, all greedy?).
 
     Each id at index i >= 1 is predicted from ids[:i]; sequences must fit max_length.
+    Batches take the sequences longest first, so each pads little and its length bucket
+    (a multiple of 64) compiles once.
     """
-    results = []
+    results = [None] * len(sequences)
     # Rows split over every device of every process (padding rows score nothing).
     rows = -(-self.batch_size // sharding.rows_multiple()) * sharding.rows_multiple()
-    for start in range(0, len(sequences), self.batch_size):
-      chunk = sequences[start:start + self.batch_size]
-      bucket = min(-(-max(len(s) for s in chunk) // 64) * 64, self.max_length)
-      tokens = np.zeros((rows, bucket), np.int32)
-      segment_ids = np.zeros((rows, bucket), np.int32)
-      for row, ids in enumerate(chunk):
-        tokens[row, :len(ids)] = ids
-        segment_ids[row, :len(ids)] = 1
-      log_probs, greedy = sharding.to_host(_next_token_log_probs(
-          self.params, sharding.put_rows(tokens), sharding.put_rows(segment_ids),
-          model=self.model))
-      for row, ids in enumerate(chunk):
-        first = score_from[start + row]
-        span = slice(first - 1, len(ids) - 1)  # Predictions of ids[first:].
-        results.append((float(log_probs[row, span].sum()), len(ids) - first,
-                        bool(greedy[row, span].all())))
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    with _progress(len(sequences), 'scoring') as progress:
+      for start in range(0, len(order), self.batch_size):
+        chunk = order[start:start + self.batch_size]
+        bucket = min(-(-len(sequences[chunk[0]]) // 64) * 64, self.max_length)
+        tokens = np.zeros((rows, bucket), np.int32)
+        segment_ids = np.zeros((rows, bucket), np.int32)
+        for row, index in enumerate(chunk):
+          tokens[row, :len(sequences[index])] = sequences[index]
+          segment_ids[row, :len(sequences[index])] = 1
+        log_probs, greedy = sharding.to_host(_next_token_log_probs(
+            self.params, sharding.put_rows(tokens), sharding.put_rows(segment_ids),
+            model=self.model))
+        for row, index in enumerate(chunk):
+          first, length = score_from[index], len(sequences[index])
+          span = slice(first - 1, length - 1)  # Predictions of ids[first:].
+          results[index] = (float(log_probs[row, span].sum()), length - first,
+                            bool(greedy[row, span].all()))
+        progress.update(len(chunk))
     return results
 
   def continuation_log_likelihoods(self, pairs: list[tuple[str, str]]):
@@ -78,17 +87,25 @@ class Scorer:
     """Completions up to the end of turn (the tokenizer's stop ids) or max_new_tokens;
     with `stops` None, also the first newline (one-line answers); else cut before the
     first of those strings (a multi-line chain of thought)."""
-    stop_ids = tuple(self.tokenizer.stop_ids)
+    stop_ids = self.stop_ids
     newline = list(self.tokenizer.encode('\n'))
     if stops is None and len(newline) == 1:
       stop_ids += tuple(newline)
     completions = []
-    for start in range(0, len(prompts), self.batch_size):
-      completions += sampling.complete(
-          self.model, self.params, self.tokenizer, prompts[start:start + self.batch_size],
-          max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + start,
-          stop_ids=stop_ids)
+    with _progress(len(prompts), 'generating') as progress:
+      for start in range(0, len(prompts), self.batch_size):
+        completions += sampling.complete(
+            self.model, self.params, self.tokenizer, prompts[start:start + self.batch_size],
+            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + start,
+            stop_ids=stop_ids)
+        progress.update(len(prompts[start:start + self.batch_size]))
     return [cut_at_stops(c, stops or ()) for c in completions]
+
+
+def _progress(total: int, what: str):
+  """A progress bar over records on process 0, gone when done."""
+  return tqdm.tqdm(total=total, desc=what, unit='record', leave=False,
+                   disable=jax.process_index() != 0 or total < 2)
 
 
 def cut_at_stops(text: str, stops: tuple[str, ...]) -> str:
