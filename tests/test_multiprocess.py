@@ -14,12 +14,22 @@ import local_processes
 pytestmark = pytest.mark.slow
 
 
-def losses(stdout: str) -> dict[int, str]:
-  """{step: 'loss=... eval_loss=...'} as process 0 printed them (4 decimals)."""
+def losses(stdout: str) -> dict[int, dict[str, float]]:
+  """{step: {'loss': ..., 'eval_loss': ...}} as process 0 printed them (4 decimals)."""
   rows = {}
   for step, rest in re.findall(r'^step (\d+): (.*)$', stdout, re.MULTILINE):
-    rows[int(step)] = ' '.join(re.findall(r'\b(?:eval_)?loss=\S+', rest))
+    rows[int(step)] = {name: float(value) for name, value in
+                       re.findall(r'\b((?:eval_)?loss)=(-?[0-9.]+|nan|inf)', rest)}
   return rows
+
+
+def same_losses(got: dict, want: dict) -> bool:
+  """The same steps and metrics, each equal to the printed digits: 2 x 4 devices sum in
+  another order than 1 x 8, and a value on a rounding boundary prints 1e-4 apart."""
+  return got.keys() == want.keys() and all(
+      got[step].keys() == want[step].keys()
+      and all(abs(got[step][name] - want[step][name]) <= 1.01e-4 for name in got[step])
+      for step in got)
 
 
 def assert_ok(results):
@@ -59,7 +69,7 @@ def test_two_processes_train_as_one_then_resume_exactly_after_sigterm(
 
   results = local_processes.launch('train', *pretrain_flags(corpus, tmp_path / 'whole'))
   assert_ok(results)
-  assert losses(results[0].stdout) == want
+  assert same_losses(losses(results[0].stdout), want), (losses(results[0].stdout), want)
   assert losses(results[1].stdout) == {}  # Only process 0 logs.
   data = tmp_path / 'whole' / 'checkpoints' / '6' / 'data'
   assert sorted(p for p in os.listdir(data) if p.endswith('.json')) == [
@@ -80,7 +90,7 @@ def test_two_processes_train_as_one_then_resume_exactly_after_sigterm(
   resumed = local_processes.launch('train', *pretrain_flags(corpus, workdir))
   assert_ok(resumed)
   rows = {**losses(first[0].stdout), **losses(resumed[0].stdout)}
-  assert rows == want, (stopped.group(1), rows)
+  assert same_losses(rows, want), (stopped.group(1), rows, want)
 
 
 def test_resuming_with_another_number_of_processes_is_refused(corpus, one_process, tmp_path):
@@ -120,7 +130,9 @@ def test_post_training_on_two_processes_gives_the_losses_of_one(objective, one_p
                               devices_per_process=8)
   two = local_processes.launch('train', *flags(tmp_path / 'two'))
   assert_ok([one, *two])
-  assert losses(two[0].stdout) == losses(one.stdout) and len(losses(one.stdout)) == 3
+  assert same_losses(losses(two[0].stdout), losses(one.stdout)), (two[0].stdout[-2000:],
+                                                                   one.stdout[-2000:])
+  assert len(losses(one.stdout)) == 3
   if objective == 'grpo':  # Rewards, from every process's rows, averaged.
     reward = lambda result: re.findall(r'\breward=\S+', result.stdout)
     assert reward(two[0]) == reward(one) and reward(one)
