@@ -32,6 +32,10 @@ class FakeScorer:
     return [(self.scores.get((context[-12:], continuation), -100.0), 1, False)
             for context, continuation in pairs]
 
+  def choice_log_likelihoods(self, records):
+    return [self.continuation_log_likelihoods([(context, c) for c in choices])
+            for context, choices in records]
+
   def complete(self, prompts, *, max_new_tokens, temperature, seed, stops=()):
     self.calls.append((len(prompts), temperature, stops))
     return [scoring.cut_at_stops(self.completions.pop(0), stops) for _ in prompts]

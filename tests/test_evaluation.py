@@ -151,3 +151,22 @@ def test_builtin_arithmetic_answers_are_right():
     a, b = map(int, re.findall(r'\d+', record['context']))
     assert int(record['choices'][record['answer']]) == a + b
     assert len(set(record['choices'])) == 4
+
+
+@pytest.mark.parametrize('layer_pattern', ['attention', 'mamba,attention'])
+def test_choices_scored_from_one_context_pass_equal_scoring_each_pair(layer_pattern):
+  tokenizer = tokenizer_lib.ByteTokenizer()
+  config = small_model_config(vocab_size=tokenizer.vocab_size, tie_embeddings=True,
+                              layer_pattern=layer_pattern)
+  model, params = init_model(config, length=8)
+  scorer = scoring.Scorer(model, params, tokenizer, max_length=64, batch_size=2)
+  records = [('the sky is', [' blue', ' red', ' a long grey colour']),
+             ('q', [' r', ' s']),
+             ('def f(x):\n    return', [' x', ' x + 1', ' None', ' f(x)']),
+             ('x' * 60, [' too long for one pass'])]  # Cut at the context's start instead.
+  got = scorer.choice_log_likelihoods(records)
+  want = scorer.continuation_log_likelihoods(
+      [(context, choice) for context, choices in records for choice in choices])
+  flat = [choice for record in got for choice in record]
+  assert [c[1:] for c in flat] == [w[1:] for w in want]  # Token counts, greedy flags.
+  np.testing.assert_allclose([c[0] for c in flat], [w[0] for w in want], rtol=1e-5, atol=1e-5)

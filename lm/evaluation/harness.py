@@ -96,11 +96,12 @@ def _evaluate_benchmark(task, records, scorer, *, max_new_tokens, self_consisten
                         temperature, seed) -> dict:
   """A published benchmark, scored as lm-evaluation-harness scores it."""
   if task.kind == 'multiple_choice':
-    pairs = [(r['context'], task.delimiter + choice) for r in records for choice in r['choices']]
-    scores = iter(scorer.continuation_log_likelihoods(pairs))
+    # A record's context runs once for all its choices.
+    scored = scorer.choice_log_likelihoods(
+        [(r['context'], [task.delimiter + c for c in r['choices']]) for r in records])
     right, right_norm = [], []
-    for record in records:
-      log_likelihoods = [next(scores)[0] for _ in record['choices']]
+    for record, choice_scores in zip(records, scored):
+      log_likelihoods = [score[0] for score in choice_scores]
       per_char = [ll / max(len(c), 1) for ll, c in zip(log_likelihoods, record['choices'])]
       right.append(log_likelihoods.index(max(log_likelihoods)) == record['answer'])
       right_norm.append(per_char.index(max(per_char)) == record['answer'])

@@ -30,10 +30,20 @@ class LmEvalModel(LM):
                                  max_length=self.max_length, batch_size=int(batch_size))
 
   def loglikelihood(self, requests, disable_tqdm: bool = False):
-    pairs = [request.args for request in requests]
+    """Requests that share a context (a multiple-choice question's choices) are scored
+    from one pass over it."""
+    by_context = {}
+    for index, request in enumerate(requests):
+      context, continuation = request.args
+      by_context.setdefault(context, []).append((index, continuation))
     with sharding.activate(self.run.mesh):
-      scored = self.scorer.continuation_log_likelihoods(pairs)
-    return [(log_likelihood, greedy) for log_likelihood, _, greedy in scored]
+      scored = self.scorer.choice_log_likelihoods(
+          [(context, [c for _, c in members]) for context, members in by_context.items()])
+    results = [None] * len(requests)
+    for members, scores in zip(by_context.values(), scored):
+      for (index, _), (log_likelihood, _, greedy) in zip(members, scores):
+        results[index] = (log_likelihood, greedy)
+    return results
 
   def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
     tokenizer = self.run.tokenizer

@@ -21,6 +21,32 @@ def _next_token_log_probs(params, tokens_bt, segment_ids_bt, *, model):
   return picked_bt, jnp.argmax(log_probs_btv, axis=-1) == targets_bt
 
 
+@functools.partial(jax.jit, static_argnames=('model', 'cache_length'))
+def _choice_log_probs(params, contexts_bt, context_lengths_b, choices_ct, owners_c, *, model,
+                      cache_length):
+  """log p of each choice's tokens [C, L] given its record's context, and whether each is
+  the argmax. Each context [B, T] runs once, into a cache that each of its choices then
+  continues from (`owners_c`: the context row of each choice)."""
+  segment_ids_bt = (jnp.arange(contexts_bt.shape[1]) < context_lengths_b[:, None]).astype(
+      jnp.int32)  # Padding (segment 0) is written to the cache but not counted.
+  positions_bt = jnp.broadcast_to(jnp.arange(contexts_bt.shape[1]), contexts_bt.shape)
+  logits_btv, variables = model.apply(
+      {'params': params, 'cache': sampling.init_cache(model, contexts_bt.shape[0], cache_length)},
+      contexts_bt, segment_ids_bt, positions_bt, decode=True, mutable=['cache'])
+  last_bv = jnp.take_along_axis(logits_btv, (context_lengths_b - 1)[:, None, None], axis=1)[:, 0]
+  cache_c = jax.tree.map(lambda x: x[owners_c], variables['cache'])
+  positions_ct = context_lengths_b[owners_c][:, None] + jnp.arange(choices_ct.shape[1])[None]
+  logits_ctv, _ = model.apply({'params': params, 'cache': cache_c}, choices_ct,
+                              jnp.ones_like(choices_ct), positions_ct, decode=True,
+                              mutable=['cache'])
+  # A choice's first token is predicted by its context's last position, the rest by the
+  # choice's own positions.
+  predicting_ctv = jnp.concatenate([last_bv[owners_c][:, None], logits_ctv[:, :-1]], axis=1)
+  log_probs_ctv = jax.nn.log_softmax(predicting_ctv.astype(jnp.float32), axis=-1)
+  picked_ct = jnp.take_along_axis(log_probs_ctv, choices_ct[..., None], axis=-1)[..., 0]
+  return picked_ct, jnp.argmax(log_probs_ctv, axis=-1) == choices_ct
+
+
 class Scorer:
 
   def __init__(self, model, params, tokenizer, *, max_length: int, batch_size: int = 16,
@@ -71,6 +97,58 @@ class Scorer:
       sequences.append(ids)
       starts.append(max(len(ids) - len(continuation_ids), 1))
     return self.score(sequences, starts)
+
+  def choice_log_likelihoods(self, records: list[tuple[str, list[str]]]):
+    """For each (context, choices): [(log p(choice | bos + context), tokens, greedy?)]
+    per choice, as continuation_log_likelihoods gives them, with each context's forward
+    pass run once for all its choices (through the decoding cache). A record too long for
+    max_length goes through continuation_log_likelihoods, which cuts its context's start."""
+    encoded = [([self.tokenizer.bos_id, *self.tokenizer.encode(context)],
+                [list(self.tokenizer.encode(choice)) for choice in choices])
+               for context, choices in records]
+    fits = [len(c) + max(len(x) for x in xs) <= self.max_length for c, xs in encoded]
+    results = [None] * len(records)
+    long = [i for i, ok in enumerate(fits) if not ok]
+    if long:
+      pairs = [(records[i][0], choice) for i in long for choice in records[i][1]]
+      scored = iter(self.continuation_log_likelihoods(pairs))
+      for i in long:
+        results[i] = [next(scored) for _ in records[i][1]]
+    order = sorted((i for i, ok in enumerate(fits) if ok), key=lambda i: -len(encoded[i][0]))
+    with _progress(len(order), 'scoring') as progress:
+      for start in range(0, len(order), self.batch_size):
+        batch = order[start:start + self.batch_size]
+        self._score_choices([encoded[i] for i in batch], [results, batch])
+        progress.update(len(batch))
+    return results
+
+  def _score_choices(self, encoded, into):
+    results, indices = into
+    context_length = min(-(-max(len(c) for c, _ in encoded) // 64) * 64, self.max_length)
+    choice_length = -(-max(len(x) for _, xs in encoded for x in xs) // 16) * 16
+    num_choices = sum(len(xs) for _, xs in encoded)
+    rows = -(-num_choices // 8) * 8  # Fewer shapes to compile.
+    contexts = np.zeros((len(encoded), context_length), np.int32)
+    choices = np.zeros((rows, choice_length), np.int32)
+    owners = np.zeros((rows,), np.int32)
+    row = 0
+    for record, (context, options) in enumerate(encoded):
+      contexts[record, :len(context)] = context
+      for option in options:
+        choices[row, :len(option)] = option
+        owners[row] = record
+        row += 1
+    log_probs, greedy = sharding.to_host(_choice_log_probs(
+        self.params, contexts, np.array([len(c) for c, _ in encoded], np.int32), choices,
+        owners, model=self.model, cache_length=context_length + choice_length))
+    row = 0
+    for record, (_, options) in enumerate(encoded):
+      scored = []
+      for option in options:
+        scored.append((float(log_probs[row, :len(option)].sum()), len(option),
+                       bool(greedy[row, :len(option)].all())))
+        row += 1
+      results[indices[record]] = scored
 
   def document_log_likelihood(self, text: str):
     """(sum log p, tokens) of bos + text + eos, in windows of max_length; each window
