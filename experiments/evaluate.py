@@ -118,7 +118,8 @@ def main():
 
   # Printed first, so a results file that cannot be written loses nothing.
   path = results.path(_WORKDIR.value, run.step)
-  settings = {'num_shots': _NUM_SHOTS.value, 'chat': _CHAT.value, 'limit': _LIMIT.value, 'seed': _SEED.value,
+  settings = {'num_shots': _NUM_SHOTS.value, 'chat': _CHAT.value, 'limit': _LIMIT.value,
+              'seed': _SEED.value,
               'self_consistency': _SELF_CONSISTENCY.value, 'temperature': _TEMPERATURE.value,
               'max_new_tokens': {task.name: max_new_tokens(task) for task in task_list
                                  if task.kind == 'generation'}}

@@ -12,9 +12,15 @@ import os
 # The harness's tasks read local files here; nothing is downloaded.
 os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
 
+import sys  # noqa: E402
+
 from lm_eval import __main__ as lm_eval_main  # noqa: E402
 
+from lm.errors import ConfigError  # noqa: E402
 from lm.evaluation import lm_eval_model  # noqa: E402,F401  (registers the model 'lm')
 
 if __name__ == '__main__':
-  lm_eval_main.cli_evaluate()
+  try:
+    lm_eval_main.cli_evaluate()
+  except ConfigError as error:  # A bad workdir or step in --model_args: one line.
+    sys.exit(f'error: {error}')

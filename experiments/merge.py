@@ -25,6 +25,8 @@ flags.mark_flags_as_required(['output'])
 
 
 def merge(workdir: str, step: int | None, output: str) -> None:
+  check(not os.path.exists(output) or os.path.isdir(output),
+        f'--output={output} is a file, not a directory')
   check(not os.path.isdir(os.path.join(output, 'checkpoints'))
         or not os.listdir(os.path.join(output, 'checkpoints')),
         f'--output={output} already holds checkpoints; give a new directory')

@@ -115,6 +115,14 @@ def logical_to_shardings(logical_tree, mesh: Mesh):
   return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
 
 
+def abstract_arrays(boxed, shardings):
+  """Boxed abstract values (eval_shape of an init) -> ShapeDtypeStructs carrying
+  `shardings` (logical_to_shardings of the same tree)."""
+  return jax.tree.map(lambda value, where: jax.ShapeDtypeStruct(value.shape, value.dtype,
+                                                                sharding=where),
+                      nn.meta.unbox(boxed), shardings)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Batches are [batch, seq] arrays split over the data-parallel axes."""
   return NamedSharding(mesh, PartitionSpec(('data', 'fsdp'), None))

@@ -225,3 +225,11 @@ def test_chat_prompting_sends_each_prompt_as_one_user_message():
   assert task.records[0]['context'] == (want[len(bos):] if want.startswith(bos) else want)
   assert 'Which is a gas?' in task.records[0]['context'] and task.delimiter == ' '
   assert task.records[0]['choices'] == ['ice', 'steam']
+
+
+def test_an_mmlu_csv_that_is_not_utf8_is_named_by_file_and_line(tmp_path):
+  write_csv(tmp_path / 'dev' / 'law_dev.csv', mmlu_rows('law', 5))
+  (tmp_path / 'test').mkdir()
+  (tmp_path / 'test' / 'law_test.csv').write_bytes(b'"q?",a,b,c,d,A\n"\xff\xfe",a,b,c,d,B\n')
+  with pytest.raises(ConfigError, match=r'law_test.csv:2 is not UTF-8'):
+    benchmarks.load(f'mmlu:{tmp_path}')

@@ -85,14 +85,15 @@ def _mmlu_rows(directory: str, split: str, spec: str) -> list[dict]:
   elif csv_files:
     for path in csv_files:
       subject = os.path.basename(path)[:-len(f'_{split}.csv')]
-      with open(path, newline='', encoding='utf-8') as f:
-        for number, cells in enumerate(csv.reader(f), start=1):
-          where = f'{path}:{number}'
-          if len(cells) != 6 or cells[5].strip() not in LETTERS:
-            raise ConfigError(f'{where}: an MMLU row is question, A, B, C, D, answer letter'
-                              f' (got {len(cells)} fields)')
-          rows.append(dict(subject=subject, question=cells[0], choices=cells[1:5],
-                           answer=LETTERS.index(cells[5].strip()), where=where))
+      # read_lines names a file that is not UTF-8 by file:line.
+      reader = csv.reader(inputs.read_lines(path, '--task'))
+      for cells in reader:
+        where = f'{path}:{reader.line_num}'
+        if len(cells) != 6 or cells[5].strip() not in LETTERS:
+          raise ConfigError(f'{where}: an MMLU row is question, A, B, C, D, answer letter'
+                            f' (got {len(cells)} fields)')
+        rows.append(dict(subject=subject, question=cells[0], choices=cells[1:5],
+                         answer=LETTERS.index(cells[5].strip()), where=where))
   elif os.path.isfile(jsonl):
     rows = [_mmlu_record(record, where) for where, record in _json_lines(jsonl, spec)]
   else:

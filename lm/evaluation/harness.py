@@ -16,7 +16,6 @@ import math
 import re
 
 from lm import chat
-
 from lm.evaluation import benchmarks
 from lm.evaluation import tasks as tasks_lib
 

@@ -21,7 +21,6 @@ import sys
 from typing import NamedTuple
 
 import flax
-import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
@@ -422,8 +421,7 @@ def _merged_params(checkpointer, step, saved_config, tokenizer, plain_abstract):
 
 
 def _abstract(boxed, mesh) -> dict:
-  return jax.tree.map(lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where),
-                      nn.meta.unbox(boxed), sharding.logical_to_shardings(boxed, mesh))
+  return sharding.abstract_arrays(boxed, sharding.logical_to_shardings(boxed, mesh))
 
 
 def abstract_params(model, mesh) -> dict:

@@ -46,12 +46,6 @@ class TrainingSetup:
   params_shardings: dict  # Of steps.model_params(state.params, base): what the model takes.
 
 
-def _abstract(boxed, shardings):
-  return jax.tree.map(lambda value, where: jax.ShapeDtypeStruct(value.shape, value.dtype,
-                                                                sharding=where),
-                      nn.meta.unbox(boxed), shardings)
-
-
 def make_setup(config, devices) -> TrainingSetup:
   """For a validated config whose model.dtype is resolved (lm.config)."""
   mesh = sharding.make_mesh(config.mesh, devices)
@@ -68,7 +62,7 @@ def make_setup(config, devices) -> TrainingSetup:
     abstract_boxed = jax.eval_shape(init_boxed, jax.random.key(config.seed))
     state_shardings = sharding.logical_to_shardings(abstract_boxed, mesh)
     base, base_shardings = _frozen_base(plain, config, mesh) if adapted else (None, None)
-  abstract_state = _abstract(abstract_boxed, state_shardings)
+  abstract_state = sharding.abstract_arrays(abstract_boxed, state_shardings)
   batch_sharding = sharding.batch_sharding(mesh)
   reference_shardings = (state_shardings.params if objective.needs_reference(config.train)
                          else None)
@@ -104,7 +98,8 @@ def _frozen_base(plain_model, config, mesh) -> tuple[FrozenBase, dict]:
   (quantized or not), with the shardings of what is stored."""
   plain_boxed = jax.eval_shape(
       lambda rng: models.init_variables(plain_model, rng)['params'], jax.random.key(0))
-  checkpoint_abstract = _abstract(plain_boxed, sharding.logical_to_shardings(plain_boxed, mesh))
+  checkpoint_abstract = sharding.abstract_arrays(
+      plain_boxed, sharding.logical_to_shardings(plain_boxed, mesh))
   stored_boxed, _ = lora.abstract_split(plain_model, config.lora)
   shardings = sharding.logical_to_shardings(stored_boxed, mesh)
   if config.lora.base_dtype:

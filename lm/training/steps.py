@@ -56,7 +56,6 @@ def train_step(state: TrainState, batch, reference_params=None, base_params=None
 
   def loss(params, microbatch, index):
     applied = model
-
     if dropout_rng is not None:  # Masks new at every step and micro-batch.
       applied = lora.WithDropoutRng(model, jax.random.fold_in(
           jax.random.fold_in(dropout_rng, state.step), index))
