@@ -55,9 +55,10 @@ def wait(processes: list[subprocess.Popen], timeout: int = 600) -> list[Process]
       for other in processes:
         other.kill()
       stdout, stderr = process.communicate()
-    # gloo's C++ prints each connection to stdout.
+    # gloo's C++ prints each connection to stdout, sometimes without its '[Gloo]' prefix.
     stdout = ''.join(line for line in stdout.splitlines(keepends=True)
-                     if not line.startswith('[Gloo]'))
+                     if not line.startswith('[Gloo]')
+                     and not line.startswith('Expected number of connected peer ranks'))
     results.append(Process(process.returncode, stdout, stderr))
   return results
 
