@@ -91,6 +91,16 @@ def activate(mesh: Mesh):
     _ACTIVE_MESH.reset(token)
 
 
+def constrain(x, names: tuple):
+  """x split over the active mesh as its logical axis `names` say; x itself without a
+  mesh. The mesh is passed explicitly: flax's with_logical_constraint finds none from
+  `with mesh` and would constrain nothing."""
+  mesh = _ACTIVE_MESH.get()
+  if mesh is None:
+    return x
+  return nn.with_logical_constraint(x, names, rules=LOGICAL_AXIS_RULES, mesh=mesh)
+
+
 def per_shard(function, in_specs, out_specs):
   """`function` applied to each device's shard of its arguments, under the active mesh.
 
@@ -98,15 +108,30 @@ def per_shard(function, in_specs, out_specs):
   would gather its inputs whole onto every device. in_specs holds a PartitionSpec of
   logical axis names per argument, out_specs one per result (a pytree of them shaped as
   the results); the named dimensions must not need communication (batch, heads,
-  channels). Without an active mesh of more than one device this is `function` itself.
+  channels). Without an active mesh of more than one device, or for arguments the mesh
+  does not divide (the one-row trace of a model's init), this is `function` itself.
   """
   mesh = _ACTIVE_MESH.get()
   if mesh is None or mesh.size == 1:
     return function
   to_mesh = lambda specs: jax.tree.map(
       lambda names: nn.logical_to_mesh_axes(names, LOGICAL_AXIS_RULES), specs)
-  return jax.shard_map(function, mesh=mesh, in_specs=to_mesh(tuple(in_specs)),
-                       out_specs=to_mesh(out_specs), check_vma=False)
+  in_mesh_specs = to_mesh(tuple(in_specs))
+  sharded = jax.shard_map(function, mesh=mesh, in_specs=in_mesh_specs,
+                          out_specs=to_mesh(out_specs), check_vma=False)
+
+  def divides(array, spec) -> bool:
+    for size, axes in zip(array.shape, spec):
+      axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+      if size % math.prod(mesh.shape[axis] for axis in axes):
+        return False
+    return True
+
+  def call(*args):
+    if all(divides(arg, spec) for arg, spec in zip(args, in_mesh_specs)):
+      return sharded(*args)
+    return function(*args)
+  return call
 
 
 def logical_to_shardings(logical_tree, mesh: Mesh):

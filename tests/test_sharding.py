@@ -2,6 +2,7 @@
 like one device."""
 
 import math
+import re
 
 import flax.linen as nn
 import jax
@@ -175,3 +176,23 @@ def test_every_parameter_is_laid_out_as_the_rules_table_says():
     assert param.addressable_shards[0].data.shape == tuple(
         size // parts for size, parts in zip(param.shape, split)), where
   assert set(SPLIT_PARAMETER_AXES) <= used  # The model uses each name tested above.
+
+
+@pytest.mark.parametrize('layer_pattern', ['attention', 'mamba'])
+def test_activations_stay_split_over_the_batch_under_fsdp(layer_pattern):
+  """The compiled train step of an FSDP mesh holds each device's rows only: the logical
+  constraints reach XLA (flax's with_logical_constraint, given no mesh, constrained
+  nothing, and XLA then gathered whole batches onto every device)."""
+  from lm.training import setup as setup_lib  # pylint: disable=import-outside-toplevel
+  config = make_tiny_config('/nonexistent')
+  config.model.update(layer_pattern=layer_pattern, embed_dim=64, mlp_dim=96)
+  config.mesh.update(data=1, fsdp=4, tensor=1)
+  config.data.update(batch_size=8, seq_len=24)
+  setup = setup_lib.make_setup(config, jax.devices()[:4])
+  batch = {name: jax.ShapeDtypeStruct((8, 24), jnp.int32, sharding=setup.batch_sharding)
+           for name in ('tokens', 'segment_ids', 'positions')}
+  with sharding.activate(setup.mesh):
+    text = setup.train_step.lower(setup.abstract_state, batch, None, None).compile().as_text()
+  assert re.search(r'f32\[2,24,', text)  # A device's rows...
+  # ...and never the whole batch's activations (the embedding lookup may gather the ids).
+  assert not re.search(r'f32\[8,24,', text)

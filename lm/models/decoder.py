@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from lm import sharding
 from lm.models import layers, mamba, transformer
 
 
@@ -64,7 +65,7 @@ class DecoderLM(nn.Module):
     x_btd = embed(tokens_bt)
     if cfg.scale_embeddings:
       x_btd = x_btd * jnp.asarray(cfg.embed_dim ** 0.5, cfg.dtype)
-    x_btd = nn.with_logical_constraint(x_btd, ('act_batch', 'act_seq', 'act_embed'))
+    x_btd = sharding.constrain(x_btd, ('act_batch', 'act_seq', 'act_embed'))
 
     for layer, kind in enumerate(layer_kinds(cfg)):
       block = BLOCKS[kind].module
@@ -79,5 +80,5 @@ class DecoderLM(nn.Module):
       logits_btv = nn.Dense(
           cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
           kernel_init=layers.dense_init(('embed', 'vocab')), name='lm_head')(x_btd)
-    logits_btv = nn.with_logical_constraint(logits_btv, ('act_batch', 'act_seq', 'act_vocab'))
+    logits_btv = sharding.constrain(logits_btv, ('act_batch', 'act_seq', 'act_vocab'))
     return logits_btv.astype(jnp.float32)

@@ -7,6 +7,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lm import sharding
+
 Initializer = nn.initializers.Initializer
 
 
@@ -83,5 +85,5 @@ class MLP(nn.Module):
     gate_btf = dense(self.mlp_dim, ('embed', 'mlp'), 'wi_gate')(x_btd)
     up_btf = dense(self.mlp_dim, ('embed', 'mlp'), 'wi_up')(x_btd)
     hidden_btf = nn.silu(gate_btf) * up_btf
-    hidden_btf = nn.with_logical_constraint(hidden_btf, ('act_batch', 'act_seq', 'act_mlp'))
+    hidden_btf = sharding.constrain(hidden_btf, ('act_batch', 'act_seq', 'act_mlp'))
     return dense(embed_dim, ('mlp', 'embed'), 'wo')(hidden_btf)

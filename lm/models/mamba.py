@@ -102,7 +102,7 @@ class MambaMixer(nn.Module):
     else:
       x_bte = nn.silu(causal_depthwise_conv(x_bte, kernel_we.astype(x_bte.dtype),
                                             bias_e.astype(x_bte.dtype), segment_ids_bt))
-    x_bte = nn.with_logical_constraint(x_bte, ('act_batch', 'act_seq', 'act_mlp'))
+    x_bte = sharding.constrain(x_bte, ('act_batch', 'act_seq', 'act_mlp'))
 
     projected = dense(rank + 2 * state, ('mlp', 'mamba_projection'), 'x_proj',
                       use_bias=False)(x_bte)
@@ -163,7 +163,7 @@ class MambaBlock(nn.Module):
     cfg = self.config
     h_btd = layers.RMSNorm(cfg.norm_eps, cfg.dtype, name='mixer_norm')(x_btd)
     x_btd = x_btd + MambaMixer(cfg, name='mixer')(h_btd, segment_ids_bt, positions_bt, decode)
-    return nn.with_logical_constraint(x_btd, ('act_batch', 'act_seq', 'act_embed'))
+    return sharding.constrain(x_btd, ('act_batch', 'act_seq', 'act_embed'))
 
 
 def flops_per_token(cfg, seq_len: int) -> float:

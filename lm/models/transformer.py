@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from lm import sharding
 from lm.models import attention as attention_lib
 from lm.models import layers
 
@@ -48,15 +49,15 @@ class Attention(nn.Module):
       k_btkh = layers.RMSNorm(cfg.norm_eps, cfg.dtype, name='key_norm')(k_btkh)
     q_btnh = layers.apply_rope(q_btnh, positions_bt, cfg.rope_theta, cfg.rope_scaling)
     k_btkh = layers.apply_rope(k_btkh, positions_bt, cfg.rope_theta, cfg.rope_scaling)
-    q_btnh = nn.with_logical_constraint(q_btnh, ('act_batch', 'act_seq', 'act_heads', 'act_head_dim'))
-    k_btkh = nn.with_logical_constraint(k_btkh, ('act_batch', 'act_seq', 'act_kv_heads', 'act_head_dim'))
-    v_btkh = nn.with_logical_constraint(v_btkh, ('act_batch', 'act_seq', 'act_kv_heads', 'act_head_dim'))
+    q_btnh = sharding.constrain(q_btnh, ('act_batch', 'act_seq', 'act_heads', 'act_head_dim'))
+    k_btkh = sharding.constrain(k_btkh, ('act_batch', 'act_seq', 'act_kv_heads', 'act_head_dim'))
+    v_btkh = sharding.constrain(v_btkh, ('act_batch', 'act_seq', 'act_kv_heads', 'act_head_dim'))
     if decode:
       out_btnh = self._attend_with_cache(q_btnh, k_btkh, v_btkh, segment_ids_bt)
     else:
       attend = attention_lib.ATTENTION_IMPLEMENTATIONS[cfg.attention]
       out_btnh = attend(q_btnh, k_btkh, v_btkh, segment_ids_bt)
-    out_btnh = nn.with_logical_constraint(out_btnh, ('act_batch', 'act_seq', 'act_heads', 'act_head_dim'))
+    out_btnh = sharding.constrain(out_btnh, ('act_batch', 'act_seq', 'act_heads', 'act_head_dim'))
     return dense(x_btd.shape[-1], ('heads', 'head_dim', 'embed'), 'out', axis=(-2, -1),
                  bias=cfg.attention_out_bias)(out_btnh)
 
@@ -95,10 +96,12 @@ class AttentionBlock(nn.Module):
   def __call__(self, x_btd, segment_ids_bt, positions_bt, decode: bool = False):
     cfg = self.config
     h_btd = layers.RMSNorm(cfg.norm_eps, cfg.dtype, name='attention_norm')(x_btd)
+    h_btd = sharding.constrain(h_btd, ('act_batch', 'act_seq', 'act_embed'))
     x_btd = x_btd + Attention(cfg, name='attention')(h_btd, segment_ids_bt, positions_bt, decode)
     h_btd = layers.RMSNorm(cfg.norm_eps, cfg.dtype, name='mlp_norm')(x_btd)
+    h_btd = sharding.constrain(h_btd, ('act_batch', 'act_seq', 'act_embed'))
     x_btd = x_btd + layers.MLP(cfg.mlp_dim, cfg.dtype, cfg.param_dtype, name='mlp')(h_btd)
-    return nn.with_logical_constraint(x_btd, ('act_batch', 'act_seq', 'act_embed'))
+    return sharding.constrain(x_btd, ('act_batch', 'act_seq', 'act_embed'))
 
 
 def flops_per_token(cfg, seq_len: int) -> float:
