@@ -7,6 +7,7 @@ from lm.data import sources
 from lm.errors import check as _check
 from lm.errors import check_number
 from lm.models import attention, decoder, mamba
+from pallas_kernels import dispatch
 
 DTYPES = ('float32', 'bfloat16')
 ROPE_SCALINGS = ('none', 'llama3')
@@ -43,7 +44,7 @@ def resolve_dtype(dtype: str) -> str:
   """'auto' -> bfloat16 on accelerators, float32 on CPU (where bf16 matmuls are slow)."""
   if dtype != 'auto':
     return dtype
-  return 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
+  return 'float32' if dispatch.platform() == 'cpu' else 'bfloat16'
 
 
 def _number(config, field: str, **bounds) -> None:
@@ -86,9 +87,9 @@ def validate(config, num_devices: int, tokenizer_vocab_size: int) -> None:
          f'config.model.attention={model.attention!r} is not one of'
          f' {sorted(attention.ATTENTION_IMPLEMENTATIONS)}')
   if model.attention == 'cudnn':
-    _check(jax.default_backend() == 'gpu' and resolve_dtype(model.dtype) == 'bfloat16',
+    _check(dispatch.platform() == 'gpu' and resolve_dtype(model.dtype) == 'bfloat16',
            'config.model.attention="cudnn" needs a GPU and config.model.dtype bfloat16'
-           f' (here: {jax.default_backend()}, {resolve_dtype(model.dtype)}); use "xla"')
+           f' (here: {dispatch.platform()}, {resolve_dtype(model.dtype)}); use "xla"')
   kinds = decoder.parse_layer_pattern(model.layer_pattern)
   _check(all(kind in decoder.BLOCKS for kind in kinds),
          f'config.model.layer_pattern={model.layer_pattern!r}: each entry must be one of'

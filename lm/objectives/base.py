@@ -6,6 +6,9 @@ A new objective is a module in lm/objectives/ with a subclass of `Objective`, an
 line in the registry (lm/objectives/__init__.py).
 """
 
+import jax
+import jax.numpy as jnp
+
 from lm.data import pipeline, sources
 from lm.errors import ConfigError
 
@@ -67,6 +70,15 @@ class Objective:
     return 1
 
   # The step (lm/training/steps.py).
+
+  # The int32 [B, T] arrays of a batch the loss reads.
+  batch_fields = ('tokens', 'segment_ids', 'positions')
+
+  def batch_shapes(self, config) -> dict:
+    """The train step's batch as ShapeDtypeStructs, for compiling it without data
+    (lm/aot.py); equal to what `batches` (or `make_rollout`) gives."""
+    shape = (config.data.batch_size, config.data.seq_len)
+    return {name: jax.ShapeDtypeStruct(shape, jnp.int32) for name in self.batch_fields}
 
   def loss(self, params, batch, reference_params, *, model, train_config):
     """(objective sum, metric sums, count): sums over the batch and what they are

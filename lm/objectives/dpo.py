@@ -81,6 +81,11 @@ class DPO(base.Objective):
   def rows_per_example(self, train_config) -> int:
     return 2
 
+  def batch_shapes(self, config) -> dict:
+    shape = (config.data.batch_size, 2, config.data.seq_len)
+    return {name: jax.ShapeDtypeStruct(shape, jnp.int32)
+            for name in ('tokens', 'segment_ids', 'positions', 'loss_mask')}
+
   def loss(self, params, batch, reference_params, *, model, train_config):
     """config.train.dpo_loss on [B, 2, T] arrays: each pair's chosen (0) and rejected (1)
     sequence, with the response marked by `loss_mask`. Runs the reference model only for

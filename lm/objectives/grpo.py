@@ -224,6 +224,15 @@ class GRPO(base.Objective):
   def rows_per_example(self, train_config) -> int:
     return train_config.grpo.group_size
 
+  def batch_shapes(self, config) -> dict:
+    """A rollout's batch: group_size rows per prompt."""
+    shape = (config.data.batch_size * config.train.grpo.group_size, config.data.seq_len)
+    shapes = {name: jax.ShapeDtypeStruct(shape, jnp.int32)
+              for name in ('tokens', 'segment_ids', 'positions', 'loss_mask')}
+    floats = ('advantages', 'old_log_probs') if config.train.grpo.updates_per_rollout > 1 else (
+        'advantages',)
+    return {**shapes, **{name: jax.ShapeDtypeStruct(shape, jnp.float32) for name in floats}}
+
   def loss(self, params, batch, reference_params, *, model, train_config):
     return grpo_loss(params, batch, reference_params, model=model, train_config=train_config)
 

@@ -48,6 +48,8 @@ class SFT(base.Objective):
     return pipeline.examples(dataset).map(_Tokenize(tokenizer, seq_len, counts)).filter(
         pipeline.HasTargets(counts))
 
+  batch_fields = ('tokens', 'segment_ids', 'positions', 'loss_mask')
+
   def batches(self, rows, *, seq_len: int, batch_size: int, seed: int, train: bool):
     """{'tokens', 'segment_ids', 'positions', 'loss_mask'} int32 [batch_size, seq_len]."""
     packed = grain.experimental.FirstFitPackIterDataset(

@@ -140,13 +140,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
   devices = list(jax.devices() if devices is None else devices)
 
   # 1. Everything that can be wrong with the inputs, before compiling or writing.
-  if config.model.name == 'from_init':
-    tokenizer = _model_from_init(config)
-  else:
-    tokenizer = tokenizer_lib.build(config.tokenizer)
-  config_lib.validate(config, len(devices), tokenizer.vocab_size)
-  config.model.dtype = config_lib.resolve_dtype(config.model.dtype)
-  config.data.streams = config.data.streams or jax.process_count()
+  tokenizer = resolve(config, len(devices))
   objective = objectives.OBJECTIVES[config.train.objective]
   data = _datasets(config, objective, tokenizer)
   lock = checkpointing.WorkdirLock(workdir)
@@ -157,6 +151,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
     # Pending saves finish before any error is reported: no half-written checkpoint.
     checkpointer.close()
     lock.release()
+
+
+def resolve(config, num_devices: int):
+  """Checks `config` (a private copy) for a run on `num_devices` and fills what it leaves
+  to the run: the model of init_from ('from_init'), the dtype, the data streams. Returns
+  the tokenizer. Raises ConfigError naming the field."""
+  if config.model.name == 'from_init':
+    tokenizer = _model_from_init(config)
+  else:
+    tokenizer = tokenizer_lib.build(config.tokenizer)
+  config_lib.validate(config, num_devices, tokenizer.vocab_size)
+  config.model.dtype = config_lib.resolve_dtype(config.model.dtype)
+  config.data.streams = config.data.streams or jax.process_count()
+  return tokenizer
 
 
 # What a run chooses for itself when it takes its model from config.train.init_from.

@@ -25,6 +25,7 @@ class FrozenBase:
   checkpoint_abstract: dict  # As config.train.init_from holds them, with their shardings.
   shardings: dict  # As the steps take them (quantized with config.lora.base_dtype).
   prepare: Callable  # Loaded params -> the base as the steps take it; donates them.
+  abstract: dict  # What the steps take, as ShapeDtypeStructs with those shardings.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,4 +108,5 @@ def _frozen_base(plain_model, config, mesh) -> tuple[FrozenBase, dict]:
                       out_shardings=shardings, donate_argnums=0)
   else:
     prepare = lambda params: params  # pylint: disable=unnecessary-lambda-assignment
-  return FrozenBase(checkpoint_abstract, shardings, prepare), shardings
+  abstract = sharding.abstract_arrays(stored_boxed, shardings)
+  return FrozenBase(checkpoint_abstract, shardings, prepare, abstract), shardings

@@ -55,7 +55,7 @@ def flash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, causal:
   if (q_segment_ids is None) != (kv_segment_ids is None):
     raise ValueError('give both q_segment_ids and kv_segment_ids, or neither')
   sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
-  if implementation is None and jax.default_backend() == 'gpu':
+  if implementation is None and dispatch.platform() == 'gpu':
     mosaic = mosaic_gpu.runs_here() and mosaic_gpu.unsupported(q, k) is None
     implementation = 'mosaic_gpu' if mosaic else 'gpu'
   implementation = dispatch.pick('flash_attention', KERNELS, implementation, 'reference',
