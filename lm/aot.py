@@ -221,6 +221,7 @@ class Plan:
   target: Target
   mesh_shape: dict
   parameters: int
+  trained: int
   programs: list
 
   @property
@@ -236,9 +237,9 @@ def resolve(config, target_: Target):
   return config
 
 
-def train_program(config, target_: Target) -> tuple[Program, int]:
-  """The config's train step (its objective, LoRA or not), compiled; and the trained
-  model's parameter count."""
+def train_program(config, target_: Target) -> tuple[Program, int, int]:
+  """The config's train step (its objective, LoRA or not), compiled; the model's
+  parameter count, and how many of them train (LoRA: the adapters)."""
   setup = setup_lib.make_setup(config, target_.devices)
   objective = objectives.OBJECTIVES[config.train.objective]
   batch = {name: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=jax.sharding.NamedSharding(
@@ -264,8 +265,9 @@ def train_program(config, target_: Target) -> tuple[Program, int]:
   with sharding.activate(setup.mesh):
     program = compile_program('train step', setup.train_step, (state, batch, reference, base),
                               parts, target_, lm_flops)
-  params = parameter_count(state.params) + (parameter_count(base) if base else 0)
-  return program, params
+  trained = parameter_count(state.params)
+  params = trained + (parameter_count(setup.base.checkpoint_abstract) if base else 0)
+  return program, params, trained
 
 
 def sampling_programs(config, target_: Target, batch_size: int, prompt_length: int,
@@ -335,10 +337,10 @@ def plan(config, target_: Target, *, train: bool = True, sample_batch: int = 0,
   sampling steps for the target; nothing runs. Raises ConfigError for a bad config."""
   config = resolve(config, target_)
   mesh_shape = sharding.resolve_mesh_shape(config.mesh, len(target_.devices))
-  programs, parameters = [], 0
+  programs, parameters, trained = [], 0, 0
   with dispatch.target(target_.platform):
     if train:
-      program, parameters = train_program(config, target_)
+      program, parameters, trained = train_program(config, target_)
       programs.append(program)
     if sample_batch:
       programs += sampling_programs(config, target_, sample_batch, prompt_length,
@@ -346,7 +348,8 @@ def plan(config, target_: Target, *, train: bool = True, sample_batch: int = 0,
   if not parameters:
     parameters = parameter_count(jax.eval_shape(
         lambda: models.init_variables(models.build(config.model), jax.random.key(0)))['params'])
-  return Plan(config, target_, mesh_shape, parameters, programs)
+    trained = parameters
+  return Plan(config, target_, mesh_shape, parameters, trained, programs)
 
 
 # --- Reading a plan. ---
@@ -393,7 +396,9 @@ def table(plan_: Plan) -> str:
   device = target_.devices[0].device_kind
   lines = [f'{target_.name}: {len(target_.devices)} x {device}'
            + (f', {hbm / GiB:.2f} GiB HBM each' if hbm else '')
-           + f'; mesh {plan_.mesh_shape}; {_size(plan_.parameters)} parameters;'
+           + f'; mesh {plan_.mesh_shape}; {_size(plan_.parameters)} parameters'
+           + (f' ({_size(plan_.trained)} trained)' if plan_.trained != plan_.parameters else '')
+           + ';'
            f' dtype {plan_.config.model.dtype}, remat {plan_.config.model.remat},'
            f' attention {plan_.config.model.attention}',
            '', '| per chip | ' + ' | '.join(p.name for p in programs) + ' |',

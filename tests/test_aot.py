@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from experiments.configs import default, dpo, grpo, open_models, sft
+from experiments.configs import default, dpo, grpo, open_models, sft, sft_lora
 from lm import aot, objectives
 from lm.errors import ConfigError
 from lm.training import loop
@@ -114,6 +114,30 @@ def test_tiny_pallas_models_compile_for_a_v5e_slice_with_fsdp(layer_pattern):
   table = aot.table(plan)
   assert 'v5e-4: 4 x TPU v5 lite, 15.75 GiB HBM each' in table
   assert 'train step: fits' in table
+
+
+@pytest.mark.parametrize('module, overrides, parts', [
+    (sft_lora, {'lora.base_dtype': 'int8', 'train.init_from': '/runs/base'},
+     ['params', 'optimizer state', 'frozen base', 'batch']),
+    (dpo, {}, ['params', 'optimizer state', 'reference params', 'batch']),
+    (grpo, {'data.batch_size': 4},
+     ['params', 'optimizer state', 'reference params', 'batch'])])
+def test_each_objective_and_lora_compile_with_what_their_steps_hold(module, overrides, parts):
+  config = module.get_config('tiny')
+  config.mesh.update(data=1, fsdp=-1, tensor=1)
+  for field, value in overrides.items():
+    section, name = field.split('.')
+    config[section][name] = value
+  plan = aot.plan(config, aot.target('v5e-4'))
+  [train] = plan.programs
+  assert list(train.parts) == parts and train.fits and train.seconds > 0
+  if 'frozen base' in parts:  # Adapters train, over a base stored in int8 on 4 chips.
+    assert plan.trained < plan.parameters
+    float32_base_per_chip = 4 * (plan.parameters - plan.trained) / 4
+    assert train.parts['frozen base'] < 0.6 * float32_base_per_chip
+  else:
+    assert plan.trained == plan.parameters
+    assert train.parts['reference params'] == train.parts['params']
 
 
 def test_flash_attention_compiles_for_tpu_forward_and_backward_at_full_size():
