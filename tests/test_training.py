@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lm import objectives
-from lm.training import losses, loop, optimizer as optimizer_lib, steps
+from lm.training import logger as logger_lib, losses, loop, optimizer as optimizer_lib, steps
 
 from helpers import init_model, small_model_config
 
@@ -41,6 +41,14 @@ def test_resume_gives_the_same_losses_and_params_as_an_uninterrupted_run(tiny_co
                              rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                state.params, resumed_state.params)
+  # metrics.jsonl: step 4 and 5, logged twice, keep the resumed run's values; a line cut
+  # by a kill is passed over.
+  with open(tmp_path / 'resumed' / logger_lib.METRICS_FILE, 'a') as f:
+    f.write('{"step": 9, "lo')
+  steps, logged = logger_lib.read_metrics(str(tmp_path / 'resumed'))['loss']
+  assert steps == sorted(want) and logged == [got[s] for s in sorted(want)]
+  # Evaluations at every eval_every and at each run's last step.
+  assert logger_lib.read_metrics(str(tmp_path / 'resumed'))['eval_loss'][0] == [4, 5, 8]
 
 
 @pytest.mark.slow

@@ -8,7 +8,8 @@ top-level modules held out for validation; bytes are the tokens.
 On a 2-core CPU this takes about 10 minutes; validation loss falls from about 5.6
 (uniform over 259 byte ids) to about 1.7 nats per byte, and a generated sample is
 printed at the end. `--config=experiments/configs/default.py:tiny` shrinks every size
-for a run of seconds.
+for a run of seconds; `:accelerator` is a larger model for one TPU host or GPU (bf16, FSDP,
+the Pallas kernels; the Colab notebooks' TPU setting).
 """
 
 import ml_collections
@@ -153,6 +154,14 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
     config.train.update(num_steps=20, warmup_steps=5, log_every=5, eval_every=10,
                         eval_steps=2, sample_tokens=40)
     config.checkpoint.every_steps = 10
+  elif variant == 'accelerator':
+    # A few minutes on one TPU host (v5e-1 to v5e-8) or GPU: bf16 ('auto'), FSDP over
+    # every device, the Pallas kernels (flash attention takes head_dim 128).
+    config.model.update(num_layers=8, embed_dim=512, num_heads=4, num_kv_heads=4,
+                        head_dim=128, mlp_dim=1536, attention='pallas', mamba_scan='pallas')
+    config.data.update(seq_len=512, batch_size=64)
+    config.train.update(num_steps=1000, learning_rate=1e-3, log_every=25)
+    config.mesh.update(data=1, fsdp=-1, tensor=1)
   elif variant:
-    raise ValueError(f'unknown config variant {variant!r}; the one variant is "tiny"')
+    raise ValueError(f'unknown config variant {variant!r}; one of "tiny", "accelerator"')
   return config

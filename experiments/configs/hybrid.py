@@ -3,7 +3,7 @@
   python -m experiments.train --config=experiments/configs/hybrid.py --workdir=/tmp/lm_hybrid
 
 `--config.model.layer_pattern=...` sets any other interleaving (repeated over num_layers).
-Variants: '' (the default run's size), 'tiny', and '1b': 0.96B parameters (width 2048, 16
+Variants: '' (the default run's size), 'tiny', and '1b': 0.87B parameters (width 2048, 16
 Mamba and 8 attention layers, a 32768-token vocabulary for a sentencepiece tokenizer of
 that size), for accelerators: Pallas kernels, full remat.
 """

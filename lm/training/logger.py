@@ -1,5 +1,8 @@
-"""One logger for console (progress bar + lines) and TensorBoard (`<workdir>/tensorboard`)."""
+"""One logger for console (progress bar + lines), TensorBoard (`<workdir>/tensorboard`)
+and `<workdir>/metrics.jsonl` (a JSON line per logged step, for plots: read_metrics)."""
 
+import json
+import math
 import os
 
 import tensorboardX
@@ -16,6 +19,31 @@ _CONSOLE_FORMATS = {
 }
 
 
+METRICS_FILE = 'metrics.jsonl'
+
+
+def read_metrics(workdir: str) -> dict[str, tuple[list[int], list[float]]]:
+  """{metric: (steps, values)} of a run's logged steps, in step order. A step logged
+  twice (a run resumed from before it) keeps its last value."""
+  by_step: dict[int, dict] = {}
+  path = os.path.join(workdir, METRICS_FILE)
+  if os.path.exists(path):
+    with open(path, encoding='utf-8') as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError:  # A last line cut short by a kill.
+          continue
+        by_step.setdefault(row.pop('step'), {}).update(row)
+  series: dict[str, tuple[list[int], list[float]]] = {}
+  for step in sorted(by_step):
+    for name, value in by_step[step].items():
+      steps, values = series.setdefault(name, ([], []))
+      steps.append(step)
+      values.append(value)
+  return series
+
+
 class MetricLogger:
 
   def __init__(self, workdir: str, initial_step: int, total_steps: int, enabled: bool = True):
@@ -23,6 +51,7 @@ class MetricLogger:
     if not enabled:
       return
     self.writer = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self.lines = open(os.path.join(workdir, METRICS_FILE), 'a', encoding='utf-8')  # pylint: disable=consider-using-with
     self.progress = tqdm.tqdm(total=total_steps, initial=initial_step, unit='step',
                               dynamic_ncols=True, mininterval=1.0)
 
@@ -33,6 +62,9 @@ class MetricLogger:
     for name, value in metrics.items():
       self.writer.add_scalar(name, value, step)
     self.writer.flush()
+    finite = {name: float(value) for name, value in metrics.items() if math.isfinite(value)}
+    self.lines.write(json.dumps({'step': step, **finite}) + '\n')
+    self.lines.flush()
     shown = {name: _CONSOLE_FORMATS[name].format(value)
              for name, value in metrics.items() if name in _CONSOLE_FORMATS}
     self.progress.set_postfix(shown, refresh=False)
@@ -57,3 +89,4 @@ class MetricLogger:
     if self.enabled:
       self.progress.close()
       self.writer.close()
+      self.lines.close()
