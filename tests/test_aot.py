@@ -233,3 +233,17 @@ def test_cpu_commands_do_not_start_libtpu():
       [sys.executable, '-c', 'import lm, jax; print(jax.devices()[0].platform)'],
       cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
   assert result.stdout.strip() == 'cpu' and result.stderr == ''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('module, topology', [
+    (default, 'v5e-1'), (default, 'v5e-8'), (sft, 'v5e-8'), (dpo, 'v5e-8'), (grpo, 'v5e-8')])
+def test_the_notebooks_tpu_settings_compile_and_fit_one_tpu_host(module, topology):
+  """colab/ trains the 'accelerator' variants on a TPU runtime: bf16, FSDP over every chip,
+  the Mosaic flash-attention kernel."""
+  config = module.get_config('accelerator')
+  plan = aot.plan(config, aot.target(topology))
+  [train] = plan.programs
+  assert plan.config.model.dtype == 'bfloat16' and plan.mesh_shape['fsdp'] == int(topology[4:])
+  assert train.fits and train.kernel_calls >= 2 * config.model.num_layers
+  assert 25e6 < plan.parameters < 30e6

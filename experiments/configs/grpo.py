@@ -31,6 +31,8 @@ def get_config(variant: str = ''):
   config.train.grpo.updates_per_rollout = 2
   config.train.update(num_steps=100, learning_rate=5e-5, warmup_steps=10, log_every=10,
                       eval_every=25, eval_steps=4)
+  if variant == 'accelerator':
+    config.data.batch_size = 8  # A multiple of a TPU host's 8 cores.
   if variant == 'tiny':
     config.data.batch_size = 2
     config.train.grpo.update(group_size=2, max_new_tokens=16)
