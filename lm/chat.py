@@ -177,6 +177,14 @@ def render(tokenizer, messages: list[dict], *, add_generation_prompt: bool = Fal
   return Rendered(text=text, ids=ids, assistant_mask=mask)
 
 
+def prompt_text(tokenizer, messages: list[dict]) -> str:
+  """`messages` rendered with the assistant's turn opened, as text for a sampler or scorer
+  that adds bos itself: without the template's leading bos text."""
+  text = render_text(tokenizer, messages, add_generation_prompt=True)
+  bos = tokenizer.special_tokens.get('bos_token') or ''
+  return text[len(bos):] if bos and text.startswith(bos) else text
+
+
 def end_of_turn_ids(tokenizer) -> tuple[int, ...]:
   """`tokenizer.stop_ids` and the special tokens that end an assistant turn in its
   template (found by rendering a probe conversation): what stops a chat reply."""

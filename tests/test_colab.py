@@ -21,7 +21,8 @@ def read(path):
 
 
 def test_the_notebooks_are_there():
-  assert NAMES == ['kernels.ipynb', 'post_training.ipynb', 'quickstart.ipynb']
+  assert NAMES == ['finetune_open_model.ipynb', 'kernels.ipynb', 'post_training.ipynb',
+                   'quickstart.ipynb']
 
 
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=NAMES)
@@ -83,5 +84,8 @@ def test_a_notebook_runs_top_to_bottom_and_draws_its_figures(path, tmp_path, mon
   if name == 'post_training.ipynb':  # Every stage ran to its end.
     for stage, step in (('pretrain', 20), ('sft', 4), ('dpo', 4), ('grpo', 4)):
       assert f'--- {stage}, step {step}' in text
+  if name == 'finetune_open_model.ipynb':
+    assert 'imported ' in text and 'adapter parameters (rank 16)' in text
+    assert '| task | imported | after LoRA |' in text
   if name == 'kernels.ipynb':
     assert '| flash attention | output' in text and '| selective scan | output' in text

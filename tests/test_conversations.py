@@ -119,3 +119,28 @@ def test_sft_on_conversations_counts_what_it_cuts_and_skips(pretrained, tmp_path
   logged = [row for row in history if 'examples_skipped' in row][-1]
   assert logged['examples_skipped'] >= 1 and logged['examples_cut'] >= logged['examples_skipped']
   assert np.isfinite(logged['loss'])
+
+
+def test_a_conversation_s_prompt_is_its_turns_before_the_first_reply_rendered():
+  """What the end-of-run sample continues (Objective.sample_prompt): the template's text
+  up to the assistant's first turn, opened, without the bos the sampler adds."""
+  from lm import chat  # pylint: disable=import-outside-toplevel
+  from lm.objectives import base  # pylint: disable=import-outside-toplevel
+  rendered = chat.render_text(BYTES, CONVERSATION[:2], add_generation_prompt=True)
+  text = base.prompt_text({'messages': CONVERSATION}, BYTES)
+  assert text == rendered.removeprefix('<s>') and 'Add 2 and 3.' in text and '5' not in text
+  assert base.prompt_text({'prompt': CONVERSATION[:2], 'response': 'x'}, BYTES) == text
+  assert base.prompt_text({'prompt': 'def f():', 'response': 'x'}, BYTES) == 'def f():'
+
+
+@pytest.mark.slow
+def test_sft_on_the_built_in_conversations_ends_with_a_sample_of_a_reply(pretrained, tmp_path,
+                                                                         capsys):
+  workdir, _ = pretrained
+  config = post_training_config(sft_config, workdir, num_steps=2, log_every=2, eval_every=2)
+  config.train.sample_tokens = 8
+  config.data.update(source='stdlib_chats', seq_len=256, validation_fraction=0.3)
+  loop.train(config, str(tmp_path / 'run'), jax.devices()[:1])
+  printed = capsys.readouterr()
+  assert 'sample:\n' in printed.out + printed.err and 'Write a Python function' in (
+      printed.out + printed.err)

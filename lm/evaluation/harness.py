@@ -137,10 +137,5 @@ def as_chat(task: tasks_lib.Task, tokenizer) -> tasks_lib.Task:
   if task.kind == 'perplexity':
     return task
   field = 'context' if task.kind == 'multiple_choice' else 'prompt'
-  bos = tokenizer.special_tokens.get('bos_token') or ''
-
-  def render(text: str) -> str:
-    rendered = chat.render_text(tokenizer, [{'role': 'user', 'content': text}],
-                                add_generation_prompt=True)
-    return rendered[len(bos):] if bos and rendered.startswith(bos) else rendered
+  render = lambda text: chat.prompt_text(tokenizer, [{'role': 'user', 'content': text}])
   return dataclasses.replace(task, records=[{**r, field: render(r[field])} for r in task.records])

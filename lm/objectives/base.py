@@ -9,6 +9,7 @@ line in the registry (lm/objectives/__init__.py).
 import jax
 import jax.numpy as jnp
 
+from lm import chat
 from lm.data import pipeline, sources
 from lm.errors import ConfigError
 
@@ -103,9 +104,26 @@ class Objective:
     room for the sample (None if none does)."""
     for index in range(len(validation_documents)):
       for example in validation_documents[index]:
-        if 1 + len(tokenizer.encode(example['prompt'])) <= max_length:
-          return example['prompt']
+        prompt = prompt_text(example, tokenizer)
+        if 1 + len(tokenizer.encode(prompt)) <= max_length:
+          return prompt
     return None
+
+
+def prompt_text(example: dict, tokenizer) -> str:
+  """An example's prompt as the model sees it: a string as it is; a conversation (a
+  'messages' one up to its first assistant turn, or a 'prompt' of messages) rendered by
+  the chat template with the assistant's turn opened (chat.prompt_text)."""
+  if 'messages' in example:
+    messages = example['messages']
+    first = next((i for i, m in enumerate(messages) if m['role'] == 'assistant'),
+                 len(messages))
+    messages = messages[:first]
+  elif isinstance(example['prompt'], list):
+    messages = example['prompt']
+  else:
+    return example['prompt']
+  return chat.prompt_text(tokenizer, messages)
 
 
 def stdlib_or_jsonl_examples(data_config, fields: tuple[str, ...], *, pairs: bool = False,
