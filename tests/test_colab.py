@@ -42,6 +42,12 @@ def test_a_notebook_is_committed_without_outputs_and_opens_with_its_colab_badge(
   assert 'pip' in notebook.cells[1].source and 'jax.devices()' in notebook.cells[2].source
 
 
+def jax_packages() -> dict:
+  import importlib.metadata  # pylint: disable=import-outside-toplevel
+  return {dist.metadata['Name']: dist.version for dist in importlib.metadata.distributions()
+          if dist.metadata['Name'] and dist.metadata['Name'].startswith(('jax', 'libtpu'))}
+
+
 def execute(path, workdir, monkeypatch):
   """The notebook, run in a Python kernel with the small settings; raises at the first
   cell that fails, naming it."""
@@ -67,7 +73,9 @@ def text_of(cell) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=NAMES)
 def test_a_notebook_runs_top_to_bottom_and_draws_its_figures(path, tmp_path, monkeypatch):
+  before = jax_packages()
   notebook = execute(path, tmp_path / 'workdir', monkeypatch)
+  assert jax_packages() == before  # The set-up cell's install swapped no jax package.
   figures = [cell for cell in notebook.cells if 'figure' in cell.metadata.get('tags', [])]
   assert figures
   for cell in figures:
