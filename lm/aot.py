@@ -242,9 +242,8 @@ def train_program(config, target_: Target) -> tuple[Program, int, int]:
   parameter count, and how many of them train (LoRA: the adapters)."""
   setup = setup_lib.make_setup(config, target_.devices)
   objective = objectives.OBJECTIVES[config.train.objective]
-  batch = {name: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=jax.sharding.NamedSharding(
-      setup.mesh, jax.sharding.PartitionSpec(('data', 'fsdp'))))
-      for name, shape in objective.batch_shapes(config).items()}
+  batch = {name: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=setup.batch_sharding)
+           for name, shape in objective.batch_shapes(config).items()}
   state = setup.abstract_state
   parts = {'params': bytes_per_device(state.params),
            'optimizer state': bytes_per_device(state.opt_state)}
@@ -294,21 +293,11 @@ def sampling_programs(config, target_: Target, batch_size: int, prompt_length: i
   # The cache's arrays have the batch first; each device keeps its rows' slots.
   cache = jax.tree.map(lambda x: rows(x.shape, x.dtype), cache_shapes)
 
-  def prefill(params, tokens_bt, lengths_b):
-    positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
-    segment_ids_bt = (positions_bt < lengths_b[:, None]).astype(jnp.int32)
-    logits_btv, variables = model.apply(
-        {'params': sampling.cast_weights(params, model.config.dtype),
-         'cache': sampling.init_cache(model, tokens_bt.shape[0], cache_length)},
-        tokens_bt, segment_ids_bt, positions_bt, decode=True, mutable=['cache'])
-    return logits_btv[jnp.arange(tokens_bt.shape[0]), lengths_b - 1], variables['cache']
-
-  def decode(params, cache, token_b, position_b):
-    logits_b1v, variables = model.apply(
-        {'params': sampling.cast_weights(params, model.config.dtype), 'cache': cache},
-        token_b[:, None], jnp.ones_like(token_b)[:, None], position_b[:, None], decode=True,
-        mutable=['cache'])
-    return logits_b1v[:, 0], variables['cache']
+  dtype = model.config.dtype
+  prefill = lambda params, tokens_bt, lengths_b: sampling.prefill(
+      model, sampling.cast_weights(params, dtype), tokens_bt, lengths_b, cache_length)
+  decode = lambda params, cache, token_b, position_b: sampling.decode_step(
+      model, sampling.cast_weights(params, dtype), cache, token_b, position_b)
 
   weights = bytes_per_device(params)
   tokens = rows((batch_size, prompt_length), jnp.int32)

@@ -41,6 +41,27 @@ def init_cache(model, batch_size: int, cache_length: int):
   return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(init))
 
 
+def prefill(model, params, prompts_bt, prompt_lengths_b, cache_length: int):
+  """Runs right-padded prompts into a fresh cache of `cache_length` slots per row.
+  Returns each row's logits after its last prompt token [B, V] and the cache."""
+  batch, prompt_length = prompts_bt.shape
+  positions_bt = jnp.broadcast_to(jnp.arange(prompt_length), (batch, prompt_length))
+  segment_ids_bt = (positions_bt < prompt_lengths_b[:, None]).astype(jnp.int32)
+  logits_btv, variables = model.apply(
+      {'params': params, 'cache': init_cache(model, batch, cache_length)},
+      prompts_bt, segment_ids_bt, positions_bt, decode=True, mutable=['cache'])
+  return logits_btv[jnp.arange(batch), prompt_lengths_b - 1], variables['cache']
+
+
+def decode_step(model, params, cache, token_b, position_b):
+  """One token per row, at `position_b`, through the cache. Returns the next logits
+  [B, V] and the cache."""
+  logits_b1v, variables = model.apply(
+      {'params': params, 'cache': cache}, token_b[:, None], jnp.ones_like(token_b)[:, None],
+      position_b[:, None], decode=True, mutable=['cache'])
+  return logits_b1v[:, 0], variables['cache']
+
+
 def sample_from_logits(logits_bv, rng, *, temperature: float, top_k: int, top_p: float):
   """Next ids [B] from float32 logits [B, V]. `top_k` 0 and `top_p` 1 switch them off.
   The options are Python numbers, so a decode step computes only what they ask for
@@ -80,12 +101,7 @@ def generate(params, prompts_bt, prompt_lengths_b, rng, stop_ids, *, model, max_
   if prompt_length + max_new_tokens > cache_length:
     raise ValueError(f'{prompt_length=} + {max_new_tokens=} exceeds {cache_length=}')
   params = cast_weights(params, model.config.dtype)  # Once, outside the decode loop.
-  positions_bt = jnp.broadcast_to(jnp.arange(prompt_length), (batch, prompt_length))
-  segment_ids_bt = (positions_bt < prompt_lengths_b[:, None]).astype(jnp.int32)
-  logits_bpv, variables = model.apply(
-      {'params': params, 'cache': init_cache(model, batch, cache_length)},
-      prompts_bt, segment_ids_bt, positions_bt, decode=True, mutable=['cache'])
-  last_logits_bv = logits_bpv[jnp.arange(batch), prompt_lengths_b - 1]
+  last_logits_bv, cache = prefill(model, params, prompts_bt, prompt_lengths_b, cache_length)
 
   def choose(index, logits_bv, done_b, new_bm, num_new_b, rng):
     """Samples the token at `index` and records it; rows already done get pad."""
@@ -101,11 +117,8 @@ def generate(params, prompts_bt, prompt_lengths_b, rng, stop_ids, *, model, max_
     index, logits_bv, cache, done_b, new_bm, num_new_b, rng = carry
     token_b, done_b, new_bm, num_new_b, rng = choose(index, logits_bv, done_b, new_bm,
                                                      num_new_b, rng)
-    position_b1 = (prompt_lengths_b + index)[:, None]
-    logits_b1v, variables = model.apply(
-        {'params': params, 'cache': cache}, token_b[:, None], jnp.ones_like(position_b1),
-        position_b1, decode=True, mutable=['cache'])
-    return index + 1, logits_b1v[:, 0], variables['cache'], done_b, new_bm, num_new_b, rng
+    logits_bv, cache = decode_step(model, params, cache, token_b, prompt_lengths_b + index)
+    return index + 1, logits_bv, cache, done_b, new_bm, num_new_b, rng
 
   # The loop stops one token short: the last token is chosen after it, so no decode step
   # computes logits nobody reads.
@@ -113,7 +126,7 @@ def generate(params, prompts_bt, prompt_lengths_b, rng, stop_ids, *, model, max_
     index, _, _, done_b, *_ = carry
     return (index < max_new_tokens - 1) & ~jnp.all(done_b)
 
-  initial = (jnp.int32(0), last_logits_bv, variables['cache'], jnp.zeros(batch, jnp.bool_),
+  initial = (jnp.int32(0), last_logits_bv, cache, jnp.zeros(batch, jnp.bool_),
              jnp.full((batch, max_new_tokens), pad_id, jnp.int32), jnp.zeros(batch, jnp.int32),
              rng)
   index, logits_bv, _, done_b, new_bm, num_new_b, rng = jax.lax.while_loop(
