@@ -5,8 +5,9 @@
   python -m experiments.benchmark_memory --models=hybrid_1b --topologies=v5e-16
 
 Each row compiles the config's full train step (AdamW, bf16 compute) for the slice with
-every chip on the FSDP axis and --rows_per_chip rows of the config's sequence length
-per chip, and reports the compiler's bytes per chip against the chip's HBM.
+every chip on the FSDP axis (or --tensor chips to a tensor-parallel group) and
+--rows_per_chip rows of the config's sequence length per data-parallel chip, and reports
+the compiler's bytes per chip against the chip's HBM.
 """
 
 from absl import app, flags
@@ -25,12 +26,13 @@ _TOPOLOGIES = flags.DEFINE_list('topologies', ['v5e-16', 'v5e-64', 'v5e-256', 'v
 _REMAT = flags.DEFINE_string('remat', 'full', 'config.model.remat.')
 _ROWS_PER_CHIP = flags.DEFINE_integer('rows_per_chip', 1, 'Sequences per chip per step.')
 _ATTENTION = flags.DEFINE_string('attention', 'pallas', 'config.model.attention.')
+_TENSOR = flags.DEFINE_integer('tensor', 1, 'config.mesh.tensor; fsdp takes the other chips.')
 
 
 def main(argv):
   del argv
-  print(f'remat={_REMAT.value}, attention={_ATTENTION.value}, mesh: fsdp over every chip;'
-        f' {_ROWS_PER_CHIP.value} row(s) per chip')
+  print(f'remat={_REMAT.value}, attention={_ATTENTION.value}, mesh: tensor={_TENSOR.value},'
+        f' fsdp over the other chips; {_ROWS_PER_CHIP.value} row(s) per chip')
   print('| model | slice | parameters | T | global batch | params + optimizer | activations'
         ' and temporaries | total per chip | HBM | fits | compile |')
   print('|---|---|---|---|---|---|---|---|---|---|---|')
@@ -39,8 +41,9 @@ def main(argv):
       config = MODELS[model]()
       target = aot.target(topology)
       config.model.update(remat=_REMAT.value, attention=_ATTENTION.value)
-      config.mesh.update(data=1, fsdp=-1, tensor=1)
-      config.data.batch_size = _ROWS_PER_CHIP.value * len(target.devices)
+      config.mesh.update(data=1, fsdp=-1, tensor=_TENSOR.value)
+      # Rows split over the fsdp chips; each tensor-parallel group shares its rows.
+      config.data.batch_size = _ROWS_PER_CHIP.value * len(target.devices) // _TENSOR.value
       plan = aot.plan(config, target)
       [train] = plan.programs
       state = train.parts['params'] + train.parts['optimizer state']
