@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 from experiments.configs import default, dpo, grpo, open_models, sft, sft_lora
-from lm import aot, objectives
+from lm import aot, objectives, sharding
 from lm.errors import ConfigError
 from lm.training import loop
 from lm.training import setup as setup_lib
@@ -114,6 +114,18 @@ def test_tiny_pallas_models_compile_for_a_v5e_slice_with_fsdp(layer_pattern):
   table = aot.table(plan)
   assert 'v5e-4: 4 x TPU v5 lite, 15.75 GiB HBM each' in table
   assert 'train step: fits' in table
+
+
+def test_two_slices_compile_with_the_data_axis_across_them():
+  """Devices come slice by slice, so the mesh's first axis ('data') splits over slices:
+  only the gradients' all-reduce crosses between them."""
+  config = default.get_config('tiny')
+  config.mesh.update(data=2, fsdp=-1, tensor=1)
+  target = aot.target('2xv5e-4')
+  plan = aot.plan(config, target)
+  assert plan.mesh_shape == {'data': 2, 'fsdp': 4, 'tensor': 1} and plan.fits
+  mesh = sharding.make_mesh(plan.config.mesh, target.devices)
+  assert [{d.slice_index for d in mesh.devices[i].flat} for i in range(2)] == [{0}, {1}]
 
 
 @pytest.mark.parametrize('module, overrides, parts', [
