@@ -73,6 +73,7 @@ def _first_batch(config):
   return rollout(params, host_batch, 0, train=True)[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('module, updates_per_rollout', [
     (default, 1), (sft, 1), (dpo, 1), (grpo, 1), (grpo, 2)])
 def test_batch_shapes_are_those_of_a_real_batch(module, updates_per_rollout):
@@ -96,7 +97,8 @@ def _pallas_config(layer_pattern):
   return config
 
 
-@pytest.mark.parametrize('layer_pattern', ['attention', 'mamba,attention'])
+@pytest.mark.parametrize('layer_pattern', [
+    'attention', pytest.param('mamba,attention', marks=pytest.mark.slow)])
 def test_tiny_pallas_models_compile_for_a_v5e_slice_with_fsdp(layer_pattern):
   """The whole TPU compiler, Mosaic kernels inside the partitioned program (shard_map):
   train step, prefill and decode step, each with the kernels it should hold."""
@@ -128,6 +130,7 @@ def test_two_slices_compile_with_the_data_axis_across_them():
   assert [{d.slice_index for d in mesh.devices[i].flat} for i in range(2)] == [{0}, {1}]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('module, overrides, parts', [
     (sft_lora, {'lora.base_dtype': 'int8', 'train.init_from': '/runs/base'},
      ['params', 'optimizer state', 'frozen base', 'batch']),
@@ -228,6 +231,7 @@ def test_the_compile_command_exits_0_when_it_fits_and_1_when_not():
   assert on_cpu.returncode == 0 and 'cpu-4: 4 x cpu' in on_cpu.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('flag, message', [
     ('--topology=v5e-3', "error: --topology='v5e-3': v5e slices are"),
     ('--topology=h100-8', "error: --topology='h100-8' is not a slice name"),

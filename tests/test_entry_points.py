@@ -244,7 +244,7 @@ def test_an_unknown_config_variant_is_named_in_one_line(tmp_path):
                 '--config=experiments/configs/default.py:huge', f'--workdir={tmp_path}/run'])
   assert result.returncode != 0 and 'Traceback' not in result.stderr
   assert result.stderr.strip().splitlines()[-1].endswith(
-      "ValueError: unknown config variant 'huge'; the one variant is \"tiny\"")
+      "ValueError: unknown config variant 'huge'; one of \"tiny\", \"accelerator\"")
 
 
 @pytest.mark.slow
