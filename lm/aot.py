@@ -410,6 +410,8 @@ def table(plan_: Plan) -> str:
   lines.append('| FLOPs (lm, matmuls) | ' + ' | '.join(
       (f'{p.lm_flops:.3g}' + (f' (XLA/lm {p.xla_flops / p.lm_flops:.2f})' if p.xla_flops
                                else '')) if p.lm_flops else '' for p in programs) + ' |')
+  lines.append('| Pallas kernel calls | ' + ' | '.join(
+      str(p.kernel_calls) if p.seconds else '' for p in programs) + ' |')
   lines.append('| compile time | ' + ' | '.join(
       f'{p.seconds:.1f} s' if p.seconds else '' for p in programs) + ' |')
   lines.append('')
