@@ -97,8 +97,8 @@ def _pallas_config(layer_pattern):
   return config
 
 
-@pytest.mark.parametrize('layer_pattern', [
-    'attention', pytest.param('mamba,attention', marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize('layer_pattern', ['attention', 'mamba,attention'])
 def test_tiny_pallas_models_compile_for_a_v5e_slice_with_fsdp(layer_pattern):
   """The whole TPU compiler, Mosaic kernels inside the partitioned program (shard_map):
   train step, prefill and decode step, each with the kernels it should hold."""
@@ -118,6 +118,7 @@ def test_tiny_pallas_models_compile_for_a_v5e_slice_with_fsdp(layer_pattern):
   assert 'train step: fits' in table
 
 
+@pytest.mark.slow
 def test_two_slices_compile_with_the_data_axis_across_them():
   """Devices come slice by slice, so the mesh's first axis ('data') splits over slices:
   only the gradients' all-reduce crosses between them."""

@@ -178,7 +178,8 @@ def test_every_parameter_is_laid_out_as_the_rules_table_says():
   assert set(SPLIT_PARAMETER_AXES) <= used  # The model uses each name tested above.
 
 
-@pytest.mark.parametrize('layer_pattern', ['attention', 'mamba'])
+@pytest.mark.parametrize('layer_pattern', [
+    'attention', pytest.param('mamba', marks=pytest.mark.slow)])
 def test_activations_stay_split_over_the_batch_under_fsdp(layer_pattern):
   """The compiled train step of an FSDP mesh holds each device's rows only: the logical
   constraints reach XLA (flax's with_logical_constraint, given no mesh, constrained
