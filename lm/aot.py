@@ -24,7 +24,7 @@ import numpy as np
 
 from lm import flops, models, objectives, sampling, sharding
 from lm.errors import ConfigError, check
-from lm.training import loop
+from lm.training import checkpointing, loop
 from lm.training import setup as setup_lib
 from pallas_kernels import dispatch
 
@@ -282,10 +282,8 @@ def sampling_programs(config, target_: Target, batch_size: int, prompt_length: i
         f'--sample_batch={batch_size} must be a multiple of {sharding.rows_multiple(mesh)}'
         ' (the data-parallel devices of the sampling mesh)')
   model = models.build(config.model)
+  params = checkpointing.abstract_params(model, mesh)
   with sharding.activate(mesh):
-    params_boxed = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0))['params'])
-    params = sharding.abstract_arrays(params_boxed,
-                                      sharding.logical_to_shardings(params_boxed, mesh))
     cache_shapes = jax.eval_shape(lambda: sampling.init_cache(model, batch_size, cache_length))
   rows = lambda shape, dtype: jax.ShapeDtypeStruct(
       shape, dtype, sharding=jax.sharding.NamedSharding(
@@ -324,6 +322,8 @@ def plan(config, target_: Target, *, train: bool = True, sample_batch: int = 0,
          prompt_length: int = 0, cache_length: int = 0) -> Plan:
   """Compiles the config's train step (if `train`) and, with `sample_batch`, its
   sampling steps for the target; nothing runs. Raises ConfigError for a bad config."""
+  check(train or sample_batch, '--notrain needs --sample_batch: nothing to compile')
+  check(sample_batch >= 0, f'--sample_batch={sample_batch} must be at least 0 (0: none)')
   config = resolve(config, target_)
   mesh_shape = sharding.resolve_mesh_shape(config.mesh, len(target_.devices))
   programs, parameters, trained = [], 0, 0

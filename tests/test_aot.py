@@ -247,9 +247,11 @@ def test_the_compile_command_exits_0_when_it_fits_and_1_when_not():
 @pytest.mark.parametrize('flag, message', [
     ('--topology=v5e-3', "error: --topology='v5e-3': v5e slices are"),
     ('--topology=h100-8', "error: --topology='h100-8' is not a slice name"),
+    ('--sample_batch=-4 --topology=v5e-4', 'error: --sample_batch=-4 must be at least 0'),
+    ('--notrain --topology=v5e-4', 'error: --notrain needs --sample_batch'),
 ])
 def test_a_bad_topology_is_one_line(flag, message):
-  result = _compile_command('--config=experiments/configs/default.py:tiny', flag)
+  result = _compile_command('--config=experiments/configs/default.py:tiny', *flag.split())
   lines = result.stderr.strip().splitlines()
   assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(message)
 
