@@ -3,6 +3,7 @@ per process, connected over localhost (CPU collectives through gloo), each proce
 its own fake CPU devices."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -45,8 +46,8 @@ def start(module: str, *flags: str, num_processes: int = 2, devices_per_process:
 
 
 def wait(processes: list[subprocess.Popen], timeout: int = 600) -> list[Process]:
-  """Each process's exit code and output (less gloo's connection lines); a job still running after `timeout` seconds is
-  killed (its processes report -9)."""
+  """Each process's exit code and output (less gloo's connection lines); a job still
+  running after `timeout` seconds is killed (its processes report -9)."""
   results = []
   for process in processes:
     try:
@@ -55,12 +56,19 @@ def wait(processes: list[subprocess.Popen], timeout: int = 600) -> list[Process]
       for other in processes:
         other.kill()
       stdout, stderr = process.communicate()
-    # gloo's C++ prints each connection to stdout, sometimes without its '[Gloo]' prefix.
-    stdout = ''.join(line for line in stdout.splitlines(keepends=True)
-                     if not line.startswith('[Gloo]')
-                     and not line.startswith('Expected number of connected peer ranks'))
-    results.append(Process(process.returncode, stdout, stderr))
+    results.append(Process(process.returncode, without_gloo(stdout), stderr))
   return results
+
+
+# gloo's C++ prints each connection to stdout in pieces, which its threads can interleave.
+_GLOO = re.compile(r'\[Gloo\]|\bRank\b|is connected to|peer ranks\.?|'
+                   r'Expected number of connected|is :|\b\d+\b')
+
+
+def without_gloo(stdout: str) -> str:
+  """stdout less the lines made only of gloo's pieces."""
+  return ''.join(line for line in stdout.splitlines(keepends=True)
+                 if not line.strip() or _GLOO.sub('', line).strip())
 
 
 def launch(module: str, *flags: str, num_processes: int = 2, devices_per_process: int = 4,

@@ -151,7 +151,8 @@ def test_sample_and_evaluate_on_two_processes_give_what_one_gives(one_process):
     scored = local_processes.launch('evaluate', *evaluate, num_processes=processes,
                                  devices_per_process=devices)
     assert_ok(sampled + scored)
-    assert all(not result.stdout for result in sampled[1:] + scored[1:])  # Process 0 reports.
+    quiet = [result.stdout for result in sampled[1:] + scored[1:]]
+    assert not any(quiet), quiet  # Process 0 reports.
     metrics = [line for line in scored[0].stdout.splitlines() if line.startswith('arithmetic')]
     outputs[processes, devices] = (sampled[0].stdout, metrics)
   assert outputs[2, 4] == outputs[1, 8]
