@@ -181,6 +181,34 @@ def _tokenizer(config):
 
 
 @pytest.mark.slow
+def test_qlora_quantizes_the_base_one_entry_at_a_time_as_it_is_read(pretrained):
+  """The float base is never whole in memory: each top-level entry (embedding, layer) is
+  read and quantized before the next, and the result equals quantizing it whole."""
+  workdir, _ = pretrained
+  config = lora_training_config(workdir, base_dtype='int8')
+  config.model.dtype = 'float32'
+  setup = setup_lib.make_setup(config, jax.devices()[:2])
+  seen = []
+
+  def convert(part):
+    seen.append(sorted(part))
+    return setup.base.prepare(part)
+  with sharding.activate(setup.mesh):
+    load = lambda convert: checkpointing.load_params(
+        workdir, -1, setup.base.checkpoint_abstract, config, _tokenizer(config),
+        convert=convert)[0]
+    by_entry = load(convert)
+    whole = setup.base.prepare(load(None))
+  entries = sorted(setup.base.checkpoint_abstract)
+  assert sorted(seen) == [[name] for name in entries] and len(entries) > 2
+  flat = lambda tree: jax.tree_util.tree_flatten_with_path(tree)[0]
+  assert [path for path, _ in flat(by_entry)] == [path for path, _ in flat(whole)]
+  for (path, got), (_, want) in zip(flat(by_entry), flat(whole)):
+    assert got.dtype == want.dtype and got.sharding == want.sharding, path
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert any(np.asarray(x).dtype == np.int8 for x in jax.tree.leaves(whole))
+
+
 @pytest.mark.parametrize('base_dtype', ['', 'int8'])
 def test_a_lora_run_names_its_base_resumes_exactly_and_samples_merged(pretrained, tmp_path,
                                                                      base_dtype):

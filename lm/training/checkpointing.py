@@ -208,21 +208,30 @@ class Checkpointer:
     _verify(saved, now, exact=True)
     return restored['state']
 
-  def restore_params(self, step: int, abstract_params):
+  def restore_params(self, step: int, abstract_params, convert=None):
     """Only the params saved at `step`, onto the shardings of `abstract_params`
-    (ShapeDtypeStructs); the optimizer state is never read."""
-    item = {'params': abstract_params}
-    with ocp.PyTreeCheckpointer() as checkpointer:
-      restored = checkpointer.restore(
-          os.path.join(self.directory, str(step), 'state'),
-          args=ocp.args.PyTreeRestore(
-              item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-              partial_restore=True))
+    (ShapeDtypeStructs); the optimizer state is never read. With `convert` (a function
+    of a dict of some of the top-level entries, e.g. QLoRA's quantization), each entry
+    (the embedding, a layer) is read and converted before the next is read, so memory
+    peaks at one entry as saved plus what was converted."""
     _, saved = self._restore_with_fingerprint(step)
     # The state's fingerprint names params leaves '.params[...]'; these are '[...]'.
-    _verify({name[len('.params'):]: value for name, value in saved.items()
-             if name.startswith('.params')}, _fingerprint_json(restored['params']))
-    return restored['params']
+    saved = {name[len('.params'):]: value for name, value in saved.items()
+             if name.startswith('.params')}
+    parts = [abstract_params] if convert is None else [
+        {name: entry} for name, entry in abstract_params.items()]
+    params = {}
+    for part in parts:
+      item = {'params': part}
+      with ocp.PyTreeCheckpointer() as checkpointer:
+        restored = checkpointer.restore(
+            os.path.join(self.directory, str(step), 'state'),
+            args=ocp.args.PyTreeRestore(
+                item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                partial_restore=True))['params']
+      _verify(saved, _fingerprint_json(restored))
+      params.update(restored if convert is None else convert(restored))
+    return params
 
   def set_aside(self, step: int, error: Exception | None) -> None:
     """Moves checkpoint `step` to `<workdir>/set_aside/` and says so in one line. Every
@@ -385,10 +394,11 @@ def read_init_from(workdir: str, step: int) -> tuple[int, ml_collections.ConfigD
   return step, saved_config, saved_tokenizer
 
 
-def load_params(workdir: str, step: int, abstract_params, config, tokenizer):
+def load_params(workdir: str, step: int, abstract_params, config, tokenizer, convert=None):
   """(params, step) of the checkpoint at `step` (-1: the latest) in `workdir`
   (config.train.init_from), checked against this run's model and tokenizer, onto the
-  shardings of `abstract_params`."""
+  shardings of `abstract_params`; with `convert`, converted one top-level entry at a time
+  as they are read (Checkpointer.restore_params)."""
   step, saved_config, saved_tokenizer = read_init_from(workdir, step)
   source = Checkpointer(workdir, max_to_keep=None, read_only=True)
   directory = os.path.join(source.directory, str(step))
@@ -397,8 +407,9 @@ def load_params(workdir: str, step: int, abstract_params, config, tokenizer):
   with unreadable_as_config_error(f'config.train.init_from={workdir!r}', source, step):
     if lora.enabled(saved_config.lora):
       params = _merged_params(source, step, saved_config, tokenizer, abstract_params)
+      params = params if convert is None else convert(params)
     else:
-      params = source.restore_params(step, abstract_params)
+      params = source.restore_params(step, abstract_params, convert)
   source.close()
   return params, step
 

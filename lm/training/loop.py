@@ -252,10 +252,10 @@ def _train(config, workdir, devices, tokenizer, objective, data, checkpointer):
       init_from_step = saved_config.train.get('init_from_step', -1)
     base_params = None
     if setup.base:  # LoRA: the frozen model the adapters train on, read at every start.
-      params, init_from_step = checkpointing.load_params(
+      # Quantized (QLoRA) as each layer is read: the float base is never whole in memory.
+      base_params, init_from_step = checkpointing.load_params(
           config.train.init_from, init_from_step, setup.base.checkpoint_abstract, config,
-          tokenizer)
-      base_params = setup.base.prepare(params)
+          tokenizer, convert=setup.base.prepare)
     if restored is None:
       if config.train.init_from and not setup.base:
         params, init_from_step = checkpointing.load_params(

@@ -24,7 +24,9 @@ class FrozenBase:
   """With LoRA: the frozen params the adapters train on."""
   checkpoint_abstract: dict  # As config.train.init_from holds them, with their shardings.
   shardings: dict  # As the steps take them (quantized with config.lora.base_dtype).
-  prepare: Callable  # Loaded params -> the base as the steps take it; donates them.
+  # Loaded params (all, or some top-level entries) -> the base as the steps take it;
+  # donates them.
+  prepare: Callable
   abstract: dict  # What the steps take, as ShapeDtypeStructs with those shardings.
 
 
@@ -104,8 +106,10 @@ def _frozen_base(plain_model, config, mesh) -> tuple[FrozenBase, dict]:
   stored_boxed, _ = lora.abstract_split(plain_model, config.lora)
   shardings = sharding.logical_to_shardings(stored_boxed, mesh)
   if config.lora.base_dtype:
-    prepare = jax.jit(lambda params: lora.quantize_base(params, stored_boxed),
-                      out_shardings=shardings, donate_argnums=0)
+    def prepare(params):  # Any of the top-level entries: they are loaded one at a time.
+      part = lambda tree: {name: tree[name] for name in params}
+      return jax.jit(lambda params: lora.quantize_base(params, part(stored_boxed)),
+                     out_shardings=part(shardings), donate_argnums=0)(params)
   else:
     prepare = lambda params: params  # pylint: disable=unnecessary-lambda-assignment
   abstract = sharding.abstract_arrays(stored_boxed, shardings)
