@@ -53,7 +53,15 @@ def test_long_documents_are_scored_in_windows_that_predict_every_token_once(scor
   assert log_likelihood < first_window < 0
 
 
-class FakeScorer:
+class ChoicesOneByOne:
+  """choice_log_likelihoods from a fake's continuation_log_likelihoods, pair by pair."""
+
+  def choice_log_likelihoods(self, records):
+    return [self.continuation_log_likelihoods([(context, choice) for choice in choices])
+            for context, choices in records]
+
+
+class FakeScorer(ChoicesOneByOne):
   """Returns preset log-likelihoods and completions, to test the metrics alone."""
 
   def __init__(self, log_likelihoods=None, completions_by_seed=None):
@@ -92,7 +100,7 @@ def test_multiple_choice_accuracy_picks_each_records_best_choice_wherever_the_an
   scores = {(f'q{i}', choice): log_likelihood for i, (choices, _, log_likelihoods)
             in enumerate(records) for choice, log_likelihood in zip(choices, log_likelihoods)}
 
-  class OneTokenPerChoice:
+  class OneTokenPerChoice(ChoicesOneByOne):
     def continuation_log_likelihoods(self, pairs):
       return [(scores[pair], 1, False) for pair in pairs]
 

@@ -63,12 +63,12 @@ def evaluate(task: tasks_lib.Task, scorer, *, num_shots: int = 0, seed: int = 0,
             'documents': len(records)}
 
   if task.kind == 'multiple_choice':
-    pairs = [(prefix + r['context'], choice) for prefix, r in zip(prefixes, records)
-             for choice in r['choices']]
-    scores = iter(scorer.continuation_log_likelihoods(pairs))
+    # A record's context (its shots included) runs once for all its choices.
+    scored = scorer.choice_log_likelihoods(
+        [(prefix + r['context'], r['choices']) for prefix, r in zip(prefixes, records)])
     correct = correct_normalized = 0
-    for record in records:
-      log_likelihoods = [next(scores)[0] for _ in record['choices']]
+    for record, choice_scores in zip(records, scored):
+      log_likelihoods = [score[0] for score in choice_scores]
       per_byte = [ll / max(len(c.encode('utf-8')), 1)
                   for ll, c in zip(log_likelihoods, record['choices'])]
       correct += log_likelihoods.index(max(log_likelihoods)) == record['answer']
