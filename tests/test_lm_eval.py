@@ -121,3 +121,17 @@ def test_rolling_windows_score_every_token_once_with_full_contexts():
   assert sum(scored, []) == ids[1:]
   assert all(len(window) == 4 for window in windows[1:])  # Full context after the first.
   assert windows[0] == [0, 1, 2, 3] and windows[-1] == [6, 7, 8, 9] and scored[-1] == [7, 8, 9]
+
+
+def test_the_package_declares_lm_where_plugin_loading_harnesses_look():
+  """The entry point `lm_eval.models: lm` (the group lm-evaluation-harness's plugin
+  discovery reads) is installed and resolves, through the harness's own Registry, to the
+  model class; with it, `lm_eval run --model lm` needs no wrapper."""
+  import importlib.metadata
+  from lm_eval.api.model import LM
+  from lm_eval.api.registry import Registry
+  [entry_point] = [entry for entry in importlib.metadata.entry_points(group='lm_eval.models')
+                   if entry.name == 'lm']
+  registry = Registry('model', base_cls=LM)
+  registry.register(entry_point.name, target=entry_point)
+  assert registry.get('lm') is lm_eval_model.LmEvalModel
