@@ -180,7 +180,6 @@ def _tokenizer(config):
   return tokenizer_lib.build(config.tokenizer)
 
 
-@pytest.mark.slow
 def test_qlora_quantizes_the_base_one_entry_at_a_time_as_it_is_read(pretrained):
   """The float base is never whole in memory: each top-level entry (embedding, layer) is
   read and quantized before the next, and the result equals quantizing it whole."""
@@ -209,6 +208,7 @@ def test_qlora_quantizes_the_base_one_entry_at_a_time_as_it_is_read(pretrained):
   assert any(np.asarray(x).dtype == np.int8 for x in jax.tree.leaves(whole))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('base_dtype', ['', 'int8'])
 def test_a_lora_run_names_its_base_resumes_exactly_and_samples_merged(pretrained, tmp_path,
                                                                      base_dtype):
