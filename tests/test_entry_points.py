@@ -226,6 +226,7 @@ CONFIG_FILES = {  # What a bad --config file holds -> the one line that names it
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', sorted(CONFIG_FILES))
 def test_a_bad_config_file_is_named_in_one_line(case, tmp_path):
   text, message = CONFIG_FILES[case]
@@ -239,6 +240,7 @@ def test_a_bad_config_file_is_named_in_one_line(case, tmp_path):
   assert not os.path.exists(tmp_path / 'run')
 
 
+@pytest.mark.slow
 def test_an_unknown_config_variant_is_named_in_one_line(tmp_path):
   result = run([sys.executable, '-m', 'experiments.train',
                 '--config=experiments/configs/default.py:huge', f'--workdir={tmp_path}/run'])
