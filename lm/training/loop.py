@@ -253,9 +253,10 @@ def _train(config, workdir, devices, tokenizer, objective, data, checkpointer):
     base_params = None
     if setup.base:  # LoRA: the frozen model the adapters train on, read at every start.
       # Quantized (QLoRA) as each layer is read: the float base is never whole in memory.
+      # A float base is read in one call.
       base_params, init_from_step = checkpointing.load_params(
           config.train.init_from, init_from_step, setup.base.checkpoint_abstract, config,
-          tokenizer, convert=setup.base.prepare)
+          tokenizer, convert=setup.base.prepare if config.lora.base_dtype else None)
     if restored is None:
       if config.train.init_from and not setup.base:
         params, init_from_step = checkpointing.load_params(
