@@ -109,3 +109,12 @@ def post_training_config(module, workdir, **train):
   config.model.dtype = 'float32'
   config.train.update(init_from=workdir, sample_tokens=0, **train)
   return config
+
+
+class ChoicesOneByOne:
+  """choice_log_likelihoods from a fake scorer's continuation_log_likelihoods, pair by
+  pair (the metrics' tests need no shared-context pass)."""
+
+  def choice_log_likelihoods(self, records):
+    return [self.continuation_log_likelihoods([(context, choice) for choice in choices])
+            for context, choices in records]

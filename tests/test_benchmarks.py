@@ -9,6 +9,8 @@ import pytest
 from lm.errors import ConfigError
 from lm.evaluation import benchmarks, harness, scoring
 
+from helpers import ChoicesOneByOne
+
 
 def write_jsonl(path, records):
   path.write_text(''.join(json.dumps(r) + '\n' for r in records))
@@ -21,7 +23,7 @@ def write_csv(path, rows):
     csv.writer(f).writerows(rows)
 
 
-class FakeScorer:
+class FakeScorer(ChoicesOneByOne):
   """log-likelihood of a continuation: `scores[(context end, continuation)]`, else -100;
   completions from a list, in order."""
 
@@ -31,10 +33,6 @@ class FakeScorer:
   def continuation_log_likelihoods(self, pairs):
     return [(self.scores.get((context[-12:], continuation), -100.0), 1, False)
             for context, continuation in pairs]
-
-  def choice_log_likelihoods(self, records):
-    return [self.continuation_log_likelihoods([(context, c) for c in choices])
-            for context, choices in records]
 
   def complete(self, prompts, *, max_new_tokens, temperature, seed, stops=()):
     self.calls.append((len(prompts), temperature, stops))

@@ -9,7 +9,7 @@ from lm import tokenizer as tokenizer_lib
 from lm.errors import ConfigError
 from lm.evaluation import builtin, harness, scoring, tasks
 
-from helpers import init_model, jit_apply, small_model_config
+from helpers import ChoicesOneByOne, init_model, jit_apply, small_model_config
 
 
 @pytest.fixture(scope='module')
@@ -51,14 +51,6 @@ def test_long_documents_are_scored_in_windows_that_predict_every_token_once(scor
       first_window, reference_log_probs(scorer, [1, *scorer.tokenizer.encode(text[:40]), 2]).sum(),
       rtol=1e-5)
   assert log_likelihood < first_window < 0
-
-
-class ChoicesOneByOne:
-  """choice_log_likelihoods from a fake's continuation_log_likelihoods, pair by pair."""
-
-  def choice_log_likelihoods(self, records):
-    return [self.continuation_log_likelihoods([(context, choice) for choice in choices])
-            for context, choices in records]
 
 
 class FakeScorer(ChoicesOneByOne):
