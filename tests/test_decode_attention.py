@@ -58,6 +58,27 @@ def test_kernel_matches_reference(num_heads, num_kv_heads, head_dim, slots, bloc
     np.testing.assert_array_equal(got_cache, want_cache, err_msg=name)
 
 
+@pytest.mark.parametrize('window', [1, 10, 40, 200])  # Below, across and above block_s=16.
+def test_kernel_with_a_sliding_window_matches_reference(window):
+  slots, block_s = 77, 16
+  q, k, v, k_cache, v_cache = inputs(window, 4, slots, 8, 2, 64, jnp.float32)
+  start = jnp.asarray([0, slots // 2 + 3, block_s, slots - 1], jnp.int32)
+  want = reference.decode_attention(q, k, v, k_cache, v_cache, start, window=window)
+  got = api.decode_attention(q, k, v, k_cache, v_cache, start, window=window,
+                             implementation='gpu', block_sizes=gpu.BlockSizes(block_s=block_s),
+                             interpret=backend.INTERPRET)
+  error = relative_error(got[0], want[0])
+  assert error < backend.matmul_tolerance(1e-5), f'out: relative error {error:.2e}'
+  for name, got_cache, want_cache in zip(('keys', 'values'), got[1:], want[1:]):
+    np.testing.assert_array_equal(got_cache, want_cache, err_msg=name)
+
+
+def test_window_must_be_a_positive_int():
+  q, k, v, k_cache, v_cache = inputs(4, 1, 8, 2, 2, 16, jnp.float32)
+  with pytest.raises(ValueError, match='must be a positive int or None'):
+    api.decode_attention(q, k, v, k_cache, v_cache, jnp.asarray([3]), window=0)
+
+
 def test_reference_attends_to_the_filled_slots_and_the_new_token_only():
   """The reference against attention written out for one row: softmax over slots
   0 .. start, where slot start holds the new token; later slots do not matter."""
@@ -76,14 +97,31 @@ def test_reference_attends_to_the_filled_slots_and_the_new_token_only():
   np.testing.assert_array_equal(new_k_cache[0, start + 1:], k_cache[0, start + 1:])
 
 
-@pytest.mark.parametrize('head_dim,num_heads,num_kv_heads', [(64, 12, 12), (128, 16, 2)])
-def test_kernel_lowers_for_its_gpu(head_dim, num_heads, num_kv_heads):
+def test_reference_window_attends_to_the_last_window_slots_only():
+  """With a window of 3 the new token at slot 5 attends to slots 3, 4 and itself, written
+  out slot by slot."""
+  q, k, v, k_cache, v_cache = inputs(5, 1, 12, 2, 1, 16, jnp.float32)
+  start, window = 5, 3
+  out, _, _ = reference.decode_attention(q, k, v, k_cache, v_cache, jnp.asarray([start]),
+                                         window=window)
+  keys = [np.asarray(k_cache[0, s, 0]) for s in range(start - window + 1, start)] + [k[0, 0]]
+  values = [np.asarray(v_cache[0, s, 0]) for s in range(start - window + 1, start)] + [v[0, 0]]
+  for head in range(2):
+    logits = np.array([key @ np.asarray(q[0, head]) for key in keys]) / 4.0
+    weights = np.exp(logits - logits.max())
+    want = sum(w * value for w, value in zip(weights, values)) / weights.sum()
+    np.testing.assert_allclose(out[0, head], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('head_dim,num_heads,num_kv_heads,window',
+                         [(64, 12, 12, None), (128, 16, 2, None), (128, 16, 2, 100)])
+def test_kernel_lowers_for_its_gpu(head_dim, num_heads, num_kv_heads, window):
   """The real Triton lowering: a kernel the GPU cannot compile fails here."""
   shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
   args = (shape(2, num_heads, head_dim), shape(2, num_kv_heads, head_dim),
           shape(2, num_kv_heads, head_dim), shape(2, 528, num_kv_heads, head_dim),
           shape(2, 528, num_kv_heads, head_dim), shape(2, dtype=jnp.int32))
-  step = functools.partial(api.decode_attention, implementation='gpu')
+  step = functools.partial(api.decode_attention, window=window, implementation='gpu')
   assert lowering.count_kernel_calls('gpu', step, *args) == 1
 
 

@@ -46,9 +46,11 @@ def value_and_grads(attention, q, k, v, d_out):
   return (out, *vjp(d_out))
 
 
-def assert_close(got, want, tolerance, name):
+def assert_close(got, want, tolerance, name, floor=1e-6):
+  """Error relative to the largest wanted value, or to `floor` where that is smaller (a
+  gradient that is zero, as dq and dk are when each query sees only itself)."""
   got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-  error = np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-6)
+  error = np.max(np.abs(got - want)) / max(np.max(np.abs(want)), floor)
   assert error < tolerance, f'{name}: relative error {error:.2e} >= {tolerance:.0e}'
 
 
@@ -80,21 +82,77 @@ def test_kernel_matches_reference_forward_and_gradients_in_float32(
     assert_close(got, want, backend.matmul_tolerance(1e-5), name)
 
 
+def test_reference_window_is_the_mask_written_out():
+  """The reference's sliding window against attention computed query by query: query t
+  of a packed row sees key s of its document when 0 <= t - s < window."""
+  batch, length, num_heads, num_kv_heads, head_dim = 1, 13, 2, 1, 8
+  q, k, v, _ = inputs(11, batch, length, num_heads, num_kv_heads, head_dim, jnp.float32)
+  ids = segment_ids(batch, length, 'packed')
+  q_, k_, v_, ids_ = (np.asarray(x, np.float64) for x in (q, k, v, ids))
+  for window in (1, 3, 20):
+    out, lse = reference.attention_with_lse(q, k, v, ids, ids, window=window)
+    for n in range(num_heads):
+      for t in range(length):
+        keys = [s for s in range(length) if ids_[0, s] == ids_[0, t] and 0 <= t - s < window]
+        logits = np.array([q_[0, t, n] @ k_[0, s, 0] for s in keys]) / np.sqrt(head_dim)
+        weights = np.exp(logits - logits.max())
+        want = sum(w * v_[0, s, 0] for w, s in zip(weights, keys)) / weights.sum()
+        np.testing.assert_allclose(out[0, t, n], want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(lse[0, n, t], logits.max() + np.log(weights.sum()),
+                                   rtol=1e-5)
+
+
+def test_window_must_be_a_positive_int_and_causal():
+  q, k, v, _ = inputs(9, 1, 8, 2, 2, 16, jnp.float32)
+  for window in (0, -3, 2.5, True):
+    with pytest.raises(ValueError, match='must be a positive int or None'):
+      api.flash_attention(q, k, v, window=window)
+  with pytest.raises(ValueError, match='needs causal=True'):
+    api.flash_attention(q, k, v, causal=False, window=4)
+
+
+WINDOW_CASES = [
+    # (num_heads, num_kv_heads, length, segments, window): GPU blocks are 32, TPU's 128.
+    (4, 2, 100, 'packed', 1),  # Each query sees itself only: dq and dk are zero.
+    (2, 1, 100, 'padded', 20),  # Narrower than a block.
+    (2, 2, 128, 'none', 40),  # No padding nor segments: unmasked blocks in between (GPU).
+    (2, 1, 260, 'none', 100),  # Spans blocks; whole blocks out of the window (TPU too).
+    (4, 1, 70, 'packed', 500),  # Wider than the row: plain causal attention.
+]
+
+
+@pytest.mark.parametrize('kernel', KERNELS)
+@pytest.mark.parametrize('num_heads,num_kv_heads,length,segments,window', WINDOW_CASES)
+def test_kernel_with_a_sliding_window_matches_reference_forward_and_gradients(
+    kernel, num_heads, num_kv_heads, length, segments, window):
+  q, k, v, d_out = inputs(length + window, 2, length, num_heads, num_kv_heads, 64, jnp.float32)
+  ids = segment_ids(2, length, segments)
+  attention = lambda q, k, v: api.flash_attention(
+      q, k, v, ids, ids, window=window, implementation=kernel, interpret=backend.INTERPRET,
+      block_sizes=SMALL_BLOCKS[kernel])
+  spec = lambda q, k, v: reference.attention(q, k, v, ids, ids, window=window)
+  for name, got, want in zip(('out', 'dq', 'dk', 'dv'), value_and_grads(attention, q, k, v, d_out),
+                             value_and_grads(spec, q, k, v, d_out)):
+    assert_close(got, want, backend.matmul_tolerance(1e-5), name, floor=1.0)
+
+
 @pytest.mark.skipif('gpu' not in KERNELS, reason='GPU tiling')
-@pytest.mark.parametrize('causal,length,segments', [(True, 64, 'none'), (True, 100, 'packed'),
-                                                    (False, 64, 'none')])
-def test_gpu_kernels_tiled_differently_agree_with_the_reference(causal, length, segments):
+@pytest.mark.parametrize('causal,length,segments,window', [
+    (True, 64, 'none', None), (True, 100, 'packed', None), (False, 64, 'none', None),
+    (True, 128, 'none', 40)])
+def test_gpu_kernels_tiled_differently_agree_with_the_reference(causal, length, segments,
+                                                                window):
   """Forward, dq and dkv each with their own tile, key blocks larger than query blocks
-  in some: the diagonal split and the padding must still line up."""
+  in some: the diagonal split, the window's edge and the padding must still line up."""
   blocks = gpu.BlockSizes(forward=gpu.Tile(block_q=16, block_k=32),
                           dq=gpu.Tile(block_q=32, block_k=16),
                           dkv=gpu.Tile(block_q=16, block_k=64))
   q, k, v, d_out = inputs(length, 2, length, 4, 2, 64, jnp.float32)
   ids = segment_ids(2, length, segments)
   attention = lambda q, k, v: api.flash_attention(
-      q, k, v, ids, ids, causal=causal, implementation='gpu', interpret=backend.INTERPRET,
-      block_sizes=blocks)
-  spec = lambda q, k, v: reference.attention(q, k, v, ids, ids, causal=causal)
+      q, k, v, ids, ids, causal=causal, window=window, implementation='gpu',
+      interpret=backend.INTERPRET, block_sizes=blocks)
+  spec = lambda q, k, v: reference.attention(q, k, v, ids, ids, causal=causal, window=window)
   for name, got, want in zip(('out', 'dq', 'dk', 'dv'), value_and_grads(attention, q, k, v, d_out),
                              value_and_grads(spec, q, k, v, d_out)):
     assert_close(got, want, backend.matmul_tolerance(1e-5), name)
@@ -125,15 +183,16 @@ def test_default_blocks_handle_a_sequence_shorter_than_one_block(kernel):
 
 
 @pytest.mark.parametrize('kernel', KERNELS)
-@pytest.mark.parametrize('head_dim', [64, 128])
-def test_kernel_lowers_for_its_hardware_forward_and_backward(kernel, head_dim):
+@pytest.mark.parametrize('head_dim,window', [(64, None), (128, None), (128, 300)])
+def test_kernel_lowers_for_its_hardware_forward_and_backward(kernel, head_dim, window):
   """Runs the real (Triton or Mosaic) lowering, so a kernel its hardware cannot compile
   fails here; forward is one kernel, the gradient three (forward, dq, dk/dv)."""
   batch, length, num_heads, num_kv_heads = 2, 1000, 8, 2
   shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
   args = (shape(batch, length, num_heads, head_dim), shape(batch, length, num_kv_heads, head_dim),
           shape(batch, length, num_kv_heads, head_dim), shape(batch, length, dtype=jnp.int32))
-  attention = lambda q, k, v, ids: api.flash_attention(q, k, v, ids, ids, implementation=kernel)
+  attention = lambda q, k, v, ids: api.flash_attention(q, k, v, ids, ids, window=window,
+                                                       implementation=kernel)
   grads = jax.grad(lambda *a: jnp.sum(attention(*a).astype(jnp.float32)), argnums=(0, 1, 2))
   assert lowering.count_kernel_calls(kernel, attention, *args) == 1
   assert lowering.count_kernel_calls(kernel, grads, *args) == 3
@@ -183,10 +242,11 @@ def test_benchmark_script_runs_on_a_tiny_shape_in_interpret_mode():
   result = subprocess.run(
       [sys.executable, '-m', 'pallas_kernels.benchmarks.attention', '--shapes=64:1',
        '--heads=2', '--head_dim=64', '--dtype=float32', '--interpret', '--repeats=1',
-       '--kernel_blocks=32:32:4:2,16:32:4:2/32:16:4:2/16:32:4:2'],
+       '--kernel_blocks=32:32:4:2,16:32:4:2/32:16:4:2/16:32:4:2', '--window=48'],
       cwd=root, capture_output=True, text=True, timeout=300,
       env=cpu_subprocess_env())
   assert result.returncode == 0, result.stderr[-2000:]
+  assert 'causal, window 48, float32' in result.stdout
   assert '| pallas (ours) | 64 | 1 |' in result.stdout
   assert '| pallas (ours) 32:32:4:2 | 64 | 1 |' in result.stdout
   assert '| pallas (ours) 16:32:4:2/32:16:4:2/16:32:4:2 | 64 | 1 |' in result.stdout
@@ -201,14 +261,16 @@ MOSAIC_CASES = [
     (True, 2, 2, 128, 256, 128, 'none', False),  # No padding: the mask only on diagonal blocks.
     (False, 2, 2, 64, 100, 128, 'padded', False),
 ]
+MOSAIC_WINDOW_CASE = (True, 1, 1, 64, 200, 64, 'packed', False, 50)  # Narrower than a block.
 
 
 @pytest.mark.skipif(not MOSAIC_ON_THIS_BACKEND, reason='a GPU kernel')
 @pytest.mark.parametrize(
-    'causal,num_heads,num_kv_heads,head_dim,length,block_kv,segments,pingpong', MOSAIC_CASES)
+    'causal,num_heads,num_kv_heads,head_dim,length,block_kv,segments,pingpong,window',
+    [case + (None,) for case in MOSAIC_CASES] + [MOSAIC_WINDOW_CASE])
 def test_mosaic_forward_matches_the_reference_in_bfloat16(causal, num_heads, num_kv_heads,
                                                           head_dim, length, block_kv, segments,
-                                                          pingpong):
+                                                          pingpong, window):
   batch = 1 if segments == 'none' else 2  # Two rows where the ids are per row.
   q, k, v, _ = inputs(length + head_dim, batch, length, num_heads, num_kv_heads, head_dim,
                       jnp.bfloat16)
@@ -216,9 +278,9 @@ def test_mosaic_forward_matches_the_reference_in_bfloat16(causal, num_heads, num
   out, lse = mosaic_gpu.forward(q, k, v, ids, ids, causal=causal, sm_scale=head_dim ** -0.5,
                                 block_sizes=mosaic_gpu.BlockSizes(block_kv=block_kv,
                                                                   pingpong=pingpong),
-                                interpret=backend.INTERPRET)
+                                interpret=backend.INTERPRET, window=window)
   want_out, want_lse = reference.attention_with_lse(
-      *(x.astype(jnp.float32) for x in (q, k, v)), ids, ids, causal=causal)
+      *(x.astype(jnp.float32) for x in (q, k, v)), ids, ids, causal=causal, window=window)
   assert out.dtype == jnp.bfloat16 and out.shape == q.shape
   assert_close(out, want_out, 1e-2, 'out')
   # lse is base 2 and padded to the query tile; the reference's is natural.
@@ -226,20 +288,24 @@ def test_mosaic_forward_matches_the_reference_in_bfloat16(causal, num_heads, num
 
 
 @pytest.mark.skipif(not MOSAIC_ON_THIS_BACKEND, reason='a GPU kernel')
-@pytest.mark.parametrize('causal,num_heads,num_kv_heads,head_dim,length,segments', [
-    (True, 4, 2, 64, 100, 'packed'),
-    (True, 1, 1, 64, 300, 'none'),  # dk/dv: diagonal, unmasked and padding query blocks.
-    (False, 2, 2, 128, 130, 'none'),
+@pytest.mark.parametrize('causal,num_heads,num_kv_heads,head_dim,length,segments,window', [
+    (True, 4, 2, 64, 100, 'packed', None),
+    (True, 1, 1, 64, 300, 'none', None),  # dk/dv: diagonal, unmasked and padding query blocks.
+    (False, 2, 2, 128, 130, 'none', None),
+    # Whole key blocks before the window of later tiles, whole query blocks after the
+    # windows over earlier ones, unmasked blocks between the edges.
+    (True, 2, 1, 64, 300, 'none', 100),
 ])
 def test_mosaic_kernels_give_reference_gradients(causal, num_heads, num_kv_heads, head_dim,
-                                                 length, segments):
+                                                 length, segments, window):
   q, k, v, d_out = inputs(length, 1, length, num_heads, num_kv_heads, head_dim, jnp.bfloat16)
   ids = segment_ids(1, length, segments)
   attention = lambda q, k, v: api.flash_attention(q, k, v, ids, ids, causal=causal,
-                                                  implementation='mosaic_gpu',
+                                                  window=window, implementation='mosaic_gpu',
                                                   interpret=backend.INTERPRET)
   spec = lambda q, k, v: reference.attention(q.astype(jnp.float32), k.astype(jnp.float32),
-                                             v.astype(jnp.float32), ids, ids, causal=causal)
+                                             v.astype(jnp.float32), ids, ids, causal=causal,
+                                             window=window)
   got = value_and_grads(attention, q, k, v, d_out)
   want = value_and_grads(spec, q, k, v, d_out.astype(jnp.float32))
   for name, g, w in zip(('out', 'dq', 'dk', 'dv'), got, want):
@@ -273,9 +339,10 @@ def test_mosaic_lowers_for_hopper_forward_and_backward(head_dim):
   shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
   args = (shape(batch, length, num_heads, head_dim), shape(batch, length, num_kv_heads, head_dim),
           shape(batch, length, num_kv_heads, head_dim), shape(batch, length, dtype=jnp.int32))
-  for causal, segments in ((True, True), (False, False)):
+  for causal, segments, window in ((True, True, None), (False, False, None), (True, False, 300)):
     attention = lambda q, k, v, ids: api.flash_attention(
-        q, k, v, *((ids, ids) if segments else ()), causal=causal, implementation='mosaic_gpu')
+        q, k, v, *((ids, ids) if segments else ()), causal=causal, window=window,
+        implementation='mosaic_gpu')
     grads = jax.grad(lambda *a: jnp.sum(attention(*a).astype(jnp.float32)), argnums=(0, 1, 2))
     assert lowering.count_kernel_calls('mosaic_gpu', attention, *args) == 1
     assert lowering.count_kernel_calls('mosaic_gpu', grads, *args) == 3

@@ -10,10 +10,12 @@
       # the Mosaic GPU kernels at block_kv:block_kv_dq:stages[:pingpong] tilings too
   python -m pallas_kernels.benchmarks.attention --shapes=64:1 --heads=2 --head_dim=64 \
       --dtype=float32 --interpret   # a smoke run on CPU
+  python -m pallas_kernels.benchmarks.attention --window=4096   # sliding-window attention
 
 FLOPs as in ../shared/ANCHORS.md: 4*B*S^2*N*H/2 forward (causal), 3.5x that for
-forward+backward. Wall time is the median of --repeats blocking calls after one warm-up;
-device time is the kernels' own per call from a profiler trace (GPU and TPU only).
+forward+backward; with --window, 4*B*N*H times the query-key pairs in the window. Wall
+time is the median of --repeats blocking calls after one warm-up; device time is the
+kernels' own per call from a profiler trace (GPU and TPU only).
 """
 
 from absl import app, flags
@@ -34,22 +36,31 @@ _MEMORY = flags.DEFINE_bool('memory', False, 'Instead: fwd+bwd at S=32768, B=1.'
 _KERNEL_BLOCKS = flags.DEFINE_list(
     'kernel_blocks', [], 'Also time our GPU kernel at these tilings: '
     'block_q:block_k:num_warps:num_stages, or FORWARD/DQ/DKV each in that form.')
+_WINDOW = flags.DEFINE_integer('window', None, 'Sliding window: each query sees the last '
+                               'this many keys, itself included (default: all before it).')
 _MOSAIC_BLOCKS = flags.DEFINE_list(
     'mosaic_blocks', [], 'Also time the Mosaic GPU kernels at these '
     'block_kv:block_kv_dq:stages[:pingpong] tilings (pingpong 1, the default: '
     'the forward\'s warpgroups alternate softmax and matmuls).')
 
 
+def _local_window():
+  """--window as jax.nn.dot_product_attention's (left, right) window, or None."""
+  return None if _WINDOW.value is None else (_WINDOW.value - 1, 0)
+
+
 def xla(q, k, v):
-  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='xla')
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=_local_window(),
+                                      implementation='xla')
 
 
 def cudnn(q, k, v):
-  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='cudnn')
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=_local_window(),
+                                      implementation='cudnn')
 
 
 def pallas(q, k, v):
-  return api.flash_attention(q, k, v, causal=True, implementation='gpu',
+  return api.flash_attention(q, k, v, causal=True, window=_WINDOW.value, implementation='gpu',
                              interpret=_INTERPRET.value)
 
 
@@ -62,8 +73,9 @@ def parse_blocks(spec: str) -> gpu.BlockSizes:
 
 def pallas_at(spec: str):
   blocks = parse_blocks(spec)
-  return lambda q, k, v: api.flash_attention(q, k, v, causal=True, implementation='gpu',
-                                             block_sizes=blocks, interpret=_INTERPRET.value)
+  return lambda q, k, v: api.flash_attention(q, k, v, causal=True, window=_WINDOW.value,
+                                             implementation='gpu', block_sizes=blocks,
+                                             interpret=_INTERPRET.value)
 
 
 def mosaic_at(spec: str | None):
@@ -73,8 +85,9 @@ def mosaic_at(spec: str | None):
   if spec:
     fields = [int(field) for field in spec.split(':')]
     blocks = mosaic_gpu.BlockSizes(*fields[:3], *map(bool, fields[3:]))
-  return lambda q, k, v: api.flash_attention(q, k, v, causal=True, implementation='mosaic_gpu',
-                                             block_sizes=blocks, interpret=_INTERPRET.value)
+  return lambda q, k, v: api.flash_attention(q, k, v, causal=True, window=_WINDOW.value,
+                                             implementation='mosaic_gpu', block_sizes=blocks,
+                                             interpret=_INTERPRET.value)
 
 
 def implementations():
@@ -86,7 +99,9 @@ def implementations():
     found.update({'xla': xla, 'cudnn': cudnn})
     try:
       import tokamax  # Optional: only where it installs.
-      found['tokamax'] = lambda q, k, v: tokamax.dot_product_attention(q, k, v, is_causal=True)
+      window = {} if _WINDOW.value is None else {'local_window_size': _local_window()}
+      found['tokamax'] = lambda q, k, v: tokamax.dot_product_attention(q, k, v, is_causal=True,
+                                                                       **window)
     except ImportError:
       pass
   return found
@@ -111,8 +126,18 @@ def median_seconds(function, *args):
   return timing.median_seconds(function, *args, repeats=_REPEATS.value)
 
 
+def attended_pairs(seq_len):
+  """Query-key pairs computed: S^2/2 causal (ANCHORS.md), those in the window with one."""
+  window = _WINDOW.value
+  if window is None:
+    return seq_len ** 2 / 2
+  window = min(window, seq_len)
+  return window * (window + 1) / 2 + (seq_len - window) * window
+
+
 def speed_table():
-  print(f'device: {jax.devices()[0].device_kind}, jax {jax.__version__}; causal, {_DTYPE.value},'
+  mask = 'causal' if _WINDOW.value is None else f'causal, window {_WINDOW.value}'
+  print(f'device: {jax.devices()[0].device_kind}, jax {jax.__version__}; {mask}, {_DTYPE.value},'
         f' {_HEADS.value} heads ({_KV_HEADS.value or _HEADS.value} kv), head dim {_HEAD_DIM.value}')
   print('| implementation | S | B | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s '
         '| fwd TFLOP/s device | fwd+bwd TFLOP/s device |')
@@ -121,7 +146,7 @@ def speed_table():
   for shape in _SHAPES.value:
     seq_len, batch = map(int, shape.split(':'))
     q, k, v = make_inputs(seq_len, batch)
-    flops = 4 * batch * seq_len ** 2 * _HEADS.value * _HEAD_DIM.value / 2
+    flops = 4 * batch * attended_pairs(seq_len) * _HEADS.value * _HEAD_DIM.value
     for name, attention in implementations().items():
       if name.startswith('pallas mosaic') and (reason := mosaic_gpu.unsupported(q, k)):
         print(f'| {name} | {seq_len} | {batch} | unsupported: {reason} | | | | | |')

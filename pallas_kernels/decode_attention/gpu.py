@@ -9,11 +9,12 @@ place) and attends.
 Dimension letters as in lm/__init__.py: B, S (cache slots), N, K, G, H.
 
 One program per (batch row, kv head) holds the group's queries [G, H] and streams the
-filled cache slots in blocks of `block_s` with an online softmax (float32, base 2). The
-new token is taken from registers rather than read back from the slot it was just
-written to, so the program never reads its own write. Scores and values are
-tensor-core dots with the group padded to 16 query rows: the padding costs nothing in a
-step bound by latency, and the dots keep the instruction count small.
+filled cache slots in blocks of `block_s` with an online softmax (float32, base 2); with
+a sliding window, only the blocks that hold slots in the window. The new token is taken
+from registers rather than read back from the slot it was just written to, so the
+program never reads its own write. Scores and values are tensor-core dots with the group
+padded to 16 query rows: the padding costs nothing in a step bound by latency, and the
+dots keep the instruction count small.
 """
 
 import dataclasses
@@ -47,7 +48,7 @@ def unsupported(q_bnh, k_cache_bskh) -> str | None:
 
 
 def _kernel(start_ref, q_ref, k_ref, v_ref, k_cache_ref, v_cache_ref, o_ref, k_out_ref,
-            v_out_ref, *, scale, block_s):
+            v_out_ref, *, scale, window, block_s):
   row, head = pl.program_id(0), pl.program_id(1)
   num_slots = k_cache_ref.shape[1]
   # A start past the cache (a caller's error) must not touch memory outside it.
@@ -70,7 +71,10 @@ def _kernel(start_ref, q_ref, k_ref, v_ref, k_cache_ref, v_cache_ref, o_ref, k_o
   def body(j, carry):
     m, l, acc = carry
     slots = pl.ds(j * block_s, block_s)
-    seen = j * block_s + jnp.arange(block_s) < start
+    slot = j * block_s + jnp.arange(block_s)
+    seen = slot < start
+    if window is not None:
+      seen &= slot > start - window
     k = plgpu.load(k_cache_ref.at[row, slots, head, :], mask=seen[:, None], other=0)
     v = plgpu.load(v_cache_ref.at[row, slots, head, :], mask=seen[:, None], other=0)
     s = plgpu.dot(q.astype(k.dtype), k, trans_b=True).astype(jnp.float32) * scale
@@ -82,13 +86,15 @@ def _kernel(start_ref, q_ref, k_ref, v_ref, k_cache_ref, v_cache_ref, o_ref, k_o
     acc = alpha[:, None] * acc + plgpu.dot(p.astype(v.dtype), v).astype(jnp.float32)
     return m_next, l, acc
 
-  _, l, acc = lax.fori_loop(0, lax.div(start + block_s - 1, block_s), body, (m, l, acc))
+  # Blocks before the one holding the window's first slot, start - window + 1, are unseen.
+  first = 0 if window is None else lax.div(jnp.maximum(start - window + 1, 0), block_s)
+  _, l, acc = lax.fori_loop(first, lax.div(start + block_s - 1, block_s), body, (m, l, acc))
   o_ref[row, head, :, :] = (acc / l[:, None]).astype(o_ref.dtype)
 
 
 def decode_attention(q_bnh, k_bkh, v_bkh, k_cache_bskh, v_cache_bskh, start_b, *,
                      sm_scale: float, block_sizes: BlockSizes = BlockSizes(),
-                     interpret: bool = False):
+                     interpret: bool = False, window: int | None = None):
   """See reference.decode_attention; the caches come back updated in place."""
   batch, num_heads, head_dim = q_bnh.shape
   num_kv_heads = k_cache_bskh.shape[2]
@@ -97,7 +103,7 @@ def decode_attention(q_bnh, k_bkh, v_bkh, k_cache_bskh, v_cache_bskh, start_b, *
   q_bkgh = jnp.pad(q_bnh.reshape(batch, num_kv_heads, groups, head_dim),
                    ((0, 0), (0, 0), (0, rows - groups), (0, 0)))  # G padded to `rows`.
   out, k_cache_bskh, v_cache_bskh = pl.pallas_call(
-      functools.partial(_kernel, scale=sm_scale * flash_gpu.LOG2_E,
+      functools.partial(_kernel, scale=sm_scale * flash_gpu.LOG2_E, window=window,
                         block_s=block_sizes.block_s),
       grid=(batch, num_kv_heads),
       out_shape=[jax.ShapeDtypeStruct(q_bkgh.shape, q_bnh.dtype),

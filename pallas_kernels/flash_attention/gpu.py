@@ -7,12 +7,16 @@ query head) keeps its [block_q, H] queries on chip and streams the key/value blo
 its kv head (query head n reads kv head n // groups, so K/V are never repeated),
 keeping a running max m, normaliser l and float32 accumulator; it writes O and the
 row log-sum-exp (lse). Causal programs stop at the diagonal, and only tiles that cross
-it build a causal mask; the segment mask is built only when segment ids were given or
-padding was added. Softmax runs in base 2 (log2 e folded into the scale, exp2).
+it build a causal mask; with a sliding window they also start at the first key block in
+the window of the block's first query, and only tiles that cross the window's edge build
+its mask (so a query block's work is O(window), not O(S)). The segment mask is built
+only when segment ids were given or padding was added. Softmax runs in base 2 (log2 e
+folded into the scale, exp2).
 Backward recomputes probabilities from Q, K and lse (no T x S tensor anywhere):
   dq program per (query block, batch, head): loops over key blocks;
   dk/dv program per (key block, batch, kv head): loops over its group's query heads
-  and the query blocks at or after the diagonal, so no atomics are needed.
+  and the query blocks at or after the diagonal (and, with a window, before the last
+  query whose window reaches the block), so no atomics are needed.
 Memory traffic, forward: Q, O read/written once; K, V read once per query block.
 
 Each of the three kernels has its own tiling (BlockSizes.forward, .dq, .dkv).
@@ -87,43 +91,63 @@ def unsupported_heads(head_dim: int, groups: int) -> str | None:
   return None
 
 
-def _logits(q, k, q_segments, k_segments, q_start, k_start, *, scale, causal):
+def _logits(q, k, q_segments, k_segments, q_start, k_start, *, scale, causal, window):
   """Scaled q k^T of one [block_q, block_k] tile in float32, in base 2 (scale holds
   log2(e), so exp2 gives the softmax numerators), masked by segment (when segment rows
-  are given) and, on tiles that cross the diagonal, causally."""
+  are given), causally if `causal` (tiles that cross the diagonal) and to the sliding
+  window if `window` is not None (tiles that cross its edge)."""
   s = plgpu.dot(q, k, trans_b=True).astype(jnp.float32) * scale
   mask = None if q_segments is None else q_segments[:, None] == k_segments[None, :]
-  if causal:
+  if causal or window is not None:
     q_index = q_start + jnp.arange(q.shape[0])
     k_index = k_start + jnp.arange(k.shape[0])
-    diagonal = q_index[:, None] >= k_index[None, :]
-    mask = diagonal if mask is None else mask & diagonal
+    behind = q_index[:, None] - k_index[None, :]  # How far the key is before the query.
+    visible = behind >= 0 if causal else None
+    if window is not None:
+      visible = behind < window if visible is None else visible & (behind < window)
+    mask = visible if mask is None else mask & visible
   return s if mask is None else jnp.where(mask, s, MASK_VALUE)
 
 
-def _loop_over_keys(body, carry, q_start, block_q, block_k, kv_len, causal):
-  """body(j, carry, diagonal) over the key blocks a query block sees: first those wholly
-  before its first query (no causal mask), then those up to the diagonal (masked)."""
+def _ceil_div(x, y):
+  return lax.div(x + y - 1, y)
+
+
+def _loop_over_keys(body, carry, q_start, block_q, block_k, kv_len, causal, window):
+  """body(j, carry, masked) over the key blocks a query block sees, in three runs: those
+  crossing the window's edge (masked), those every query sees whole (unmasked), those up
+  to the diagonal (masked). Without a window the first run is empty; key blocks before
+  it, wholly out of every query's window, are skipped."""
   end = unmasked = kv_len // block_k
+  first = window_end = 0
   if causal:
-    end = jnp.minimum(lax.div(q_start + block_q + block_k - 1, block_k), end)
+    end = jnp.minimum(_ceil_div(q_start + block_q, block_k), end)
     unmasked = lax.div(q_start, block_k)
-  carry = lax.fori_loop(0, unmasked, functools.partial(body, diagonal=False), carry)
-  return lax.fori_loop(unmasked, end, functools.partial(body, diagonal=causal), carry)
+  if window is not None:
+    # The block's first query sees back to index q_start - window + 1; its last query
+    # sees every key from q_start + block_q - window on.
+    first = lax.div(jnp.maximum(q_start - window + 1, 0), block_k)
+    window_end = _ceil_div(jnp.maximum(q_start + block_q - window, 0), block_k)
+    window_end = jnp.clip(window_end, first, end)
+    unmasked = jnp.clip(unmasked, window_end, end)
+  carry = lax.fori_loop(first, window_end, functools.partial(body, masked=True), carry)
+  carry = lax.fori_loop(window_end, unmasked, functools.partial(body, masked=False), carry)
+  return lax.fori_loop(unmasked, end, functools.partial(body, masked=causal), carry)
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, q_segment_ref, k_segment_ref, o_ref, lse_ref, *,
-                    scale, causal, segments, block_k):
+                    scale, causal, window, segments, block_k):
   block_q, head_dim = q_ref.shape
   q_start = pl.program_id(0) * block_q
   q = q_ref[...]
   q_segments = q_segment_ref[...] if segments else None
 
-  def body(j, carry, diagonal):
+  def body(j, carry, masked):
     acc, m, l = carry
     keys = pl.ds(j * block_k, block_k)
     s = _logits(q, k_ref[keys, :], q_segments, k_segment_ref[keys] if segments else None,
-                q_start, j * block_k, scale=scale, causal=diagonal)
+                q_start, j * block_k, scale=scale, causal=masked and causal,
+                window=window if masked else None)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     correction = jnp.exp2(m - m_new)
     p = jnp.exp2(s - m_new[:, None])
@@ -134,49 +158,53 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_segment_ref, k_segment_ref, o_ref, ls
 
   carry = (jnp.zeros((block_q, head_dim), jnp.float32),
            jnp.full((block_q,), MASK_VALUE, jnp.float32), jnp.zeros((block_q,), jnp.float32))
-  acc, m, l = _loop_over_keys(body, carry, q_start, block_q, block_k, k_ref.shape[0], causal)
+  acc, m, l = _loop_over_keys(body, carry, q_start, block_q, block_k, k_ref.shape[0], causal,
+                              window)
   o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
   lse_ref[...] = m + jnp.log2(l)  # Base 2, for the backward's exp2.
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, q_segment_ref, k_segment_ref, do_ref, lse_ref, delta_ref,
-               dq_ref, *, scale, sm_scale, causal, segments, block_k):
+               dq_ref, *, scale, sm_scale, causal, window, segments, block_k):
   block_q, head_dim = q_ref.shape
   q_start = pl.program_id(0) * block_q
   q, do = q_ref[...], do_ref[...]
   q_segments = q_segment_ref[...] if segments else None
   lse, delta = lse_ref[...], delta_ref[...]
 
-  def body(j, dq, diagonal):
+  def body(j, dq, masked):
     keys = pl.ds(j * block_k, block_k)
     k, v = k_ref[keys, :], v_ref[keys, :]
     s = _logits(q, k, q_segments, k_segment_ref[keys] if segments else None, q_start,
-                j * block_k, scale=scale, causal=diagonal)
+                j * block_k, scale=scale, causal=masked and causal,
+                window=window if masked else None)
     p = jnp.exp2(s - lse[:, None])
     dp = plgpu.dot(do, v, trans_b=True).astype(jnp.float32)
     ds = p * (dp - delta[:, None])
     return dq + plgpu.dot(ds.astype(k.dtype), k).astype(jnp.float32)
 
   dq = _loop_over_keys(body, jnp.zeros((block_q, head_dim), jnp.float32), q_start, block_q,
-                       block_k, k_ref.shape[0], causal)
+                       block_k, k_ref.shape[0], causal, window)
   dq_ref[...] = (dq * sm_scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, q_segment_ref, k_segment_ref, do_ref, lse_ref, delta_ref,
-                dk_ref, dv_ref, *, scale, sm_scale, causal, segments, block_q, groups):
+                dk_ref, dv_ref, *, scale, sm_scale, causal, window, segments, block_q,
+                groups):
   block_k, head_dim = k_ref.shape
   num_q_blocks = q_ref.shape[0] // block_q
   k_start = pl.program_id(0) * block_k
   k, v = k_ref[...], v_ref[...]
   k_segments = k_segment_ref[...] if segments else None
 
-  def body(i, carry, group, diagonal):
+  def body(i, carry, group, masked):
     dk, dv = carry
     queries = pl.ds(i * block_q, block_q)
     q, do = q_ref[queries, group, :], do_ref[queries, group, :]
     lse, delta = lse_ref[group, queries], delta_ref[group, queries]
     s = _logits(q, k, q_segment_ref[queries] if segments else None, k_segments, i * block_q,
-                k_start, scale=scale, causal=diagonal)
+                k_start, scale=scale, causal=masked and causal,
+                window=window if masked else None)
     p = jnp.exp2(s - lse[:, None])  # [block_q, block_k]
     dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True).astype(jnp.float32)
     dp = plgpu.dot(do, v, trans_b=True).astype(jnp.float32)
@@ -185,17 +213,22 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_segment_ref, k_segment_ref, do_ref, lse_r
     return dk, dv
 
   # Causal: query blocks before this key block see none of it; those from `unmasked` on
-  # see all of it.
-  first, unmasked = 0, 0
+  # see all of it. Window: those from `window_start` on have queries whose window ends
+  # before the block's last key (masked); those from `end` on see none of it.
+  first, unmasked, window_start, end = 0, 0, num_q_blocks, num_q_blocks
   if causal:
     first = lax.div(k_start, block_q)
-    unmasked = jnp.minimum(lax.div(k_start + block_k + block_q - 1, block_q), num_q_blocks)
+    unmasked = jnp.minimum(_ceil_div(k_start + block_k, block_q), num_q_blocks)
+  if window is not None:
+    end = jnp.minimum(_ceil_div(k_start + block_k + window - 1, block_q), num_q_blocks)
+    unmasked = jnp.minimum(unmasked, end)
+    window_start = jnp.clip(lax.div(k_start + window, block_q), unmasked, end)
   carry = (jnp.zeros((block_k, head_dim), jnp.float32),) * 2
   for group in range(groups):  # Static: the query heads that read this kv head.
-    carry = lax.fori_loop(first, unmasked,
-                          functools.partial(body, group=group, diagonal=causal), carry)
-    carry = lax.fori_loop(unmasked, num_q_blocks,
-                          functools.partial(body, group=group, diagonal=False), carry)
+    for start, stop, masked in ((first, unmasked, causal), (unmasked, window_start, False),
+                                (window_start, end, True)):
+      carry = lax.fori_loop(start, stop,
+                            functools.partial(body, group=group, masked=masked), carry)
   dk, dv = carry
   dk_ref[...] = (dk * sm_scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
@@ -235,7 +268,7 @@ def _params(tile):
 
 
 def forward(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, sm_scale: float,
-            block_sizes: BlockSizes, interpret: bool):
+            block_sizes: BlockSizes, interpret: bool, window: int | None = None):
   """Returns out [B, T, N, H] and lse [B, N, T_padded] (float32, base 2)."""
   batch, q_len, num_heads, head_dim = q.shape
   groups = num_heads // k.shape[2]
@@ -246,7 +279,7 @@ def forward(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, sm_scale: f
   block_q = tile.block_q
   out, lse = pl.pallas_call(
       functools.partial(_forward_kernel, scale=sm_scale * LOG2_E, causal=causal,
-                        segments=segments, block_k=tile.block_k),
+                        window=window, segments=segments, block_k=tile.block_k),
       grid=(q_pad // block_q, batch, num_heads),
       in_specs=_query_block_specs(block_q, kv_pad, head_dim, groups),
       out_specs=[
@@ -263,7 +296,8 @@ def forward(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, sm_scale: f
 
 
 def backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, causal: bool,
-             sm_scale: float, block_sizes: BlockSizes, interpret: bool):
+             sm_scale: float, block_sizes: BlockSizes, interpret: bool,
+             window: int | None = None):
   """Gradients (dq, dk, dv) of the forward's inputs."""
   padded, segments = _padded_inputs(q, k, v, q_segment_ids, kv_segment_ids, block_sizes)
   q_p, k_p, v_p = padded[:3]
@@ -277,7 +311,7 @@ def backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, causal:
   delta = jnp.einsum('btnh,btnh->bnt', d_out.astype(jnp.float32), out.astype(jnp.float32))
   delta = pad_axis(delta, q_pad, 2)
   kernel_kwargs = dict(scale=sm_scale * LOG2_E, sm_scale=sm_scale, causal=causal,
-                       segments=segments)
+                       window=window, segments=segments)
 
   tile = block_sizes.dq
   block_q = tile.block_q

@@ -29,9 +29,12 @@ while the other's matmuls occupy the tensor cores (FlashAttention-3's ping-pong)
       dK += dS^T Q together: two wgmma waits a step rather than four (5% off the backward
       at S=8192 on the H100). Per-query lse and delta come from global memory into
       registers in the wgmma column layout.
-Each kernel masks only the blocks that cross the diagonal or hold padding. The tiles with
-the most causal work (queries far from the start, keys near it) are launched first, those
-of every head before any lighter one, so the last wave is short.
+Each kernel masks only the blocks that cross the diagonal or hold padding. With a sliding
+window the forward and dq kernels start (and stream from) the first key block in the
+window of the tile's first query, the dk/dv kernel stops after the last query block whose
+window reaches the tile, and blocks that cross the window's edge are masked too. The
+tiles with the most causal work (queries far from the start, keys near it) are launched
+first, those of every head before any lighter one, so the last wave is short.
 
 GQA: query head n reads kv head n // groups straight from K and V (never repeated).
 Segment ids (packed documents): each step loads its block's ids from global memory into
@@ -232,12 +235,19 @@ class _QueryTile(NamedTuple):
   warpgroup: jax.Array
   row0: jax.Array  # The warpgroup's first query row.
   kv_blocks: int
-  num_steps: jax.Array | int  # Key blocks visited: up to the tile's last row's, if causal.
-  unmasked: jax.Array | int  # How many of them need no mask for any row of the tile
-  # (before its first row, no padding keys, no segment ids).
+  # Key blocks visited, [first, num_steps): from the tile's first row's window (0 without
+  # one) to its last row's diagonal (all, if not causal). Those in [first, window_end)
+  # cross the window's edge, those in [window_end, unmasked) need no mask for any row of
+  # the tile (before its first row and in every row's window, no padding keys, no segment
+  # ids), the rest are masked.
+  first: jax.Array | int
+  window_end: jax.Array | int
+  unmasked: jax.Array | int
+  num_steps: jax.Array | int
 
 
-def _query_tile(kv_len, kv_blocks, *, causal, segments, num_tiles, block_q, block_kv):
+def _query_tile(kv_len, kv_blocks, *, causal, window, segments, num_tiles, block_q,
+                block_kv):
   batch, head = lax.axis_index('batch'), lax.axis_index('heads')
   # Causal tiles far from the start do the most work: start them first.
   tile = num_tiles - 1 - lax.axis_index('tiles') if causal else lax.axis_index('tiles')
@@ -247,42 +257,70 @@ def _query_tile(kv_len, kv_blocks, *, causal, segments, num_tiles, block_q, bloc
   if causal:
     num_steps = jnp.minimum(lax.div((tile + 1) * tile_rows + block_kv - 1, block_kv), kv_blocks)
     unmasked = jnp.minimum(lax.div(tile * tile_rows, block_kv), unmasked)
+  first = window_end = 0
+  if window is not None:
+    first = lax.div(jnp.maximum(tile * tile_rows - window + 1, 0), block_kv)
+    # Key blocks from here on are in the window of every row of the tile.
+    window_end = lax.div(jnp.maximum((tile + 1) * tile_rows - window, 0) + block_kv - 1,
+                         block_kv)
+    window_end = jnp.clip(window_end, first, num_steps)
+    unmasked = jnp.clip(unmasked, window_end, num_steps)
   return _QueryTile(batch, head, warpgroup, tile * tile_rows + warpgroup * block_q, kv_blocks,
-                    num_steps, unmasked)
+                    first, window_end, unmasked, num_steps)
 
 
-def _mask_key_block(s, where, j, block_kv, kv_segment_ref, q_segments, *, causal, kv_len,
-                    interpret):
+def _key_runs(where):
+  """(start, stop, masked) of the runs of key blocks a query tile visits, in order."""
+  return ((where.first, where.window_end, True), (where.window_end, where.unmasked, False),
+          (where.unmasked, where.num_steps, True))
+
+
+def _visibility(causal, window, *, keys_as_rows):
+  """(rows, cols) -> where the query sees the key, by the causal mask and the sliding
+  window; None without a causal mask."""
+  if not causal:
+    return None
+
+  def visible(rows, cols):
+    behind = cols - rows if keys_as_rows else rows - cols  # Query index - key index.
+    return behind >= 0 if window is None else (behind >= 0) & (behind < window)
+  return visible
+
+
+def _mask_key_block(s, where, j, block_kv, kv_segment_ref, q_segments, *, causal, window,
+                    kv_len, interpret):
   """The mask of key block j for a query-row kernel (forward, dq)."""
   return _mask(s, where.row0 + _iota(s.shape, 0, interpret),
                j * block_kv + _iota(s.shape, 1, interpret),
-               causal=causal and (lambda rows, cols: rows >= cols), col_limit=kv_len,
+               visible=_visibility(causal, window, keys_as_rows=False), col_limit=kv_len,
                row_ids=q_segments,
                col_ids=None if q_segments is None else _load(
                    kv_segment_ref.at[where.batch, pl.ds(j * block_kv, block_kv)], _COLUMN,
                    interpret))
 
 
-def _mask(s, rows, cols, *, causal, col_limit=None, row_ids=None, col_ids=None):
-  """s where column (key) `cols` is visible to row `rows`, else MASK_VALUE. The kernels
-  hold either orientation: queries as rows (forward, dq) or keys as rows (dk/dv)."""
-  visible = None
+def _mask(s, rows, cols, *, visible, col_limit=None, row_ids=None, col_ids=None):
+  """s where column (key) `cols` is visible to row `rows` (by `visible(rows, cols)`, the
+  padding limit and the segment ids), else MASK_VALUE. The kernels hold either
+  orientation: queries as rows (forward, dq) or keys as rows (dk/dv)."""
   conditions = [cols < col_limit if col_limit is not None else None,
-                causal(rows, cols) if causal else None,
+                visible(rows, cols) if visible else None,
                 (lax.broadcast_in_dim(row_ids, s.shape, [0]) ==
                  lax.broadcast_in_dim(col_ids, s.shape, [1])) if row_ids is not None else None]
+  mask = None
   for condition in conditions:
     if condition is not None:
-      visible = condition if visible is None else visible & condition
-  return s if visible is None else jnp.where(visible, s, MASK_VALUE)
+      mask = condition if mask is None else mask & condition
+  return s if mask is None else jnp.where(mask, s, MASK_VALUE)
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, q_segment_ref, kv_segment_ref, o_ref, lse_ref,
                     q_smem, k_smem, v_smem, lse_smem, q_ready, k_ready, v_ready, k_free,
-                    v_free, schedule, *, scale, causal, segments, groups, kv_len, num_tiles,
-                    block_q, block_kv, stages, pingpong, interpret):
-  where = _query_tile(kv_len, k_ref.shape[1] // block_kv, causal=causal, segments=segments,
-                      num_tiles=num_tiles, block_q=block_q, block_kv=block_kv)
+                    v_free, schedule, *, scale, causal, window, segments, groups, kv_len,
+                    num_tiles, block_q, block_kv, stages, pingpong, interpret):
+  where = _query_tile(kv_len, k_ref.shape[1] // block_kv, causal=causal, window=window,
+                      segments=segments, num_tiles=num_tiles, block_q=block_q,
+                      block_kv=block_kv)
   batch, head, warpgroup, row0 = where.batch, where.head, where.warpgroup, where.row0
 
   @pl.when(warpgroup < _COMPUTE_WARPGROUPS)
@@ -298,7 +336,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_segment_ref, kv_segment_ref, o_ref, l
 
     def step(j, carry, masked):
       acc, m, l = carry
-      slot = lax.rem(j, jnp.int32(stages))
+      slot = lax.rem(j - where.first, jnp.int32(stages))
       plgpu.barrier_wait(k_ready.at[slot])
       [s] = _dots_t([(q_tile, k_smem.at[slot])], interpret,
                     functools.partial(_meet, schedule) if pingpong else None)
@@ -306,7 +344,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_segment_ref, kv_segment_ref, o_ref, l
       plgpu.barrier_arrive(k_free.at[slot])
       if masked:
         s = _mask_key_block(s, where, j, block_kv, kv_segment_ref, q_segments, causal=causal,
-                            kv_len=kv_len, interpret=interpret)
+                            window=window, kv_len=kv_len, interpret=interpret)
       m_new = jnp.maximum(m, s.max(axis=1))
       correction = jnp.exp2(m - m_new)
       p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
@@ -324,9 +362,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_segment_ref, kv_segment_ref, o_ref, l
     carry = (_zeros((block_q, q_ref.shape[-1]), plgpu.Layout.WGMMA, interpret),
              _with_layout(jnp.full((block_q,), MASK_VALUE, jnp.float32), _ROW, interpret),
              _zeros((block_q,), _ROW, interpret))
-    carry = lax.fori_loop(0, where.unmasked, functools.partial(step, masked=False), carry)
-    acc, m, l = lax.fori_loop(where.unmasked, where.num_steps,
-                              functools.partial(step, masked=True), carry)
+    for start, stop, masked in _key_runs(where):
+      carry = lax.fori_loop(start, stop, functools.partial(step, masked=masked), carry)
+    acc, m, l = carry
     if pingpong:  # Warpgroup 0's last meeting, matching 1's first: equal arrivals.
       pl.when(warpgroup == 0)(lambda: _meet(schedule))
     lse_smem.at[warpgroup][...] = m + jnp.log2(l)
@@ -337,20 +375,23 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_segment_ref, kv_segment_ref, o_ref, l
 
   @pl.when(warpgroup == _COMPUTE_WARPGROUPS)
   def _memory():
-    keys = lambda j: (batch, pl.ds(j * block_kv, block_kv), lax.div(head, groups))
-    _stream([(lambda j: k_ref.at[keys(j)], k_smem, k_ready, k_free),
-             (lambda j: v_ref.at[keys(j)], v_smem, v_ready, v_free)],
-            where.num_steps, where.kv_blocks, stages)
+    # Step t streams key block first + t into slot t % stages, as the compute reads it.
+    keys = lambda t: (batch, pl.ds((where.first + t) * block_kv, block_kv),
+                      lax.div(head, groups))
+    _stream([(lambda t: k_ref.at[keys(t)], k_smem, k_ready, k_free),
+             (lambda t: v_ref.at[keys(t)], v_smem, v_ready, v_free)],
+            where.num_steps - where.first, where.kv_blocks, stages)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_segment_ref, kv_segment_ref,
                dq_ref, q_smem, do_smem, k_smem, v_smem, tile_ready, k_ready, v_ready, k_free,
-               v_free, *, scale, sm_scale, causal, segments, groups, kv_len, num_tiles,
-               block_q, block_kv, stages, interpret):
+               v_free, *, scale, sm_scale, causal, window, segments, groups, kv_len,
+               num_tiles, block_q, block_kv, stages, interpret):
   """dQ = sum over key blocks of dS K, dS = P (dP - delta), P = exp2(S - lse), dP = dO V^T:
   the forward's walk over key blocks, with K and V streamed the same way."""
-  where = _query_tile(kv_len, k_ref.shape[1] // block_kv, causal=causal, segments=segments,
-                      num_tiles=num_tiles, block_q=block_q, block_kv=block_kv)
+  where = _query_tile(kv_len, k_ref.shape[1] // block_kv, causal=causal, window=window,
+                      segments=segments, num_tiles=num_tiles, block_q=block_q,
+                      block_kv=block_kv)
   batch, head, warpgroup, row0 = where.batch, where.head, where.warpgroup, where.row0
 
   @pl.when(warpgroup < _COMPUTE_WARPGROUPS)
@@ -365,7 +406,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_segment_ref, k
     q_segments = _load(q_segment_ref.at[batch, rows], _ROW, interpret) if segments else None
 
     def step(j, dq, masked):
-      slot = lax.rem(j, jnp.int32(stages))
+      slot = lax.rem(j - where.first, jnp.int32(stages))
       plgpu.barrier_wait(k_ready.at[slot])
       plgpu.barrier_wait(v_ready.at[slot])
       # S and dP need only the tiles: both in flight at once, one wait.
@@ -374,7 +415,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_segment_ref, k
       s = s * scale
       if masked:
         s = _mask_key_block(s, where, j, block_kv, kv_segment_ref, q_segments, causal=causal,
-                            kv_len=kv_len, interpret=interpret)
+                            window=window, kv_len=kv_len, interpret=interpret)
       p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
       ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
       [dq] = _accumulate_dots([(dq, ds.astype(k_ref.dtype), k_smem.at[slot])], interpret)
@@ -382,22 +423,24 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_segment_ref, k
       return dq
 
     dq = _zeros((block_q, q_ref.shape[-1]), plgpu.Layout.WGMMA, interpret)
-    dq = lax.fori_loop(0, where.unmasked, functools.partial(step, masked=False), dq)
-    dq = lax.fori_loop(where.unmasked, where.num_steps, functools.partial(step, masked=True), dq)
+    for start, stop, masked in _key_runs(where):
+      dq = lax.fori_loop(start, stop, functools.partial(step, masked=masked), dq)
     _store_tiles([(dq * sm_scale, q_tile, dq_ref.at[batch, rows, head])])
 
   @pl.when(warpgroup == _COMPUTE_WARPGROUPS)
   def _memory():
-    keys = lambda j: (batch, pl.ds(j * block_kv, block_kv), lax.div(head, groups))
-    _stream([(lambda j: k_ref.at[keys(j)], k_smem, k_ready, k_free),
-             (lambda j: v_ref.at[keys(j)], v_smem, v_ready, v_free)],
-            where.num_steps, where.kv_blocks, stages)
+    # Step t streams key block first + t into slot t % stages, as the compute reads it.
+    keys = lambda t: (batch, pl.ds((where.first + t) * block_kv, block_kv),
+                      lax.div(head, groups))
+    _stream([(lambda t: k_ref.at[keys(t)], k_smem, k_ready, k_free),
+             (lambda t: v_ref.at[keys(t)], v_smem, v_ready, v_free)],
+            where.num_steps - where.first, where.kv_blocks, stages)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_segment_ref,
                 kv_segment_ref, dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, tile_ready,
-                q_ready, do_ready, q_free, do_free, *, scale, sm_scale, causal, segments,
-                groups, q_len, block_q, block_kv, stages, interpret):
+                q_ready, do_ready, q_free, do_free, *, scale, sm_scale, causal, window,
+                segments, groups, q_len, block_q, block_kv, stages, interpret):
   """Keys as rows: per query block of each query head that reads this kv head,
   S^T = K Q^T, P^T = exp2(S^T - lse), dV += P^T dO, dP^T = V dO^T,
   dS^T = P^T (dP^T - delta), dK += dS^T Q; Q and dO streamed, no atomics."""
@@ -406,18 +449,24 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_segment_ref,
   tile_keys = _COMPUTE_WARPGROUPS * block_kv
   q_blocks = q_ref.shape[1] // block_q
   # Query blocks [first, diagonal_end) cross the diagonal (masked), [diagonal_end, full)
-  # see every key of the tile (no mask), [full, q_blocks) hold padding queries (masked).
-  # Before `first`, a causal block sees none of the tile. Segment ids: all masked.
-  first, diagonal_end, full = 0, 0, q_len // block_q
+  # see every key of the tile (no mask), [full, stop) hold padding queries or, with a
+  # window, queries whose window ends inside the tile (masked). Before `first`, a causal
+  # block sees none of the tile; from `stop` on, none has it in its window. Segment ids:
+  # all masked.
+  first, diagonal_end, full, stop = 0, 0, q_len // block_q, q_blocks
   if causal:
     first = lax.div(tile * tile_keys, block_q)
     diagonal_end = (tile + 1) * tile_keys // block_q
+  if window is not None:
+    stop = jnp.minimum(lax.div((tile + 1) * tile_keys + window - 1 + block_q - 1, block_q),
+                       q_blocks)
+    full = jnp.minimum(full, lax.div(tile * tile_keys + window, block_q))
   if segments:
     diagonal_end = full = first
   elif causal:
-    full = jnp.maximum(full, first)
+    full = jnp.clip(full, first, stop)
     diagonal_end = jnp.clip(diagonal_end, first, full)
-  per_head = q_blocks - first
+  per_head = stop - first
   query_head = lambda g: kv_head * groups + g
 
   @pl.when(warpgroup < _COMPUTE_WARPGROUPS)
@@ -444,7 +493,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_segment_ref,
       if masked:
         st = _mask(st, key0 + _iota(st.shape, 0, interpret),
                    i * block_q + _iota(st.shape, 1, interpret),
-                   causal=causal and (lambda rows, cols: cols >= rows), col_limit=q_len,
+                   visible=_visibility(causal, window, keys_as_rows=True), col_limit=q_len,
                    row_ids=kv_segments,
                    col_ids=_load(q_segment_ref.at[batch, queries], _COLUMN, interpret)
                    if segments else None)
@@ -459,9 +508,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_segment_ref,
     head_dim = k_ref.shape[-1]
     carry = (_zeros((block_kv, head_dim), plgpu.Layout.WGMMA, interpret),) * 2
     for group in range(groups):  # The query heads that read this kv head, in turn.
-      for start, stop, masked in ((first, diagonal_end, True), (diagonal_end, full, False),
-                                  (full, q_blocks, True)):
-        carry = lax.fori_loop(start, stop, functools.partial(step, group=group, masked=masked),
+      for start, end, masked in ((first, diagonal_end, True), (diagonal_end, full, False),
+                                 (full, stop, True)):
+        carry = lax.fori_loop(start, end, functools.partial(step, group=group, masked=masked),
                               carry)
     dk, dv = carry
     _store_tiles([(dk * sm_scale, k_tile, dk_ref.at[batch, keys, kv_head]),
@@ -515,7 +564,7 @@ def _ring_barriers(stages):
 
 
 def forward(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, sm_scale: float,
-            block_sizes: BlockSizes, interpret: bool):
+            block_sizes: BlockSizes, interpret: bool, window: int | None = None):
   """Returns out [B, T, N, H] and lse [B, N, T_padded] (float32, base 2)."""
   batch, q_len, num_heads, head_dim = q.shape
   kv_len, num_kv_heads = k.shape[1], k.shape[2]
@@ -526,10 +575,10 @@ def forward(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, sm_scale: f
   segments = q_segment_ids is not None
   ids = _segment_operands(q_segment_ids, kv_segment_ids, batch, q_len, kv_len, q_pad, kv_pad)
   kernel = functools.partial(
-      _forward_kernel, scale=sm_scale * LOG2_E, causal=causal, segments=segments,
-      groups=num_heads // num_kv_heads, kv_len=kv_len, num_tiles=q_pad // _TILE,
-      block_q=_ROWS, block_kv=block_kv, stages=stages, pingpong=block_sizes.pingpong,
-      interpret=interpret)
+      _forward_kernel, scale=sm_scale * LOG2_E, causal=causal, window=window,
+      segments=segments, groups=num_heads // num_kv_heads, kv_len=kv_len,
+      num_tiles=q_pad // _TILE, block_q=_ROWS, block_kv=block_kv, stages=stages,
+      pingpong=block_sizes.pingpong, interpret=interpret)
   k_ready, k_free = _ring_barriers(stages)
   v_ready, v_free = _ring_barriers(stages)
   out, lse = _call(
@@ -549,7 +598,8 @@ def forward(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, sm_scale: f
 
 
 def backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, causal: bool,
-             sm_scale: float, block_sizes: BlockSizes, interpret: bool):
+             sm_scale: float, block_sizes: BlockSizes, interpret: bool,
+             window: int | None = None):
   """Gradients (dq, dk, dv) of the forward's inputs, from its O and lse: a dq kernel over
   query tiles and a dk/dv kernel over key tiles, so neither needs atomics."""
   batch, q_len, num_heads, head_dim = q.shape
@@ -567,7 +617,7 @@ def backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, causal:
   operands = (pad_axis(q, q_pad, 1), pad_axis(k, kv_pad, 1), pad_axis(v, kv_pad, 1),
               pad_axis(d_out, q_pad, 1), pad_axis(lse[..., :q_len], q_pad, 2),
               pad_axis(delta, q_pad, 2), *ids)
-  options = dict(scale=sm_scale * LOG2_E, sm_scale=sm_scale, causal=causal,
+  options = dict(scale=sm_scale * LOG2_E, sm_scale=sm_scale, causal=causal, window=window,
                  segments=segments, groups=groups, stages=stages, interpret=interpret)
   tiles = lambda x: _smem_tile((_COMPUTE_WARPGROUPS, _ROWS, head_dim), x.dtype)
   ring = lambda rows, dtype: _smem_tile((stages, rows, head_dim), dtype)

@@ -6,8 +6,12 @@ Algorithm (FlashAttention-2): the grid is (batch, query head, query block, key b
 with the key blocks innermost and sequential ("arbitrary"); the running max m,
 normaliser l and float32 accumulator live in VMEM scratch across them, are reset at
 the first key block and written out (O and lse) at the last. Causal tiles above the
-diagonal are skipped. Query head n reads kv head n // groups through the index map, so
-K/V are never repeated. Memory traffic: Q and O once; K and V once per query block.
+diagonal, and with a sliding window tiles wholly before the window of every query in the
+tile, are skipped: no compute, and the index maps point them at a neighbouring tile that
+is fetched anyway, so no DMA either (the pipeline copies only when a block index
+changes). Query head n reads kv head n // groups through the index map, so K/V are never
+repeated. Memory traffic: Q and O once; K and V once per query block (only the blocks
+some query of it sees).
 
 Backward recomputes probabilities from Q, K and lse: dq with grid (batch, head, query
 block, key block), key blocks sequential; dk/dv with grid (batch, kv head, key block,
@@ -55,27 +59,71 @@ def unsupported(q, k) -> str | None:
   return None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Tiles:
+  """Which tiles a mask leaves anything in: a kernel skips the others (no compute) and
+  its index maps send them to a tile it fetches anyway (no DMA)."""
+  causal: bool
+  window: int | None
+  block_q: int
+  block_k: int
+  q_blocks: int
+  kv_blocks: int
+
+  @property
+  def skips(self) -> bool:
+    return self.causal  # A window implies causal.
+
+  def key_blocks(self, q_block):
+    """The first and last key block (inclusive) some query of `q_block` sees."""
+    first, last = 0, self.kv_blocks - 1
+    if self.causal:
+      last = jnp.minimum(lax.div((q_block + 1) * self.block_q - 1, self.block_k), last)
+    if self.window is not None:  # The block's first query sees back to here.
+      first = lax.div(jnp.maximum(q_block * self.block_q - self.window + 1, 0), self.block_k)
+    return first, last
+
+  def query_blocks(self, k_block):
+    """The first and last query block (inclusive) with a query that sees `k_block`."""
+    first, last = 0, self.q_blocks - 1
+    if self.causal:
+      first = lax.div(k_block * self.block_k, self.block_q)
+    if self.window is not None:  # The block's last key is in the windows of queries to here.
+      last = jnp.minimum(
+          lax.div((k_block + 1) * self.block_k + self.window - 2, self.block_q), last)
+    return first, last
+
+  def fetched(self, block, first_and_last):
+    """The block the pipeline fetches at grid index `block`: itself if it is seen, else
+    the nearest seen one, which the grid visits next to it, so nothing new is copied."""
+    if not self.skips:
+      return block
+    first, last = first_and_last
+    return jnp.minimum(jnp.maximum(block, first), last)
+
+  def when_seen(self, compute, block, first_and_last):
+    """Runs `compute` if `block` is in [first, last]."""
+    first, last = first_and_last
+    pl.when((first <= block) & (block <= last))(compute) if self.skips else compute()
+
+
 def _scores_and_mask(q_ref, k_ref, q_segment_ref, k_segment_ref, q_block, k_block, *,
-                     sm_scale, causal, block_q, block_k):
+                     sm_scale, tiles):
   """Scaled scores q k^T of one [block_q, block_k] tile (float32) and where they count."""
   s = lax.dot_general(q_ref[...], k_ref[...], (((1,), (1,)), ((), ())),
                       preferred_element_type=jnp.float32) * sm_scale
   mask = q_segment_ref[:, 0:1] == k_segment_ref[0:1, :]
-  if causal:
-    q_index = q_block * block_q + lax.broadcasted_iota(jnp.int32, s.shape, 0)
-    k_index = k_block * block_k + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+  if tiles.causal:
+    q_index = q_block * tiles.block_q + lax.broadcasted_iota(jnp.int32, s.shape, 0)
+    k_index = k_block * tiles.block_k + lax.broadcasted_iota(jnp.int32, s.shape, 1)
     mask &= q_index >= k_index
+    if tiles.window is not None:
+      mask &= q_index - k_index < tiles.window
   return s, mask
 
 
-def _unless_above_diagonal(compute, *, causal, q_block, k_block, block_q, block_k):
-  """Runs `compute`, skipping causal tiles that lie entirely above the diagonal."""
-  visible = k_block * block_k < (q_block + 1) * block_q
-  pl.when(visible)(compute) if causal else compute()
-
-
 def _forward_kernel(q_ref, k_ref, v_ref, q_segment_ref, k_segment_ref, o_ref, lse_ref,
-                    m_scratch, l_scratch, acc_scratch, *, sm_scale, causal, block_q, block_k):
+                    m_scratch, l_scratch, acc_scratch, *, sm_scale, tiles):
   q_block, k_block = pl.program_id(2), pl.program_id(3)
 
   @pl.when(k_block == 0)
@@ -86,8 +134,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_segment_ref, k_segment_ref, o_ref, ls
 
   def compute():
     s, mask = _scores_and_mask(q_ref, k_ref, q_segment_ref, k_segment_ref, q_block, k_block,
-                               sm_scale=sm_scale, causal=causal, block_q=block_q,
-                               block_k=block_k)
+                               sm_scale=sm_scale, tiles=tiles)
     s = jnp.where(mask, s, MASK_VALUE)
     m_previous = m_scratch[:, 0:1]  # [block_q, 1]
     m_new = jnp.maximum(m_previous, jnp.max(s, axis=1, keepdims=True))
@@ -100,8 +147,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_segment_ref, k_segment_ref, o_ref, ls
     m_scratch[...] = jnp.broadcast_to(m_new, m_scratch.shape)
     l_scratch[...] = jnp.broadcast_to(l_new, l_scratch.shape)
 
-  _unless_above_diagonal(compute, causal=causal, q_block=q_block, k_block=k_block,
-                         block_q=block_q, block_k=block_k)
+  tiles.when_seen(compute, k_block, tiles.key_blocks(q_block))
 
   @pl.when(k_block == pl.num_programs(3) - 1)
   def _write():
@@ -111,16 +157,15 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_segment_ref, k_segment_ref, o_ref, ls
 
 
 def _probabilities(q_ref, k_ref, q_segment_ref, k_segment_ref, lse_ref, q_block, k_block, *,
-                   sm_scale, causal, block_q, block_k):
+                   sm_scale, tiles):
   """The forward's softmax tile [block_q, block_k], recomputed from lse."""
   s, mask = _scores_and_mask(q_ref, k_ref, q_segment_ref, k_segment_ref, q_block, k_block,
-                             sm_scale=sm_scale, causal=causal, block_q=block_q,
-                             block_k=block_k)
+                             sm_scale=sm_scale, tiles=tiles)
   return jnp.where(mask, jnp.exp(s - lse_ref[:, 0:1]), 0.0)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, q_segment_ref, k_segment_ref, do_ref, lse_ref, delta_ref,
-               dq_ref, dq_scratch, *, sm_scale, causal, block_q, block_k):
+               dq_ref, dq_scratch, *, sm_scale, tiles):
   q_block, k_block = pl.program_id(2), pl.program_id(3)
 
   @pl.when(k_block == 0)
@@ -129,7 +174,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_segment_ref, k_segment_ref, do_ref, lse_re
 
   def compute():
     p = _probabilities(q_ref, k_ref, q_segment_ref, k_segment_ref, lse_ref, q_block, k_block,
-                       sm_scale=sm_scale, causal=causal, block_q=block_q, block_k=block_k)
+                       sm_scale=sm_scale, tiles=tiles)
     dp = lax.dot_general(do_ref[...], v_ref[...], (((1,), (1,)), ((), ())),
                          preferred_element_type=jnp.float32)
     ds = p * (dp - delta_ref[:, 0:1])
@@ -137,8 +182,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_segment_ref, k_segment_ref, do_ref, lse_re
     dq_scratch[...] += lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
                                        preferred_element_type=jnp.float32)
 
-  _unless_above_diagonal(compute, causal=causal, q_block=q_block, k_block=k_block,
-                         block_q=block_q, block_k=block_k)
+  tiles.when_seen(compute, k_block, tiles.key_blocks(q_block))
 
   @pl.when(k_block == pl.num_programs(3) - 1)
   def _write():
@@ -146,7 +190,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_segment_ref, k_segment_ref, do_ref, lse_re
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, q_segment_ref, k_segment_ref, do_ref, lse_ref, delta_ref,
-                dk_ref, dv_ref, dk_scratch, dv_scratch, *, sm_scale, causal, block_q, block_k):
+                dk_ref, dv_ref, dk_scratch, dv_scratch, *, sm_scale, tiles):
   k_block, group, q_block = pl.program_id(2), pl.program_id(3), pl.program_id(4)
 
   @pl.when((group == 0) & (q_block == 0))
@@ -156,7 +200,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_segment_ref, k_segment_ref, do_ref, lse_r
 
   def compute():
     p = _probabilities(q_ref, k_ref, q_segment_ref, k_segment_ref, lse_ref, q_block, k_block,
-                       sm_scale=sm_scale, causal=causal, block_q=block_q, block_k=block_k)
+                       sm_scale=sm_scale, tiles=tiles)
     do = do_ref[...]
     dv_scratch[...] += lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
                                        preferred_element_type=jnp.float32)
@@ -167,8 +211,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_segment_ref, k_segment_ref, do_ref, lse_r
     dk_scratch[...] += lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
                                        preferred_element_type=jnp.float32)
 
-  _unless_above_diagonal(compute, causal=causal, q_block=q_block, k_block=k_block,
-                         block_q=block_q, block_k=block_k)
+  tiles.when_seen(compute, q_block, tiles.query_blocks(k_block))
 
   @pl.when((group == pl.num_programs(3) - 1) & (q_block == pl.num_programs(4) - 1))
   def _write():
@@ -198,8 +241,14 @@ def _rows(x_bnt, length):
   return jnp.broadcast_to(x_bnt[..., None], (*x_bnt.shape, _LANES))
 
 
+def _tiles(causal, window, block_sizes, q_pad, kv_pad):
+  return _Tiles(causal, window, block_sizes.block_q, block_sizes.block_k,
+                q_pad // block_sizes.block_q, kv_pad // block_sizes.block_k)
+
+
 def forward(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, sm_scale: float,
-            block_sizes: BlockSizes = BlockSizes(), interpret: bool = False):
+            block_sizes: BlockSizes = BlockSizes(), interpret: bool = False,
+            window: int | None = None):
   """q [B, T, N, H], k/v [B, S, K, H], int segment ids [B, T], [B, S] ->
   (out [B, T, N, H], lse [B, N, T] float32)."""
   batch, q_len, num_heads, head_dim = q.shape
@@ -208,19 +257,20 @@ def forward(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, sm_scale: f
   q_bnth, k_bksh, v_bksh, q_segments, k_segments = _kernel_layout(
       q, k, v, q_segment_ids, kv_segment_ids, block_sizes)
   q_pad, kv_pad = q_bnth.shape[2], k_bksh.shape[2]
+  tiles = _tiles(causal, window, block_sizes, q_pad, kv_pad)
+  key = lambda i, j: tiles.fetched(j, tiles.key_blocks(i))
 
   out, lse = pl.pallas_call(
-      functools.partial(_forward_kernel, sm_scale=sm_scale, causal=causal, block_q=block_q,
-                        block_k=block_k),
+      functools.partial(_forward_kernel, sm_scale=sm_scale, tiles=tiles),
       grid=(batch, num_heads, q_pad // block_q, kv_pad // block_k),
       in_specs=[
           pl.BlockSpec((None, None, block_q, head_dim), lambda b, n, i, j: (b, n, i, 0)),
           pl.BlockSpec((None, None, block_k, head_dim),
-                       lambda b, n, i, j: (b, lax.div(n, groups), j, 0)),
+                       lambda b, n, i, j: (b, lax.div(n, groups), key(i, j), 0)),
           pl.BlockSpec((None, None, block_k, head_dim),
-                       lambda b, n, i, j: (b, lax.div(n, groups), j, 0)),
+                       lambda b, n, i, j: (b, lax.div(n, groups), key(i, j), 0)),
           pl.BlockSpec((None, block_q, _LANES), lambda b, n, i, j: (b, i, 0)),
-          pl.BlockSpec((None, _SUBLANES, block_k), lambda b, n, i, j: (b, 0, j)),
+          pl.BlockSpec((None, _SUBLANES, block_k), lambda b, n, i, j: (b, 0, key(i, j))),
       ],
       out_specs=[
           pl.BlockSpec((None, None, block_q, head_dim), lambda b, n, i, j: (b, n, i, 0)),
@@ -240,7 +290,8 @@ def forward(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, sm_scale: f
 
 
 def backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, causal: bool,
-             sm_scale: float, block_sizes: BlockSizes = BlockSizes(), interpret: bool = False):
+             sm_scale: float, block_sizes: BlockSizes = BlockSizes(), interpret: bool = False,
+             window: int | None = None):
   """Gradients (dq, dk, dv) of forward's inputs, from its output and lse [B, N, T]."""
   batch, q_len, num_heads, head_dim = q.shape
   kv_len, num_kv_heads = k.shape[1], k.shape[2]
@@ -253,18 +304,20 @@ def backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, causal:
   # delta_i = sum_h dO_ih O_ih: the row term of the softmax gradient.
   delta = jnp.einsum('btnh,btnh->bnt', d_out.astype(jnp.float32), out.astype(jnp.float32))
   lse_rows, delta_rows = _rows(lse, q_pad), _rows(delta, q_pad)
-  kernel_kwargs = dict(sm_scale=sm_scale, causal=causal, block_q=block_q, block_k=block_k)
+  tiles = _tiles(causal, window, block_sizes, q_pad, kv_pad)
+  kernel_kwargs = dict(sm_scale=sm_scale, tiles=tiles)
 
+  key = lambda i, j: tiles.fetched(j, tiles.key_blocks(i))
   q_spec = pl.BlockSpec((None, None, block_q, head_dim), lambda b, n, i, j: (b, n, i, 0))
   kv_spec = pl.BlockSpec((None, None, block_k, head_dim),
-                         lambda b, n, i, j: (b, lax.div(n, groups), j, 0))
+                         lambda b, n, i, j: (b, lax.div(n, groups), key(i, j), 0))
   row_spec = pl.BlockSpec((None, None, block_q, _LANES), lambda b, n, i, j: (b, n, i, 0))
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, **kernel_kwargs),
       grid=(batch, num_heads, q_pad // block_q, kv_pad // block_k),
       in_specs=[q_spec, kv_spec, kv_spec,
                 pl.BlockSpec((None, block_q, _LANES), lambda b, n, i, j: (b, i, 0)),
-                pl.BlockSpec((None, _SUBLANES, block_k), lambda b, n, i, j: (b, 0, j)),
+                pl.BlockSpec((None, _SUBLANES, block_k), lambda b, n, i, j: (b, 0, key(i, j))),
                 q_spec, row_spec, row_spec],
       out_specs=q_spec,
       out_shape=jax.ShapeDtypeStruct(q_bnth.shape, q.dtype),
@@ -276,16 +329,17 @@ def backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, causal:
   )(q_bnth, k_bksh, v_bksh, q_segments, k_segments, do_bnth, lse_rows, delta_rows)
 
   # Grid (b, kv head k, key block j, group member g, query block i): query head k*groups+g.
+  query = lambda j, i: tiles.fetched(i, tiles.query_blocks(j))
   q_spec = pl.BlockSpec((None, None, block_q, head_dim),
-                        lambda b, k, j, g, i: (b, k * groups + g, i, 0))
+                        lambda b, k, j, g, i: (b, k * groups + g, query(j, i), 0))
   kv_spec = pl.BlockSpec((None, None, block_k, head_dim), lambda b, k, j, g, i: (b, k, j, 0))
   row_spec = pl.BlockSpec((None, None, block_q, _LANES),
-                          lambda b, k, j, g, i: (b, k * groups + g, i, 0))
+                          lambda b, k, j, g, i: (b, k * groups + g, query(j, i), 0))
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, **kernel_kwargs),
       grid=(batch, num_kv_heads, kv_pad // block_k, groups, q_pad // block_q),
       in_specs=[q_spec, kv_spec, kv_spec,
-                pl.BlockSpec((None, block_q, _LANES), lambda b, k, j, g, i: (b, i, 0)),
+                pl.BlockSpec((None, block_q, _LANES), lambda b, k, j, g, i: (b, query(j, i), 0)),
                 pl.BlockSpec((None, _SUBLANES, block_k), lambda b, k, j, g, i: (b, 0, j)),
                 q_spec, row_spec, row_spec],
       out_specs=[kv_spec, kv_spec],
