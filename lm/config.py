@@ -18,7 +18,7 @@ ADDED_MODEL_FIELDS = dict(
     rope_scaling=dict(kind='none', factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                       original_max_len=8192),
     scale_embeddings=True, qkv_bias=False, attention_out_bias=False, qk_norm=False,
-    param_dtype='float32')
+    param_dtype='float32', sliding_window=0)
 
 
 def fill_added_model_fields(model_config) -> None:
@@ -63,6 +63,7 @@ def validate(config, num_devices: int, tokenizer_vocab_size: int) -> None:
                 'head_dim', 'mlp_dim', 'max_seq_len'):
     _number(config, f'model.{field}', at_least=1)
   _number(config, 'model.norm_eps', above=0)
+  _number(config, 'model.sliding_window', at_least=0, why='0: no window')
   _number(config, 'model.rope_theta', above=0)
   _check(model.head_dim % 2 == 0, f'config.model.head_dim={model.head_dim} must be even (RoPE)')
   _check(model.num_heads % model.num_kv_heads == 0,

@@ -246,6 +246,7 @@ CONFIG_FIELDS = {  # field: (bad values, flags that make the field matter)
     'model.rope_scaling.original_max_len': (POSITIVE_INT, LLAMA3),
     'model.param_dtype': (choices('float32', 'bfloat16'), ()),
     'model.scale_embeddings': (NOT_BOOL, ()),
+    'model.sliding_window': (ints(at_least=0), ()),  # 0: no window.
     'model.qkv_bias': (NOT_BOOL, ()),
     'model.attention_out_bias': (NOT_BOOL, ()),
     'model.qk_norm': (NOT_BOOL, ()),

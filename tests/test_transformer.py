@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import models
+from lm import models, sampling
 from lm import flops
 from lm.models import attention, layers
 
@@ -18,7 +18,7 @@ def single_document(tokens_bt):
   return jnp.ones_like(tokens_bt), jnp.broadcast_to(jnp.arange(length), (batch, length))
 
 
-def naive_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt):
+def naive_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt, window=0):
   """Loops over heads with K/V repeated per query head and an explicit mask."""
   _, length, num_heads, head_dim = q_btnh.shape
   groups = num_heads // k_bskh.shape[2]
@@ -26,22 +26,24 @@ def naive_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt):
   for head in range(num_heads):
     q, k, v = q_btnh[:, :, head], k_bskh[:, :, head // groups], v_bskh[:, :, head // groups]
     scores = jnp.einsum('bth,bsh->bts', q, k) / np.sqrt(head_dim)
-    allowed = ((np.arange(length)[:, None] >= np.arange(length)[None, :])
+    distance = np.arange(length)[:, None] - np.arange(length)[None, :]
+    allowed = ((distance >= 0) & (distance < (window or length))
                & (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]))
     scores = jnp.where(allowed, scores, -jnp.inf)
     outputs.append(jnp.einsum('bts,bsh->bth', jax.nn.softmax(scores, axis=-1), v))
   return jnp.stack(outputs, axis=2)
 
 
-@pytest.mark.parametrize('num_heads,num_kv_heads', [(4, 4), (4, 2), (6, 1)])
-def test_xla_attention_matches_naive_reference(num_heads, num_kv_heads):
+@pytest.mark.parametrize('num_heads,num_kv_heads,window', [(4, 4, 0), (4, 2, 0), (6, 1, 0),
+                                                           (4, 2, 1), (4, 2, 3), (6, 1, 20)])
+def test_xla_attention_matches_naive_reference(num_heads, num_kv_heads, window):
   keys = jax.random.split(jax.random.key(num_heads * 10 + num_kv_heads), 3)
   q = jax.random.normal(keys[0], (2, 13, num_heads, 8))
   k = jax.random.normal(keys[1], (2, 13, num_kv_heads, 8))
   v = jax.random.normal(keys[2], (2, 13, num_kv_heads, 8))
   segment_ids = jnp.array([[1] * 5 + [2] * 6 + [0] * 2, [1] * 13])
-  got = attention.xla_attention(q, k, v, segment_ids)
-  want = naive_attention(q, k, v, segment_ids)
+  got = attention.xla_attention(q, k, v, segment_ids, window)
+  want = naive_attention(q, k, v, segment_ids, window)
   valid = (segment_ids != 0)[:, :, None, None]
   np.testing.assert_allclose(np.where(valid, got, 0), np.where(valid, want, 0),
                              rtol=1e-5, atol=1e-6)
@@ -57,6 +59,57 @@ def test_changing_a_later_token_never_changes_earlier_logits():
   logits_changed = apply({'params': params}, changed, *single_document(changed))
   np.testing.assert_allclose(logits[:, :9], logits_changed[:, :9], rtol=1e-6, atol=1e-6)
   assert not np.allclose(logits[:, 9:], logits_changed[:, 9:], atol=1e-3)
+
+
+def test_a_sliding_window_hides_tokens_further_back_than_the_layers_can_carry():
+  """Each layer looks back window - 1 tokens, so with L layers a token reaches the
+  logits at most L * (window - 1) positions on, and no further (it does with none)."""
+  window = 3
+  config = model_config(sliding_window=window)
+  changed_at, reach = 2, 2 * (window - 1)  # Two layers.
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, config.vocab_size)
+  changed = tokens.at[:, changed_at].set((tokens[:, changed_at] + 1) % config.vocab_size)
+  for sliding_window in (window, 0):
+    model, params = init(model_config(sliding_window=sliding_window))
+    apply = jit_apply(model)
+    logits = apply({'params': params}, tokens, *single_document(tokens))
+    logits_changed = apply({'params': params}, changed, *single_document(changed))
+    after = changed_at + reach + 1
+    assert not np.allclose(logits[:, after - 1], logits_changed[:, after - 1], atol=1e-4)
+    assert np.allclose(logits[:, after:], logits_changed[:, after:], rtol=1e-6,
+                       atol=1e-6) == bool(sliding_window)
+
+
+@pytest.mark.parametrize('implementation', ['xla', 'pallas'])
+def test_cached_decoding_in_a_sliding_window_gives_the_full_forward_logits(implementation):
+  """Prefill of ragged prompts, then one token at a time past the window: the logits of
+  a full forward pass with the same window (the Pallas decode kernel's reference here)."""
+  window = 4
+  config = model_config(sliding_window=window, attention=implementation)
+  model, params = init(config)
+  rng = np.random.default_rng(0)
+  lengths = [2, 7, 5]
+  prompts, lengths_b = sampling.pad_prompts(
+      [list(rng.integers(3, 90, n)) for n in lengths], pad_id=0, multiple=8)
+  continuation = rng.integers(3, 90, (3, 6))
+  apply = jit_apply(model)
+  segment_ids = (np.arange(8)[None] < lengths_b[:, None]).astype(np.int32)
+  logits, variables = apply(
+      {'params': params, 'cache': sampling.init_cache(model, batch_size=3, cache_length=16)},
+      jnp.asarray(prompts), jnp.asarray(segment_ids), jnp.broadcast_to(jnp.arange(8), (3, 8)),
+      decode=True)
+  pieces = [logits]
+  for step in range(continuation.shape[1]):
+    token = jnp.asarray(continuation[:, step:step + 1], jnp.int32)
+    step_logits, variables = apply({'params': params, 'cache': variables['cache']}, token,
+                                   jnp.ones_like(token), jnp.asarray(lengths_b + step)[:, None],
+                                   decode=True)
+    pieces.append(step_logits)
+  for row, length in enumerate(lengths):
+    ids = jnp.asarray([list(prompts[row, :length]) + list(continuation[row])])
+    want = apply({'params': params}, ids, *single_document(ids))[0]
+    got = np.concatenate([pieces[0][row, :length]] + [p[row] for p in pieces[1:]])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_packed_documents_give_the_same_logits_as_each_document_alone():

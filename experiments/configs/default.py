@@ -43,6 +43,9 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
       qkv_bias=False,  # Biases on query, key and value (Qwen2).
       attention_out_bias=False,  # A bias on the attention output (Llama's attention_bias).
       qk_norm=False,  # RMSNorm of each head's query and key before RoPE (Qwen3).
+      # Each token attends to itself and the sliding_window - 1 tokens before it
+      # (Mistral's); 0: to every earlier token of its document.
+      sliding_window=0,
       norm_eps=1e-6,
       dtype='auto',  # bfloat16 on GPU/TPU, float32 on CPU; or 'float32', 'bfloat16'.
       param_dtype='float32',  # Of the weights (Dense and embedding); norms stay float32.

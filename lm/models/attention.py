@@ -1,8 +1,10 @@
 """Attention implementations behind one switch (`config.model.attention`).
 
 Each takes q [B, T, N, H], k and v [B, S, K, H] with K dividing N (grouped-query
-attention), and segment ids [B, T] (0 = padding); tokens attend only to earlier or
-equal positions of their own segment. Returns [B, T, N, H].
+attention), segment ids [B, T] (0 = padding) and a sliding window W (0: none); tokens
+attend only to earlier or equal positions of their own segment and, with a window, to
+the W - 1 positions before their own at most (Mistral's `kv_idx > q_idx - W`; within a
+segment index differences are position differences). Returns [B, T, N, H].
 """
 
 import jax
@@ -14,10 +16,19 @@ from pallas_kernels.decode_attention import api as decode_attention
 from pallas_kernels.flash_attention import api as flash_attention
 
 
-def segment_causal_mask(segment_ids_bt):
-  """[B, 1, T, T] boolean: same segment and key index <= query index."""
-  length = segment_ids_bt.shape[1]
-  causal_tt = jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))
+def causal_window_mask(query_index, key_index, window: int):
+  """Boolean, broadcast from the two index arrays: the key is not after the query and,
+  with a window, less than `window` before it."""
+  mask = key_index <= query_index
+  if window:
+    mask &= key_index > query_index - window
+  return mask
+
+
+def segment_causal_mask(segment_ids_bt, window: int = 0):
+  """[B, 1, T, T] boolean: same segment, key index <= query index, within the window."""
+  index_t = jnp.arange(segment_ids_bt.shape[1])
+  causal_tt = causal_window_mask(index_t[:, None], index_t[None, :], window)
   same_segment_btt = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
   return (same_segment_btt & causal_tt)[:, None]
 
@@ -38,41 +49,45 @@ def masked_attention(q_btnh, k_bskh, v_bskh, mask_b1ts):
   return out_btkgh.reshape(batch, length, num_heads, head_dim)
 
 
-def xla_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt):
-  return masked_attention(q_btnh, k_bskh, v_bskh, segment_causal_mask(segment_ids_bt))
+def xla_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt, window: int = 0):
+  return masked_attention(q_btnh, k_bskh, v_bskh, segment_causal_mask(segment_ids_bt, window))
 
 
-def cudnn_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt):
+def cudnn_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt, window: int = 0):
   """cuDNN fused attention through jax.nn.dot_product_attention (GPU, bf16/fp16 only).
 
-  cuDNN applies causality itself and skips the masked blocks; the same-segment mask
-  reaches it as an additive [B, 1, T, T] bias, the one S x S tensor this path keeps.
+  cuDNN applies causality and the window itself and skips the masked blocks; the
+  same-segment mask reaches it as an additive [B, 1, T, T] bias, the one S x S tensor
+  this path keeps.
   """
   same_segment_b1ts = (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])[:, None]
   return jax.nn.dot_product_attention(
       q_btnh, k_bskh, v_bskh, mask=same_segment_b1ts, is_causal=True,
-      implementation='cudnn')
+      local_window_size=(window - 1, 0) if window else None, implementation='cudnn')
 
 
-def pallas_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt):
+def pallas_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt, window: int = 0):
   """Our Pallas flash attention (pallas_kernels/flash_attention): the kernel for the
   backend, or the reference where there is none (with a log line). Each device runs it
   on its own rows and heads."""
   heads = P('act_batch', 'act_seq', 'act_heads', 'act_head_dim')
   kv_heads = P('act_batch', 'act_seq', 'act_kv_heads', 'act_head_dim')
-  attend = lambda q, k, v, ids: flash_attention.flash_attention(q, k, v, ids, ids, causal=True)
+  attend = lambda q, k, v, ids: flash_attention.flash_attention(
+      q, k, v, ids, ids, causal=True, window=window or None)
   return sharding.per_shard(attend, (heads, kv_heads, kv_heads, P('act_batch', 'act_seq')),
                             heads)(q_btnh, k_bskh, v_bskh, segment_ids_bt)
 
 
-def pallas_decode_attention(q_bnh, k_bkh, v_bkh, k_cache_bskh, v_cache_bskh, start_b):
+def pallas_decode_attention(q_bnh, k_bkh, v_bkh, k_cache_bskh, v_cache_bskh, start_b,
+                            window: int = 0):
   """One cached decoding step (pallas_kernels/decode_attention): writes the new key and
-  value at each row's slot `start_b` and attends over the slots up to it. Returns out
-  [B, N, H] and both caches."""
+  value at each row's slot `start_b` and attends over the slots up to it (the last
+  `window` of them with a window). Returns out [B, N, H] and both caches."""
   heads = P('act_batch', 'act_heads', 'act_head_dim')
   kv_heads = P('act_batch', 'act_kv_heads', 'act_head_dim')
   cache = P('act_batch', None, 'act_kv_heads', 'act_head_dim')
-  return sharding.per_shard(decode_attention.decode_attention,
+  attend = lambda *args: decode_attention.decode_attention(*args, window=window or None)
+  return sharding.per_shard(attend,
                             (heads, kv_heads, kv_heads, cache, cache, P('act_batch')),
                             (heads, cache, cache))(
                                 q_bnh, k_bkh, v_bkh, k_cache_bskh, v_cache_bskh, start_b)

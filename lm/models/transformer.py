@@ -56,7 +56,7 @@ class Attention(nn.Module):
       out_btnh = self._attend_with_cache(q_btnh, k_btkh, v_btkh, segment_ids_bt)
     else:
       attend = attention_lib.ATTENTION_IMPLEMENTATIONS[cfg.attention]
-      out_btnh = attend(q_btnh, k_btkh, v_btkh, segment_ids_bt)
+      out_btnh = attend(q_btnh, k_btkh, v_btkh, segment_ids_bt, cfg.sliding_window)
     out_btnh = sharding.constrain(out_btnh, ('act_batch', 'act_seq', 'act_heads', 'act_head_dim'))
     return dense(x_btd.shape[-1], ('heads', 'head_dim', 'embed'), 'out', axis=(-2, -1),
                  bias=cfg.attention_out_bias)(out_btnh)
@@ -74,17 +74,20 @@ class Attention(nn.Module):
     lengths.value = start_b + jnp.sum(segment_ids_bt != 0, axis=1, dtype=jnp.int32)
     if length == 1 and self.config.attention == 'pallas':  # One token per row: a decode step.
       out_bnh, key_cache.value, value_cache.value = attention_lib.pallas_decode_attention(
-          q_btnh[:, 0], k_btkh[:, 0], v_btkh[:, 0], key_cache.value, value_cache.value, start_b)
+          q_btnh[:, 0], k_btkh[:, 0], v_btkh[:, 0], key_cache.value, value_cache.value, start_b,
+          self.config.sliding_window)
       return out_bnh[:, None]
     append = jax.vmap(lambda cache, new, start: jax.lax.dynamic_update_slice_in_dim(
         cache, new.astype(cache.dtype), start, axis=0))
     key_cache.value = append(key_cache.value, k_btkh, start_b)
     value_cache.value = append(value_cache.value, v_btkh, start_b)
 
-    # Query t of row b sits in slot start_b + t and sees every slot up to it.
+    # Query t of row b sits in slot start_b + t and sees every slot up to it (within the
+    # window). Slots are positions: a row's cache holds one sequence from slot 0.
     query_slot_bt = start_b[:, None] + jnp.arange(length)[None]
     slots_s = jnp.arange(key_cache.value.shape[1])
-    mask_b1ts = (slots_s[None, None, :] <= query_slot_bt[:, :, None])[:, None]
+    mask_b1ts = attention_lib.causal_window_mask(
+        query_slot_bt[:, :, None], slots_s[None, None, :], self.config.sliding_window)[:, None]
     return attention_lib.masked_attention(q_btnh, key_cache.value, value_cache.value, mask_b1ts)
 
 
