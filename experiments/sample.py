@@ -68,7 +68,7 @@ def main():
            for prompt in prompts]
     stop_ids = chat.end_of_turn_ids(run.tokenizer)
   else:
-    ids = [[run.tokenizer.bos_id, *run.tokenizer.encode(p)] for p in prompts]
+    ids = [sampling.prompt_ids(run.tokenizer, p) for p in prompts]
     stop_ids = None
   longest = max(len(i) for i in ids)
   check(longest + _MAX_NEW_TOKENS.value <= max_seq_len,

@@ -179,10 +179,11 @@ def render(tokenizer, messages: list[dict], *, add_generation_prompt: bool = Fal
 
 def prompt_text(tokenizer, messages: list[dict]) -> str:
   """`messages` rendered with the assistant's turn opened, as text for a sampler or scorer
-  that adds bos itself: without the template's leading bos text."""
+  that encodes it with `prompt_ids`: without the template's leading bos text where the
+  tokenizer adds bos itself (so there is one bos, as transformers' apply_chat_template)."""
   text = render_text(tokenizer, messages, add_generation_prompt=True)
   bos = tokenizer.special_tokens.get('bos_token') or ''
-  return text[len(bos):] if bos and text.startswith(bos) else text
+  return text[len(bos):] if tokenizer.adds_bos and bos and text.startswith(bos) else text
 
 
 def end_of_turn_ids(tokenizer) -> tuple[int, ...]:

@@ -167,11 +167,19 @@ def generate_rows(params, prompts_bt: np.ndarray, prompt_lengths_b: np.ndarray, 
                                    (num_new_b, jax.sharding.PartitionSpec(rows))))
 
 
+def prompt_ids(tokenizer, text: str) -> list[int]:
+  """`text` as the tokenizer encodes it (bos where it adds one, as transformers'
+  `tokenizer(text)`); an empty prompt is the prefix token, so there is a token to
+  continue from."""
+  return tokenizer.prompt_ids(text) or [tokenizer.prefix_id]
+
+
 def complete(model, params, tokenizer, prompts: list[str], *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              stop_ids: tuple[int, ...] | None = None, cache_length: int | None = None) -> list[str]:
-  """Text in, text out: bos + prompt, generate, decode up to (not including) the stop id."""
-  ids = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
+  """Text in, text out: the prompt as the tokenizer encodes it (`prompt_ids`), generate,
+  decode up to (not including) the stop id."""
+  ids = [prompt_ids(tokenizer, p) for p in prompts]
   return complete_ids(model, params, tokenizer, ids, max_new_tokens=max_new_tokens,
                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                       stop_ids=stop_ids, cache_length=cache_length)
@@ -184,8 +192,8 @@ def complete_ids(model, params, tokenizer, ids: list[list[int]], *, max_new_toke
   """`complete` for prompts already in ids (a rendered chat, say), taken as they are."""
   stop_ids = tuple(tokenizer.stop_ids) if stop_ids is None else stop_ids
   count = len(ids)
-  # Rows split over every device of every process; extra rows are a lone bos, dropped.
-  ids = list(ids) + [[tokenizer.bos_id]] * (-count % sharding.rows_multiple())
+  # Rows split over every device of every process; extra rows are one token, dropped.
+  ids = list(ids) + [[tokenizer.prefix_id]] * (-count % sharding.rows_multiple())
   prompts_bt, lengths_b = pad_prompts(ids, tokenizer.pad_id)
   cache_length = cache_length or prompts_bt.shape[1] + max_new_tokens
   new_bm, num_new_b = generate(

@@ -7,21 +7,30 @@ Models trained here use special ids pad=0, bos=1, eos=2 (`ByteTokenizer`, and
 
 - bos, eos, pad, unk: the named tokens of tokenizer_config.json (a string, or a dict with
   `content`, or null), overridden by special_tokens_map.json when the config has no
-  `added_tokens_decoder` (transformers' order). A checkpoint without a bos token (Qwen2)
-  gets `bos_id` = eos, the prefix token lm-evaluation-harness uses; one without a pad
-  token (Llama 3) gets `pad_id` = eos. The template variables (`special_tokens`) hold only
-  the tokens the checkpoint names, so a chat template still sees `bos_token` undefined.
+  `added_tokens_decoder` (transformers' order). A checkpoint that names no bos token
+  (Qwen2) takes `bos_id` from config.json's `bos_token_id`, else has none (None); one
+  without a pad token (Llama 3) gets `pad_id` = eos. The template variables
+  (`special_tokens`) hold only the tokens the checkpoint names, so a chat template still
+  sees `bos_token` undefined.
 - `stop_ids`: eos, then every other `eos_token_id` of generation_config.json (Llama 3
   Instruct ends a turn with <|eot_id|> but its eos is <|end_of_text|>): generation stops
   at any of them.
 - `chat_template`: chat_template.jinja, else tokenizer_config.json's `chat_template`.
 - `adds_bos`: whether transformers' `tokenizer(text)` puts bos in front (Llama: yes,
-  Qwen: no); `encode` never does, and every caller here writes bos itself.
+  Qwen: no): tokenizer_config.json's `add_bos_token` where it says, else what the
+  post-processor of tokenizer.json does (for a bare tokenizer.model, Llama's default: yes).
+  `encode` never adds bos; `prompt_ids` is `tokenizer(text)`, what every prompt, document
+  and scored context starts from.
+- `prefix_id`: the token a sequence with nothing before it is conditioned on (an empty
+  context, the first of a document's rolling windows): the named bos, else eos, as
+  lm-evaluation-harness's `prefix_token_id`.
 
-Every tokenizer has `kind`, `vocab_size`, `pad_id`, `bos_id`, `eos_id`, `stop_ids`,
-`special_ids`, `special_tokens` (template variables such as `bos_token`),
-`chat_template`, `adds_bos`, `encode` (text only: no bos/eos added), `decode` (skips
-special ids), `encode_with_offsets`, `token_to_id` and `to_dict`.
+Every tokenizer has `kind`, `vocab_size`, `pad_id`, `bos_id`, `eos_id`, `prefix_id`,
+`stop_ids`, `special_ids`, `special_tokens` (template variables such as `bos_token`),
+`chat_template`, `adds_bos`, `encode` (text only: no bos/eos added), `prompt_ids`,
+`decode` (skips special ids), `encode_with_offsets`, `token_to_id` and `to_dict`.
+`trained_here`: lm's own byte and sentencepiece tokenizers, which add bos (lm trains every
+document as bos, text, eos), against a checkpoint's.
 `matches_special_tokens` says whether `encode` turns a special token's text into its id
 (a Hugging Face tokenizer does, as transformers does; lm's own tokenizers encode every
 character as text, and lm/chat.py maps the special strings a template writes itself).
@@ -70,17 +79,26 @@ def _char_offsets_from_byte_offsets(text: str, byte_offsets) -> np.ndarray:
   return np.stack([start, stop], axis=1).astype(np.int32)
 
 
-class ByteTokenizer:
+class _PromptIds:
+  """`prompt_ids`, from `adds_bos`, `bos_id` and `encode`."""
+
+  def prompt_ids(self, text: str) -> list[int]:
+    """transformers' `tokenizer(text).input_ids`: bos where the tokenizer adds one."""
+    return [self.bos_id] * self.adds_bos + [int(i) for i in self.encode(text)]
+
+
+class ByteTokenizer(_PromptIds):
   """UTF-8 bytes shifted past the special ids: byte b -> b + 3."""
   kind = 'byte'
   vocab_size = 256 + 3
-  pad_id, bos_id, eos_id = PAD_ID, BOS_ID, EOS_ID
+  pad_id, bos_id, eos_id, prefix_id = PAD_ID, BOS_ID, EOS_ID, BOS_ID
   stop_ids = (EOS_ID,)
   special_ids = frozenset((PAD_ID, BOS_ID, EOS_ID))
   # As in `byte_tokenizer_json`, the exported equivalent.
   special_tokens = {'pad_token': '<pad>', 'bos_token': '<s>', 'eos_token': '</s>'}
   chat_template = None
   adds_bos = True  # Every document is trained as bos, text, eos.
+  trained_here = True
   matches_special_tokens = False
 
   def encode(self, text: str) -> np.ndarray:
@@ -103,24 +121,28 @@ class ByteTokenizer:
     return {'kind': self.kind}
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(_PromptIds):
   """A sentencepiece model. Special ids are the model's own (pad=0, bos=1, eos=2 for one
   trained here); a model without a pad piece (Llama 2, Mistral) pads with eos. A Hugging
   Face checkpoint's tokenizer_config.json may name other special pieces and bring a chat
   template, and its generation_config.json more stop ids (`from_hf_directory`)."""
   kind = 'sentencepiece'
-  adds_bos = True  # Hugging Face's Llama and Mistral tokenizers add bos; lm trains with it.
   matches_special_tokens = False
 
   def __init__(self, model_proto: bytes, source: str = '<bytes>', *,
                special_tokens: dict | None = None, stop_ids: Iterable[int] = (),
-               chat_template: str | None = None, transformers_spaces: bool = False):
+               chat_template: str | None = None, transformers_spaces: bool = False,
+               add_bos_token: bool | None = None):
     self.model_proto = model_proto
+    # Llama's and Mistral's sentencepiece tokenizers add bos unless told not to; lm's own
+    # train with it.
+    self.add_bos_token = add_bos_token
     # transformers runs a checkpoint's bare tokenizer.model as a Metaspace BPE that adds
     # the dummy prefix '▁' only to text not starting with a space; sentencepiece always
     # adds it. A checkpoint's tokenizer encodes as transformers does, to match the ids
     # its users' pipelines make; one trained here keeps sentencepiece's own rule.
     self.transformers_spaces = transformers_spaces
+    self.trained_here = not transformers_spaces
     self._processor = spm.SentencePieceProcessor()
     try:
       self._processor.LoadFromSerializedProto(model_proto)
@@ -142,10 +164,13 @@ class SentencePieceTokenizer:
     if 'eos_token' not in ids:
       raise ConfigError(f'{source}: the model has no eos piece, so generation cannot stop')
     self.eos_id = ids['eos_token']
-    self.bos_id = ids.get('bos_token', self.eos_id)
+    self.bos_id = ids.get('bos_token')
+    self.prefix_id = ids.get('bos_token', self.eos_id)
+    self.adds_bos = self.bos_id is not None and add_bos_token is not False
     self.pad_id = ids.get('pad_token', self.eos_id)
     self.stop_ids = tuple(dict.fromkeys((self.eos_id, *(int(i) for i in stop_ids))))
-    self.special_ids = frozenset((self.pad_id, self.bos_id, self.eos_id))
+    self.special_ids = frozenset(i for i in (self.pad_id, self.bos_id, self.eos_id)
+                                 if i is not None)
     self.chat_template = chat_template
 
   @classmethod
@@ -206,10 +231,12 @@ class SentencePieceTokenizer:
       data['chat_template'] = self.chat_template
     if self.transformers_spaces:
       data['transformers_spaces'] = True
+    if self.add_bos_token is not None:
+      data['add_bos_token'] = self.add_bos_token
     return data
 
 
-class HuggingFaceTokenizer:
+class HuggingFaceTokenizer(_PromptIds):
   """A `tokenizers` tokenizer.json with the named special tokens, extra stop ids and chat
   template of a Hugging Face checkpoint (see the module docstring for the ids).
 
@@ -218,10 +245,14 @@ class HuggingFaceTokenizer:
   """
   kind = 'huggingface'
   matches_special_tokens = True
+  trained_here = False  # A checkpoint's (lm exports its own byte tokenizer in this form too).
 
   def __init__(self, tokenizer_json: str, special_tokens: dict, *, stop_ids: Iterable[int] = (),
-               chat_template: str | None = None, source: str = '<string>'):
+               chat_template: str | None = None, source: str = '<string>',
+               add_bos_token: bool | None = None, bos_token_id: int | None = None):
     self.tokenizer_json = tokenizer_json
+    # The checkpoint's own settings (tokenizer_config.json, config.json), kept as given.
+    self.add_bos_token, self.bos_token_id = add_bos_token, bos_token_id
     try:
       self._tokenizer = tokenizers.Tokenizer.from_str(tokenizer_json)
     except Exception as error:  # The Rust library raises a bare Exception.
@@ -240,7 +271,11 @@ class HuggingFaceTokenizer:
     if 'eos_token' not in ids:
       raise ConfigError(f'{source}: no eos_token is named, so generation cannot stop')
     self.eos_id = ids['eos_token']
-    self.bos_id = ids.get('bos_token', self.eos_id)
+    if bos_token_id is not None and not 0 <= bos_token_id < self.vocab_size:
+      raise ConfigError(f'{source}: bos_token_id={bos_token_id} is not an id of the'
+                        f' vocabulary ({self.vocab_size} ids)')
+    self.bos_id = ids.get('bos_token', bos_token_id)
+    self.prefix_id = ids.get('bos_token', self.eos_id)
     self.pad_id = ids.get('pad_token', self.eos_id)
     self.stop_ids = tuple(dict.fromkeys((self.eos_id, *(int(i) for i in stop_ids))))
     added = self._tokenizer.get_added_tokens_decoder()
@@ -250,8 +285,11 @@ class HuggingFaceTokenizer:
     probe = 'a'
     with_specials = self._tokenizer.encode(probe, add_special_tokens=True).ids
     without = self._tokenizer.encode(probe, add_special_tokens=False).ids
-    self.adds_bos = ('bos_token' in ids and with_specials[:1] == [self.bos_id]
-                     and without[:1] != [self.bos_id])
+    post_processor_adds = ('bos_token' in ids and with_specials[:1] == [self.bos_id]
+                           and without[:1] != [self.bos_id])
+    # As transformers: a tokenizer that names no bos token adds none, whatever the flag.
+    self.adds_bos = (post_processor_adds if add_bos_token is None
+                     else add_bos_token and 'bos_token' in ids)
 
   @classmethod
   def from_directory(cls, path: str) -> 'HuggingFaceTokenizer':
@@ -263,7 +301,8 @@ class HuggingFaceTokenizer:
     tokenizer_json = _read_text(json_path)
     settings = _read_checkpoint_settings(directory)
     return cls(tokenizer_json, settings['special_tokens'], stop_ids=settings['stop_ids'],
-               chat_template=settings['chat_template'], source=json_path)
+               chat_template=settings['chat_template'], source=json_path,
+               add_bos_token=settings['add_bos_token'], bos_token_id=settings['bos_token_id'])
 
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
@@ -284,10 +323,16 @@ class HuggingFaceTokenizer:
     return self._tokenizer.token_to_id(token)
 
   def to_dict(self) -> dict:
-    return {'kind': self.kind, 'tokenizer_json': self.tokenizer_json,
+    data = {'kind': self.kind, 'tokenizer_json': self.tokenizer_json,
             'special_tokens': dict(self.special_tokens),
             'bos_id': self.bos_id, 'eos_id': self.eos_id, 'pad_id': self.pad_id,
             'stop_ids': list(self.stop_ids), 'chat_template': self.chat_template}
+    # Only where the checkpoint gives them, so an earlier checkpoint's dict still matches.
+    if self.add_bos_token is not None:
+      data['add_bos_token'] = self.add_bos_token
+    if self.bos_token_id is not None:
+      data['bos_token_id'] = self.bos_token_id
+    return data
 
   def save_pretrained(self, directory: str, *, model_max_length: int | None = None) -> None:
     """Writes tokenizer.json and tokenizer_config.json, which
@@ -349,9 +394,9 @@ def _token_content(value, path: str, name: str) -> str | None:
 
 
 def _read_checkpoint_settings(directory: str) -> dict:
-  """{'special_tokens', 'stop_ids', 'chat_template'} from a Hugging Face checkpoint's
-  tokenizer_config.json, special_tokens_map.json, chat_template.jinja and
-  generation_config.json (each optional)."""
+  """{'special_tokens', 'stop_ids', 'chat_template', 'add_bos_token', 'bos_token_id'} from
+  a Hugging Face checkpoint's tokenizer_config.json, special_tokens_map.json,
+  chat_template.jinja, generation_config.json and config.json (each optional)."""
   config_path = os.path.join(directory, 'tokenizer_config.json')
   config = _read_json(config_path) or {}
   special_tokens = {name: _token_content(config.get(name), config_path, name)
@@ -382,8 +427,19 @@ def _read_checkpoint_settings(directory: str) -> dict:
   stop_ids = [] if stop_ids is None else stop_ids if isinstance(stop_ids, list) else [stop_ids]
   if not all(isinstance(i, int) and not isinstance(i, bool) for i in stop_ids):
     raise ConfigError(f'{generation_path}: eos_token_id must be an integer or a list of them')
+  add_bos_token = config.get('add_bos_token')
+  if add_bos_token is not None and not isinstance(add_bos_token, bool):
+    raise ConfigError(f'{config_path}: add_bos_token is {add_bos_token!r}, not true or false')
+  model_path = os.path.join(directory, 'config.json')
+  bos_token_id = (_read_json(model_path) or {}).get('bos_token_id')
+  if isinstance(bos_token_id, list):  # Some configs list one id per stream.
+    bos_token_id = bos_token_id[0] if len(bos_token_id) == 1 else bos_token_id
+  if bos_token_id is not None and (not isinstance(bos_token_id, int)
+                                   or isinstance(bos_token_id, bool)):
+    raise ConfigError(f'{model_path}: bos_token_id is {bos_token_id!r}, not an integer')
   return {'special_tokens': special_tokens, 'stop_ids': stop_ids,
-          'chat_template': chat_template}
+          'chat_template': chat_template, 'add_bos_token': add_bos_token,
+          'bos_token_id': bos_token_id}
 
 
 def from_hf_directory(directory: str):
@@ -404,7 +460,8 @@ def from_hf_directory(directory: str):
                                 special_tokens=settings['special_tokens'],
                                 stop_ids=settings['stop_ids'],
                                 chat_template=settings['chat_template'],
-                                transformers_spaces=True)
+                                transformers_spaces=True,
+                                add_bos_token=settings['add_bos_token'])
 
 
 def byte_tokenizer_json() -> str:
@@ -509,17 +566,23 @@ def from_dict(data: dict):
   if data['kind'] == 'huggingface':
     return HuggingFaceTokenizer(data['tokenizer_json'], data['special_tokens'],
                                 stop_ids=data['stop_ids'], chat_template=data['chat_template'],
-                                source='checkpoint')
+                                source='checkpoint', add_bos_token=data.get('add_bos_token'),
+                                bos_token_id=data.get('bos_token_id'))
   return SentencePieceTokenizer(base64.b64decode(data['model_proto']), source='checkpoint',
                                 special_tokens=data.get('special_tokens'),
                                 stop_ids=data.get('stop_ids', ()),
                                 chat_template=data.get('chat_template'),
-                                transformers_spaces=data.get('transformers_spaces', False))
+                                transformers_spaces=data.get('transformers_spaces', False),
+                                add_bos_token=data.get('add_bos_token'))
 
 
 def check_same(saved: dict, current, where: str) -> None:
-  """Raises if the tokenizer stored with a checkpoint differs from the configured one."""
-  if saved != current.to_dict():
+  """Raises if the tokenizer stored with a checkpoint differs from the configured one.
+  The ids derived from the rest are not compared: an earlier version derived bos
+  differently from the same files."""
+  derived = ('bos_id', 'eos_id', 'pad_id')
+  if ({k: v for k, v in saved.items() if k not in derived}
+      != {k: v for k, v in current.to_dict().items() if k not in derived}):
     raise ConfigError(
         f'tokenizer mismatch: the checkpoint in {where} was trained with a'
         f' {saved["kind"]} tokenizer that differs from the configured'

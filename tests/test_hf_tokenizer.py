@@ -7,6 +7,7 @@ import json
 import json.decoder
 import os
 import random
+import shutil
 
 import ml_collections
 import numpy as np
@@ -126,6 +127,9 @@ def write_qwen_like(directory) -> str:
   write_json(os.path.join(directory, 'generation_config.json'), {
       'eos_token_id': [tokenizer.token_to_id('<|im_end|>'),
                        tokenizer.token_to_id('<|endoftext|>')]})
+  # Qwen2's config.json names <|endoftext|> as bos though its tokenizer has none.
+  write_json(os.path.join(directory, 'config.json'),
+             {'bos_token_id': tokenizer.token_to_id('<|endoftext|>')})
   return str(directory)
 
 
@@ -186,7 +190,7 @@ def test_encode_and_decode_equal_transformers_on_mixed_text(checkpoint_dir):
 
 def test_decode_skips_special_ids_and_ids_past_the_vocabulary(checkpoint_dir):
   tokenizer, auto = tokenizer_lib.from_hf_directory(checkpoint_dir), auto_tokenizer(checkpoint_dir)
-  ids = [tokenizer.bos_id, *tokenizer.encode('Hello, world!'), tokenizer.eos_id]
+  ids = [tokenizer.prefix_id, *tokenizer.encode('Hello, world!'), tokenizer.eos_id]
   assert tokenizer.decode(ids) == auto.decode(ids, skip_special_tokens=True) == 'Hello, world!'
   assert tokenizer.decode(ids + [tokenizer.vocab_size, 10**6]) == 'Hello, world!'
 
@@ -196,12 +200,16 @@ def test_special_ids_follow_the_checkpoint(llama3_dir, qwen_dir):
     tokenizer, auto = tokenizer_lib.from_hf_directory(directory), auto_tokenizer(directory)
     assert tokenizer.vocab_size == len(auto)
     assert tokenizer.eos_id == auto.eos_token_id
-    # No bos (Qwen2) or no pad (Llama 3): eos stands in.
-    assert tokenizer.bos_id == (auto.bos_token_id if auto.bos_token is not None else auto.eos_token_id)
+    # No pad (Llama 3): eos stands in. No bos token (Qwen2): config.json's bos_token_id
+    # is the bos, eos the prefix a text with no context is conditioned on (the harness's).
+    assert tokenizer.prefix_id == (auto.bos_token_id if auto.bos_token is not None
+                                   else auto.eos_token_id)
     assert tokenizer.pad_id == (auto.pad_token_id if auto.pad_token is not None else auto.eos_token_id)
     assert tokenizer.special_tokens == auto.special_tokens_map
     added_bos = auto('a').input_ids[:1] == [auto.bos_token_id]
     assert tokenizer.adds_bos == added_bos
+    for text in ('a', 'Hello, world!', ''):
+      assert tokenizer.prompt_ids(text) == auto(text).input_ids, text
     assert tokenizer.chat_template == auto.chat_template
     assert tokenizer.token_to_id('<|eot_id|>' if directory == llama3_dir else '<|im_end|>') == \
         tokenizer.eos_id
@@ -209,8 +217,25 @@ def test_special_ids_follow_the_checkpoint(llama3_dir, qwen_dir):
   llama3, qwen = tokenizer_lib.from_hf_directory(llama3_dir), tokenizer_lib.from_hf_directory(qwen_dir)
   assert llama3.adds_bos and not qwen.adds_bos
   assert 'bos_token' not in qwen.special_tokens and 'pad_token' not in llama3.special_tokens
-  assert (llama3.bos_id, llama3.eos_id, llama3.pad_id) == (0, 4, 4)
-  assert (qwen.bos_id, qwen.eos_id, qwen.pad_id) == (2, 2, 0)
+  assert (llama3.bos_id, llama3.eos_id, llama3.pad_id, llama3.prefix_id) == (0, 4, 4, 0)
+  assert (qwen.bos_id, qwen.eos_id, qwen.pad_id, qwen.prefix_id) == (0, 2, 0, 2)
+
+
+def test_add_bos_token_of_the_config_decides_where_it_is_given(tmp_path, llama3_dir, qwen_dir):
+  for directory, add_bos_token in ((llama3_dir, False), (qwen_dir, True)):
+    copy = tmp_path / os.path.basename(directory)
+    shutil.copytree(directory, copy)
+    config = json.loads((copy / 'tokenizer_config.json').read_text())
+    (copy / 'tokenizer_config.json').write_text(json.dumps({**config,
+                                                            'add_bos_token': add_bos_token}))
+    tokenizer = tokenizer_lib.from_hf_directory(str(copy))
+    # Qwen's tokenizer names no bos token, so it has none to add.
+    assert tokenizer.adds_bos is (add_bos_token and tokenizer.special_tokens.get('bos_token')
+                                  is not None)
+    assert tokenizer_lib.from_dict(tokenizer.to_dict()).adds_bos is tokenizer.adds_bos
+  (copy / 'tokenizer_config.json').write_text(json.dumps({**config, 'add_bos_token': 'yes'}))
+  with pytest.raises(ConfigError, match='add_bos_token is .yes., not true or false'):
+    tokenizer_lib.from_hf_directory(str(copy))
 
 
 def test_stop_ids_are_eos_then_the_generation_config_eos_ids(llama3_dir, qwen_dir):
@@ -254,7 +279,10 @@ def test_save_pretrained_opens_in_transformers_unchanged(checkpoint_dir, tmp_pat
   assert auto.chat_template == original.chat_template == tokenizer.chat_template
   assert auto.model_max_length == 4096
   reopened = tokenizer_lib.from_hf_directory(str(tmp_path / 'saved'))
-  assert reopened.to_dict() == {**tokenizer.to_dict(), 'stop_ids': [tokenizer.eos_id]}
+  # The stop ids past eos and config.json's bos_token_id are the model exporter's to write.
+  without_model_files = lambda data: {k: v for k, v in data.items()
+                                      if k not in ('stop_ids', 'bos_id', 'bos_token_id')}
+  assert without_model_files(reopened.to_dict()) == without_model_files(tokenizer.to_dict())
 
 
 def test_build_takes_a_directory_or_a_tokenizer_json(llama3_dir):

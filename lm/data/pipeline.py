@@ -159,7 +159,7 @@ def prompt_and_response(tokenizer, prompt, response, seq_len: int | None = None)
     `response` (of `prompt` when `response` is None) and their ends of turn.
   """
   if isinstance(prompt, str):
-    prompt_ids = np.concatenate([[tokenizer.bos_id], tokenizer.encode(prompt)])
+    prompt_ids = np.asarray(tokenizer.prompt_ids(prompt), np.int32)
     response_ids = np.concatenate([tokenizer.encode(response), [tokenizer.eos_id]])
     tokens = np.concatenate([prompt_ids, response_ids]).astype(np.int32)
     loss_mask = (np.arange(len(tokens)) >= len(prompt_ids)).astype(np.int32)

@@ -104,7 +104,7 @@ class _TokenizePrompt(grain.transforms.Map):
   def map(self, example: dict) -> dict:
     prompt = example['prompt']
     if isinstance(prompt, str):
-      ids = [self.tokenizer.bos_id, *self.tokenizer.encode(prompt)]
+      ids = sampling.prompt_ids(self.tokenizer, prompt)
     else:  # A conversation: the model's chat template, up to where the assistant writes.
       ids = list(chat.render(self.tokenizer, prompt, add_generation_prompt=True).ids)
     kept = ids[:self.seq_len]  # A longer prompt is filtered out by its length.

@@ -30,8 +30,8 @@ class _Tokenize(grain.transforms.Map):
     self.tokenizer = tokenizer
 
   def map(self, text: str) -> dict:
-    ids = self.tokenizer.encode(text)
-    tokens = np.concatenate([[self.tokenizer.bos_id], ids, [self.tokenizer.eos_id]])
+    # As the tokenizer encodes a text (its bos where it adds one), then eos.
+    tokens = np.asarray([*self.tokenizer.prompt_ids(text), self.tokenizer.eos_id])
     return {'tokens': tokens.astype(np.int32)}
 
 
