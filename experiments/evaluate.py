@@ -6,8 +6,15 @@ benchmarks from their published files (lm/evaluation/benchmarks.py).
       [--task=my_task.jsonl --limit=100 --self_consistency=5]
       [--task=mmlu:DIR --task=hellaswag:FILE --task=arc:FILE --task=gsm8k:FILE]
 
+Every task is scored in the model's own context (`config.model.max_seq_len`: an imported
+model's max_position_embeddings), or --max_length below it, as lm-evaluation-harness
+scores it (lm/evaluation/scoring.py): longer contexts lose their start, and the table
+counts the records cut; documents longer than the context are scored in rolling windows.
+
 Prints a table and adds the results, task by task, to <workdir>/eval/step_<step>.json
-(lm/evaluation/results.py). Task formats are in lm/evaluation/tasks.py.
+(lm/evaluation/results.py); --log_samples also writes each record's log-likelihoods or
+completion to <workdir>/eval/step_<step>_samples/<task>.jsonl. Task formats are in
+lm/evaluation/tasks.py.
 """
 
 import math
@@ -34,6 +41,12 @@ _MAX_NEW_TOKENS = flags.DEFINE_integer(
     'max_new_tokens', None, 'Generation tasks: answer length (default: 16; 256 for a chain'
     ' of thought, as gsm8k).')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 16, 'Sequences per forward pass.')
+_MAX_LENGTH = flags.DEFINE_integer(
+    'max_length', None, "Tokens the model reads at once (default: the model's context,"
+    ' config.model.max_seq_len); longer contexts lose their start.')
+_LOG_SAMPLES = flags.DEFINE_bool(
+    'log_samples', False, "Write each record's log-likelihoods or completion to"
+    ' <workdir>/eval/step_<step>_samples/<task>.jsonl.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed for few-shot draws and sampling.')
 _CHAT = flags.DEFINE_bool(
     'chat', False, "Prompt through the model's chat template: each prompt, shots included,"
@@ -47,6 +60,8 @@ def check_flags() -> None:
       inputs.workdir_check(_WORKDIR.value),
       (limit is None or limit >= 1, f'--limit={limit} must be at least 1'),
       (_BATCH_SIZE.value >= 1, f'--batch_size={_BATCH_SIZE.value} must be at least 1'),
+      (_MAX_LENGTH.value is None or _MAX_LENGTH.value >= 2,
+       f'--max_length={_MAX_LENGTH.value} must be at least 2'),
       (_NUM_SHOTS.value >= 0, f'--num_shots={_NUM_SHOTS.value} must be >= 0'),
       (_SELF_CONSISTENCY.value >= 1,
        f'--self_consistency={_SELF_CONSISTENCY.value} must be at least 1'),
@@ -84,30 +99,31 @@ def main():
   task_list = [load_task(name) for name in _TASK.value]  # Bad task files fail first.
   run = checkpointing.restore_for_inference(_WORKDIR.value, _STEP.value)
   inputs.check_finite_params(run.params, _WORKDIR.value, run.step)
-  max_seq_len = run.config.model.max_seq_len
+  max_length = scoring.context_length(run.config.model, _MAX_LENGTH.value)
   for task in task_list:
-    check(task.kind != 'generation' or max_new_tokens(task) < max_seq_len,
+    check(task.kind != 'generation' or max_new_tokens(task) < max_length,
           f'--max_new_tokens={max_new_tokens(task)} leaves no room for a prompt of'
-          f' {task.name} in the model max_seq_len={max_seq_len}')
+          f' {task.name} in a context of {max_length} tokens (--max_length)')
   stop_ids = None
   if _CHAT.value:
     task_list = [harness.as_chat(task, run.tokenizer) for task in task_list]
     stop_ids = chat.end_of_turn_ids(run.tokenizer)
-  scorer = scoring.Scorer(run.model, run.params, run.tokenizer,
-                          max_length=run.config.data.seq_len, batch_size=_BATCH_SIZE.value,
+  scorer = scoring.Scorer.for_run(run, max_length=max_length, batch_size=_BATCH_SIZE.value,
                           stop_ids=stop_ids)
-  metrics_by_task = {}
+  metrics_by_task, samples_by_task = {}, {}
   # Every process scores the same records over all devices; process 0 reports.
   with sharding.activate(run.mesh):
     for task in task_list:
+      samples_by_task[task.name] = []
       metrics_by_task[task.name] = {'kind': task.kind, **harness.evaluate(
           task, scorer, num_shots=_NUM_SHOTS.value, seed=_SEED.value, limit=_LIMIT.value,
           max_new_tokens=max_new_tokens(task), self_consistency=_SELF_CONSISTENCY.value,
-          temperature=_TEMPERATURE.value)}
+          temperature=_TEMPERATURE.value, samples=samples_by_task[task.name])}
   if jax.process_index() != 0:
     return
 
-  print(f'step {run.step} of {_WORKDIR.value}, {_NUM_SHOTS.value}-shot')
+  print(f'step {run.step} of {_WORKDIR.value}, {_NUM_SHOTS.value}-shot, context {max_length}'
+        ' tokens')
   print(f'{"task":<22}{"kind":<17}metrics')
   for name, metrics in metrics_by_task.items():
     shown = ', '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
@@ -119,12 +135,17 @@ def main():
   # Printed first, so a results file that cannot be written loses nothing.
   path = results.path(_WORKDIR.value, run.step)
   settings = {'num_shots': _NUM_SHOTS.value, 'chat': _CHAT.value, 'limit': _LIMIT.value,
+              'max_length': max_length,
               'seed': _SEED.value,
               'self_consistency': _SELF_CONSISTENCY.value, 'temperature': _TEMPERATURE.value,
               'max_new_tokens': {task.name: max_new_tokens(task) for task in task_list
                                  if task.kind == 'generation'}}
   results.save(path, run.step, metrics_by_task, settings)
   print(f'wrote {path}')
+  if _LOG_SAMPLES.value:
+    directory = results.samples_directory(_WORKDIR.value, run.step)
+    results.save_samples(directory, samples_by_task)
+    print(f'wrote {directory}')
 
 
 if __name__ == '__main__':

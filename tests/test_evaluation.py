@@ -32,7 +32,7 @@ def reference_log_probs(scorer, ids):
 def test_continuation_log_likelihood_matches_a_plain_forward_pass(scorer):
   pairs = [('def f(x):', ' return x'), ('a', 'b'), ('hello', ' world!'), ('', 'xyz'), ('q', 'r')]
   got = scorer.continuation_log_likelihoods(pairs)
-  for (context, continuation), (log_likelihood, count, _) in zip(pairs, got):
+  for (context, continuation), (log_likelihood, count, *_) in zip(pairs, got):
     ids = [1, *scorer.tokenizer.encode(context), *scorer.tokenizer.encode(continuation)]
     want = reference_log_probs(scorer, ids)[-len(continuation.encode()):].sum()
     assert count == len(continuation.encode())
@@ -60,10 +60,11 @@ class FakeScorer(ChoicesOneByOne):
     self.log_likelihoods, self.completions_by_seed = log_likelihoods, completions_by_seed
 
   def continuation_log_likelihoods(self, pairs):
-    return [(self.log_likelihoods[continuation], 1, False) for _, continuation in pairs]
+    return [scoring.Score(self.log_likelihoods[continuation], 1, False)
+            for _, continuation in pairs]
 
   def complete(self, prompts, *, max_new_tokens, temperature, seed):
-    return self.completions_by_seed[seed][:len(prompts)]
+    return [scoring.Completion(text) for text in self.completions_by_seed[seed][:len(prompts)]]
 
 
 def test_length_normalised_accuracy_can_prefer_the_longer_choice():
@@ -94,10 +95,11 @@ def test_multiple_choice_accuracy_picks_each_records_best_choice_wherever_the_an
 
   class OneTokenPerChoice(ChoicesOneByOne):
     def continuation_log_likelihoods(self, pairs):
-      return [(scores[pair], 1, False) for pair in pairs]
+      return [scoring.Score(scores[pair], 1, False) for pair in pairs]
 
   metrics = harness.evaluate(task, OneTokenPerChoice())
-  assert metrics == {'accuracy': 2 / 6, 'accuracy_normalized': 5 / 6, 'examples': 6}
+  assert metrics == {'accuracy': 2 / 6, 'accuracy_normalized': 5 / 6, 'examples': 6,
+                     'truncated': 0}
 
 
 def test_exact_match_and_self_consistency_majority_vote():
@@ -140,7 +142,7 @@ def test_few_shot_prefixes_use_other_solved_examples_deterministically():
   prefix = tasks.few_shot_prefix(task, 3, num_shots=2, seed=0)
   assert prefix == tasks.few_shot_prefix(task, 3, num_shots=2, seed=0)
   assert prefix.count('Q:') == 2 and prefix.endswith('\n\n')
-  assert tasks.solved(task.records[3], 'generation') not in prefix
+  assert tasks.solved(task.records[3], task) not in prefix
 
 
 def test_builtin_arithmetic_answers_are_right():
@@ -170,3 +172,78 @@ def test_choices_scored_from_one_context_pass_equal_scoring_each_pair(layer_patt
   flat = [choice for record in got for choice in record]
   assert [c[1:] for c in flat] == [w[1:] for w in want]  # Token counts, greedy flags.
   np.testing.assert_allclose([c[0] for c in flat], [w[0] for w in want], rtol=1e-5, atol=1e-5)
+
+
+class _HarnessEncoder:
+  """What lm-evaluation-harness's Hugging Face backend needs to run its own pair encoding
+  (`TemplateLM._encode_pair`) with a transformers tokenizer."""
+  backend = 'causal'
+
+  def __init__(self, auto):
+    self.auto = auto
+
+  def tok_encode(self, string, add_special_tokens=None, **_):
+    kwargs = {} if add_special_tokens is None else {'add_special_tokens': add_special_tokens}
+    return self.auto.encode(string, **kwargs)
+
+
+@pytest.mark.parametrize('layout', ['llama3', 'qwen'])
+def test_context_and_continuation_are_encoded_as_the_harness_encodes_them(tmp_path, layout):
+  import transformers  # pylint: disable=import-outside-toplevel
+  from lm_eval.api.model import TemplateLM  # pylint: disable=import-outside-toplevel
+  import test_hf_tokenizer  # pylint: disable=import-outside-toplevel
+  directory = getattr(test_hf_tokenizer, f'write_{layout}_like')(tmp_path / layout)
+  tokenizer = tokenizer_lib.from_hf_directory(directory)
+  harness_lm = _HarnessEncoder(transformers.AutoTokenizer.from_pretrained(directory))
+  scorer = scoring.Scorer(None, None, tokenizer, max_length=64)
+  pairs = [('Question: what is 2 + 2?\nAnswer:', ' 4'), ('The sky is ', 'blue.'),
+           ('A cat sat on the', ' mat'), ('naïve café', ' déjà vu'), ('x  ', '  y')]
+  for context, continuation in pairs:
+    assert scorer.encode_pair(context, continuation) == tuple(
+        TemplateLM._encode_pair(harness_lm, context, continuation)), (context, continuation)
+  # An empty context is the prefix token (the harness's prefix_token_id).
+  assert scorer.encode_pair('', ' mat') == (
+      [tokenizer.prefix_id], harness_lm.auto.encode(' mat', add_special_tokens=False))
+
+
+def test_a_context_longer_than_the_window_loses_its_start_as_the_harness_cuts_it(scorer):
+  """The model reads the last max_length tokens of context + continuation minus the last
+  one, as the harness's (context + continuation)[-(max_length + 1):][:-1]."""
+  context, continuation = 'a long context of bytes ' * 4 + 'and', ' its end'
+  [score] = scorer.continuation_log_likelihoods([(context, continuation)])
+  ids = [1, *scorer.tokenizer.encode(context), *scorer.tokenizer.encode(continuation)]
+  kept = ids[-(scorer.max_length + 1):]
+  want = reference_log_probs(scorer, kept)[-len(continuation):].sum()
+  np.testing.assert_allclose(score.log_likelihood, want, rtol=1e-5)
+  assert score.truncated and score.tokens == len(continuation)
+  [short] = scorer.continuation_log_likelihoods([('short', continuation)])
+  assert not short.truncated
+
+
+def test_generation_prompts_keep_their_end_and_room_for_the_answer(scorer):
+  ids, truncated = scorer.generation_prompts(['x' * 100, 'short'], max_new_tokens=16)
+  assert ids[0] == [*scorer.tokenizer.encode('x' * 100)][-(64 - 16):] and truncated[0]
+  assert ids[1] == [1, *scorer.tokenizer.encode('short')] and not truncated[1]
+  with pytest.raises(ConfigError, match='--max_new_tokens=64 leaves no room'):
+    scorer.generation_prompts(['x'], max_new_tokens=64)
+
+
+def test_the_context_is_the_models_own_unless_lowered():
+  config = small_model_config()
+  assert scoring.context_length(config) == config.max_seq_len == 64
+  assert scoring.context_length(config, 16) == 16
+  with pytest.raises(ConfigError, match=r'--max_length=65 must be in \[2, the model.s context 64\]'):
+    scoring.context_length(config, 65)
+
+
+def test_documents_of_a_checkpoint_tokenizer_are_scored_as_the_harness_does(tmp_path):
+  import test_hf_tokenizer  # pylint: disable=import-outside-toplevel
+  llama3 = tokenizer_lib.from_hf_directory(test_hf_tokenizer.write_llama3_like(tmp_path / 'l'))
+  qwen = tokenizer_lib.from_hf_directory(test_hf_tokenizer.write_qwen_like(tmp_path / 'q'))
+  text = 'Hello, world!'
+  # The harness: prefix_token_id, then tok_encode(text) (the tokenizer's bos included).
+  assert scoring.document_ids(llama3, text) == [llama3.prefix_id, llama3.bos_id,
+                                                *llama3.encode(text)]
+  assert scoring.document_ids(qwen, text) == [qwen.eos_id, *qwen.encode(text)]
+  byte = tokenizer_lib.ByteTokenizer()  # Trained here: bos, text, eos, as lm trains.
+  assert scoring.document_ids(byte, text) == [1, *byte.encode(text), 2]

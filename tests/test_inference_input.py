@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from lm.errors import ConfigError
-from lm.evaluation import harness, inputs, results, tasks
+from lm.evaluation import harness, inputs, results, scoring, tasks
 from lm.training import checkpointing
 
 from helpers import cpu_subprocess_env
@@ -121,7 +121,7 @@ def test_number_answers_of_a_generation_task_are_compared_and_shown_as_text(tmp_
   class Completions:
     def complete(self, prompts, *, max_new_tokens, temperature, seed):
       assert prompts[0].startswith('Q: 1 / 2?\nA: 0.5\n\n')  # The other example, solved.
-      return ['4', '0.5']
+      return [scoring.Completion('4'), scoring.Completion('0.5')]
 
   assert harness.evaluate(task, Completions(), num_shots=1)['exact_match'] == 1.0
 

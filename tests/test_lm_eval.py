@@ -98,10 +98,9 @@ def test_the_harness_runs_lm_and_agrees_with_lms_own_scoring(pretrained, tmp_pat
     pairs = [(r['context'], ' ' + c) for r in task.records for c in r['choices']]
     ours_ll = [s[0] for s in scorer.continuation_log_likelihoods(pairs)]
     texts = [json.loads(line)['text'] for line in text.read_text().splitlines()]
-    rolling = [scorer.score([[run.tokenizer.bos_id, *run.tokenizer.encode(t)]], [1])[0][0]
-               for t in texts]
-    generated = scorer.complete(texts, max_new_tokens=12, temperature=0.0, seed=0,
-                                stops=('\n\n', 'Q:'))
+    rolling = [scorer.document_log_likelihood(t)[0] for t in texts]
+    generated = [c.text for c in scorer.complete(texts, max_new_tokens=12, temperature=0.0,
+                                                 seed=0, stops=('\n\n', 'Q:'))]
   results = out['results']
   assert results['lm_arc_local']['acc,none'] == ours['acc']
   assert results['lm_arc_local']['acc_norm,none'] == ours['acc_norm']
@@ -114,13 +113,20 @@ def test_the_harness_runs_lm_and_agrees_with_lms_own_scoring(pretrained, tmp_pat
   assert [s['resps'][0][0] for s in samples] == generated
 
 
-def test_rolling_windows_score_every_token_once_with_full_contexts():
-  ids = list(range(10))  # A prefix token, then nine.
-  windows, starts = lm_eval_model.rolling_windows(ids, max_length=4)
-  scored = [window[start:] for window, start in zip(windows, starts)]
-  assert sum(scored, []) == ids[1:]
-  assert all(len(window) == 4 for window in windows[1:])  # Full context after the first.
-  assert windows[0] == [0, 1, 2, 3] and windows[-1] == [6, 7, 8, 9] and scored[-1] == [7, 8, 9]
+@pytest.mark.parametrize('length,max_length', [(10, 4), (9, 4), (4, 4), (5, 4), (2, 8), (30, 7)])
+def test_rolling_windows_are_the_harness_windows(length, max_length):
+  """scoring.rolling_windows against lm-evaluation-harness's own functions: the same
+  inputs read and the same tokens predicted, window by window."""
+  from lm_eval import utils  # pylint: disable=import-outside-toplevel
+  ids = list(range(100, 100 + length))  # A prefix token, then the text's.
+  windows, starts = scoring.rolling_windows(ids, max_length)
+  theirs = [utils.make_disjoint_window(pair) for pair in utils.get_rolling_token_windows(
+      token_list=ids[1:], prefix_token=ids[0], max_seq_len=max_length, context_len=1)]
+  # The harness's (context, predicted): the model reads context + predicted[:-1].
+  reads = [w[:-1] for w in windows]
+  assert reads == [(context + predicted)[:-1] for context, predicted in theirs]
+  assert [w[s:] for w, s in zip(windows, starts)] == [predicted for _, predicted in theirs]
+  assert all(len(read) <= max_length for read in reads)
 
 
 def test_the_package_declares_lm_where_plugin_loading_harnesses_look():

@@ -5,6 +5,8 @@
   divided by the choice's length in bytes (length-normalised), so long choices are not
   penalised for their length. Benchmarks report lm-evaluation-harness's names and
   normalisation: acc, and acc_norm per character; MMLU also per subject.
+- every kind counts the records whose context was cut from the left to fit the model's
+  context window (`truncated`), as the harness cuts them.
 - generation: exact match of the extracted answer; with `self_consistency` = k > 1,
   k sampled answers per example and the majority vote. Chain-of-thought tasks (GSM8K)
   score the strict extraction ("The answer is N") and the flexible one (the last number).
@@ -43,21 +45,23 @@ def majority_vote(answers: list[str]) -> str:
 
 def evaluate(task: tasks_lib.Task, scorer, *, num_shots: int = 0, seed: int = 0,
              limit: int | None = None, max_new_tokens: int = 16, self_consistency: int = 1,
-             temperature: float = 0.7) -> dict:
+             temperature: float = 0.7, samples: list | None = None) -> dict:
+  """The task's metrics. `samples`, when given, receives one dict per record: its index,
+  the log-likelihood of each choice, or the completion, or the document's log-likelihood,
+  and whether its context was cut to fit the window."""
   indices = range(len(task.records))[:limit]
   records = [task.records[i] for i in indices]
   prefixes = [tasks_lib.few_shot_prefix(task, i, num_shots, seed) for i in indices]
-  if task.delimiter or task.extract != 'first_line':
-    return _evaluate_benchmark(task, records, scorer, max_new_tokens=max_new_tokens,
-                               self_consistency=self_consistency, temperature=temperature,
-                               seed=seed)
+  samples = [] if samples is None else samples
+  benchmark = bool(task.delimiter or task.extract != 'first_line')
 
   if task.kind == 'perplexity':
     nats, tokens, num_bytes = 0.0, 0, 0
-    for record in records:
+    for index, record in zip(indices, records):
       log_likelihood, count = scorer.document_log_likelihood(record['text'])
       nats, tokens = nats - log_likelihood, tokens + count
       num_bytes += len(record['text'].encode('utf-8'))
+      samples.append({'index': index, 'log_likelihood': log_likelihood, 'tokens': count})
     return {'loss': nats / tokens, 'perplexity': math.exp(min(nats / tokens, 50.0)),
             'bits_per_byte': nats / math.log(2) / max(num_bytes, 1), 'tokens': tokens,
             'documents': len(records)}
@@ -65,47 +69,27 @@ def evaluate(task: tasks_lib.Task, scorer, *, num_shots: int = 0, seed: int = 0,
   if task.kind == 'multiple_choice':
     # A record's context (its shots included) runs once for all its choices.
     scored = scorer.choice_log_likelihoods(
-        [(prefix + r['context'], r['choices']) for prefix, r in zip(prefixes, records)])
-    correct = correct_normalized = 0
-    for record, choice_scores in zip(records, scored):
-      log_likelihoods = [score[0] for score in choice_scores]
-      per_byte = [ll / max(len(c.encode('utf-8')), 1)
-                  for ll, c in zip(log_likelihoods, record['choices'])]
-      correct += log_likelihoods.index(max(log_likelihoods)) == record['answer']
-      correct_normalized += per_byte.index(max(per_byte)) == record['answer']
-    return {'accuracy': correct / len(records),
-            'accuracy_normalized': correct_normalized / len(records), 'examples': len(records)}
-
-  prompts = [prefix + r['prompt'] for prefix, r in zip(prefixes, records)]
-  if self_consistency > 1:
-    samples = [scorer.complete(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                               seed=seed + 1000 * k) for k in range(self_consistency)]
-    answers = [majority_vote([extract_answer(s[i], r['answer']) for s in samples])
-               for i, r in enumerate(records)]
-  else:
-    completions = scorer.complete(prompts, max_new_tokens=max_new_tokens, temperature=0.0,
-                                  seed=seed)
-    answers = [extract_answer(c, r['answer']) for c, r in zip(completions, records)]
-  matches = sum(normalize(a) == normalize(r['answer']) for a, r in zip(answers, records))
-  return {'exact_match': matches / len(records), 'examples': len(records),
-          'self_consistency': self_consistency}
-
-
-def _evaluate_benchmark(task, records, scorer, *, max_new_tokens, self_consistency,
-                        temperature, seed) -> dict:
-  """A published benchmark, scored as lm-evaluation-harness scores it."""
-  if task.kind == 'multiple_choice':
-    # A record's context runs once for all its choices.
-    scored = scorer.choice_log_likelihoods(
-        [(r['context'], [task.delimiter + c for c in r['choices']]) for r in records])
+        [(prefix + r['context'], [task.delimiter + c for c in r['choices']])
+         for prefix, r in zip(prefixes, records)])
     right, right_norm = [], []
-    for record, choice_scores in zip(records, scored):
-      log_likelihoods = [score[0] for score in choice_scores]
-      per_char = [ll / max(len(c), 1) for ll, c in zip(log_likelihoods, record['choices'])]
+    for index, record, choice_scores in zip(indices, records, scored):
+      log_likelihoods = [score.log_likelihood for score in choice_scores]
+      # Benchmarks normalise per character, as the harness's acc_norm; tasks per byte.
+      lengths = [len(c) if benchmark else len(c.encode('utf-8')) for c in record['choices']]
+      normalized = [ll / max(n, 1) for ll, n in zip(log_likelihoods, lengths)]
       right.append(log_likelihoods.index(max(log_likelihoods)) == record['answer'])
-      right_norm.append(per_char.index(max(per_char)) == record['answer'])
-    metrics = {'acc': sum(right) / len(records), 'acc_norm': sum(right_norm) / len(records),
-               'examples': len(records)}
+      right_norm.append(normalized.index(max(normalized)) == record['answer'])
+      samples.append({'index': index, 'log_likelihoods': log_likelihoods,
+                      'greedy': [score.greedy for score in choice_scores],
+                      'answer': record['answer'],
+                      'truncated': any(score.truncated for score in choice_scores)})
+    truncated = sum(sample['truncated'] for sample in samples[-len(records):])
+    if benchmark:
+      metrics = {'acc': sum(right) / len(records), 'acc_norm': sum(right_norm) / len(records)}
+    else:
+      metrics = {'accuracy': sum(right) / len(records),
+                 'accuracy_normalized': sum(right_norm) / len(records)}
+    metrics.update(examples=len(records), truncated=truncated)
     if 'subject' in records[0]:
       by_subject = collections.defaultdict(list)
       for record, ok in zip(records, right):
@@ -114,15 +98,27 @@ def _evaluate_benchmark(task, records, scorer, *, max_new_tokens, self_consisten
                                    for subject, oks in sorted(by_subject.items())}
     return metrics
 
-  prompts = [r['prompt'] for r in records]
-  samples = [scorer.complete(prompts, max_new_tokens=max_new_tokens,
-                             temperature=temperature if self_consistency > 1 else 0.0,
-                             seed=seed + 1000 * k, stops=task.stops)
-             for k in range(self_consistency)]
-  metrics = {'examples': len(records), 'self_consistency': self_consistency}
+  prompts = [prefix + r['prompt'] for prefix, r in zip(prefixes, records)]
+  sampled = self_consistency > 1
+  runs = [scorer.complete(prompts, max_new_tokens=max_new_tokens,
+                          temperature=temperature if sampled else 0.0,
+                          seed=seed + 1000 * k, **({'stops': task.stops} if benchmark else {}))
+          for k in range(self_consistency)]
+  for i, (index, record) in enumerate(zip(indices, records)):
+    samples.append({'index': index, 'completion': [run[i].text for run in runs] if sampled
+                    else runs[0][i].text, 'answer': record['answer'],
+                    'truncated': runs[0][i].truncated})
+  metrics = {'examples': len(records), 'self_consistency': self_consistency,
+             'truncated': sum(completion.truncated for completion in runs[0])}
+  if not benchmark:
+    answers = [majority_vote([extract_answer(run[i].text, r['answer']) for run in runs])
+               for i, r in enumerate(records)]
+    metrics['exact_match'] = sum(normalize(a) == normalize(r['answer'])
+                                 for a, r in zip(answers, records)) / len(records)
+    return metrics
   for name, extract in (('strict', benchmarks.strict_answer),
                         ('flexible', benchmarks.flexible_answer)):
-    answers = [majority_vote([benchmarks.normalize_number(extract(s[i])) for s in samples])
+    answers = [majority_vote([benchmarks.normalize_number(extract(run[i].text)) for run in runs])
                for i in range(len(records))]
     metrics[f'exact_match_{name}'] = sum(
         answer == benchmarks.normalize_number(r['answer'])

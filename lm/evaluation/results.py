@@ -1,8 +1,10 @@
 """The results file of `experiments.evaluate`, <workdir>/eval/step_<step>.json: one entry per
-task with the settings it was evaluated with, so runs on the same checkpoint add up."""
+task with the settings it was evaluated with, so runs on the same checkpoint add up; and,
+on request, each record's samples beside it."""
 
 import json
 import os
+import re
 
 from lm.errors import ConfigError
 
@@ -34,3 +36,21 @@ def save(path: str, step: int, metrics_by_task: dict[str, dict], settings: dict)
   except ValueError as error:
     raise ConfigError(f'could not add the results to {path}: it is not valid JSON'
                       f' ({error})') from error
+
+
+def samples_directory(workdir: str, step: int) -> str:
+  return os.path.join(workdir, 'eval', f'step_{step}_samples')
+
+
+def save_samples(directory: str, samples_by_task: dict[str, list[dict]]) -> None:
+  """Each task's per-record samples as <directory>/<task>.jsonl (the task's name with any
+  character a file name should not hold replaced by '_'), one JSON object a line."""
+  try:
+    os.makedirs(directory, exist_ok=True)
+    for name, samples in samples_by_task.items():
+      file = os.path.join(directory, re.sub(r'[^A-Za-z0-9_.-]', '_', name) + '.jsonl')
+      with open(file + '.tmp', 'w', encoding='utf-8') as f:
+        f.writelines(json.dumps(sample) + '\n' for sample in samples)
+      os.replace(file + '.tmp', file)
+  except OSError as error:
+    raise ConfigError(f'could not write the samples to {directory}: {error}') from error

@@ -1,6 +1,9 @@
-"""What evaluation asks of a model: log-probabilities of given tokens, and completions."""
+"""What evaluation asks of a model: log-probabilities of given tokens, and completions,
+each in the model's context window and in lm-evaluation-harness's way (`Scorer`), so the
+figures equal the harness's on the same checkpoint."""
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +11,7 @@ import numpy as np
 import tqdm
 
 from lm import sampling, sharding
+from lm.errors import check
 
 
 @functools.partial(jax.jit, static_argnames=('model',))
@@ -47,7 +51,62 @@ def _choice_log_probs(params, contexts_bt, context_lengths_b, choices_ct, owners
   return picked_ct, jnp.argmax(log_probs_ctv, axis=-1) == choices_ct
 
 
+class Score(NamedTuple):
+  """A continuation's summed log-likelihood, its token count, whether every token was the
+  argmax, and whether its context lost its start to the context window."""
+  log_likelihood: float
+  tokens: int
+  greedy: bool
+  truncated: bool = False
+
+
+class Completion(NamedTuple):
+  text: str
+  truncated: bool = False  # The prompt lost its start to fit the context window.
+
+
+def context_length(model_config, max_length: int | None = None) -> int:
+  """The tokens a model reads at once when scoring: its own context
+  (`config.model.max_seq_len`: max_position_embeddings for an imported model), or
+  `max_length` below it."""
+  if max_length is None:
+    return model_config.max_seq_len
+  check(1 < max_length <= model_config.max_seq_len,
+        f'--max_length={max_length} must be in [2, the model\'s context'
+        f' {model_config.max_seq_len}]')
+  return max_length
+
+
+def document_ids(tokenizer, text: str) -> list[int]:
+  """A document as scored for perplexity: ids[0] is its condition, ids[1:] are predicted.
+  A checkpoint's tokenizer: the prefix token, then the text as the tokenizer encodes it
+  (its bos included), as lm-evaluation-harness's rolling log-likelihood; one trained here:
+  bos, text, eos, as lm trains documents."""
+  if tokenizer.trained_here:
+    return [tokenizer.bos_id, *map(int, tokenizer.encode(text)), tokenizer.eos_id]
+  return [tokenizer.prefix_id, *tokenizer.prompt_ids(text)]
+
+
+def rolling_windows(ids: list[int], max_length: int) -> tuple[list[list[int]], list[int]]:
+  """lm-evaluation-harness's rolling windows over `ids` (a condition, then the tokens to
+  predict), for Scorer.score: each of ids[1:] is predicted exactly once, each window
+  reads at most `max_length` tokens and predicts up to `max_length` of them, and every
+  window after the first reads a full context before what it predicts."""
+  windows, starts = [], []
+  for first in range(1, len(ids), max_length):
+    last = min(first + max_length, len(ids))  # Predicts ids[first:last].
+    start = max(0, last - max_length - 1)
+    windows.append(ids[start:last])
+    starts.append(first - start)
+  return windows, starts
+
+
 class Scorer:
+  """Log-likelihoods and completions of a model in a context window of `max_length`
+  tokens, computed as lm-evaluation-harness's Hugging Face backend computes them:
+  contexts encoded as the tokenizer encodes them, a context and its continuation
+  encoded whole and split where the context's own encoding ends, and what does not fit
+  cut from the left."""
 
   def __init__(self, model, params, tokenizer, *, max_length: int, batch_size: int = 16,
                stop_ids: tuple[int, ...] | None = None):
@@ -56,13 +115,18 @@ class Scorer:
     # Where a completion ends: the tokenizer's stop ids, or a chat template's end of turn.
     self.stop_ids = tuple(stop_ids or tokenizer.stop_ids)
 
-  def score(self, sequences: list[list[int]], score_from: list[int]):
-    """For each id list: (sum of log p of ids[score_from:], their count, all greedy?).
+  @classmethod
+  def for_run(cls, run, *, max_length: int | None = None, **options) -> 'Scorer':
+    """The scorer of a restored run (checkpointing.restore_for_inference) in the model's
+    own context, or `max_length` below it: what every entry point that scores text uses."""
+    return cls(run.model, run.params, run.tokenizer,
+               max_length=context_length(run.config.model, max_length), **options)
 
-    Each id at index i >= 1 is predicted from ids[:i]; sequences must fit max_length.
-    Batches take the sequences longest first, so each pads little and its length bucket
-    (a multiple of 64) compiles once.
-    """
+  def score(self, sequences: list[list[int]], score_from: list[int]) -> list[Score]:
+    """For each id list: the Score of ids[score_from:], each id predicted from those
+    before it. A sequence holds at most max_length + 1 ids: the model reads all but the
+    last. Batches take the sequences longest first, so each pads little and its length
+    bucket (a multiple of 64) compiles once."""
     results = [None] * len(sequences)
     # Rows split over every device of every process (padding rows score nothing).
     rows = -(-self.batch_size // sharding.rows_multiple()) * sharding.rows_multiple()
@@ -70,7 +134,10 @@ class Scorer:
     with _progress(len(sequences), 'scoring') as progress:
       for start in range(0, len(order), self.batch_size):
         chunk = order[start:start + self.batch_size]
-        bucket = min(-(-len(sequences[chunk[0]]) // 64) * 64, self.max_length)
+        longest = len(sequences[chunk[0]])
+        if longest > self.max_length + 1:  # A bug in a caller, not bad input.
+          raise AssertionError(f'a sequence of {longest} ids for a window of {self.max_length}')
+        bucket = min(-(-longest // 64) * 64, self.max_length + 1)
         tokens = np.zeros((rows, bucket), np.int32)
         segment_ids = np.zeros((rows, bucket), np.int32)
         for row, index in enumerate(chunk):
@@ -82,48 +149,79 @@ class Scorer:
         for row, index in enumerate(chunk):
           first, length = score_from[index], len(sequences[index])
           span = slice(first - 1, length - 1)  # Predictions of ids[first:].
-          results[index] = (float(log_probs[row, span].sum()), length - first,
-                            bool(greedy[row, span].all()))
+          results[index] = Score(float(log_probs[row, span].sum()), length - first,
+                                 bool(greedy[row, span].all()))
         progress.update(len(chunk))
     return results
 
-  def continuation_log_likelihoods(self, pairs: list[tuple[str, str]]):
-    """log p(continuation | bos + context) for each pair; long contexts lose their start."""
-    sequences, starts = [], []
-    for context, continuation in pairs:
-      context_ids = [self.tokenizer.bos_id, *self.tokenizer.encode(context)]
-      continuation_ids = list(self.tokenizer.encode(continuation))
-      ids = (context_ids + continuation_ids)[-self.max_length:]
-      sequences.append(ids)
-      starts.append(max(len(ids) - len(continuation_ids), 1))
-    return self.score(sequences, starts)
+  def _encode(self, text: str) -> list[int]:
+    """`prompt_ids`, except that a text already opening with the prefix token's text (a
+    rendered chat) gets no second one, as the harness encodes it."""
+    named = self.tokenizer.special_tokens
+    prefix = named.get('bos_token') or named.get('eos_token')  # prefix_id's text.
+    if prefix and self.tokenizer.matches_special_tokens and text.startswith(prefix):
+      return [int(i) for i in self.tokenizer.encode(text)]
+    return self.tokenizer.prompt_ids(text)
 
-  def choice_log_likelihoods(self, records: list[tuple[str, list[str]]]):
-    """For each (context, choices): [(log p(choice | bos + context), tokens, greedy?)]
-    per choice, as continuation_log_likelihoods gives them, with each context's forward
-    pass run once for all its choices (through the decoding cache). A record too long for
-    max_length goes through continuation_log_likelihoods, which cuts its context's start."""
-    encoded = [([self.tokenizer.bos_id, *self.tokenizer.encode(context)],
-                [list(self.tokenizer.encode(choice)) for choice in choices])
+  def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as the harness makes them: the context's trailing
+    spaces move to the continuation, the two are encoded whole and split where the
+    context's own encoding ends; an empty context is the prefix token."""
+    if not context:
+      ids = [int(i) for i in self.tokenizer.encode(continuation)]
+      if ids and ids[0] == self.tokenizer.prefix_id:
+        return ids[:1], ids[1:]
+      return [self.tokenizer.prefix_id], ids
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+      context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole, context_ids = self._encode(context + continuation), self._encode(context)
+    return context_ids, whole[len(context_ids):]
+
+  def continuation_log_likelihoods(self, pairs: list[tuple[str, str]]) -> list[Score]:
+    """log p(continuation | context) for each (context, continuation); a context too
+    long for the window loses its start."""
+    return self._score_pairs([self.encode_pair(*pair) for pair in pairs])
+
+  def _score_pairs(self, encoded: list[tuple[list[int], list[int]]]) -> list[Score]:
+    sequences, starts, truncated = [], [], []
+    for context_ids, continuation_ids in encoded:
+      ids = context_ids + continuation_ids
+      kept = ids[-(self.max_length + 1):]
+      sequences.append(kept)
+      starts.append(max(len(kept) - len(continuation_ids), 1))
+      truncated.append(len(kept) < len(ids))
+    return [score._replace(truncated=cut)
+            for score, cut in zip(self.score(sequences, starts), truncated)]
+
+  def choice_log_likelihoods(self, records: list[tuple[str, list[str]]]) -> list[list[Score]]:
+    """For each (context, choices): the Score of each choice given the context, as
+    continuation_log_likelihoods gives them, with each context's forward pass run once
+    for all its choices (through the decoding cache). A record whose choices do not share
+    one context encoding, or that does not fit the window, is scored pair by pair."""
+    encoded = [[self.encode_pair(context, choice) for choice in choices]
                for context, choices in records]
-    fits = [len(c) + max(len(x) for x in xs) <= self.max_length for c, xs in encoded]
+    shared = [len({tuple(c) for c, _ in pairs}) == 1
+              and len(pairs[0][0]) + max(len(x) for _, x in pairs) <= self.max_length + 1
+              for pairs in encoded]
     results = [None] * len(records)
-    long = [i for i, ok in enumerate(fits) if not ok]
-    if long:
-      pairs = [(records[i][0], choice) for i in long for choice in records[i][1]]
-      scored = iter(self.continuation_log_likelihoods(pairs))
-      for i in long:
-        results[i] = [next(scored) for _ in records[i][1]]
-    order = sorted((i for i, ok in enumerate(fits) if ok), key=lambda i: -len(encoded[i][0]))
+    alone = [i for i, ok in enumerate(shared) if not ok]
+    if alone:
+      scored = iter(self._score_pairs([pair for i in alone for pair in encoded[i]]))
+      for i in alone:
+        results[i] = [next(scored) for _ in encoded[i]]
+    order = sorted((i for i, ok in enumerate(shared) if ok), key=lambda i: -len(encoded[i][0][0]))
     with _progress(len(order), 'scoring') as progress:
       for start in range(0, len(order), self.batch_size):
         batch = order[start:start + self.batch_size]
-        self._score_choices([encoded[i] for i in batch], [results, batch])
+        scored = self._score_choices([(encoded[i][0][0], [x for _, x in encoded[i]])
+                                      for i in batch])
+        for i, scores in zip(batch, scored):
+          results[i] = scores
         progress.update(len(batch))
     return results
 
-  def _score_choices(self, encoded, into):
-    results, indices = into
+  def _score_choices(self, encoded):
     context_length = min(-(-max(len(c) for c, _ in encoded) // 64) * 64, self.max_length)
     choice_length = -(-max(len(x) for _, xs in encoded for x in xs) // 16) * 16
     num_choices = sum(len(xs) for _, xs in encoded)
@@ -141,27 +239,34 @@ class Scorer:
     log_probs, greedy = sharding.to_host(_choice_log_probs(
         self.params, contexts, np.array([len(c) for c, _ in encoded], np.int32), choices,
         owners, model=self.model, cache_length=context_length + choice_length))
-    row = 0
-    for record, (_, options) in enumerate(encoded):
+    results, row = [], 0
+    for _, options in encoded:
       scored = []
       for option in options:
-        scored.append((float(log_probs[row, :len(option)].sum()), len(option),
-                       bool(greedy[row, :len(option)].all())))
+        scored.append(Score(float(log_probs[row, :len(option)].sum()), len(option),
+                            bool(greedy[row, :len(option)].all())))
         row += 1
-      results[indices[record]] = scored
+      results.append(scored)
+    return results
 
-  def document_log_likelihood(self, text: str):
-    """(sum log p, tokens) of bos + text + eos, in windows of max_length; each window
-    after the first starts with the last token of the one before, so every token after
-    bos is predicted exactly once."""
-    ids = [self.tokenizer.bos_id, *self.tokenizer.encode(text), self.tokenizer.eos_id]
-    step = self.max_length - 1
-    windows = [ids[start:start + self.max_length] for start in range(0, len(ids) - 1, step)]
-    scored = self.score(windows, [1] * len(windows))
-    return sum(s[0] for s in scored), sum(s[1] for s in scored)
+  def document_log_likelihood(self, text: str) -> tuple[float, int]:
+    """(sum log p, tokens predicted) of a document (`document_ids`) in the harness's
+    rolling windows of the context."""
+    windows, starts = rolling_windows(document_ids(self.tokenizer, text), self.max_length)
+    scored = self.score(windows, starts)
+    return sum(s.log_likelihood for s in scored), sum(s.tokens for s in scored)
+
+  def generation_prompts(self, prompts: list[str], max_new_tokens: int):
+    """(ids, truncated) of each prompt: what fits in the window before max_new_tokens,
+    cut from the left, as the harness cuts generation contexts."""
+    keep = self.max_length - max_new_tokens
+    check(keep >= 1, f'--max_new_tokens={max_new_tokens} leaves no room for a prompt in a'
+          f' context of {self.max_length} tokens')
+    encoded = [self._encode(p) or [self.tokenizer.prefix_id] for p in prompts]
+    return [ids[-keep:] for ids in encoded], [len(ids) > keep for ids in encoded]
 
   def complete(self, prompts: list[str], *, max_new_tokens: int, temperature: float,
-               seed: int, stops: tuple[str, ...] | None = None) -> list[str]:
+               seed: int, stops: tuple[str, ...] | None = None) -> list[Completion]:
     """Completions up to the end of turn (the tokenizer's stop ids) or max_new_tokens;
     with `stops` None, also the first newline (one-line answers); else cut before the
     first of those strings (a multi-line chain of thought)."""
@@ -169,15 +274,17 @@ class Scorer:
     newline = list(self.tokenizer.encode('\n'))
     if stops is None and len(newline) == 1:
       stop_ids += tuple(newline)
-    completions = []
+    ids, truncated = self.generation_prompts(prompts, max_new_tokens)
+    texts = []
     with _progress(len(prompts), 'generating') as progress:
       for start in range(0, len(prompts), self.batch_size):
-        completions += sampling.complete(
-            self.model, self.params, self.tokenizer, prompts[start:start + self.batch_size],
+        texts += sampling.complete_ids(
+            self.model, self.params, self.tokenizer, ids[start:start + self.batch_size],
             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + start,
             stop_ids=stop_ids)
-        progress.update(len(prompts[start:start + self.batch_size]))
-    return [cut_at_stops(c, stops or ()) for c in completions]
+        progress.update(len(ids[start:start + self.batch_size]))
+    return [Completion(cut_at_stops(text, stops or ()), cut)
+            for text, cut in zip(texts, truncated)]
 
 
 def _progress(total: int, what: str):

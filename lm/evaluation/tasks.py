@@ -92,10 +92,10 @@ def load(path: str) -> Task:
   return Task(os.path.splitext(os.path.basename(path))[0], kind, records)
 
 
-def solved(record: dict, kind: str) -> str:
+def solved(record: dict, task: Task) -> str:
   """An example with its answer, as it appears among the shots."""
-  if kind == 'multiple_choice':
-    return record['context'] + record['choices'][record['answer']]
+  if task.kind == 'multiple_choice':
+    return record['context'] + task.delimiter + record['choices'][record['answer']]
   return record['prompt'] + record['answer']
 
 
@@ -108,4 +108,4 @@ def few_shot_prefix(task: Task, index: int, num_shots: int, seed: int) -> str:
                       f' in task {task.name}')
   others = [i for i in range(len(task.records)) if i != index]
   shots = random.Random(seed * 1_000_003 + index).sample(others, num_shots)
-  return ''.join(solved(task.records[i], task.kind) + SHOT_SEPARATOR for i in shots)
+  return ''.join(solved(task.records[i], task) + SHOT_SEPARATOR for i in shots)
