@@ -7,7 +7,8 @@
       pretraining) with --config.train.init_from=W --config.model.name=from_init.
   python -m experiments.convert --to_hf --workdir=W [--step=N] --output=DIR
       A directory transformers' AutoModelForCausalLM and AutoTokenizer open, from a run
-      trained or imported here.
+      trained or imported here: the tokenizer carries the chat template lm renders the
+      run's conversations with, and generation_config.json the ids generation stops at.
 """
 
 import json
@@ -21,7 +22,7 @@ from experiments.configs import default
 from lm import config as config_lib
 from lm import models, sharding
 from lm import tokenizer as tokenizer_lib
-from lm.errors import ConfigError, check
+from lm.errors import check
 from lm.interop import hf
 from lm.training import checkpointing
 
@@ -62,33 +63,18 @@ def import_checkpoint(directory: str, workdir: str) -> None:
           f' {workdir}')
 
 
-def hf_tokenizer(tokenizer) -> tokenizer_lib.HuggingFaceTokenizer:
-  """The run's tokenizer as a tokenizer.json one: itself, or the byte tokenizer's
-  equivalent (the same ids for every text)."""
-  if tokenizer.kind == 'huggingface':
-    return tokenizer
-  if tokenizer.kind == 'byte':
-    return tokenizer_lib.HuggingFaceTokenizer(
-        tokenizer_lib.byte_tokenizer_json(),
-        dict(pad_token='<pad>', bos_token='<s>', eos_token='</s>'), source='byte tokenizer')
-  raise ConfigError(f'--to_hf: the run\'s {tokenizer.kind} tokenizer has no tokenizer.json'
-                    ' form here; export models with the byte or a Hugging Face tokenizer')
-
-
 def export_checkpoint(workdir: str, step: int | None, output: str) -> None:
   check(output, '--to_hf needs --output=DIR')
   check(not (os.path.isdir(output) and os.listdir(output)),
         f'--output={output} is not empty; give a new directory')
   run = checkpointing.restore_for_inference(workdir, step)
-  hf.hf_config(run.config.model)  # Refuses what transformers cannot hold, before writing.
-  hf_tokenizer(run.tokenizer)
-  special_ids = dict(bos_token_id=run.tokenizer.bos_id, eos_token_id=run.tokenizer.eos_id,
-                     pad_token_id=run.tokenizer.pad_id)
-  hf.save_model(output, run.config.model, run.params, special_ids)
+  # Refuses what transformers cannot hold, and a template that cannot render, before writing.
+  hf.hf_config(run.config.model)
+  tokenizer = hf.export_tokenizer(run.tokenizer)
+  generation = hf.generation_config(tokenizer)
+  hf.save_model(output, run.config.model, run.params, hf.special_ids(tokenizer))
   if jax.process_index() == 0:
-    hf_tokenizer(run.tokenizer).save_pretrained(output,
-                                                model_max_length=run.config.model.max_seq_len)
-    generation = dict(special_ids, eos_token_id=list(run.tokenizer.stop_ids))
+    tokenizer.save_pretrained(output, model_max_length=run.config.model.max_seq_len)
     with open(os.path.join(output, 'generation_config.json'), 'w') as f:
       json.dump(generation, f, indent=2)
     print(f'exported step {run.step} of {workdir} to {output}')

@@ -7,15 +7,25 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 import torch
 import transformers
 
-from helpers import WORDS, cpu_subprocess_env, snapshot
+from experiments.configs import sft as sft_config
+from lm import chat
+from lm import tokenizer as tokenizer_lib
+from lm.training import loop
+
+from helpers import WORDS, cpu_subprocess_env, post_training_config, snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
+MESSAGES = [{'role': 'system', 'content': 'Be brief.'},
+            {'role': 'user', 'content': 'Write a function that adds one.'},
+            {'role': 'assistant', 'content': 'def f(x):\n    return x + 1'},
+            {'role': 'user', 'content': 'Thanks ✓'}]
 
 
 def run(*args):
@@ -116,15 +126,39 @@ def test_import_sample_fine_tune_and_export_through_the_commands(tmp_path):
   with open(output / 'config.json') as f:
     assert json.load(f)['architectures'] == ['LlamaForCausalLM']
 
+  # The checkpoint's chat template comes back as lm renders it, and generation stops at
+  # its end of turn (<|eot_id|>) as well as at eos.
+  ours = tokenizer_lib.from_hf_directory(str(tmp_path / 'hf'))
+  for opened in (False, True):
+    assert tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=opened) \
+        == chat.render_text(ours, MESSAGES, add_generation_prompt=opened)
+  with open(output / 'generation_config.json') as f:
+    assert json.load(f) == dict(bos_token_id=fast.bos_token_id, pad_token_id=fast.eos_token_id,
+                                eos_token_id=[fast.eos_token_id,
+                                              fast.convert_tokens_to_ids('<|eot_id|>')])
+
 
 def test_bad_convert_input_is_one_line(tmp_path):
   (tmp_path / 'empty').mkdir()
-  (tmp_path / 'bad').mkdir()
-  (tmp_path / 'bad' / 'config.json').write_text('{"architectures": ["GPT2LMHeadModel"]}')
+  llama = {'architectures': ['LlamaForCausalLM'], 'vocab_size': 300, 'hidden_size': 64,
+           'num_hidden_layers': 2, 'intermediate_size': 96, 'num_attention_heads': 4}
+  for name, config_json in (
+      ('bad', {'architectures': ['GPT2LMHeadModel']}),
+      ('typed', {**llama, 'num_hidden_layers': '2'}),
+      ('heads', {**llama, 'num_key_value_heads': 3}),
+      ('rope', {**llama, 'rope_scaling': {'rope_type': 'llama3', 'factor': 8.0}}),
+  ):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / 'config.json').write_text(json.dumps(config_json))
   for args, named in (
       ([f'--from_hf={tmp_path / "missing"}'], 'no such directory'),
       ([f'--from_hf={tmp_path / "empty"}'], 'config.json'),
       ([f'--from_hf={tmp_path / "bad"}'], 'architectures'),
+      ([f'--from_hf={tmp_path / "typed"}'], f'{tmp_path / "typed" / "config.json"}:'
+                                            ' "num_hidden_layers": "2" must be a positive integer'),
+      ([f'--from_hf={tmp_path / "heads"}'], '"num_key_value_heads": 3 must divide'
+                                            ' "num_attention_heads": 4'),
+      ([f'--from_hf={tmp_path / "rope"}'], '"rope_scaling.low_freq_factor" is missing'),
       (['--to_hf'], '--output'),
       ([], 'exactly one of'),
   ):
@@ -132,6 +166,32 @@ def test_bad_convert_input_is_one_line(tmp_path):
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and named in lines[0], result.stderr
+
+
+def test_a_run_trained_on_conversations_exports_the_template_it_was_trained_with(
+    pretrained, tmp_path):
+  """A byte-tokenizer run fine-tuned on conversations (rendered with lm's default
+  template): transformers renders and tokenizes them as lm did, and stops at eos."""
+  workdir, _ = pretrained
+  config = post_training_config(sft_config, workdir, num_steps=2, log_every=2, eval_every=2)
+  config.data.update(source='stdlib_chats', seq_len=256, validation_fraction=0.3)
+  loop.train(config, str(tmp_path / 'chats'), jax.devices()[:1])
+  output = tmp_path / 'exported'
+  exported = run('experiments.convert', '--to_hf', f'--workdir={tmp_path / "chats"}',
+                 f'--output={output}')
+  assert exported.returncode == 0, exported.stderr
+  tokenizer = transformers.AutoTokenizer.from_pretrained(output)
+  ours = tokenizer_lib.ByteTokenizer()
+  for opened in (False, True):
+    rendered = chat.render(ours, MESSAGES, add_generation_prompt=opened)
+    assert tokenizer.apply_chat_template(MESSAGES, tokenize=False,
+                                         add_generation_prompt=opened) == rendered.text
+    assert tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=opened)[
+        'input_ids'] == rendered.ids.tolist()
+  with open(output / 'generation_config.json') as f:
+    assert json.load(f) == dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+  generation = transformers.GenerationConfig.from_pretrained(output)
+  assert (generation.bos_token_id, generation.eos_token_id) == (1, 2)
 
 
 def test_lora_on_an_imported_model_merges_into_a_checkpoint_transformers_opens(tmp_path):

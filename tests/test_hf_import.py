@@ -2,6 +2,7 @@
 tiny random models of each architecture, saved by transformers, imported, compared."""
 
 import json
+import types
 
 import flax.linen as nn
 import jax
@@ -14,7 +15,8 @@ import transformers
 from safetensors.numpy import load_file
 
 from experiments.configs import default, open_models
-from lm import models, sampling, sharding
+from lm import chat, models, sampling, sharding
+from lm import tokenizer as tokenizer_lib
 from lm.errors import ConfigError
 from lm.interop import hf
 from lm.training import checkpointing
@@ -38,6 +40,14 @@ ARCHITECTURES = {  # name: (transformers config class, its fields)
                                              time_step_rank=8)),
 }
 LENGTHS = (24, 7, 13, 1)  # Ragged prompts, right-padded into one batch.
+WINDOW = 8  # The longest prompt is three windows long.
+WINDOWED = {  # name: (transformers config class, its fields), every layer sliding by WINDOW.
+    'mistral': (transformers.MistralConfig, dict(**ATTENTION, sliding_window=WINDOW)),
+    'qwen2': (transformers.Qwen2Config, dict(**ATTENTION, use_sliding_window=True,
+                                             sliding_window=WINDOW, max_window_layers=0)),
+    'qwen3': (transformers.Qwen3Config, dict(**ATTENTION, use_sliding_window=True,
+                                             sliding_window=WINDOW, max_window_layers=0)),
+}
 
 
 def relative_error(ours, theirs) -> float:
@@ -56,21 +66,37 @@ def import_model(directory, **model_fields):
   return config, model, params, mesh
 
 
-@pytest.fixture(scope='module', params=sorted(ARCHITECTURES))
-def checkpoint(request, tmp_path_factory):
-  """A random transformers model of one architecture saved to a directory; norms and
-  biases perturbed so that none is at its initial value."""
-  config_class, fields = ARCHITECTURES[request.param]
-  torch.manual_seed(sorted(ARCHITECTURES).index(request.param))
-  reference = transformers.AutoModelForCausalLM.from_config(
-      config_class(**COMMON, **fields), dtype=torch.float32).eval()
+def save_reference(config, seed: int, directory):
+  """A random transformers model of `config` saved to `directory`; norms and biases
+  perturbed so that none is at its initial value."""
+  torch.manual_seed(seed)
+  reference = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
   with torch.no_grad():
     for name, parameter in reference.named_parameters():
       if 'norm' in name or name.endswith(('bias', '.D', 'A_log')):
         parameter.add_(torch.randn_like(parameter) * 0.1)
   reference.generation_config.eos_token_id = None  # Generate every token asked for.
-  directory = tmp_path_factory.mktemp(request.param)
   reference.save_pretrained(directory)
+  return reference
+
+
+@pytest.fixture(scope='module', params=sorted(ARCHITECTURES))
+def checkpoint(request, tmp_path_factory):
+  """(name, directory, reference) of one architecture."""
+  config_class, fields = ARCHITECTURES[request.param]
+  directory = tmp_path_factory.mktemp(request.param)
+  reference = save_reference(config_class(**COMMON, **fields),
+                             sorted(ARCHITECTURES).index(request.param), directory)
+  return request.param, directory, reference
+
+
+@pytest.fixture(scope='module', params=sorted(WINDOWED))
+def windowed_checkpoint(request, tmp_path_factory):
+  """(name, directory, reference) of one architecture whose every layer slides."""
+  config_class, fields = WINDOWED[request.param]
+  directory = tmp_path_factory.mktemp(f'{request.param}_window')
+  reference = save_reference(config_class(**COMMON, **fields),
+                             10 + sorted(WINDOWED).index(request.param), directory)
   return request.param, directory, reference
 
 
@@ -187,22 +213,27 @@ def test_bfloat16_checkpoints_load_as_stored_and_export_bit_exact(tmp_path):
 @pytest.mark.slow
 def test_a_model_born_here_exports_to_transformers_with_its_logits(tmp_path):
   """lm's own default scales its embeddings by sqrt(D) and ties them: the export folds the
-  scale into an untied input table, and transformers computes the same logits."""
-  for pattern in ('attention', 'mamba'):
+  scale into an untied input table, and transformers computes the same logits. A sliding
+  window comes back as Mistral's."""
+  for pattern, window, architecture in (('attention', 0, 'LlamaForCausalLM'),
+                                        ('attention', WINDOW, 'MistralForCausalLM'),
+                                        ('mamba', 0, 'MambaForCausalLM')):
     base = default.get_config().model
     base.update(vocab_size=VOCAB, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2,
                 head_dim=8, mlp_dim=48, max_seq_len=64, dtype='float32', layer_pattern=pattern,
-                mamba_scan='chunked', mamba_state_dim=8, mamba_dt_rank=4)
+                mamba_scan='chunked', mamba_state_dim=8, mamba_dt_rank=4, sliding_window=window)
     model = models.build(base)
     params = nn.meta.unbox(models.init_variables(model, jax.random.key(3))['params'])
-    hf.save_model(str(tmp_path / pattern), base, params)
+    hf.save_model(str(tmp_path / architecture), base, params)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / pattern, dtype=torch.float32).eval()
+        tmp_path / architecture, dtype=torch.float32).eval()
+    assert type(reloaded).__name__ == architecture
     tokens, segment_ids = ragged_batch(4)
     ours = logits_of(model, params, None, tokens, segment_ids)
     theirs = reference_logits(reloaded, tokens, segment_ids)
     for row, length in enumerate(LENGTHS):
-      assert relative_error(ours[row, :length], theirs[row, :length]) < 1e-5, (pattern, row)
+      assert relative_error(ours[row, :length], theirs[row, :length]) < 1e-5, (architecture,
+                                                                               row)
 
 
 def test_a_hybrid_model_is_refused_by_export_naming_the_field(tmp_path):
@@ -212,14 +243,23 @@ def test_a_hybrid_model_is_refused_by_export_naming_the_field(tmp_path):
     hf.save_model(str(tmp_path), base, {})
 
 
+QWEN2 = dict(model_type='qwen2', architectures=['Qwen2ForCausalLM'])
+
+
 @pytest.mark.parametrize('change, field', [
     (dict(rope_scaling=dict(rope_type='yarn', factor=4.0)), 'rope_type'),
     (dict(hidden_act='gelu'), 'hidden_act'),
     (dict(mlp_bias=True), 'mlp_bias'),
     (dict(architectures=['GPT2LMHeadModel']), 'architectures'),
-    (dict(model_type='qwen2', architectures=['Qwen2ForCausalLM'], use_sliding_window=True,
-          sliding_window=64), 'use_sliding_window'),
-    (dict(layer_types=['sliding_attention', 'full_attention']), 'layer_types'),
+    # Qwen2 slides the layers from max_window_layers (default 28 of these 32) on.
+    (dict(**QWEN2, use_sliding_window=True, sliding_window=64), 'max_window_layers'),
+    (dict(**QWEN2, use_sliding_window=True, sliding_window=64, max_window_layers=8),
+     'max_window_layers'),
+    (dict(**QWEN2, use_sliding_window=True, sliding_window=64,
+          layer_types=['full_attention', 'sliding_attention'] * 16), 'layer_types'),
+    (dict(**QWEN2, layer_types=['sliding_attention'] * 32), 'use_sliding_window'),
+    (dict(layer_types=['sliding_attention', 'full_attention'] * 16), 'layer_types'),
+    (dict(model_type='mistral'), 'model_type'),
 ])
 def test_settings_lm_does_not_compute_are_refused_naming_the_field(change, field):
   published = {**open_models.PUBLISHED['llama3_8b'], **change}
@@ -227,9 +267,159 @@ def test_settings_lm_does_not_compute_are_refused_naming_the_field(change, field
     hf.model_config(published, default.get_config().model)
 
 
-def test_a_short_sliding_window_bounds_the_sequence_length():
+def test_mistral_s_window_is_the_model_s_and_no_longer_bounds_the_sequence_length():
   config = hf.model_config(open_models.PUBLISHED['mistral_7b'], default.get_config().model)
-  assert config.max_seq_len == 4096
+  assert config.sliding_window == 4096 and config.max_seq_len == 32768
+  no_window = {**open_models.PUBLISHED['mistral_7b'], 'sliding_window': None}
+  assert hf.model_config(no_window, default.get_config().model).sliding_window == 0
+
+
+@pytest.mark.parametrize('change, window', [
+    (dict(use_sliding_window=True, sliding_window=64, max_window_layers=0), 64),
+    (dict(use_sliding_window=True, sliding_window=64, max_window_layers=32), 0),
+    (dict(use_sliding_window=False, sliding_window=64, max_window_layers=0), 0),
+    (dict(use_sliding_window=True, sliding_window=64, layer_types=['sliding_attention'] * 32),
+     64),
+    (dict(use_sliding_window=True, sliding_window=64, layer_types=['full_attention'] * 32), 0),
+])
+def test_qwen_windows_are_imported_as_transformers_derives_each_layer(change, window):
+  """Every layer sliding or none, as Qwen2Config derives layer_types from
+  use_sliding_window, sliding_window and max_window_layers (or takes them as given)."""
+  published = {**open_models.PUBLISHED['llama3_8b'], **QWEN2, **change}
+  theirs = transformers.Qwen2Config(**{k: v for k, v in published.items()
+                                       if k not in ('architectures', 'model_type')})
+  assert set(theirs.layer_types) == {'sliding_attention' if window else 'full_attention'}
+  assert hf.model_config(published, default.get_config().model).sliding_window == window
+
+
+def test_a_windowed_model_imports_its_window_and_its_full_length(windowed_checkpoint):
+  _, directory, reference = windowed_checkpoint
+  config, _, _, _ = import_model(directory)
+  assert config.sliding_window == WINDOW == reference.config.sliding_window
+  assert config.max_seq_len == ATTENTION['max_position_embeddings']
+
+
+def test_imported_window_logits_equal_transformers_past_the_window(windowed_checkpoint):
+  """The longest row is three windows long: its last tokens see only the window."""
+  name, directory, reference = windowed_checkpoint
+  _, model, params, mesh = import_model(directory)
+  tokens, segment_ids = ragged_batch(5)
+  ours = logits_of(model, params, mesh, tokens, segment_ids)
+  theirs = reference_logits(reference, tokens, segment_ids)
+  for row, length in enumerate(LENGTHS):
+    assert relative_error(ours[row, :length], theirs[row, :length]) < 1e-5, (name, row)
+  # The window matters here: full attention computes other logits past it.
+  no_window = dict(sliding_window=None) if name == 'mistral' else dict(
+      use_sliding_window=False, layer_types=['full_attention'] * COMMON['num_hidden_layers'])
+  full = reference_logits(transformers.AutoModelForCausalLM.from_pretrained(
+      directory, dtype=torch.float32, **no_window).eval(), tokens, segment_ids)
+  assert relative_error(full[0, WINDOW:LENGTHS[0]], theirs[0, WINDOW:LENGTHS[0]]) > 1e-3
+
+
+def test_a_windowed_model_exports_with_its_window_and_transformers_computes_it(
+    windowed_checkpoint, tmp_path):
+  name, directory, reference = windowed_checkpoint
+  config, _, params, _ = import_model(directory)
+  hf.save_model(str(tmp_path), config, params)
+  with open(tmp_path / 'config.json') as f:
+    written = json.load(f)
+  assert written['architectures'] == [type(reference).__name__]
+  assert written['sliding_window'] == WINDOW
+  if name != 'mistral':
+    assert written['use_sliding_window'] and written['max_window_layers'] == 0
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+  assert type(reloaded) is type(reference) and reloaded.config.sliding_window == WINDOW
+  if name != 'mistral':
+    assert reloaded.config.layer_types == ['sliding_attention'] * COMMON['num_hidden_layers']
+  tokens, segment_ids = ragged_batch(6)
+  ours = reference_logits(reloaded.eval(), tokens, segment_ids)
+  theirs = reference_logits(reference, tokens, segment_ids)
+  for row, length in enumerate(LENGTHS):
+    assert relative_error(ours[row, :length], theirs[row, :length]) < 1e-6, (name, row)
+
+
+def test_full_attention_exports_with_no_window_where_the_architecture_has_the_field():
+  base = default.get_config().model
+  base.update(qkv_bias=True)
+  qwen2 = hf.hf_config(base)
+  assert qwen2['model_type'] == 'qwen2' and qwen2['sliding_window'] is None
+  assert not qwen2['use_sliding_window'] and set(qwen2['layer_types']) == {'full_attention'}
+  base.update(qkv_bias=False)
+  assert 'sliding_window' not in hf.hf_config(base)  # Llama has no window.
+
+
+def test_a_window_with_biases_transformers_cannot_hold_is_refused_on_export():
+  base = default.get_config().model
+  base.update(sliding_window=16, qkv_bias=True, attention_out_bias=True)
+  with pytest.raises(ConfigError, match='config.model.sliding_window=16'):
+    hf.hf_config(base)
+
+
+MESSAGES = [{'role': 'system', 'content': 'Be brief.'},
+            {'role': 'user', 'content': 'Add 2 and 3.'},
+            {'role': 'assistant', 'content': '5'},
+            {'role': 'user', 'content': 'Thanks, café ✓'}]
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def reopened_export(tokenizer, directory):
+  """transformers' AutoTokenizer on the tokenizer files an export writes for `tokenizer`."""
+  hf.export_tokenizer(tokenizer).save_pretrained(str(directory))
+  return transformers.AutoTokenizer.from_pretrained(directory)
+
+
+def assert_renders_as_lm(ours, theirs):
+  for opened in (False, True):
+    rendered = chat.render(ours, MESSAGES, add_generation_prompt=opened)
+    assert theirs.apply_chat_template(MESSAGES, tokenize=False,
+                                      add_generation_prompt=opened) == rendered.text
+    assert theirs.apply_chat_template(MESSAGES, add_generation_prompt=opened)['input_ids'] == (
+        rendered.ids.tolist())
+
+
+def test_a_byte_tokenizer_exports_lm_s_default_template_and_its_ids(tmp_path):
+  ours = tokenizer_lib.ByteTokenizer()
+  assert_renders_as_lm(ours, reopened_export(ours, tmp_path))
+  assert hf.generation_config(hf.export_tokenizer(ours)) == dict(
+      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def with_chatml_tokens() -> str:
+  """The byte tokenizer.json with ChatML's two special tokens added."""
+  import tokenizers  # pylint: disable=import-outside-toplevel
+  tokenizer = tokenizers.Tokenizer.from_str(tokenizer_lib.byte_tokenizer_json())
+  tokenizer.add_special_tokens([tokenizers.AddedToken(token, special=True, normalized=False)
+                                for token in ('<|im_start|>', '<|im_end|>')])
+  return tokenizer.to_str()
+
+
+def test_a_checkpoint_s_template_is_exported_with_its_end_of_turn_as_a_stop_id(tmp_path):
+  """A Qwen-like tokenizer: ChatML, no bos token, turns ended by <|im_end|>, not eos."""
+  ours = tokenizer_lib.HuggingFaceTokenizer(with_chatml_tokens(),
+                                            dict(eos_token='</s>', pad_token='<pad>'),
+                                            chat_template=CHATML)
+  assert ours.bos_id is None
+  assert_renders_as_lm(ours, reopened_export(ours, tmp_path))
+  end_of_turn = ours.token_to_id('<|im_end|>')
+  assert hf.generation_config(ours) == dict(eos_token_id=[2, end_of_turn], pad_token_id=0)
+  written = hf.hf_config(default.get_config().model, hf.special_ids(ours))
+  assert 'bos_token_id' not in written and written['eos_token_id'] == 2
+
+
+def test_a_checkpoint_tokenizer_without_a_template_exports_the_one_lm_renders_with(tmp_path):
+  ours = tokenizer_lib.HuggingFaceTokenizer(tokenizer_lib.byte_tokenizer_json(),
+                                            dict(bos_token='<s>', eos_token='</s>',
+                                                 pad_token='<pad>'))
+  assert hf.export_tokenizer(ours).chat_template == chat.DEFAULT_TEMPLATE
+  assert ours.chat_template is None  # The run's tokenizer is left as it was.
+  assert_renders_as_lm(ours, reopened_export(ours, tmp_path))
+
+
+def test_a_tokenizer_with_no_tokenizer_json_form_is_refused_on_export():
+  sentencepiece = types.SimpleNamespace(kind='sentencepiece', chat_template=None)
+  with pytest.raises(ConfigError, match='sentencepiece tokenizer has no tokenizer.json'):
+    hf.export_tokenizer(sentencepiece)
 
 
 def test_missing_or_unexpected_tensors_are_named(checkpoint, tmp_path):

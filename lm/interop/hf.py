@@ -6,15 +6,25 @@ reads config.json into `config.model`, refusing any field that would change the 
 that `lm` does not compute (never ignoring one); `tensor_map` pairs every `lm` parameter
 with its Hugging Face tensor and the layout change between them; `load_params` reads the
 tensors one at a time and places each straight onto its sharding; `save` writes the
-inverse. Layouts (PyTorch's Linear stores [out, in]):
+inverse. Every config.json field `model_config` reads is checked before use (a missing or
+mistyped one is named with its value), and an absent one takes the default of
+transformers' config class. Sliding windows: Mistral's `sliding_window`, and Qwen2's or
+Qwen3's when every layer slides, become `config.model.sliding_window` (W > 0: a token
+attends to itself and the W - 1 before it); export writes a windowed model as Mistral, or
+as Qwen2 or Qwen3 when it has their biases or query/key norms. Layouts (PyTorch's Linear
+stores [out, in]):
 
   q_proj.weight [N*H, D] <-> query/kernel [D, N, H]     o_proj.weight [D, N*H] <-> out/kernel [N, H, D]
   gate/up_proj.weight [F, D] <-> wi_gate/wi_up [D, F]   conv1d.weight [E, 1, W] <-> conv_kernel [W, E]
+
+For an export, `export_tokenizer` gives the tokenizer files (with the chat template lm
+renders conversations with) and `generation_config` generation_config.json's ids.
 
 Both use RoPE's rotate-half layout, so no query/key permutation is needed (the
 permutation Meta's original checkpoints need happens in transformers' own converter).
 """
 
+import copy
 import dataclasses
 import json
 import math
@@ -27,19 +37,35 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from lm import chat
 from lm import config as config_lib
+from lm import tokenizer as tokenizer_lib
 from lm.errors import ConfigError
 
-LLAMA_LIKE = {  # architecture -> (model_type, biases on q/k/v, on o, query/key norm)
+LLAMA_LIKE = {  # architecture -> model_type
     'LlamaForCausalLM': 'llama',
     'MistralForCausalLM': 'mistral',
     'Qwen2ForCausalLM': 'qwen2',
     'Qwen3ForCausalLM': 'qwen3',
 }
 ARCHITECTURES = (*LLAMA_LIKE, 'MambaForCausalLM')
-# Defaults of the transformers config classes for the fields a config.json may omit.
-_TIED_BY_DEFAULT = {'llama': False, 'mistral': False, 'qwen2': False, 'qwen3': False,
-                    'mamba': True}
+# transformers' defaults (its config classes) for the fields a config.json may omit; None
+# where transformers derives the value (num_key_value_heads: num_attention_heads,
+# head_dim: hidden_size // num_attention_heads).
+_DEFAULTS = {
+    'llama': dict(max_position_embeddings=2048, num_key_value_heads=None, head_dim=None,
+                  tie_word_embeddings=False, norm_eps=1e-6),
+    'mistral': dict(max_position_embeddings=4096 * 32, num_key_value_heads=8, head_dim=None,
+                    tie_word_embeddings=False, norm_eps=1e-6),
+    'qwen2': dict(max_position_embeddings=32768, num_key_value_heads=32, head_dim=None,
+                  tie_word_embeddings=False, norm_eps=1e-6),
+    'qwen3': dict(max_position_embeddings=32768, num_key_value_heads=32, head_dim=128,
+                  tie_word_embeddings=False, norm_eps=1e-6),
+    'mamba': dict(tie_word_embeddings=True, norm_eps=1e-5),
+}
+# Mistral's, Qwen2's and Qwen3's default `sliding_window`, and Qwen's `max_window_layers`.
+_DEFAULT_WINDOW, _DEFAULT_MAX_WINDOW_LAYERS = 4096, 28
+_ATTENTION_KINDS = ('full_attention', 'sliding_attention')
 _DTYPES = {'float32': 'float32', 'bfloat16': 'bfloat16', 'float16': 'float32'}
 # Buffers some checkpoints carry that are recomputed, not learned.
 _IGNORED_SUFFIXES = ('rotary_emb.inv_freq',)
@@ -62,97 +88,202 @@ def _refuse(path: str, field: str, value, why: str):
   raise ConfigError(f'{path}: {field}={value!r} is not supported: {why}')
 
 
-def _rope(hf: dict, path: str) -> tuple[float, dict]:
-  """(theta, config.model.rope_scaling) from `rope_parameters` (transformers 5) or
-  `rope_theta` + `rope_scaling` (the published files)."""
-  parameters = dict(hf.get('rope_parameters') or {})
-  scaling = hf.get('rope_scaling') or {}
-  theta = parameters.get('rope_theta', hf.get('rope_theta', 10_000.0))
-  parameters = {**scaling, **{k: v for k, v in parameters.items() if k != 'rope_theta'}}
-  kind = parameters.get('rope_type', parameters.get('type', 'default'))
-  field = 'rope_parameters.rope_type' if 'rope_parameters' in hf else 'rope_scaling.rope_type'
+def _is_integer(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+# What a config.json field may hold: (test, the words for it). JSON's true is a Python
+# int and 2.0 a float, so each test names the types it takes.
+_SIZE = (lambda v: _is_integer(v) and v > 0, 'a positive integer')
+_COUNT = (lambda v: _is_integer(v) and v >= 0, 'a non-negative integer')
+_NUMBER = (lambda v: (_is_integer(v) or isinstance(v, float)) and math.isfinite(v) and v > 0,
+          'a positive number')
+_BOOL = (lambda v: isinstance(v, bool), 'true or false')
+_STRING = (lambda v: isinstance(v, str), 'a string')
+_OBJECT = (lambda v: isinstance(v, dict), 'an object')
+_LAYER_TYPES = (lambda v: isinstance(v, list) and all(kind in _ATTENTION_KINDS for kind in v),
+               'a list of "full_attention" and "sliding_attention"')
+_REQUIRED = object()
+
+
+def _field(source: dict, path: str, name: str, kind, default=_REQUIRED, *,
+           nullable: bool = False, prefix: str = ''):
+  """source[name] checked against `kind` (_SIZE, _NUMBER, ...); `default` when absent;
+  None when null and `nullable` (where transformers reads null as "none"). Errors name
+  the file, the field (`prefix` + name), the value and what it must be."""
+  if name not in source:
+    if default is _REQUIRED:
+      raise ConfigError(f'{path}: "{prefix}{name}" is missing')
+    return default
+  value = source[name]
+  test, expected = kind
+  if value is None and nullable:
+    return None
+  if not test(value):
+    shown = json.dumps(value, default=str)
+    shown = shown if len(shown) <= 40 else shown[:37] + '...'
+    raise ConfigError(f'{path}: "{prefix}{name}": {shown} must be {expected}')
+  return value
+
+
+def _rope(hf: dict, path: str, max_len: int) -> tuple[float, dict]:
+  """(theta, config.model.rope_scaling) as transformers reads them: `rope_scaling` (the
+  published files) if set, else `rope_parameters` (transformers 5), with `rope_theta`
+  inside it or at the top level."""
+  scaling = _field(hf, path, 'rope_scaling', _OBJECT, None, nullable=True)
+  name = 'rope_scaling' if scaling else 'rope_parameters'
+  parameters = scaling or _field(hf, path, 'rope_parameters', _OBJECT, None, nullable=True) or {}
+  prefix = name + '.'
+  if any(isinstance(value, dict) for value in parameters.values()):
+    _refuse(path, name, sorted(parameters), 'lm has one RoPE for every layer')
+  theta = _field(parameters, path, 'rope_theta', _NUMBER,
+                 _field(hf, path, 'rope_theta', _NUMBER, 10_000.0), prefix=prefix)
+  kind = _field(parameters, path, 'rope_type', _STRING,
+                _field(parameters, path, 'type', _STRING, 'default', prefix=prefix), prefix=prefix)
   if kind == 'default':
     return float(theta), dict(config_lib.ADDED_MODEL_FIELDS['rope_scaling'])
   if kind != 'llama3':
-    _refuse(path, field, kind, 'lm computes RoPE unscaled or with the llama3 rule')
-  return float(theta), dict(
-      kind='llama3', factor=float(parameters['factor']),
-      low_freq_factor=float(parameters['low_freq_factor']),
-      high_freq_factor=float(parameters['high_freq_factor']),
-      original_max_len=int(parameters['original_max_position_embeddings']))
+    _refuse(path, prefix + 'rope_type', kind, 'lm computes RoPE unscaled or with the llama3 rule')
+  # transformers takes the pre-training length from the top level when set there, else
+  # from rope_scaling, else max_position_embeddings.
+  original = _field(hf, path, 'original_max_position_embeddings', _SIZE, None)
+  if original is None:
+    original = _field(parameters, path, 'original_max_position_embeddings', _SIZE, max_len,
+                      prefix=prefix)
+  factors = {key: float(_field(parameters, path, key, _NUMBER, prefix=prefix))
+             for key in ('factor', 'low_freq_factor', 'high_freq_factor')}
+  return float(theta), dict(kind='llama3', **factors, original_max_len=original)
+
+
+def _sliding_window(hf: dict, path: str, model_type: str, num_layers: int) -> int:
+  """config.model.sliding_window (0: full attention) of a Llama-like config.json, as
+  transformers derives each layer's attention. Mistral slides every layer by
+  `sliding_window` (null: none) and ignores `layer_types`; Qwen2 and Qwen3 slide the layers
+  `layer_types` names, which default to those from `max_window_layers` on when
+  `use_sliding_window`. lm has one window for every layer, so a mix is refused."""
+  window = None
+  if model_type == 'mistral' or (
+      model_type in ('qwen2', 'qwen3') and _field(hf, path, 'use_sliding_window', _BOOL, False)):
+    window = _field(hf, path, 'sliding_window', _SIZE, _DEFAULT_WINDOW, nullable=True)
+  layer_types = _field(hf, path, 'layer_types', _LAYER_TYPES, None, nullable=True)
+  if layer_types is not None and len(layer_types) != num_layers:
+    raise ConfigError(f'{path}: "layer_types" lists {len(layer_types)} layers,'
+                      f' "num_hidden_layers" is {num_layers}')
+  if model_type not in ('qwen2', 'qwen3'):
+    # transformers' Llama and Mistral ignore layer_types: one that disagrees with what they
+    # compute was written for another architecture (Ministral), so it is refused.
+    kind = 'sliding_attention' if window else 'full_attention'
+    if layer_types is not None and set(layer_types) != {kind}:
+      _refuse(path, 'layer_types', sorted(set(layer_types)),
+              f'{model_type} computes {kind} in every layer')
+    return window or 0
+  field, value = 'layer_types', sorted(set(layer_types or []))
+  if layer_types is None:
+    field = 'max_window_layers'
+    value = _field(hf, path, field, _COUNT, _DEFAULT_MAX_WINDOW_LAYERS)
+    layer_types = ['sliding_attention' if window is not None and layer >= value
+                   else 'full_attention' for layer in range(num_layers)]
+  sliding = [kind == 'sliding_attention' for kind in layer_types]
+  if any(sliding) and not all(sliding):
+    _refuse(path, field, value, f'{sum(sliding)} of the {num_layers} layers slide; lm has one'
+            ' attention window for all layers')
+  if any(sliding) and window is None:
+    raise ConfigError(f'{path}: "layer_types" has sliding layers but no window: set'
+                      ' "use_sliding_window" and "sliding_window"')
+  return window if all(sliding) else 0
 
 
 def model_config(hf: dict, base, path: str = 'config.json') -> ml_collections.ConfigDict:
   """config.model for a transformers config.json (a dict): `base` (a config.model whose
   other fields, such as dtype and attention, are kept) with the checkpoint's shape and
-  math; unsupported settings refused."""
+  math; unsupported settings refused. Every field read is checked first (a missing or
+  mistyped one is named with its value), and absent ones take transformers' defaults."""
   architectures = hf.get('architectures') or []
-  architecture = architectures[0] if architectures else None
+  architecture = architectures[0] if isinstance(architectures, list) and architectures else None
   if architecture not in ARCHITECTURES:
     raise ConfigError(f'{path}: architectures={architectures!r}: lm imports'
                       f' {", ".join(ARCHITECTURES)}')
-  model_type = hf.get('model_type', 'mamba' if architecture == 'MambaForCausalLM' else
-                      LLAMA_LIKE[architecture])
-  if hf.get('hidden_act', 'silu') != 'silu':
-    _refuse(path, 'hidden_act', hf['hidden_act'], 'lm computes SiLU')
-  dtype = hf.get('dtype', hf.get('torch_dtype')) or 'float32'
+  # transformers picks its classes by model_type, lm by the architecture: they must agree.
+  wanted_type = LLAMA_LIKE.get(architecture, 'mamba')
+  model_type = _field(hf, path, 'model_type', _STRING, wanted_type)
+  if model_type != wanted_type:
+    _refuse(path, 'model_type', model_type, f'{architecture} is model_type {wanted_type!r}')
+  defaults = _DEFAULTS[model_type]
+  hidden_act = _field(hf, path, 'hidden_act', _STRING, 'silu')
+  if hidden_act != 'silu':
+    _refuse(path, 'hidden_act', hidden_act, 'lm computes SiLU')
+  dtype_field = 'dtype' if hf.get('dtype') is not None else 'torch_dtype'
+  dtype = _field(hf, path, dtype_field, _STRING, None, nullable=True) or 'float32'
   if dtype not in _DTYPES:
-    _refuse(path, 'dtype', dtype, f'lm stores weights as {sorted(set(_DTYPES.values()))}')
+    _refuse(path, dtype_field, dtype, f'lm stores weights as {sorted(set(_DTYPES.values()))}')
+  embed_dim = _field(hf, path, 'hidden_size', _SIZE)
+  norm_eps = _field(hf, path, 'layer_norm_epsilon' if model_type == 'mamba' else 'rms_norm_eps',
+                    _NUMBER, defaults['norm_eps'])
   config = ml_collections.ConfigDict(base.to_dict())
   config.update(
-      vocab_size=hf['vocab_size'], num_layers=hf['num_hidden_layers'],
-      embed_dim=hf['hidden_size'], norm_eps=float(hf.get('rms_norm_eps', hf.get(
-          'layer_norm_epsilon', 1e-6))),
-      tie_embeddings=bool(hf.get('tie_word_embeddings', _TIED_BY_DEFAULT[model_type])),
+      vocab_size=_field(hf, path, 'vocab_size', _SIZE),
+      num_layers=_field(hf, path, 'num_hidden_layers', _SIZE), embed_dim=embed_dim,
+      norm_eps=float(norm_eps),
+      tie_embeddings=_field(hf, path, 'tie_word_embeddings', _BOOL,
+                            defaults['tie_word_embeddings']),
       scale_embeddings=False, param_dtype=_DTYPES[dtype])
-  if architecture == 'MambaForCausalLM':
+  if model_type == 'mamba':
     for field, wanted in (('use_bias', False), ('use_conv_bias', True)):
-      if hf.get(field, wanted) != wanted:
+      if _field(hf, path, field, _BOOL, wanted) != wanted:
         _refuse(path, field, hf[field], f'lm\'s Mamba blocks have {field}={wanted}')
-    rank = hf.get('time_step_rank', 'auto')
+    expand = _field(hf, path, 'expand', _SIZE, 2)
+    rank = _field(hf, path, 'time_step_rank',
+                  (lambda v: v == 'auto' or _SIZE[0](v), '"auto" or a positive integer'), 'auto')
     config.update(
-        layer_pattern='mamba', mamba_expand=int(hf.get('expand', 2)),
-        mamba_state_dim=hf.get('state_size', 16), mamba_conv_width=hf.get('conv_kernel', 4),
-        mamba_dt_rank=math.ceil(hf['hidden_size'] / 16) if rank == 'auto' else rank,
-        max_seq_len=hf.get('max_position_embeddings') or 2048)
-    if config.mamba_expand * config.embed_dim != hf.get('intermediate_size',
-                                                        config.mamba_expand * config.embed_dim):
-      _refuse(path, 'intermediate_size', hf['intermediate_size'], 'must be expand * hidden_size')
+        layer_pattern='mamba', mamba_expand=expand,
+        mamba_state_dim=_field(hf, path, 'state_size', _SIZE, 16),
+        mamba_conv_width=_field(hf, path, 'conv_kernel', _SIZE, 4),
+        mamba_dt_rank=math.ceil(embed_dim / 16) if rank == 'auto' else rank,
+        # Mamba has no position limit; lm's config still wants one.
+        max_seq_len=_field(hf, path, 'max_position_embeddings', _SIZE, None, nullable=True)
+        or 2048)
+    inner = _field(hf, path, 'intermediate_size', _SIZE, expand * embed_dim)
+    if inner != expand * embed_dim:
+      _refuse(path, 'intermediate_size', inner, 'must be expand * hidden_size')
     return config
 
-  if hf.get('mlp_bias', False):
+  if _field(hf, path, 'mlp_bias', _BOOL, False):
     _refuse(path, 'mlp_bias', True, 'lm\'s MLP has no biases')
-  max_len = hf.get('max_position_embeddings', 2048)
-  window = hf.get('sliding_window')
-  if model_type in ('qwen2', 'qwen3') and not hf.get('use_sliding_window', False):
-    window = None
-  if model_type in ('qwen2', 'qwen3') and window is not None:
-    _refuse(path, 'use_sliding_window', True, 'lm attends to the whole sequence')
-  if any(kind != 'full_attention' for kind in hf.get('layer_types') or []):
-    _refuse(path, 'layer_types', sorted(set(hf['layer_types'])), 'lm attends to the whole'
-            ' sequence in every layer')
-  if window is not None:
-    # Attention over the last `window` tokens equals full attention on rows no longer than it.
-    max_len = min(max_len, window)
-  theta, rope_scaling = _rope(hf, path)
-  bias = bool(hf.get('attention_bias', False))
-  num_heads = hf['num_attention_heads']
+  num_layers = config.num_layers
+  num_heads = _field(hf, path, 'num_attention_heads', _SIZE)
+  num_kv_heads = _field(hf, path, 'num_key_value_heads', _SIZE, defaults['num_key_value_heads'],
+                        nullable=True) or num_heads
+  if num_heads % num_kv_heads:
+    default = '' if 'num_key_value_heads' in hf else f' (the {model_type} default)'
+    raise ConfigError(f'{path}: "num_key_value_heads": {num_kv_heads}{default} must divide'
+                      f' "num_attention_heads": {num_heads}')
+  head_dim = _field(hf, path, 'head_dim', _SIZE, defaults['head_dim'], nullable=True)
+  if head_dim is None:
+    if embed_dim % num_heads:
+      raise ConfigError(f'{path}: "hidden_size": {embed_dim} is not a multiple of'
+                        f' "num_attention_heads": {num_heads}, and no "head_dim" is given')
+    head_dim = embed_dim // num_heads
+  max_len = _field(hf, path, 'max_position_embeddings', _SIZE,
+                   defaults['max_position_embeddings'])
+  theta, rope_scaling = _rope(hf, path, max_len)
+  # Mistral and Qwen2 fix their biases; Llama and Qwen3 bias all four projections or none.
+  bias = model_type in ('llama', 'qwen3') and _field(hf, path, 'attention_bias', _BOOL, False)
   config.update(
-      layer_pattern='attention', num_heads=num_heads,
-      num_kv_heads=hf.get('num_key_value_heads') or num_heads,
-      head_dim=hf.get('head_dim') or hf['hidden_size'] // num_heads,
-      mlp_dim=hf['intermediate_size'], max_seq_len=max_len, rope_theta=theta,
+      layer_pattern='attention', num_heads=num_heads, num_kv_heads=num_kv_heads,
+      head_dim=head_dim, mlp_dim=_field(hf, path, 'intermediate_size', _SIZE),
+      max_seq_len=max_len, rope_theta=theta,
       rope_scaling=ml_collections.ConfigDict(rope_scaling),
-      qkv_bias=True if model_type == 'qwen2' else bias,
-      attention_out_bias=False if model_type == 'qwen2' else bias,
+      sliding_window=_sliding_window(hf, path, model_type, num_layers),
+      qkv_bias=model_type == 'qwen2' or bias, attention_out_bias=bias,
       qk_norm=model_type == 'qwen3')
   return config
 
 
 def hf_config(model, special_ids: dict | None = None) -> dict:
-  """config.json for `config.model`: Llama, Qwen2 or Qwen3 for attention models by their
-  biases and norms, Mamba for Mamba ones. A model that scales its embeddings (lm's own
-  default) is written untied, the scale folded into the input table (see tensor_map)."""
+  """config.json for `config.model`: for attention models Llama, Qwen2 or Qwen3 by their
+  biases and norms, or Mistral, Qwen2 or Qwen3 with a sliding window (Llama has none);
+  Mamba for Mamba ones. A model that scales its embeddings (lm's own default) is written
+  untied, the scale folded into the input table (see tensor_map)."""
   kinds = set(_layer_kinds(model))
   common = dict(vocab_size=model.vocab_size, hidden_size=model.embed_dim,
                 num_hidden_layers=model.num_layers,
@@ -168,6 +299,7 @@ def hf_config(model, special_ids: dict | None = None) -> dict:
   if kinds != {'attention'}:
     raise ConfigError(f'config.model.layer_pattern={model.layer_pattern!r}: transformers has no'
                       ' architecture for a hybrid of attention and Mamba layers')
+  window = model.sliding_window
   if model.qk_norm:
     if model.qkv_bias != model.attention_out_bias:
       raise ConfigError('config.model.qk_norm with qkv_bias != attention_out_bias has no'
@@ -175,11 +307,17 @@ def hf_config(model, special_ids: dict | None = None) -> dict:
     architecture, model_type = 'Qwen3ForCausalLM', 'qwen3'
   elif model.qkv_bias and not model.attention_out_bias:
     architecture, model_type = 'Qwen2ForCausalLM', 'qwen2'
-  elif model.qkv_bias == model.attention_out_bias:
-    architecture, model_type = 'LlamaForCausalLM', 'llama'
-  else:
+  elif model.attention_out_bias and not model.qkv_bias:
     raise ConfigError('config.model.attention_out_bias without qkv_bias has no transformers'
                       ' architecture')
+  elif not window:
+    architecture, model_type = 'LlamaForCausalLM', 'llama'
+  elif not model.qkv_bias:
+    architecture, model_type = 'MistralForCausalLM', 'mistral'
+  else:
+    raise ConfigError(f'config.model.sliding_window={window} with qkv_bias and'
+                      ' attention_out_bias has no transformers architecture (Mistral has no'
+                      ' biases, Qwen2 biases only q/k/v)')
   rope = {'rope_type': 'default', 'rope_theta': model.rope_theta}
   if model.rope_scaling.kind == 'llama3':
     rope.update(rope_type='llama3', factor=model.rope_scaling.factor,
@@ -192,8 +330,17 @@ def hf_config(model, special_ids: dict | None = None) -> dict:
                 max_position_embeddings=model.max_seq_len, rms_norm_eps=model.norm_eps,
                 hidden_act='silu', rope_theta=model.rope_theta, rope_parameters=rope,
                 rope_scaling=None if rope['rope_type'] == 'default' else rope)
-  if model_type != 'qwen2':
+  if model_type in ('llama', 'qwen3'):  # Mistral and Qwen2 fix their biases.
     config['attention_bias'] = bool(model.qkv_bias)
+  if model_type == 'mistral':
+    config['sliding_window'] = window
+  if model_type in ('qwen2', 'qwen3'):
+    # Every layer slides (max_window_layers 0) or none does; layer_types, which
+    # transformers 5 derives from these, written out as it saves them.
+    config.update(use_sliding_window=bool(window), sliding_window=window or None,
+                  max_window_layers=0 if window else model.num_layers,
+                  layer_types=['sliding_attention' if window else 'full_attention']
+                  * model.num_layers)
   return config
 
 
@@ -423,3 +570,38 @@ def save_model(directory: str, model, params, special_ids: dict | None = None) -
     with open(os.path.join(directory, 'config.json'), 'w') as f:
       json.dump(config, f, indent=2)
   save_tensors(directory, hf_tensors(model, params, sharding.to_host), write=write)
+
+
+def export_tokenizer(tokenizer) -> tokenizer_lib.HuggingFaceTokenizer:
+  """The run's tokenizer as a tokenizer.json one (itself, or the byte tokenizer's
+  equivalent: the same ids for every text) with the chat template lm renders its
+  conversations with: its own, else lm.chat.DEFAULT_TEMPLATE, so that transformers'
+  apply_chat_template renders what the model was trained on."""
+  if tokenizer.kind == 'huggingface' and tokenizer.chat_template is not None:
+    return tokenizer
+  if tokenizer.kind == 'huggingface':
+    exported = copy.copy(tokenizer)  # The run's own keeps its settings; only files change.
+    exported.chat_template = chat.DEFAULT_TEMPLATE
+    return exported
+  if tokenizer.kind == 'byte':
+    return tokenizer_lib.HuggingFaceTokenizer(
+        tokenizer_lib.byte_tokenizer_json(), dict(tokenizer.special_tokens),
+        chat_template=chat.DEFAULT_TEMPLATE, source='byte tokenizer')
+  raise ConfigError(f'--to_hf: the run\'s {tokenizer.kind} tokenizer has no tokenizer.json'
+                    ' form here; export models with the byte or a Hugging Face tokenizer')
+
+
+def special_ids(tokenizer) -> dict:
+  """bos_token_id, eos_token_id and pad_token_id for config.json; no bos_token_id for a
+  tokenizer without a bos token."""
+  ids = dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+             pad_token_id=tokenizer.pad_id)
+  return {name: value for name, value in ids.items() if value is not None}
+
+
+def generation_config(tokenizer) -> dict:
+  """generation_config.json: the special ids, with eos_token_id every id lm stops a reply
+  at (the tokenizer's stop ids and its template's end of turn, chat.end_of_turn_ids), a
+  list when there are several, so that transformers' generate stops where lm's chat does."""
+  stops = [int(i) for i in chat.end_of_turn_ids(tokenizer)]
+  return dict(special_ids(tokenizer), eos_token_id=stops[0] if len(stops) == 1 else stops)
