@@ -31,12 +31,13 @@ class FakeScorer(ChoicesOneByOne):
     self.scores, self.completions, self.calls = scores or {}, completions or [], []
 
   def continuation_log_likelihoods(self, pairs):
-    return [(self.scores.get((context[-12:], continuation), -100.0), 1, False)
+    return [scoring.Score(self.scores.get((context[-12:], continuation), -100.0), 1, False)
             for context, continuation in pairs]
 
   def complete(self, prompts, *, max_new_tokens, temperature, seed, stops=()):
     self.calls.append((len(prompts), temperature, stops))
-    return [scoring.cut_at_stops(self.completions.pop(0), stops) for _ in prompts]
+    return [scoring.Completion(scoring.cut_at_stops(self.completions.pop(0), stops))
+            for _ in prompts]
 
 
 def mmlu_rows(subject, count, offset=0):
@@ -139,7 +140,7 @@ def test_gsm8k_eight_shot_chain_of_thought_and_its_answers(tmp_path):
   assert prompt.endswith('\n\nQ: Tom has 3 apples and buys 4. How many?\nA:')
   assert [r['answer'] for r in task.records] == ['7', '2,400']
   scorer = FakeScorer(completions=[
-      ' 3 + 4 = 7. The answer is 7.\n\nQ: next question',  # Cut at the blank line.
+      ' 3 + 4 = 7. The answer is 7.\n\nQ: next question',  # Cut at "Q:".
       ' Each is $1,200, so 2 x 1,200 = $2,400.',  # No "The answer is": flexible only.
   ])
   metrics = harness.evaluate(task, scorer)
@@ -156,8 +157,10 @@ def test_gsm8k_eight_shot_chain_of_thought_and_its_answers(tmp_path):
 @pytest.mark.parametrize('completion, strict, flexible', [
     ('She pays 3 x $4 = $12, then 12 + 8 = 20. The answer is 20.', '20', '20'),
     ('Total: 1,234 apples. The answer is 1,234.', '1234', '1234'),
-    ('So 5 - 7 = -2 degrees.\n#### -2', '-2', '-2'),
-    ('It costs \\boxed{42} dollars', '42', '42'),
+    # gsm8k_cot's strict filter reads only "The answer is N."; the last number is flexible's.
+    ('So 5 - 7 = -2 degrees.\n#### -2', '[invalid]', '-2'),
+    ('It costs \\boxed{42} dollars', '[invalid]', '42'),
+    ('The answer is 5', '[invalid]', '5'),  # Its regex needs a character after the number.
     ('He ran 3.5 km, then 2 km, 5.5 km in all.', '[invalid]', '5.5'),
     ('The answer is $18.', '[invalid]', '18'),  # Strict takes no '$', as gsm8k_cot.
     ('No numbers here.', '[invalid]', '[invalid]'),

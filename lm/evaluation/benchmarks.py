@@ -14,11 +14,15 @@ prompt formats and metrics, so a number here means what one there does.
                          "Question: ...\\nAnswer:", 0-shot; acc and acc_norm.
   --task=gsm8k:FILE      GSM8K JSON lines ({question, answer ending "#### N"}); 8-shot
                          chain of thought with the exemplars of Wei et al. (2022), as
-                         gsm8k_cot; generation until "Q:" or a blank line; exact match of
-                         "The answer is N" (strict) and of the last number (flexible).
+                         gsm8k_cot; generation until "Q:", "</s>" or "<|im_end|>" (and the
+                         end of text); exact match of "The answer is N." (strict) and of
+                         the last number (flexible).
 
 acc_norm divides a choice's log-likelihood by its length in characters, as lm-evaluation-
-harness does. A wrong or partial file is named with file:line and the field.
+harness does. Prompts, stop strings and answer extraction are those of the harness's task
+configs (lm_eval/tasks/{mmlu/default,hellaswag,arc,gsm8k/gsm8k-cot.yaml}), which
+experiments/eval_parity.py checks. A wrong or partial file is named with file:line and
+the field.
 """
 
 import csv
@@ -251,7 +255,8 @@ GSM8K_EXEMPLARS = (
      'Olivia had 23 dollars. 5 bagels for 3 dollars each will be 5 x 3 = 15 dollars. So'
      ' she has 23 - 15 dollars left. 23 - 15 is 8. The answer is 8.'),
 )
-GSM8K_STOPS = ('Q:', '\n\n')
+# gsm8k_cot's generation_kwargs.until (version 3): no blank line, so an answer may run on.
+GSM8K_STOPS = ('Q:', '</s>', '<|im_end|>')
 
 
 def gsm8k_prompt(question: str) -> str:
@@ -276,19 +281,20 @@ READERS = {'mmlu': mmlu, 'hellaswag': hellaswag, 'arc': arc, 'gsm8k': gsm8k}
 
 # Answers ------------------------------------------------------------------------------
 
-_STRICT = re.compile(r'The answer is (-?[0-9.,]*[0-9]+)')
+# gsm8k_cot's filters: strict-match (the first match; its final "." is any character but
+# a newline, so "The answer is 5" ending a line or the text is no answer) and
+# flexible-extract (the last match).
+_STRICT = re.compile(r'The answer is (\-?[0-9\.\,]+).')
 _FLEXIBLE = re.compile(r'(-?[$0-9.,]{2,})|(-?[0-9]+)')
-_BOXED = re.compile(r'\\boxed\{([^{}]*)\}')
-_HASHES = re.compile(r'#### *(-?[$0-9.,]*[0-9]+)')
+# gsm8k_cot's exact_match: these removed in turn, then the case folded.
+_IGNORED = (',', r'\$', '(?s).*#### ', r'\.$')
 
 
 def strict_answer(completion: str) -> str:
-  """'The answer is N', '#### N' or '\\boxed{N}' (the first such), else '[invalid]'."""
-  for pattern in (_STRICT, _HASHES, _BOXED):
-    match = pattern.search(completion)
-    if match:
-      return match.group(1)
-  return '[invalid]'
+  """The N of the first 'The answer is N' followed by a character on its line, else
+  '[invalid]'."""
+  match = _STRICT.search(completion)
+  return match.group(1).strip() if match else '[invalid]'
 
 
 def flexible_answer(completion: str) -> str:
@@ -296,12 +302,12 @@ def flexible_answer(completion: str) -> str:
   matches = _FLEXIBLE.findall(completion)
   if not matches:
     return '[invalid]'
-  return next(group for group in matches[-1] if group)
+  return next(group for group in matches[-1] if group).strip()
 
 
 def normalize_number(answer: str) -> str:
-  """As gsm8k's exact_match compares: no commas or '$', nothing up to '#### ', no trailing
-  period, case folded."""
-  answer = re.sub(r'(?s).*#### ', '', answer)
-  answer = answer.replace(',', '').replace('$', '').strip()
-  return re.sub(r'\.$', '', answer).lower()
+  """As gsm8k_cot's exact_match compares an answer: no commas or '$', nothing up to
+  '#### ', no final period, case folded."""
+  for pattern in _IGNORED:
+    answer = re.sub(pattern, '', answer)
+  return answer.lower()
