@@ -119,7 +119,7 @@ def assert_refused(kind: str | None, result, culprits: tuple[str, ...], workdir:
 
 
 # Bad values. Every config field is listed, with what is outside its domain on the tiny
-# run (64-token rows, max_seq_len 1024, 2 query heads, 1 KV head, batch 8, one device,
+# run (64-token rows, max_seq_len 256, 2 query heads, 1 KV head, batch 8, one device,
 # 259 byte ids, checkpoints at steps 2 and 4); the test fails when a field is added
 # without one.
 
@@ -201,7 +201,7 @@ CONFIG_FIELDS = {  # field: (bad values, flags that make the field matter)
     'data.bad_records': (choices('error', 'skip'), ()),
     'data.batch_size': (POSITIVE_INT, ()),
     'data.path': (paths('missing', 'empty_dir', 'no_match'), ()),
-    'data.seq_len': (ints(at_least=2, below=1025), ()),
+    'data.seq_len': (ints(at_least=2, below=257), ()),
     'data.shuffle_window': (ints(at_least=0), ()),
     'data.source': (choices('stdlib', 'text', 'jsonl'), ()),
     # One process: any count of streams that divides the batch of 8.
@@ -350,8 +350,8 @@ def test_the_runs_own_command_resumes_with_nothing_to_do(entry_points, run):
 
 
 SAMPLE_FLAGS = {
-    # The prompt is bos + 6 bytes; max_seq_len is 1024.
-    'max_new_tokens': ints(at_least=1, below=1018),
+    # The prompt is bos + 6 bytes; max_seq_len is 256.
+    'max_new_tokens': ints(at_least=1, below=250),
     'temperature': NON_NEGATIVE_FLOAT,
     'top_k': ints(at_least=0, below=265),
     'top_p': floats(above=0, at_most=1),
@@ -367,7 +367,9 @@ EVALUATE_FLAGS = {
     'num_shots': ints(at_least=0, also=(10**6,)),
     'self_consistency': POSITIVE_INT,
     'temperature': NON_NEGATIVE_FLOAT,
-    'max_new_tokens': ints(at_least=1, below=1024),
+    'max_new_tokens': ints(at_least=1, below=256),  # Below the context, 256 tokens.
+    'max_length': ints(at_least=2, below=257),  # At most the model's context.
+    'log_samples': NOT_BOOL,
     'seed': ints(at_least=0, below=2**32),
     'step': ints(also=(-1, 0, 1, 3, 5)).filter(lambda v: v not in ('2', '4')),
     'workdir': paths('missing', 'empty_dir', 'text'),
