@@ -40,7 +40,7 @@ CASES = {
                           r"config.data.path: '.*missing/\*.txt' matches no files"),
     'empty data file': (bad_empty_file, r'config.data.path=.*empty.txt.*every file is empty'),
     'seq_len beyond the model': (lambda c, t: c.data.update(seq_len=2048),
-                                 r'config.data.seq_len=2048 .*config.model.max_seq_len=1024'),
+                                 r'config.data.seq_len=2048 .*config.model.max_seq_len=256'),
     'heads and kv heads': (lambda c, t: c.model.update(num_heads=3, num_kv_heads=2),
                            r'config.model.num_heads=3 is not divisible by config.model.num_kv_heads=2'),
     'mesh and devices': (lambda c, t: c.mesh.update(data=3),

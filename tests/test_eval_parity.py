@@ -24,39 +24,22 @@ def task_files(tmp_path_factory):
   return eval_parity.write_tasks(str(tmp_path_factory.mktemp('tasks')))
 
 
-@pytest.fixture(scope='module', params=sorted(eval_parity.STYLES))
-def every_way(request, task_files, tmp_path_factory):
-  """(results, prompt differences, problems) of the three ways on one style's checkpoint,
-  run once for all the tests that compare them."""
-  scratch = tmp_path_factory.mktemp(request.param)
-  hf_dir = eval_parity.write_checkpoint(str(scratch / 'hf'), request.param,
+@pytest.mark.slow
+@pytest.mark.parametrize('style', sorted(eval_parity.STYLES))
+def test_every_benchmark_kind_gives_the_harness_numbers_record_by_record(
+    style, task_files, tmp_path):
+  """MMLU, HellaSwag and ARC: each choice's log-likelihood, acc and acc_norm; GSM8K: the
+  greedy chains of thought and both exact matches; perplexity: each document's rolling
+  log-likelihood past the context. One test per checkpoint, so that the three ways run
+  once for it on one pytest worker; a failure names each kind that differs."""
+  hf_dir = eval_parity.write_checkpoint(str(tmp_path / 'hf'), style,
                                         eval_parity.task_texts(task_files))
-  return eval_parity.evaluate_every_way(hf_dir, str(scratch / 'lm'), task_files, str(scratch),
-                                        env=cpu_subprocess_env())
-
-
-def assert_parity(every_way, kind):
-  results, prompts, problems = every_way
+  results, prompts, problems = eval_parity.evaluate_every_way(
+      hf_dir, str(tmp_path / 'lm'), task_files, str(tmp_path), env=cpu_subprocess_env())
   assert not problems, problems
-  assert not prompts[kind], prompts[kind]
-  found = eval_parity.failures(kind, results[kind])
-  assert not found, found
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize('kind', ['mmlu', 'hellaswag', 'arc'])
-def test_choice_log_likelihoods_acc_and_acc_norm_equal_the_harness(every_way, kind):
-  assert_parity(every_way, kind)
-
-
-@pytest.mark.slow
-def test_gsm8k_greedy_chains_of_thought_and_exact_matches_equal_the_harness(every_way):
-  assert_parity(every_way, 'gsm8k')
-
-
-@pytest.mark.slow
-def test_rolling_log_likelihoods_of_documents_past_the_context_equal_the_harness(every_way):
-  assert_parity(every_way, 'perplexity')
+  differing = {kind: found for kind in eval_parity.KINDS
+               if (found := prompts[kind] or eval_parity.failures(kind, results[kind]))}
+  assert not differing, differing
 
 
 def test_the_records_are_longer_than_the_context_where_truncation_is_checked(
