@@ -6,8 +6,9 @@ benchmarks from their published files (lm/evaluation/benchmarks.py).
       [--task=my_task.jsonl --limit=100 --self_consistency=5]
       [--task=mmlu:DIR --task=hellaswag:FILE --task=arc:FILE --task=gsm8k:FILE]
 
-Every task is scored in the model's own context (`config.model.max_seq_len`: an imported
-model's max_position_embeddings), or --max_length below it, as lm-evaluation-harness
+Every task is scored in the model's own context (an imported model's
+max_position_embeddings, a model trained here the rows it was trained on), or --max_length
+below it, as lm-evaluation-harness
 scores it (lm/evaluation/scoring.py): longer contexts lose their start, and the table
 counts the records cut; documents longer than the context are scored in rolling windows.
 
@@ -42,8 +43,9 @@ _MAX_NEW_TOKENS = flags.DEFINE_integer(
     ' of thought, as gsm8k).')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 16, 'Sequences per forward pass.')
 _MAX_LENGTH = flags.DEFINE_integer(
-    'max_length', None, "Tokens the model reads at once (default: the model's context,"
-    ' config.model.max_seq_len); longer contexts lose their start.')
+    'max_length', None, "Tokens the model reads at once (default: the model's context:"
+    " an imported model's max_position_embeddings, a model trained here its"
+    ' config.data.seq_len); longer contexts lose their start.')
 _LOG_SAMPLES = flags.DEFINE_bool(
     'log_samples', False, "Write each record's log-likelihoods or completion to"
     ' <workdir>/eval/step_<step>_samples/<task>.jsonl.')
@@ -99,7 +101,7 @@ def main():
   task_list = [load_task(name) for name in _TASK.value]  # Bad task files fail first.
   run = checkpointing.restore_for_inference(_WORKDIR.value, _STEP.value)
   inputs.check_finite_params(run.params, _WORKDIR.value, run.step)
-  max_length = scoring.context_length(run.config.model, _MAX_LENGTH.value)
+  max_length = scoring.context_length(run.config, run.tokenizer.trained_here, _MAX_LENGTH.value)
   for task in task_list:
     check(task.kind != 'generation' or max_new_tokens(task) < max_length,
           f'--max_new_tokens={max_new_tokens(task)} leaves no room for a prompt of'

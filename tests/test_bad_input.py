@@ -367,7 +367,7 @@ EVALUATE_FLAGS = {
     'num_shots': ints(at_least=0, also=(10**6,)),
     'self_consistency': POSITIVE_INT,
     'temperature': NON_NEGATIVE_FLOAT,
-    'max_new_tokens': ints(at_least=1, below=256),  # Below the context, 256 tokens.
+    'max_new_tokens': ints(at_least=1, below=64),  # Below the context: the 64-token rows.
     'max_length': ints(at_least=2, below=257),  # At most the model's context.
     'log_samples': NOT_BOOL,
     'seed': ints(at_least=0, below=2**32),

@@ -229,11 +229,15 @@ def test_generation_prompts_keep_their_end_and_room_for_the_answer(scorer):
 
 
 def test_the_context_is_the_models_own_unless_lowered():
-  config = small_model_config()
-  assert scoring.context_length(config) == config.max_seq_len == 64
-  assert scoring.context_length(config, 16) == 16
-  with pytest.raises(ConfigError, match=r'--max_length=65 must be in \[2, the model.s context 64\]'):
-    scoring.context_length(config, 65)
+  """An imported model's max_position_embeddings; a model trained here, its rows."""
+  from experiments.configs import default  # pylint: disable=import-outside-toplevel
+  config = default.get_config()
+  assert (config.model.max_seq_len, config.data.seq_len) == (1024, 128)
+  assert scoring.context_length(config, trained_here=False) == 1024
+  assert scoring.context_length(config, trained_here=True) == 128
+  assert scoring.context_length(config, True, max_length=512) == 512
+  with pytest.raises(ConfigError, match=r'--max_length=1025 must be in \[2, config.model.max_seq_len=1024\]'):
+    scoring.context_length(config, False, 1025)
 
 
 def test_documents_of_a_checkpoint_tokenizer_are_scored_as_the_harness_does(tmp_path):

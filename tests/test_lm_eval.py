@@ -90,8 +90,7 @@ def test_the_harness_runs_lm_and_agrees_with_lms_own_scoring(pretrained, tmp_pat
       tasks=['lm_arc_local', 'lm_text_local', 'lm_generate_local'],
       task_manager=TaskManager(include_path=str(tasks)), log_samples=True)
   run = checkpointing.restore_for_inference(workdir)
-  scorer = scoring.Scorer(run.model, run.params, run.tokenizer,
-                          max_length=run.config.model.max_seq_len, batch_size=4)
+  scorer = scoring.Scorer.for_run(run, batch_size=4)
   task = benchmarks.load(f'arc:{arc}')
   with sharding.activate(run.mesh):
     ours = harness.evaluate(task, scorer)
