@@ -66,6 +66,17 @@ CASES = [
 ]
 
 
+def assert_kernel_matches_reference(kernel, q, k, v, d_out, ids, floor=1e-6, **options):
+  """Output and the three gradients of `kernel` against the reference, float32."""
+  attention = lambda q, k, v: api.flash_attention(
+      q, k, v, ids, ids, implementation=kernel, interpret=backend.INTERPRET,
+      block_sizes=SMALL_BLOCKS[kernel], **options)
+  spec = lambda q, k, v: reference.attention(q, k, v, ids, ids, **options)
+  for name, got, want in zip(('out', 'dq', 'dk', 'dv'), value_and_grads(attention, q, k, v, d_out),
+                             value_and_grads(spec, q, k, v, d_out)):
+    assert_close(got, want, backend.matmul_tolerance(1e-5), name, floor)
+
+
 @pytest.mark.parametrize('kernel', KERNELS)
 @pytest.mark.parametrize('causal,num_heads,num_kv_heads,head_dim,length,segments', CASES)
 def test_kernel_matches_reference_forward_and_gradients_in_float32(
@@ -73,13 +84,7 @@ def test_kernel_matches_reference_forward_and_gradients_in_float32(
   q, k, v, d_out = inputs(length + head_dim, 2, length, num_heads, num_kv_heads, head_dim,
                           jnp.float32)
   ids = segment_ids(2, length, segments)
-  attention = lambda q, k, v: api.flash_attention(
-      q, k, v, ids, ids, causal=causal, implementation=kernel, interpret=backend.INTERPRET,
-      block_sizes=SMALL_BLOCKS[kernel])
-  spec = lambda q, k, v: reference.attention(q, k, v, ids, ids, causal=causal)
-  for name, got, want in zip(('out', 'dq', 'dk', 'dv'), value_and_grads(attention, q, k, v, d_out),
-                             value_and_grads(spec, q, k, v, d_out)):
-    assert_close(got, want, backend.matmul_tolerance(1e-5), name)
+  assert_kernel_matches_reference(kernel, q, k, v, d_out, ids, causal=causal)
 
 
 def test_reference_window_is_the_mask_written_out():
@@ -127,13 +132,7 @@ def test_kernel_with_a_sliding_window_matches_reference_forward_and_gradients(
     kernel, num_heads, num_kv_heads, length, segments, window):
   q, k, v, d_out = inputs(length + window, 2, length, num_heads, num_kv_heads, 64, jnp.float32)
   ids = segment_ids(2, length, segments)
-  attention = lambda q, k, v: api.flash_attention(
-      q, k, v, ids, ids, window=window, implementation=kernel, interpret=backend.INTERPRET,
-      block_sizes=SMALL_BLOCKS[kernel])
-  spec = lambda q, k, v: reference.attention(q, k, v, ids, ids, window=window)
-  for name, got, want in zip(('out', 'dq', 'dk', 'dv'), value_and_grads(attention, q, k, v, d_out),
-                             value_and_grads(spec, q, k, v, d_out)):
-    assert_close(got, want, backend.matmul_tolerance(1e-5), name, floor=1.0)
+  assert_kernel_matches_reference(kernel, q, k, v, d_out, ids, floor=1.0, window=window)
 
 
 @pytest.mark.skipif('gpu' not in KERNELS, reason='GPU tiling')

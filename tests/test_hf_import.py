@@ -126,12 +126,18 @@ def reference_logits(reference, tokens, segment_ids):
                      attention_mask=torch.tensor(segment_ids)).logits.numpy()
 
 
+def imported_and_reference_logits(directory, reference, seed: int):
+  """(lm's logits of the imported checkpoint, transformers' logits, tokens, segment ids)
+  on a ragged batch."""
+  _, model, params, mesh = import_model(directory)
+  tokens, segment_ids = ragged_batch(seed)
+  return (logits_of(model, params, mesh, tokens, segment_ids),
+          reference_logits(reference, tokens, segment_ids), tokens, segment_ids)
+
+
 def test_imported_logits_equal_transformers_on_ragged_prompts(checkpoint):
   name, directory, reference = checkpoint
-  _, model, params, mesh = import_model(directory)
-  tokens, segment_ids = ragged_batch(0)
-  ours = logits_of(model, params, mesh, tokens, segment_ids)
-  theirs = reference_logits(reference, tokens, segment_ids)
+  ours, theirs, _, _ = imported_and_reference_logits(directory, reference, 0)
   for row, length in enumerate(LENGTHS):
     assert relative_error(ours[row, :length], theirs[row, :length]) < 1e-4, (name, row)
 
@@ -302,10 +308,7 @@ def test_a_windowed_model_imports_its_window_and_its_full_length(windowed_checkp
 def test_imported_window_logits_equal_transformers_past_the_window(windowed_checkpoint):
   """The longest row is three windows long: its last tokens see only the window."""
   name, directory, reference = windowed_checkpoint
-  _, model, params, mesh = import_model(directory)
-  tokens, segment_ids = ragged_batch(5)
-  ours = logits_of(model, params, mesh, tokens, segment_ids)
-  theirs = reference_logits(reference, tokens, segment_ids)
+  ours, theirs, tokens, segment_ids = imported_and_reference_logits(directory, reference, 5)
   for row, length in enumerate(LENGTHS):
     assert relative_error(ours[row, :length], theirs[row, :length]) < 1e-5, (name, row)
   # The window matters here: full attention computes other logits past it.

@@ -71,7 +71,7 @@ def evaluate(task: tasks_lib.Task, scorer, *, num_shots: int = 0, seed: int = 0,
     scored = scorer.choice_log_likelihoods(
         [(prefix + r['context'], [task.delimiter + c for c in r['choices']])
          for prefix, r in zip(prefixes, records)])
-    right, right_norm = [], []
+    right, right_norm, cut = [], [], []
     for index, record, choice_scores in zip(indices, records, scored):
       log_likelihoods = [score.log_likelihood for score in choice_scores]
       # Benchmarks normalise per character, as the harness's acc_norm; tasks per byte.
@@ -79,17 +79,16 @@ def evaluate(task: tasks_lib.Task, scorer, *, num_shots: int = 0, seed: int = 0,
       normalized = [ll / max(n, 1) for ll, n in zip(log_likelihoods, lengths)]
       right.append(log_likelihoods.index(max(log_likelihoods)) == record['answer'])
       right_norm.append(normalized.index(max(normalized)) == record['answer'])
+      cut.append(any(score.truncated for score in choice_scores))
       samples.append({'index': index, 'log_likelihoods': log_likelihoods,
                       'greedy': [score.greedy for score in choice_scores],
-                      'answer': record['answer'],
-                      'truncated': any(score.truncated for score in choice_scores)})
-    truncated = sum(sample['truncated'] for sample in samples[-len(records):])
+                      'answer': record['answer'], 'truncated': cut[-1]})
     if benchmark:
       metrics = {'acc': sum(right) / len(records), 'acc_norm': sum(right_norm) / len(records)}
     else:
       metrics = {'accuracy': sum(right) / len(records),
                  'accuracy_normalized': sum(right_norm) / len(records)}
-    metrics.update(examples=len(records), truncated=truncated)
+    metrics.update(examples=len(records), truncated=sum(cut))
     if 'subject' in records[0]:
       by_subject = collections.defaultdict(list)
       for record, ok in zip(records, right):
