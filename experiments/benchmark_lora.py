@@ -23,10 +23,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from experiments.configs import open_models, sft, sft_lora
-from lm import config as config_lib
 from lm import lora, models
 from lm.training import loop
-from lm.training import setup as setup_lib
+from lm.training import setup as setup_lib, start
 
 _INIT_FROM = flags.DEFINE_string('init_from', None, 'The run every row fine-tunes.')
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/lm_lora_bench', 'Where the rows\' runs go.')
@@ -64,24 +63,21 @@ def measured_row(name: str, config) -> dict:
            for row in history if 'tokens_per_second' in row][1:]
   base = 0
   if lora.enabled(config.lora):
-    base = nbytes(lora.abstract_split(models.build(_resolved(config).model), config.lora)[0])
+    model = models.build(start.resolve(config, 1)[0].model)
+    base = nbytes(lora.abstract_split(model, config.lora)[0])
   return dict(name=name, trained=sum(x.size for x in jax.tree.leaves(state.params)),
               state=nbytes(state.params) + nbytes(state.opt_state), base=base,
               step=statistics.median(times) if times else float('nan'),
               eval_loss=[row['eval_loss'] for row in history if 'eval_loss' in row][-1])
 
 
-def _resolved(config):
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.model.dtype = config_lib.resolve_dtype(config.model.dtype)
-  return config
-
-
 def shape_row(name: str, rank: int, base_dtype: str = '') -> dict:
   """Bytes of the train state and the frozen base of --shape, from shapes alone."""
   config = open_models.get_config(_SHAPE.value)
   config.lora.update(rank=rank, alpha=2.0 * rank if rank else 16.0, base_dtype=base_dtype)
-  config = _resolved(config)
+  # Adapters need a model to adapt; this one is named, never read: only shapes are made.
+  config.train.init_from = f'{_SHAPE.value} (shapes only)'
+  config, _ = start.resolve(config, 1)
   setup = setup_lib.make_setup(config, jax.devices()[:1])
   base = 0
   if rank:

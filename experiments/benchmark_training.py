@@ -21,9 +21,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from experiments.configs import default
-from lm import config as config_lib
 from lm import flops, sharding
-from lm.training import setup as setup_lib
+from lm.training import setup as setup_lib, start, steps
 
 _SIZE = flags.DEFINE_enum('size', '130m', ['130m', 'tiny'], 'Model sizes to compare.')
 _SEQ_LENS = flags.DEFINE_list('seq_lens', ['2048', '8192'], 'Sequence lengths.')
@@ -62,8 +61,7 @@ def model_config(kind: str, seq_len: int) -> ml_collections.ConfigDict:
   config.update(SIZES[_SIZE.value]['common'])
   config.update(SIZES[_SIZE.value][kind])
   config.update(max_seq_len=seq_len, attention=attention_implementation(),
-                mamba_scan=_MAMBA_SCAN.value, remat=_REMAT.value,
-                dtype=config_lib.resolve_dtype('auto'))
+                mamba_scan=_MAMBA_SCAN.value, remat=_REMAT.value, dtype='auto')
   return config
 
 
@@ -72,6 +70,8 @@ def time_training(kind: str, seq_len: int) -> dict:
   config = default.get_config()
   config.model = model_config(kind, seq_len)
   batch_size = max(_TOKENS_PER_STEP.value // seq_len, 1)
+  config.data.update(seq_len=seq_len, batch_size=batch_size)
+  config, _ = start.resolve(config, jax.device_count())
   setup = setup_lib.make_setup(config, jax.devices())
   with sharding.activate(setup.mesh):
     state = setup.init(jax.random.key(0))
@@ -83,11 +83,11 @@ def time_training(kind: str, seq_len: int) -> dict:
         'positions': jnp.broadcast_to(jnp.arange(seq_len), tokens.shape),
     }, setup.batch_sharding)
     for _ in range(2):  # Compile, then one more so the timed steps start warm.
-      state, metrics = setup.train_step(state, batch, None, None)
+      state, metrics = setup.train_step(state, batch, steps.Frozen())
     jax.block_until_ready(metrics)
     start = time.perf_counter()
     for _ in range(_STEPS.value):
-      state, metrics = setup.train_step(state, batch, None, None)
+      state, metrics = setup.train_step(state, batch, steps.Frozen())
     jax.block_until_ready(metrics)
     seconds = (time.perf_counter() - start) / _STEPS.value
   return dict(seconds=seconds, batch_size=batch_size,

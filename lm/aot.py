@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lm import flops, models, objectives, sampling, sharding
+from lm import flops, models, sampling, sharding
 from lm.errors import ConfigError, check
-from lm.training import checkpointing, loop
-from lm.training import setup as setup_lib
+from lm.training import checkpointing
+from lm.training import setup as setup_lib, start, steps
 from pallas_kernels import dispatch
 
 GiB = 2**30
@@ -231,17 +231,15 @@ class Plan:
 
 def resolve(config, target_: Target):
   """A checked copy of `config` for the target's devices (dtype as there)."""
-  config = ml_collections.ConfigDict(config.to_dict())
   with dispatch.target(target_.platform):
-    loop.resolve(config, len(target_.devices))
-  return config
+    return start.resolve(config, len(target_.devices))[0]
 
 
 def train_program(config, target_: Target) -> tuple[Program, int, int]:
   """The config's train step (its objective, LoRA or not), compiled; the model's
   parameter count, and how many of them train (LoRA: the adapters)."""
   setup = setup_lib.make_setup(config, target_.devices)
-  objective = objectives.OBJECTIVES[config.train.objective]
+  objective = setup.objective
   batch = {name: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=setup.batch_sharding)
            for name, shape in objective.batch_shapes(config).items()}
   state = setup.abstract_state
@@ -262,7 +260,8 @@ def train_program(config, target_: Target) -> tuple[Program, int, int]:
   lm_flops = (flops.flops_per_token(config.model, config.data.seq_len) * passes * rows
               * config.data.seq_len / len(target_.devices))
   with sharding.activate(setup.mesh):
-    program = compile_program('train step', setup.train_step, (state, batch, reference, base),
+    program = compile_program('train step', setup.train_step,
+                              (state, batch, steps.Frozen(base=base, reference=reference)),
                               parts, target_, lm_flops)
   trained = parameter_count(state.params)
   params = trained + (parameter_count(setup.base.checkpoint_abstract) if base else 0)

@@ -1,12 +1,16 @@
-"""Start-up checks on an experiment config: every message names the field at fault."""
+"""Start-up checks on an experiment config: every message names the field at fault.
+
+An objective checks its own section (lm/objectives/); lm/training/start.resolve runs
+both.
+"""
 
 import jax
 
-from lm import lora, models, objectives, sharding
+from lm import lora, models, sharding
 from lm.data import sources
 from lm.errors import check as _check
 from lm.errors import check_number
-from lm.models import attention, decoder, mamba
+from lm.models import attention, decoder, layers, mamba
 from pallas_kernels import dispatch
 
 DTYPES = ('float32', 'bfloat16')
@@ -15,8 +19,7 @@ ROPE_SCALINGS = ('none', 'llama3')
 # Model fields added after the first checkpoints were written, with the value that
 # reproduces those checkpoints' models.
 ADDED_MODEL_FIELDS = dict(
-    rope_scaling=dict(kind='none', factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                      original_max_len=8192),
+    rope_scaling=layers.NO_ROPE_SCALING,
     scale_embeddings=True, qkv_bias=False, attention_out_bias=False, qk_norm=False,
     param_dtype='float32', sliding_window=0)
 
@@ -28,16 +31,10 @@ def fill_added_model_fields(model_config) -> None:
       model_config[field] = value
 
 
-# Sections added after the first checkpoints were written, as those runs had them.
-ADDED_SECTIONS = dict(
-    lora=dict(rank=0, alpha=16.0, dropout=0.0, targets='attention,mlp,mamba', base_dtype='',
-              tile_size=64))
-
-
 def fill_added_sections(config) -> None:
-  for section, value in ADDED_SECTIONS.items():
-    if section not in config:
-      config[section] = value
+  """Sections added after the first checkpoints were written, as those runs had them."""
+  if 'lora' not in config:
+    config.lora = lora.default_config()  # rank 0: no adapters.
 
 
 def resolve_dtype(dtype: str) -> str:
@@ -120,10 +117,6 @@ def validate(config, num_devices: int, tokenizer_vocab_size: int) -> None:
   # grain and jax.random take seeds as unsigned 32-bit integers.
   _number(config, 'seed', at_least=0, below=2**32)
 
-  _check(train.objective in objectives.OBJECTIVES,
-         f'config.train.objective={train.objective!r} is not one of'
-         f' {sorted(objectives.OBJECTIVES)}')
-  objectives.OBJECTIVES[train.objective].validate(config)
   lora.validate(config)
   for field in ('num_steps', 'log_every', 'eval_every', 'eval_steps',
                 'grad_accumulation_steps'):

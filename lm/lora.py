@@ -17,6 +17,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import qwix
 from qwix._src.providers import ptq as qwix_ptq  # WithAux: a quantized weight's type.
 
@@ -33,6 +34,21 @@ BASE_DTYPES = ('', 'int8', 'int4', 'nf4')  # '' keeps the base as the checkpoint
 # too narrow to tile.
 QUANTIZED = tuple(layer for layer in LAYERS if layer != 'dt_proj')
 ADAPTER_SUFFIXES = ('_lora_a', '_lora_b')
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """config.lora (experiments/configs/sft_lora.py): with rank > 0 a run trains only
+  adapters on the frozen model of train.init_from, and its checkpoints hold only them."""
+  return ml_collections.ConfigDict(dict(
+      rank=0,  # 0: train every weight.
+      alpha=16.0,  # The adapters' product is scaled by alpha / rank.
+      dropout=0.0,  # On the adapters' input, in training.
+      # Groups 'attention', 'mlp', 'mamba' or layer names (LAYERS).
+      targets='attention,mlp,mamba',
+      # QLoRA: 'int8' | 'int4' | 'nf4' stores the base's block matrices quantized.
+      base_dtype='',
+      tile_size=64,  # 4-bit: one scale per this many inputs.
+  ))
 
 
 def enabled(lora_config) -> bool:

@@ -14,7 +14,7 @@ from experiments.configs import default, dpo, grpo, open_models, sft, sft_lora
 from lm import aot, objectives, sharding
 from lm.errors import ConfigError
 from lm.training import loop
-from lm.training import setup as setup_lib
+from lm.training import setup as setup_lib, start
 from pallas_kernels.flash_attention import api as attention_api
 from pallas_kernels.selective_scan import api as scan_api
 
@@ -61,8 +61,7 @@ def test_each_chips_hbm_is_what_the_compiler_allows(chip):
 
 def _first_batch(config):
   """A real batch of `config`'s objective, as the loop makes it (GRPO: after a rollout)."""
-  config = config.copy_and_resolve_references()
-  tokenizer = loop.resolve(config, 1)
+  config, tokenizer = start.resolve(config, 1)
   objective = objectives.OBJECTIVES[config.train.objective]
   host_batch = next(iter(loop._datasets(config, objective, tokenizer).validation_dataset))
   rollout = objective.make_rollout(setup := setup_lib.make_setup(config, jax.devices()[:1]),

@@ -1,4 +1,4 @@
-"""DPO's family of losses (config.train.dpo_loss): each against its paper's formula written
+"""DPO's family of losses (config.train.dpo.loss): each against its paper's formula written
 out here on hand-made log-probs, its gradient against finite differences of that formula,
 and the reference model left out entirely where a loss reads none."""
 
@@ -12,8 +12,9 @@ import pytest
 
 from experiments.configs import default, dpo as dpo_config
 from lm import objectives
+from lm.objectives import dpo
 from lm.errors import ConfigError
-from lm.training import losses, loop, steps
+from lm.training import loop, steps
 
 from helpers import post_training_config
 
@@ -68,7 +69,7 @@ def orpo(pw, pl, rw, rl, lw, ll):
   return -pw / lw - LAMBDA * log_sigmoid(math.log(odds(pw, lw) / odds(pl, ll)))
 
 
-CASES = {  # name: (dpo_loss, settings, the formula)
+CASES = {  # name: (config.train.dpo.loss, settings, the formula)
     'dpo': ('sigmoid', dict(beta=BETA), sigmoid),
     'cdpo': ('sigmoid', dict(beta=BETA, label_smoothing=EPS),
              lambda *pair: sigmoid(*pair, eps=EPS)),
@@ -85,15 +86,14 @@ def formula_sum(formula, policy):
 
 
 def implementation(case, policy, nll_weight=0.0):
-  """The summed loss and metrics of losses.dpo; the reference is given only to a loss that
-  reads it."""
+  """The summed loss and metrics of dpo.preference_loss; the reference is given only to a
+  loss that reads it."""
   loss, settings, _ = CASES[case]
   reference = (jnp.asarray(REFERENCE, jnp.float32)
-               if losses.DPO_LOSSES[loss].needs_reference else None)
-  pairs = losses.PreferencePairs(jnp.asarray(policy, jnp.float32), reference,
-                                 jnp.asarray(LENGTHS, jnp.float32))
-  return losses.dpo(pairs, loss=loss, settings=losses.PreferenceSettings(**settings),
-                    nll_weight=nll_weight)
+               if dpo.DPO_LOSSES[loss].needs_reference else None)
+  pairs = dpo.PreferencePairs(jnp.asarray(policy, jnp.float32), reference,
+                              jnp.asarray(LENGTHS, jnp.float32))
+  return dpo.preference_loss(pairs, dpo.Settings(loss=loss, nll_weight=nll_weight, **settings))
 
 
 @pytest.mark.parametrize('case', sorted(CASES))
@@ -137,9 +137,9 @@ def test_robust_dpo_is_unbiased_under_label_flips():
   flipped with eps, the robust loss is DPO's on the true label (cDPO's is not)."""
   def total(loss, swap=False, label_smoothing=EPS):
     arrays = [x[:, ::-1] if swap else x for x in (POLICY, REFERENCE, LENGTHS)]
-    pairs = losses.PreferencePairs(*(jnp.asarray(x, jnp.float32) for x in arrays))
-    settings = losses.PreferenceSettings(beta=BETA, label_smoothing=label_smoothing)
-    return float(losses.dpo(pairs, loss=loss, settings=settings)['loss'])
+    pairs = dpo.PreferencePairs(*(jnp.asarray(x, jnp.float32) for x in arrays))
+    settings = dpo.Settings(loss=loss, beta=BETA, label_smoothing=label_smoothing)
+    return float(dpo.preference_loss(pairs, settings)['loss'])
   dpo_loss = total('sigmoid', label_smoothing=0.0)
   averaged = lambda loss: (1 - EPS) * total(loss) + EPS * total(loss, swap=True)
   np.testing.assert_allclose(averaged('robust'), dpo_loss, rtol=1e-5)
@@ -175,9 +175,9 @@ def test_metrics_are_rewards_with_a_reference_and_per_token_log_probs_without():
 def test_orpo_stays_finite_when_a_response_is_certain():
   """A float32 log-softmax rounds to 0 where p ~ 1: log(1 - P) must not become -inf."""
   policy = jnp.array([[0.0, -3.0], [-2.0, 0.0]])
-  pairs = lambda policy: losses.PreferencePairs(policy, None, jnp.ones((2, 2)))
-  settings = losses.PreferenceSettings(beta=BETA, orpo_lambda=LAMBDA)
-  loss = lambda policy: losses.dpo(pairs(policy), loss='orpo', settings=settings)['loss']
+  pairs = lambda policy: dpo.PreferencePairs(policy, None, jnp.ones((2, 2)))
+  settings = dpo.Settings(loss='orpo', beta=BETA, orpo_lambda=LAMBDA)
+  loss = lambda policy: dpo.preference_loss(pairs(policy), settings)['loss']
   assert np.isfinite(loss(policy))
   assert np.isfinite(jax.grad(loss)(policy)).all()
 
@@ -204,10 +204,11 @@ def preference_batch():
           'loss_mask': jnp.asarray(np.tile([0, 0, 0, 1, 1, 1], (2, 2, 1)), jnp.int32)}
 
 
-@pytest.mark.parametrize('loss', sorted(losses.DPO_LOSSES))
+@pytest.mark.parametrize('loss', sorted(dpo.DPO_LOSSES))
 def test_only_losses_that_read_a_reference_run_the_reference_model(loss):
   train_config = default.get_config().train
-  train_config.update(objective='dpo', dpo_loss=loss)
+  train_config.update(objective='dpo')
+  train_config.dpo.loss = loss
   objective = objectives.OBJECTIVES['dpo']
   needs_reference = objective.needs_reference(train_config)
   assert needs_reference == (loss not in ('simpo', 'orpo'))
@@ -215,7 +216,7 @@ def test_only_losses_that_read_a_reference_run_the_reference_model(loss):
   policy = {'table': jax.random.normal(jax.random.key(0), (8, 8))}
   reference = {'table': jnp.zeros((8, 8))} if needs_reference else None
   total, sums, count = objective.loss(policy, preference_batch(), reference, model=model,
-                                      train_config=train_config)
+                                      settings=objective.settings(train_config))
   assert [params is policy for params in model.applied_to] == (
       [True, False] if needs_reference else [True])
   assert np.isfinite(total) and count == 2 and np.isfinite(sums['chosen_nll'])
@@ -223,7 +224,7 @@ def test_only_losses_that_read_a_reference_run_the_reference_model(loss):
 
 def test_the_objectives_say_which_need_a_reference():
   train_config = default.get_config().train
-  assert train_config.dpo_loss == 'sigmoid' and train_config.dpo_label_smoothing == 0
+  assert train_config.dpo.loss == 'sigmoid' and train_config.dpo.label_smoothing == 0
   assert objectives.OBJECTIVES['dpo'].needs_reference(train_config)  # Today's DPO.
   assert objectives.OBJECTIVES['grpo'].needs_reference(train_config)
   assert not objectives.OBJECTIVES['sft'].needs_reference(train_config)
@@ -231,26 +232,26 @@ def test_the_objectives_say_which_need_a_reference():
 
 
 @pytest.mark.parametrize('field, value, message', [
-    ('dpo_loss', 'kto', r"config.train.dpo_loss='kto' is not one of \['hinge', 'ipo',"),
-    ('dpo_label_smoothing', 0.5, r'config.train.dpo_label_smoothing=0.5 must be .* < 0.5'),
-    ('dpo_label_smoothing', -0.1, r'config.train.dpo_label_smoothing=-0.1 must be .* >= 0'),
-    ('dpo_simpo_gamma', float('nan'), r'config.train.dpo_simpo_gamma=nan must be'),
-    ('dpo_orpo_lambda', -1.0, r'config.train.dpo_orpo_lambda=-1.0 must be'),
+    ('loss', 'kto', r"config.train.dpo.loss='kto' is not one of \['hinge', 'ipo',"),
+    ('label_smoothing', 0.5, r'config.train.dpo.label_smoothing=0.5 must be .* < 0.5'),
+    ('label_smoothing', -0.1, r'config.train.dpo.label_smoothing=-0.1 must be .* >= 0'),
+    ('simpo_gamma', float('nan'), r'config.train.dpo.simpo_gamma=nan must be'),
+    ('orpo_lambda', -1.0, r'config.train.dpo.orpo_lambda=-1.0 must be'),
 ])
 def test_bad_dpo_family_fields_are_refused_by_name(field, value, message):
   config = dpo_config.get_config('tiny')
-  config.train[field] = value
+  config.train.dpo[field] = value
   with pytest.raises(ConfigError, match=message):
     objectives.OBJECTIVES['dpo'].validate(config)
 
 
 def test_label_smoothing_is_refused_where_the_loss_does_not_read_it():
   config = dpo_config.get_config('tiny')
-  config.train.update(dpo_loss='robust', dpo_label_smoothing=0.1)
+  config.train.dpo.update(loss='robust', label_smoothing=0.1)
   objectives.OBJECTIVES['dpo'].validate(config)
-  config.train.dpo_loss = 'ipo'
-  with pytest.raises(ConfigError, match=r"dpo_label_smoothing=0.1 is read by config.train"
-                                        r".dpo_loss \['sigmoid', 'robust'\] only, not 'ipo'"):
+  config.train.dpo.loss = 'ipo'
+  with pytest.raises(ConfigError, match=r"dpo.label_smoothing=0.1 is read by config.train"
+                                        r".dpo.loss \['sigmoid', 'robust'\] only, not 'ipo'"):
     objectives.OBJECTIVES['dpo'].validate(config)
 
 
@@ -260,14 +261,14 @@ def test_a_dpo_family_run_keeps_a_reference_only_if_its_loss_reads_one(
     loss, pretrained, tmp_path, monkeypatch):
   given_reference = []
   original = steps.train_step
-  def spy(state, batch, reference_params=None, base_params=None, **options):
-    given_reference.append(reference_params is not None)
-    return original(state, batch, reference_params, base_params, **options)
+  def spy(state, batch, frozen, **options):
+    given_reference.append(frozen.reference is not None)
+    return original(state, batch, frozen, **options)
   monkeypatch.setattr(steps, 'train_step', spy)
 
   config = post_training_config(dpo_config, pretrained[0], num_steps=2, warmup_steps=0,
-                                log_every=1, eval_every=2, eval_steps=1, learning_rate=1e-3,
-                                dpo_loss=loss)
+                                log_every=1, eval_every=2, eval_steps=1, learning_rate=1e-3)
+  config.train.dpo.loss = loss
   history, _ = loop.train(config, str(tmp_path), jax.devices()[:1])
   rows = {row['step']: row for row in history}
   needs_reference = loss == 'ipo'
@@ -275,7 +276,7 @@ def test_a_dpo_family_run_keeps_a_reference_only_if_its_loss_reads_one(
   assert os.path.isdir(tmp_path / 'reference') == needs_reference
   if needs_reference:
     # At the reference, h = 0: IPO's loss is (1 / (2 beta))^2.
-    np.testing.assert_allclose(rows[1]['loss'], 1 / (2 * config.train.dpo_beta) ** 2,
+    np.testing.assert_allclose(rows[1]['loss'], 1 / (2 * config.train.dpo.beta) ** 2,
                                rtol=1e-5)
     assert rows[1]['reward_margin'] == 0 and 'eval_reward_accuracy' in rows[2]
   else:

@@ -18,7 +18,7 @@ from lm import objectives, tokenizer as tokenizer_lib
 from lm.data import pipeline
 from lm.errors import ConfigError
 from lm.objectives import grpo, rewards
-from lm.training import logger as logger_lib, losses, loop, optimizer as optimizer_lib, steps
+from lm.training import logger as logger_lib, loop, optimizer as optimizer_lib, steps
 
 from helpers import (constant_rate_train_config, init_model, post_training_config,
                      small_model_config)
@@ -52,8 +52,8 @@ def test_grpo_loss_and_its_gradient_match_the_per_token_formulas(policy_moved):
   old = log_probs + (jax.random.uniform(keys[4], (3, 7), minval=-0.5, maxval=0.5)
                      if policy_moved else 0.0)
   beta, epsilon = 0.2, 0.2
-  loss = lambda x, old: losses.grpo(x, old, reference, advantages, weights, kl_weight=beta,
-                                    clip_epsilon=epsilon)
+  loss = lambda x, old: grpo.clipped_policy_loss(x, old, reference, advantages, weights,
+                                                 kl_weight=beta, clip_epsilon=epsilon)
   sums = loss(log_probs, old)
   lp, old_, ref, adv, w = map(lambda x: np.asarray(x, np.float64),
                               (log_probs, old, reference, advantages, weights))
@@ -176,7 +176,7 @@ def test_grpo_loss_at_the_reference_is_the_advantage_weighted_log_likelihood_gra
   batch['advantages'] = np.repeat(np.linspace(-1.5, 1.5, 8, dtype=np.float32)[:, None], 48, 1)
   batch = jax.tree.map(jnp.asarray, batch)
   config = train_config(temperature=0.8)
-  loss = jax.jit(functools.partial(grpo.grpo_loss, model=model, train_config=config))
+  loss = jax.jit(functools.partial(grpo.grpo_loss, model=model, settings=config.grpo))
   _, sums, count = loss(params, batch, params)
   assert sums['kl'] == 0 and count == batch['loss_mask'].sum()
 
@@ -218,7 +218,8 @@ def test_grpo_steps_raise_the_reward(updates_per_rollout, monkeypatch):
   optimizer = optimizer_lib.make_optimizer(config)
   state = steps.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
   step = jax.jit(functools.partial(steps.train_step, model=model, optimizer=optimizer,
-                                   objective=objectives.OBJECTIVES['grpo'], train_config=config))
+                                   objective=objectives.OBJECTIVES['grpo'],
+                                   settings=config.grpo))
   sampling_log_probs = jax.jit(functools.partial(grpo.sampling_log_probs, model=model,
                                                  train_config=config))
   reference = jax.tree.map(jnp.copy, params)
@@ -230,7 +231,7 @@ def test_grpo_steps_raise_the_reward(updates_per_rollout, monkeypatch):
     if updates_per_rollout > 1:
       batch['old_log_probs'] = sampling_log_probs(state.params, batch)
     for _ in range(updates_per_rollout):
-      state, step_metrics = step(state, batch, reference)
+      state, step_metrics = step(state, batch, steps.Frozen(reference=reference))
       clipped.append(float(step_metrics.get('clipped', 0.0)))
     history.append(metrics['reward'])
   # Ten letters of the 259 byte ids at the start; mostly letters after.

@@ -14,7 +14,7 @@ from helpers import post_training_config, small_model_config
 from lm import lora, models, sharding
 from lm.errors import ConfigError
 from lm.training import checkpointing, loop
-from lm.training import setup as setup_lib
+from lm.training import setup as setup_lib, steps
 
 HYBRID = dict(layer_pattern='attention,mamba')
 
@@ -166,7 +166,7 @@ def test_only_the_adapters_train_and_they_shard_by_their_logical_names(pretraine
     batch['positions'] = jnp.tile(jnp.arange(64), (rows, 1))
     batch = jax.device_put(batch, setup.batch_sharding)
     for _ in range(3):
-      state, metrics = setup.train_step(state, batch, None, base)
+      state, metrics = setup.train_step(state, batch, steps.Frozen(base=base))
   assert np.isfinite(float(metrics['loss']))
   base_after = jax.tree.map(np.asarray, base)
   for old, new in zip(jax.tree.leaves(before[0]), jax.tree.leaves(base_after)):

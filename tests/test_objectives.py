@@ -3,14 +3,16 @@ the loop, the step, the pipeline and the config checks through the registry alon
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
-from lm import objectives, tokenizer as tokenizer_lib
+from helpers import make_tiny_config
+from lm import losses, objectives, tokenizer as tokenizer_lib
 from lm.data import pipeline, sources
 from lm.errors import ConfigError
 from lm.objectives import pretrain
-from lm.training import losses, loop
+from lm.training import loop
 
 
 def test_every_objective_is_registered_under_its_own_name():
@@ -20,42 +22,53 @@ def test_every_objective_is_registered_under_its_own_name():
     assert isinstance(objective, objectives.Objective)
 
 
-class _EvenTargets(pretrain.Pretrain):
-  """Pretraining's data, with only the targets at even positions counted."""
-  name = 'even_targets'
-  count_name = 'num_even_targets'
+class _EveryKthTarget(pretrain.Pretrain):
+  """A new objective, whole in this class: pretraining's data, with only the targets at
+  positions that are multiples of its own setting config.train.every_kth.k counted."""
+  name = 'every_kth'
+  count_name = 'num_counted_targets'
+
+  def default_config(self):
+    return ml_collections.ConfigDict(dict(k=2))
 
   def validate(self, config):
-    if config.train.z_loss_weight != 0:
-      raise ConfigError('config.train.z_loss_weight must be 0 for even_targets')
+    if config.train.every_kth.k < 1:
+      raise ConfigError(f'config.train.every_kth.k={config.train.every_kth.k} must be >= 1')
 
-  def loss(self, params, batch, reference_params, *, model, train_config):
+  def settings(self, train_config):
+    return train_config.every_kth
+
+  def loss(self, params, batch, reference_params, *, model, settings):
     logits_btv = model.apply({'params': params}, batch['tokens'], batch['segment_ids'],
                              batch['positions'])
     targets_bt, weights_bt = losses.next_token_targets(batch)
-    weights_bt = weights_bt * (jnp.arange(weights_bt.shape[1]) % 2 == 0)
+    weights_bt = weights_bt * (jnp.arange(weights_bt.shape[1]) % settings.k == 0)
     loss_sum, _, count = losses.cross_entropy(logits_btv, targets_bt, weights_bt)
     return loss_sum, {'loss': loss_sum}, count
 
 
-def test_a_new_objective_runs_from_the_registry_alone(tiny_config, tmp_path, monkeypatch):
-  monkeypatch.setitem(objectives.OBJECTIVES, 'even_targets', _EvenTargets())
-  tiny_config.train.update(objective='even_targets', num_steps=2, log_every=1, eval_every=2,
-                           warmup_steps=1)
-  with pytest.raises(ConfigError, match='z_loss_weight must be 0 for even_targets'):
-    loop.train(tiny_config, str(tmp_path / 'refused'), jax.devices()[:1])
+def test_a_new_objective_is_one_class_and_one_registry_entry(tmp_path, monkeypatch):
+  monkeypatch.setitem(objectives.OBJECTIVES, 'every_kth', _EveryKthTarget())
+  # Its settings are in every config from now on, with their defaults.
+  config = make_tiny_config(tmp_path / 'corpus')
+  assert config.train.every_kth.k == 2
+  config.train.update(objective='every_kth', num_steps=2, log_every=1, eval_every=2,
+                      warmup_steps=1)
+  config.train.every_kth.k = 0
+  with pytest.raises(ConfigError, match=r'config.train.every_kth.k=0 must be >= 1'):
+    loop.train(config, str(tmp_path / 'refused'), jax.devices()[:1])
 
-  tiny_config.train.z_loss_weight = 0.0
-  history, _ = loop.train(tiny_config, str(tmp_path / 'run'), jax.devices()[:1])
-  # The first batch, made as the loop makes it: its even-position targets were counted.
-  objective = objectives.OBJECTIVES['even_targets']
-  train_documents, _ = sources.split(objective.source(tiny_config.data),
-                                     tiny_config.data.validation_fraction)
+  config.train.every_kth.k = 3
+  history, _ = loop.train(config, str(tmp_path / 'run'), jax.devices()[:1])
+  # The first batch, made as the loop makes it: its targets at every third position counted.
+  objective = objectives.OBJECTIVES['every_kth']
+  train_documents, _ = sources.split(objective.source(config.data),
+                                     config.data.validation_fraction)
   batch = next(iter(pipeline.make_dataset(
-      train_documents, objective, tokenizer_lib.build(tiny_config.tokenizer),
-      seq_len=tiny_config.data.seq_len, batch_size=tiny_config.data.batch_size,
-      seed=tiny_config.seed, train=True, shuffle_window=tiny_config.data.shuffle_window)))
+      train_documents, objective, tokenizer_lib.build(config.tokenizer),
+      seq_len=config.data.seq_len, batch_size=config.data.batch_size,
+      seed=config.seed, train=True, shuffle_window=config.data.shuffle_window)))
   _, weights_bt = losses.next_token_targets(batch)
-  assert history[0]['num_even_targets'] == float(jnp.sum(weights_bt[:, ::2]))
-  assert float(jnp.sum(weights_bt[:, 1::2])) > 0  # So the count above is selective.
+  assert history[0]['num_counted_targets'] == float(jnp.sum(weights_bt[:, ::3]))
+  assert float(jnp.sum(weights_bt[:, 1::3])) > 0  # So the count above is selective.
   assert np.isfinite(history[-1]['eval_loss']) and 'eval_perplexity' in history[-1]

@@ -14,7 +14,8 @@ from experiments.configs import dpo as dpo_config, sft as sft_config
 from lm import models, objectives, tokenizer as tokenizer_lib
 from lm.data import pipeline, sources
 from lm.errors import ConfigError
-from lm.training import checkpointing, losses, loop, optimizer as optimizer_lib, steps
+from lm import losses
+from lm.training import checkpointing, loop, optimizer as optimizer_lib, steps
 
 from helpers import (WORDS, constant_rate_train_config, init_model, jit_apply,
                      make_tiny_config, post_training_config, small_model_config)
@@ -127,9 +128,10 @@ def direct_log_prob(apply, params, tokens, loss_mask):
 def dpo_setup(nll_weight=0.0):
   model, params = init_model(small_model_config(vocab_size=TOKENIZER.vocab_size), length=32)
   batch = jax.tree.map(jnp.asarray, next(iter(batches(DPO_EXAMPLES, 'dpo', batch_size=3))))
-  train_config = constant_rate_train_config(objective='dpo', dpo_beta=0.5,
-                                            dpo_nll_weight=nll_weight)
-  loss = functools.partial(objectives.OBJECTIVES['dpo'].loss, model=model, train_config=train_config)
+  train_config = constant_rate_train_config(objective='dpo')
+  train_config.dpo.update(beta=0.5, nll_weight=nll_weight)
+  loss = functools.partial(objectives.OBJECTIVES['dpo'].loss, model=model,
+                           settings=train_config.dpo)
   return jit_apply(model), params, batch, loss
 
 
@@ -187,17 +189,17 @@ def test_dpo_at_the_reference_is_log_2_with_the_log_likelihood_ratio_gradient():
 def test_dpo_steps_on_one_batch_learn_its_preferences():
   _, params, batch, _ = dpo_setup()
   model = models.build(small_model_config(vocab_size=TOKENIZER.vocab_size))
-  train_config = constant_rate_train_config(objective='dpo', dpo_beta=0.5,
-                                            learning_rate=3e-3, num_steps=20)
+  train_config = constant_rate_train_config(objective='dpo', learning_rate=3e-3, num_steps=20)
+  train_config.dpo.beta = 0.5
   optimizer = optimizer_lib.make_optimizer(train_config)
   state = steps.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
   step = jax.jit(functools.partial(steps.train_step, model=model, optimizer=optimizer,
                                    objective=objectives.OBJECTIVES['dpo'],
-                                   train_config=train_config))
-  reference = jax.tree.map(jnp.copy, params)
-  history = [step(state, batch, reference)]
+                                   settings=train_config.dpo))
+  frozen = steps.Frozen(reference=jax.tree.map(jnp.copy, params))
+  history = [step(state, batch, frozen)]
   for _ in range(10):
-    state, metrics = step(history[-1][0], batch, reference)
+    state, metrics = step(history[-1][0], batch, frozen)
     history.append((state, metrics))
   first, last = history[0][1], history[-1][1]
   np.testing.assert_allclose(first['loss'], np.log(2.0), rtol=1e-6)

@@ -29,8 +29,8 @@ def checkpoint_steps(workdir) -> list[int]:
 
 def test_a_non_finite_step_is_named_and_never_checkpointed(tiny_config, tmp_path, monkeypatch):
   original = steps.train_step
-  def poisoned(state, batch, reference_params, base_params, **kwargs):
-    state, metrics = original(state, batch, reference_params, base_params, **kwargs)
+  def poisoned(state, batch, frozen, **kwargs):
+    state, metrics = original(state, batch, frozen, **kwargs)
     bad = state.step == 3  # The loss of step 3, and the params after it.
     metrics['loss'] = jnp.where(bad, jnp.nan, metrics['loss'])
     state = state.replace(params=jax.tree.map(lambda p: jnp.where(bad, jnp.nan, p),

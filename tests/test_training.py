@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from lm import objectives
-from lm.training import logger as logger_lib, losses, loop, optimizer as optimizer_lib, steps
+from lm import losses
+from lm.training import logger as logger_lib, loop, optimizer as optimizer_lib, steps
 
 from helpers import init_model, small_model_config
 
@@ -79,7 +80,8 @@ def small_setup(accumulation):
   state = steps.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
   step = jax.jit(functools.partial(steps.train_step, model=model, optimizer=optimizer,
                                    objective=objectives.OBJECTIVES['pretrain'],
-                                   train_config=train_config))
+                                   settings=objectives.OBJECTIVES['pretrain'].settings(train_config),
+                                   num_microbatches=accumulation))
   return state, step
 
 
@@ -142,8 +144,8 @@ def test_learning_rate_warms_up_linearly_then_decays_by_cosine():
 
 def test_a_non_finite_loss_stops_the_run_with_its_step(tiny_config, tmp_path, monkeypatch):
   original = steps.train_step
-  def poisoned(state, batch, reference_params, base_params, **kwargs):
-    state, metrics = original(state, batch, reference_params, base_params, **kwargs)
+  def poisoned(state, batch, frozen, **kwargs):
+    state, metrics = original(state, batch, frozen, **kwargs)
     metrics['loss'] = jnp.where(state.step >= 3, jnp.nan, metrics['loss'])
     return state, metrics
   monkeypatch.setattr(steps, 'train_step', poisoned)

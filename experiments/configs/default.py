@@ -14,6 +14,9 @@ the Pallas kernels; the Colab notebooks' TPU setting).
 
 import ml_collections
 
+from lm import lora, objectives
+from lm.models import layers
+
 
 def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -35,9 +38,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
       max_seq_len=1024,
       rope_theta=10_000.0,
       # Long-context RoPE rescaling: kind 'none' | 'llama3' (Llama 3.1's rule, with these).
-      rope_scaling=ml_collections.ConfigDict(dict(
-          kind='none', factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-          original_max_len=8192)),
+      rope_scaling=ml_collections.ConfigDict(layers.NO_ROPE_SCALING),
       tie_embeddings=True,
       scale_embeddings=True,  # Inputs x sqrt(embed_dim); imported models do not scale.
       qkv_bias=False,  # Biases on query, key and value (Qwen2).
@@ -95,26 +96,6 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
       objective='pretrain',
       init_from='',  # A workdir whose params start this run (and are the reference of
       init_from_step=-1,  # DPO and GRPO), from this step of it; -1: its latest at start.
-      # DPO's loss (lm/training/losses.py): 'sigmoid' (DPO) | 'robust' (rDPO) | 'ipo' |
-      # 'hinge' (SLiC) | 'simpo' | 'orpo'; SimPO and ORPO need no reference model.
-      dpo_loss='sigmoid',
-      # DPO's beta: how far from the reference the policy may move; IPO's tau; SimPO's
-      # reward scale (its paper uses 2 to 2.5); ORPO does not read it.
-      dpo_beta=0.1,
-      dpo_nll_weight=0.0,  # > 0: plus this x the chosen responses' per-token NLL (RPO).
-      # 'sigmoid' (cDPO) and 'robust': the probability that a pair's label is flipped.
-      dpo_label_smoothing=0.0,
-      dpo_simpo_gamma=0.5,  # 'simpo': the target reward margin gamma.
-      dpo_orpo_lambda=0.1,  # 'orpo': the weight of the odds-ratio term beside the NLL.
-      grpo=ml_collections.ConfigDict(dict(
-          reward='python_function',  # By name, from lm/objectives/rewards.py.
-          group_size=8,  # Completions per prompt; data.batch_size counts prompts.
-          max_new_tokens=256,  # Per completion; the prompt gets the rest of data.seq_len.
-          temperature=0.7,  # Of the sampling policy, the one that is trained.
-          kl_weight=0.04,  # Of the per-token KL penalty to the reference.
-          updates_per_rollout=1,  # Optimizer steps on each rollout (GRPO's mu).
-          clip_epsilon=0.2,  # PPO's clip on pi / pi_sampler, once updates_per_rollout > 1.
-      )),
       num_steps=1500,
       learning_rate=2e-3,
       warmup_steps=100,
@@ -131,20 +112,13 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
       eval_steps=20,
       sample_tokens=120,  # Generated within one sequence, so < data.seq_len.
       sample_temperature=0.7,
+      # Each objective's own settings, with their defaults in its module:
+      # config.train.dpo (lm/objectives/dpo.py), config.train.grpo (lm/objectives/grpo.py).
+      **objectives.config_sections(),
   ))
 
-  # Low-rank adapters (lm/lora.py; configs/sft_lora.py): with rank > 0 a run trains only
-  # adapters on the frozen model of train.init_from, and its checkpoints hold only them.
-  config.lora = ml_collections.ConfigDict(dict(
-      rank=0,  # 0: train every weight.
-      alpha=16.0,  # The adapters' product is scaled by alpha / rank.
-      dropout=0.0,  # On the adapters' input, in training.
-      # Groups 'attention', 'mlp', 'mamba' or layer names (lm/lora.py LAYERS).
-      targets='attention,mlp,mamba',
-      # QLoRA: 'int8' | 'int4' | 'nf4' stores the base's block matrices quantized.
-      base_dtype='',
-      tile_size=64,  # 4-bit: one scale per this many inputs.
-  ))
+  # Low-rank adapters and QLoRA, with their defaults (lm/lora.py; configs/sft_lora.py).
+  config.lora = lora.default_config()
 
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 

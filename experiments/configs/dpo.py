@@ -12,9 +12,9 @@ eval_reward_accuracy is the share of held-out pairs whose chosen body gains more
 log-probability over the reference than the rejected one. The learning rate is 50x
 below SFT's because higher rates, at the same accuracy, also push the chosen bodies' own
 likelihood far below the reference's, and samples degrade (docs/benchmarks.md);
-`dpo_nll_weight` > 0 (RPO) holds it up instead.
+`dpo.nll_weight` > 0 (RPO) holds it up instead.
 
-Other losses of the family: --config.train.dpo_loss=robust (with dpo_label_smoothing),
+Other losses of the family: --config.train.dpo.loss=robust (with dpo.label_smoothing),
 ipo, hinge, or the reference-free simpo and orpo (no reference is loaded or run; they
 log eval_log_prob_accuracy, the share of held-out pairs whose chosen body is the likelier
 per token, in place of the reward's).
@@ -28,7 +28,8 @@ from experiments.configs import sft
 
 def get_config(variant: str = ''):
   config = sft.get_config(variant)
-  config.train.update(objective='dpo', learning_rate=1e-5, dpo_beta=0.1, z_loss_weight=0.0)
+  config.train.update(objective='dpo', learning_rate=1e-5)
+  config.train.dpo.beta = 0.1
   if variant != 'tiny':
     config.train.update(num_steps=200, warmup_steps=20)
   return config

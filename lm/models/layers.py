@@ -33,6 +33,12 @@ class RMSNorm(nn.Module):
     return (x32 * scale).astype(self.dtype)
 
 
+# config.model.rope_scaling with no rescaling, and Llama 3.1's published settings as the
+# values its 'llama3' kind starts from.
+NO_ROPE_SCALING = dict(kind='none', factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                       original_max_len=8192)
+
+
 def rope_frequencies(head_dim: int, theta: float, scaling=None):
   """RoPE's inverse frequencies [H/2]: theta^(-2i/H) (Su et al. 2021), optionally
   rescaled for long contexts. `scaling.kind` 'llama3' (Llama 3.1's published rule):

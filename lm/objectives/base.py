@@ -1,6 +1,6 @@
-"""What an objective is: the one place that says how its data become rows, and its rows
-a loss. The loop, the config checks and the data pipeline read an objective only
-through this interface.
+"""What an objective is: the one place that says how its data become rows, its rows a
+loss, and what its settings (config.train.<name>) are. The loop, the config checks and
+the data pipeline read an objective only through this interface.
 
 A new objective is a module in lm/objectives/ with a subclass of `Objective`, and one
 line in the registry (lm/objectives/__init__.py).
@@ -26,10 +26,20 @@ class Objective:
   # What an item of its source is, for the start-up line.
   items = 'files or lines of examples'
 
-  # Start-up, before anything is compiled or written.
+  # Its settings, and start-up checks before anything is compiled or written.
+
+  def default_config(self):
+    """config.train.<name>: this objective's own settings with their defaults (an
+    ml_collections.ConfigDict), or None for an objective without any."""
+    return None
+
+  def settings(self, train_config):
+    """What its loss reads: its own section of `config.train`."""
+    return train_config[self.name] if self.default_config() is not None else None
 
   def validate(self, config) -> None:
-    """Raises ConfigError naming a field of this objective's settings."""
+    """Raises ConfigError naming a field of this objective's settings (or one of the
+    run's it cannot work with)."""
 
   def source(self, data_config):
     """The random-access source of `config.data`, checked against `sources`."""
@@ -81,10 +91,10 @@ class Objective:
     shape = (config.data.batch_size, config.data.seq_len)
     return {name: jax.ShapeDtypeStruct(shape, jnp.int32) for name in self.batch_fields}
 
-  def loss(self, params, batch, reference_params, *, model, train_config):
+  def loss(self, params, batch, reference_params, *, model, settings):
     """(objective sum, metric sums, count): sums over the batch and what they are
     averaged over, so gradient accumulation and data parallelism divide once by the
-    true count."""
+    true count. `settings` is `self.settings(config.train)`."""
     raise NotImplementedError
 
   # The loop (lm/training/loop.py).

@@ -14,19 +14,36 @@ token.
 import functools
 import json
 
+from typing import NamedTuple
+
 import grain
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from lm import chat, distributed, sampling, sharding
+from lm import chat, distributed, losses, sampling, sharding
 from lm.data import pipeline
 from lm.errors import check, check_number
 from lm.objectives import base, rewards
-from lm.training import losses, steps
 
 # Keeps the advantages of a group whose rewards are all equal at 0, not 0/0.
 _STD_EPSILON = 1e-6
+
+
+class Settings(NamedTuple):
+  """config.train.grpo, with its defaults (`default_config`)."""
+  reward: str = 'python_function'  # By name, from lm/objectives/rewards.py.
+  group_size: int = 8  # Completions per prompt; data.batch_size counts prompts.
+  max_new_tokens: int = 256  # Per completion; the prompt gets the rest of data.seq_len.
+  temperature: float = 0.7  # Of the sampling policy, the one that is trained.
+  kl_weight: float = 0.04  # Of the per-token KL penalty to the reference.
+  updates_per_rollout: int = 1  # Optimizer steps on each rollout (GRPO's mu).
+  clip_epsilon: float = 0.2  # PPO's clip on pi / pi_sampler, once updates_per_rollout > 1.
+
+
+def default_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(Settings()._asdict())
 
 
 def group_advantages(rewards_b: np.ndarray, group_size: int) -> np.ndarray:
@@ -127,24 +144,51 @@ def _policy_log_probs_bt(params, batch, model, temperature: float):
   return losses.token_log_probs(logits_btv.astype(jnp.float32) / temperature, targets_bt)
 
 
-def grpo_loss(params, batch, reference_params, *, model, train_config):
+def clipped_policy_loss(log_probs_bt, old_log_probs_bt, reference_log_probs_bt,
+                        advantages_bt, weights_bt, *, kl_weight: float, clip_epsilon: float):
+  """GRPO's objective (Shao et al. 2024, eq. 3) on the log-probs of sampled completion
+  tokens. Summed over tokens, for a mean over all of a batch's completion tokens rather
+  than per completion (as DAPO, Yu et al. 2025), so a long completion's tokens weigh as
+  much as a short one's.
+
+  The policy-gradient term is PPO's clipped surrogate -min(ratio A, clip(ratio) A), where
+  ratio = pi / pi_old and pi_old is the policy that sampled: once the policy has moved
+  more than `clip_epsilon` from it on a token, in the direction its advantage A asks,
+  that token stops pulling. With one update per rollout, pi_old is pi itself
+  (`old_log_probs_bt` = stop_gradient(log_probs_bt)): the ratio is 1, the clip never
+  acts, and the gradient is A times that of log pi. The KL penalty to the reference is
+  the unbiased, non-negative estimator exp(r) - r - 1 with r = log(pi_ref / pi)
+  (Schulman 2020). Returns sums over the weighted tokens: loss, kl and clipped (the
+  tokens the clip holds).
+  """
+  ratio_bt = jnp.exp(log_probs_bt - old_log_probs_bt)
+  unclipped_bt = ratio_bt * advantages_bt
+  clipped_bt = jnp.clip(ratio_bt, 1 - clip_epsilon, 1 + clip_epsilon) * advantages_bt
+  log_ratio_bt = reference_log_probs_bt - log_probs_bt
+  kl_bt = jnp.expm1(log_ratio_bt) - log_ratio_bt  # exp(r) - 1 - r, accurate near r = 0.
+  loss_bt = -jnp.minimum(unclipped_bt, clipped_bt) + kl_weight * kl_bt
+  return {'loss': jnp.sum(loss_bt * weights_bt), 'kl': jnp.sum(kl_bt * weights_bt),
+          'clipped': jnp.sum((clipped_bt < unclipped_bt) * weights_bt)}
+
+
+def grpo_loss(params, batch, reference_params, *, model, settings):
   """GRPO on rollout rows: [B, T] arrays of prompt + sampled completion, `loss_mask` on
   the completion, `advantages` on every token, and, when a rollout serves several
   updates, `old_log_probs` of the policy that sampled. The policy is the model at the
-  sampling temperature. Returns (loss sum, metric sums, number of completion tokens)."""
-  grpo_config = train_config.grpo
+  sampling temperature; `settings` is config.train.grpo. Returns (loss sum, metric sums,
+  number of completion tokens)."""
   _, weights_bt = losses.next_token_targets(batch)
-  log_probs_bt = _policy_log_probs_bt(params, batch, model, grpo_config.temperature)
+  log_probs_bt = _policy_log_probs_bt(params, batch, model, settings.temperature)
   # Without them, this update is the rollout's only one (or an evaluation): the sampler
   # is the policy itself, and nothing is clipped.
   sampled_by_policy = 'old_log_probs' not in batch
   old_log_probs_bt = (jax.lax.stop_gradient(log_probs_bt) if sampled_by_policy
                       else batch['old_log_probs'])
   reference_bt = jax.lax.stop_gradient(
-      _policy_log_probs_bt(reference_params, batch, model, grpo_config.temperature))
-  sums = losses.grpo(log_probs_bt, old_log_probs_bt, reference_bt, batch['advantages'],
-                     weights_bt, kl_weight=grpo_config.kl_weight,
-                     clip_epsilon=grpo_config.clip_epsilon)
+      _policy_log_probs_bt(reference_params, batch, model, settings.temperature))
+  sums = clipped_policy_loss(log_probs_bt, old_log_probs_bt, reference_bt,
+                             batch['advantages'], weights_bt, kl_weight=settings.kl_weight,
+                             clip_epsilon=settings.clip_epsilon)
   if sampled_by_policy:
     del sums['clipped']
   return sums['loss'], sums, jnp.sum(weights_bt)
@@ -155,7 +199,7 @@ def sampling_log_probs(params, batch, *, model, train_config):
   micro-batches like the train step, as whole-batch logits may not fit."""
   log_probs = jax.lax.map(
       lambda rows: _policy_log_probs_bt(params, rows, model, train_config.grpo.temperature),
-      steps.microbatches(batch, train_config.grad_accumulation_steps))
+      losses.microbatches(batch, train_config.grad_accumulation_steps))
   return log_probs.reshape(batch['tokens'].shape)
 
 
@@ -185,6 +229,9 @@ class _TrainingRollouts:
 class GRPO(base.Objective):
   name = 'grpo'
   sources = base.POST_TRAINING_SOURCES
+
+  def default_config(self):
+    return default_config()
 
   def needs_reference(self, train_config) -> bool:
     del train_config
@@ -233,8 +280,8 @@ class GRPO(base.Objective):
         'advantages',)
     return {**shapes, **{name: jax.ShapeDtypeStruct(shape, jnp.float32) for name in floats}}
 
-  def loss(self, params, batch, reference_params, *, model, train_config):
-    return grpo_loss(params, batch, reference_params, model=model, train_config=train_config)
+  def loss(self, params, batch, reference_params, *, model, settings):
+    return grpo_loss(params, batch, reference_params, model=model, settings=settings)
 
   def make_rollout(self, setup, tokenizer, config):
     return _TrainingRollouts(setup, tokenizer, config)

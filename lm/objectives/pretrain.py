@@ -5,23 +5,29 @@ rows of exactly `seq_len` (a long document continues in the next row as a new se
 every token a target.
 """
 
+from typing import NamedTuple
+
 import grain
 import numpy as np
 
+from lm import losses
 from lm.data import pipeline, sources
 from lm.objectives import base
-from lm.training import losses
 
 
-def token_loss(params, batch, reference_params, *, model, train_config):
+class TokenLoss(NamedTuple):
+  """What the token loss reads (pretraining's and SFT's)."""
+  z_loss_weight: float  # config.train.z_loss_weight
+
+
+def token_loss(params, batch, *, model, settings: TokenLoss):
   """Next-token cross-entropy on the weighted targets of [B, T] arrays, plus the z-loss.
   Returns (objective sum, metric sums, number of tokens)."""
-  del reference_params
   logits_btv = model.apply({'params': params}, batch['tokens'], batch['segment_ids'],
                            batch['positions'])
   targets_bt, weights_bt = losses.next_token_targets(batch)
   loss_sum, z_loss_sum, num_tokens = losses.cross_entropy(logits_btv, targets_bt, weights_bt)
-  total = loss_sum + train_config.z_loss_weight * z_loss_sum
+  total = loss_sum + settings.z_loss_weight * z_loss_sum
   return total, {'loss': loss_sum, 'z_loss': z_loss_sum}, num_tokens
 
 
@@ -58,9 +64,12 @@ class Pretrain(base.Objective):
   def batches(self, rows, *, seq_len: int, batch_size: int, seed: int, train: bool):
     return pipeline.batch(rows, batch_size).map(pipeline.with_model_names)
 
-  def loss(self, params, batch, reference_params, *, model, train_config):
-    return token_loss(params, batch, reference_params, model=model,
-                      train_config=train_config)
+  def settings(self, train_config) -> TokenLoss:
+    return TokenLoss(train_config.z_loss_weight)
+
+  def loss(self, params, batch, reference_params, *, model, settings):
+    del reference_params
+    return token_loss(params, batch, model=model, settings=settings)
 
   def sample_prompt(self, validation_documents, tokenizer, max_length: int) -> str:
     return ''  # The model's own start.

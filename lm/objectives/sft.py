@@ -42,7 +42,6 @@ class SFT(base.Objective):
   def build_source(self, data_config):
     return base.stdlib_or_jsonl_examples(data_config, ('prompt', 'response'), messages=True)
 
-
   def rows(self, dataset, tokenizer, seq_len: int, counts=None):
     """{'tokens', 'loss_mask'} int32 [length <= seq_len], one example each."""
     return pipeline.examples(dataset).map(_Tokenize(tokenizer, seq_len, counts)).filter(
@@ -57,6 +56,9 @@ class SFT(base.Objective):
         num_packing_bins=batch_size, seed=seed, shuffle_bins=train)
     return pipeline.batch(packed, batch_size).map(pipeline.with_model_names)
 
-  def loss(self, params, batch, reference_params, *, model, train_config):
-    return pretrain.token_loss(params, batch, reference_params, model=model,
-                               train_config=train_config)
+  def settings(self, train_config) -> pretrain.TokenLoss:
+    return pretrain.TokenLoss(train_config.z_loss_weight)
+
+  def loss(self, params, batch, reference_params, *, model, settings):
+    del reference_params
+    return pretrain.token_loss(params, batch, model=model, settings=settings)

@@ -1,4 +1,5 @@
-"""The training loop: checks, set-up, init or restore, then step/log/evaluate/save.
+"""The training loop: checks, set-up, the run's start (lm/training/start.py), then
+step/log/evaluate/save.
 
 Plain Python, top to bottom. Every objective (config.train.objective, lm/objectives/)
 runs here; they differ only in their data, their loss and, for GRPO, the rollout that
@@ -13,17 +14,14 @@ import time
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lm import config as config_lib
 from lm import distributed, flops, objectives, sampling, sharding
-from lm import tokenizer as tokenizer_lib
 from lm.data import pipeline, sources
-from lm.errors import ConfigError, check
+from lm.errors import ConfigError
 from lm.training import checkpointing, logger as logger_lib, optimizer as optimizer_lib
-from lm.training import setup as setup_lib, steps
+from lm.training import setup as setup_lib, start as start_lib, steps
 
 
 class _StopRequest:
@@ -94,15 +92,6 @@ def _example_counts(counts) -> dict[str, float]:
   return {name: float(total) for name, total in zip(names[1:], totals[1:])} if totals[0] else {}
 
 
-def _reference_params(setup, config, tokenizer, init_from_step: int):
-  """A resumed run's reference: the params it started from (config.train.init_from's at
-  `init_from_step`, or the fresh init's: with LoRA, the fresh adapters)."""
-  if config.train.init_from and not setup.base:
-    return checkpointing.load_params(config.train.init_from, init_from_step,
-                                     setup.abstract_state.params, config, tokenizer)[0]
-  return setup.init(jax.random.key(config.seed)).params
-
-
 def _global_batch(setup, rollout, params, host_batch: dict, step: int, *,
                   train: bool) -> tuple[dict, dict]:
   """(this process's rows as global arrays, batch metrics); with a rollout (GRPO), the
@@ -112,17 +101,17 @@ def _global_batch(setup, rollout, params, host_batch: dict, step: int, *,
   return sharding.global_batch(host_batch, setup.batch_sharding), {}
 
 
-def _evaluate(setup, params, reference_params, base_params, validation_dataset, rollout,
+def _evaluate(setup, params, frozen, validation_dataset, rollout,
               eval_steps: int) -> dict[str, float]:
   totals, rollout_totals, num_batches = {}, {}, 0
   for index, host_batch in enumerate(itertools.islice(validation_dataset, eval_steps)):
     # Batch `index` is sampled with the same key at every evaluation.
     batch, rollout_metrics = _global_batch(setup, rollout,
-                                           steps.model_params(params, base_params),
+                                           steps.model_params(params, frozen.base),
                                            host_batch, index, train=False)
     rollout_totals = {name: rollout_totals.get(name, 0.0) + value
                       for name, value in rollout_metrics.items()}
-    sums = setup.eval_step(params, batch, reference_params, base_params)
+    sums = setup.eval_step(params, batch, frozen)
     totals = {name: totals.get(name, 0.0) + float(value) for name, value in sums.items()}
     num_batches += 1
   count = max(totals.pop('count'), 1.0)
@@ -136,12 +125,11 @@ def _evaluate(setup, params, reference_params, base_params, validation_dataset, 
 
 def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
   """Trains (or resumes) the run in `workdir`; returns (logged metric rows, final state)."""
-  config = ml_collections.ConfigDict(config.to_dict())  # A private copy to resolve in.
   devices = list(jax.devices() if devices is None else devices)
 
   # 1. Everything that can be wrong with the inputs, before compiling or writing.
-  tokenizer = resolve(config, len(devices))
-  objective = objectives.OBJECTIVES[config.train.objective]
+  config, tokenizer = start_lib.resolve(config, len(devices))
+  objective = objectives.get(config.train.objective)
   data = _datasets(config, objective, tokenizer)
   lock = checkpointing.WorkdirLock(workdir)
   checkpointer = checkpointing.Checkpointer(workdir, config.checkpoint.max_to_keep)
@@ -151,79 +139,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
     # Pending saves finish before any error is reported: no half-written checkpoint.
     checkpointer.close()
     lock.release()
-
-
-def resolve(config, num_devices: int):
-  """Checks `config` (a private copy) for a run on `num_devices` and fills what it leaves
-  to the run: the model of init_from ('from_init'), the dtype, the data streams. Returns
-  the tokenizer. Raises ConfigError naming the field."""
-  if config.model.name == 'from_init':
-    tokenizer = _model_from_init(config)
-  else:
-    tokenizer = tokenizer_lib.build(config.tokenizer)
-  config_lib.validate(config, num_devices, tokenizer.vocab_size)
-  config.model.dtype = config_lib.resolve_dtype(config.model.dtype)
-  config.data.streams = config.data.streams or jax.process_count()
-  return tokenizer
-
-
-# What a run chooses for itself when it takes its model from config.train.init_from.
-_RUN_MODEL_FIELDS = ('dtype', 'attention', 'remat', 'mamba_scan')
-
-
-def _model_from_init(config) -> object:
-  """config.model.name 'from_init': config.model and config.tokenizer become those of the
-  config.train.init_from checkpoint (an imported model's, say), keeping this config's
-  dtype, attention, remat and mamba_scan. Returns the tokenizer stored with it."""
-  check(config.train.init_from, 'config.model.name="from_init" needs config.train.init_from')
-  _, saved, saved_tokenizer = checkpointing.read_init_from(config.train.init_from,
-                                                           config.train.init_from_step)
-  kept = {field: config.model[field] for field in _RUN_MODEL_FIELDS}
-  config.model = saved.model
-  config.model.update(kept)
-  config.tokenizer = saved.tokenizer
-  return tokenizer_lib.from_dict(saved_tokenizer)
-
-
-def _restore_latest(checkpointer, setup, train_iterator, config, tokenizer):
-  """(step, state, saved config) of the newest checkpoint that reads back whole on every
-  process, or None. Unreadable ones are set aside, not deleted; a mismatch with the config
-  or the number of processes is refused."""
-  while (step := checkpointer.latest_step()) is not None:
-    try:
-      saved_config, saved_tokenizer = checkpointer.read_metadata(step)
-      error = None
-    except Exception as caught:  # pylint: disable=broad-except
-      error = caught
-    if not distributed.all_ok(error is None):
-      checkpointer.set_aside(step, error)
-      continue
-    processes = checkpointer.processes(step)
-    if processes not in (None, jax.process_count()):
-      raise ConfigError(
-          f'checkpoint step {step} in {checkpointer.directory} was written by {processes}'
-          f' process(es) and this run has {jax.process_count()}: each process resumes its own'
-          f' share of the data streams; resume with {processes} processes, or use a new'
-          ' --workdir')
-    for field, made_by in (('imported_from', 'experiments.convert'),
-                           ('merged_from', 'experiments.merge')):
-      if field in saved_config:
-        raise ConfigError(
-            f'{checkpointer.directory} holds a model {field.replace("_", " ")}'
-            f' {saved_config[field]} ({made_by}), not a training run: start from it with'
-            ' --config.train.init_from=<its workdir> and a new --workdir')
-    tokenizer_lib.check_same(saved_tokenizer, tokenizer, checkpointer.directory)
-    checkpointing.check_compatible(saved_config, config, checkpointer.directory)
-    try:
-      state = checkpointer.restore(step, setup.abstract_state, train_iterator)
-      error = None
-    except Exception as caught:  # pylint: disable=broad-except
-      error = caught
-    if not distributed.all_ok(error is None):
-      checkpointer.set_aside(step, error)
-      continue
-    return step, state, saved_config
-  return None
 
 
 def _first_non_finite(pending: list) -> tuple | None:
@@ -236,56 +151,37 @@ def _first_non_finite(pending: list) -> tuple | None:
   return pending[index][0], *values[index]
 
 
+def _start_line(config, setup, run, devices, data) -> str:
+  """What trains, on what, on which data, from where."""
+  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(run.state.params))
+  if run.frozen.base is not None:
+    frozen = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.base.checkpoint_abstract))
+    trained = (f'{num_params:,} adapter parameters (rank {config.lora.rank}) on a frozen'
+               f' base of {frozen:,}' + (f' stored in {config.lora.base_dtype}'
+                                         if config.lora.base_dtype else ''))
+  else:
+    trained = f'{num_params:,} parameters'
+  start = (f'resuming from step {run.step}' if run.step else
+           f'starting from step {run.run_config.train.init_from_step} of'
+           f' {config.train.init_from}' if config.train.init_from else 'starting from scratch')
+  objective = setup.objective
+  return (f'{objective.name}: {trained} on a {dict(setup.mesh.shape)} mesh'
+          f' of {devices[0].device_kind}; {len(data.train_documents):,} training and'
+          f' {len(data.validation_documents):,} validation {objective.items}; compute dtype'
+          f' {config.model.dtype}; {start}')
+
+
 def _train(config, workdir, devices, tokenizer, objective, data, checkpointer):
   train_documents, validation_documents, train_iterator, validation_dataset, _, _ = data
 
   # 2. Shapes, shardings and the jitted steps; then restore, init_from or init onto them.
   setup = setup_lib.make_setup(config, devices)
-  init_from_step = config.train.init_from_step
-  # A loss without one (SimPO, ORPO) gets None: no reference is loaded, kept or run.
-  needs_reference = objective.needs_reference(config.train)
   with sharding.activate(setup.mesh):
-    restored = _restore_latest(checkpointer, setup, train_iterator, config, tokenizer)
-    if restored is not None:
-      start_step, state, saved_config = restored
-      # The step init_from resolved to when the run started: the same base and reference.
-      init_from_step = saved_config.train.get('init_from_step', -1)
-    base_params = None
-    if setup.base:  # LoRA: the frozen model the adapters train on, read at every start.
-      # Quantized (QLoRA) as each layer is read: the float base is never whole in memory.
-      # A float base is read in one call.
-      base_params, init_from_step = checkpointing.load_params(
-          config.train.init_from, init_from_step, setup.base.checkpoint_abstract, config,
-          tokenizer, convert=setup.base.prepare if config.lora.base_dtype else None)
-    if restored is None:
-      if config.train.init_from and not setup.base:
-        params, init_from_step = checkpointing.load_params(
-            config.train.init_from, init_from_step, setup.abstract_state.params, config,
-            tokenizer)
-        state = setup.with_optimizer(params)
-      else:  # From scratch, or LoRA's fresh adapters (so the reference is the base).
-        state = setup.init(jax.random.key(config.seed))
-      start_step = 0
-      # A copy, as the train step donates the state's buffers.
-      reference_params = (jax.tree.map(jnp.copy, state.params) if needs_reference
-                          else None)
-      if needs_reference:
-        checkpointing.save_reference(workdir, reference_params)
-    else:
-      reference_params = None
-      if needs_reference:
-        reference_params = checkpointing.restore_reference(workdir,
-                                                           setup.abstract_state.params)
-      # Saved before it was kept, or by a run of a loss without one.
-      if needs_reference and reference_params is None:
-        reference_params = _reference_params(setup, config, tokenizer, init_from_step)
+    run = start_lib.start(config, workdir, setup, tokenizer, checkpointer, train_iterator)
     rollout = objective.make_rollout(setup, tokenizer, config)
-  # What every checkpoint records: the config with init_from's step resolved.
-  run_config = ml_collections.ConfigDict(config.to_dict())
-  run_config.train.init_from_step = init_from_step
+  state, frozen, start_step = run.state, run.frozen, run.step
 
   # 3. The loop.
-  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
   flops_per_token = flops.flops_per_token(config.model, config.data.seq_len)
   # MFU counts the trained model's forward and backward, not a reference's forward or
   # GRPO's sampling.
@@ -294,21 +190,7 @@ def _train(config, workdir, devices, tokenizer, objective, data, checkpointer):
   log = logger_lib.MetricLogger(workdir, start_step, config.train.num_steps,
                                 enabled=jax.process_index() == 0)
   schedule = optimizer_lib.learning_rate_schedule(config.train)
-  start = (f'resuming from step {start_step}' if start_step else
-           f'starting from step {init_from_step} of {config.train.init_from}'
-           if config.train.init_from else 'starting from scratch')
-  if base_params is not None:
-    frozen = sum(math.prod(x.shape) for x in jax.tree.leaves(
-        setup.base.checkpoint_abstract))
-    trained = (f'{num_params:,} adapter parameters (rank {config.lora.rank}) on a frozen'
-               f' base of {frozen:,}' + (f' stored in {config.lora.base_dtype}'
-                                         if config.lora.base_dtype else ''))
-  else:
-    trained = f'{num_params:,} parameters'
-  log.print(f'{objective.name}: {trained} on a {dict(setup.mesh.shape)} mesh'
-            f' of {devices[0].device_kind}; {len(train_documents):,} training and'
-            f' {len(validation_documents):,} validation {objective.items}; compute dtype'
-            f' {config.model.dtype}; {start}')
+  log.print(_start_line(config, setup, run, devices, data))
   if data.skipped:
     log.print(f'left out {len(data.skipped)} bad records (config.data.bad_records=skip);'
               f' the first: {data.skipped[0][1]}')
@@ -341,9 +223,9 @@ def _train(config, workdir, devices, tokenizer, objective, data, checkpointer):
     while step < config.train.num_steps:
       if batch is None or step % updates_per_batch == 0:
         batch, batch_metrics = _global_batch(setup, rollout,
-                                             steps.model_params(state.params, base_params),
+                                             steps.model_params(state.params, frozen.base),
                                              next(train_iterator), step, train=True)
-      state, metrics = setup.train_step(state, batch, reference_params, base_params)
+      state, metrics = setup.train_step(state, batch, frozen)
       step += 1
       unchecked.append((step, metrics['loss'], metrics['grad_norm']))
       log.advance(step)
@@ -363,9 +245,8 @@ def _train(config, workdir, devices, tokenizer, objective, data, checkpointer):
         last_log_time, last_log_step = time.perf_counter(), step
       if step % config.train.eval_every == 0 or step == config.train.num_steps:
         check_finite()
-        row.update(_evaluate(setup, state.params, reference_params, base_params,
-                             validation_dataset,
-                             rollout, config.train.eval_steps))
+        row.update(_evaluate(setup, state.params, frozen, validation_dataset, rollout,
+                             config.train.eval_steps))
         last_log_time = time.perf_counter()  # Eval time is not training throughput.
       if row:
         log.write(step, row)
@@ -380,7 +261,7 @@ def _train(config, workdir, devices, tokenizer, objective, data, checkpointer):
       if (between_batches and (step % config.checkpoint.every_steps == 0 or stop.requested)
           or step == config.train.num_steps):
         check_finite()  # A checkpoint never holds params of a non-finite step.
-        checkpointer.save(step, state, train_iterator, run_config, tokenizer)
+        checkpointer.save(step, state, train_iterator, run.run_config, tokenizer)
       if stop.requested and between_batches:
         log.print(f'stopped at step {step}; checkpoint saved, run the same command to resume')
         break
@@ -393,7 +274,7 @@ def _train(config, workdir, devices, tokenizer, objective, data, checkpointer):
       log.print(f'no sample: no validation prompt is under {room} tokens')
     else:
       [sample] = sampling.complete(
-          setup.model, steps.model_params(state.params, base_params), tokenizer, [prompt],
+          setup.model, steps.model_params(state.params, frozen.base), tokenizer, [prompt],
           max_new_tokens=config.train.sample_tokens,
           temperature=config.train.sample_temperature, seed=config.seed)
       log.print('sample:\n' + prompt + sample)

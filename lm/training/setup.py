@@ -4,7 +4,8 @@ optimizer, the state's shapes and shardings, and the jitted init, train and eval
 Shapes first (`jax.eval_shape` of the init), then shardings from the logical axis
 names, then `jax.jit` with those shardings; nothing here reads data or checkpoints.
 With config.lora the state's params are the adapters (lm/lora.py), and `base` says how
-the frozen model they adapt is loaded, stored and passed to the steps.
+the frozen model they adapt is loaded, stored and passed to the steps (in steps.Frozen,
+beside an objective's reference).
 """
 
 import dataclasses
@@ -41,11 +42,11 @@ class TrainingSetup:
   batch_sharding: jax.sharding.NamedSharding
   init: Callable  # rng -> TrainState, fresh, on its shardings.
   with_optimizer: Callable  # params -> TrainState at step 0 with a fresh optimizer state.
-  # (state, batch, reference_params, base_params) -> (state, metrics); donates state.
+  # (state, batch, steps.Frozen) -> (state, metrics); donates state.
   train_step: Callable
-  # (params, batch, reference_params, base_params) -> metric sums and their count.
+  # (params, batch, steps.Frozen) -> metric sums and their count.
   eval_step: Callable
-  base: FrozenBase | None  # With LoRA; else None, and steps take base_params=None.
+  base: FrozenBase | None  # With LoRA; else None, and the steps' Frozen.base is None.
   params_shardings: dict  # Of steps.model_params(state.params, base): what the model takes.
 
 
@@ -53,7 +54,7 @@ def make_setup(config, devices) -> TrainingSetup:
   """For a validated config whose model.dtype is resolved (lm.config)."""
   mesh = sharding.make_mesh(config.mesh, devices)
   model = train_model = init_model = plain = models.build(config.model)
-  objective = objectives.OBJECTIVES[config.train.objective]
+  objective = objectives.get(config.train.objective)
   optimizer = optimizer_lib.make_optimizer(config.train)
   adapted = lora.enabled(config.lora)
   if adapted:
@@ -67,9 +68,10 @@ def make_setup(config, devices) -> TrainingSetup:
     base, base_shardings = _frozen_base(plain, config, mesh) if adapted else (None, None)
   abstract_state = sharding.abstract_arrays(abstract_boxed, state_shardings)
   batch_sharding = sharding.batch_sharding(mesh)
-  reference_shardings = (state_shardings.params if objective.needs_reference(config.train)
-                         else None)
-  step_options = dict(objective=objective, train_config=config.train)
+  frozen_shardings = steps.Frozen(
+      base=base_shardings,
+      reference=state_shardings.params if objective.needs_reference(config.train) else None)
+  step_options = dict(objective=objective, settings=objective.settings(config.train))
   dropout_rng = (jax.random.key(config.seed) if adapted and config.lora.dropout > 0
                  else None)
   return TrainingSetup(
@@ -83,13 +85,14 @@ def make_setup(config, devices) -> TrainingSetup:
           out_shardings=state_shardings, donate_argnums=0),
       train_step=jax.jit(
           functools.partial(steps.train_step, optimizer=optimizer, model=train_model,
-                            dropout_rng=dropout_rng, **step_options),
-          in_shardings=(state_shardings, batch_sharding, reference_shardings, base_shardings),
+                            dropout_rng=dropout_rng,
+                            num_microbatches=config.train.grad_accumulation_steps,
+                            **step_options),
+          in_shardings=(state_shardings, batch_sharding, frozen_shardings),
           out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0),
       eval_step=jax.jit(
           functools.partial(steps.eval_step, model=model, **step_options),
-          in_shardings=(state_shardings.params, batch_sharding, reference_shardings,
-                        base_shardings),
+          in_shardings=(state_shardings.params, batch_sharding, frozen_shardings),
           out_shardings=sharding.replicated(mesh)),
       base=base,
       params_shardings=steps.model_params(state_shardings.params, base_shardings),

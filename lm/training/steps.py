@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lm import lora, models
+from lm import lora, losses, models
 
 
 @flax.struct.dataclass
@@ -33,9 +33,16 @@ def train_state_initializer(model, optimizer, adapters_only: bool = False):
   return init
 
 
-def microbatches(batch, num_microbatches: int):
-  """[B, ...] arrays -> [num_microbatches, B / num_microbatches, ...]."""
-  return jax.tree.map(lambda x: x.reshape(num_microbatches, -1, *x.shape[1:]), batch)
+@flax.struct.dataclass
+class Frozen:
+  """What a step reads and does not train. `base`: with LoRA (lm/lora.py), the model the
+  adapters train on (else None). `reference`: the params an objective compares with, as
+  trained (with LoRA, adapters), or None for an objective that reads none."""
+  base: dict | None = None
+  reference: dict | None = None
+
+
+NOTHING_FROZEN = Frozen()
 
 
 def model_params(trained, base_params):
@@ -46,13 +53,14 @@ def model_params(trained, base_params):
   return lora.combine(base_params, trained)
 
 
-def train_step(state: TrainState, batch, reference_params=None, base_params=None, *, model,
-               optimizer, objective, train_config, dropout_rng=None):
+def train_step(state: TrainState, batch, frozen: Frozen = NOTHING_FROZEN, *, model,
+               optimizer, objective, settings, num_microbatches: int = 1, dropout_rng=None):
   """One optimizer update on `batch` (arrays with the batch axis first), accumulating
-  gradients over `grad_accumulation_steps` micro-batches. `reference_params` are the
-  frozen params an objective may compare with (None otherwise); with LoRA, the state's
-  params are the adapters, trained on the frozen `base_params`, and `dropout_rng` draws
-  their dropout masks. Returns (state, metrics)."""
+  gradients over `num_microbatches` (config.train.grad_accumulation_steps). The
+  objective's loss reads `settings` (objective.settings(config.train)); with LoRA, the
+  state's params are the adapters, trained on `frozen.base`, and `dropout_rng` draws their
+  dropout masks. Returns (state, metrics)."""
+  reference_params = model_params(frozen.reference, frozen.base)
 
   def loss(params, microbatch, index):
     applied = model
@@ -60,9 +68,8 @@ def train_step(state: TrainState, batch, reference_params=None, base_params=None
       applied = lora.WithDropoutRng(model, jax.random.fold_in(
           jax.random.fold_in(dropout_rng, state.step), index))
     total, sums, count = objective.loss(
-        model_params(params, base_params), microbatch,
-        model_params(reference_params, base_params), model=applied,
-        train_config=train_config)
+        model_params(params, frozen.base), microbatch, reference_params, model=applied,
+        settings=settings)
     return total, (sums, count)
 
   def accumulate(carry, indexed_microbatch):
@@ -71,10 +78,10 @@ def train_step(state: TrainState, batch, reference_params=None, base_params=None
         state.params, microbatch, index)
     return jax.tree.map(jnp.add, carry, (microbatch_grads, microbatch_sums)), None
 
-  split = microbatches(batch, train_config.grad_accumulation_steps)
+  split = losses.microbatches(batch, num_microbatches)
   sums_shape = jax.eval_shape(loss, state.params, jax.tree.map(lambda x: x[0], split), 0)[1]
   zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (state.params, sums_shape))
-  indices = jnp.arange(train_config.grad_accumulation_steps)
+  indices = jnp.arange(num_microbatches)
   (grad_sums, (sums, count)), _ = jax.lax.scan(accumulate, zeros, (indices, split))
 
   count = jnp.maximum(count, 1.0)
@@ -86,10 +93,9 @@ def train_step(state: TrainState, batch, reference_params=None, base_params=None
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params, batch, reference_params=None, base_params=None, *, model, objective,
-              train_config):
+def eval_step(params, batch, frozen: Frozen = NOTHING_FROZEN, *, model, objective, settings):
   """The loss's metric sums on one batch, with their count under 'count'."""
   _, sums, count = objective.loss(
-      model_params(params, base_params), batch, model_params(reference_params, base_params),
-      model=model, train_config=train_config)
+      model_params(params, frozen.base), batch,
+      model_params(frozen.reference, frozen.base), model=model, settings=settings)
   return {**sums, 'count': count}
