@@ -18,7 +18,7 @@ from experiments.configs import default, open_models
 from lm import chat, models, sampling, sharding
 from lm import tokenizer as tokenizer_lib
 from lm.errors import ConfigError
-from lm.interop import hf
+from lm.interop import hf, hf_tokenizer
 from lm.training import checkpointing
 
 VOCAB = 300
@@ -391,7 +391,7 @@ def test_a_byte_tokenizer_exports_lm_s_default_template_and_its_ids(tmp_path):
 def with_chatml_tokens() -> str:
   """The byte tokenizer.json with ChatML's two special tokens added."""
   import tokenizers  # pylint: disable=import-outside-toplevel
-  tokenizer = tokenizers.Tokenizer.from_str(tokenizer_lib.byte_tokenizer_json())
+  tokenizer = tokenizers.Tokenizer.from_str(hf_tokenizer.byte_tokenizer_json())
   tokenizer.add_special_tokens([tokenizers.AddedToken(token, special=True, normalized=False)
                                 for token in ('<|im_start|>', '<|im_end|>')])
   return tokenizer.to_str()
@@ -399,9 +399,9 @@ def with_chatml_tokens() -> str:
 
 def test_a_checkpoint_s_template_is_exported_with_its_end_of_turn_as_a_stop_id(tmp_path):
   """A Qwen-like tokenizer: ChatML, no bos token, turns ended by <|im_end|>, not eos."""
-  ours = tokenizer_lib.HuggingFaceTokenizer(with_chatml_tokens(),
-                                            dict(eos_token='</s>', pad_token='<pad>'),
-                                            chat_template=CHATML)
+  ours = hf_tokenizer.HuggingFaceTokenizer(with_chatml_tokens(),
+                                           dict(eos_token='</s>', pad_token='<pad>'),
+                                           chat_template=CHATML)
   assert ours.bos_id is None
   assert_renders_as_lm(ours, reopened_export(ours, tmp_path))
   end_of_turn = ours.token_to_id('<|im_end|>')
@@ -411,9 +411,9 @@ def test_a_checkpoint_s_template_is_exported_with_its_end_of_turn_as_a_stop_id(t
 
 
 def test_a_checkpoint_tokenizer_without_a_template_exports_the_one_lm_renders_with(tmp_path):
-  ours = tokenizer_lib.HuggingFaceTokenizer(tokenizer_lib.byte_tokenizer_json(),
-                                            dict(bos_token='<s>', eos_token='</s>',
-                                                 pad_token='<pad>'))
+  ours = hf_tokenizer.HuggingFaceTokenizer(hf_tokenizer.byte_tokenizer_json(),
+                                           dict(bos_token='<s>', eos_token='</s>',
+                                                pad_token='<pad>'))
   assert hf.export_tokenizer(ours).chat_template == chat.DEFAULT_TEMPLATE
   assert ours.chat_template is None  # The run's tokenizer is left as it was.
   assert_renders_as_lm(ours, reopened_export(ours, tmp_path))

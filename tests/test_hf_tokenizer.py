@@ -1,5 +1,6 @@
-"""Hugging Face tokenizers (lm/tokenizer.py) against transformers' AutoTokenizer, on
-checkpoint directories built here from tokenizers trained on the spot (offline)."""
+"""Hugging Face tokenizers (lm/interop/hf_tokenizer.py, opened by lm/tokenizer.py's
+`from_hf_directory`) against transformers' AutoTokenizer, on checkpoint directories built
+here from tokenizers trained on the spot (offline)."""
 
 import inspect
 import io
@@ -18,6 +19,7 @@ from tokenizers import pre_tokenizers, processors
 
 from lm import tokenizer as tokenizer_lib
 from lm.errors import ConfigError
+from lm.interop import hf_tokenizer
 
 import transformers  # noqa: E402 (CI installs it: these tests never skip)
 
@@ -386,8 +388,8 @@ def test_offsets_cover_each_token_s_characters(kind, trained_here):
 
 def test_byte_tokenizer_json_encodes_and_decodes_like_the_byte_tokenizer(tmp_path):
   byte = tokenizer_lib.ByteTokenizer()
-  exported = tokenizer_lib.HuggingFaceTokenizer(
-      tokenizer_lib.byte_tokenizer_json(), tokenizer_lib.ByteTokenizer.special_tokens)
+  exported = hf_tokenizer.HuggingFaceTokenizer(
+      hf_tokenizer.byte_tokenizer_json(), tokenizer_lib.ByteTokenizer.special_tokens)
   assert exported.vocab_size == byte.vocab_size
   assert (exported.pad_id, exported.bos_id, exported.eos_id) == (0, 1, 2)
   text = '\n'.join(LINES) + '\x00\x7f 👩‍👩‍👧  \t\t\n\n   '

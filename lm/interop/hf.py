@@ -17,8 +17,9 @@ stores [out, in]):
   q_proj.weight [N*H, D] <-> query/kernel [D, N, H]     o_proj.weight [D, N*H] <-> out/kernel [N, H, D]
   gate/up_proj.weight [F, D] <-> wi_gate/wi_up [D, F]   conv1d.weight [E, 1, W] <-> conv_kernel [W, E]
 
-For an export, `export_tokenizer` gives the tokenizer files (with the chat template lm
-renders conversations with) and `generation_config` generation_config.json's ids.
+A checkpoint's tokenizer files are read by lm/interop/hf_tokenizer.py. For an export,
+`export_tokenizer` gives the tokenizer files (with the chat template lm renders
+conversations with) and `generation_config` generation_config.json's ids.
 
 Both use RoPE's rotate-half layout, so no query/key permutation is needed (the
 permutation Meta's original checkpoints need happens in transformers' own converter).
@@ -39,8 +40,9 @@ from safetensors.numpy import save_file
 
 from lm import chat
 from lm import config as config_lib
-from lm import tokenizer as tokenizer_lib
 from lm.errors import ConfigError
+from lm.interop import hf_tokenizer
+from lm.models import layers
 
 LLAMA_LIKE = {  # architecture -> model_type
     'LlamaForCausalLM': 'llama',
@@ -141,7 +143,7 @@ def _rope(hf: dict, path: str, max_len: int) -> tuple[float, dict]:
   kind = _field(parameters, path, 'rope_type', _STRING,
                 _field(parameters, path, 'type', _STRING, 'default', prefix=prefix), prefix=prefix)
   if kind == 'default':
-    return float(theta), dict(config_lib.ADDED_MODEL_FIELDS['rope_scaling'])
+    return float(theta), dict(layers.NO_ROPE_SCALING)
   if kind != 'llama3':
     _refuse(path, prefix + 'rope_type', kind, 'lm computes RoPE unscaled or with the llama3 rule')
   # transformers takes the pre-training length from the top level when set there, else
@@ -572,7 +574,7 @@ def save_model(directory: str, model, params, special_ids: dict | None = None) -
   save_tensors(directory, hf_tensors(model, params, sharding.to_host), write=write)
 
 
-def export_tokenizer(tokenizer) -> tokenizer_lib.HuggingFaceTokenizer:
+def export_tokenizer(tokenizer) -> hf_tokenizer.HuggingFaceTokenizer:
   """The run's tokenizer as a tokenizer.json one (itself, or the byte tokenizer's
   equivalent: the same ids for every text) with the chat template lm renders its
   conversations with: its own, else lm.chat.DEFAULT_TEMPLATE, so that transformers'
@@ -584,8 +586,8 @@ def export_tokenizer(tokenizer) -> tokenizer_lib.HuggingFaceTokenizer:
     exported.chat_template = chat.DEFAULT_TEMPLATE
     return exported
   if tokenizer.kind == 'byte':
-    return tokenizer_lib.HuggingFaceTokenizer(
-        tokenizer_lib.byte_tokenizer_json(), dict(tokenizer.special_tokens),
+    return hf_tokenizer.HuggingFaceTokenizer(
+        hf_tokenizer.byte_tokenizer_json(), dict(tokenizer.special_tokens),
         chat_template=chat.DEFAULT_TEMPLATE, source='byte tokenizer')
   raise ConfigError(f'--to_hf: the run\'s {tokenizer.kind} tokenizer has no tokenizer.json'
                     ' form here; export models with the byte or a Hugging Face tokenizer')
