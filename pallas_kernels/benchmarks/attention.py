@@ -1,6 +1,6 @@
 """Causal attention speed (TFLOP/s), forward and forward+backward, as a table.
 
-  python -m pallas_kernels.benchmarks.attention             # ANCHORS.md shapes, on a GPU
+  python -m pallas_kernels.benchmarks.attention             # docs/anchors.md shapes, on a GPU
   python -m pallas_kernels.benchmarks.attention --memory    # S=32768 fwd+bwd: who runs out?
   python -m pallas_kernels.benchmarks.attention \
       --kernel_blocks=64:64:4:2,128:128:8:2/64:64:4:2/64:128:8:2
@@ -12,7 +12,7 @@
       --dtype=float32 --interpret   # a smoke run on CPU
   python -m pallas_kernels.benchmarks.attention --window=4096   # sliding-window attention
 
-FLOPs as in ../shared/ANCHORS.md: 4*B*S^2*N*H/2 forward (causal), 3.5x that for
+FLOPs as in docs/anchors.md: 4*B*S^2*N*H/2 forward (causal), 3.5x that for
 forward+backward; with --window, 4*B*N*H times the query-key pairs in the window. Wall
 time is the median of --repeats blocking calls after one warm-up; device time is the
 kernels' own per call from a profiler trace (GPU and TPU only).
@@ -127,7 +127,7 @@ def median_seconds(function, *args):
 
 
 def attended_pairs(seq_len):
-  """Query-key pairs computed: S^2/2 causal (ANCHORS.md), those in the window with one."""
+  """Query-key pairs computed: S^2/2 causal (docs/anchors.md), those in the window with one."""
   window = _WINDOW.value
   if window is None:
     return seq_len ** 2 / 2

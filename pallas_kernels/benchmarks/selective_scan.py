@@ -1,6 +1,6 @@
 """Selective-scan speed, forward and forward+backward, as a table.
 
-  python -m pallas_kernels.benchmarks.selective_scan        # ANCHORS.md shape, on a GPU
+  python -m pallas_kernels.benchmarks.selective_scan        # docs/anchors.md shape, on a GPU
   python -m pallas_kernels.benchmarks.selective_scan --kernel_blocks=16:8:2,8:8:1:atomic_sums=1
       # our kernel at several GPU BlockSizes (block_e:chunk:num_warps, then any field as
       # name=value), for tuning
