@@ -19,6 +19,9 @@ from lm import models
 # Defined with the environment that conftest.py sets before jax is imported.
 from conftest import FAST_CPU_COMPILE
 
+# The repository root, where commands run (`python -m experiments.NAME`).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 WORDS = ('the cat sat on a mat while dogs ran far away from big red trees and small'
          ' blue houses near quiet rivers').split()
 

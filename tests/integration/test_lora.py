@@ -99,8 +99,8 @@ def test_adapted_layer_and_merge_follow_the_lora_formula():
 # On this random two-layer model: int8 per channel is off by under 2%; 4 bits in tiles of 8
 # by about a quarter of the largest logit.
 @pytest.mark.parametrize('base_dtype, tolerance', [
-    ('int8', 2e-2), pytest.param('nf4', 0.3, marks=pytest.mark.slow),
-    pytest.param('int4', 0.3, marks=pytest.mark.slow)])
+    ('int8', 2e-2), ('nf4', 0.3),
+    ('int4', 0.3)])
 def test_qlora_stores_the_base_quantized_and_stays_near_it(base_dtype, tolerance):
   """Logits of the quantized base within `tolerance` (max error over max logit) of the
   float32 base's; every adapter still acts on the quantized layers."""
@@ -210,7 +210,6 @@ def test_qlora_quantizes_the_base_one_entry_at_a_time_as_it_is_read(pretrained):
   assert any(np.asarray(x).dtype == np.int8 for x in jax.tree.leaves(whole))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('base_dtype', ['', 'int8'])
 def test_a_lora_run_names_its_base_resumes_exactly_and_samples_merged(pretrained, tmp_path,
                                                                      base_dtype):
@@ -252,7 +251,6 @@ def test_a_lora_run_names_its_base_resumes_exactly_and_samples_merged(pretrained
   assert not (tmp_path / 'whole' / 'set_aside').exists()
 
 
-@pytest.mark.slow
 def test_dpo_and_grpo_train_adapters_against_the_frozen_base(pretrained, tmp_path):
   from experiments.configs import dpo, grpo  # pylint: disable=import-outside-toplevel
   workdir, _ = pretrained

@@ -157,7 +157,7 @@ def test_bfloat16_compute_stays_close_to_float32():
   np.testing.assert_allclose(probs16, probs32, atol=2e-2)
 
 
-@pytest.mark.parametrize('remat', ['full', pytest.param('save_dots', marks=pytest.mark.slow)])
+@pytest.mark.parametrize('remat', ['full', 'save_dots'])
 def test_remat_gives_the_same_gradients(remat):
   config = model_config()
   model, params = init(config)

@@ -6,12 +6,11 @@ import os
 
 import pytest
 
-from helpers import cpu_subprocess_env
+from helpers import ROOT, cpu_subprocess_env
 
 nbformat = pytest.importorskip('nbformat')
 nbclient = pytest.importorskip('nbclient')
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, 'colab', '*.ipynb')))
 NAMES = [os.path.basename(path) for path in NOTEBOOKS]
 
@@ -70,7 +69,6 @@ def text_of(cell) -> str:
   return ''.join(parts)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=NAMES)
 def test_a_notebook_runs_top_to_bottom_and_draws_its_figures(path, tmp_path, monkeypatch):
   before = jax_packages()

@@ -11,7 +11,6 @@ from lm.training import loop
 from helpers import init_model as init, jit_apply, small_model_config
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('pattern', ['mamba', 'mamba,attention'])
 def test_packed_documents_give_the_same_logits_as_each_document_alone(pattern):
   model, params = init(small_model_config(layer_pattern=pattern, mamba_scan='chunked'))
@@ -65,7 +64,6 @@ def test_flops_count_covers_every_mamba_matmul_weight():
       6 * weights + scan_and_conv + 6 * config.embed_dim * config.vocab_size)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('pattern', ['mamba', 'mamba,attention'])
 def test_mamba_and_hybrid_models_train_through_the_same_loop(pattern, tiny_config, tmp_path):
   tiny_config.model.update(layer_pattern=pattern)
@@ -75,7 +73,6 @@ def test_mamba_and_hybrid_models_train_through_the_same_loop(pattern, tiny_confi
   assert np.isfinite(losses).all() and np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.5
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('pattern', ['mamba', 'mamba,attention'])
 def test_cached_decoding_gives_the_logits_of_a_full_forward_pass_for_ragged_prompts(pattern):
   from lm import sampling

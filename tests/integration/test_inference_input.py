@@ -18,9 +18,8 @@ from lm.errors import ConfigError
 from lm.evaluation import harness, inputs, results, scoring, tasks
 from lm.training import checkpointing
 
-from helpers import cpu_subprocess_env
+from helpers import ROOT, cpu_subprocess_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(module, *flags):
@@ -57,7 +56,6 @@ def test_evaluate_names_the_workdir_and_every_bad_flag_in_one_line_without_a_che
     assert named in line, line
 
 
-@pytest.mark.slow
 def test_sample_and_evaluate_name_the_other_bad_workdirs_and_flag_values(tmp_path):
   a_file, missing = tmp_path / 'a_file', tmp_path / 'missing'
   a_file.write_text('')
@@ -192,7 +190,6 @@ def non_finite_workdir(pretrained, tmp_path_factory):
   return workdir, step
 
 
-@pytest.mark.slow
 def test_sample_and_evaluate_refuse_a_checkpoint_with_non_finite_params(non_finite_workdir):
   workdir, step = non_finite_workdir
   for module, flags in (('sample', ['--prompt=x', '--max_new_tokens=2']),
@@ -202,14 +199,12 @@ def test_sample_and_evaluate_refuse_a_checkpoint_with_non_finite_params(non_fini
                            ' finite'), line
 
 
-@pytest.mark.slow
 def test_sample_refuses_a_top_k_above_the_vocabulary_after_loading(pretrained):
   line = error_line(run('sample', f'--workdir={pretrained[0]}', '--prompt=x', '--top_k=100000',
                         '--max_new_tokens=2'))
   assert line.startswith('error: --top_k=100000 exceeds the vocabulary'), line
 
 
-@pytest.mark.slow
 def test_evaluate_merges_results_and_prints_them_when_it_cannot_write_them(pretrained,
                                                                          tmp_path):
   workdir = tmp_path / 'run'

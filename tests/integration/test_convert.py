@@ -18,10 +18,8 @@ from lm import chat
 from lm import tokenizer as tokenizer_lib
 from lm.training import loop
 
-from helpers import WORDS, cpu_subprocess_env, post_training_config, snapshot
+from helpers import ROOT, WORDS, cpu_subprocess_env, post_training_config, snapshot
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.slow
 MESSAGES = [{'role': 'system', 'content': 'Be brief.'},
             {'role': 'user', 'content': 'Write a function that adds one.'},
             {'role': 'assistant', 'content': 'def f(x):\n    return x + 1'},

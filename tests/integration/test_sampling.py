@@ -20,7 +20,6 @@ def full_forward(model, params, ids):
   return jit_apply(model)({'params': params}, tokens, jnp.ones_like(tokens), positions)[0]
 
 
-@pytest.mark.slow
 def test_cached_decoding_gives_the_logits_of_a_full_forward_pass_for_ragged_prompts(
     model_and_params):
   model, params = model_and_params
@@ -146,7 +145,6 @@ def test_bad_sampling_options_are_refused_by_name(model_and_params, options):
                       **options)
 
 
-@pytest.mark.slow
 def test_weights_cast_once_give_the_same_logits_as_flax_casting_each_call():
   # generate casts Dense/Embed weights to the compute dtype before its loop; this holds
   # only while the model would cast exactly those weights itself (Mamba's a_log, d and

@@ -122,7 +122,6 @@ def _edit_json(path):
     f.write(text[:index] + str((int(text[index]) + 1) % 10) + text[index + 1:])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('corruption', sorted(CORRUPTIONS))
 def test_a_corrupt_latest_checkpoint_is_set_aside_and_the_run_resumes_before_it(
     corruption, four_steps, tmp_path, capfd):
@@ -140,7 +139,6 @@ def test_a_corrupt_latest_checkpoint_is_set_aside_and_the_run_resumes_before_it(
                jax.device_get(state.params), want_params)
 
 
-@pytest.mark.slow
 def test_a_checkpoint_with_the_data_state_as_one_json_item_still_resumes_exactly(
     four_steps, tmp_path):
   """Checkpoints written before grain's handler held each process's data state kept the
@@ -162,7 +160,6 @@ def test_a_checkpoint_with_the_data_state_as_one_json_item_still_resumes_exactly
                jax.device_get(state.params), want_params)
 
 
-@pytest.mark.slow
 def test_resuming_with_another_data_stream_is_refused_and_a_finished_run_has_nothing_to_do(
     four_steps, tmp_path, capsys):
   config, finished, _ = four_steps
@@ -186,7 +183,6 @@ def test_resuming_with_another_data_stream_is_refused_and_a_finished_run_has_not
   assert checkpoint_steps(workdir) == [2, 4]
 
 
-@pytest.mark.slow
 def test_dpo_resumes_after_its_init_from_checkpoint_is_gone(pretrained, tmp_path):
   source = str(tmp_path / 'pretrained')
   shutil.copytree(pretrained[0], source, ignore=shutil.ignore_patterns('lock'))
@@ -233,7 +229,6 @@ def test_a_binary_file_in_a_text_source_is_named_or_skipped(tmp_path):
   assert len(kept) == 3 and len(kept.skipped) == 1
 
 
-@pytest.mark.slow
 def test_an_error_mid_run_leaves_no_half_written_checkpoint(tiny_config, tmp_path,
                                                             monkeypatch):
   tiny_config.train.update(num_steps=6, warmup_steps=1, eval_every=6)

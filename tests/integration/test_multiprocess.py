@@ -11,7 +11,6 @@ import pytest
 from helpers import write_corpus
 import local_processes
 
-pytestmark = pytest.mark.slow
 
 
 def losses(stdout: str) -> dict[int, dict[str, float]]:

@@ -10,7 +10,7 @@ from pallas_kernels.flash_attention import api, gpu, mosaic_gpu, reference, tpu
 
 import backend
 import lowering
-from helpers import cpu_subprocess_env
+from helpers import ROOT, cpu_subprocess_env
 
 # Small blocks so short test sequences still span several of them.
 SMALL_BLOCKS = {'gpu': gpu.BlockSizes.uniform(block_q=32, block_k=32),
@@ -237,7 +237,7 @@ def test_benchmark_script_runs_on_a_tiny_shape_in_interpret_mode():
   import os
   import subprocess
   import sys
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = ROOT
   result = subprocess.run(
       [sys.executable, '-m', 'pallas_kernels.benchmarks.attention', '--shapes=64:1',
        '--heads=2', '--head_dim=64', '--dtype=float32', '--interpret', '--repeats=1',

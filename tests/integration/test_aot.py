@@ -17,8 +17,8 @@ from lm.training import loop
 from lm.training import setup as setup_lib, start
 from pallas_kernels.flash_attention import api as attention_api
 from pallas_kernels.selective_scan import api as scan_api
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize('name, chips, slices', [
@@ -72,7 +72,6 @@ def _first_batch(config):
   return rollout(params, host_batch, 0, train=True)[0]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('module, updates_per_rollout', [
     (default, 1), (sft, 1), (dpo, 1), (grpo, 1), (grpo, 2)])
 def test_batch_shapes_are_those_of_a_real_batch(module, updates_per_rollout):
@@ -96,7 +95,6 @@ def _pallas_config(layer_pattern):
   return config
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('layer_pattern', ['attention', 'mamba,attention'])
 def test_tiny_pallas_models_compile_for_a_v5e_slice_with_fsdp(layer_pattern):
   """The whole TPU compiler, Mosaic kernels inside the partitioned program (shard_map):
@@ -117,7 +115,6 @@ def test_tiny_pallas_models_compile_for_a_v5e_slice_with_fsdp(layer_pattern):
   assert 'train step: fits' in table
 
 
-@pytest.mark.slow
 def test_two_slices_compile_with_the_data_axis_across_them():
   """Devices come slice by slice, so the mesh's first axis ('data') splits over slices:
   only the gradients' all-reduce crosses between them."""
@@ -130,7 +127,6 @@ def test_two_slices_compile_with_the_data_axis_across_them():
   assert [{d.slice_index for d in mesh.devices[i].flat} for i in range(2)] == [{0}, {1}]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('module, overrides, parts', [
     (sft_lora, {'lora.base_dtype': 'int8', 'train.init_from': '/runs/base'},
      ['params', 'optimizer state', 'frozen base', 'batch']),
@@ -200,7 +196,6 @@ def _gib(table: str, row: str) -> float:
   return float(value) / (1024 if unit == 'MiB' else 1)
 
 
-@pytest.mark.slow
 def test_an_8b_llama_fits_a_v5p_slice_with_fsdp():
   result = _compile_command(
       '--config=experiments/configs/open_models.py:llama3_8b', '--topology=v5p-16',
@@ -226,7 +221,6 @@ def test_an_8b_llama_does_not_fit_one_v5e_chip_and_says_why():
   assert 'try a slice of at least' in table
 
 
-@pytest.mark.slow
 def test_the_compile_command_exits_0_when_it_fits_and_1_when_not():
   tiny = ['--config=experiments/configs/default.py:tiny', '--config.mesh.data=1',
           '--config.mesh.fsdp=-1']
@@ -242,7 +236,6 @@ def test_the_compile_command_exits_0_when_it_fits_and_1_when_not():
   assert on_cpu.returncode == 0 and 'cpu-4: 4 x cpu' in on_cpu.stdout
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('flag, message', [
     ('--topology=v5e-3', "error: --topology='v5e-3': v5e slices are"),
     ('--topology=h100-8', "error: --topology='h100-8' is not a slice name"),
@@ -264,7 +257,6 @@ def test_cpu_commands_do_not_start_libtpu():
   assert result.stdout.strip() == 'cpu' and result.stderr == ''
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('config, topology', [
     ('default.py', 'v5e-1'), ('default.py', 'v5e-8'), ('sft.py', 'v5e-8'), ('dpo.py', 'v5e-8'),
     ('grpo.py', 'v5e-8')])

@@ -11,9 +11,8 @@ import time
 
 import pytest
 
-from helpers import cpu_subprocess_env, write_corpus
+from helpers import ROOT, cpu_subprocess_env, write_corpus
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def train_command(workdir, corpus, *overrides):
@@ -63,7 +62,6 @@ def trained_run(tmp_path_factory):
   return root / 'run', result
 
 
-@pytest.mark.slow
 def test_tiny_run_trains_evaluates_and_prints_a_sample(trained_run):
   workdir, result = trained_run
   assert result.returncode == 0, result.stderr[-3000:]
@@ -75,7 +73,6 @@ def test_tiny_run_trains_evaluates_and_prints_a_sample(trained_run):
   assert os.listdir(workdir / 'tensorboard')
 
 
-@pytest.mark.slow
 def test_sft_then_dpo_and_grpo_commands_start_from_the_run_before(trained_run, tmp_path):
   workdir, _ = trained_run
   outputs = {}
@@ -96,7 +93,6 @@ def test_sft_then_dpo_and_grpo_commands_start_from_the_run_before(trained_run, t
   assert 'eval_reward=' in outputs['grpo'] and 'kl=' in outputs['grpo']
 
 
-@pytest.mark.slow
 def test_sample_command_completes_every_prompt(trained_run, tmp_path):
   workdir, _ = trained_run
   prompts_file = tmp_path / 'prompts.txt'
@@ -109,7 +105,6 @@ def test_sample_command_completes_every_prompt(trained_run, tmp_path):
     assert f"--- prompt: '{prompt}'" in result.stdout
 
 
-@pytest.mark.slow
 def test_evaluate_command_prints_a_table_and_writes_json(trained_run, tmp_path):
   workdir, _ = trained_run
   task = tmp_path / 'colours.jsonl'
@@ -127,7 +122,6 @@ def test_evaluate_command_prints_a_table_and_writes_json(trained_run, tmp_path):
   assert 0.0 <= written['results']['colours']['accuracy'] <= 1.0
 
 
-@pytest.mark.slow
 def test_evaluate_command_reads_published_benchmark_files(trained_run, tmp_path):
   workdir, _ = trained_run
   for split, count in (('dev', 5), ('test', 2)):
@@ -156,7 +150,6 @@ def test_evaluate_command_reads_published_benchmark_files(trained_run, tmp_path)
   assert len(refused.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.slow
 def test_sample_and_evaluate_name_a_workdir_without_checkpoints(tmp_path):
   for module in ('experiments.sample', 'experiments.evaluate'):
     result = run([sys.executable, '-m', module, f'--workdir={tmp_path}', '--prompt=x'
@@ -166,7 +159,6 @@ def test_sample_and_evaluate_name_a_workdir_without_checkpoints(tmp_path):
     assert 'Traceback' not in result.stderr
 
 
-@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path, corpus):
   workdir = tmp_path / 'run'
   command = train_command(workdir, corpus, '--config.train.num_steps=400',
@@ -185,7 +177,6 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path, corpu
   assert checkpoint_steps(workdir)[-1] == stopped_at + 3
 
 
-@pytest.mark.slow
 def test_sigkill_at_any_point_resumes_from_the_last_finished_checkpoint(tmp_path, corpus):
   workdir = tmp_path / 'run'
   command = train_command(workdir, corpus, '--config.train.num_steps=400',
@@ -200,7 +191,6 @@ def test_sigkill_at_any_point_resumes_from_the_last_finished_checkpoint(tmp_path
   assert f'resuming from step {finished}' in result.stdout + result.stderr
 
 
-@pytest.mark.slow
 def test_an_unknown_config_field_is_named(tmp_path, corpus):
   result = run(train_command(tmp_path / 'run', corpus, '--config.model.num_layer=3'))
   assert result.returncode != 0
@@ -226,7 +216,6 @@ CONFIG_FILES = {  # What a bad --config file holds -> the one line that names it
 }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('case', sorted(CONFIG_FILES))
 def test_a_bad_config_file_is_named_in_one_line(case, tmp_path):
   text, message = CONFIG_FILES[case]
@@ -240,7 +229,6 @@ def test_a_bad_config_file_is_named_in_one_line(case, tmp_path):
   assert not os.path.exists(tmp_path / 'run')
 
 
-@pytest.mark.slow
 def test_an_unknown_config_variant_is_named_in_one_line(tmp_path):
   result = run([sys.executable, '-m', 'experiments.train',
                 '--config=experiments/configs/default.py:huge', f'--workdir={tmp_path}/run'])
@@ -249,7 +237,6 @@ def test_an_unknown_config_variant_is_named_in_one_line(tmp_path):
       "ValueError: unknown config variant 'huge'; one of \"tiny\", \"accelerator\"")
 
 
-@pytest.mark.slow
 def test_a_diverging_run_stops_in_one_line_naming_the_step(tmp_path, corpus):
   result = run(train_command(tmp_path / 'run', corpus, '--config.train.learning_rate=1e3',
                              '--config.train.log_every=20', '--config.checkpoint.every_steps=2'))
@@ -258,7 +245,6 @@ def test_a_diverging_run_stops_in_one_line_naming_the_step(tmp_path, corpus):
                       r' saved.*', result.stderr.strip().splitlines()[-1])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('module,flags,row', [
     ('experiments.benchmark_training',
      ['--size=tiny', '--seq_lens=64', '--tokens_per_step=128', '--steps=1'], '| mamba |'),

@@ -159,7 +159,6 @@ def test_packed_rows_of_an_imported_model_equal_the_documents_alone(checkpoint):
     start += length
 
 
-@pytest.mark.slow
 def test_greedy_generation_equals_transformers_generate(checkpoint):
   name, directory, reference = checkpoint
   _, model, params, mesh = import_model(directory)
@@ -216,7 +215,6 @@ def test_bfloat16_checkpoints_load_as_stored_and_export_bit_exact(tmp_path):
                                   original[tensor].view(np.uint16), err_msg=tensor)
 
 
-@pytest.mark.slow
 def test_a_model_born_here_exports_to_transformers_with_its_logits(tmp_path):
   """lm's own default scales its embeddings by sqrt(D) and ties them: the export folds the
   scale into an untied input table, and transformers computes the same logits. A sliding

@@ -24,7 +24,6 @@ def task_files(tmp_path_factory):
   return eval_parity.write_tasks(str(tmp_path_factory.mktemp('tasks')))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('style', sorted(eval_parity.STYLES))
 def test_every_benchmark_kind_gives_the_harness_numbers_record_by_record(
     style, task_files, tmp_path):

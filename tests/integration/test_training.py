@@ -19,7 +19,6 @@ def losses_by_step(history):
   return {row['step']: row['loss'] for row in history if 'loss' in row}
 
 
-@pytest.mark.slow
 def test_resume_gives_the_same_losses_and_params_as_an_uninterrupted_run(tiny_config, tmp_path):
   config = tiny_config
   config.train.update(num_steps=8, warmup_steps=2, log_every=1, eval_every=4)
@@ -52,7 +51,6 @@ def test_resume_gives_the_same_losses_and_params_as_an_uninterrupted_run(tiny_co
   assert logger_lib.read_metrics(str(tmp_path / 'resumed'))['eval_loss'][0] == [4, 5, 8]
 
 
-@pytest.mark.slow
 def test_an_unfinished_checkpoint_write_is_ignored(tiny_config, tmp_path):
   config = tiny_config
   config.train.update(num_steps=4, warmup_steps=1, eval_every=4)
@@ -85,7 +83,6 @@ def small_setup(accumulation):
   return state, step
 
 
-@pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch():
   rng = np.random.default_rng(0)
   # Uneven document lengths: micro-batches hold different token counts.

@@ -15,7 +15,6 @@ from lm import sharding  # noqa: E402
 from lm.evaluation import benchmarks, harness, lm_eval_model, scoring  # noqa: E402
 from lm.training import checkpointing  # noqa: E402
 
-pytestmark = pytest.mark.slow
 
 ARC = [dict(id=str(i), question=question, choices=dict(text=texts, label=['A', 'B', 'C']),
             answerKey=key) for i, (question, texts, key) in enumerate([

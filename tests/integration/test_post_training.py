@@ -135,7 +135,6 @@ def dpo_setup(nll_weight=0.0):
   return jit_apply(model), params, batch, loss
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('nll_weight', [0.0, 0.3])
 def test_dpo_loss_matches_a_direct_computation(nll_weight):
   apply, reference, batch, loss = dpo_setup(nll_weight)
@@ -166,7 +165,6 @@ def test_dpo_loss_matches_a_direct_computation(nll_weight):
   assert sums['reward_accuracy'] == np.sum(margins > 0)
 
 
-@pytest.mark.slow
 def test_dpo_at_the_reference_is_log_2_with_the_log_likelihood_ratio_gradient():
   apply, params, batch, loss = dpo_setup()
   total, sums, _ = loss(params, batch, params)
@@ -207,7 +205,6 @@ def test_dpo_steps_on_one_batch_learn_its_preferences():
   assert first['num_pairs'] == 3
 
 
-@pytest.mark.slow
 def test_sft_starts_from_the_init_from_params(pretrained, tmp_path):
   workdir, pretrained_params = pretrained
   config = post_training_config(sft_config, workdir, num_steps=2, warmup_steps=1,
@@ -221,7 +218,6 @@ def test_sft_starts_from_the_init_from_params(pretrained, tmp_path):
   assert history[-1]['eval_loss'] > 0 and history[-1]['num_tokens'] > 0
 
 
-@pytest.mark.slow
 def test_dpo_trains_from_its_reference_and_resumes(pretrained, tmp_path):
   workdir, _ = pretrained
   config = post_training_config(dpo_config, workdir, num_steps=4, log_every=1,
@@ -242,7 +238,6 @@ def test_dpo_trains_from_its_reference_and_resumes(pretrained, tmp_path):
     loop.train(config, str(tmp_path), jax.devices()[:1])
 
 
-@pytest.mark.slow  # Each case starts from the module's pretraining run.
 @pytest.mark.parametrize('case', ['no checkpoints', 'no such step', 'other model',
                                   'other objective'])
 def test_bad_post_training_starts_are_refused_by_name(case, pretrained, tmp_path):
@@ -278,7 +273,6 @@ def test_jsonl_examples_name_the_line_missing_a_field(tmp_path):
     objectives.OBJECTIVES['sft'].source(ml_collections.ConfigDict(dict(source='text', path='')))
 
 
-@pytest.mark.slow
 def test_init_from_refuses_a_different_tokenizer_of_the_same_vocabulary_size(tmp_path):
   """Two sentencepiece models of 290 pieces trained on different text: the same model
   shapes, other ids for the same text. Post-training must not start from the checkpoint

@@ -102,7 +102,6 @@ def test_messages_lines_are_for_sft_only(tmp_path):
     sources.JsonLines([path], ('prompt', 'chosen', 'rejected'), conversations=True)
 
 
-@pytest.mark.slow
 def test_sft_on_conversations_counts_what_it_cuts_and_skips(pretrained, tmp_path):
   """Conversations whose assistant turns lie past seq_len are skipped and counted, never
   trained on with no target; the rest train."""
@@ -133,7 +132,6 @@ def test_a_conversation_s_prompt_is_its_turns_before_the_first_reply_rendered():
   assert base.prompt_text({'prompt': 'def f():', 'response': 'x'}, BYTES) == 'def f():'
 
 
-@pytest.mark.slow
 def test_sft_on_the_built_in_conversations_ends_with_a_sample_of_a_reply(pretrained, tmp_path,
                                                                          capsys):
   workdir, _ = pretrained

@@ -29,9 +29,8 @@ import pytest
 
 from experiments.configs import default
 
-from helpers import cpu_subprocess_env, snapshot, write_corpus
+from helpers import ROOT, cpu_subprocess_env, snapshot, write_corpus
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # LM_BAD_INPUT_EXPLORE=1 draws new examples each run, to look for more.
 SETTINGS = dict(derandomize=not os.environ.get('LM_BAD_INPUT_EXPLORE'), database=None,
                 deadline=None, suppress_health_check=list(hypothesis.HealthCheck))
@@ -326,7 +325,6 @@ def fill(flag: str, bad_paths: dict) -> str:
   return flag.replace('{fresh}', os.path.join(bad_paths['fresh'], os.urandom(6).hex()))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('field', sorted(CONFIG_FIELDS))
 @hypothesis.settings(max_examples=5, **SETTINGS)
 @hypothesis.given(data=st.data())
@@ -342,7 +340,6 @@ def test_a_bad_config_value_is_named_in_one_line_and_the_run_is_untouched(
   assert_refused('config value', result, culprits, run['workdir'], before)
 
 
-@pytest.mark.slow
 def test_the_runs_own_command_resumes_with_nothing_to_do(entry_points, run):
   """So that in the property above the bad value, not the rest, is refused."""
   returncode, stdout, stderr = entry_points['train'](*run['flags'])
@@ -384,7 +381,6 @@ GOOD_FLAGS = {
 }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('module, flag', [('sample', flag) for flag in sorted(SAMPLE_FLAGS)]
                          + [('evaluate', flag) for flag in sorted(EVALUATE_FLAGS)])
 @hypothesis.settings(max_examples=5, **SETTINGS)
@@ -417,7 +413,6 @@ def corrupt_files(draw):
   return lines, [number for number, (_, bad) in enumerate(lines, 1) if bad]
 
 
-@pytest.mark.slow
 @hypothesis.settings(max_examples=25, **SETTINGS)
 @hypothesis.given(case=corrupt_files())
 def test_a_corrupt_data_line_is_named_by_file_and_line_before_anything_is_written(
@@ -436,7 +431,6 @@ def test_a_corrupt_data_line_is_named_by_file_and_line_before_anything_is_writte
   assert_refused('data line', result, culprits, str(workdir), {})
 
 
-@pytest.mark.slow
 @hypothesis.settings(max_examples=20, **SETTINGS)
 @hypothesis.given(case=corrupt_files(), kind=st.sampled_from(['multiple_choice', 'generation']))
 def test_a_corrupt_task_line_is_named_by_file_and_line_and_the_run_is_untouched(
@@ -499,7 +493,6 @@ def clean_sample(entry_points, run):
   return stdout
 
 
-@pytest.mark.slow
 @hypothesis.settings(max_examples=12, **SETTINGS)
 @hypothesis.given(case=checkpoint_corruptions())
 def test_sample_from_a_corrupt_checkpoint_is_exact_or_names_it(
@@ -542,7 +535,6 @@ def clean_continuations(entry_points, run, tmp_path_factory):
   return fingerprints
 
 
-@pytest.mark.slow
 @hypothesis.settings(max_examples=6, **SETTINGS)
 @hypothesis.given(case=checkpoint_corruptions())
 def test_training_sets_a_corrupt_checkpoint_aside_and_resumes_exactly(

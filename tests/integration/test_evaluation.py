@@ -39,7 +39,6 @@ def test_continuation_log_likelihood_matches_a_plain_forward_pass(scorer):
     np.testing.assert_allclose(log_likelihood, want, rtol=1e-5)
 
 
-@pytest.mark.slow
 def test_long_documents_are_scored_in_windows_that_predict_every_token_once(scorer):
   text = 'windows of sixty-four bytes overlap by one token each. ' * 3
   log_likelihood, count = scorer.document_log_likelihood(text)

@@ -8,9 +8,7 @@ import pytest
 
 from helpers import init_model, small_model_config
 
-# The hybrid holds both blocks, so the quick loop (-m "not slow") keeps only it.
-PATTERNS = [pytest.param('attention', marks=pytest.mark.slow),
-            pytest.param('mamba', marks=pytest.mark.slow), 'mamba,attention']
+PATTERNS = ['attention', 'mamba', 'mamba,attention']
 
 
 @pytest.fixture(scope='module', params=PATTERNS)
@@ -41,7 +39,6 @@ def test_every_parameter_gets_a_gradient(loss_params_and_grads):
   assert not without, f'parameters with an all-zero gradient: {without}'
 
 
-@pytest.mark.slow  # test_every_parameter_gets_a_gradient is the quick loop's check.
 def test_gradient_matches_finite_differences_along_each_parameter(loss_params_and_grads):
   """For each leaf, d/dh loss(params + h v) at h = 0 along a random unit direction v in
   that leaf alone, by central differences, against <grad, v>. One direction per leaf

@@ -10,7 +10,7 @@ from pallas_kernels.selective_scan import api, gpu, reference, tpu
 
 import backend
 import lowering
-from helpers import cpu_subprocess_env
+from helpers import ROOT, cpu_subprocess_env
 
 KERNELS = backend.kernels(api.KERNELS)
 # Small blocks so test shapes span several channel blocks and (TPU) time blocks.
@@ -189,7 +189,7 @@ def test_benchmark_script_runs_on_a_tiny_shape_in_interpret_mode():
   import os
   import subprocess
   import sys
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = ROOT
   result = subprocess.run(
       [sys.executable, '-m', 'pallas_kernels.benchmarks.selective_scan', '--shape=1:64:16:4',
        '--interpret', '--repeats=1',

@@ -167,7 +167,6 @@ def train_config(**grpo):
                                     learning_rate=1e-2, num_steps=100)
 
 
-@pytest.mark.slow
 def test_grpo_loss_at_the_reference_is_the_advantage_weighted_log_likelihood_gradient():
   model, params = init_model(small_model_config(vocab_size=TOKENIZER.vocab_size), length=8)
   batch, _ = grpo.Rollouts(model, TOKENIZER, grpo_config(reward='python_function'),
@@ -207,7 +206,6 @@ def letters(example, completion, finished):
   return sum(c in 'abcdefghij' for c in completion) / 12
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('updates_per_rollout', [1, 2])
 def test_grpo_steps_raise_the_reward(updates_per_rollout, monkeypatch):
   monkeypatch.setitem(rewards.REWARDS, 'letters', letters)
@@ -268,7 +266,6 @@ def one_device_run(letters_reward, pretrained, tmp_path_factory):
 COMPARED = ('step', 'loss', 'kl', 'reward', 'finished', 'eval_reward', 'eval_loss')
 
 
-@pytest.mark.slow
 def test_an_interrupted_grpo_run_resumes_exactly(one_device_run, pretrained, tmp_path):
   workdir, history, state = one_device_run
   # As if stopped after step 2's checkpoint: a resumed run samples and steps the same.
@@ -282,7 +279,6 @@ def test_an_interrupted_grpo_run_resumes_exactly(one_device_run, pretrained, tmp
   assert 0 < rows[0]['reward'] and rows[0]['loss'] != rows[3]['loss']
 
 
-@pytest.mark.slow
 def test_grpo_on_a_data_and_fsdp_mesh_matches_one_device(one_device_run, pretrained,
                                                          tmp_path):
   _, history, state = one_device_run
@@ -298,7 +294,6 @@ def test_grpo_on_a_data_and_fsdp_mesh_matches_one_device(one_device_run, pretrai
   assert kernel.addressable_shards[0].data.shape == (32, 128)
 
 
-@pytest.mark.slow
 def test_a_stop_between_two_updates_on_a_rollout_saves_after_the_second(
     letters_reward, pretrained, tmp_path, monkeypatch):
   config = letters_run_config(pretrained[0], dict(data=1, fsdp=1, tensor=1),
@@ -325,7 +320,6 @@ def test_a_stop_between_two_updates_on_a_rollout_saves_after_the_second(
   jax.tree.map(np.testing.assert_array_equal, resumed_state.params, whole_state.params)
 
 
-@pytest.mark.slow  # Each case starts from the module's pretraining run.
 @pytest.mark.parametrize('field, value, message', [
     ('reward', 'unknown', r"config.train.grpo.reward='unknown' is not one of"),
     ('group_size', 1, r'config.train.grpo.group_size=1 must be an integer >= 2'),

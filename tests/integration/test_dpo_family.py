@@ -255,7 +255,6 @@ def test_label_smoothing_is_refused_where_the_loss_does_not_read_it():
     objectives.OBJECTIVES['dpo'].validate(config)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('loss', ['ipo', 'orpo'])
 def test_a_dpo_family_run_keeps_a_reference_only_if_its_loss_reads_one(
     loss, pretrained, tmp_path, monkeypatch):

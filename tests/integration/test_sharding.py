@@ -40,7 +40,6 @@ def one_device_run(tmp_path_factory):
   return config, history, state
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('layout', sorted(LAYOUTS))
 def test_sharded_training_matches_one_device(layout, one_device_run, tmp_path):
   base_config, base_history, base_state = one_device_run
@@ -76,7 +75,6 @@ def test_a_mesh_that_does_not_fit_the_devices_is_refused(mesh, message):
     sharding.resolve_mesh_shape(mesh, 8)
 
 
-@pytest.mark.slow
 def test_kernels_run_on_each_devices_shard_and_match_the_whole_computation(monkeypatch):
   """Under a data x fsdp x tensor mesh the Pallas paths see only their device's rows and
   heads/channels (XLA cannot split a kernel call), and give the unsharded result."""
@@ -179,7 +177,7 @@ def test_every_parameter_is_laid_out_as_the_rules_table_says():
 
 
 @pytest.mark.parametrize('layer_pattern', [
-    'attention', pytest.param('mamba', marks=pytest.mark.slow)])
+    'attention', 'mamba'])
 def test_activations_stay_split_over_the_batch_under_fsdp(layer_pattern):
   """The compiled train step of an FSDP mesh holds each device's rows only: the logical
   constraints reach XLA (flax's with_logical_constraint, given no mesh, constrained
