@@ -25,7 +25,7 @@ import ml_collections
 from experiments.configs import open_models, sft, sft_lora
 from lm import lora, models
 from lm.training import loop
-from lm.training import setup as setup_lib, start
+from lm.training import setup as setup_lib, start as start_lib
 
 _INIT_FROM = flags.DEFINE_string('init_from', None, 'The run every row fine-tunes.')
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/lm_lora_bench', 'Where the rows\' runs go.')
@@ -63,7 +63,7 @@ def measured_row(name: str, config) -> dict:
            for row in history if 'tokens_per_second' in row][1:]
   base = 0
   if lora.enabled(config.lora):
-    model = models.build(start.resolve(config, 1)[0].model)
+    model = models.build(start_lib.resolve(config, 1)[0].model)
     base = nbytes(lora.abstract_split(model, config.lora)[0])
   return dict(name=name, trained=sum(x.size for x in jax.tree.leaves(state.params)),
               state=nbytes(state.params) + nbytes(state.opt_state), base=base,
@@ -77,7 +77,7 @@ def shape_row(name: str, rank: int, base_dtype: str = '') -> dict:
   config.lora.update(rank=rank, alpha=2.0 * rank if rank else 16.0, base_dtype=base_dtype)
   # Adapters need a model to adapt; this one is named, never read: only shapes are made.
   config.train.init_from = f'{_SHAPE.value} (shapes only)'
-  config, _ = start.resolve(config, 1)
+  config, _ = start_lib.resolve(config, 1)
   setup = setup_lib.make_setup(config, jax.devices()[:1])
   base = 0
   if rank:

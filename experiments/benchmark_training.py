@@ -22,7 +22,7 @@ import ml_collections
 
 from experiments.configs import default
 from lm import flops, sharding
-from lm.training import setup as setup_lib, start, steps
+from lm.training import setup as setup_lib, start as start_lib, steps
 
 _SIZE = flags.DEFINE_enum('size', '130m', ['130m', 'tiny'], 'Model sizes to compare.')
 _SEQ_LENS = flags.DEFINE_list('seq_lens', ['2048', '8192'], 'Sequence lengths.')
@@ -71,7 +71,7 @@ def time_training(kind: str, seq_len: int) -> dict:
   config.model = model_config(kind, seq_len)
   batch_size = max(_TOKENS_PER_STEP.value // seq_len, 1)
   config.data.update(seq_len=seq_len, batch_size=batch_size)
-  config, _ = start.resolve(config, jax.device_count())
+  config, _ = start_lib.resolve(config, jax.device_count())
   setup = setup_lib.make_setup(config, jax.devices())
   with sharding.activate(setup.mesh):
     state = setup.init(jax.random.key(0))

@@ -25,7 +25,7 @@ import numpy as np
 from lm import flops, models, sampling, sharding
 from lm.errors import ConfigError, check
 from lm.training import checkpointing
-from lm.training import setup as setup_lib, start, steps
+from lm.training import setup as setup_lib, start as start_lib, steps
 from pallas_kernels import dispatch
 
 GiB = 2**30
@@ -232,7 +232,7 @@ class Plan:
 def resolve(config, target_: Target):
   """A checked copy of `config` for the target's devices (dtype as there)."""
   with dispatch.target(target_.platform):
-    return start.resolve(config, len(target_.devices))[0]
+    return start_lib.resolve(config, len(target_.devices))[0]
 
 
 def train_program(config, target_: Target) -> tuple[Program, int, int]:
