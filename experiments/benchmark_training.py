@@ -71,6 +71,7 @@ def time_training(kind: str, seq_len: int) -> dict:
   config.model = model_config(kind, seq_len)
   batch_size = max(_TOKENS_PER_STEP.value // seq_len, 1)
   config.data.update(seq_len=seq_len, batch_size=batch_size)
+  config.train.sample_tokens = 0  # No run, no sample.
   config, _ = start_lib.resolve(config, jax.device_count())
   setup = setup_lib.make_setup(config, jax.devices())
   with sharding.activate(setup.mesh):
