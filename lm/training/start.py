@@ -120,14 +120,11 @@ def _restore_latest(checkpointer, setup, train_iterator, config, tokenizer):
   process, or None. Unreadable ones are set aside, not deleted; a mismatch with the config
   or the number of processes is refused."""
   while (step := checkpointer.latest_step()) is not None:
-    try:
-      saved_config, saved_tokenizer = checkpointer.read_metadata(step)
-      error = None
-    except Exception as caught:  # pylint: disable=broad-except
-      error = caught
+    metadata, error = _attempt(checkpointer.read_metadata, step)
     if not distributed.all_ok(error is None):
       checkpointer.set_aside(step, error)
       continue
+    saved_config, saved_tokenizer = metadata
     processes = checkpointer.processes(step)
     if processes not in (None, jax.process_count()):
       raise ConfigError(
@@ -144,13 +141,18 @@ def _restore_latest(checkpointer, setup, train_iterator, config, tokenizer):
             ' --config.train.init_from=<its workdir> and a new --workdir')
     tokenizer_lib.check_same(saved_tokenizer, tokenizer, checkpointer.directory)
     checkpointing.check_compatible(saved_config, config, checkpointer.directory)
-    try:
-      state = checkpointer.restore(step, setup.abstract_state, train_iterator)
-      error = None
-    except Exception as caught:  # pylint: disable=broad-except
-      error = caught
+    state, error = _attempt(checkpointer.restore, step, setup.abstract_state, train_iterator)
     if not distributed.all_ok(error is None):
       checkpointer.set_aside(step, error)
       continue
     return step, state, saved_config
   return None
+
+
+def _attempt(read, *args):
+  """(read(*args), None), or (None, the exception): whether a checkpoint reads back is
+  agreed by every process before any acts on it."""
+  try:
+    return read(*args), None
+  except Exception as caught:  # pylint: disable=broad-except
+    return None, caught
