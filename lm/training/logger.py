@@ -5,7 +5,6 @@ import json
 import math
 import os
 
-import tensorboardX
 import tqdm
 
 _CONSOLE_FORMATS = {
@@ -50,6 +49,9 @@ class MetricLogger:
     self.enabled = enabled  # Only the first process logs.
     if not enabled:
       return
+    # Imported here, by the process that logs: tensorboardX imports torch where it is
+    # installed, seconds at every start of every process.
+    import tensorboardX  # pylint: disable=import-outside-toplevel
     self.writer = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
     self.lines = open(os.path.join(workdir, METRICS_FILE), 'a', encoding='utf-8')  # pylint: disable=consider-using-with
     self.progress = tqdm.tqdm(total=total_steps, initial=initial_step, unit='step',
