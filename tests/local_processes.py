@@ -1,17 +1,14 @@
 """Several JAX processes on this machine, as on several hosts: an entry point started once
 per process, connected over localhost (CPU collectives through gloo), each process with
-its own fake CPU devices."""
+its own fake CPU devices. The processes are forked by conftest's `commands`
+(tests/fork_server.py), which imported the entry point once, side by side."""
 
-import os
 import re
 import socket
 import subprocess
-import sys
 from typing import NamedTuple
 
 from conftest import FAST_CPU_COMPILE
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Process(NamedTuple):
@@ -26,37 +23,32 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start(module: str, *flags: str, num_processes: int = 2, devices_per_process: int = 4,
-          only: dict[int, list[str]] | None = None) -> list[subprocess.Popen]:
+def start(commands, module: str, *flags: str, num_processes: int = 2,
+          devices_per_process: int = 4, only: dict[int, list[str]] | None = None,
+          timeout: int = 600) -> list:
   """Starts `python -m experiments.MODULE FLAGS` as process 0..num_processes-1 of one job,
-  process i with the flags `only[i]` too."""
+  process i with the flags `only[i]` too; each is killed (SIGALRM) after `timeout` seconds.
+  Returns the running processes (tests/fork_server.py's `Started`: pid, send_signal...)."""
   only = only or {}
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ' '.join([
+  env = {'XLA_FLAGS': ' '.join([
       f'--xla_force_host_platform_device_count={devices_per_process}', FAST_CPU_COMPILE])}
   distributed = lambda i: []
   if num_processes > 1:
     port = free_port()
     distributed = lambda i: [f'--coordinator_address=127.0.0.1:{port}',
                              f'--num_processes={num_processes}', f'--process_id={i}']
-  return [subprocess.Popen(
-      [sys.executable, '-m', f'experiments.{module}', *flags, *only.get(i, []),
-       *distributed(i)], cwd=ROOT,
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(num_processes)]
+  return [commands.start(f'experiments.{module}', *flags, *only.get(i, []), *distributed(i),
+                         timeout=timeout, env=env)
+          for i in range(num_processes)]
 
 
-def wait(processes: list[subprocess.Popen], timeout: int = 600) -> list[Process]:
-  """Each process's exit code and output (less gloo's connection lines); a job still
-  running after `timeout` seconds is killed (its processes report -9)."""
+def wait(processes: list) -> list[Process]:
+  """Each process's exit code and output (less gloo's connection lines), once it ends (a
+  process that ran past its timeout reports -14, SIGALRM)."""
   results = []
   for process in processes:
-    try:
-      stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-      for other in processes:
-        other.kill()
-      stdout, stderr = process.communicate()
-    results.append(Process(process.returncode, without_gloo(stdout), stderr))
+    done: subprocess.CompletedProcess = process.wait()
+    results.append(Process(done.returncode, without_gloo(done.stdout), done.stderr))
   return results
 
 
@@ -71,8 +63,9 @@ def without_gloo(stdout: str) -> str:
                  if not line.strip() or _GLOO.sub('', line).strip())
 
 
-def launch(module: str, *flags: str, num_processes: int = 2, devices_per_process: int = 4,
-           only: dict[int, list[str]] | None = None, timeout: int = 600) -> list[Process]:
+def launch(commands, module: str, *flags: str, num_processes: int = 2,
+           devices_per_process: int = 4, only: dict[int, list[str]] | None = None,
+           timeout: int = 600) -> list[Process]:
   """start, then wait."""
-  return wait(start(module, *flags, num_processes=num_processes,
-                    devices_per_process=devices_per_process, only=only), timeout)
+  return wait(start(commands, module, *flags, num_processes=num_processes,
+                    devices_per_process=devices_per_process, only=only, timeout=timeout))

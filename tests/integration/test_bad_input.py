@@ -1,8 +1,9 @@
 """Property: random bad values of every config field and flag, and random corruptions of
 data lines, task lines and checkpoint files, never reach a traceback.
 
-Each example runs an entry point as its own process (through tests/fork_server.py, which
-pays JAX's import once) against one small finished run, and asserts:
+Each example runs an entry point as its own process (conftest's `commands`, through
+tests/fork_server.py, which pays JAX's import once) against one small finished run
+(conftest's `trained_run`), and asserts:
 - a bad value or line: exit 1 with one line on stderr, starting 'error:', naming the field,
   flag or file:line; and no file of the run changed;
 - a corrupt checkpoint: `sample` prints what it prints from the intact run or names the
@@ -19,8 +20,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
-import sys
 
 from absl import flags as absl_flags
 import hypothesis
@@ -29,7 +28,7 @@ import pytest
 
 from experiments.configs import default
 
-from helpers import ROOT, cpu_subprocess_env, snapshot, write_corpus
+from helpers import snapshot
 
 # LM_BAD_INPUT_EXPLORE=1 draws new examples each run, to look for more.
 SETTINGS = dict(derandomize=not os.environ.get('LM_BAD_INPUT_EXPLORE'), database=None,
@@ -38,40 +37,10 @@ COUNTS = collections.defaultdict(lambda: [0, 0])  # kind -> [tried, ended cleanl
 OUTCOMES = collections.defaultdict(collections.Counter)  # kind -> {how it ended: count}
 
 
-# The entry points, each a fork server.
-
-class EntryPoint:
-  """`experiments.MODULE` run as a process per call: (returncode, stdout, stderr)."""
-
-  def __init__(self, module: str, scratch: str):
-    self.scratch, self.calls = scratch, 0
-    self.server = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, 'tests', 'fork_server.py'), f'experiments.{module}'],
-        cwd=ROOT, env=cpu_subprocess_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        text=True)
-
-  def __call__(self, *argv: str):
-    self.calls += 1
-    out, err = (os.path.join(self.scratch, f'{self.calls}.{name}') for name in ('out', 'err'))
-    request = {'argv': argv, 'stdout': out, 'stderr': err, 'timeout': 300}
-    self.server.stdin.write(json.dumps(request) + '\n')
-    self.server.stdin.flush()
-    returncode = json.loads(self.server.stdout.readline())['returncode']
-    with open(out, errors='replace') as o, open(err, errors='replace') as e:
-      return returncode, o.read(), e.read()
-
-  def close(self):
-    self.server.stdin.close()
-    self.server.wait(timeout=60)
-
-
-@pytest.fixture(scope='module')
-def entry_points(tmp_path_factory):
-  scratch = str(tmp_path_factory.mktemp('outputs'))
-  points = {name: EntryPoint(name, scratch) for name in ('train', 'sample', 'evaluate')}
-  yield points
-  for point in points.values():
-    point.close()
+@pytest.fixture(scope='module', autouse=True)
+def report():
+  """How many examples of each kind were tried and ended cleanly, to $LM_BAD_INPUT_REPORT."""
+  yield
   if os.environ.get('LM_BAD_INPUT_REPORT'):
     with open(os.environ['LM_BAD_INPUT_REPORT'], 'a') as f:
       for kind, (tried, clean) in sorted(COUNTS.items()):
@@ -79,26 +48,17 @@ def entry_points(tmp_path_factory):
                             **dict(OUTCOMES[kind])}) + '\n')
 
 
-# The finished run every example is tried on.
-
-def train_flags(workdir: str, corpus: str) -> list[str]:
-  """The tiny run's own command line: given alone, a resume with nothing to do."""
-  return ['--config=experiments/configs/default.py:tiny', f'--workdir={workdir}',
-          '--config.data.source=text', f'--config.data.path={corpus}',
-          '--config.data.validation_fraction=0.25', '--config.train.sample_tokens=0',
-          '--config.train.num_steps=4', '--config.train.warmup_steps=1',
-          '--config.checkpoint.every_steps=2', '--config.train.eval_every=2']
-
+# The finished run every example is tried on: conftest's `trained_run` (checkpoints at
+# steps 2 and 4), its command given again with no sample at the end.
 
 @pytest.fixture(scope='module')
-def run(entry_points, tmp_path_factory):
-  root = tmp_path_factory.mktemp('bad_input')
-  corpus = write_corpus(str(root / 'corpus'))
-  workdir = str(root / 'run')
-  flags = train_flags(workdir, corpus)
-  returncode, _, stderr = entry_points['train'](*flags)
-  assert returncode == 0, stderr[-3000:]
-  return dict(root=root, workdir=workdir, corpus=corpus, flags=flags)
+def run(trained_run):
+  return dict(workdir=str(trained_run['workdir']),
+              flags=[*trained_run['flags'], '--config.train.sample_tokens=0'])
+
+
+def without_workdir(flags: list[str]) -> list[str]:
+  return [flag for flag in flags if not flag.startswith('--workdir')]
 
 
 def assert_refused(kind: str | None, result, culprits: tuple[str, ...], workdir: str,
@@ -107,7 +67,7 @@ def assert_refused(kind: str | None, result, culprits: tuple[str, ...], workdir:
   run's files as they were. Counted under `kind`, if given."""
   counts = COUNTS[kind] if kind else [0, 0]
   counts[0] += 1
-  returncode, stdout, stderr = result
+  returncode, stdout, stderr = result.returncode, result.stdout, result.stderr
   lines = stderr.strip().splitlines()
   assert 'Traceback' not in stdout + stderr, stderr[-3000:]
   assert returncode == 1 and len(lines) == 1 and lines[0].startswith('error:'), (
@@ -304,10 +264,9 @@ def test_every_config_field_has_bad_values_to_try():
 
 
 @pytest.fixture(scope='module')
-def bad_paths(run):
+def bad_paths(run, tmp_path_factory):
   """{kind: path} for the placeholders of `paths`; and {run}, {jsonl}: a good run and file."""
-  root = run['root'] / 'paths'
-  root.mkdir()
+  root = tmp_path_factory.mktemp('paths')
   (root / 'empty_dir').mkdir()
   (root / 'text').write_text('not a model\n')
   (root / 'binary').write_bytes(bytes(range(256)) * 4)
@@ -329,21 +288,25 @@ def fill(flag: str, bad_paths: dict) -> str:
 @hypothesis.settings(max_examples=5, **SETTINGS)
 @hypothesis.given(data=st.data())
 def test_a_bad_config_value_is_named_in_one_line_and_the_run_is_untouched(
-    field, data, entry_points, run, bad_paths):
+    field, data, commands, run, bad_paths):
   values, context = CONFIG_FIELDS[field]
   value = data.draw(values, label='value')
   before = snapshot(run['workdir'])
   flags = run['flags'] + [fill(flag, bad_paths) for flag in context]
-  result = entry_points['train'](*flags, fill(f'--config.{field}={value}', bad_paths))
+  result = commands('experiments.train', *flags, fill(f'--config.{field}={value}', bad_paths))
   # The mesh's axes are checked together: 'config.mesh {...}' names them all.
   culprits = (field, 'config.mesh') if field.startswith('mesh.') else (field,)
   assert_refused('config value', result, culprits, run['workdir'], before)
 
 
-def test_the_runs_own_command_resumes_with_nothing_to_do(entry_points, run):
-  """So that in the property above the bad value, not the rest, is refused."""
-  returncode, stdout, stderr = entry_points['train'](*run['flags'])
-  assert returncode == 0 and 'nothing to do' in stdout + stderr, stderr[-2000:]
+def test_the_runs_own_command_resumes_with_nothing_to_do(commands, run, tmp_path):
+  """So that in the property above the bad value, not the rest, is refused. (On a copy:
+  the run is only read.)"""
+  shutil.copytree(run['workdir'], tmp_path / 'run')
+  result = commands('experiments.train', *without_workdir(run['flags']),
+                    f'--workdir={tmp_path / "run"}')
+  assert result.returncode == 0 and 'nothing to do' in result.stdout + result.stderr, (
+      result.stderr[-2000:])
 
 
 SAMPLE_FLAGS = {
@@ -386,12 +349,12 @@ GOOD_FLAGS = {
 @hypothesis.settings(max_examples=5, **SETTINGS)
 @hypothesis.given(data=st.data())
 def test_a_bad_sample_or_evaluate_flag_is_named_in_one_line_and_the_run_is_untouched(
-    module, flag, data, entry_points, run, bad_paths):
+    module, flag, data, commands, run, bad_paths):
   value = data.draw((SAMPLE_FLAGS if module == 'sample' else EVALUATE_FLAGS)[flag], label='value')
   before = snapshot(run['workdir'])
   flags = [f'--workdir={run["workdir"]}', *GOOD_FLAGS[module], fill(f'--{flag}={value}', bad_paths)]
-  assert_refused(f'{module} flag', entry_points[module](*flags), (f'--{flag}',), run['workdir'],
-                 before)
+  assert_refused(f'{module} flag', commands(f'experiments.{module}', *flags), (f'--{flag}',),
+                 run['workdir'], before)
 
 
 # Corrupt lines: JSON-lines data, evaluation tasks.
@@ -416,16 +379,16 @@ def corrupt_files(draw):
 @hypothesis.settings(max_examples=25, **SETTINGS)
 @hypothesis.given(case=corrupt_files())
 def test_a_corrupt_data_line_is_named_by_file_and_line_before_anything_is_written(
-    case, entry_points, run, tmp_path_factory):
+    case, commands, run, tmp_path_factory):
   lines, bad = case
   root = tmp_path_factory.mktemp('corrupt_data')
   data = root / 'data.jsonl'
   data.write_bytes(b''.join(line for line, _ in lines))
   workdir = root / 'run'
   flags = [flag for flag in run['flags'] if not flag.startswith(('--workdir', '--config.data.'))]
-  result = entry_points['train'](*flags, f'--workdir={workdir}', '--config.data.source=jsonl',
-                                 f'--config.data.path={data}',
-                                 '--config.data.validation_fraction=0.25')
+  result = commands('experiments.train', *flags, f'--workdir={workdir}',
+                    '--config.data.source=jsonl', f'--config.data.path={data}',
+                    '--config.data.validation_fraction=0.25')
   # Nothing written: the workdir is not even made.
   culprits = [f'{data}:{number}{end}' for number in bad for end in ' :']
   assert_refused('data line', result, culprits, str(workdir), {})
@@ -434,14 +397,15 @@ def test_a_corrupt_data_line_is_named_by_file_and_line_before_anything_is_writte
 @hypothesis.settings(max_examples=20, **SETTINGS)
 @hypothesis.given(case=corrupt_files(), kind=st.sampled_from(['multiple_choice', 'generation']))
 def test_a_corrupt_task_line_is_named_by_file_and_line_and_the_run_is_untouched(
-    case, kind, entry_points, run, tmp_path_factory):
+    case, kind, commands, run, tmp_path_factory):
   lines, bad = case
   good = (json.dumps({'context': '1+1=', 'choices': ['2', '3'], 'answer': 0}) if kind ==
           'multiple_choice' else json.dumps({'prompt': '1+1=', 'answer': '2'})).encode() + b'\n'
   task = tmp_path_factory.mktemp('corrupt_task') / 'task.jsonl'
   task.write_bytes(b''.join(line if bad else good for line, bad in lines))
   before = snapshot(run['workdir'])
-  result = entry_points['evaluate'](f'--workdir={run["workdir"]}', f'--task={task}', '--limit=2')
+  result = commands('experiments.evaluate', f'--workdir={run["workdir"]}', f'--task={task}',
+                    '--limit=2')
   culprits = [f'{task}:{number}{end}' for number in bad for end in ' :']
   assert_refused('task line', result, culprits, run['workdir'], before)
 
@@ -486,23 +450,22 @@ def corrupted_copy(run, destination, case) -> str:
 
 
 @pytest.fixture(scope='module')
-def clean_sample(entry_points, run):
-  returncode, stdout, stderr = entry_points['sample'](f'--workdir={run["workdir"]}',
-                                                      *GOOD_FLAGS['sample'])
-  assert returncode == 0, stderr[-2000:]
-  return stdout
+def clean_sample(commands, run):
+  result = commands('experiments.sample', f'--workdir={run["workdir"]}', *GOOD_FLAGS['sample'])
+  assert result.returncode == 0, result.stderr[-2000:]
+  return result.stdout
 
 
 @hypothesis.settings(max_examples=12, **SETTINGS)
 @hypothesis.given(case=checkpoint_corruptions())
 def test_sample_from_a_corrupt_checkpoint_is_exact_or_names_it(
-    case, entry_points, run, clean_sample, tmp_path_factory):
+    case, commands, run, clean_sample, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('corrupt_sample') / 'run')
   target = corrupted_copy(run, workdir, case)
   before = snapshot(workdir)
-  result = entry_points['sample'](f'--workdir={workdir}', *GOOD_FLAGS['sample'])
+  result = commands('experiments.sample', f'--workdir={workdir}', *GOOD_FLAGS['sample'])
   COUNTS['checkpoint file (sample)'][0] += 1
-  returncode, stdout, stderr = result
+  returncode, stdout, stderr = result.returncode, result.stdout, result.stderr
   assert 'Traceback' not in stdout + stderr, (target, stderr[-3000:])
   OUTCOMES['checkpoint file (sample)']['same sample' if returncode == 0 else 'refused'] += 1
   if returncode == 0:
@@ -515,20 +478,20 @@ def test_sample_from_a_corrupt_checkpoint_is_exact_or_names_it(
 
 
 @pytest.fixture(scope='module')
-def clean_continuations(entry_points, run, tmp_path_factory):
+def clean_continuations(commands, run, tmp_path_factory):
   """{resumed step: fingerprint of step 6} for the intact run resumed to 6 steps from its
   step 4, and from its step 2 (with 4 gone). The learning rate's schedule spans num_steps,
   so the two differ."""
-  flags = [f for f in run['flags'] if not f.startswith('--workdir')]
+  flags = without_workdir(run['flags'])
   fingerprints = {}
   for resumed in (4, 2):
     workdir = str(tmp_path_factory.mktemp('clean_continuation') / 'run')
     shutil.copytree(run['workdir'], workdir)
     if resumed == 2:
       shutil.rmtree(os.path.join(workdir, 'checkpoints', '4'))
-    returncode, _, stderr = entry_points['train'](*flags, f'--workdir={workdir}',
-                                                  '--config.train.num_steps=6')
-    assert returncode == 0, stderr[-2000:]
+    result = commands('experiments.train', *flags, f'--workdir={workdir}',
+                      '--config.train.num_steps=6')
+    assert result.returncode == 0, result.stderr[-2000:]
     with open(os.path.join(workdir, 'checkpoints', '6', 'fingerprint', 'metadata')) as f:
       fingerprints[resumed] = json.load(f)
   assert fingerprints[4] != fingerprints[2]
@@ -538,15 +501,16 @@ def clean_continuations(entry_points, run, tmp_path_factory):
 @hypothesis.settings(max_examples=6, **SETTINGS)
 @hypothesis.given(case=checkpoint_corruptions())
 def test_training_sets_a_corrupt_checkpoint_aside_and_resumes_exactly(
-    case, entry_points, run, clean_continuations, tmp_path_factory):
+    case, commands, run, clean_continuations, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('corrupt_train') / 'run')
   target = corrupted_copy(run, workdir, case)
   step_2 = snapshot(os.path.join(workdir, 'checkpoints', '2'))
   corrupted = snapshot(os.path.join(workdir, 'checkpoints', '4'))
-  flags = [f for f in run['flags'] if not f.startswith('--workdir')]
+  flags = without_workdir(run['flags'])
   COUNTS['checkpoint file (train)'][0] += 1
-  returncode, stdout, stderr = entry_points['train'](*flags, f'--workdir={workdir}',
-                                                     '--config.train.num_steps=6')
+  result = commands('experiments.train', *flags, f'--workdir={workdir}',
+                    '--config.train.num_steps=6')
+  returncode, stdout, stderr = result.returncode, result.stdout, result.stderr
   assert returncode == 0 and 'Traceback' not in stdout + stderr, (target, stderr[-3000:])
   set_aside = os.path.join(workdir, 'set_aside', '4')
   if os.path.exists(set_aside):  # Moved whole, and said so in one line.

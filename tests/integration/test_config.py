@@ -9,18 +9,7 @@ from lm import tokenizer as tokenizer_lib
 from lm.errors import ConfigError
 from lm.training import loop
 
-from helpers import make_tiny_config, snapshot
-
-
-
-
-@pytest.fixture(scope='module')
-def trained_workdir(tmp_path_factory):
-  config = make_tiny_config(tmp_path_factory.mktemp('corpus'))
-  config.train.update(num_steps=2, warmup_steps=1, eval_every=2)
-  workdir = str(tmp_path_factory.mktemp('workdir'))
-  loop.train(config, workdir, jax.devices()[:1])
-  return config, workdir
+from helpers import snapshot
 
 
 def bad_empty_file(config, tmp_path):
@@ -75,9 +64,9 @@ CASES = {
 
 @pytest.mark.parametrize('case', sorted(CASES))
 def test_bad_input_is_refused_with_the_field_named_and_the_workdir_untouched(
-    case, trained_workdir, tmp_path):
-  good_config, workdir = trained_workdir
-  config = ml_collections.ConfigDict(good_config.to_dict())
+    case, pretrained_config, pretrained, tmp_path):
+  workdir, _ = pretrained
+  config = ml_collections.ConfigDict(pretrained_config.to_dict())
   break_config, message = CASES[case]
   break_config(config, tmp_path)
   before = snapshot(workdir)

@@ -1,11 +1,9 @@
 """`python -m experiments.convert` end to end: a transformers checkpoint (a tiny random
 Llama with a BPE tokenizer trained here) becomes an lm run that sample, SFT and export
-accept unchanged, and comes back out as a directory transformers opens."""
+accept unchanged, and comes back out as a directory transformers opens. (The commands run
+through conftest's `commands`.)"""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -18,17 +16,13 @@ from lm import chat
 from lm import tokenizer as tokenizer_lib
 from lm.training import loop
 
-from helpers import ROOT, WORDS, cpu_subprocess_env, post_training_config, snapshot
+from conftest import copy_run
+from helpers import WORDS, post_training_config, snapshot
 
 MESSAGES = [{'role': 'system', 'content': 'Be brief.'},
             {'role': 'user', 'content': 'Write a function that adds one.'},
             {'role': 'assistant', 'content': 'def f(x):\n    return x + 1'},
             {'role': 'user', 'content': 'Thanks ✓'}]
-
-
-def run(*args):
-  return subprocess.run([sys.executable, '-m', *args], cwd=ROOT, capture_output=True, text=True,
-                        env=cpu_subprocess_env(PYTHONUNBUFFERED='1'), timeout=600)
 
 
 def write_checkpoint(directory):
@@ -65,31 +59,44 @@ def logits(model, ids):
     return model(torch.tensor([ids])).logits[0].numpy()
 
 
-def test_import_sample_fine_tune_and_export_through_the_commands(tmp_path):
-  reference, fast = write_checkpoint(tmp_path / 'hf')
-  workdir = tmp_path / 'imported'
-  imported = run('experiments.convert', f'--from_hf={tmp_path / "hf"}', f'--workdir={workdir}')
+@pytest.fixture(scope='module')
+def hf_checkpoint(commands, tmp_path_factory):
+  """write_checkpoint's model imported by the command: {'hf': its directory, 'reference':
+  the transformers model, 'fast': its tokenizer, 'workdir': the imported run (read, never
+  written), 'result': the command's}."""
+  root = tmp_path_factory.mktemp('hf_checkpoint')
+  reference, fast = write_checkpoint(root / 'hf')
+  imported = commands('experiments.convert', f'--from_hf={root / "hf"}',
+                      f'--workdir={root / "imported"}')
+  return dict(hf=root / 'hf', reference=reference, fast=fast, workdir=root / 'imported',
+              result=imported)
+
+
+def test_import_sample_fine_tune_and_export_through_the_commands(hf_checkpoint, commands,
+                                                                 tmp_path):
+  reference, fast, imported = (hf_checkpoint[key] for key in ('reference', 'fast', 'result'))
   assert imported.returncode == 0, imported.stderr
   assert 'imported' in imported.stdout
+  workdir = copy_run(hf_checkpoint['workdir'], tmp_path / 'imported')
 
-  sampled = run('experiments.sample', f'--workdir={workdir}', '--prompt=the cat',
-                '--temperature=0', '--max_new_tokens=8')
+  sampled = commands('experiments.sample', f'--workdir={workdir}', '--prompt=the cat',
+                     '--temperature=0', '--max_new_tokens=8')
   assert sampled.returncode == 0, sampled.stderr
   assert '--- prompt' in sampled.stdout
-  evaluated = run('experiments.evaluate', f'--workdir={workdir}', '--task=arithmetic_choice',
-                  '--limit=4')
+  evaluated = commands('experiments.evaluate', f'--workdir={workdir}', '--task=arithmetic_choice',
+                       '--limit=4')
   assert evaluated.returncode == 0, evaluated.stderr
   assert 'arithmetic_choice' in evaluated.stdout
-  chatted = run('experiments.sample', f'--workdir={workdir}', '--chat', '--prompt=hello',
-                '--system=be brief', '--temperature=0', '--max_new_tokens=8')
+  chatted = commands('experiments.sample', f'--workdir={workdir}', '--chat', '--prompt=hello',
+                     '--system=be brief', '--temperature=0', '--max_new_tokens=8')
   assert chatted.returncode == 0, chatted.stderr
   assert "--- prompt: 'hello'" in chatted.stdout
 
   # Training in the imported workdir itself is refused, and it is left as it was.
   before = snapshot(workdir)
-  refused = run('experiments.train', '--config=experiments/configs/default.py:tiny',
-                f'--workdir={workdir}', '--config.model.name=from_init',
-                f'--config.train.init_from={workdir}')
+  refused = commands('experiments.train', '--config=experiments/configs/default.py:tiny',
+                     f'--workdir={workdir}', '--config.model.name=from_init',
+                     f'--config.train.init_from={workdir}')
   assert refused.returncode != 0 and 'imported from' in refused.stderr, refused.stderr
   assert len(refused.stderr.strip().splitlines()) == 1
   after = snapshot(workdir)
@@ -97,14 +104,15 @@ def test_import_sample_fine_tune_and_export_through_the_commands(tmp_path):
   assert after == before
 
   tuned = tmp_path / 'sft'
-  sft = run('experiments.train', '--config=experiments/configs/sft.py:tiny',
-            f'--workdir={tuned}', '--config.model.name=from_init',
-            f'--config.train.init_from={workdir}', '--config.train.num_steps=2',
-            '--config.train.eval_every=2', '--config.checkpoint.every_steps=2')
+  sft = commands('experiments.train', '--config=experiments/configs/sft.py:tiny',
+                 f'--workdir={tuned}', '--config.model.name=from_init',
+                 f'--config.train.init_from={workdir}', '--config.train.num_steps=2',
+                 '--config.train.eval_every=2', '--config.checkpoint.every_steps=2')
   assert sft.returncode == 0, sft.stderr
 
   output = tmp_path / 'exported'
-  exported = run('experiments.convert', '--to_hf', f'--workdir={workdir}', f'--output={output}')
+  exported = commands('experiments.convert', '--to_hf', f'--workdir={workdir}',
+                      f'--output={output}')
   assert exported.returncode == 0, exported.stderr
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32)
   tokenizer = transformers.AutoTokenizer.from_pretrained(output)
@@ -115,8 +123,8 @@ def test_import_sample_fine_tune_and_export_through_the_commands(tmp_path):
                              atol=0)
 
   # The fine-tuned run exports too, with weights that moved.
-  moved = run('experiments.convert', '--to_hf', f'--workdir={tuned}',
-              f'--output={tmp_path / "tuned"}')
+  moved = commands('experiments.convert', '--to_hf', f'--workdir={tuned}',
+                   f'--output={tmp_path / "tuned"}')
   assert moved.returncode == 0, moved.stderr
   tuned_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'tuned',
                                                                   dtype=torch.float32)
@@ -126,7 +134,7 @@ def test_import_sample_fine_tune_and_export_through_the_commands(tmp_path):
 
   # The checkpoint's chat template comes back as lm renders it, and generation stops at
   # its end of turn (<|eot_id|>) as well as at eos.
-  ours = tokenizer_lib.from_hf_directory(str(tmp_path / 'hf'))
+  ours = tokenizer_lib.from_hf_directory(str(hf_checkpoint['hf']))
   for opened in (False, True):
     assert tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=opened) \
         == chat.render_text(ours, MESSAGES, add_generation_prompt=opened)
@@ -136,7 +144,7 @@ def test_import_sample_fine_tune_and_export_through_the_commands(tmp_path):
                                               fast.convert_tokens_to_ids('<|eot_id|>')])
 
 
-def test_bad_convert_input_is_one_line(tmp_path):
+def test_bad_convert_input_is_one_line(commands, tmp_path):
   (tmp_path / 'empty').mkdir()
   llama = {'architectures': ['LlamaForCausalLM'], 'vocab_size': 300, 'hidden_size': 64,
            'num_hidden_layers': 2, 'intermediate_size': 96, 'num_attention_heads': 4}
@@ -160,14 +168,14 @@ def test_bad_convert_input_is_one_line(tmp_path):
       (['--to_hf'], '--output'),
       ([], 'exactly one of'),
   ):
-    result = run('experiments.convert', f'--workdir={tmp_path / "w"}', *args)
+    result = commands('experiments.convert', f'--workdir={tmp_path / "w"}', *args)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and named in lines[0], result.stderr
 
 
 def test_a_run_trained_on_conversations_exports_the_template_it_was_trained_with(
-    pretrained, tmp_path):
+    pretrained, commands, tmp_path):
   """A byte-tokenizer run fine-tuned on conversations (rendered with lm's default
   template): transformers renders and tokenizes them as lm did, and stops at eos."""
   workdir, _ = pretrained
@@ -175,8 +183,8 @@ def test_a_run_trained_on_conversations_exports_the_template_it_was_trained_with
   config.data.update(source='stdlib_chats', seq_len=256, validation_fraction=0.3)
   loop.train(config, str(tmp_path / 'chats'), jax.devices()[:1])
   output = tmp_path / 'exported'
-  exported = run('experiments.convert', '--to_hf', f'--workdir={tmp_path / "chats"}',
-                 f'--output={output}')
+  exported = commands('experiments.convert', '--to_hf', f'--workdir={tmp_path / "chats"}',
+                      f'--output={output}')
   assert exported.returncode == 0, exported.stderr
   tokenizer = transformers.AutoTokenizer.from_pretrained(output)
   ours = tokenizer_lib.ByteTokenizer()
@@ -192,37 +200,36 @@ def test_a_run_trained_on_conversations_exports_the_template_it_was_trained_with
   assert (generation.bos_token_id, generation.eos_token_id) == (1, 2)
 
 
-def test_lora_on_an_imported_model_merges_into_a_checkpoint_transformers_opens(tmp_path):
+def test_lora_on_an_imported_model_merges_into_a_checkpoint_transformers_opens(
+    hf_checkpoint, commands, tmp_path):
   from lm.training import checkpointing  # pylint: disable=import-outside-toplevel
-  reference, fast = write_checkpoint(tmp_path / 'hf')
-  workdir = tmp_path / 'imported'
-  assert run('experiments.convert', f'--from_hf={tmp_path / "hf"}',
-             f'--workdir={workdir}').returncode == 0
+  reference, fast, workdir = (hf_checkpoint[key] for key in ('reference', 'fast', 'workdir'))
+  assert hf_checkpoint['result'].returncode == 0, hf_checkpoint['result'].stderr
   adapted = tmp_path / 'lora'
-  trained = run('experiments.train', '--config=experiments/configs/sft_lora.py:tiny',
-                f'--workdir={adapted}', '--config.model.name=from_init',
-                f'--config.train.init_from={workdir}', '--config.train.num_steps=2',
-                '--config.train.eval_every=2', '--config.checkpoint.every_steps=2',
-                '--config.lora.rank=4', '--config.train.learning_rate=0.05')
+  trained = commands('experiments.train', '--config=experiments/configs/sft_lora.py:tiny',
+                     f'--workdir={adapted}', '--config.model.name=from_init',
+                     f'--config.train.init_from={workdir}', '--config.train.num_steps=2',
+                     '--config.train.eval_every=2', '--config.checkpoint.every_steps=2',
+                     '--config.lora.rank=4', '--config.train.learning_rate=0.05')
   assert trained.returncode == 0, trained.stderr
   assert 'adapter parameters (rank 4) on a frozen base' in trained.stdout
-  sampled = run('experiments.sample', f'--workdir={adapted}', '--prompt=the cat',
-                '--temperature=0', '--max_new_tokens=4')
+  sampled = commands('experiments.sample', f'--workdir={adapted}', '--prompt=the cat',
+                     '--temperature=0', '--max_new_tokens=4')
   assert sampled.returncode == 0, sampled.stderr
 
   merged = tmp_path / 'merged'
-  result = run('experiments.merge', f'--workdir={adapted}', f'--output={merged}')
+  result = commands('experiments.merge', f'--workdir={adapted}', f'--output={merged}')
   assert result.returncode == 0, result.stderr
-  again = run('experiments.merge', f'--workdir={workdir}', f'--output={tmp_path / "m2"}')
+  again = commands('experiments.merge', f'--workdir={workdir}', f'--output={tmp_path / "m2"}')
   assert again.returncode != 0 and 'nothing to merge' in again.stderr
   assert len(again.stderr.strip().splitlines()) == 1
   run_merged = checkpointing.restore_for_inference(str(merged))
   assert run_merged.config.lora.rank == 0 and str(adapted) in run_merged.config.merged_from
-  exported = run('experiments.convert', '--to_hf', f'--workdir={merged}',
-                 f'--output={tmp_path / "out"}')
+  exported = commands('experiments.convert', '--to_hf', f'--workdir={merged}',
+                      f'--output={tmp_path / "out"}')
   assert exported.returncode == 0, exported.stderr
-  direct = run('experiments.convert', '--to_hf', f'--workdir={adapted}',
-               f'--output={tmp_path / "direct"}')
+  direct = commands('experiments.convert', '--to_hf', f'--workdir={adapted}',
+                    f'--output={tmp_path / "direct"}')
   assert direct.returncode == 0, direct.stderr
   ids = fast('the cat sat\ndef f(x):\n    return x').input_ids
   opened = [logits(transformers.AutoModelForCausalLM.from_pretrained(

@@ -1,34 +1,26 @@
 """The real `python -m experiments.train` command: pretrains, post-trains (SFT, DPO, GRPO),
-survives SIGTERM and SIGKILL, and refuses unknown config fields."""
+survives SIGTERM and SIGKILL, and refuses unknown config fields.
+
+The commands run through conftest's `commands` (tests/fork_server.py: a real process per
+command, with JAX imported once per entry point); the run that they read is conftest's
+`trained_run`."""
 
 import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from helpers import ROOT, cpu_subprocess_env, write_corpus
+from conftest import copy_run
+from helpers import write_corpus
 
 
-
-def train_command(workdir, corpus, *overrides):
-  return [sys.executable, '-m', 'experiments.train',
-          '--config=experiments/configs/default.py:tiny', f'--workdir={workdir}',
+def train_flags(workdir, corpus, *overrides):
+  return ['--config=experiments/configs/default.py:tiny', f'--workdir={workdir}',
           '--config.data.source=text', f'--config.data.path={corpus}',
           '--config.data.validation_fraction=0.25', *overrides]
-
-
-def environment():
-  return cpu_subprocess_env(PYTHONUNBUFFERED='1')
-
-
-def run(command):
-  return subprocess.run(command, cwd=ROOT, env=environment(), capture_output=True, text=True,
-                        timeout=300)
 
 
 def checkpoint_steps(workdir):
@@ -38,12 +30,11 @@ def checkpoint_steps(workdir):
   return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
 
 
-def start_and_wait_for_checkpoint(command, workdir, step):
-  process = subprocess.Popen(command, cwd=ROOT, env=environment(), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+def start_and_wait_for_checkpoint(commands, flags, workdir, step):
+  process = commands.start('experiments.train', *flags)
   deadline = time.time() + 240
   while not any(s >= step for s in checkpoint_steps(workdir)):
-    assert process.poll() is None, process.stdout.read()
+    assert process.poll() is None, ''.join(process.output())[-3000:]
     assert time.time() < deadline, 'no checkpoint appeared'
     time.sleep(0.05)
   return process
@@ -54,37 +45,29 @@ def corpus(tmp_path):
   return write_corpus(str(tmp_path / 'corpus'))
 
 
-@pytest.fixture(scope='module')
-def trained_run(tmp_path_factory):
-  """One tiny run, trained by the real command, shared by the tests that read it."""
-  root = tmp_path_factory.mktemp('trained')
-  result = run(train_command(root / 'run', write_corpus(str(root / 'corpus'))))
-  return root / 'run', result
-
-
 def test_tiny_run_trains_evaluates_and_prints_a_sample(trained_run):
-  workdir, result = trained_run
+  workdir, result = trained_run['workdir'], trained_run['result']
   assert result.returncode == 0, result.stderr[-3000:]
   output = result.stdout + result.stderr
   assert 'starting from scratch' in output
   assert 'eval_loss=' in output and 'tokens_per_second=' in output
   assert 'sample:' in output
-  assert checkpoint_steps(workdir) == [10, 20]
+  assert checkpoint_steps(workdir) == [2, 4]
   assert os.listdir(workdir / 'tensorboard')
 
 
-def test_sft_then_dpo_and_grpo_commands_start_from_the_run_before(trained_run, tmp_path):
-  workdir, _ = trained_run
+def test_sft_then_dpo_and_grpo_commands_start_from_the_run_before(trained_run, commands,
+                                                                tmp_path):
+  workdir = trained_run['workdir']
   outputs = {}
   for objective, start in (('sft', workdir), ('dpo', tmp_path / 'sft'),
                            ('grpo', tmp_path / 'sft')):
-    result = run([sys.executable, '-m', 'experiments.train',
-                  f'--config=experiments/configs/{objective}.py:tiny',
-                  f'--workdir={tmp_path / objective}', f'--config.train.init_from={start}'])
+    result = commands('experiments.train', f'--config=experiments/configs/{objective}.py:tiny',
+                      f'--workdir={tmp_path / objective}', f'--config.train.init_from={start}')
     assert result.returncode == 0, result.stderr[-3000:]
     outputs[objective] = result.stdout + result.stderr
     assert f'{objective}: ' in outputs[objective]
-    start_step = 20 if objective == 'sft' else 4  # The latest checkpoint of `start`.
+    start_step = 4  # The latest checkpoint of `start`: the tiny run's, then SFT's.
     assert f'starting from step {start_step} of {start}' in outputs[objective]
     assert 'sample:\ndef ' in outputs[objective]  # A held-out function's prompt, continued.
     assert checkpoint_steps(tmp_path / objective) == [2, 4]
@@ -93,114 +76,118 @@ def test_sft_then_dpo_and_grpo_commands_start_from_the_run_before(trained_run, t
   assert 'eval_reward=' in outputs['grpo'] and 'kl=' in outputs['grpo']
 
 
-def test_sample_command_completes_every_prompt(trained_run, tmp_path):
-  workdir, _ = trained_run
+def test_sample_command_completes_every_prompt(trained_run, commands, tmp_path):
+  workdir = trained_run['workdir']
   prompts_file = tmp_path / 'prompts.txt'
   prompts_file.write_text('the cat\nred trees\n')
-  result = run([sys.executable, '-m', 'experiments.sample', f'--workdir={workdir}',
-                '--prompt=a dog', f'--prompts_file={prompts_file}', '--max_new_tokens=20',
-                '--temperature=0'])
+  result = commands('experiments.sample', f'--workdir={workdir}', '--prompt=a dog',
+                    f'--prompts_file={prompts_file}', '--max_new_tokens=20', '--temperature=0')
   assert result.returncode == 0, result.stderr[-3000:]
   for prompt in ('a dog', 'the cat', 'red trees'):
     assert f"--- prompt: '{prompt}'" in result.stdout
 
 
-def test_evaluate_command_prints_a_table_and_writes_json(trained_run, tmp_path):
-  workdir, _ = trained_run
+def test_evaluate_command_prints_a_table_and_writes_json(trained_run, commands, tmp_path):
+  workdir = copy_run(trained_run['workdir'], tmp_path / 'run')
   task = tmp_path / 'colours.jsonl'
   task.write_text('{"context": "the sky is", "choices": [" blue", " red"], "answer": 0}\n'
                   '{"context": "grass is", "choices": [" green", " red"], "answer": 0}\n')
-  result = run([sys.executable, '-m', 'experiments.evaluate', f'--workdir={workdir}',
-                '--task=arithmetic', '--task=arithmetic_choice', f'--task={task}',
-                '--limit=6', '--num_shots=1'])
+  result = commands('experiments.evaluate', f'--workdir={workdir}', '--task=arithmetic',
+                    '--task=arithmetic_choice', f'--task={task}', '--limit=6', '--num_shots=1')
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'colours' in result.stdout and 'accuracy_normalized=' in result.stdout
-  with open(workdir / 'eval' / 'step_20.json') as f:
+  with open(workdir / 'eval' / 'step_4.json') as f:
     written = json.load(f)
-  assert written['step'] == 20 and written['settings']['num_shots'] == 1
+  assert written['step'] == 4 and written['settings']['num_shots'] == 1
   assert written['results']['arithmetic']['examples'] == 6
   assert 0.0 <= written['results']['colours']['accuracy'] <= 1.0
 
 
-def test_evaluate_command_reads_published_benchmark_files(trained_run, tmp_path):
-  workdir, _ = trained_run
+def test_evaluate_command_reads_published_benchmark_files(trained_run, commands, tmp_path):
+  workdir = copy_run(trained_run['workdir'], tmp_path / 'run')
   for split, count in (('dev', 5), ('test', 2)):
     (tmp_path / 'mmlu' / split).mkdir(parents=True)
     (tmp_path / 'mmlu' / split / f'virology_{split}.csv').write_text(''.join(
         f'"Is {i} a virus?",yes,no,maybe,never,{"ABCD"[i % 4]}\n' for i in range(count)))
   gsm8k = tmp_path / 'gsm8k.jsonl'
   gsm8k.write_text('{"question": "What is 2 + 2?", "answer": "2 + 2 = 4\\n#### 4"}\n')
-  result = run([sys.executable, '-m', 'experiments.evaluate', f'--workdir={workdir}',
-                f'--task=mmlu:{tmp_path / "mmlu"}', f'--task=gsm8k:{gsm8k}',
-                '--max_new_tokens=8'])
+  result = commands('experiments.evaluate', f'--workdir={workdir}',
+                    f'--task=mmlu:{tmp_path / "mmlu"}', f'--task=gsm8k:{gsm8k}',
+                    '--max_new_tokens=8')
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'virology' in result.stdout and 'exact_match_strict=' in result.stdout
-  with open(workdir / 'eval' / 'step_20.json') as f:
+  with open(workdir / 'eval' / 'step_4.json') as f:
     written = json.load(f)['results']
   assert set(written['mmlu']['acc_by_subject']) == {'virology'}
   assert written['gsm8k']['examples'] == 1
-  chatted = run([sys.executable, '-m', 'experiments.evaluate', f'--workdir={workdir}',
-                 f'--task=gsm8k:{gsm8k}', '--max_new_tokens=8', '--chat'])
+  chatted = commands('experiments.evaluate', f'--workdir={workdir}', f'--task=gsm8k:{gsm8k}',
+                     '--max_new_tokens=8', '--chat')
   assert chatted.returncode == 0, chatted.stderr[-3000:]
-  with open(workdir / 'eval' / 'step_20.json') as f:
+  with open(workdir / 'eval' / 'step_4.json') as f:
     assert json.load(f)['settings']['chat'] is True
-  refused = run([sys.executable, '-m', 'experiments.evaluate', f'--workdir={workdir}',
-                 f'--task=gsm8k:{gsm8k}', '--num_shots=2'])
+  refused = commands('experiments.evaluate', f'--workdir={workdir}', f'--task=gsm8k:{gsm8k}',
+                     '--num_shots=2')
   assert refused.returncode != 0 and 'published 8 shots' in refused.stderr
   assert len(refused.stderr.strip().splitlines()) == 1
 
 
-def test_sample_and_evaluate_name_a_workdir_without_checkpoints(tmp_path):
+def test_sample_and_evaluate_name_a_workdir_without_checkpoints(commands, tmp_path):
   for module in ('experiments.sample', 'experiments.evaluate'):
-    result = run([sys.executable, '-m', module, f'--workdir={tmp_path}', '--prompt=x'
-                  if module == 'experiments.sample' else '--task=arithmetic'])
+    result = commands(module, f'--workdir={tmp_path}', '--prompt=x'
+                      if module == 'experiments.sample' else '--task=arithmetic')
     assert result.returncode != 0
     assert f'--workdir={tmp_path}: no checkpoints' in result.stderr
     assert 'Traceback' not in result.stderr
 
 
-def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path, corpus):
+def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path, corpus, commands):
   workdir = tmp_path / 'run'
-  command = train_command(workdir, corpus, '--config.train.num_steps=400',
-                          '--config.checkpoint.every_steps=5')
-  process = start_and_wait_for_checkpoint(command, workdir, step=5)
+  command = train_flags(workdir, corpus, '--config.train.num_steps=400',
+                        '--config.checkpoint.every_steps=5')
+  process = start_and_wait_for_checkpoint(commands, command, workdir, step=5)
   process.send_signal(signal.SIGTERM)
-  output, _ = process.communicate(timeout=120)
-  assert process.returncode == 0, output[-3000:]
+  stopped = process.wait(timeout=120)
+  output = stopped.stdout + stopped.stderr
+  assert stopped.returncode == 0, output[-3000:]
   stopped_at = checkpoint_steps(workdir)[-1]
   assert f'stopped at step {stopped_at}; checkpoint saved' in output
   assert stopped_at < 400
 
-  result = run(command[:-2] + ['--config.train.num_steps=' + str(stopped_at + 3)])
+  result = commands('experiments.train', *command[:-2],
+                    '--config.train.num_steps=' + str(stopped_at + 3))
   assert result.returncode == 0, result.stderr[-3000:]
   assert f'resuming from step {stopped_at}' in result.stdout + result.stderr
   assert checkpoint_steps(workdir)[-1] == stopped_at + 3
 
 
-def test_sigkill_at_any_point_resumes_from_the_last_finished_checkpoint(tmp_path, corpus):
+def test_sigkill_at_any_point_resumes_from_the_last_finished_checkpoint(tmp_path, corpus,
+                                                                       commands):
   workdir = tmp_path / 'run'
-  command = train_command(workdir, corpus, '--config.train.num_steps=400',
-                          '--config.checkpoint.every_steps=3')
-  process = start_and_wait_for_checkpoint(command, workdir, step=6)
+  command = train_flags(workdir, corpus, '--config.train.num_steps=400',
+                        '--config.checkpoint.every_steps=3')
+  process = start_and_wait_for_checkpoint(commands, command, workdir, step=6)
   process.kill()
-  process.communicate(timeout=60)
+  process.wait(timeout=60)
   finished = checkpoint_steps(workdir)[-1]
 
-  result = run(command[:-2] + [f'--config.train.num_steps={finished + 2}'])
+  result = commands('experiments.train', *command[:-2],
+                    f'--config.train.num_steps={finished + 2}')
   assert result.returncode == 0, result.stderr[-3000:]
   assert f'resuming from step {finished}' in result.stdout + result.stderr
 
 
-def test_an_unknown_config_field_is_named(tmp_path, corpus):
-  result = run(train_command(tmp_path / 'run', corpus, '--config.model.num_layer=3'))
+def test_an_unknown_config_field_is_named(tmp_path, corpus, commands):
+  result = commands('experiments.train',
+                    *train_flags(tmp_path / 'run', corpus, '--config.model.num_layer=3'))
   assert result.returncode != 0
   assert "unknown config field 'config.model.num_layer'" in result.stderr
   assert 'Traceback' not in result.stderr
   assert not os.path.exists(tmp_path / 'run')
 
 
-def test_bad_input_prints_one_line_and_no_traceback(tmp_path, corpus):
-  result = run(train_command(tmp_path / 'run', corpus, '--config.model.num_kv_heads=3'))
+def test_bad_input_prints_one_line_and_no_traceback(tmp_path, corpus, commands):
+  result = commands('experiments.train',
+                    *train_flags(tmp_path / 'run', corpus, '--config.model.num_kv_heads=3'))
   assert result.returncode != 0
   assert result.stderr.strip().splitlines()[-1] == (
       'error: config.model.num_heads=2 is not divisible by config.model.num_kv_heads=3')
@@ -217,29 +204,29 @@ CONFIG_FILES = {  # What a bad --config file holds -> the one line that names it
 
 
 @pytest.mark.parametrize('case', sorted(CONFIG_FILES))
-def test_a_bad_config_file_is_named_in_one_line(case, tmp_path):
+def test_a_bad_config_file_is_named_in_one_line(case, tmp_path, commands):
   text, message = CONFIG_FILES[case]
   path = tmp_path / f'{case}.py'
   if text is not None:
     path.write_text(text)
-  result = run([sys.executable, '-m', 'experiments.train', f'--config={path}',
-                f'--workdir={tmp_path / "run"}'])
+  result = commands('experiments.train', f'--config={path}', f'--workdir={tmp_path / "run"}')
   assert result.returncode != 0 and 'Traceback' not in result.stderr
   assert re.match(message, result.stderr.strip().splitlines()[-1])
   assert not os.path.exists(tmp_path / 'run')
 
 
-def test_an_unknown_config_variant_is_named_in_one_line(tmp_path):
-  result = run([sys.executable, '-m', 'experiments.train',
-                '--config=experiments/configs/default.py:huge', f'--workdir={tmp_path}/run'])
+def test_an_unknown_config_variant_is_named_in_one_line(tmp_path, commands):
+  result = commands('experiments.train', '--config=experiments/configs/default.py:huge',
+                    f'--workdir={tmp_path}/run')
   assert result.returncode != 0 and 'Traceback' not in result.stderr
   assert result.stderr.strip().splitlines()[-1].endswith(
       "ValueError: unknown config variant 'huge'; one of \"tiny\", \"accelerator\"")
 
 
-def test_a_diverging_run_stops_in_one_line_naming_the_step(tmp_path, corpus):
-  result = run(train_command(tmp_path / 'run', corpus, '--config.train.learning_rate=1e3',
-                             '--config.train.log_every=20', '--config.checkpoint.every_steps=2'))
+def test_a_diverging_run_stops_in_one_line_naming_the_step(tmp_path, corpus, commands):
+  result = commands('experiments.train', *train_flags(
+      tmp_path / 'run', corpus, '--config.train.learning_rate=1e3', '--config.train.log_every=20',
+      '--config.checkpoint.every_steps=2'))
   assert result.returncode != 0 and 'Traceback' not in result.stderr
   assert re.fullmatch(r'error: loss=\S+ grad_norm=\S+ at step \d+; nothing from it on was'
                       r' saved.*', result.stderr.strip().splitlines()[-1])
@@ -257,7 +244,7 @@ def test_a_diverging_run_stops_in_one_line_naming_the_step(tmp_path, corpus):
      ['--batch_sizes=1', '--new_tokens=4', '--repeats=1', '--profile_steps=2'],
      'batch 1, cached decoding:\nno device kernels'),
 ])
-def test_benchmark_scripts_print_their_table_on_a_tiny_case(module, flags, row):
-  result = run([sys.executable, '-m', module, *flags])
+def test_benchmark_scripts_print_their_table_on_a_tiny_case(module, flags, row, commands):
+  result = commands(module, *flags)
   assert result.returncode == 0, result.stderr[-2000:]
   assert row in result.stdout and 'failed' not in result.stdout, result.stdout

@@ -1,5 +1,6 @@
 """Several processes, as on several hosts: 2 processes x 4 CPU devices, connected over
-localhost, against 1 process x 8 devices (tests/local_processes.py starts them)."""
+localhost, against 1 process x 8 devices (tests/local_processes.py starts them, forked by
+conftest's `commands`)."""
 
 import os
 import re
@@ -52,31 +53,24 @@ def pretrain_flags(corpus: str, workdir, num_steps: int = 6) -> list[str]:
 
 
 @pytest.fixture(scope='module')
-def one_process(corpus, tmp_path_factory):
+def one_process(commands, corpus, tmp_path_factory):
   """The pretraining run on 1 process x 8 devices: (workdir, its losses)."""
   workdir = tmp_path_factory.mktemp('one_process') / 'run'
-  [result] = local_processes.launch('train', *pretrain_flags(corpus, workdir), num_processes=1,
-                                 devices_per_process=8)
+  [result] = local_processes.launch(commands, 'train', *pretrain_flags(corpus, workdir),
+                                    num_processes=1, devices_per_process=8)
   assert_ok([result])
   return workdir, losses(result.stdout)
 
 
 def test_two_processes_train_as_one_then_resume_exactly_after_sigterm(
-    corpus, one_process, tmp_path):
+    commands, corpus, one_process, tmp_path):
   _, want = one_process
   assert sorted(want) == [1, 2, 3, 4, 5, 6]
 
-  results = local_processes.launch('train', *pretrain_flags(corpus, tmp_path / 'whole'))
-  assert_ok(results)
-  assert same_losses(losses(results[0].stdout), want), (losses(results[0].stdout), want)
-  assert losses(results[1].stdout) == {}  # Only process 0 logs.
-  data = tmp_path / 'whole' / 'checkpoints' / '6' / 'data'
-  assert sorted(p for p in os.listdir(data) if p.endswith('.json')) == [
-      'process_0-of-2.json', 'process_1-of-2.json']
-
-  # SIGTERM to both once the first checkpoint is written, as a scheduler does; resume.
+  # Two processes, sent SIGTERM once the first checkpoint is written, as a scheduler does;
+  # then the same command resumes.
   workdir = tmp_path / 'interrupted'
-  processes = local_processes.start('train', *pretrain_flags(corpus, workdir))
+  processes = local_processes.start(commands, 'train', *pretrain_flags(corpus, workdir))
   deadline = time.time() + 300
   while not (workdir / 'checkpoints' / '2').exists() and time.time() < deadline:
     time.sleep(0.2)
@@ -86,15 +80,21 @@ def test_two_processes_train_as_one_then_resume_exactly_after_sigterm(
   assert_ok(first)
   stopped = re.search(r'stopped at step (\d+)', first[0].stdout + first[0].stderr)
   assert stopped, first[0].stdout[-2000:]
-  resumed = local_processes.launch('train', *pretrain_flags(corpus, workdir))
+  resumed = local_processes.launch(commands, 'train', *pretrain_flags(corpus, workdir))
   assert_ok(resumed)
+  # Steps 1 to the stop, then from the stop on: each the loss of one process.
   rows = {**losses(first[0].stdout), **losses(resumed[0].stdout)}
   assert same_losses(rows, want), (stopped.group(1), rows, want)
+  assert losses(first[1].stdout) == losses(resumed[1].stdout) == {}  # Only process 0 logs.
+  data = workdir / 'checkpoints' / '6' / 'data'
+  assert sorted(p for p in os.listdir(data) if p.endswith('.json')) == [
+      'process_0-of-2.json', 'process_1-of-2.json']
 
 
-def test_resuming_with_another_number_of_processes_is_refused(corpus, one_process, tmp_path):
+def test_resuming_with_another_number_of_processes_is_refused(commands, corpus, one_process):
   workdir, _ = one_process
-  results = local_processes.launch('train', *pretrain_flags(corpus, workdir, num_steps=8))
+  results = local_processes.launch(commands, 'train',
+                                   *pretrain_flags(corpus, workdir, num_steps=8))
   for result in results:
     assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1].startswith(
@@ -102,10 +102,10 @@ def test_resuming_with_another_number_of_processes_is_refused(corpus, one_proces
             result.stderr), result.stderr[-2000:]
 
 
-def test_an_error_on_one_process_stops_every_process_in_one_line(corpus, tmp_path):
+def test_an_error_on_one_process_stops_every_process_in_one_line(commands, corpus, tmp_path):
   # Only process 1 is given a bad value: process 0 goes on, and waits for it in vain.
-  results = local_processes.launch('train', *pretrain_flags(corpus, tmp_path / 'run'),
-                                only={1: ['--config.train.learning_rate=-1']}, timeout=300)
+  results = local_processes.launch(commands, 'train', *pretrain_flags(corpus, tmp_path / 'run'),
+                                   only={1: ['--config.train.learning_rate=-1']}, timeout=300)
   for result in results:
     assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
   assert results[1].stderr.strip().splitlines()[-1].startswith(
@@ -116,7 +116,7 @@ def test_an_error_on_one_process_stops_every_process_in_one_line(corpus, tmp_pat
 
 @pytest.mark.parametrize('objective', ['sft', 'dpo', 'grpo'])
 def test_post_training_on_two_processes_gives_the_losses_of_one(objective, one_process,
-                                                                tmp_path):
+                                                                commands, tmp_path):
   source, _ = one_process
   flags = lambda workdir: [
       f'--config=experiments/configs/{objective}.py:tiny', f'--workdir={workdir}',
@@ -125,9 +125,9 @@ def test_post_training_on_two_processes_gives_the_losses_of_one(objective, one_p
       '--config.train.num_steps=3', '--config.train.warmup_steps=1',
       '--config.train.eval_every=3', '--config.train.log_every=1', '--config.data.streams=2',
       '--config.data.batch_size=8']
-  [one] = local_processes.launch('train', *flags(tmp_path / 'one'), num_processes=1,
-                              devices_per_process=8)
-  two = local_processes.launch('train', *flags(tmp_path / 'two'))
+  [one] = local_processes.launch(commands, 'train', *flags(tmp_path / 'one'), num_processes=1,
+                                 devices_per_process=8)
+  two = local_processes.launch(commands, 'train', *flags(tmp_path / 'two'))
   assert_ok([one, *two])
   assert same_losses(losses(two[0].stdout), losses(one.stdout)), (two[0].stdout[-2000:],
                                                                    one.stdout[-2000:])
@@ -137,7 +137,7 @@ def test_post_training_on_two_processes_gives_the_losses_of_one(objective, one_p
     assert reward(two[0]) == reward(one) and reward(one)
 
 
-def test_sample_and_evaluate_on_two_processes_give_what_one_gives(one_process):
+def test_sample_and_evaluate_on_two_processes_give_what_one_gives(one_process, commands):
   workdir, _ = one_process
   sample = ['--prompt=the cat', '--prompt=a dog ran', '--max_new_tokens=12', '--seed=3',
             '--temperature=0.8', f'--workdir={workdir}']
@@ -145,10 +145,10 @@ def test_sample_and_evaluate_on_two_processes_give_what_one_gives(one_process):
               '--batch_size=4', '--max_new_tokens=6', f'--workdir={workdir}']
   outputs = {}
   for processes, devices in ((1, 1), (1, 8), (2, 4)):
-    sampled = local_processes.launch('sample', *sample, num_processes=processes,
-                                  devices_per_process=devices)
-    scored = local_processes.launch('evaluate', *evaluate, num_processes=processes,
-                                 devices_per_process=devices)
+    sampled = local_processes.launch(commands, 'sample', *sample, num_processes=processes,
+                                     devices_per_process=devices)
+    scored = local_processes.launch(commands, 'evaluate', *evaluate, num_processes=processes,
+                                    devices_per_process=devices)
     assert_ok(sampled + scored)
     quiet = [result.stdout for result in sampled[1:] + scored[1:]]
     # Process 0 reports. (A bare newline can be left of gloo's interleaved connection lines.)
@@ -160,15 +160,17 @@ def test_sample_and_evaluate_on_two_processes_give_what_one_gives(one_process):
   assert '--- prompt' in outputs[1, 1][0] and len(outputs[1, 1][1]) == 2
 
 
-def test_convert_in_and_out_on_two_processes_keeps_every_tensor(tmp_path):
+def test_convert_in_and_out_on_two_processes_keeps_every_tensor(commands, tmp_path):
   """Import places each tensor over both processes' devices; export gathers them back:
   the tensors that come out are the ones that went in, bit for bit."""
   from safetensors.numpy import load_file
   from test_convert import write_checkpoint
   write_checkpoint(tmp_path / 'hf')
   workdir, output = tmp_path / 'imported', tmp_path / 'exported'
-  assert_ok(local_processes.launch('convert', f'--from_hf={tmp_path / "hf"}', f'--workdir={workdir}'))
-  results = local_processes.launch('convert', '--to_hf', f'--workdir={workdir}', f'--output={output}')
+  assert_ok(local_processes.launch(commands, 'convert', f'--from_hf={tmp_path / "hf"}',
+                                   f'--workdir={workdir}'))
+  results = local_processes.launch(commands, 'convert', '--to_hf', f'--workdir={workdir}',
+                                   f'--output={output}')
   assert_ok(results)
   assert 'exported' in results[0].stdout and 'exported' not in results[1].stdout
   original, exported = (load_file(path / 'model.safetensors') for path in (tmp_path / 'hf', output))

@@ -1,5 +1,5 @@
-"""SFT and DPO: their data, their losses against direct computations, and runs that start
-from another run's checkpoint."""
+"""SFT and DPO: their data, and their losses against direct computations; the runs that
+start from another run's checkpoint are in tests/integration/test_post_training_runs.py."""
 
 import functools
 import textwrap
@@ -10,15 +10,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from experiments.configs import dpo as dpo_config, sft as sft_config
-from lm import models, objectives, tokenizer as tokenizer_lib
+from lm import objectives, tokenizer as tokenizer_lib
 from lm.data import pipeline, sources
 from lm.errors import ConfigError
 from lm import losses
-from lm.training import checkpointing, loop, optimizer as optimizer_lib, steps
+from lm.training import optimizer as optimizer_lib, steps
 
-from helpers import (WORDS, constant_rate_train_config, init_model, jit_apply,
-                     make_tiny_config, post_training_config, small_model_config)
+from helpers import constant_rate_train_config, init_model, jit_apply, small_model_config
 
 TOKENIZER = tokenizer_lib.ByteTokenizer()
 SFT_EXAMPLES = [[{'prompt': f'question {i}?', 'response': ' answer' * (i % 4 + 1)}]
@@ -116,45 +114,58 @@ def test_examples_whose_prompt_fills_the_row_are_skipped():
   assert TOKENIZER.decode(batch['tokens'][0][batch['loss_mask'][0] == 1]) == 'kept'
 
 
-def direct_log_prob(apply, params, tokens, loss_mask):
-  """log p(response | prompt) of one row, token by token. The padding after the row
-  cannot change a causal model's earlier logits, so the row is run as one document."""
-  logits = apply({'params': params}, tokens[None], jnp.ones_like(tokens)[None],
-                 jnp.arange(len(tokens))[None])[0]
-  log_probs = jax.nn.log_softmax(logits)
-  return sum(log_probs[t - 1, tokens[t]] for t in range(1, len(tokens)) if loss_mask[t])
+def direct_log_probs(apply, params, tokens, loss_mask):
+  """log p(response | prompt) of each row ([pair, chosen or rejected, T] arrays): the
+  log-probabilities of the response's tokens, each at the position before it, summed.
+  The padding after a row cannot change a causal model's earlier logits, so each row is
+  run as one document."""
+  tokens, loss_mask = np.asarray(tokens), np.asarray(loss_mask)
+  rows = tokens.reshape(-1, tokens.shape[-1])
+  logits = apply({'params': params}, rows, np.ones_like(rows),
+                 np.broadcast_to(np.arange(rows.shape[1]), rows.shape))
+  log_probs = jax.nn.log_softmax(logits)[:, :-1]  # Position t - 1 predicts token t.
+  picked = jnp.take_along_axis(log_probs, rows[:, 1:, None], axis=-1)[..., 0]
+  response = loss_mask.reshape(rows.shape)[:, 1:] == 1
+  return jnp.sum(jnp.where(response, picked, 0.0), axis=1).reshape(tokens.shape[:-1])
 
 
+@functools.cache
+def dpo_model():
+  """A one-layer model of the byte tokenizer's vocabulary, its params and its compiled
+  apply, made once for the DPO tests (which only read them)."""
+  model, params = init_model(small_model_config(vocab_size=TOKENIZER.vocab_size,
+                                                num_layers=1), length=32)
+  return model, params, jit_apply(model)
+
+
+@functools.cache
 def dpo_setup(nll_weight=0.0):
-  model, params = init_model(small_model_config(vocab_size=TOKENIZER.vocab_size), length=32)
-  batch = jax.tree.map(jnp.asarray, next(iter(batches(DPO_EXAMPLES, 'dpo', batch_size=3))))
+  """(the model's apply, its params, a batch of three pairs (numpy), DPO's loss), each
+  compiled once for the tests."""
+  model, params, apply = dpo_model()
+  batch = next(iter(batches(DPO_EXAMPLES, 'dpo', batch_size=3)))
   train_config = constant_rate_train_config(objective='dpo')
   train_config.dpo.update(beta=0.5, nll_weight=nll_weight)
-  loss = functools.partial(objectives.OBJECTIVES['dpo'].loss, model=model,
-                           settings=train_config.dpo)
-  return jit_apply(model), params, batch, loss
+  loss = jax.jit(functools.partial(objectives.OBJECTIVES['dpo'].loss, model=model,
+                                   settings=train_config.dpo))
+  return apply, params, batch, loss
 
 
 @pytest.mark.parametrize('nll_weight', [0.0, 0.3])
 def test_dpo_loss_matches_a_direct_computation(nll_weight):
   apply, reference, batch, loss = dpo_setup(nll_weight)
   # A policy away from the reference: the reference's params, perturbed.
-  leaves, tree = jax.tree.flatten(reference)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  policy = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape)
-                                     for x, k in zip(leaves, keys)])
+  rng = np.random.default_rng(1)
+  policy = jax.tree.map(
+      lambda x: x + 0.05 * rng.standard_normal(x.shape, np.float32), reference)
   total, sums, count = loss(policy, batch, reference)
-  want, chosen_nll = [], []
-  for index in range(3):
-    rewards = []
-    for row in range(2):
-      tokens, mask = batch['tokens'][index, row], batch['loss_mask'][index, row]
-      policy_log_prob = direct_log_prob(apply, policy, tokens, mask)
-      rewards.append(0.5 * (policy_log_prob - direct_log_prob(apply, reference, tokens, mask)))
-      if row == 0:  # Per chosen token: the response and its eos.
-        chosen_nll.append(-policy_log_prob / int(mask.sum()))
-    want.append(rewards)
-  want, chosen_nll = np.array(want, np.float64), np.array(chosen_nll, np.float64)
+  policy_log_probs = np.asarray(direct_log_probs(apply, policy, batch['tokens'],
+                                                 batch['loss_mask']), np.float64)
+  reference_log_probs = np.asarray(direct_log_probs(apply, reference, batch['tokens'],
+                                                    batch['loss_mask']), np.float64)
+  want = 0.5 * (policy_log_probs - reference_log_probs)  # [pair, chosen or rejected]
+  # Per chosen token: the response and its eos.
+  chosen_nll = -policy_log_probs[:, 0] / batch['loss_mask'][:, 0].sum(axis=-1)
   margins = want[:, 0] - want[:, 1]
   assert count == 3
   np.testing.assert_allclose(
@@ -173,20 +184,16 @@ def test_dpo_at_the_reference_is_log_2_with_the_log_likelihood_ratio_gradient():
   # d/dm -log sigmoid(m) = -1/2 at m = 0: the gradient is -beta/2 times that of
   # sum(log p(chosen) - log p(rejected)), here summed token by token.
   def log_ratio(params):
-    total = 0.0
-    for index in range(3):
-      for row, sign in ((0, 1.0), (1, -1.0)):
-        total += sign * direct_log_prob(apply, params, batch['tokens'][index, row],
-                                        batch['loss_mask'][index, row])
-    return total
-  grads = jax.grad(lambda p: loss(p, batch, params)[0])(params)
-  want = jax.tree.map(lambda g: -0.25 * g, jax.grad(log_ratio)(params))
+    log_probs = direct_log_probs(apply, params, batch['tokens'], batch['loss_mask'])
+    return jnp.sum(log_probs[:, 0] - log_probs[:, 1])
+  grads = jax.jit(jax.grad(lambda p: loss(p, batch, params)[0]))(params)
+  want = jax.tree.map(lambda g: -0.25 * g, jax.jit(jax.grad(log_ratio))(params))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, want)
 
 
 def test_dpo_steps_on_one_batch_learn_its_preferences():
   _, params, batch, _ = dpo_setup()
-  model = models.build(small_model_config(vocab_size=TOKENIZER.vocab_size))
+  model, _, _ = dpo_model()
   train_config = constant_rate_train_config(objective='dpo', learning_rate=3e-3, num_steps=20)
   train_config.dpo.beta = 0.5
   optimizer = optimizer_lib.make_optimizer(train_config)
@@ -205,61 +212,6 @@ def test_dpo_steps_on_one_batch_learn_its_preferences():
   assert first['num_pairs'] == 3
 
 
-def test_sft_starts_from_the_init_from_params(pretrained, tmp_path):
-  workdir, pretrained_params = pretrained
-  config = post_training_config(sft_config, workdir, num_steps=2, warmup_steps=1,
-                                eval_every=2)
-  config.checkpoint.every_steps = 1
-  history, _ = loop.train(config, str(tmp_path), jax.devices()[:1])
-  # The first step's learning rate is the warmup's zero: after it, the params are still
-  # those the run started from.
-  after_first = checkpointing.restore_for_inference(str(tmp_path), step=1).params
-  jax.tree.map(np.testing.assert_array_equal, after_first, pretrained_params)
-  assert history[-1]['eval_loss'] > 0 and history[-1]['num_tokens'] > 0
-
-
-def test_dpo_trains_from_its_reference_and_resumes(pretrained, tmp_path):
-  workdir, _ = pretrained
-  config = post_training_config(dpo_config, workdir, num_steps=4, log_every=1,
-                                learning_rate=1e-3)
-  history, _ = loop.train(config, str(tmp_path), jax.devices()[:1])
-  rows = {row['step']: row for row in history}
-  np.testing.assert_allclose(rows[1]['loss'], np.log(2.0), rtol=1e-6)  # policy = reference
-  assert rows[4]['loss'] != rows[1]['loss'] and 'eval_reward_accuracy' in rows[4]
-  # The step init_from resolved to is recorded, so a resumed run reloads the same
-  # reference even if that workdir has saved newer steps since.
-  saved_config, _ = checkpointing.Checkpointer(str(tmp_path), None).read_metadata(4)
-  assert saved_config.train.init_from == workdir and saved_config.train.init_from_step == 2
-  config.train.num_steps = 6
-  resumed, _ = loop.train(config, str(tmp_path), jax.devices()[:1])
-  assert [row['step'] for row in resumed if 'loss' in row] == [5, 6]
-  config.train.update(num_steps=8, init_from_step=1)
-  with pytest.raises(ConfigError, match=r'train.init_from_step: checkpoint has 2, config has 1'):
-    loop.train(config, str(tmp_path), jax.devices()[:1])
-
-
-@pytest.mark.parametrize('case', ['no checkpoints', 'no such step', 'other model',
-                                  'other objective'])
-def test_bad_post_training_starts_are_refused_by_name(case, pretrained, tmp_path):
-  workdir, _ = pretrained
-  config = post_training_config(sft_config, workdir)
-  if case == 'no checkpoints':
-    config.train.init_from = str(tmp_path / 'nothing')
-    message = r'config.train.init_from=.*nothing.*: no checkpoints'
-  elif case == 'no such step':
-    config.train.init_from_step = 7
-    message = r'config.train.init_from_step=7: .*checkpoints has steps \[2\]'
-  elif case == 'other model':
-    config.model.num_layers = 3
-    message = r'model.num_layers: checkpoint has 2, config has 3'
-  else:  # Resuming a pretraining workdir as SFT.
-    config.train.init_from = ''
-    message = r"train.objective: checkpoint has 'pretrain', config has 'sft'"
-    tmp_path = workdir
-  with pytest.raises(ConfigError, match=message):
-    loop.train(config, str(tmp_path), jax.devices()[:1])
-
-
 def test_jsonl_examples_name_the_line_missing_a_field(tmp_path):
   path = tmp_path / 'pairs.jsonl'
   path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
@@ -273,24 +225,3 @@ def test_jsonl_examples_name_the_line_missing_a_field(tmp_path):
     objectives.OBJECTIVES['sft'].source(ml_collections.ConfigDict(dict(source='text', path='')))
 
 
-def test_init_from_refuses_a_different_tokenizer_of_the_same_vocabulary_size(tmp_path):
-  """Two sentencepiece models of 290 pieces trained on different text: the same model
-  shapes, other ids for the same text. Post-training must not start from the checkpoint
-  with the other one."""
-  paths = [str(tmp_path / 'prose.model'), str(tmp_path / 'code.model')]
-  prose = tokenizer_lib.train_sentencepiece([' '.join(WORDS) + '.\n'] * 50, 290, paths[0])
-  code = tokenizer_lib.train_sentencepiece(['def f(x):\n    return x\n'] * 50, 290, paths[1])
-  assert prose.vocab_size == code.vocab_size and prose.to_dict() != code.to_dict()
-  config = make_tiny_config(tmp_path / 'corpus')
-  config.tokenizer.update(kind='sentencepiece', path=paths[0])
-  config.model.vocab_size = 296
-  config.train.update(num_steps=1, warmup_steps=0, eval_every=1)
-  workdir = str(tmp_path / 'pretrained')
-  loop.train(config, workdir, jax.devices()[:1])
-
-  config = post_training_config(sft_config, workdir, num_steps=1, warmup_steps=0)
-  config.tokenizer.update(kind='sentencepiece', path=paths[1])
-  config.model.vocab_size = 296
-  with pytest.raises(ConfigError, match=r'tokenizer mismatch: the checkpoint in'
-                                        r' .*pretrained/checkpoints/1 .*\(config.tokenizer\)'):
-    loop.train(config, str(tmp_path / 'sft'), jax.devices()[:1])

@@ -1,30 +1,22 @@
-"""Low-rank adapters and QLoRA (lm/lora.py): the adapted model against its base and the
-paper's formula, what trains, how adapters shard, and runs that resume and merge."""
+"""LoRA and QLoRA runs (lm/lora.py): what trains and how adapters shard, the base read and
+quantized one entry at a time, runs that name their base, resume exactly and sample
+merged, and DPO and GRPO on adapters. The adapted model against its base and the
+paper's formula: tests/unit/test_lora.py."""
+
+import shutil
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from experiments.configs import sft
-from helpers import post_training_config, small_model_config
-from lm import lora, models, sharding
+from helpers import post_training_config
+from lm import lora, sharding
 from lm.errors import ConfigError
 from lm.training import checkpointing, loop
 from lm.training import setup as setup_lib, steps
-
-HYBRID = dict(layer_pattern='attention,mamba')
-
-
-def lora_config(**fields):
-  config = ml_collections.ConfigDict(dict(rank=4, alpha=8.0, dropout=0.0,
-                                          targets='attention,mlp,mamba', base_dtype='',
-                                          tile_size=8))
-  config.update(fields)
-  return config
 
 
 def inputs(seed=1, vocab=97, length=16):
@@ -33,100 +25,6 @@ def inputs(seed=1, vocab=97, length=16):
   positions = jnp.concatenate([jnp.arange(length)[None], jnp.concatenate(
       [jnp.arange(length // 2), jnp.arange(length // 2)])[None]])
   return tokens, segments, positions
-
-
-def base_and_adapters(model, config, seed=0):
-  """(plain params, the adapted model's fresh adapters)."""
-  plain = nn.meta.unbox(models.init_variables(model, jax.random.key(seed), length=16)['params'])
-  adapted = lora.wrap(model, config, train=False, quantize=False)
-  full = nn.meta.unbox(models.init_variables(adapted, jax.random.key(seed + 1),
-                                             length=16)['params'])
-  return plain, lora.split(full)[1]
-
-
-def random_adapters(adapters, seed=3, scale=0.2):
-  leaves, tree = jax.tree.flatten(adapters)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return tree.unflatten([scale * jax.random.normal(k, x.shape, x.dtype)
-                         for k, x in zip(keys, leaves)])
-
-
-def test_targets_name_layers_and_groups():
-  assert lora.target_layers('attention, wo') == ('query', 'key', 'value', 'out', 'wo')
-  assert lora.target_layers('mamba') == ('in_proj', 'out_proj')
-
-
-def test_adapted_model_starts_as_its_base():
-  model = models.build(small_model_config(**HYBRID))
-  config = lora_config()
-  plain, adapters = base_and_adapters(model, config)
-  # Every target layer of both block kinds got an adapter pair.
-  flat = flax.traverse_util.flatten_dict(adapters)
-  layers = {key[-2] for key in flat}
-  assert layers == {'query', 'key', 'value', 'out', 'wi_gate', 'wi_up', 'wo', 'in_proj',
-                    'out_proj'}
-  assert all(not np.any(value) for key, value in flat.items() if key[-1].endswith('_lora_b'))
-  adapted = lora.wrap(model, config, train=False)
-  expected = model.apply({'params': plain}, *inputs())
-  got = adapted.apply({'params': lora.combine(plain, adapters)}, *inputs())
-  np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
-
-
-def test_adapted_layer_and_merge_follow_the_lora_formula():
-  """h = x W + (alpha / r) x A B (Hu et al. 2021, eq. 3); merged: W + (alpha / r) A B."""
-  model = models.build(small_model_config(**HYBRID))
-  config = lora_config(rank=3, alpha=5.0)
-  plain, adapters = base_and_adapters(model, config)
-  adapters = random_adapters(adapters)
-  merged = lora.merge(plain, adapters, config)
-  # One kernel by hand: the query's [D, N, H] kernel and its [D, r] x [r, N*H] adapter.
-  query = adapters['layer_0']['attention']['query']
-  w = np.asarray(plain['layer_0']['attention']['query']['kernel'], np.float64)
-  delta = (np.asarray(query['kernel_lora_a'], np.float64)
-           @ np.asarray(query['kernel_lora_b'], np.float64)) * 5.0 / 3
-  np.testing.assert_allclose(merged['layer_0']['attention']['query']['kernel'],
-                             w + delta.reshape(w.shape), rtol=1e-5, atol=1e-6)
-  # Layers without adapters are the base's.
-  np.testing.assert_array_equal(merged['layer_1']['mixer']['x_proj']['kernel'],
-                                plain['layer_1']['mixer']['x_proj']['kernel'])
-  # The merged plain model computes what the adapted one does, in float32.
-  adapted = lora.wrap(model, config, train=False)
-  expected = adapted.apply({'params': lora.combine(plain, adapters)}, *inputs())
-  got = model.apply({'params': merged}, *inputs())
-  assert float(jnp.max(jnp.abs(got - expected)) / jnp.max(jnp.abs(expected))) < 1e-5
-
-
-# On this random two-layer model: int8 per channel is off by under 2%; 4 bits in tiles of 8
-# by about a quarter of the largest logit.
-@pytest.mark.parametrize('base_dtype, tolerance', [
-    ('int8', 2e-2), ('nf4', 0.3),
-    ('int4', 0.3)])
-def test_qlora_stores_the_base_quantized_and_stays_near_it(base_dtype, tolerance):
-  """Logits of the quantized base within `tolerance` (max error over max logit) of the
-  float32 base's; every adapter still acts on the quantized layers."""
-  config_model = small_model_config(**HYBRID)
-  model = models.build(config_model)
-  config = lora_config(base_dtype=base_dtype)
-  plain, adapters = base_and_adapters(model, config)
-  stored_boxed, _ = lora.abstract_split(model, config)
-  stored = lora.quantize_base(plain, stored_boxed)
-  kernel = stored['layer_0']['attention']['query']['kernel']
-  assert jnp.iinfo(kernel.array.qvalue.dtype).bits == (8 if base_dtype == 'int8' else 4)
-  # Quantized though not adapted; the embedding stays as it was.
-  assert not isinstance(stored['layer_1']['mixer']['x_proj']['kernel'], jax.Array)
-  assert isinstance(stored['embed']['embedding'], jax.Array)
-  adapted = lora.wrap(model, config, train=False)
-  expected = model.apply({'params': plain}, *inputs())
-  got = adapted.apply({'params': lora.combine(stored, adapters)}, *inputs())
-  error = float(jnp.max(jnp.abs(got - expected)) / jnp.max(jnp.abs(expected)))
-  assert error < tolerance
-  flat = flax.traverse_util.flatten_dict(adapters)
-  for key in [k for k in flat if k[-1] == 'kernel_lora_b']:
-    moved = dict(flat)
-    moved[key] = jnp.full_like(flat[key], 0.5)
-    changed = adapted.apply({'params': lora.combine(
-        stored, flax.traverse_util.unflatten_dict(moved))}, *inputs())
-    assert float(jnp.max(jnp.abs(changed - got))) > 1e-3, key
 
 
 def lora_training_config(workdir, **lora_fields):
@@ -215,10 +113,11 @@ def test_a_lora_run_names_its_base_resumes_exactly_and_samples_merged(pretrained
                                                                      base_dtype):
   workdir, base_params = pretrained
   config = lora_training_config(workdir, base_dtype=base_dtype, dropout=0.1)
+  config.checkpoint.every_steps = 2  # The whole run saves step 2 as well.
   whole, whole_state = loop.train(config, str(tmp_path / 'whole'), jax.devices()[:2])
-  config.train.num_steps = 2
-  loop.train(config, str(tmp_path / 'split'), jax.devices()[:2])
-  config.train.num_steps = 4
+  # As if stopped after the checkpoint of step 2.
+  shutil.copytree(tmp_path / 'whole', tmp_path / 'split', ignore=shutil.ignore_patterns('lock'))
+  shutil.rmtree(tmp_path / 'split' / 'checkpoints' / '4')
   resumed, _ = loop.train(config, str(tmp_path / 'split'), jax.devices()[:2])
   losses = lambda rows: {row['step']: row['loss'] for row in rows if 'loss' in row}
   assert losses(resumed) == {step: loss for step, loss in losses(whole).items() if step > 2}

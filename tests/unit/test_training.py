@@ -1,79 +1,38 @@
-import functools
-import os
-import shutil
+"""The train step by hand, its loss, weight decay's mask and the learning-rate schedule;
+the runs of the loop are in tests/integration/test_training_runs.py."""
 
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import pytest
 
-from lm import objectives
+from lm import models, objectives
 from lm import losses
-from lm.training import logger as logger_lib, loop, optimizer as optimizer_lib, steps
+from lm.training import optimizer as optimizer_lib, steps
 
-from helpers import init_model, small_model_config
-
-
-def losses_by_step(history):
-  return {row['step']: row['loss'] for row in history if 'loss' in row}
+from helpers import small_model_config
 
 
-def test_resume_gives_the_same_losses_and_params_as_an_uninterrupted_run(tiny_config, tmp_path):
-  config = tiny_config
-  config.train.update(num_steps=8, warmup_steps=2, log_every=1, eval_every=4)
-  config.checkpoint.every_steps = 3
-  devices = jax.devices()[:1]
-  uninterrupted, state = loop.train(config, str(tmp_path / 'straight'), devices)
-
-  interrupted_config = ml_collections.ConfigDict(config.to_dict())
-  interrupted_config.train.num_steps = 5  # Stops after the checkpoint at step 3 and 5.
-  first, _ = loop.train(interrupted_config, str(tmp_path / 'resumed'), devices)
-  # Drop the step-5 checkpoint: the "kill" happened after step 4, so we resume from 3.
-  shutil.rmtree(tmp_path / 'resumed' / 'checkpoints' / '5')
-  second, resumed_state = loop.train(config, str(tmp_path / 'resumed'), devices)
-
-  assert [row['step'] for row in second if 'loss' in row] == [4, 5, 6, 7, 8]
-  want = losses_by_step(uninterrupted)
-  got = {**losses_by_step(first), **losses_by_step(second)}
-  assert sorted(got) == sorted(want)
-  np.testing.assert_allclose([got[s] for s in sorted(want)], [want[s] for s in sorted(want)],
-                             rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-               state.params, resumed_state.params)
-  # metrics.jsonl: step 4 and 5, logged twice, keep the resumed run's values; a line cut
-  # by a kill is passed over.
-  with open(tmp_path / 'resumed' / logger_lib.METRICS_FILE, 'a') as f:
-    f.write('{"step": 9, "lo')
-  steps, logged = logger_lib.read_metrics(str(tmp_path / 'resumed'))['loss']
-  assert steps == sorted(want) and logged == [got[s] for s in sorted(want)]
-  # Evaluations at every eval_every and at each run's last step.
-  assert logger_lib.read_metrics(str(tmp_path / 'resumed'))['eval_loss'][0] == [4, 5, 8]
-
-
-def test_an_unfinished_checkpoint_write_is_ignored(tiny_config, tmp_path):
-  config = tiny_config
-  config.train.update(num_steps=4, warmup_steps=1, eval_every=4)
-  config.checkpoint.every_steps = 2
-  devices = jax.devices()[:1]
-  loop.train(config, str(tmp_path), devices)
-  # What a kill during orbax's write leaves behind: a temporary directory.
-  os.makedirs(tmp_path / 'checkpoints' / '6.orbax-checkpoint-tmp' / 'state')
-  config.train.num_steps = 6
-  history, _ = loop.train(config, str(tmp_path), devices)
-  assert [row['step'] for row in history if 'loss' in row] == [5, 6]
-  assert not (tmp_path / 'checkpoints' / '6.orbax-checkpoint-tmp').exists()
-
-
-def small_setup(accumulation):
+@functools.cache
+def small_model():
+  """A one-layer model and its params, made once (compiled: eager Flax runs op by op)."""
   model_config = small_model_config(vocab_size=50, num_layers=1, embed_dim=16, num_heads=2,
                                     num_kv_heads=1, mlp_dim=32, max_seq_len=16,
                                     tie_embeddings=True)
+  model = models.build(model_config)
+  init = jax.jit(functools.partial(models.init_variables, model, length=12))
+  return model, nn.meta.unbox(init(jax.random.key(0))['params'])
+
+
+def small_setup(accumulation):
   train_config = ml_collections.ConfigDict(dict(
       learning_rate=1e-2, warmup_steps=0, num_steps=10, final_learning_rate_ratio=0.1,
       weight_decay=0.1, beta1=0.9, beta2=0.95, epsilon=1e-8, grad_clip_norm=1.0,
       grad_accumulation_steps=accumulation, z_loss_weight=1e-3, objective='pretrain'))
-  model, params = init_model(model_config, length=12)
+  model, params = small_model()
   optimizer = optimizer_lib.make_optimizer(train_config)
   state = steps.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
   step = jax.jit(functools.partial(steps.train_step, model=model, optimizer=optimizer,
@@ -137,15 +96,3 @@ def test_learning_rate_warms_up_linearly_then_decays_by_cosine():
   np.testing.assert_allclose([schedule(0), schedule(5), schedule(10)], [0.0, 0.5, 1.0])
   np.testing.assert_allclose(schedule(60), 0.1 + 0.9 * 0.5, rtol=1e-6)
   np.testing.assert_allclose(schedule(110), 0.1, rtol=1e-6)
-
-
-def test_a_non_finite_loss_stops_the_run_with_its_step(tiny_config, tmp_path, monkeypatch):
-  original = steps.train_step
-  def poisoned(state, batch, frozen, **kwargs):
-    state, metrics = original(state, batch, frozen, **kwargs)
-    metrics['loss'] = jnp.where(state.step >= 3, jnp.nan, metrics['loss'])
-    return state, metrics
-  monkeypatch.setattr(steps, 'train_step', poisoned)
-  tiny_config.train.update(log_every=1, num_steps=6, warmup_steps=1)
-  with pytest.raises(FloatingPointError, match='at step 3'):
-    loop.train(tiny_config, str(tmp_path), jax.devices()[:1])

@@ -1,5 +1,5 @@
-"""The objective registry: each objective is found by its name, and a new one plugs into
-the loop, the step, the pipeline and the config checks through the registry alone."""
+"""A new objective plugs into the loop, the step, the pipeline and the config checks through
+the registry alone (tests/unit/test_objectives.py: each is found by its name)."""
 
 import jax
 import jax.numpy as jnp
@@ -13,13 +13,6 @@ from lm.data import pipeline, sources
 from lm.errors import ConfigError
 from lm.objectives import pretrain
 from lm.training import loop
-
-
-def test_every_objective_is_registered_under_its_own_name():
-  assert sorted(objectives.OBJECTIVES) == ['dpo', 'grpo', 'pretrain', 'sft']
-  for name, objective in objectives.OBJECTIVES.items():
-    assert objective.name == name
-    assert isinstance(objective, objectives.Objective)
 
 
 class _EveryKthTarget(pretrain.Pretrain):
@@ -51,6 +44,7 @@ def test_a_new_objective_is_one_class_and_one_registry_entry(tmp_path, monkeypat
   monkeypatch.setitem(objectives.OBJECTIVES, 'every_kth', _EveryKthTarget())
   # Its settings are in every config from now on, with their defaults.
   config = make_tiny_config(tmp_path / 'corpus')
+  config.model.num_layers = 1  # What is checked does not depend on depth; quicker to compile.
   assert config.train.every_kth.k == 2
   config.train.update(objective='every_kth', num_steps=2, log_every=1, eval_every=2,
                       warmup_steps=1)

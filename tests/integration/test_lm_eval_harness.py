@@ -1,5 +1,6 @@
 """lm as lm-evaluation-harness's model `lm` (lm/evaluation/lm_eval_model.py), offline: its
-tasks from local YAML over local JSON lines score what lm's own reader and scorer do."""
+tasks from local YAML over local JSON lines score what lm's own reader and scorer do, on
+conftest's `pretrained` run."""
 
 import json
 import os
@@ -12,7 +13,8 @@ import pytest  # noqa: E402
 lm_eval = pytest.importorskip('lm_eval')  # In the test extra; skipped only without it.
 
 from lm import sharding  # noqa: E402
-from lm.evaluation import benchmarks, harness, lm_eval_model, scoring  # noqa: E402
+from lm.evaluation import benchmarks, harness, scoring  # noqa: E402
+from lm.evaluation import lm_eval_model  # noqa: E402,F401 (registers the model 'lm')
 from lm.training import checkpointing  # noqa: E402
 
 
@@ -109,33 +111,3 @@ def test_the_harness_runs_lm_and_agrees_with_lms_own_scoring(pretrained, tmp_pat
   np.testing.assert_allclose([s['resps'][0][0] for s in samples], rolling, rtol=1e-5)
   samples = sorted(out['samples']['lm_generate_local'], key=lambda s: s['doc_id'])
   assert [s['resps'][0][0] for s in samples] == generated
-
-
-@pytest.mark.parametrize('length,max_length', [(10, 4), (9, 4), (4, 4), (5, 4), (2, 8), (30, 7)])
-def test_rolling_windows_are_the_harness_windows(length, max_length):
-  """scoring.rolling_windows against lm-evaluation-harness's own functions: the same
-  inputs read and the same tokens predicted, window by window."""
-  from lm_eval import utils  # pylint: disable=import-outside-toplevel
-  ids = list(range(100, 100 + length))  # A prefix token, then the text's.
-  windows, starts = scoring.rolling_windows(ids, max_length)
-  theirs = [utils.make_disjoint_window(pair) for pair in utils.get_rolling_token_windows(
-      token_list=ids[1:], prefix_token=ids[0], max_seq_len=max_length, context_len=1)]
-  # The harness's (context, predicted): the model reads context + predicted[:-1].
-  reads = [w[:-1] for w in windows]
-  assert reads == [(context + predicted)[:-1] for context, predicted in theirs]
-  assert [w[s:] for w, s in zip(windows, starts)] == [predicted for _, predicted in theirs]
-  assert all(len(read) <= max_length for read in reads)
-
-
-def test_the_package_declares_lm_where_plugin_loading_harnesses_look():
-  """The entry point `lm_eval.models: lm` (the group lm-evaluation-harness's plugin
-  discovery reads) is installed and resolves, through the harness's own Registry, to the
-  model class; with it, `lm_eval run --model lm` needs no wrapper."""
-  import importlib.metadata
-  from lm_eval.api.model import LM
-  from lm_eval.api.registry import Registry
-  [entry_point] = [entry for entry in importlib.metadata.entry_points(group='lm_eval.models')
-                   if entry.name == 'lm']
-  registry = Registry('model', base_cls=LM)
-  registry.register(entry_point.name, target=entry_point)
-  assert registry.get('lm') is lm_eval_model.LmEvalModel

@@ -50,9 +50,17 @@ def test_cached_decoding_gives_the_logits_of_a_full_forward_pass_for_ragged_prom
     pieces.append(step_logits)
     start += size
 
+  # The full forward of every row over one fixed-length buffer (a single compilation):
+  # causal, so the zeros after a row's ids do not reach their logits.
+  rows = [list(prompts[row, :length]) + list(continuation[row])
+          for row, length in enumerate(lengths)]
+  width = max(map(len, rows))
+  full = compiled({'params': params},
+                  jnp.asarray([row + [0] * (width - len(row)) for row in rows], jnp.int32),
+                  jnp.ones((len(rows), width), jnp.int32),
+                  jnp.broadcast_to(jnp.arange(width), (len(rows), width)))
   for row, length in enumerate(lengths):
-    ids = list(prompts[row, :length]) + list(continuation[row])
-    want = full_forward(model, params, ids)
+    want = full[row, :len(rows[row])]
     got = np.concatenate([pieces[0][row, :length]] + [p[row] for p in pieces[1:]])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -153,9 +161,10 @@ def test_weights_cast_once_give_the_same_logits_as_flax_casting_each_call():
   tokens = jax.random.randint(jax.random.key(2), (2, 8), 3, 97)
   positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
   # Off their initial values (ones, log 1..N), which bf16 would hold exactly.
-  params = jax.tree.map(lambda p, k: p + 0.01 * jax.random.normal(k, p.shape), params,
-                        jax.tree.unflatten(jax.tree.structure(params), jax.random.split(
-                            jax.random.key(3), len(jax.tree.leaves(params)))))
+  params = jax.jit(lambda params: jax.tree.map(  # One compilation, not one per leaf shape.
+      lambda p, k: p + 0.01 * jax.random.normal(k, p.shape), params,
+      jax.tree.unflatten(jax.tree.structure(params), jax.random.split(
+          jax.random.key(3), len(jax.tree.leaves(params))))))(params)
   cast = sampling.cast_weights(params, jnp.bfloat16)
   assert {leaf.dtype for leaf in jax.tree.leaves(cast)} == {jnp.dtype(jnp.bfloat16),
                                                             jnp.dtype(jnp.float32)}

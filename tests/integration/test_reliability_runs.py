@@ -1,7 +1,10 @@
 """Checkpoints that never lie: no non-finite checkpoint, one run per workdir, a corrupt
 checkpoint set aside (never deleted) and the run resumed from the newest intact one, a
-resumed run's data and reference its own; bad records named at start."""
+resumed run's data its own. (A resumed DPO run's reference: tests/integration/
+test_post_training_runs.py; bad records: tests/unit/test_reliability.py.)"""
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -11,13 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.configs import dpo as dpo_config
-from lm import objectives
 from lm.data import sources
 from lm.errors import ConfigError
 from lm.training import checkpointing, loop, steps
 
-from helpers import post_training_config, write_corpus
+from helpers import make_tiny_config
+from test_training_runs import tiny_config  # noqa: F401,F811 (a fixture: one layer)
 
 DEVICES = jax.devices()[:1]
 
@@ -68,18 +70,6 @@ def test_a_workdir_that_is_a_file_or_unwritable_is_named(tiny_config, tmp_path):
     loop.train(tiny_config, '/proc/lm_test', DEVICES)
 
 
-@pytest.fixture(scope='module')
-def four_steps(tmp_path_factory):
-  """(config, workdir, final params) of a tiny run with checkpoints at steps 2 and 4."""
-  from helpers import make_tiny_config
-  config = make_tiny_config(tmp_path_factory.mktemp('corpus'))
-  config.train.update(num_steps=4, warmup_steps=1, eval_every=4, log_every=1)
-  config.checkpoint.update(every_steps=2, max_to_keep=3)
-  workdir = str(tmp_path_factory.mktemp('four_steps'))
-  _, state = loop.train(config, workdir, DEVICES)
-  return config, workdir, jax.device_get(state.params)
-
-
 def _largest_file(directory) -> str:
   files = [os.path.join(root, name) for root, _, names in os.walk(directory)
            for name in names]
@@ -122,31 +112,66 @@ def _edit_json(path):
     f.write(text[:index] + str((int(text[index]) + 1) % 10) + text[index + 1:])
 
 
+# Step 2 and one step after it for each corruption: the checkpoints of `finished`.
+CORRUPT_STEPS = {corruption: 3 + index for index, corruption in enumerate(sorted(CORRUPTIONS))}
+NUM_STEPS = 2 + len(CORRUPTIONS)
+SAVED_STEPS = list(range(2, NUM_STEPS + 1))
+
+
+@pytest.fixture(scope='module')
+def finished(tmp_path_factory):
+  """(config, workdir, final params) of a tiny run with a checkpoint at every step from
+  step 2 on (SAVED_STEPS). Read, never written: a test copies it."""
+  config = make_tiny_config(tmp_path_factory.mktemp('corpus'))
+  config.model.num_layers = 1  # As in tiny_config above.
+  config.train.update(num_steps=NUM_STEPS, warmup_steps=1, eval_every=NUM_STEPS, log_every=1)
+  config.checkpoint.update(every_steps=1, max_to_keep=len(SAVED_STEPS))
+  workdir = str(tmp_path_factory.mktemp('finished'))
+  _, state = loop.train(config, workdir, DEVICES)
+  assert checkpoint_steps(workdir) == SAVED_STEPS
+  return config, workdir, jax.device_get(state.params)
+
+
+@pytest.fixture(scope='module')
+def resumed_past_corruptions(finished, tmp_path_factory):
+  """A copy of `finished` with every checkpoint after step 2 corrupt, each in its own way
+  (CORRUPT_STEPS), then resumed: {'workdir', 'history', 'params', 'err' (its stderr)}."""
+  config, run, _ = finished
+  workdir = str(tmp_path_factory.mktemp('corrupt') / 'run')
+  shutil.copytree(run, workdir, ignore=shutil.ignore_patterns('lock'))
+  for corruption, step in CORRUPT_STEPS.items():
+    CORRUPTIONS[corruption](os.path.join(workdir, 'checkpoints', str(step)))
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err):
+    history, state = loop.train(config, workdir, DEVICES)
+  return dict(workdir=workdir, history=history, params=jax.device_get(state.params),
+              err=err.getvalue())
+
+
 @pytest.mark.parametrize('corruption', sorted(CORRUPTIONS))
 def test_a_corrupt_latest_checkpoint_is_set_aside_and_the_run_resumes_before_it(
-    corruption, four_steps, tmp_path, capfd):
-  config, finished, want_params = four_steps
-  workdir = str(tmp_path / 'run')
-  shutil.copytree(finished, workdir, ignore=shutil.ignore_patterns('lock'))
-  CORRUPTIONS[corruption](os.path.join(workdir, 'checkpoints', '4'))
-
-  history, state = loop.train(config, workdir, DEVICES)
-  assert 'checkpoint step 4 cannot be read' in capfd.readouterr().err
-  assert os.path.isdir(os.path.join(workdir, 'set_aside', '4'))  # Kept, not deleted.
-  assert [row['step'] for row in history if 'loss' in row] == [3, 4]
-  assert checkpoint_steps(workdir) == [2, 4]
+    corruption, finished, resumed_past_corruptions):
+  # Each newer checkpoint was corrupt too: the run set them aside one by one, newest first.
+  _, _, want_params = finished
+  workdir, history = resumed_past_corruptions['workdir'], resumed_past_corruptions['history']
+  step = CORRUPT_STEPS[corruption]
+  assert f'checkpoint step {step} cannot be read' in resumed_past_corruptions['err']
+  assert os.path.isdir(os.path.join(workdir, 'set_aside', str(step)))  # Kept, not deleted.
+  assert [row['step'] for row in history if 'loss' in row] == list(range(3, NUM_STEPS + 1))
+  assert checkpoint_steps(workdir) == SAVED_STEPS
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-               jax.device_get(state.params), want_params)
+               resumed_past_corruptions['params'], want_params)
 
 
 def test_a_checkpoint_with_the_data_state_as_one_json_item_still_resumes_exactly(
-    four_steps, tmp_path):
+    finished, tmp_path):
   """Checkpoints written before grain's handler held each process's data state kept the
   one process's single stream's state as an orbax JSON item ('data/metadata')."""
-  config, finished, want_params = four_steps
+  config, run, want_params = finished
   workdir = str(tmp_path / 'run')
-  shutil.copytree(finished, workdir, ignore=shutil.ignore_patterns('lock'))
-  shutil.rmtree(os.path.join(workdir, 'checkpoints', '4'))
+  shutil.copytree(run, workdir, ignore=shutil.ignore_patterns('lock'))
+  for step in SAVED_STEPS[1:]:
+    shutil.rmtree(os.path.join(workdir, 'checkpoints', str(step)))
   data = os.path.join(workdir, 'checkpoints', '2', 'data')
   with open(os.path.join(data, 'process_0-of-1.json')) as f:
     [state] = json.load(f)
@@ -155,16 +180,16 @@ def test_a_checkpoint_with_the_data_state_as_one_json_item_still_resumes_exactly
     json.dump(state, f)
 
   history, state = loop.train(config, workdir, DEVICES)
-  assert [row['step'] for row in history if 'loss' in row] == [3, 4]
+  assert [row['step'] for row in history if 'loss' in row] == list(range(3, NUM_STEPS + 1))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                jax.device_get(state.params), want_params)
 
 
 def test_resuming_with_another_data_stream_is_refused_and_a_finished_run_has_nothing_to_do(
-    four_steps, tmp_path, capsys):
-  config, finished, _ = four_steps
+    finished, tmp_path, capsys):
+  config, run, _ = finished
   workdir = str(tmp_path / 'run')
-  shutil.copytree(finished, workdir, ignore=shutil.ignore_patterns('lock'))
+  shutil.copytree(run, workdir, ignore=shutil.ignore_patterns('lock'))
   for field, value in (('seq_len', 32), ('source', 'jsonl'), ('batch_size', 4)):
     changed = config.copy_and_resolve_references()
     changed.data[field] = value
@@ -179,54 +204,8 @@ def test_resuming_with_another_data_stream_is_refused_and_a_finished_run_has_not
   fewer.train.num_steps = 3
   history, _ = loop.train(fewer, workdir, DEVICES)
   assert history == []
-  assert 'nothing to do: the checkpoint is at step 4' in capsys.readouterr().out
-  assert checkpoint_steps(workdir) == [2, 4]
-
-
-def test_dpo_resumes_after_its_init_from_checkpoint_is_gone(pretrained, tmp_path):
-  source = str(tmp_path / 'pretrained')
-  shutil.copytree(pretrained[0], source, ignore=shutil.ignore_patterns('lock'))
-  config = post_training_config(dpo_config, source, num_steps=2)
-  config.checkpoint.every_steps = 1
-  workdir = str(tmp_path / 'dpo')
-  loop.train(config, workdir, DEVICES)
-  shutil.rmtree(os.path.join(source, 'checkpoints'))  # Pruned by the source run, say.
-
-  config.train.num_steps = 3
-  history, _ = loop.train(config, workdir, DEVICES)
-  # The reference is the run's own copy of the params it started from.
-  reference = checkpointing.restore_reference(workdir, jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), pretrained[1]))
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(reference),
-               jax.device_get(pretrained[1]))
-  assert [row['step'] for row in history if 'loss' in row] == [3]
-
-
-def test_bad_json_lines_are_named_at_start_or_skipped_and_counted(tmp_path):
-  path = tmp_path / 'data.jsonl'
-  path.write_bytes(b'{"text": "good"}\n{"text": null}\n{"text": "bad \xff byte"}\n[1, 2]\n'
-                   b'{"text": "also good"}\n')
-  config = type('C', (), dict(source='jsonl', path=str(path), text_field='text',
-                              bad_records='error'))
-  pretrain = objectives.OBJECTIVES['pretrain']
-  with pytest.raises(ConfigError, match=r"data.jsonl:2: field 'text' is null, not a string"
-                                        r" \(3 bad lines in all"):
-    pretrain.source(config)
-  config.bad_records = 'skip'
-  source = pretrain.source(config)
-  assert [source[i] for i in range(len(source))] == ['good', 'also good']
-  assert [why.split(' ', 1)[0].rsplit('/', 1)[1] for _, why in source.skipped] == [
-      'data.jsonl:2:', 'data.jsonl:3', 'data.jsonl:4']
-  assert 'is not UTF-8 text' in source.skipped[1][1]
-
-
-def test_a_binary_file_in_a_text_source_is_named_or_skipped(tmp_path):
-  pattern = write_corpus(str(tmp_path / 'corpus'), num_files=3)
-  (tmp_path / 'corpus' / 'doc_zzz.txt').write_bytes(b'text\nand \x80\x81 binary')
-  with pytest.raises(ConfigError, match=r'doc_zzz.txt:2 is not UTF-8 text \(byte 9\) \(1 bad files'):
-    sources.TextFiles(sources.expand_paths(pattern))
-  kept = sources.TextFiles(sources.expand_paths(pattern), bad_records='skip')
-  assert len(kept) == 3 and len(kept.skipped) == 1
+  assert f'nothing to do: the checkpoint is at step {NUM_STEPS}' in capsys.readouterr().out
+  assert checkpoint_steps(workdir) == SAVED_STEPS
 
 
 def test_an_error_mid_run_leaves_no_half_written_checkpoint(tiny_config, tmp_path,

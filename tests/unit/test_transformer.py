@@ -105,9 +105,15 @@ def test_cached_decoding_in_a_sliding_window_gives_the_full_forward_logits(imple
                                    jnp.ones_like(token), jnp.asarray(lengths_b + step)[:, None],
                                    decode=True)
     pieces.append(step_logits)
+  # The full forward of every row over one fixed-length buffer (a single compilation):
+  # causal, so the zeros after a row's ids do not reach their logits.
+  rows = [list(prompts[row, :length]) + list(continuation[row])
+          for row, length in enumerate(lengths)]
+  width = max(map(len, rows))
+  ids = jnp.asarray([row + [0] * (width - len(row)) for row in rows], jnp.int32)
+  full = apply({'params': params}, ids, *single_document(ids))
   for row, length in enumerate(lengths):
-    ids = jnp.asarray([list(prompts[row, :length]) + list(continuation[row])])
-    want = apply({'params': params}, ids, *single_document(ids))[0]
+    want = full[row, :len(rows[row])]
     got = np.concatenate([pieces[0][row, :length]] + [p[row] for p in pieces[1:]])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -126,12 +132,16 @@ def test_packed_documents_give_the_same_logits_as_each_document_alone():
   positions = jnp.concatenate([jnp.arange(n) for n in lengths + (padding,)])[None]
   apply = jit_apply(model)
   packed_logits = apply({'params': params}, packed, segment_ids, positions)
+  # Each document alone, all in one call (a single compilation): a row each, zeros after
+  # it, which causal attention does not let reach its logits.
+  width = max(lengths)
+  alone_bt = jnp.concatenate([jnp.pad(d, ((0, 0), (0, width - d.shape[1]))) for d in documents])
+  alone = apply({'params': params}, alone_bt, *single_document(alone_bt))
   start = 0
-  for document in documents:
-    alone = apply({'params': params}, document, *single_document(document))
+  for row, document in enumerate(documents):
     length = document.shape[1]
-    np.testing.assert_allclose(packed_logits[:, start:start + length], alone,
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(packed_logits[:, start:start + length],
+                               alone[row:row + 1, :length], rtol=1e-5, atol=1e-5)
     start += length
 
 
@@ -157,15 +167,21 @@ def test_bfloat16_compute_stays_close_to_float32():
   np.testing.assert_allclose(probs16, probs32, atol=2e-2)
 
 
-@pytest.mark.parametrize('remat', ['full', 'save_dots'])
-def test_remat_gives_the_same_gradients(remat):
-  config = model_config()
-  model, params = init(config)
-  model_remat = models.build(model_config(remat=remat))
+@pytest.fixture(scope='module')
+def remat_loss_params_and_grads():
+  """(loss, params, grads) of a plain model, computed once for each remat policy's test:
+  loss(model, params) is the mean squared logits of fixed tokens."""
+  model, params = init(model_config())
   tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, 97)
   def loss(model, params):
     return jnp.mean(model.apply({'params': params}, tokens, *single_document(tokens)) ** 2)
-  grads = jax.jit(jax.grad(lambda p: loss(model, p)))(params)
+  return loss, params, jax.jit(jax.grad(lambda p: loss(model, p)))(params)
+
+
+@pytest.mark.parametrize('remat', ['full', 'save_dots'])
+def test_remat_gives_the_same_gradients(remat, remat_loss_params_and_grads):
+  loss, params, grads = remat_loss_params_and_grads
+  model_remat = models.build(model_config(remat=remat))
   grads_remat = jax.jit(jax.grad(lambda p: loss(model_remat, p)))(params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                grads, grads_remat)
