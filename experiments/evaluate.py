@@ -100,7 +100,6 @@ def main():
   check_flags()
   task_list = [load_task(name) for name in _TASK.value]  # Bad task files fail first.
   run = checkpointing.restore_for_inference(_WORKDIR.value, _STEP.value)
-  inputs.check_finite_params(run.params, _WORKDIR.value, run.step)
   max_length = scoring.context_length(run.config, run.tokenizer.trained_here, _MAX_LENGTH.value)
   for task in task_list:
     check(task.kind != 'generation' or max_new_tokens(task) < max_length,

@@ -15,7 +15,7 @@ import jax
 
 from experiments import cli
 from lm import chat, sampling, sharding
-from lm.errors import ConfigError, check
+from lm.errors import ConfigError, check, check_utf8
 from lm.evaluation import inputs
 from lm.training import checkpointing
 
@@ -47,9 +47,15 @@ def check_flags() -> None:
 
 def read_prompts() -> list[str]:
   prompts = list(_PROMPT.value)
+  for prompt in prompts:  # Bytes that are not UTF-8 reach argv as lone surrogates.
+    check_utf8('--prompt', prompt)
   if _PROMPTS_FILE.value:
     lines = inputs.read_lines(_PROMPTS_FILE.value, '--prompts_file')
-    prompts += [line.rstrip('\n').replace('\\n', '\n') for line in lines if line.strip()]
+    from_file = [line.rstrip('\n').replace('\\n', '\n') for line in lines if line.strip()]
+    if not from_file:
+      raise ConfigError(f'--prompts_file={_PROMPTS_FILE.value} holds no prompt (no line that'
+                        ' is not blank)')
+    prompts += from_file
   if not prompts:
     raise ConfigError('give at least one --prompt or a --prompts_file')
   return prompts
@@ -59,7 +65,6 @@ def main():
   check_flags()
   prompts = read_prompts()
   run = checkpointing.restore_for_inference(_WORKDIR.value, _STEP.value)
-  inputs.check_finite_params(run.params, _WORKDIR.value, run.step)
   vocab_size, max_seq_len = run.config.model.vocab_size, run.config.model.max_seq_len
   check(_TOP_K.value <= vocab_size,
         f'--top_k={_TOP_K.value} exceeds the vocabulary of the checkpoint ({vocab_size} ids)')

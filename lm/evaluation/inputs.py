@@ -1,15 +1,12 @@
-"""Checks of what sampling and evaluation are given (flags, text files, the workdir, the
-checkpoint's params), each failure one ConfigError naming the flag or file:line."""
+"""Checks of what sampling and evaluation are given (flags, text files, the workdir), each
+failure one ConfigError naming the flag or file:line. (A checkpoint's params that are not
+finite are refused by checkpointing.restore_for_inference.)"""
 
 import io
 import json
 import os
 
-import jax
-import jax.numpy as jnp
-
-from lm import sharding
-from lm.errors import ConfigError
+from lm.errors import ConfigError, check_utf8
 
 
 def check_all(checks: list[tuple[bool, str]]) -> None:
@@ -46,21 +43,6 @@ def read_lines(path: str, flag: str) -> list[str]:
   return io.StringIO(text, newline=None).readlines()  # Universal newlines, as open() does.
 
 
-@jax.jit
-def _finite(params):
-  return jax.tree.map(lambda x: jnp.isfinite(x).all(), params)
-
-
-def check_finite_params(params, workdir: str, step: int) -> None:
-  """Refuses params holding a NaN or Inf: they would sample and score without complaint."""
-  finite = sharding.to_host(_finite(params))
-  bad = [jax.tree_util.keystr(path, simple=True, separator='/')
-         for path, ok in jax.tree_util.tree_leaves_with_path(finite) if not ok]
-  if bad:
-    raise ConfigError(f'--workdir={workdir}: the params of step {step} are not finite'
-                      f' (NaN or Inf), e.g. {bad[0]}')
-
-
 def json_records(path: str, flag: str):
   """(file:line, object) for each non-blank line of the JSON-lines file `flag`=`path`;
   a line that is not a JSON object is named by file:line."""
@@ -74,4 +56,5 @@ def json_records(path: str, flag: str):
       raise ConfigError(f'{where} is not valid JSON: {error}') from error
     if not isinstance(record, dict):
       raise ConfigError(f'{where}: each line must be a JSON object')
+    check_utf8(where, record)
     yield where, record

@@ -411,6 +411,7 @@ def load_params(workdir: str, step: int, abstract_params, config, tokenizer, con
     else:
       params = source.restore_params(step, abstract_params, convert)
   source.close()
+  check_finite(params, f'config.train.init_from={workdir!r}', step)
   return params, step
 
 
@@ -441,6 +442,27 @@ def abstract_params(model, mesh) -> dict:
                                   jax.random.key(0)), mesh)
 
 
+@jax.jit
+def _finite(tree):
+  return jax.tree.map(lambda x: jnp.isfinite(x).all(), tree)
+
+
+def non_finite(params) -> list[str]:
+  """The paths ('layer_0/mlp/wi/kernel') of the arrays of `params` holding a NaN or Inf."""
+  finite = sharding.to_host(_finite(params))
+  return [jax.tree_util.keystr(path, simple=True, separator='/')
+          for path, ok in jax.tree_util.tree_leaves_with_path(finite) if not ok]
+
+
+def check_finite(params, source: str, step: int) -> None:
+  """Refuses params holding a NaN or Inf, naming `source` (the flag that named the run)
+  and the step: they would sample, score, export and train on without complaint."""
+  bad = non_finite(params)
+  if bad:
+    raise ConfigError(f'{source}: the params of step {step} are not finite (NaN or Inf),'
+                      f' e.g. {bad[0]}')
+
+
 class Restored(NamedTuple):
   step: int
   config: ml_collections.ConfigDict
@@ -453,7 +475,7 @@ class Restored(NamedTuple):
 def restore_for_inference(workdir: str, step: int | None = None) -> Restored:
   """The checkpoint at `step` (default: latest), its params split over a mesh of every
   device of every process (sharding.inference_mesh), with the model and tokenizer built
-  from the config and tokenizer saved with it."""
+  from the config and tokenizer saved with it. Params that are not finite are refused."""
   checkpointer = Checkpointer(workdir, max_to_keep=None, read_only=True)
   steps = sorted(checkpointer.manager.all_steps())
   if step is None and not steps:
@@ -473,4 +495,5 @@ def restore_for_inference(workdir: str, step: int | None = None) -> Restored:
     else:
       params = checkpointer.restore_params(step, abstract_params(model, mesh))
   checkpointer.close()
+  check_finite(params, f'--workdir={workdir}', step)
   return Restored(step, config, tokenizer, model, params, mesh)

@@ -151,6 +151,20 @@ def _first_non_finite(pending: list) -> tuple | None:
   return pending[index][0], *values[index]
 
 
+def _check_finite_params(params, step: int, checkpointer) -> None:
+  """Refuses to save params holding a NaN or Inf: a step whose loss and gradient norm are
+  finite can still overflow in its update (a huge learning rate or weight decay)."""
+  bad = checkpointing.non_finite(params)
+  if bad:
+    last = checkpointer.latest_step()
+    raise FloatingPointError(
+        f'the params after step {step} are not finite (NaN or Inf), e.g. {bad[0]}, though'
+        ' its loss and gradient norm were: the update overflowed; it was not saved, and the'
+        ' last good checkpoint is '
+        + (f'step {last} in {checkpointer.directory}' if last is not None else 'none')
+        + '; try a lower config.train.learning_rate or weight_decay')
+
+
 def _start_line(config, setup, run, devices, data) -> str:
   """What trains, on what, on which data, from where."""
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(run.state.params))
@@ -260,7 +274,8 @@ def _train(config, workdir, devices, tokenizer, objective, data, checkpointer):
         stop.requested = not distributed.all_ok(not stop.requested)
       if (between_batches and (step % config.checkpoint.every_steps == 0 or stop.requested)
           or step == config.train.num_steps):
-        check_finite()  # A checkpoint never holds params of a non-finite step.
+        check_finite()  # A checkpoint never holds params of a non-finite step...
+        _check_finite_params(state.params, step, checkpointer)  # ...nor an overflowed update.
         checkpointer.save(step, state, train_iterator, run.run_config, tokenizer)
       if stop.requested and between_batches:
         log.print(f'stopped at step {step}; checkpoint saved, run the same command to resume')

@@ -116,9 +116,9 @@ def _reference_params(setup, config, tokenizer, init_from_step: int):
 
 
 def _restore_latest(checkpointer, setup, train_iterator, config, tokenizer):
-  """(step, state, saved config) of the newest checkpoint that reads back whole on every
-  process, or None. Unreadable ones are set aside, not deleted; a mismatch with the config
-  or the number of processes is refused."""
+  """(step, state, saved config) of the newest checkpoint that reads back whole, with
+  finite params, on every process, or None. Others are set aside, not deleted; a mismatch
+  with the config or the number of processes is refused."""
   while (step := checkpointer.latest_step()) is not None:
     metadata, error = _attempt(checkpointer.read_metadata, step)
     if not distributed.all_ok(error is None):
@@ -142,6 +142,9 @@ def _restore_latest(checkpointer, setup, train_iterator, config, tokenizer):
     tokenizer_lib.check_same(saved_tokenizer, tokenizer, checkpointer.directory)
     checkpointing.check_compatible(saved_config, config, checkpointer.directory)
     state, error = _attempt(checkpointer.restore, step, setup.abstract_state, train_iterator)
+    if error is None and (bad := checkpointing.non_finite(state.params)):
+      # Poisoned (written before saves were checked): resuming from it fails forever.
+      error = ValueError(f'its params are not finite (NaN or Inf), e.g. {bad[0]}')
     if not distributed.all_ok(error is None):
       checkpointer.set_aside(step, error)
       continue

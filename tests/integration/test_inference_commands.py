@@ -72,6 +72,16 @@ def test_sample_names_the_line_of_a_binary_prompts_file(run, tmp_path):
   assert line.startswith(f'error: --prompts_file={prompts}:2 is not UTF-8 text'), line
 
 
+def test_sample_names_a_prompt_that_is_not_utf8_and_an_empty_prompts_file(run, tmp_path):
+  # Bytes that are not UTF-8 (as $'\\xff' gives) reach argv as a lone surrogate.
+  line = error_line(run('sample', f'--workdir={tmp_path}', '--prompt=a \udcff'))
+  assert line == "error: --prompt holds '\\udcff', a lone surrogate, which is not UTF-8 text", line
+  empty = tmp_path / 'prompts.txt'
+  empty.write_text('\n  \n')
+  line = error_line(run('sample', f'--workdir={tmp_path}', f'--prompts_file={empty}'))
+  assert line == f'error: --prompts_file={empty} holds no prompt (no line that is not blank)', line
+
+
 @pytest.fixture(scope='module')
 def non_finite_workdir(pretrained, tmp_path_factory):
   """A copy of the `pretrained` run whose latest params are all NaN, fingerprint and all
@@ -92,13 +102,42 @@ def non_finite_workdir(pretrained, tmp_path_factory):
   return workdir, step
 
 
-def test_sample_and_evaluate_refuse_a_checkpoint_with_non_finite_params(run, non_finite_workdir):
+def test_every_reader_refuses_a_checkpoint_with_non_finite_params(run, non_finite_workdir,
+                                                                 tmp_path):
   workdir, step = non_finite_workdir
   for module, flags in (('sample', ['--prompt=x', '--max_new_tokens=2']),
-                        ('evaluate', ['--task=arithmetic', '--limit=2'])):
+                        ('evaluate', ['--task=arithmetic', '--limit=2']),
+                        ('convert', ['--to_hf', f'--output={tmp_path / "hf"}']),
+                        ('merge', [f'--output={tmp_path / "merged"}'])):
     line = error_line(run(module, f'--workdir={workdir}', *flags))
     assert line.startswith(f'error: --workdir={workdir}: the params of step {step} are not'
-                           ' finite'), line
+                           ' finite'), (module, line)
+  assert not os.listdir(tmp_path)  # Nothing exported or merged.
+  # Nor does a run start from it.
+  line = error_line(run('train', '--config=experiments/configs/sft.py:tiny',
+                        f'--workdir={tmp_path / "sft"}', f'--config.train.init_from={workdir}'))
+  assert line.startswith(f"error: config.train.init_from='{workdir}': the params of step"
+                         f' {step} are not finite'), line
+
+
+def test_resuming_sets_a_checkpoint_with_non_finite_params_aside(run, non_finite_workdir,
+                                                                 pretrained_config, tmp_path):
+  """A run whose latest checkpoint was saved poisoned (before saves were checked) resumes
+  from the one before it, instead of failing at every restart."""
+  source, step = non_finite_workdir
+  workdir = shutil.copytree(source, tmp_path / 'run')
+  config = pretrained_config.to_dict()
+  result = run('train', '--config=experiments/configs/default.py:tiny', f'--workdir={workdir}',
+               '--config.data.source=text', f'--config.data.path={config["data"]["path"]}',
+               '--config.data.validation_fraction=0.25', '--config.model.dtype=float32',
+               '--config.train.warmup_steps=1', '--config.train.eval_every=2',
+               f'--config.train.num_steps={step + 1}', '--config.train.sample_tokens=0')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (f'checkpoint step {step} cannot be read (ValueError: its params are not finite'
+          in result.stderr), result.stderr[-3000:]
+  assert os.path.isdir(workdir / 'set_aside' / str(step))
+  assert max(int(name) for name in os.listdir(workdir / 'checkpoints')
+             if name.isdigit()) == step + 1
 
 
 def test_sample_refuses_a_top_k_above_the_vocabulary_after_loading(run, pretrained):

@@ -49,6 +49,22 @@ def test_a_non_finite_step_is_named_and_never_checkpointed(tiny_config, tmp_path
   assert checkpoint_steps(tmp_path) == [2]
 
 
+@pytest.mark.parametrize('field', ['learning_rate', 'weight_decay'])
+def test_an_update_that_overflows_is_named_and_never_checkpointed(tiny_config, tmp_path,
+                                                                   field):
+  """Step 1's loss and gradient norm are finite; its update overflows float32 (a value past
+  3.4e38), so the params after it are not: they are refused before they are saved."""
+  tiny_config.train.update(warmup_steps=0, num_steps=3, log_every=10, eval_every=10,
+                           **{field: 1e39})
+  tiny_config.checkpoint.every_steps = 1
+  with pytest.raises(FloatingPointError, match=(
+      r'the params after step 1 are not finite \(NaN or Inf\), e\.g\. \S+, though its loss'
+      r' and gradient norm were: the update overflowed; it was not saved, and the last good'
+      r' checkpoint is none')):
+    loop.train(tiny_config, str(tmp_path), DEVICES)
+  assert checkpoint_steps(tmp_path) == []
+
+
 def test_a_second_run_on_the_same_workdir_is_refused_and_a_dead_one_leaves_no_lock(
     tiny_config, tmp_path):
   tiny_config.train.update(num_steps=1, warmup_steps=0, eval_every=1)

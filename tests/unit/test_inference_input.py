@@ -1,5 +1,6 @@
 """Bad evaluation task files end in one line naming the file:line and the field, at load;
-evaluation results add up across runs; params that are not finite are named."""
+evaluation results add up across runs; params that are not finite are named
+(checkpointing.check_finite, which every reader of a checkpoint calls)."""
 
 import json
 import re
@@ -9,6 +10,7 @@ import pytest
 
 from lm.errors import ConfigError
 from lm.evaluation import harness, inputs, results, scoring, tasks
+from lm.training import checkpointing
 
 
 GOOD_RECORDS = {
@@ -98,6 +100,6 @@ def test_params_with_a_nan_or_inf_are_refused_naming_the_workdir_and_step():
             'head': {'kernel': np.array([[1.0, np.inf]], np.float32)}}
   with pytest.raises(ConfigError, match=re.escape(
       '--workdir=/runs/a: the params of step 7 are not finite (NaN or Inf), e.g. head/kernel')):
-    inputs.check_finite_params(params, '/runs/a', 7)
+    checkpointing.check_finite(params, '--workdir=/runs/a', 7)
   params['head']['kernel'][0, 1] = 2.0
-  inputs.check_finite_params(params, '/runs/a', 7)
+  checkpointing.check_finite(params, '--workdir=/runs/a', 7)
