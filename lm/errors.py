@@ -1,5 +1,6 @@
 """The one exception type for bad input, and the checks that raise it."""
 
+import json
 import math
 
 
@@ -29,3 +30,14 @@ def check_number(name: str, value, *, at_least=None, above=None, below=None, at_
   shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + '...'
   raise ConfigError(f'{name}={shown} must be {kind}' + (f' {wanted}' if wanted else '')
                     + (f' ({why})' if why else ''))
+
+
+def check_utf8(name: str, value) -> None:
+  """Raises ConfigError naming `name` if `value` (a str, or the strings of a JSON value)
+  holds a lone surrogate: JSON's escapes ("\\ud800") and undecodable command-line bytes
+  spell one, no UTF-8 text holds one, and it would fail when tokenized, mid-run."""
+  try:
+    json.dumps(value, ensure_ascii=False).encode('utf-8')
+  except UnicodeEncodeError as error:
+    raise ConfigError(f'{name} holds {error.object[error.start:error.end]!r}, a lone'
+                      ' surrogate, which is not UTF-8 text') from error

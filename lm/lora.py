@@ -29,6 +29,9 @@ LAYERS = ('query', 'key', 'value', 'out', 'wi_gate', 'wi_up', 'wo', 'in_proj', '
           'dt_proj', 'out_proj')
 GROUPS = {'attention': ('query', 'key', 'value', 'out'), 'mlp': ('wi_gate', 'wi_up', 'wo'),
           'mamba': ('in_proj', 'out_proj')}
+# The layers each kind of block (a layer_pattern name) holds.
+BLOCK_LAYERS = {'attention': GROUPS['attention'] + GROUPS['mlp'],
+                'mamba': ('in_proj', 'x_proj', 'dt_proj', 'out_proj')}
 BASE_DTYPES = ('', 'int8', 'int4', 'nf4')  # '' keeps the base as the checkpoint holds it.
 # What QLoRA stores quantized, adapted or not: all but dt_proj, whose input (dt_rank) is
 # too narrow to tile.
@@ -82,6 +85,16 @@ def validate(config) -> None:
           f' {sorted(GROUPS)} or the layers {", ".join(LAYERS)}')
   check(lora.base_dtype in BASE_DTYPES,
         f'config.lora.base_dtype={lora.base_dtype!r} is not one of {BASE_DTYPES}')
+  kinds = set(part.strip() for part in config.model.layer_pattern.split(',') if part.strip())
+  present = [layer for layer in layers if any(layer in BLOCK_LAYERS.get(kind, ())
+                                               for kind in kinds)]
+  check(present, f'config.lora.targets={lora.targets!r} names no layer of this model'
+        f' (layer_pattern {config.model.layer_pattern!r}): no adapter would train')
+  # An adapter's rank past its weight's smaller side adds nothing but memory.
+  smallest = min(min(_sides(config.model, layer)) for layer in present)
+  check(lora.rank <= smallest,
+        f'config.lora.rank={lora.rank} exceeds {smallest}, the smaller side of the smallest'
+        f' weight it adapts ({", ".join(present)})')
   check(config.train.init_from, 'config.lora.rank > 0 adapts a trained model: give its run'
         ' as config.train.init_from')
   if _tile(lora):  # Each quantized matrix's innermost input axis splits into tiles.
@@ -90,6 +103,18 @@ def validate(config) -> None:
       check(size % lora.tile_size == 0,
             f'config.lora.tile_size={lora.tile_size} does not divide {layer}\'s input axis'
             f' of {size} ({lora.base_dtype} is quantized in tiles of it)')
+
+
+def _sides(model, layer: str) -> tuple[int, int]:
+  """(inputs, outputs) of `layer`'s weight."""
+  inner = model.mamba_expand * model.embed_dim
+  heads, kv_heads = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
+  return {'query': (model.embed_dim, heads), 'key': (model.embed_dim, kv_heads),
+          'value': (model.embed_dim, kv_heads), 'out': (heads, model.embed_dim),
+          'wi_gate': (model.embed_dim, model.mlp_dim), 'wi_up': (model.embed_dim, model.mlp_dim),
+          'wo': (model.mlp_dim, model.embed_dim), 'in_proj': (model.embed_dim, 2 * inner),
+          'x_proj': (inner, model.mamba_dt_rank + 2 * model.mamba_state_dim),
+          'dt_proj': (model.mamba_dt_rank, inner), 'out_proj': (inner, model.embed_dim)}[layer]
 
 
 def _innermost_input(model, layer: str) -> int:

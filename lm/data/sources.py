@@ -19,7 +19,7 @@ import sysconfig
 import threading
 import zlib
 
-from lm.errors import ConfigError
+from lm.errors import ConfigError, check_utf8
 
 # Directories of the standard library that are tests or third-party code.
 _STDLIB_EXCLUDED_DIRS = {'test', 'tests', 'idle_test', 'site-packages', 'dist-packages',
@@ -119,6 +119,8 @@ class JsonLines:
       raise ConfigError(f'{where} is not valid JSON: {error}') from error
     if not isinstance(record, dict):
       raise ConfigError(f'{where} is a JSON {type(record).__name__}, not an object')
+    for field, value in record.items():
+      check_utf8(f'{where}: field {field!r}', value)
     if self.messages and 'messages' in record:
       _check_conversation(record['messages'], f'{where}: field \'messages\'')
       if not any(m['role'] == 'assistant' for m in record['messages']):
@@ -153,6 +155,7 @@ class JsonLines:
 
 
 ROLES = ('system', 'user', 'assistant')
+
 
 
 def _check_conversation(messages, where: str) -> None:

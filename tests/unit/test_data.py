@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -85,6 +86,18 @@ def test_jsonl_source_reads_the_named_field(tmp_path):
   assert [source[i] for i in range(len(source))] == ['first', 'second']
   with pytest.raises(ConfigError, match=r'data.jsonl:1 has no field .text.*2 bad lines in all'):
     sources.JsonLines([str(path)], ('text',))
+
+
+def test_a_lone_surrogate_is_named_by_file_line_and_field_at_start(tmp_path):
+  """JSON can escape one ("\\ud800"); it would fail when tokenized, mid-run."""
+  path = tmp_path / 'data.jsonl'
+  path.write_text('{"text": "fine"}\n{"text": "abc \\ud800"}\n')
+  with pytest.raises(ConfigError, match=re.escape(
+      "data.jsonl:2: field 'text' holds '\\ud800', a lone surrogate, which is not UTF-8 text")):
+    sources.JsonLines([str(path)], ('text',))
+  path.write_text('{"prompt": "fine", "response": "x \\udfff y"}\n')
+  with pytest.raises(ConfigError, match=r"data.jsonl:1: field 'response' holds"):
+    sources.JsonLines([str(path)], ('prompt', 'response'))
 
 
 def test_text_source_takes_comma_separated_globs(tmp_path):

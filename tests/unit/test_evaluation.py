@@ -131,6 +131,9 @@ def test_task_files_set_their_kind_and_bad_records_are_named(tmp_path):
   bad.write_text('{"question": "x"}\n')
   with pytest.raises(ConfigError, match=r'bad.jsonl:1: fields \[.question.\] match no task kind'):
     tasks.load(str(bad))
+  bad.write_text('{"prompt": "p", "answer": "a \\ud800"}\n')
+  with pytest.raises(ConfigError, match=r'bad.jsonl:1 holds .\\ud800., a lone surrogate'):
+    tasks.load(str(bad))
   bad.write_text('{"text": "x"}\n{"prompt": "p", "answer": "a"}\n')
   with pytest.raises(ConfigError, match=r'bad.jsonl:2 is a generation record in a perplexity task'):
     tasks.load(str(bad))

@@ -3,6 +3,7 @@ paper's formula; what trains, how adapters shard, and runs that resume and merge
 tests/integration/test_lora_runs.py."""
 
 import functools
+import re
 
 import flax
 import flax.linen as nn
@@ -12,8 +13,10 @@ import ml_collections
 import numpy as np
 import pytest
 
+from experiments.configs import default
 from helpers import small_model_config
 from lm import lora, models
+from lm.errors import ConfigError
 
 HYBRID = dict(layer_pattern='attention,mamba')
 
@@ -87,6 +90,41 @@ def random_adapters(adapters, seed=3, scale=0.2):
 def test_targets_name_layers_and_groups():
   assert lora.target_layers('attention, wo') == ('query', 'key', 'value', 'out', 'wo')
   assert lora.target_layers('mamba') == ('in_proj', 'out_proj')
+
+
+def test_targets_that_name_no_layer_of_the_model_are_refused():
+  """LoRA on the mamba projections of an attention-only model would train 0 parameters."""
+  config = _lora_config(layer_pattern='attention', targets='mamba')
+  with pytest.raises(ConfigError, match=re.escape(
+      "config.lora.targets='mamba' names no layer of this model (layer_pattern 'attention')")):
+    lora.validate(config)
+  config.lora.targets = 'mamba,wo'  # One of them is there: adapters on it.
+  lora.validate(config)
+  config.model.layer_pattern = 'mamba,attention'
+  config.lora.targets = 'mamba'
+  lora.validate(config)
+
+
+def test_a_rank_past_the_smaller_side_of_an_adapted_weight_is_refused():
+  config = _lora_config(layer_pattern='attention', targets='attention')
+  model = config.model
+  smallest = min(model.embed_dim, model.num_heads * model.head_dim,
+                 model.num_kv_heads * model.head_dim)
+  config.lora.rank = smallest
+  lora.validate(config)
+  config.lora.rank = 10**6
+  with pytest.raises(ConfigError, match=re.escape(
+      f'config.lora.rank=1000000 exceeds {smallest}, the smaller side of the smallest weight'
+      ' it adapts (query, key, value, out)')):
+    lora.validate(config)
+
+
+def _lora_config(layer_pattern, targets):
+  config = default.get_config('tiny')
+  config.model.layer_pattern = layer_pattern
+  config.train.init_from = '/runs/base'
+  config.lora.update(rank=4, targets=targets)
+  return config
 
 
 def test_adapted_model_starts_as_its_base():
