@@ -22,7 +22,7 @@ from experiments.configs import default
 from lm import config as config_lib
 from lm import models, sharding
 from lm import tokenizer as tokenizer_lib
-from lm.errors import check
+from lm.errors import check, check_new_directory
 from lm.interop import hf
 from lm.training import checkpointing
 
@@ -65,8 +65,7 @@ def import_checkpoint(directory: str, workdir: str) -> None:
 
 def export_checkpoint(workdir: str, step: int | None, output: str) -> None:
   check(output, '--to_hf needs --output=DIR')
-  check(not (os.path.isdir(output) and os.listdir(output)),
-        f'--output={output} is not empty; give a new directory')
+  check_new_directory('--output', output)
   run = checkpointing.restore_for_inference(workdir, step)
   # Refuses what transformers cannot hold, and a template that cannot render, before writing.
   hf.hf_config(run.config.model)

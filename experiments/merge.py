@@ -16,7 +16,7 @@ import jax
 
 from experiments import cli
 from lm import lora
-from lm.errors import check
+from lm.errors import check, check_new_directory
 from lm.training import checkpointing
 
 _WORKDIR, _STEP = cli.checkpoint_flags()
@@ -25,11 +25,7 @@ flags.mark_flags_as_required(['output'])
 
 
 def merge(workdir: str, step: int | None, output: str) -> None:
-  check(not os.path.exists(output) or os.path.isdir(output),
-        f'--output={output} is a file, not a directory')
-  check(not os.path.isdir(os.path.join(output, 'checkpoints'))
-        or not os.listdir(os.path.join(output, 'checkpoints')),
-        f'--output={output} already holds checkpoints; give a new directory')
+  check_new_directory('--output', output)
   run = checkpointing.restore_for_inference(workdir, step)
   check(lora.enabled(run.config.lora),
         f'--workdir={workdir}: its checkpoint holds every weight (config.lora.rank=0):'

@@ -15,6 +15,7 @@ from experiments import cli
 from lm import tokenizer as tokenizer_lib
 from lm import objectives
 from lm.data import sources
+from lm.errors import ConfigError, check_new_file, check_number
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config whose data to train on.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Path of the .model file to write.')
@@ -23,14 +24,28 @@ _MAX_DOCUMENTS = flags.DEFINE_integer('max_documents', 20_000, 'Documents to tra
 flags.mark_flags_as_required(['config', 'output'])
 
 
+# 256 byte pieces (byte fallback) and 4 specials, then at least one learned piece; past
+# about a million, sentencepiece's BPE trainer runs out of memory before it runs out of
+# merges on any corpus this reads.
+VOCAB_SIZES = (261, 2**20)
+
+
 def main():
+  check_number('--vocab_size', _VOCAB_SIZE.value, at_least=VOCAB_SIZES[0],
+               at_most=VOCAB_SIZES[1], why='256 byte pieces and 4 specials, then merges')
+  check_number('--max_documents', _MAX_DOCUMENTS.value, at_least=1)
+  check_new_file('--output', _OUTPUT.value)
   data_config = _CONFIG.value.data
   source = objectives.OBJECTIVES['pretrain'].source(data_config)
   train_documents, _ = sources.split(source, data_config.validation_fraction)
   count = min(len(train_documents), _MAX_DOCUMENTS.value)
   # Validation documents are left out so validation loss stays honest.
   texts = (train_documents[i] for i in range(count))
-  tokenizer = tokenizer_lib.train_sentencepiece(texts, _VOCAB_SIZE.value, _OUTPUT.value)
+  try:
+    tokenizer = tokenizer_lib.train_sentencepiece(texts, _VOCAB_SIZE.value, _OUTPUT.value)
+  except RuntimeError as error:  # Its own checks, such as a vocabulary too big for the text.
+    raise ConfigError(f'--vocab_size={_VOCAB_SIZE.value}: sentencepiece refused it on'
+                      f' {count} documents ({str(error).strip().splitlines()[-1]})') from error
   sample = train_documents[0][:200]
   print(f'wrote {_OUTPUT.value}: {tokenizer.vocab_size} pieces from {count} documents;'
         f' {len(sample.encode())} bytes of the first document -> {len(tokenizer.encode(sample))}'

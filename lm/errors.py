@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 
 class ConfigError(ValueError):
@@ -41,3 +42,28 @@ def check_utf8(name: str, value) -> None:
   except UnicodeEncodeError as error:
     raise ConfigError(f'{name} holds {error.object[error.start:error.end]!r}, a lone'
                       ' surrogate, which is not UTF-8 text') from error
+
+
+def check_new_directory(flag: str, path: str) -> None:
+  """Refuses an output directory that a command would write into wrongly: a link (a
+  dangling one included), a file, a directory that is not empty, or a place inside a
+  run's checkpoints directory (the run would take it for a checkpoint)."""
+  check(path, f'{flag} is empty: give a new directory')
+  shown = f'{flag}={path}'
+  check(not os.path.islink(path), f'{shown} is a symbolic link; give a new directory')
+  check(not os.path.exists(path) or os.path.isdir(path), f'{shown} is a file, not a directory')
+  check(not (os.path.isdir(path) and os.listdir(path)),
+        f'{shown} is not empty; give a new directory')
+  parent = os.path.dirname(os.path.abspath(path))
+  while parent != os.path.dirname(parent):
+    check(os.path.basename(parent) != 'checkpoints',
+          f'{shown} lies inside {parent}, a run\'s checkpoints: the run would take it for one')
+    parent = os.path.dirname(parent)
+
+
+def check_new_file(flag: str, path: str) -> None:
+  """Refuses an output file path that exists (file, directory or link): nothing is
+  replaced without a word."""
+  check(path, f'{flag} is empty: give a new file path')
+  check(not os.path.lexists(path), f'{flag}={path} ' + (
+      'is a directory' if os.path.isdir(path) else 'exists') + '; give a new file path')

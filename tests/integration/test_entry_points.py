@@ -194,6 +194,23 @@ def test_bad_input_prints_one_line_and_no_traceback(tmp_path, corpus, commands):
   assert 'Traceback' not in result.stderr
 
 
+def test_train_tokenizer_names_a_bad_flag_in_one_line_and_replaces_nothing(tmp_path, commands):
+  existing = tmp_path / 'existing.model'
+  existing.write_text('kept')
+  for flags, line in (
+      (['--vocab_size=3'], '--vocab_size=3 must be an integer >= 261'),
+      (['--max_documents=0'], '--max_documents=0 must be an integer >= 1'),
+      ([f'--output={tmp_path}'], f'--output={tmp_path} is a directory; give a new file path'),
+      ([f'--output={existing}'], f'--output={existing} exists; give a new file path'),
+      (['--vocab_size=300000', '--max_documents=3'],
+       '--vocab_size=300000: sentencepiece refused it on 3 documents')):
+    result = commands('experiments.train_tokenizer', '--config=experiments/configs/default.py:tiny',
+                      f'--output={tmp_path / "new.model"}', *flags)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith('error: ' + line), result.stderr
+  assert sorted(os.listdir(tmp_path)) == ['existing.model'] and existing.read_text() == 'kept'
+
+
 CONFIG_FILES = {  # What a bad --config file holds -> the one line that names it.
     'missing': (None, r"error: --config=.*missing.py: no such file"),
     'syntax': ('def get_config(:\n', r'error: --config=.*syntax.py: .*syntax.py:1: not valid'
