@@ -22,5 +22,9 @@ from lm.evaluation import lm_eval_model  # noqa: E402,F401  (registers the model
 if __name__ == '__main__':
   try:
     lm_eval_main.cli_evaluate()
-  except ConfigError as error:  # A bad workdir or step in --model_args: one line.
+  except ConfigError as error:  # A bad argument, workdir or step in --model_args: one line.
     sys.exit(f'error: {error}')
+  except ValueError as error:
+    if not str(error).startswith('Tasks not found'):  # The harness's word for --tasks.
+      raise
+    sys.exit(f'error: --tasks: {error}')

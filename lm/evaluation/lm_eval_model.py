@@ -10,6 +10,7 @@ backend does, in the model's own context (`max_length` lowers it). Requires the 
 extra (lm_eval).
 """
 
+from lm_eval import utils
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 # The harness fills its model registry with its own models (hf, vllm, ...) only while the
@@ -18,12 +19,29 @@ import lm_eval.models  # noqa: F401  pylint: disable=unused-import
 from tqdm import tqdm
 
 from lm import sharding
+from lm.errors import ConfigError
 from lm.evaluation import scoring
 from lm.training import checkpointing
 
 
+MODEL_ARGS = ('workdir', 'step', 'batch_size', 'max_length')  # What --model_args may set.
+
+
 @register_model('lm')
 class LmEvalModel(LM):
+
+  # --model_args, checked whichever way the harness passes them: a misspelt argument would
+  # otherwise be dropped unread. (The harness's own settings, such as --batch_size and
+  # --device, come as additional_config.)
+  @classmethod
+  def create_from_arg_string(cls, arg_string: str, additional_config=None):
+    _check_model_args(utils.simple_parse_args_string(arg_string or ''))
+    return super().create_from_arg_string(arg_string, additional_config)
+
+  @classmethod
+  def create_from_arg_obj(cls, arg_dict, additional_config=None):
+    _check_model_args(arg_dict or {})
+    return super().create_from_arg_obj(arg_dict, additional_config)
 
   def __init__(self, workdir: str, step=None, batch_size=16, max_length=None, **_):
     super().__init__()
@@ -74,3 +92,12 @@ class LmEvalModel(LM):
         for (index, _), completion in zip(members, texts):
           completions[index] = completion.text
     return completions
+
+
+def _check_model_args(args: dict) -> None:
+  unknown = sorted(set(args) - set(MODEL_ARGS))
+  if unknown:
+    raise ConfigError(f'--model_args: {unknown[0]!r} is not an argument of lm (it takes'
+                      f' {", ".join(MODEL_ARGS)})')
+  if 'workdir' not in args:
+    raise ConfigError('--model_args needs workdir=<the run directory>')

@@ -111,3 +111,11 @@ def test_the_harness_runs_lm_and_agrees_with_lms_own_scoring(pretrained, tmp_pat
   np.testing.assert_allclose([s['resps'][0][0] for s in samples], rolling, rtol=1e-5)
   samples = sorted(out['samples']['lm_generate_local'], key=lambda s: s['doc_id'])
   assert [s['resps'][0][0] for s in samples] == generated
+
+
+def test_an_unknown_task_is_one_line(commands, pretrained):
+  result = commands('experiments.lm_eval', '--model', 'lm', '--model_args',
+                    f'workdir={pretrained[0]}', '--tasks', 'no_such_task')
+  assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1] == (
+      'error: --tasks: Tasks not found: no_such_task'), result.stderr[-2000:]

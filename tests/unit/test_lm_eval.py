@@ -1,10 +1,12 @@
 """lm as lm-evaluation-harness's model `lm` (lm/evaluation/lm_eval_model.py): its rolling
-windows are the harness's, and the package declares it where the harness looks."""
+windows are the harness's, the package declares it where the harness looks, and its
+--model_args are checked before a checkpoint is read."""
 
 import pytest
 
 lm_eval = pytest.importorskip('lm_eval')  # In the test extra; skipped only without it.
 
+from lm.errors import ConfigError  # noqa: E402
 from lm.evaluation import lm_eval_model, scoring  # noqa: E402
 
 
@@ -36,3 +38,18 @@ def test_the_package_declares_lm_where_plugin_loading_harnesses_look():
   registry = Registry('model', base_cls=LM)
   registry.register(entry_point.name, target=entry_point)
   assert registry.get('lm') is lm_eval_model.LmEvalModel
+
+
+def test_model_args_that_lm_does_not_take_or_without_a_workdir_are_named():
+  model = lm_eval_model.LmEvalModel
+  with pytest.raises(ConfigError, match=r"--model_args: 'bogus' is not an argument of lm"
+                                        r' \(it takes workdir, step, batch_size, max_length\)'):
+    model.create_from_arg_string('workdir=/nonexistent,bogus=1')
+  for make in (lambda: model.create_from_arg_string('step=3'),
+               lambda: model.create_from_arg_obj({'batch_size': 4})):
+    with pytest.raises(ConfigError, match=r'--model_args needs workdir=<the run directory>'):
+      make()
+  # Known arguments reach the checkpoint, which is then named.
+  with pytest.raises(ConfigError, match=r'--workdir=/nonexistent: no checkpoints'):
+    model.create_from_arg_string('workdir=/nonexistent,step=3', {'batch_size': 8,
+                                                                'device': None})
