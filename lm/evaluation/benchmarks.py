@@ -27,6 +27,7 @@ the field.
 
 import csv
 import glob
+import json
 import os
 import re
 
@@ -91,7 +92,7 @@ def _mmlu_rows(directory: str, split: str, spec: str) -> list[dict]:
       subject = os.path.basename(path)[:-len(f'_{split}.csv')]
       # read_lines names a file that is not UTF-8 by file:line.
       reader = csv.reader(inputs.read_lines(path, '--task'))
-      for cells in reader:
+      for cells in _csv_rows(reader, path):
         where = f'{path}:{reader.line_num}'
         if len(cells) != 6 or cells[5].strip() not in LETTERS:
           raise ConfigError(f'{where}: an MMLU row is question, A, B, C, D, answer letter'
@@ -104,6 +105,18 @@ def _mmlu_rows(directory: str, split: str, spec: str) -> list[dict]:
     raise ConfigError(f'--task={spec}: {directory} has no {split}/*_{split}.csv,'
                       f' {split}.jsonl or {split}-*.parquet')
   return rows
+
+
+def _csv_rows(reader, path: str):
+  """The reader's rows; a row it cannot parse (a field past csv's limit of 131,072
+  characters, say) is named by file:line."""
+  while True:
+    try:
+      yield next(reader)
+    except StopIteration:
+      return
+    except csv.Error as error:
+      raise ConfigError(f'{path}:{reader.line_num}: not a CSV row ({error})') from error
 
 
 def _mmlu_record(record: dict, where: str) -> dict:
@@ -209,6 +222,10 @@ def arc(path: str) -> Task:
       if not ok:
         raise ConfigError(f'{where}: "choices" must be {{text: [...], label: [...]}}')
       texts, labels = options['text'], options['label']
+    if not (len(texts) >= 2 and all(isinstance(t, str) and t.strip() for t in texts)
+            and all(isinstance(label, str) for label in labels)):
+      raise ConfigError(f'{where}: the choices must be at least 2 non-empty strings with'
+                        f' string labels (got {json.dumps(texts)[:60]})')
     key = _field(record, 'answerKey', where)
     if key not in labels:
       raise ConfigError(f'{where}: "answerKey" {key!r} is not one of the labels {labels}')
@@ -268,7 +285,7 @@ def gsm8k(path: str) -> Task:
   spec, records = f'gsm8k:{path}', []
   for where, record in _json_lines(path, spec):
     answer = _field(record, 'answer', where, what='a string ending "#### N"')
-    if '####' not in answer:
+    if '####' not in answer or not answer.split('####')[-1].strip():
       raise ConfigError(f'{where}: "answer" must end "#### N" (the final number)')
     records.append(dict(prompt=gsm8k_prompt(_field(record, 'question', where)),
                         answer=answer.split('####')[-1].strip()))

@@ -173,8 +173,15 @@ def test_answer_extraction_and_normalisation(completion, strict, flexible):
 @pytest.mark.parametrize('kind, line, named', [
     ('gsm8k', {'question': 'q?', 'answer': 'no final number'}, '"answer" must end "#### N"'),
     ('gsm8k', {'answer': '#### 3'}, '"question" must be a string (missing)'),
-    ('arc', {'question': 'q', 'choices': {'text': ['a'], 'label': ['A']}, 'answerKey': 'B'},
-     '"answerKey" \'B\' is not one of the labels'),
+    ('gsm8k', {'question': 'q?', 'answer': 'x ####'}, '"answer" must end "#### N"'),
+    ('arc', {'question': 'q', 'choices': {'text': ['a', 'b'], 'label': ['A', 'B']},
+             'answerKey': 'C'}, '"answerKey" \'C\' is not one of the labels'),
+    ('arc', {'question': 'q', 'choices': {'text': [1, 2], 'label': ['A', 'B']},
+             'answerKey': 'A'}, 'the choices must be at least 2 non-empty strings'),
+    ('arc', {'question': 'q', 'choices': {'text': ['a'], 'label': ['A']}, 'answerKey': 'A'},
+     'the choices must be at least 2 non-empty strings'),
+    ('arc', {'question': 'q', 'choices': {'text': ['a', ''], 'label': ['A', 'B']},
+             'answerKey': 'A'}, 'the choices must be at least 2 non-empty strings'),
     ('hellaswag', dict(HELLASWAG, label=7), '"label" must be an index 0-3'),
     ('hellaswag', dict(HELLASWAG, endings='one'), '"endings" must be a list of 4 strings'),
 ])
@@ -195,6 +202,11 @@ def test_a_wrong_mmlu_file_is_named(tmp_path):
     benchmarks.load(f'mmlu:{tmp_path}')
   with pytest.raises(ConfigError, match=r'--task=mmlu:.*missing: no such directory'):
     benchmarks.load(f'mmlu:{tmp_path / "missing"}')
+  # A field past csv's limit (131,072 characters) is named, not a _csv.Error.
+  write_csv(tmp_path / 'dev' / 'law_dev.csv', mmlu_rows('law', 5))
+  write_csv(tmp_path / 'test' / 'law_test.csv', [['q' * 140_000, 'a', 'b', 'c', 'd', 'A']])
+  with pytest.raises(ConfigError, match=r'law_test.csv:1: not a CSV row \(field larger than'):
+    benchmarks.load(f'mmlu:{tmp_path}')
 
 
 def test_mmlu_parquet_as_hugging_face_publishes_it(tmp_path):
