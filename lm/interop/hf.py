@@ -202,6 +202,8 @@ def model_config(hf: dict, base, path: str = 'config.json') -> ml_collections.Co
   mistyped one is named with its value), and absent ones take transformers' defaults."""
   architectures = hf.get('architectures') or []
   architecture = architectures[0] if isinstance(architectures, list) and architectures else None
+  if isinstance(architectures, list) and len(architectures) > 1:
+    _refuse(path, 'architectures', architectures, 'lm imports one model; name one')
   if architecture not in ARCHITECTURES:
     raise ConfigError(f'{path}: architectures={architectures!r}: lm imports'
                       f' {", ".join(ARCHITECTURES)}')
@@ -222,8 +224,11 @@ def model_config(hf: dict, base, path: str = 'config.json') -> ml_collections.Co
   norm_eps = _field(hf, path, 'layer_norm_epsilon' if model_type == 'mamba' else 'rms_norm_eps',
                     _NUMBER, defaults['norm_eps'])
   config = ml_collections.ConfigDict(base.to_dict())
+  vocab_size = _field(hf, path, 'vocab_size', _SIZE)
+  if vocab_size >= 2**31:
+    _refuse(path, 'vocab_size', vocab_size, 'token ids are int32')
   config.update(
-      vocab_size=_field(hf, path, 'vocab_size', _SIZE),
+      vocab_size=vocab_size,
       num_layers=_field(hf, path, 'num_hidden_layers', _SIZE), embed_dim=embed_dim,
       norm_eps=float(norm_eps),
       tie_embeddings=_field(hf, path, 'tie_word_embeddings', _BOOL,

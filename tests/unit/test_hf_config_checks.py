@@ -180,6 +180,17 @@ def test_rope_scaling_is_read_over_rope_parameters_as_transformers_does():
   assert ours.rope_theta == theirs.rope_parameters['rope_theta']
 
 
+@pytest.mark.parametrize('change, message', [
+    (dict(architectures=['LlamaForCausalLM', 'MistralForCausalLM']),
+     "architectures=['LlamaForCausalLM', 'MistralForCausalLM'] is not supported: lm imports"
+     ' one model; name one'),
+    (dict(vocab_size=10**12), 'vocab_size=1000000000000 is not supported: token ids are int32'),
+])
+def test_two_architectures_and_a_vocabulary_past_int32_are_refused(change, message):
+  with pytest.raises(ConfigError, match=re.escape(f'{PATH}: {message}')):
+    model_config({**LLAMA, **change})
+
+
 def test_per_layer_rope_is_refused():
   config_json = {**LLAMA, 'rope_parameters': {'full_attention': dict(rope_theta=1e4)}}
   with pytest.raises(ConfigError, match=re.escape("rope_parameters=['full_attention']")):
