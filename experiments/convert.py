@@ -54,6 +54,9 @@ def import_checkpoint(directory: str, workdir: str) -> None:
   mesh = sharding.inference_mesh(config.model.embed_dim)
   params = hf.load_params(directory, config.model,
                           checkpointing.abstract_params(model, mesh))
+  bad = checkpointing.non_finite(params)
+  check(not bad, f'--from_hf={directory}: its weights are not finite (NaN or Inf), e.g.'
+        f' {bad[0] if bad else ""}; nothing was imported')
   checkpointer = checkpointing.Checkpointer(workdir, max_to_keep=None)
   checkpointer.save_params(0, params, config, tokenizer)
   checkpointer.close()

@@ -4,6 +4,7 @@ accept unchanged, and comes back out as a directory transformers opens. (The com
 through conftest's `commands`.)"""
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -142,6 +143,23 @@ def test_import_sample_fine_tune_and_export_through_the_commands(hf_checkpoint, 
     assert json.load(f) == dict(bos_token_id=fast.bos_token_id, pad_token_id=fast.eos_token_id,
                                 eos_token_id=[fast.eos_token_id,
                                               fast.convert_tokens_to_ids('<|eot_id|>')])
+
+
+def test_weights_that_are_not_finite_are_refused_on_import(commands, tmp_path):
+  from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
+  write_checkpoint(tmp_path / 'hf')
+  path = tmp_path / 'hf' / 'model.safetensors'
+  tensors = load_file(path)
+  tensors['model.layers.1.mlp.down_proj.weight'][0, 0] = np.nan
+  save_file(tensors, path, metadata={'format': 'pt'})
+  result = commands('experiments.convert', f'--from_hf={tmp_path / "hf"}',
+                    f'--workdir={tmp_path / "w"}')
+  assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+  line = result.stderr.strip().splitlines()[-1]
+  assert line.startswith(f'error: --from_hf={tmp_path / "hf"}: its weights are not finite'
+                         ' (NaN or Inf), e.g. layer_1/'), line
+  assert not os.path.exists(tmp_path / 'w' / 'checkpoints') or not os.listdir(
+      tmp_path / 'w' / 'checkpoints')
 
 
 def test_bad_convert_input_is_one_line(commands, tmp_path):
