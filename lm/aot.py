@@ -69,6 +69,11 @@ def parse_topology(name: str) -> tuple[str, int, int]:
   """'v5e-256' -> ('v5e', 256 chips, 1 slice); '2xv5p-128' -> ('v5p', 64, 2); 'cpu-8' ->
   ('cpu', 8, 1). Raises ConfigError naming --topology."""
   if name.startswith('cpu-') and name[4:].isdigit() and int(name[4:]) > 0:
+    # Each fake CPU device costs memory before anything compiles: no more than the largest
+    # slice the table knows (4,096 of them take 0.7 GB).
+    largest = max(max(chip.shapes) for chip in CHIPS.values())
+    check(int(name[4:]) <= largest, f'--topology={name!r}: at most cpu-{largest}, the chips'
+          ' of the largest slice')
     return 'cpu', int(name[4:]), 1
   match = _TOPOLOGY.match(name)
   check(match is not None,

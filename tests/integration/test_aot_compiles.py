@@ -219,6 +219,8 @@ def test_the_compile_command_exits_0_when_it_fits_and_1_when_not():
 @pytest.mark.parametrize('flag, message', [
     ('--topology=v5e-3', "error: --topology='v5e-3': v5e slices are"),
     ('--topology=h100-8', "error: --topology='h100-8' is not a slice name"),
+    # Refused before 100,000 fake devices exhaust the memory.
+    ('--topology=cpu-100000', "error: --topology='cpu-100000': at most cpu-4096"),
     ('--sample_batch=-4 --topology=v5e-4', 'error: --sample_batch=-4 must be at least 0'),
     ('--notrain --topology=v5e-4', 'error: --notrain needs --sample_batch'),
 ])

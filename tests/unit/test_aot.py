@@ -23,7 +23,8 @@ def test_slice_names_give_chips_and_slices(name, chips, slices):
 
 @pytest.mark.parametrize('name, message', [
     ('v5e-3', 'v5e slices are v5e-1, v5e-4'), ('v5p-6', 'v5p slices are v5p-8, v5p-16'),
-    ('v7-8', 'is not a slice name'), ('tpu', 'is not a slice name')])
+    ('v7-8', 'is not a slice name'), ('tpu', 'is not a slice name'),
+    ('cpu-100000', 'at most cpu-4096, the chips of the largest slice')])
 def test_bad_slice_names_are_refused_naming_the_flag(name, message):
   with pytest.raises(ConfigError, match=f'--topology={name!r}.*{message}'):
     aot.parse_topology(name)
