@@ -44,6 +44,13 @@ import fork_server  # noqa: E402
 from helpers import cpu_subprocess_env, make_tiny_config, write_corpus  # noqa: E402
 
 
+def pytest_sessionfinish(session):
+  """The run's compilation cache goes with it (in the process that started the workers)."""
+  ours = os.environ['JAX_COMPILATION_CACHE_DIR'] == _CACHE  # Not one the user named.
+  if ours and not hasattr(session.config, 'workerinput'):
+    shutil.rmtree(_CACHE, ignore_errors=True)
+
+
 @pytest.fixture
 def tiny_config(tmp_path):
   return make_tiny_config(tmp_path / 'corpus')
