@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from lm import models, sampling
-from pallas_kernels.decode_attention import api, gpu, reference
+from pallas_kernels.decode_attention import api
 
 import backend
 from helpers import init_model, jit_apply, small_model_config
-from test_decode_attention import inputs, relative_error
+import test_decode_attention as unit
 
 
 # The helpers below are those of tests/unit/test_decode_attention.py.
@@ -43,31 +43,13 @@ UNIT_CASES = [((8, 2, 64, 77, 16), jnp.bfloat16), ((32, 1, 64, 40, 16), jnp.floa
     if (case, dtype) not in UNIT_CASES])
 def test_kernel_matches_reference(num_heads, num_kv_heads, head_dim, slots, block_s, dtype,
                                   tolerance):
-  q, k, v, k_cache, v_cache = inputs(slots, 4, slots, num_heads, num_kv_heads, head_dim, dtype)
-  start = jnp.asarray([0, slots // 2 + 3, block_s, slots - 1], jnp.int32)
-  want = reference.decode_attention(q, k, v, k_cache, v_cache, start)
-  got = api.decode_attention(q, k, v, k_cache, v_cache, start, implementation='gpu',
-                             block_sizes=gpu.BlockSizes(block_s=block_s),
-                             interpret=backend.INTERPRET)
-  error = relative_error(got[0], want[0])
-  assert error < backend.matmul_tolerance(tolerance), f'out: relative error {error:.2e}'
-  for name, got_cache, want_cache in zip(('keys', 'values'), got[1:], want[1:]):
-    np.testing.assert_array_equal(got_cache, want_cache, err_msg=name)
+  unit.test_kernel_matches_reference(
+      num_heads, num_kv_heads, head_dim, slots, block_s, dtype, tolerance)
 
 
 @pytest.mark.parametrize('window', [1, 40, 200])  # Below and above block_s=16 (unit: 10).
 def test_kernel_with_a_sliding_window_matches_reference(window):
-  slots, block_s = 77, 16
-  q, k, v, k_cache, v_cache = inputs(window, 4, slots, 8, 2, 64, jnp.float32)
-  start = jnp.asarray([0, slots // 2 + 3, block_s, slots - 1], jnp.int32)
-  want = reference.decode_attention(q, k, v, k_cache, v_cache, start, window=window)
-  got = api.decode_attention(q, k, v, k_cache, v_cache, start, window=window,
-                             implementation='gpu', block_sizes=gpu.BlockSizes(block_s=block_s),
-                             interpret=backend.INTERPRET)
-  error = relative_error(got[0], want[0])
-  assert error < backend.matmul_tolerance(1e-5), f'out: relative error {error:.2e}'
-  for name, got_cache, want_cache in zip(('keys', 'values'), got[1:], want[1:]):
-    np.testing.assert_array_equal(got_cache, want_cache, err_msg=name)
+  unit.test_kernel_with_a_sliding_window_matches_reference(window)
 
 
 def test_pallas_decoding_in_the_model_matches_xla_decoding(monkeypatch):

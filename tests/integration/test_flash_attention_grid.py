@@ -123,15 +123,7 @@ def test_kernel_in_bfloat16_stays_within_bfloat16_tolerance(kernel):
 def test_kernel_lowers_for_its_hardware_forward_and_backward(kernel, head_dim, window):
   """Runs the real (Triton or Mosaic) lowering, so a kernel its hardware cannot compile
   fails here; forward is one kernel, the gradient three (forward, dq, dk/dv)."""
-  batch, length, num_heads, num_kv_heads = 2, 1000, 8, 2
-  shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
-  args = (shape(batch, length, num_heads, head_dim), shape(batch, length, num_kv_heads, head_dim),
-          shape(batch, length, num_kv_heads, head_dim), shape(batch, length, dtype=jnp.int32))
-  attention = lambda q, k, v, ids: api.flash_attention(q, k, v, ids, ids, window=window,
-                                                       implementation=kernel)
-  grads = jax.grad(lambda *a: jnp.sum(attention(*a).astype(jnp.float32)), argnums=(0, 1, 2))
-  assert lowering.count_kernel_calls(kernel, attention, *args) == 1
-  assert lowering.count_kernel_calls(kernel, grads, *args) == 3
+  unit.test_kernel_lowers_for_its_hardware_forward_and_backward(kernel, head_dim, window)
 
 
 @pytest.mark.skipif(backend.ON_DEVICE, reason='the CPU smoke run of the benchmark')

@@ -13,18 +13,11 @@ import pytest
 
 from experiments.configs import sft
 from helpers import post_training_config
+from test_lora import inputs
 from lm import lora, sharding
 from lm.errors import ConfigError
 from lm.training import checkpointing, loop
 from lm.training import setup as setup_lib, steps
-
-
-def inputs(seed=1, vocab=97, length=16):
-  tokens = jax.random.randint(jax.random.key(seed), (2, length), 0, vocab)
-  segments = jnp.ones((2, length), jnp.int32).at[1, length // 2:].set(2)
-  positions = jnp.concatenate([jnp.arange(length)[None], jnp.concatenate(
-      [jnp.arange(length // 2), jnp.arange(length // 2)])[None]])
-  return tokens, segments, positions
 
 
 def lora_training_config(workdir, **lora_fields):

@@ -21,12 +21,7 @@ from test_selective_scan import (KERNELS, NAMES, assert_close,
 
 @pytest.mark.parametrize('chunk', [16, 64])  # The unit tier runs 8.
 def test_chunked_scan_matches_the_reference_with_gradients(chunk):
-  inputs, dy = scan_inputs(1)
-  want = value_and_grads(reference.selective_scan, inputs, dy)
-  got = value_and_grads(functools.partial(reference.selective_scan_chunked, chunk=chunk),
-                        inputs, dy)
-  for name, g, w in zip(NAMES, got, want):
-    assert_close(g, w, 1e-5, name)
+  unit.test_chunked_scan_matches_the_reference_with_gradients(chunk)
 
 
 SHAPES = [
