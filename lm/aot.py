@@ -20,7 +20,6 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from lm import flops, models, sampling, sharding
 from lm.errors import ConfigError, check

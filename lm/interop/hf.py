@@ -39,7 +39,6 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from lm import chat
-from lm import config as config_lib
 from lm.errors import ConfigError
 from lm.interop import hf_tokenizer
 from lm.models import layers

@@ -3,20 +3,18 @@ and option there was, less the few the unit tier runs), and the benchmark's smok
 kernels in interpret mode on CPU against the lax.scan reference, and lowered for their
 real hardware with jax.export."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels.selective_scan import api, gpu, reference
+from pallas_kernels.selective_scan import api, gpu
 
 import backend
 import lowering
 from helpers import ROOT, cpu_subprocess_env
 import test_selective_scan as unit
-from test_selective_scan import (KERNELS, NAMES, assert_close,
-                                 assert_kernel_matches_reference, scan_inputs, value_and_grads)
+from test_selective_scan import (KERNELS, assert_kernel_matches_reference, scan_inputs)
 
 
 @pytest.mark.parametrize('chunk', [16, 64])  # The unit tier runs 8.

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lm.errors import ConfigError
-from lm.evaluation import harness, inputs, results, scoring, tasks
+from lm.evaluation import harness, results, scoring, tasks
 from lm.training import checkpointing
 
 
