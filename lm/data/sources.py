@@ -7,6 +7,10 @@ its documented functions). Each objective (lm/objectives/) says which of these i
 Every source also gives each item a group key; the train/validation split holds out
 whole groups (a file, or a stdlib top-level module) by a stable hash of the key, so
 the split never changes between runs or resumes.
+
+Every source also records what it read (`files`: {path: [bytes, CRC-32]}, taken in the
+one pass at start that checks it), saved with each checkpoint: a run resumes its data
+position only in the same files (`check_same_files`).
 """
 
 import ast
@@ -53,7 +57,9 @@ class TextFiles:
   def __init__(self, paths: list[str], keys: list[str] | None = None,
                bad_records: str = 'error'):
     keys = keys if keys is not None else paths
-    kept, self.skipped = _screen(list(zip(paths, keys)), lambda item: _not_utf8(item[0]),
+    self.files = {}
+    kept, self.skipped = _screen(list(zip(paths, keys)),
+                                 lambda item: _not_utf8(item[0], self.files),
                                  bad_records, 'files')
     self.paths = [path for path, _ in kept]
     self.keys = [key for _, key in kept]
@@ -66,9 +72,11 @@ class TextFiles:
       return f.read()
 
 
-def _not_utf8(path: str) -> str | None:
+def _not_utf8(path: str, files: dict) -> str | None:
+  """Why the file is not UTF-8 text, or None; records its size and CRC in `files`."""
   with open(path, 'rb') as f:
     data = f.read()
+  files[path] = [len(data), zlib.crc32(data)]
   try:
     data.decode('utf-8')
   except UnicodeDecodeError as error:
@@ -90,14 +98,16 @@ class JsonLines:
     # Post-training lines may hold conversations: any field as a list of messages (TRL's
     # conversational format) and, with `messages`, a whole 'messages' one in their place.
     self.conversations, self.messages = conversations, messages
-    locations = []  # (path, byte offset, line number)
+    locations, self.files = [], {}  # (path, byte offset, line number); as TextFiles'
     for path in paths:
       with open(path, 'rb') as f:
-        offset = 0
+        offset, crc = 0, 0
         for line_number, line in enumerate(f, start=1):
           if line.strip():
             locations.append((path, offset, line_number))
           offset += len(line)
+          crc = zlib.crc32(line, crc)
+      self.files[path] = [offset, crc]
     self.locations, self.skipped = _screen(locations, self._why_bad, bad_records, 'lines')
     self.keys = [f'{path}:{line_number}' for path, _, line_number in self.locations]
 
@@ -174,7 +184,7 @@ class Mapped:
 
   def __init__(self, source, function):
     self.source, self.function, self.keys = source, function, source.keys
-    self.skipped = source.skipped
+    self.skipped, self.files = source.skipped, source.files
 
   def __len__(self):
     return len(self.source)
@@ -338,6 +348,22 @@ def _nonempty(source, data_config):
   if not len(source):
     raise ConfigError(f'config.data.path={data_config.path!r} holds no JSON lines')
   return source
+
+
+def check_same_files(saved: dict, files: dict, step: int, directory: str) -> None:
+  """Raises ConfigError naming the first file that the checkpoint at `step` read and the
+  source now reads otherwise (changed, gone, or new): the saved data position counts
+  items of the old contents, and would resume silently elsewhere in the new."""
+  changes = [(path, 'changed since' if path in files else 'is no longer read, but was at')
+             for path in saved if files.get(path, saved[path]) != saved[path]
+             or path not in files]
+  changes += [(path, 'is read now, but was not at') for path in files if path not in saved]
+  if changes:
+    path, what = changes[0]
+    raise ConfigError(
+        f'config.data: the file {path} {what} checkpoint step {step} in {directory}'
+        f' ({len(changes)} file(s) differ): the saved data position is one in the old'
+        ' contents; restore them, or start a new --workdir')
 
 
 def is_validation(key: str, fraction: float) -> bool:

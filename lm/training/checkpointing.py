@@ -1,7 +1,8 @@
 """orbax checkpoints under `<workdir>/checkpoints`: everything a run needs to resume.
 
 Each step directory holds the train state (params, optimizer state, step), the data
-iterator's state, the config, the tokenizer and a fingerprint of all of them. orbax writes
+iterator's state and the size and CRC of each data file it counts items of, the config,
+the tokenizer and a fingerprint of all of them. orbax writes
 into a temporary directory and renames it when complete, so a run killed mid-write
 leaves the last finished checkpoint intact; unfinished ones are removed on the next
 start. A finished checkpoint that cannot be read back, or whose arrays or JSON no longer
@@ -31,7 +32,7 @@ import orbax.checkpoint as ocp
 from lm import config as config_lib
 from lm import distributed, lora, models, sharding
 from lm import tokenizer as tokenizer_lib
-from lm.errors import ConfigError
+from lm.errors import ConfigError, check_no_links, open_own
 
 # Model fields that decide parameter shapes; the rest (dtype, attention, remat) may
 # change between runs of the same checkpoint.
@@ -106,6 +107,18 @@ def _verify(saved: dict, now: dict, exact: bool = False) -> None:
                      f' first {changed[:1]})')
 
 
+def _before_fingerprints(directory: str) -> bool:
+  """Whether the checkpoint in `directory` is of the format from before fingerprints: its
+  data state one JSON file (`data/metadata`), and orbax's record of its items naming none."""
+  try:
+    with open(os.path.join(directory, '_CHECKPOINT_METADATA'), encoding='utf-8') as f:
+      if 'fingerprint' in json.load(f).get('item_handlers', {}):
+        return False
+  except (OSError, ValueError, AttributeError):
+    pass
+  return os.path.isfile(os.path.join(directory, 'data', 'metadata'))
+
+
 @flax.struct.dataclass
 class _ParamsOnly:
   params: dict  # Named '.params' in the fingerprint, as a TrainState's are.
@@ -125,16 +138,17 @@ class Checkpointer:
             create=not read_only,
             read_only=read_only,
         ),
-        item_names=('state', 'data', 'config', 'tokenizer', 'fingerprint'),
+        item_names=('state', 'data', 'sources', 'config', 'tokenizer', 'fingerprint'),
     )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_iterator, config, tokenizer):
+  def save(self, step: int, state, data_iterator, files: dict, config, tokenizer):
     """Everything, from every process: orbax writes each process's shards of the arrays
-    and, once, the JSON items; grain's handler writes each process's data state."""
-    items = dict(config=config.to_dict(), tokenizer=tokenizer.to_dict())
+    and, once, the JSON items; grain's handler writes each process's data state. `files`:
+    the data source's (sources.TextFiles.files)."""
+    items = dict(sources=files, config=config.to_dict(), tokenizer=tokenizer.to_dict())
     data = _Snapshot(data_iterator.get_state())  # Now, not when the write runs.
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
@@ -166,9 +180,14 @@ class Checkpointer:
     return int(counts.pop()) if len(counts) == 1 else (1 if 'metadata' in names else None)
 
   def _restore_with_fingerprint(self, step: int, **items) -> tuple[dict, dict]:
-    """(restored items, saved fingerprint: {} in checkpoints from before there was one)."""
-    if os.path.isdir(os.path.join(self.directory, str(step), 'fingerprint')):
+    """(restored items, saved fingerprint: {} in checkpoints from before there was one).
+    Raises ValueError for a checkpoint of this format without its fingerprint: deleted,
+    it would let every other change pass unverified."""
+    directory = os.path.join(self.directory, str(step))
+    if os.path.isdir(os.path.join(directory, 'fingerprint')):
       items['fingerprint'] = ocp.args.JsonRestore()
+    elif not _before_fingerprints(directory):
+      raise ValueError('its fingerprint is missing')
     if not items:
       return {}, {}
     restored = dict(self.manager.restore(step, args=ocp.args.Composite(**items)))
@@ -185,6 +204,18 @@ class Checkpointer:
     config_lib.fill_added_model_fields(config.model)
     config_lib.fill_added_sections(config)
     return config, restored['tokenizer']
+
+  def read_sources(self, step: int) -> dict | None:
+    """The data files the run had read when it saved `step` ({path: [bytes, CRC-32]}),
+    or None for a checkpoint from before they were recorded."""
+    if not os.path.isdir(os.path.join(self.directory, str(step), 'sources')):
+      _, saved = self._restore_with_fingerprint(step)
+      if 'json:sources' in saved:
+        raise ValueError('its record of the data files is missing')
+      return None
+    restored, saved = self._restore_with_fingerprint(step, sources=ocp.args.JsonRestore())
+    _verify(saved, _json_fingerprint(restored))
+    return restored['sources']
 
   def restore(self, step: int, abstract_state, data_iterator=None):
     """Restores the state onto the shardings of `abstract_state` (ShapeDtypeStructs) and,
@@ -277,9 +308,10 @@ class WorkdirLock:
   def _lock(workdir: str):
     if os.path.exists(workdir) and not os.path.isdir(workdir):
       raise ConfigError(f'--workdir={workdir} is a file, not a directory')
+    check_no_links('--workdir', workdir)
     try:
       os.makedirs(workdir, exist_ok=True)
-      file = open(os.path.join(workdir, 'lock'), 'a+')
+      file = open_own(os.path.join(workdir, 'lock'), 'a+')
     except OSError as error:
       raise ConfigError(f'--workdir={workdir}: cannot write there ({error.strerror})') from error
     try:

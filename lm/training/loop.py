@@ -54,7 +54,9 @@ class _Data(NamedTuple):
   validation_documents: object
   train_iterator: object
   validation_dataset: object
+  eval_batches: int  # Per evaluation, on every process alike.
   skipped: list  # (item, why) left out under config.data.bad_records='skip'
+  files: dict  # What the source read, saved with each checkpoint (sources.check_same_files).
   counts: collections.Counter  # Of the training examples read (Objective.rows).
 
 
@@ -74,14 +76,19 @@ def _datasets(config, objective, tokenizer) -> _Data:
         counts=counts if train else None)
         for stream in pipeline.process_streams(num_streams)])
   validation_dataset = make(validation_documents, train=False)
-  if not distributed.all_ok(next(iter(validation_dataset), None) is not None):
+  # Each batch of an evaluation is a collective that every process must join, and one
+  # process's streams may fill fewer batches than another's: all run as many as the
+  # fewest (up to eval_steps; the validation batches are the same at every evaluation).
+  filled = sum(1 for _ in itertools.islice(validation_dataset, config.train.eval_steps))
+  eval_batches = int(distributed.all_gather(np.array([filled])).min())
+  if not eval_batches:
     raise ConfigError(
         f'the validation split ({len(validation_documents)} documents) does not fill one'
         f' batch of config.data.batch_size={config.data.batch_size} x'
         f' config.data.seq_len={config.data.seq_len} in each of config.data.streams='
         f'{num_streams} streams; raise config.data.validation_fraction')
   return _Data(train_documents, validation_documents, iter(make(train_documents, train=True)),
-               validation_dataset, source.skipped, counts)
+               validation_dataset, eval_batches, source.skipped, source.files, counts)
 
 
 def _example_counts(counts) -> dict[str, float]:
@@ -186,12 +193,13 @@ def _start_line(config, setup, run, devices, data) -> str:
 
 
 def _train(config, workdir, devices, tokenizer, objective, data, checkpointer):
-  train_documents, validation_documents, train_iterator, validation_dataset, _, _ = data
+  train_documents, validation_documents, train_iterator, validation_dataset = data[:4]
 
   # 2. Shapes, shardings and the jitted steps; then restore, init_from or init onto them.
   setup = setup_lib.make_setup(config, devices)
   with sharding.activate(setup.mesh):
-    run = start_lib.start(config, workdir, setup, tokenizer, checkpointer, train_iterator)
+    run = start_lib.start(config, workdir, setup, tokenizer, checkpointer, train_iterator,
+                          data.files)
     rollout = objective.make_rollout(setup, tokenizer, config)
   state, frozen, start_step = run.state, run.frozen, run.step
 
@@ -260,7 +268,7 @@ def _train(config, workdir, devices, tokenizer, objective, data, checkpointer):
       if step % config.train.eval_every == 0 or step == config.train.num_steps:
         check_finite()
         row.update(_evaluate(setup, state.params, frozen, validation_dataset, rollout,
-                             config.train.eval_steps))
+                             data.eval_batches))
         last_log_time = time.perf_counter()  # Eval time is not training throughput.
       if row:
         log.write(step, row)
@@ -276,7 +284,7 @@ def _train(config, workdir, devices, tokenizer, objective, data, checkpointer):
           or step == config.train.num_steps):
         check_finite()  # A checkpoint never holds params of a non-finite step...
         _check_finite_params(state.params, step, checkpointer)  # ...nor an overflowed update.
-        checkpointer.save(step, state, train_iterator, run.run_config, tokenizer)
+        checkpointer.save(step, state, train_iterator, data.files, run.run_config, tokenizer)
       if stop.requested and between_batches:
         log.print(f'stopped at step {step}; checkpoint saved, run the same command to resume')
         break

@@ -14,6 +14,7 @@ import ml_collections
 from lm import config as config_lib
 from lm import distributed, objectives
 from lm import tokenizer as tokenizer_lib
+from lm.data import sources
 from lm.errors import ConfigError, check
 from lm.training import checkpointing, steps
 
@@ -61,13 +62,15 @@ class Start(NamedTuple):
   run_config: ml_collections.ConfigDict
 
 
-def start(config, workdir: str, setup, tokenizer, checkpointer, train_iterator) -> Start:
-  """Restores the newest readable checkpoint of `workdir` (rewinding `train_iterator`),
-  else starts from config.train.init_from or from scratch, onto `setup`'s shardings."""
+def start(config, workdir: str, setup, tokenizer, checkpointer, train_iterator,
+          files: dict) -> Start:
+  """Restores the newest readable checkpoint of `workdir` (rewinding `train_iterator`,
+  if its data `files` are those it read), else starts from config.train.init_from or from
+  scratch, onto `setup`'s shardings."""
   init_from_step = config.train.init_from_step
   # A loss without one (SimPO, ORPO) gets None: no reference is loaded, kept or run.
   needs_reference = setup.objective.needs_reference(config.train)
-  restored = _restore_latest(checkpointer, setup, train_iterator, config, tokenizer)
+  restored = _restore_latest(checkpointer, setup, train_iterator, files, config, tokenizer)
   if restored is not None:
     start_step, state, saved_config = restored
     # The step init_from resolved to when the run started: the same base and reference.
@@ -115,12 +118,14 @@ def _reference_params(setup, config, tokenizer, init_from_step: int):
   return setup.init(jax.random.key(config.seed)).params
 
 
-def _restore_latest(checkpointer, setup, train_iterator, config, tokenizer):
+def _restore_latest(checkpointer, setup, train_iterator, files, config, tokenizer):
   """(step, state, saved config) of the newest checkpoint that reads back whole, with
   finite params, on every process, or None. Others are set aside, not deleted; a mismatch
-  with the config or the number of processes is refused."""
+  with the config, the data files or the number of processes is refused."""
   while (step := checkpointer.latest_step()) is not None:
     metadata, error = _attempt(checkpointer.read_metadata, step)
+    if error is None:
+      saved_files, error = _attempt(checkpointer.read_sources, step)
     if not distributed.all_ok(error is None):
       checkpointer.set_aside(step, error)
       continue
@@ -141,6 +146,8 @@ def _restore_latest(checkpointer, setup, train_iterator, config, tokenizer):
             ' --config.train.init_from=<its workdir> and a new --workdir')
     tokenizer_lib.check_same(saved_tokenizer, tokenizer, checkpointer.directory)
     checkpointing.check_compatible(saved_config, config, checkpointer.directory)
+    if saved_files is not None:  # Recorded since checkpoints of this format.
+      sources.check_same_files(saved_files, files, step, checkpointer.directory)
     state, error = _attempt(checkpointer.restore, step, setup.abstract_state, train_iterator)
     if error is None and (bad := checkpointing.non_finite(state.params)):
       # Poisoned (written before saves were checked): resuming from it fails forever.

@@ -4,9 +4,11 @@ resumed run's data its own. (A resumed DPO run's reference: tests/integration/
 test_post_training_runs.py; bad records: tests/unit/test_reliability.py.)"""
 
 import contextlib
+import glob
 import io
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -116,7 +118,19 @@ CORRUPTIONS = {
     'no data state': lambda d: shutil.rmtree(os.path.join(d, 'data')),
     'another value in the data state':
         lambda d: _edit_json(os.path.join(d, 'data', 'process_0-of-1.json')),
+    # Without its fingerprint, a checkpoint of this format could not be checked at all.
+    'no fingerprint': lambda d: shutil.rmtree(os.path.join(d, 'fingerprint')),
+    'no fingerprint and no commit files': lambda d: _without_fingerprint_and_commits(d),
+    'no record of the data files': lambda d: shutil.rmtree(os.path.join(d, 'sources')),
 }
+
+
+def _without_fingerprint_and_commits(step_dir):
+  shutil.rmtree(os.path.join(step_dir, 'fingerprint'))
+  for root, _, names in os.walk(step_dir):
+    for name in names:
+      if name == 'commit_success.txt':
+        os.remove(os.path.join(root, name))
 
 
 def _edit_json(path):
@@ -215,6 +229,25 @@ def test_resuming_with_another_data_stream_is_refused_and_a_finished_run_has_not
       changed.data.path = str(tmp_path / 'lines.jsonl')
     with pytest.raises(ConfigError, match=rf'data.{field}: checkpoint has'):
       loop.train(changed, workdir, DEVICES)
+
+  # The same files with other contents: the saved position would resume elsewhere in them.
+  first = sorted(glob.glob(config.data.path))[0]
+  with open(first, encoding='utf-8') as f:
+    text = f.read()
+  try:
+    with open(first, 'a', encoding='utf-8') as f:
+      f.write(' One sentence more.')
+    with pytest.raises(ConfigError, match=rf'config.data: the file {re.escape(first)} changed'
+                                          rf' since checkpoint step {NUM_STEPS} in'):
+      loop.train(config, workdir, DEVICES)
+    os.rename(first, first + '.moved')
+    with pytest.raises(ConfigError, match=rf'the file {re.escape(first)} is no longer read'):
+      loop.train(config, workdir, DEVICES)
+  finally:  # The module's other tests read these files.
+    if os.path.exists(first + '.moved'):
+      os.rename(first + '.moved', first)
+    with open(first, 'w', encoding='utf-8') as f:
+      f.write(text)
 
   fewer = config.copy_and_resolve_references()
   fewer.train.num_steps = 3

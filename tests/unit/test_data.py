@@ -1,6 +1,8 @@
+import glob
 import json
 import os
 import re
+import zlib
 
 import numpy as np
 import pytest
@@ -98,6 +100,34 @@ def test_a_lone_surrogate_is_named_by_file_line_and_field_at_start(tmp_path):
   path.write_text('{"prompt": "fine", "response": "x \\udfff y"}\n')
   with pytest.raises(ConfigError, match=r"data.jsonl:1: field 'response' holds"):
     sources.JsonLines([str(path)], ('prompt', 'response'))
+
+
+def test_every_source_records_the_size_and_crc_of_each_file_it_read(tmp_path):
+  lines = tmp_path / 'data.jsonl'
+  lines.write_bytes(b'{"text": "first"}\n\n{"text": "second"}\n')
+  texts = write_corpus(str(tmp_path / 'texts'), num_files=3)
+  config = type('C', (), {'source': 'jsonl', 'path': str(lines), 'text_field': 'text',
+                         'bad_records': 'error'})
+  read = objectives.OBJECTIVES['pretrain'].source(config).files
+  assert read == {str(lines): [lines.stat().st_size, zlib.crc32(lines.read_bytes())]}
+  config.source, config.path = 'text', texts
+  read = objectives.OBJECTIVES['pretrain'].source(config).files
+  assert read == {path: [os.path.getsize(path), zlib.crc32(open(path, 'rb').read())]
+                  for path in sorted(glob.glob(texts))}
+  assert len(objectives.OBJECTIVES['sft'].source(
+      type('C', (), {'source': 'stdlib_chats'})).files) > 100
+
+
+def test_a_resumed_runs_files_must_be_those_its_checkpoint_read():
+  saved = {'a.txt': [10, 1], 'b.txt': [20, 2]}
+  sources.check_same_files(saved, dict(saved), 4, 'W/checkpoints')
+  for files, message in (({'a.txt': [11, 7], 'b.txt': [20, 2]}, 'the file a.txt changed since'),
+                         ({'a.txt': [10, 1]}, 'the file b.txt is no longer read, but was at'),
+                         ({**saved, 'c.txt': [1, 1]}, 'the file c.txt is read now, but was not'
+                                                      ' at')):
+    with pytest.raises(ConfigError, match=re.escape(
+        f'config.data: {message} checkpoint step 4 in W/checkpoints (1 file(s) differ)')):
+      sources.check_same_files(saved, files, 4, 'W/checkpoints')
 
 
 def test_text_source_takes_comma_separated_globs(tmp_path):
