@@ -22,7 +22,7 @@ from experiments.configs import default
 from lm import config as config_lib
 from lm import models, sharding
 from lm import tokenizer as tokenizer_lib
-from lm.errors import check, check_new_directory
+from lm.errors import check, check_new_directory, check_no_links
 from lm.interop import hf
 from lm.training import checkpointing
 
@@ -36,9 +36,12 @@ flags.mark_flags_as_required(['workdir'])
 
 def import_checkpoint(directory: str, workdir: str) -> None:
   check(os.path.isdir(directory), f'--from_hf={directory}: no such directory')
+  check(not os.path.exists(workdir) or os.path.isdir(workdir),
+        f'--workdir={workdir} is a file, not a directory')
   checkpoints = os.path.join(os.path.abspath(workdir), 'checkpoints')
   check(not (os.path.isdir(checkpoints) and os.listdir(checkpoints)),
         f'--workdir={workdir} already holds checkpoints; give a new --workdir')
+  check_no_links('--workdir', workdir)
   config = default.get_config()
   config.model = hf.model_config(
       hf.read_json(os.path.join(directory, 'config.json'), f'--from_hf={directory}'),

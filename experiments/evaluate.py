@@ -25,7 +25,7 @@ import jax
 
 from experiments import cli
 from lm import chat, sharding
-from lm.errors import check
+from lm.errors import check, check_no_links
 from lm.evaluation import benchmarks, builtin, harness, inputs, results, scoring, tasks
 from lm.training import checkpointing
 
@@ -76,6 +76,7 @@ def check_flags() -> None:
        '--chat puts a prompt in one user message: give shots in the task (the benchmarks'
        ' do), not --num_shots'),
   ])
+  check_no_links('--workdir', _WORKDIR.value)  # Results are written into it.
 
 
 def load_task(name: str) -> tasks.Task:

@@ -1,5 +1,6 @@
 """The one exception type for bad input, and the checks that raise it."""
 
+import errno
 import json
 import math
 import os
@@ -67,3 +68,33 @@ def check_new_file(flag: str, path: str) -> None:
   check(path, f'{flag} is empty: give a new file path')
   check(not os.path.lexists(path), f'{flag}={path} ' + (
       'is a directory' if os.path.isdir(path) else 'exists') + '; give a new file path')
+
+
+def check_no_links(flag: str, workdir: str) -> None:
+  """Refuses a run directory holding a symbolic link at any depth: what a command writes
+  there (checkpoints, logs, results, the lock) would go through it, outside. The directory
+  itself may be a link (a run kept on another disk)."""
+  for directory, subdirectories, files in os.walk(workdir):  # Links are listed, not entered.
+    for name in subdirectories + files:
+      path = os.path.join(directory, name)
+      if os.path.islink(path):
+        raise ConfigError(f'{flag}={workdir}: {path} is a symbolic link (to'
+                          f' {os.readlink(path)}); nothing is written through one: remove it')
+
+
+_OPEN_FLAGS = {'w': os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+               'a': os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+               'a+': os.O_RDWR | os.O_CREAT | os.O_APPEND}
+
+
+def open_own(path: str, mode: str = 'w', encoding: str | None = 'utf-8'):
+  """open(path, mode) ('w', 'a' or 'a+') for a file of a run directory, refusing a symbolic
+  link in its place by name (O_NOFOLLOW: one planted after `check_no_links` looked)."""
+  try:
+    descriptor = os.open(path, _OPEN_FLAGS[mode] | os.O_NOFOLLOW, 0o666)
+  except OSError as error:
+    if error.errno == errno.ELOOP:
+      raise ConfigError(f'{path} is a symbolic link; nothing is written through one:'
+                        ' remove it') from error
+    raise
+  return os.fdopen(descriptor, mode, encoding=encoding)

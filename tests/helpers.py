@@ -36,11 +36,14 @@ def snapshot(directory) -> dict[str, str]:
   """{relative path: sha256} of every file under `directory`: what a refused run must
   leave as it was."""
   files = {}
-  for parent, _, names in os.walk(directory):
-    for name in names:
+  for parent, subdirectories, names in os.walk(directory):  # Links: where they point.
+    for name in subdirectories + names:
       path = os.path.join(parent, name)
-      with open(path, 'rb') as f:
-        files[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+      if os.path.islink(path):
+        files[os.path.relpath(path, directory)] = 'link to ' + os.readlink(path)
+      elif name in names:
+        with open(path, 'rb') as f:
+          files[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
   return files
 
 

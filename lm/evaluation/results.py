@@ -6,7 +6,7 @@ import json
 import os
 import re
 
-from lm.errors import ConfigError
+from lm.errors import ConfigError, open_own
 
 
 def path(workdir: str, step: int) -> str:
@@ -28,9 +28,11 @@ def save(path: str, step: int, metrics_by_task: dict[str, dict], settings: dict)
     merged.update({name: {**metrics, 'settings': settings}
                    for name, metrics in metrics_by_task.items()})
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + '.tmp', 'w') as f:
+    with open_own(path + '.tmp') as f:
       json.dump({'step': step, 'settings': settings, 'results': merged}, f, indent=2)
     os.replace(path + '.tmp', path)  # Atomic: a reader never sees half a file.
+  except ConfigError:
+    raise
   except OSError as error:
     raise ConfigError(f'could not write the results to {path}: {error}') from error
   except ValueError as error:
@@ -49,7 +51,7 @@ def save_samples(directory: str, samples_by_task: dict[str, list[dict]]) -> None
     os.makedirs(directory, exist_ok=True)
     for name, samples in samples_by_task.items():
       file = os.path.join(directory, re.sub(r'[^A-Za-z0-9_.-]', '_', name) + '.jsonl')
-      with open(file + '.tmp', 'w', encoding='utf-8') as f:
+      with open_own(file + '.tmp') as f:
         f.writelines(json.dumps(sample) + '\n' for sample in samples)
       os.replace(file + '.tmp', file)
   except OSError as error:

@@ -7,6 +7,8 @@ import os
 
 import tqdm
 
+from lm.errors import open_own
+
 _CONSOLE_FORMATS = {
     'loss': '{:.4f}', 'eval_loss': '{:.4f}', 'eval_perplexity': '{:.2f}',
     'learning_rate': '{:.2e}', 'tokens_per_second': '{:,.0f}', 'mfu': '{:.1%}',
@@ -53,7 +55,7 @@ class MetricLogger:
     # installed, seconds at every start of every process.
     import tensorboardX  # pylint: disable=import-outside-toplevel
     self.writer = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
-    self.lines = open(os.path.join(workdir, METRICS_FILE), 'a', encoding='utf-8')  # pylint: disable=consider-using-with
+    self.lines = open_own(os.path.join(workdir, METRICS_FILE), 'a')
     self.progress = tqdm.tqdm(total=total_steps, initial=initial_step, unit='step',
                               dynamic_ncols=True, mininterval=1.0)
 
