@@ -36,16 +36,24 @@ its end-of-turn token(s), never on a role header.
   <|assistant|>
   Hello.</s>
 
+A template is a program from a checkpoint: it runs sandboxed (no attribute of Python's
+internals, no file), within `MAX_SECONDS` per rendering and `MAX_CHARS` of output (and of
+any string or list its `*` and `+` build), and any way it fails is one ConfigError naming
+its file.
+
 Each turn is a role line, the content, and eos as a real token (the end of a turn is the
 end of a document, which every model here has learned to emit); the generation prompt is
 '<|assistant|>\\n'. Generation stops at `tokenizer.stop_ids` (see `end_of_turn_ids`).
 """
 
+import ctypes
 import dataclasses
 import datetime
 import functools
 import json
 import re
+import threading
+import time
 
 import jinja2
 import jinja2.ext
@@ -69,6 +77,77 @@ class Rendered:
   assistant_mask: np.ndarray  # bool [T]: each assistant content and its end-of-turn.
 
 
+# A real template renders a conversation in well under a millisecond, into about as many
+# characters as the conversation holds.
+MAX_SECONDS = 5.0
+MAX_CHARS = 1 << 24
+
+
+class _TooLong(Exception):
+  pass
+
+
+class _TooSlow(BaseException):
+  """Raised inside a rendering thread by `_Watchdog`; a BaseException, so no `except
+  Exception` in the template's runtime swallows it."""
+
+
+class _Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
+  """jinja2's sandbox, whose `*`, `**` and `+` refuse results past MAX_CHARS before
+  building them ('x' * 10**10 would take the memory of the machine)."""
+  intercepted_binops = frozenset({'*', '**', '+'})
+
+  def call_binop(self, context, operator, left, right):
+    sized = lambda x: isinstance(x, (str, list, tuple))
+    if operator == '*' and (sized(left) or sized(right)):
+      sequence, times = (left, right) if sized(left) else (right, left)
+      if isinstance(times, int) and len(sequence) * times > MAX_CHARS:
+        raise _TooLong(f'{operator!r} would make {len(sequence) * times:,} items')
+    if operator == '+' and sized(left) and sized(right) and len(left) + len(right) > MAX_CHARS:
+      raise _TooLong(f"'+' would make {len(left) + len(right):,} items")
+    if operator == '**' and isinstance(right, int) and abs(right) > 1024:
+      raise _TooLong(f"'**' with exponent {right}")
+    return super().call_binop(context, operator, left, right)
+
+
+class _Watchdog:
+  """Stops renderings past MAX_SECONDS (nested loops that write nothing) by raising
+  _TooSlow in their thread: they run in the data pipeline's threads too, where no signal
+  reaches. A rendering registers its thread and deadline; the watchdog fires at most once
+  per registration, and leaving clears an exception fired too late to land inside."""
+
+  def __init__(self):
+    self.lock = threading.Lock()
+    self.deadlines: dict[int, float] = {}
+    self.thread = None
+
+  def __enter__(self):
+    with self.lock:
+      self.deadlines[threading.get_ident()] = time.monotonic() + MAX_SECONDS
+      if self.thread is None:
+        self.thread = threading.Thread(target=self._watch, daemon=True, name='chat-watchdog')
+        self.thread.start()
+
+  def __exit__(self, *exc):
+    ident = threading.get_ident()
+    with self.lock:
+      self.deadlines.pop(ident, None)
+      ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), None)
+
+  def _watch(self):
+    while True:
+      time.sleep(0.05)
+      with self.lock:
+        now = time.monotonic()
+        for ident in [i for i, deadline in self.deadlines.items() if deadline < now]:
+          del self.deadlines[ident]
+          ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident),
+                                                     ctypes.py_object(_TooSlow))
+
+
+_WATCHDOG = _Watchdog()
+
+
 @functools.lru_cache(maxsize=16)
 def _compile(template: str) -> jinja2.Template:
   def raise_exception(message):
@@ -78,8 +157,8 @@ def _compile(template: str) -> jinja2.Template:
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                       sort_keys=sort_keys)
 
-  environment = jinja2.sandbox.ImmutableSandboxedEnvironment(
-      trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+  environment = _Sandbox(trim_blocks=True, lstrip_blocks=True,
+                         extensions=[jinja2.ext.loopcontrols])
   environment.filters['tojson'] = tojson
   environment.globals['raise_exception'] = raise_exception
   environment.globals['strftime_now'] = lambda format: datetime.datetime.now().strftime(format)
@@ -87,22 +166,41 @@ def _compile(template: str) -> jinja2.Template:
 
 
 def _template_of(tokenizer) -> tuple[str, str]:
-  """(template, what to call it in an error)."""
+  """(template, what to call it in an error: its file where the tokenizer knows it)."""
   if tokenizer.chat_template is None:
     return DEFAULT_TEMPLATE, 'lm.chat.DEFAULT_TEMPLATE'
-  return tokenizer.chat_template, f"the {tokenizer.kind} tokenizer's chat_template"
+  source = getattr(tokenizer, 'chat_template_source', None)
+  return tokenizer.chat_template, (f'the chat template {source}' if source else
+                                   f"the {tokenizer.kind} tokenizer's chat_template")
 
 
 def render_text(tokenizer, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
   """The template's text for `messages` ({'role', 'content'} dicts)."""
   template, name = _template_of(tokenizer)
+  chunks, size = [], 0
   try:
-    return _compile(template).render(
-        messages=[dict(message) for message in messages],
-        add_generation_prompt=add_generation_prompt, tools=None, documents=None,
-        **tokenizer.special_tokens)
-  except jinja2.TemplateError as error:
+    try:
+      with _WATCHDOG:
+        for chunk in _compile(template).generate(
+            messages=[dict(message) for message in messages],
+            add_generation_prompt=add_generation_prompt, tools=None, documents=None,
+            **tokenizer.special_tokens):
+          size += len(chunk)
+          if size > MAX_CHARS:
+            raise _TooLong(f'its output passed {MAX_CHARS:,} characters')
+          chunks.append(chunk)
+    except _TooSlow as error:
+      raise _TooLong(f'it ran past {MAX_SECONDS:g} s') from error
+  except (_TooLong, jinja2.TemplateError) as error:
     raise ConfigError(f'{name} failed on this conversation: {error}') from error
+  except (RecursionError, MemoryError) as error:
+    raise ConfigError(f'{name} failed on this conversation: {type(error).__name__}') from error
+  except Exception as error:  # pylint: disable=broad-except (1 // 0, [] + 1, ...)
+    raise ConfigError(f'{name} failed on this conversation: {type(error).__name__}:'
+                      f' {str(error)[:200]}') from error
+  if messages and not any(chunks):
+    raise ConfigError(f'{name} renders nothing for this conversation')
+  return ''.join(chunks)
 
 
 def _check_messages(messages) -> None:

@@ -219,12 +219,14 @@ def from_hf_directory(directory: str):
   settings = hf_tokenizer.read_checkpoint_settings(directory)
   with open(model_path, 'rb') as f:
     proto = f.read()
-  return SentencePieceTokenizer(proto, source=model_path,
-                                special_tokens=settings['special_tokens'],
-                                stop_ids=settings['stop_ids'],
-                                chat_template=settings['chat_template'],
-                                transformers_spaces=True,
-                                add_bos_token=settings['add_bos_token'])
+  tokenizer = SentencePieceTokenizer(proto, source=model_path,
+                                     special_tokens=settings['special_tokens'],
+                                     stop_ids=settings['stop_ids'],
+                                     chat_template=settings['chat_template'],
+                                     transformers_spaces=True,
+                                     add_bos_token=settings['add_bos_token'])
+  tokenizer.chat_template_source = settings['chat_template_source']
+  return tokenizer
 
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, output_path: str,

@@ -109,9 +109,12 @@ class HuggingFaceTokenizer(PromptIds):
       raise ConfigError(f'{json_path} does not exist')
     tokenizer_json = _read_text(json_path)
     settings = read_checkpoint_settings(directory)
-    return cls(tokenizer_json, settings['special_tokens'], stop_ids=settings['stop_ids'],
-               chat_template=settings['chat_template'], source=json_path,
-               add_bos_token=settings['add_bos_token'], bos_token_id=settings['bos_token_id'])
+    tokenizer = cls(tokenizer_json, settings['special_tokens'], stop_ids=settings['stop_ids'],
+                    chat_template=settings['chat_template'], source=json_path,
+                    add_bos_token=settings['add_bos_token'],
+                    bos_token_id=settings['bos_token_id'])
+    tokenizer.chat_template_source = settings['chat_template_source']
+    return tokenizer
 
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
@@ -220,6 +223,7 @@ def read_checkpoint_settings(directory: str) -> dict:
   template_path = os.path.join(directory, 'chat_template.jinja')
   chat_template = (_read_text(template_path) if os.path.isfile(template_path)
                    else config.get('chat_template'))
+  template_source = template_path if os.path.isfile(template_path) else config_path
   if isinstance(chat_template, list):  # Several named templates: [{'name', 'template'}].
     named = {entry.get('name'): entry.get('template') for entry in chat_template
              if isinstance(entry, dict)}
@@ -248,7 +252,8 @@ def read_checkpoint_settings(directory: str) -> dict:
     raise ConfigError(f'{model_path}: bos_token_id is {bos_token_id!r}, not an integer')
   return {'special_tokens': special_tokens, 'stop_ids': stop_ids,
           'chat_template': chat_template, 'add_bos_token': add_bos_token,
-          'bos_token_id': bos_token_id}
+          'bos_token_id': bos_token_id,
+          'chat_template_source': template_source if chat_template is not None else None}
 
 
 def byte_tokenizer_json() -> str:

@@ -1,6 +1,10 @@
 """Chat rendering (lm/chat.py) against transformers' apply_chat_template, and the
 assistant mask against transformers' own `{% generation %}` tracking."""
 
+import concurrent.futures
+import re
+import shutil
+
 import numpy as np
 import pytest
 
@@ -191,3 +195,55 @@ def test_template_errors_and_bad_messages_are_config_errors():
   for messages in ([], [{'role': 'user'}], [{'role': 'user', 'content': 3}], 'hi'):
     with pytest.raises(ConfigError, match='conversation|message 0'):
       chat.render(tokenizer, messages)
+
+
+@pytest.mark.parametrize('template, message', [
+    ('{{ 1 // 0 }}', 'ZeroDivisionError'),
+    ('{% macro f(x) %}{{ f(x) }}{% endmacro %}{{ f(1) }}', 'RecursionError'),
+    ('{{ range(10**9) | list }}', 'Range too big'),
+    ('{% if false %}x{% endif %}', 'renders nothing for this conversation'),
+    ("{{ 'x' * 10**10 }}", "'\\*' would make 10,000,000,000 items"),
+    ('{{ [0] * 10**10 }}', "'\\*' would make 10,000,000,000 items"),
+    ("{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}"
+     '{% endfor %}{{ ns.s }}', "'\\+' would make 33,554,432 items"),
+    ("{% for i in range(100000) %}{{ 'y' * 1000 }}{% endfor %}",
+     'its output passed 16,777,216 characters'),
+    ('{{ 2 ** 100000000 }}', "'\\*\\*' with exponent 100000000"),
+    ('{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}',
+     'it ran past 0.5 s'),
+])
+def test_a_template_is_bounded_and_its_failures_are_one_config_error(template, message,
+                                                                      monkeypatch):
+  monkeypatch.setattr(chat, 'MAX_SECONDS', 0.5)
+  tokenizer = tokenizer_lib.ByteTokenizer()
+  tokenizer.chat_template = template
+  tokenizer.chat_template_source = '/models/x/chat_template.jinja'
+  with pytest.raises(ConfigError, match='the chat template /models/x/chat_template.jinja'
+                                        f' (failed on this conversation: .*)?{message}'):
+    chat.render(tokenizer, CONVERSATIONS[0])
+  # The watchdog leaves nothing behind: the next rendering, in the same thread, is whole.
+  tokenizer.chat_template = None
+  assert chat.render(tokenizer, CONVERSATIONS[0]).text.startswith('<s>')
+
+
+def test_the_watchdog_stops_a_rendering_in_any_thread(monkeypatch):
+  """The data pipeline renders in grain's threads, where no signal reaches."""
+  monkeypatch.setattr(chat, 'MAX_SECONDS', 0.3)
+  tokenizer = tokenizer_lib.ByteTokenizer()
+  tokenizer.chat_template = ('{% for i in range(100000) %}{% for j in range(100000) %}'
+                             '{% endfor %}{% endfor %}')
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    futures = [pool.submit(chat.render, tokenizer, CONVERSATIONS[0]) for _ in range(2)]
+    for future in futures:
+      with pytest.raises(ConfigError, match='it ran past 0.3 s'):
+        future.result(timeout=60)
+
+
+def test_a_templates_file_is_named(checkpoints, tmp_path):
+  directory = tmp_path / 'llama3'
+  shutil.copytree(checkpoints['llama3'][0], directory)
+  (directory / 'chat_template.jinja').write_text('{{ 1 // 0 }}')
+  tokenizer = tokenizer_lib.from_hf_directory(str(directory))
+  with pytest.raises(ConfigError, match=re.escape(
+      f'the chat template {directory / "chat_template.jinja"} failed')):
+    chat.render(tokenizer, CONVERSATIONS[0])
