@@ -18,6 +18,10 @@ _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'Several processes: host:port of process 0, the same for all.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Several processes: how many.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Several processes: this one\'s, from 0.')
+_PEER_TIMEOUT = flags.DEFINE_integer(
+    'peer_timeout', distributed.PEER_TIMEOUT,
+    'Several processes: seconds a process that sends no heartbeat (stopped, stalled) is waited'
+    ' for before every other one ends in one line.')
 
 
 def checkpoint_flags():
@@ -98,14 +102,16 @@ def run(main) -> None:
     logging.set_verbosity(logging.ERROR)  # orbax logs every file it writes, and more.
     _quiet_abandoned_reads()
     try:
-      distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+      distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                             _PEER_TIMEOUT.value)
       main()
     except (ConfigError, FloatingPointError) as error:  # Bad input, or a diverged run.
+      if distributed.joined():  # The others may be gone: no shutdown that waits for them.
+        distributed.stop(f'error: {error}')
       sys.exit(f'error: {error}')
     except jax.errors.JaxRuntimeError as error:
       if not distributed.lost_another_process(error):
         raise
-      sys.exit(f'error: process {jax.process_index()}: another process stopped or cannot be'
-               f' reached; its own output says why ({str(error).splitlines()[0][:160]})')
+      distributed.lost_peer(str(error))
 
   app.run(main_with_errors, flags_parser=_parse_flags)

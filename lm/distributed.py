@@ -8,9 +8,19 @@ global. `initialize` here calls it when this process is one of several:
 - else, when the environment is a cluster of several tasks that JAX detects by itself
   (Cloud TPU pod slices, SLURM, Open MPI), with no arguments;
 - else (one process on one host) not at all.
+
+A process that stops (killed, crashed) or stalls stops the others: a peer that misses its
+heartbeats for `peer_timeout` seconds (--peer_timeout, default 30) is taken for gone, and
+every process left prints one line and exits with code 1 (`lost_peer`), where JAX's own
+reaction is an abort with a C++ dump, after 100 s. A collective that fails at once (the
+peer's connection reset) ends the same way.
 """
 
+import ctypes
+import inspect
 import os
+import signal
+import sys
 
 import jax
 from jax.experimental import multihost_utils
@@ -31,8 +41,45 @@ def _cluster_of_several() -> str | None:
   return None
 
 
+PEER_TIMEOUT = 30  # Seconds without a heartbeat before a process is taken for gone.
+
+
+def lost_peer(detail: str = '') -> None:
+  """One line, and exit code 1 at once: no exit handler runs (JAX's would wait for the
+  lost process, then abort)."""
+  reason = (detail.strip().splitlines() or [''])[0][:160]
+  stop(f'error: process {jax.process_index()}: another process stopped or cannot be reached;'
+       ' its own output says why' + (f' ({reason})' if reason else ''))
+
+
+def stop(line: str) -> None:
+  """Ends this process with `line` on stderr and exit code 1, now: with several processes
+  no exit handler runs, as JAX's shutdown would wait on the others (some gone), then abort.
+  Written with os.write: it may run in a signal handler, on a thread of JAX's."""
+  sys.stdout.flush()
+  os.write(2, (line + '\n').encode('utf-8', 'replace'))
+  os._exit(1)  # pylint: disable=protected-access
+
+
+def _exit_cleanly_on_abort() -> None:
+  """JAX's distributed runtime aborts the process (SIGABRT, a C++ dump) when its service
+  reports a lost peer, from a thread of its own; this handler ends it with `lost_peer`'s
+  line and exit code 1 instead."""
+  handler_type = ctypes.CFUNCTYPE(None, ctypes.c_int)
+  handler = handler_type(lambda signum: lost_peer(
+      'JAX\'s distributed runtime stopped this one: a peer missed its heartbeats, or the'
+      ' coordinator is gone'))
+  libc = ctypes.CDLL(None, use_errno=True)
+  libc.signal.argtypes, libc.signal.restype = [ctypes.c_int, handler_type], ctypes.c_void_p
+  libc.signal(signal.SIGABRT, handler)
+  _KEPT.append(handler)  # Alive as long as the process.
+
+
+_KEPT = []
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
+               process_id: int | None = None, peer_timeout: int = PEER_TIMEOUT) -> None:
   """Connects this process to the others; must run before anything touches a device."""
   explicit = (coordinator_address, num_processes, process_id)
   if any(value is not None for value in explicit):
@@ -51,8 +98,22 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   # Collectives between CPU devices of different processes (used by the tests here, and
   # by CPU-only runs) go through gloo; accelerators use their own.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  if peer_timeout < 1:
+    raise ConfigError(f'--peer_timeout={peer_timeout} must be at least 1 (seconds)')
+  timeout = ({'heartbeat_timeout_seconds': peer_timeout} if 'heartbeat_timeout_seconds'
+             in inspect.signature(jax.distributed.initialize).parameters else {})
   jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
+                             num_processes=num_processes, process_id=process_id, **timeout)
+  _exit_cleanly_on_abort()
+  _JOINED.append(True)
+
+
+_JOINED = []
+
+
+def joined() -> bool:
+  """Whether this process joined others (`initialize`), without touching a device."""
+  return bool(_JOINED)
 
 
 def lost_another_process(error: Exception) -> bool:

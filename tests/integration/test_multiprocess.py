@@ -114,6 +114,33 @@ def test_an_error_on_one_process_stops_every_process_in_one_line(commands, corpu
       'error: process 0: another process stopped or cannot be reached'), results[0].stderr[-1000:]
 
 
+@pytest.mark.parametrize('killed', [1, 0])
+def test_a_killed_process_stops_the_other_in_one_line_and_a_clean_exit(commands, corpus,
+                                                                       tmp_path, killed):
+  """kill -9 of one process mid-run (the coordinator, process 0, or the other): the
+  survivor ends with its one line and exit code 1, not an abort, within its --peer_timeout
+  of noticing (here 10 s, where JAX's default waits 100 s)."""
+  workdir = tmp_path / 'run'
+  processes = local_processes.start(
+      commands, 'train', *pretrain_flags(corpus, workdir, num_steps=10**6), '--peer_timeout=10',
+      timeout=300)
+  deadline = time.time() + 240
+  while not (workdir / 'checkpoints' / '2').exists() and time.time() < deadline:
+    time.sleep(0.2)
+  processes[killed].kill()
+  killed_at = time.time()
+  survivor = processes[1 - killed].wait()
+  waited = time.time() - killed_at
+  assert processes[killed].wait().returncode == -signal.SIGKILL
+  lines = survivor.stderr.strip().splitlines()
+  assert survivor.returncode == 1 and 'Traceback' not in survivor.stderr, survivor.stderr[-3000:]
+  assert lines[-1].startswith(f'error: process {1 - killed}: another process stopped or cannot'
+                              ' be reached'), survivor.stderr[-3000:]
+  # JAX's runtime may log why it gave up on the peer first (its own lines, not a crash).
+  assert 'Fatal Python error' not in survivor.stderr, survivor.stderr[-3000:]
+  assert waited < 60, waited
+
+
 @pytest.mark.parametrize('objective', ['sft', 'dpo', 'grpo'])
 def test_post_training_on_two_processes_gives_the_losses_of_one(objective, one_process,
                                                                 commands, tmp_path):
