@@ -522,3 +522,143 @@ def test_training_sets_a_corrupt_checkpoint_aside_and_resumes_exactly(
     assert json.load(f) == clean_continuations[resumed], (target, resumed)
   assert snapshot(os.path.join(workdir, 'checkpoints', '2')) == step_2
   COUNTS['checkpoint file (train)'][1] += 1
+
+
+# The other entry points' flags: convert (both ways), merge, train_tokenizer. ({new}: a new
+# directory each time. lm_eval's own flags are the harness's; its one line for an unknown
+# task or model argument: test_lm_eval_harness.py, test_lm_eval.py.)
+
+OTHER_COMMANDS = {  # (module, good flags, {flag: bad values})
+    'convert --to_hf': ('convert', ['--to_hf', '--workdir={run}', '--output={new}'], {
+        'workdir': paths('missing', 'empty_dir', 'text'),
+        'step': ints(also=(-1, 0, 1, 3, 5)).filter(lambda v: v not in ('2', '4')),
+        'output': paths('text', 'run', 'link')}),
+    'convert --from_hf': ('convert', ['--workdir={new}'], {
+        'from_hf': paths('missing', 'empty_dir', 'text')}),
+    'merge': ('merge', ['--workdir={run}', '--output={new}'], {
+        'workdir': paths('missing', 'empty_dir', 'text'),
+        'output': paths('text', 'run', 'link')}),
+    'train_tokenizer': ('train_tokenizer', ['--config=experiments/configs/default.py:tiny',
+                                            '--config.data.source=text',
+                                            '--config.data.path={corpus}',
+                                            '--config.data.validation_fraction=0.25',
+                                            '--output={new}'], {
+        'vocab_size': ints(at_least=261, below=2**20 + 1),
+        'max_documents': ints(at_least=1),
+        'output': paths('text', 'empty_dir', 'link')}),
+}
+
+
+@pytest.fixture(scope='module')
+def other_paths(bad_paths, trained_run, tmp_path_factory):
+  """bad_paths, with {corpus} and {link} (a link to a new directory)."""
+  root = tmp_path_factory.mktemp('other_paths')
+  os.symlink(root / 'elsewhere', root / 'link')
+  return {**bad_paths, 'corpus': trained_run['corpus'], 'link': str(root / 'link')}
+
+
+def fill_new(flag: str, paths: dict) -> str:
+  return fill(flag.replace('{new}', os.path.join(paths['fresh'], os.urandom(6).hex())), paths)
+
+
+def test_the_other_commands_good_flags_run(commands, other_paths):
+  """So that below the bad value, not the rest, is refused (train_tokenizer's with a small
+  vocabulary; merge's run has no adapters, so it is refused for that, naming --workdir;
+  convert --from_hf imports a good checkpoint in test_convert.py)."""
+  for name, (module, good, _) in OTHER_COMMANDS.items():
+    if name == 'convert --from_hf':
+      continue
+    extra = ['--vocab_size=300'] if module == 'train_tokenizer' else []
+    result = commands(f'experiments.{module}', *[fill_new(flag, other_paths) for flag in good],
+                      *extra)
+    if module == 'merge':
+      assert result.returncode == 1 and 'nothing to merge' in result.stderr, result.stderr[-2000:]
+    else:
+      assert result.returncode == 0, (name, result.stderr[-3000:])
+
+
+@pytest.mark.parametrize('name, flag', [(name, flag) for name, (_, _, bad) in
+                                        OTHER_COMMANDS.items() for flag in sorted(bad)])
+@hypothesis.settings(max_examples=3, **SETTINGS)
+@hypothesis.given(data=st.data())
+def test_a_bad_flag_of_another_command_is_named_in_one_line_and_the_run_is_untouched(
+    name, flag, data, commands, run, other_paths):
+  module, good, bad = OTHER_COMMANDS[name]
+  value = fill_new(data.draw(bad[flag], label='value'), other_paths)
+  flags = [f for f in (fill_new(f, other_paths) for f in good)
+           if not f.startswith(f'--{flag}=')] + [f'--{flag}={value}']
+  before = snapshot(run['workdir'])
+  assert_refused(f'{name} flag', commands(f'experiments.{module}', *flags), (f'--{flag}',),
+                 run['workdir'], before)
+  assert not os.path.lexists(os.path.join(other_paths['link'], '..', 'elsewhere'))
+
+
+# Links planted in a run's directory: every file a command writes there would go through
+# them, outside.
+
+WORKDIR_ENTRIES = ('lock', 'metrics.jsonl', 'tensorboard', 'eval', 'set_aside', 'checkpoints',
+                   'checkpoints/4', 'checkpoints/4/state', 'eval/step_4.json')
+
+
+@hypothesis.settings(max_examples=12, **SETTINGS)
+@hypothesis.given(entry=st.sampled_from(WORKDIR_ENTRIES),
+                  module=st.sampled_from(['train', 'evaluate']),
+                  dangling=st.booleans())
+def test_a_link_in_the_workdir_is_named_and_nothing_is_written_through_it(
+    entry, module, dangling, commands, run, tmp_path_factory):
+  root = tmp_path_factory.mktemp('linked')
+  workdir = root / 'run'
+  shutil.copytree(run['workdir'], workdir, symlinks=True)
+  link = workdir / entry
+  outside = root / 'outside'
+  if not dangling:  # What the entry is, elsewhere: a run would write into it.
+    if link.is_dir():
+      shutil.copytree(link, outside)
+    elif link.exists():
+      shutil.copy(link, outside)
+    else:
+      outside.write_text('precious\n')
+  if link.is_dir():
+    shutil.rmtree(link)
+  elif link.exists():
+    link.unlink()
+  link.parent.mkdir(parents=True, exist_ok=True)
+  os.symlink(outside, link)
+  before, outside_before = snapshot(str(workdir)), snapshot(str(root))
+  flags = ([*without_workdir(run['flags']), '--config.train.num_steps=6'] if module == 'train'
+           else GOOD_FLAGS['evaluate'])
+  result = commands(f'experiments.{module}', *flags, f'--workdir={workdir}')
+  assert_refused('workdir link', result, (f'{link} is a symbolic link',), str(workdir), before)
+  assert snapshot(str(root)) == outside_before
+
+
+# Chat templates: a checkpoint's program, run on every conversation.
+
+BAD_TEMPLATES = [
+    '{{ 1 // 0 }}', '{% macro f(x) %}{{ f(x) }}{% endmacro %}{{ f(1) }}',
+    '{{ range(10**9) | list }}', '', '{% if false %}x{% endif %}', '{% for m in messages %}',
+    "{{ 'x' * 10**10 }}", "{{ raise_exception('roles must alternate') }}", '{{ [] + 1 }}',
+    '{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}']
+
+
+@hypothesis.settings(max_examples=5, **SETTINGS)
+@hypothesis.given(template=st.sampled_from(BAD_TEMPLATES))
+def test_a_chat_template_that_fails_is_named_by_its_file_in_one_line(
+    template, commands, run, tmp_path_factory):
+  """SFT on conversations with a Hugging Face tokenizer (the byte tokenizer's, as
+  tokenizer.json) whose chat_template.jinja fails, loops past its time or builds past
+  its size: named before anything is written."""
+  from lm.interop import hf_tokenizer  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp('template')
+  tokenizer = root / 'tokenizer'
+  tokenizer.mkdir()
+  (tokenizer / 'tokenizer.json').write_text(hf_tokenizer.byte_tokenizer_json())
+  (tokenizer / 'tokenizer_config.json').write_text(json.dumps(
+      {'bos_token': '<s>', 'eos_token': '</s>', 'pad_token': '<pad>'}))
+  (tokenizer / 'chat_template.jinja').write_text(template)
+  flags = [flag for flag in run['flags'] if not flag.startswith(('--workdir', '--config.data.'))]
+  result = commands('experiments.train', *flags, f'--workdir={root / "run"}',
+                    '--config.train.objective=sft', '--config.data.source=stdlib_chats',
+                    '--config.tokenizer.kind=huggingface', f'--config.tokenizer.path={tokenizer}')
+  assert_refused('chat template', result, (str(tokenizer / 'chat_template.jinja'),),
+                 str(root / 'run'), {})
