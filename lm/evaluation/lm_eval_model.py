@@ -35,12 +35,12 @@ class LmEvalModel(LM):
   # --device, come as additional_config.)
   @classmethod
   def create_from_arg_string(cls, arg_string: str, additional_config=None):
-    _check_model_args(utils.simple_parse_args_string(arg_string or ''))
+    check_model_args(utils.simple_parse_args_string(arg_string or ''))
     return super().create_from_arg_string(arg_string, additional_config)
 
   @classmethod
   def create_from_arg_obj(cls, arg_dict, additional_config=None):
-    _check_model_args(arg_dict or {})
+    check_model_args(arg_dict or {})
     return super().create_from_arg_obj(arg_dict, additional_config)
 
   def __init__(self, workdir: str, step=None, batch_size=16, max_length=None, **_):
@@ -94,7 +94,8 @@ class LmEvalModel(LM):
     return completions
 
 
-def _check_model_args(args: dict) -> None:
+def check_model_args(args: dict) -> None:
+  """Raises ConfigError naming an argument `lm` does not take, or a missing workdir."""
   unknown = sorted(set(args) - set(MODEL_ARGS))
   if unknown:
     raise ConfigError(f'--model_args: {unknown[0]!r} is not an argument of lm (it takes'

@@ -524,9 +524,9 @@ def test_training_sets_a_corrupt_checkpoint_aside_and_resumes_exactly(
   COUNTS['checkpoint file (train)'][1] += 1
 
 
-# The other entry points' flags: convert (both ways), merge, train_tokenizer. ({new}: a new
-# directory each time. lm_eval's own flags are the harness's; its one line for an unknown
-# task or model argument: test_lm_eval_harness.py, test_lm_eval.py.)
+# The other entry points' flags: convert (both ways), merge, train_tokenizer, lm_eval's
+# --model_args ({new}: a new directory each time; the rest of lm_eval's flags are the
+# harness's, and its one line for an unknown task is in test_lm_eval_harness.py).
 
 OTHER_COMMANDS = {  # (module, good flags, {flag: bad values})
     'convert --to_hf': ('convert', ['--to_hf', '--workdir={run}', '--output={new}'], {
@@ -546,6 +546,10 @@ OTHER_COMMANDS = {  # (module, good flags, {flag: bad values})
         'vocab_size': ints(at_least=261, below=2**20 + 1),
         'max_documents': ints(at_least=1),
         'output': paths('text', 'empty_dir', 'link')}),
+    'lm_eval': ('lm_eval', ['--model', 'lm', '--model_args=workdir={run}', '--tasks',
+                            'arithmetic'], {
+        'model_args': st.one_of(WORDS.map(lambda word: f'workdir={{run}},{word}_bogus=1'),
+                                st.just('step=2'))}),
 }
 
 
@@ -564,9 +568,10 @@ def fill_new(flag: str, paths: dict) -> str:
 def test_the_other_commands_good_flags_run(commands, other_paths):
   """So that below the bad value, not the rest, is refused (train_tokenizer's with a small
   vocabulary; merge's run has no adapters, so it is refused for that, naming --workdir;
-  convert --from_hf imports a good checkpoint in test_convert.py)."""
+  convert --from_hf imports a good checkpoint in test_convert.py, and lm_eval runs the
+  harness in test_lm_eval_harness.py)."""
   for name, (module, good, _) in OTHER_COMMANDS.items():
-    if name == 'convert --from_hf':
+    if name in ('convert --from_hf', 'lm_eval'):  # lm_eval: test_lm_eval_harness.py.
       continue
     extra = ['--vocab_size=300'] if module == 'train_tokenizer' else []
     result = commands(f'experiments.{module}', *[fill_new(flag, other_paths) for flag in good],
