@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from lm.data import sources
+
 from helpers import write_corpus
 import local_processes
 
@@ -112,6 +114,28 @@ def test_an_error_on_one_process_stops_every_process_in_one_line(commands, corpu
       'error: config.train.learning_rate=-1.0 must be'), results[1].stderr[-1000:]
   assert results[0].stderr.strip().splitlines()[-1].startswith(
       'error: process 0: another process stopped or cannot be reached'), results[0].stderr[-1000:]
+
+
+def test_uneven_validation_streams_evaluate_as_many_batches_on_every_process(commands,
+                                                                             tmp_path):
+  """Stream 0's validation documents fill many batches, stream 1's few: each process runs
+  as many evaluation batches (the fewest), where each ran its own count and the two
+  deadlocked in their collectives."""
+  directory = tmp_path / 'corpus'
+  directory.mkdir()
+  names = [f'doc_{i:03d}.txt' for i in range(200)]
+  held_out = [n for n in names if sources.is_validation(str(directory / n), 0.25)][:4]
+  trained = [n for n in names if not sources.is_validation(str(directory / n), 0.25)][:40]
+  sentence = 'the quick brown fox jumps over the lazy dog. '
+  for name in trained:
+    (directory / name).write_text(sentence * 12)
+  for index, name in enumerate(held_out):  # In path order, streams 0, 1, 0, 1.
+    (directory / name).write_text(sentence * (40 if index % 2 == 0 else 4))
+  flags = pretrain_flags(str(directory / '*.txt'), tmp_path / 'run', num_steps=2)
+  results = local_processes.launch(commands, 'train', *flags, '--config.train.eval_steps=20',
+                                   timeout=240)
+  assert_ok(results)
+  assert 'eval_loss=' in results[0].stdout, results[0].stdout[-2000:]
 
 
 @pytest.mark.parametrize('killed', [1, 0])
