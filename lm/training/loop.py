@@ -79,8 +79,12 @@ def _datasets(config, objective, tokenizer) -> _Data:
   # Each batch of an evaluation is a collective that every process must join, and one
   # process's streams may fill fewer batches than another's: all run as many as the
   # fewest (up to eval_steps; the validation batches are the same at every evaluation).
-  filled = sum(1 for _ in itertools.islice(validation_dataset, config.train.eval_steps))
+  # One process needs no agreement, so its start reads one batch, not eval_steps.
+  eval_steps = config.train.eval_steps
+  filled = sum(1 for _ in itertools.islice(validation_dataset,
+                                           eval_steps if jax.process_count() > 1 else 1))
   eval_batches = int(distributed.all_gather(np.array([filled])).min())
+  eval_batches = eval_batches if jax.process_count() > 1 else eval_steps * eval_batches
   if not eval_batches:
     raise ConfigError(
         f'the validation split ({len(validation_documents)} documents) does not fill one'
