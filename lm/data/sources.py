@@ -16,6 +16,7 @@ position only in the same files (`check_same_files`).
 import ast
 import functools
 import glob
+import hashlib
 import json
 import operator
 import os
@@ -248,11 +249,29 @@ def _dedent(lines: list[str], indent: int) -> str:
                  for line in lines)
 
 
+# Parsing is most of what reading a built-in example costs, and a run reads a file again
+# each epoch, for validation and on resume (a tiny run: 7 times over): each text's
+# functions are kept, by the text's digest.
+_FUNCTIONS: dict[bytes, tuple] = {}
+_FUNCTIONS_KEPT = 8192  # Above the standard library's files; then it starts afresh.
+
+
 def documented_functions(text: str) -> list[tuple[str, str, str, str]]:
   """(signature, indent, summary, body) of every documented function of Python source
   `text`, in source order: its `def` line(s), the body's indent, the first paragraph of
   its docstring on one line, and the rest of its body (from the line after the
   docstring); each dedented to column 0."""
+  key = hashlib.sha1(text.encode('utf-8', 'surrogatepass')).digest()
+  functions = _FUNCTIONS.get(key)
+  if functions is None:
+    functions = tuple(_parse_functions(text))
+    if len(_FUNCTIONS) >= _FUNCTIONS_KEPT:
+      _FUNCTIONS.clear()
+    _FUNCTIONS[key] = functions
+  return list(functions)
+
+
+def _parse_functions(text: str) -> list[tuple[str, str, str, str]]:
   try:
     with AST_LOCK:
       tree = ast.parse(text)

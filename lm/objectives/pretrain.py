@@ -57,7 +57,7 @@ class Pretrain(base.Objective):
 
   def rows(self, dataset, tokenizer, seq_len: int, counts=None):
     """{'tokens', 'segment_ids', 'positions'} int32 [seq_len]."""
-    dataset = dataset.map(_Tokenize(tokenizer)).to_iter_dataset()
+    dataset = dataset.map(_Tokenize(tokenizer)).to_iter_dataset(pipeline.READ_OPTIONS)
     return grain.experimental.ConcatThenSplitIterDataset(
         dataset, length_struct={'tokens': seq_len})
 

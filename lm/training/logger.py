@@ -4,6 +4,7 @@ and `<workdir>/metrics.jsonl` (a JSON line per logged step, for plots: read_metr
 import json
 import math
 import os
+import sys
 
 import tqdm
 
@@ -45,16 +46,29 @@ def read_metrics(workdir: str) -> dict[str, tuple[list[int], list[float]]]:
   return series
 
 
+def _tensorboardx():
+  """tensorboardX, imported by the process that logs, when it first logs. Where torch is
+  installed, tensorboardX imports it to accept its tensors, which lm never logs: seconds
+  at the start of every run (4 s of a test's 19). It is imported with torch hidden,
+  unless torch is already in."""
+  if 'torch' in sys.modules:
+    import tensorboardX  # pylint: disable=import-outside-toplevel
+    return tensorboardX
+  sys.modules['torch'] = None  # An import of it fails, as if it were not installed.
+  try:
+    import tensorboardX  # pylint: disable=import-outside-toplevel
+  finally:
+    del sys.modules['torch']
+  return tensorboardX
+
+
 class MetricLogger:
 
   def __init__(self, workdir: str, initial_step: int, total_steps: int, enabled: bool = True):
     self.enabled = enabled  # Only the first process logs.
     if not enabled:
       return
-    # Imported here, by the process that logs: tensorboardX imports torch where it is
-    # installed, seconds at every start of every process.
-    import tensorboardX  # pylint: disable=import-outside-toplevel
-    self.writer = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self.writer = _tensorboardx().SummaryWriter(os.path.join(workdir, 'tensorboard'))
     self.lines = open_own(os.path.join(workdir, METRICS_FILE), 'a')
     self.progress = tqdm.tqdm(total=total_steps, initial=initial_step, unit='step',
                               dynamic_ncols=True, mininterval=1.0)
