@@ -105,8 +105,10 @@ def test_resuming_with_another_number_of_processes_is_refused(commands, corpus, 
 
 
 def test_an_error_on_one_process_stops_every_process_in_one_line(commands, corpus, tmp_path):
-  # Only process 1 is given a bad value: process 0 goes on, and waits for it in vain.
+  # Only process 1 is given a bad value: process 0 goes on, and waits for it in vain, for
+  # its --peer_timeout (here 5 s).
   results = local_processes.launch(commands, 'train', *pretrain_flags(corpus, tmp_path / 'run'),
+                                   '--peer_timeout=5',
                                    only={1: ['--config.train.learning_rate=-1']}, timeout=300)
   for result in results:
     assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
