@@ -100,8 +100,10 @@ class Objective:
   # The loop (lm/training/loop.py).
 
   def make_rollout(self, setup, tokenizer, config):
-    """None, or a callable (params, host batch, step, *, train) -> (device batch,
-    metrics) that makes each batch from the model's own samples (GRPO)."""
+    """None, or a callable (params, host batch, step, *, train, more_prompts) -> (device
+    batch, metrics) that makes each batch from the model's own samples (GRPO);
+    `more_prompts()`, when training, gives the next host batch, for a rollout that
+    replaces some of its prompts (GRPO's dynamic sampling)."""
     del setup, tokenizer, config
 
   def updates_per_batch(self, train_config) -> int:

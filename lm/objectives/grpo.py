@@ -3,12 +3,18 @@ own samples.
 
 The pipeline gives prompts: each example is kept whole, as JSON text for its reward, with
 bos + prompt right-padded to the prompt's budget (`seq_len - max_new_tokens`); longer
-prompts are skipped. Each rollout, the current policy completes each prompt `group_size` times (one sampling call for the
-whole batch, with the KV cache); each completion's reward is computed on the host from
-its text; its advantage is its reward against its own group's (GRPO, Shao et al. 2024,
-sec. 4.1.2), so how hard a prompt is cancels out. The rows are prompt + completion, with
-`loss_mask` on the completion (eos included), as SFT's, plus the advantage on every
-token.
+prompts are skipped. Each rollout, the current policy completes each prompt
+`group_size` times (one sampling call for the whole batch, with the KV cache); each
+completion's reward is computed on the host from its text; its advantage is its reward
+against its own group's (GRPO, Shao et al. 2024, sec. 4.1.2), so how hard a prompt is
+cancels out. The rows are prompt + completion, with `loss_mask` on the completion (eos
+included), as SFT's, plus the advantage on every token.
+
+The GRPO family, by config.train.grpo (each a few lines below): the advantage's baseline
+(`advantage`: GRPO's group-normalised, RLOO's leave-one-out, Dr. GRPO's unscaled), how
+token losses are averaged (`aggregation`: DAPO's token mean, GRPO's per-sequence mean, Dr.
+GRPO's constant divisor), clip-higher (`clip_epsilon_high`, DAPO), dynamic sampling
+(`dynamic_sampling_rounds`, DAPO) and GSPO's sequence-level ratio (`ratio`).
 """
 
 import functools
@@ -31,6 +37,21 @@ from lm.objectives import base, rewards
 _STD_EPSILON = 1e-6
 
 
+# A completion's advantage from its group's rewards r (G of them), by `advantage`.
+ADVANTAGES = {
+    # (r - mean) / std: GRPO (Shao et al. 2024).
+    'grpo': lambda centred, groups: centred / (groups.std(axis=1, keepdims=True)
+                                               + _STD_EPSILON),
+    # r - the mean of the other G - 1: RLOO (Ahmadian et al. 2024), G / (G - 1) (r - mean).
+    'rloo': lambda centred, groups: centred * groups.shape[1] / (groups.shape[1] - 1),
+    # r - mean, unscaled: Dr. GRPO (Liu et al. 2025); the std favours too easy or hard groups.
+    'dr_grpo': lambda centred, groups: centred,
+}
+# What the summed token losses are divided by, by `aggregation` (the step divides once).
+AGGREGATIONS = ('token_mean', 'sequence_mean', 'constant')
+RATIOS = ('token', 'sequence')
+
+
 class Settings(NamedTuple):
   """config.train.grpo, with its defaults (`default_config`)."""
   reward: str = 'python_function'  # By name, from lm/objectives/rewards.py.
@@ -40,18 +61,37 @@ class Settings(NamedTuple):
   kl_weight: float = 0.04  # Of the per-token KL penalty to the reference.
   updates_per_rollout: int = 1  # Optimizer steps on each rollout (GRPO's mu).
   clip_epsilon: float = 0.2  # PPO's clip on pi / pi_sampler, once updates_per_rollout > 1.
+  clip_epsilon_high: float = 0.0  # Its upper side (DAPO's clip-higher: 0.28); 0: as above.
+  advantage: str = 'grpo'  # One of ADVANTAGES.
+  # 'token_mean': over the batch's completion tokens (DAPO), so a long completion's tokens
+  # weigh as much as a short one's; 'sequence_mean': each completion's mean, then over
+  # completions (GRPO's paper); 'constant': over completions x max_new_tokens (Dr. GRPO).
+  aggregation: str = 'token_mean'
+  # 'token': pi / pi_sampler per token; 'sequence': GSPO's (Zheng et al. 2025), the
+  # geometric mean over a completion's tokens, clipped as one.
+  ratio: str = 'token'
+  # DAPO's dynamic sampling: groups whose rewards are all equal (no advantage) are replaced
+  # by groups of further prompts, sampled up to this many more times per rollout (0: off).
+  dynamic_sampling_rounds: int = 0
 
 
 def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(Settings()._asdict())
 
 
-def group_advantages(rewards_b: np.ndarray, group_size: int) -> np.ndarray:
-  """(reward - its group's mean) / the group's standard deviation; rows are grouped
+def group_advantages(rewards_b: np.ndarray, group_size: int,
+                     advantage: str = 'grpo') -> np.ndarray:
+  """Each reward against its own group's (ADVANTAGES[advantage]); rows are grouped
   consecutively, `group_size` to a prompt."""
   groups = np.asarray(rewards_b, np.float32).reshape(-1, group_size)
   centred = groups - groups.mean(axis=1, keepdims=True)
-  return (centred / (groups.std(axis=1, keepdims=True) + _STD_EPSILON)).reshape(-1)
+  return ADVANTAGES[advantage](centred, groups).reshape(-1)
+
+
+def informative_groups(rewards_b: np.ndarray, group_size: int) -> np.ndarray:
+  """[groups] bool: whether a group's rewards differ, so that it has an advantage."""
+  groups = np.asarray(rewards_b).reshape(-1, group_size)
+  return groups.max(axis=1) > groups.min(axis=1)
 
 
 class Rollouts:
@@ -65,14 +105,52 @@ class Rollouts:
     self.group_size = grpo_config.group_size
     self.max_new_tokens = grpo_config.max_new_tokens
     self.temperature = grpo_config.temperature
+    self.advantage = grpo_config.advantage
+    self.dynamic_sampling_rounds = grpo_config.dynamic_sampling_rounds
     # eos, and a chat template's end of turn (the prompts may be conversations).
     self.stop_ids = chat.end_of_turn_ids(tokenizer)
 
-  def __call__(self, params, prompts: dict, rng) -> tuple[dict, dict]:
+  def __call__(self, params, prompts: dict, rng, more_prompts=None) -> tuple[dict, dict]:
     """`prompts`: 'example' [B] (each example as JSON text), 'prompt_tokens' [B, T] (bos +
     prompt, right-padded) and 'prompt_length' [B]. Returns the batch, [B * group_size,
     seq_len] arrays with each prompt's group in consecutive rows, and the rollout's
-    metrics (means over rows)."""
+    metrics (means over the rows sampled). With dynamic sampling, `more_prompts()` gives
+    the next batch of prompts, for groups that replace those without an advantage."""
+    rounds = [self.sample(params, prompts, rng)]
+    num_groups = len(prompts['prompt_length'])
+    if self.dynamic_sampling_rounds and more_prompts is not None:
+      # Every process samples as often as the one with the fewest informative groups: the
+      # sampler is a collective over all processes' rows.
+      while len(rounds) <= self.dynamic_sampling_rounds and distributed.all_gather(np.array(
+          [sum(informative_groups(r[1], self.group_size).sum() for r in rounds)])).min() < (
+              num_groups):
+        rounds.append(self.sample(params, more_prompts(), jax.random.fold_in(rng, len(rounds))))
+    rows = {name: np.concatenate([r[0][name] for r in rounds]) for name in rounds[0][0]}
+    rewards_b, finished_b, num_new_b = (np.concatenate([r[i] for r in rounds])
+                                        for i in range(1, 4))
+    metrics = [rewards_b.mean(), finished_b.mean(), num_new_b.mean()]
+    if self.dynamic_sampling_rounds:
+      # The groups with an advantage first, in the order sampled; then, if too few, others.
+      informative = informative_groups(rewards_b, self.group_size)
+      kept = np.concatenate([np.flatnonzero(informative),
+                             np.flatnonzero(~informative)])[:num_groups]
+      kept_rows = (kept[:, None] * self.group_size + np.arange(self.group_size)).reshape(-1)
+      rows = {name: value[kept_rows] for name, value in rows.items()}
+      rewards_b = rewards_b[kept_rows]
+      metrics += [informative[kept].mean(), len(rounds)]
+    batch = dict(rows)
+    advantages_b = group_advantages(rewards_b, self.group_size, self.advantage)
+    batch['advantages'] = np.repeat(advantages_b[:, None], self.seq_len, axis=1)
+    # Means over every process's rows (each has as many).
+    means = distributed.all_gather(np.array(metrics, np.float64)).mean(axis=0)
+    names = ('reward', 'finished', 'completion_length', 'informative_groups',
+             'sampling_rounds')
+    return batch, dict(zip(names, map(float, means)))
+
+  def sample(self, params, prompts: dict, rng):
+    """The policy's completions of `prompts`, group_size each: (rows: tokens,
+    segment_ids, positions and loss_mask [B * group_size, seq_len], rewards, whether
+    each finished, and their numbers of new tokens)."""
     prompt_tokens_bt = np.repeat(prompts['prompt_tokens'], self.group_size, axis=0)
     prompt_lengths_b = np.repeat(prompts['prompt_length'], self.group_size)
     new_bm, num_new_b = sampling.generate_rows(
@@ -83,8 +161,8 @@ class Rollouts:
 
     examples = [json.loads(str(text)) for text in prompts['example']]
     num_rows = len(prompt_lengths_b)
-    batch = {name: np.zeros((num_rows, self.seq_len), np.int32)
-             for name in ('tokens', 'segment_ids', 'positions', 'loss_mask')}
+    rows = {name: np.zeros((num_rows, self.seq_len), np.int32)
+            for name in ('tokens', 'segment_ids', 'positions', 'loss_mask')}
     rewards_b, finished_b = np.zeros(num_rows, np.float32), np.zeros(num_rows, bool)
     for row in range(num_rows):
       prompt_length, num_new = prompt_lengths_b[row], num_new_b[row]
@@ -94,18 +172,12 @@ class Rollouts:
       rewards_b[row] = self.reward(examples[row // self.group_size], text,
                                    bool(finished_b[row]))
       length = prompt_length + num_new
-      batch['tokens'][row, :prompt_length] = prompt_tokens_bt[row, :prompt_length]
-      batch['tokens'][row, prompt_length:length] = completion
-      batch['segment_ids'][row, :length] = 1
-      batch['positions'][row, :length] = np.arange(length)
-      batch['loss_mask'][row, prompt_length:length] = 1
-    advantages_b = group_advantages(rewards_b, self.group_size)
-    batch['advantages'] = np.repeat(advantages_b[:, None], self.seq_len, axis=1)
-    # Means over every process's rows (each has as many).
-    means = distributed.all_gather(np.array(
-        [rewards_b.mean(), finished_b.mean(), num_new_b.mean()], np.float64)).mean(axis=0)
-    metrics = dict(zip(('reward', 'finished', 'completion_length'), map(float, means)))
-    return batch, metrics
+      rows['tokens'][row, :prompt_length] = prompt_tokens_bt[row, :prompt_length]
+      rows['tokens'][row, prompt_length:length] = completion
+      rows['segment_ids'][row, :length] = 1
+      rows['positions'][row, :length] = np.arange(length)
+      rows['loss_mask'][row, prompt_length:length] = 1
+    return rows, rewards_b, finished_b, np.asarray(num_new_b)
 
 
 def rollout_key(seed: int, step: int, *, train: bool):
@@ -145,30 +217,53 @@ def _policy_log_probs_bt(params, batch, model, temperature: float):
 
 
 def clipped_policy_loss(log_probs_bt, old_log_probs_bt, reference_log_probs_bt,
-                        advantages_bt, weights_bt, *, kl_weight: float, clip_epsilon: float):
+                        advantages_bt, weights_bt, *, kl_weight: float, clip_low: float,
+                        clip_high: float, sequence_ratio: bool = False):
   """GRPO's objective (Shao et al. 2024, eq. 3) on the log-probs of sampled completion
-  tokens. Summed over tokens, for a mean over all of a batch's completion tokens rather
-  than per completion (as DAPO, Yu et al. 2025), so a long completion's tokens weigh as
-  much as a short one's.
+  tokens, as sums over tokens of `weights_bt` (which carry the aggregation, see
+  `aggregate`).
 
   The policy-gradient term is PPO's clipped surrogate -min(ratio A, clip(ratio) A), where
-  ratio = pi / pi_old and pi_old is the policy that sampled: once the policy has moved
-  more than `clip_epsilon` from it on a token, in the direction its advantage A asks,
-  that token stops pulling. With one update per rollout, pi_old is pi itself
-  (`old_log_probs_bt` = stop_gradient(log_probs_bt)): the ratio is 1, the clip never
-  acts, and the gradient is A times that of log pi. The KL penalty to the reference is
-  the unbiased, non-negative estimator exp(r) - r - 1 with r = log(pi_ref / pi)
-  (Schulman 2020). Returns sums over the weighted tokens: loss, kl and clipped (the
+  ratio = pi / pi_old, clipped to [1 - clip_low, 1 + clip_high], and pi_old is the policy
+  that sampled: once the policy has moved past the clip from it on a token, in the
+  direction its advantage A asks, that token stops pulling. With one update per rollout,
+  pi_old is pi itself (`old_log_probs_bt` = stop_gradient(log_probs_bt)): the ratio is 1,
+  the clip never acts, and the gradient is A times that of log pi. With
+  `sequence_ratio` (GSPO, Zheng et al. 2025), every token of a completion takes the
+  completion's ratio, exp of the mean of its tokens' log-ratios, and the gradient of log
+  pi of its own token (GSPO-token: sg(s) pi / sg(pi)), so a completion is clipped as one.
+  The KL penalty to the reference is the unbiased, non-negative estimator exp(r) - r - 1
+  with r = log(pi_ref / pi) (Schulman 2020). Returns sums: loss, kl and clipped (the
   tokens the clip holds).
   """
-  ratio_bt = jnp.exp(log_probs_bt - old_log_probs_bt)
+  log_ratio_bt = log_probs_bt - old_log_probs_bt
+  if sequence_ratio:
+    mask_bt = (weights_bt > 0).astype(jnp.float32)
+    mean_b = (jnp.sum(log_ratio_bt * mask_bt, axis=1)
+              / jnp.maximum(jnp.sum(mask_bt, axis=1), 1.0))
+    log_ratio_bt = (jax.lax.stop_gradient(mean_b)[:, None] + log_probs_bt
+                    - jax.lax.stop_gradient(log_probs_bt))
+  ratio_bt = jnp.exp(log_ratio_bt)
   unclipped_bt = ratio_bt * advantages_bt
-  clipped_bt = jnp.clip(ratio_bt, 1 - clip_epsilon, 1 + clip_epsilon) * advantages_bt
-  log_ratio_bt = reference_log_probs_bt - log_probs_bt
-  kl_bt = jnp.expm1(log_ratio_bt) - log_ratio_bt  # exp(r) - 1 - r, accurate near r = 0.
+  clipped_bt = jnp.clip(ratio_bt, 1 - clip_low, 1 + clip_high) * advantages_bt
+  log_reference_ratio_bt = reference_log_probs_bt - log_probs_bt
+  # exp(r) - 1 - r, accurate near r = 0.
+  kl_bt = jnp.expm1(log_reference_ratio_bt) - log_reference_ratio_bt
   loss_bt = -jnp.minimum(unclipped_bt, clipped_bt) + kl_weight * kl_bt
   return {'loss': jnp.sum(loss_bt * weights_bt), 'kl': jnp.sum(kl_bt * weights_bt),
           'clipped': jnp.sum((clipped_bt < unclipped_bt) * weights_bt)}
+
+
+def aggregate(weights_bt, aggregation: str, max_new_tokens: int):
+  """(token weights, count): a loss's sums over tokens with these weights, divided by the
+  count, are its mean by `aggregation` (AGGREGATIONS). The counts of micro-batches and
+  processes add up, so the mean is the whole batch's."""
+  tokens_b = jnp.sum(weights_bt, axis=1)
+  if aggregation == 'sequence_mean':  # Each completion's mean, then over completions.
+    return weights_bt / jnp.maximum(tokens_b, 1.0)[:, None], jnp.sum(tokens_b > 0)
+  if aggregation == 'constant':  # Dr. GRPO: every completion over the same budget.
+    return weights_bt, jnp.float32(weights_bt.shape[0] * max_new_tokens)
+  return weights_bt, jnp.sum(weights_bt)  # 'token_mean'
 
 
 def grpo_loss(params, batch, reference_params, *, model, settings):
@@ -176,8 +271,8 @@ def grpo_loss(params, batch, reference_params, *, model, settings):
   the completion, `advantages` on every token, and, when a rollout serves several
   updates, `old_log_probs` of the policy that sampled. The policy is the model at the
   sampling temperature; `settings` is config.train.grpo. Returns (loss sum, metric sums,
-  number of completion tokens)."""
-  _, weights_bt = losses.next_token_targets(batch)
+  count), the count by `settings.aggregation`."""
+  _, mask_bt = losses.next_token_targets(batch)
   log_probs_bt = _policy_log_probs_bt(params, batch, model, settings.temperature)
   # Without them, this update is the rollout's only one (or an evaluation): the sampler
   # is the policy itself, and nothing is clipped.
@@ -186,12 +281,15 @@ def grpo_loss(params, batch, reference_params, *, model, settings):
                       else batch['old_log_probs'])
   reference_bt = jax.lax.stop_gradient(
       _policy_log_probs_bt(reference_params, batch, model, settings.temperature))
-  sums = clipped_policy_loss(log_probs_bt, old_log_probs_bt, reference_bt,
-                             batch['advantages'], weights_bt, kl_weight=settings.kl_weight,
-                             clip_epsilon=settings.clip_epsilon)
+  weights_bt, count = aggregate(mask_bt, settings.aggregation, settings.max_new_tokens)
+  sums = clipped_policy_loss(
+      log_probs_bt, old_log_probs_bt, reference_bt, batch['advantages'], weights_bt,
+      kl_weight=settings.kl_weight, clip_low=settings.clip_epsilon,
+      clip_high=settings.clip_epsilon_high or settings.clip_epsilon,
+      sequence_ratio=settings.ratio == 'sequence')
   if sampled_by_policy:
     del sums['clipped']
-  return sums['loss'], sums, jnp.sum(weights_bt)
+  return sums['loss'], sums, count
 
 
 def sampling_log_probs(params, batch, *, model, train_config):
@@ -218,8 +316,9 @@ class _TrainingRollouts:
         in_shardings=(setup.params_shardings, setup.batch_sharding),
         out_shardings=setup.batch_sharding)
 
-  def __call__(self, params, prompts: dict, step: int, *, train: bool):
-    batch, metrics = self.rollouts(params, prompts, rollout_key(self.seed, step, train=train))
+  def __call__(self, params, prompts: dict, step: int, *, train: bool, more_prompts=None):
+    batch, metrics = self.rollouts(params, prompts, rollout_key(self.seed, step, train=train),
+                                   more_prompts if train else None)
     batch = sharding.global_batch(batch, self.batch_sharding)
     if train and self.several_updates:  # The later updates' ratios are against the sampler.
       batch['old_log_probs'] = self.sampling_log_probs(params, batch)
@@ -250,6 +349,13 @@ class GRPO(base.Objective):
     check_number(name + 'kl_weight', grpo.kl_weight, at_least=0)
     check_number(name + 'updates_per_rollout', grpo.updates_per_rollout, at_least=1)
     check_number(name + 'clip_epsilon', grpo.clip_epsilon, above=0)
+    check_number(name + 'clip_epsilon_high', grpo.clip_epsilon_high, at_least=0,
+                 why='0 is clip_epsilon')
+    for field, allowed in (('advantage', sorted(ADVANTAGES)), ('aggregation', AGGREGATIONS),
+                           ('ratio', RATIOS)):
+      check(grpo[field] in allowed,
+            f'config.train.grpo.{field}={grpo[field]!r} is not one of {list(allowed)}')
+    check_number(name + 'dynamic_sampling_rounds', grpo.dynamic_sampling_rounds, at_least=0)
     # Checkpoints fall between rollouts, so that a resumed run samples where it stopped.
     every = config.checkpoint.every_steps
     check(every % grpo.updates_per_rollout == 0,

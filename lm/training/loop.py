@@ -103,12 +103,13 @@ def _example_counts(counts) -> dict[str, float]:
   return {name: float(total) for name, total in zip(names[1:], totals[1:])} if totals[0] else {}
 
 
-def _global_batch(setup, rollout, params, host_batch: dict, step: int, *,
-                  train: bool) -> tuple[dict, dict]:
+def _global_batch(setup, rollout, params, host_batch: dict, step: int, *, train: bool,
+                  more=None) -> tuple[dict, dict]:
   """(this process's rows as global arrays, batch metrics); with a rollout (GRPO), the
-  policy's completions of the batch's prompts, sampled with the key of `step`."""
+  policy's completions of the batch's prompts, sampled with the key of `step`, and of
+  more of them from `more()` if it asks."""
   if rollout:
-    return rollout(params, host_batch, step, train=train)
+    return rollout(params, host_batch, step, train=train, more_prompts=more)
   return sharding.global_batch(host_batch, setup.batch_sharding), {}
 
 
@@ -250,7 +251,8 @@ def _train(config, workdir, devices, tokenizer, objective, data, checkpointer):
       if batch is None or step % updates_per_batch == 0:
         batch, batch_metrics = _global_batch(setup, rollout,
                                              steps.model_params(state.params, frozen.base),
-                                             next(train_iterator), step, train=True)
+                                             next(train_iterator), step, train=True,
+                                             more=lambda: next(train_iterator))
       state, metrics = setup.train_step(state, batch, frozen)
       step += 1
       unchecked.append((step, metrics['loss'], metrics['grad_norm']))

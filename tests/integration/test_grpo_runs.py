@@ -8,7 +8,6 @@ import signal
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -38,20 +37,25 @@ def prompt_batch(batch_size, seq_len):
 
 
 def train_config(**grpo_settings):
-  settings = ml_collections.ConfigDict(dict(reward='python_function', group_size=4,
-                                            max_new_tokens=24, temperature=0.8,
-                                            kl_weight=0.1))
+  settings = grpo.default_config()
+  settings.update(reward='python_function', group_size=4, max_new_tokens=24, temperature=0.8,
+                  kl_weight=0.1)
   settings.update(grpo_settings)
   return constant_rate_train_config(objective='grpo', grpo=settings, learning_rate=1e-2,
                                     num_steps=100)
 
 
-@pytest.mark.parametrize('updates_per_rollout', [1, 2])
-def test_grpo_steps_raise_the_reward(updates_per_rollout, monkeypatch):
+@pytest.mark.parametrize('updates_per_rollout, family', [
+    (1, {}), (2, {}),
+    # RLOO's baseline, GRPO's per-sequence mean and DAPO's clip-higher.
+    (2, dict(advantage='rloo', aggregation='sequence_mean', clip_epsilon_high=0.28)),
+    # Dr. GRPO's advantage and constant divisor, with GSPO's sequence ratio.
+    (2, dict(advantage='dr_grpo', aggregation='constant', ratio='sequence'))])
+def test_grpo_steps_raise_the_reward(updates_per_rollout, family, monkeypatch):
   monkeypatch.setitem(rewards.REWARDS, 'letters', letters)
   model, params = init_model(small_model_config(vocab_size=TOKENIZER.vocab_size), length=8)
   config = train_config(reward='letters', group_size=8, max_new_tokens=12, temperature=1.0,
-                        kl_weight=0.0, updates_per_rollout=updates_per_rollout)
+                        kl_weight=0.0, updates_per_rollout=updates_per_rollout, **family)
   make = grpo.Rollouts(model, TOKENIZER, config.grpo, seq_len=32)
   optimizer = optimizer_lib.make_optimizer(config)
   state = steps.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
@@ -89,7 +93,9 @@ def letters_reward():
 def letters_run_config(workdir, mesh, updates_per_rollout=2):
   config = post_training_config(grpo_config_module, workdir, num_steps=4, log_every=1,
                                 learning_rate=1e-3)
-  config.train.grpo.update(reward='letters', updates_per_rollout=updates_per_rollout)
+  # Dynamic sampling too: a refill reads further prompts, which a resume must not repeat.
+  config.train.grpo.update(reward='letters', updates_per_rollout=updates_per_rollout,
+                           dynamic_sampling_rounds=2)
   config.data.batch_size = 4
   config.mesh.update(mesh)
   return config
@@ -127,7 +133,8 @@ def stopped_run(letters_reward, pretrained, tmp_path_factory):
               resumed_history=resumed_history, resumed_state=resumed_state)
 
 
-COMPARED = ('step', 'loss', 'kl', 'reward', 'finished', 'eval_reward', 'eval_loss')
+COMPARED = ('step', 'loss', 'kl', 'reward', 'finished', 'eval_reward', 'eval_loss',
+            'informative_groups', 'sampling_rounds')
 
 
 def test_an_interrupted_grpo_run_resumes_exactly(one_device_run, stopped_run):
@@ -139,6 +146,7 @@ def test_an_interrupted_grpo_run_resumes_exactly(one_device_run, stopped_run):
   rows = [{name: row.get(name) for name in COMPARED} for row in history]
   assert [{name: row.get(name) for name in COMPARED} for row in resumed_history] == rows[2:]
   assert 0 < rows[0]['reward'] and rows[0]['loss'] != rows[3]['loss']
+  assert max(row['sampling_rounds'] for row in rows) > 1  # Some groups were replaced.
 
 
 def test_grpo_on_a_data_and_fsdp_mesh_matches_one_device(one_device_run, pretrained,
@@ -177,6 +185,12 @@ def test_a_stop_between_two_updates_on_a_rollout_saves_after_the_second(one_devi
     ('max_new_tokens', 256, r'config.train.grpo.max_new_tokens=256 must be an integer >= 1'
                             r' and < 256 \(config.data.seq_len'),
     ('clip_epsilon', 0.0, r'config.train.grpo.clip_epsilon=0.0 must be a finite number > 0'),
+    ('clip_epsilon_high', -0.1, r'config.train.grpo.clip_epsilon_high=-0.1 must be a finite'
+                                r' number >= 0'),
+    ('advantage', 'ppo', r"config.train.grpo.advantage='ppo' is not one of \['dr_grpo',"),
+    ('aggregation', 'sum', r"config.train.grpo.aggregation='sum' is not one of"),
+    ('ratio', 'seq', r"config.train.grpo.ratio='seq' is not one of \['token', 'sequence'\]"),
+    ('dynamic_sampling_rounds', -1, r'config.train.grpo.dynamic_sampling_rounds=-1 must be'),
     ('updates_per_rollout', 3, r'config.checkpoint.every_steps=2 must be a multiple of'
                                r' config.train.grpo.updates_per_rollout=3'),
 ])

@@ -3,6 +3,7 @@ and runs are in tests/integration/test_grpo_runs.py."""
 
 import functools
 import json
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +23,9 @@ PROMPTS = [[{'prompt': f'question {i}?', 'answer': str(i)}] for i in range(12)]
 
 
 def grpo_config(**overrides):
-  config = ml_collections.ConfigDict(dict(reward='python_function', group_size=4,
-                                          max_new_tokens=24, temperature=0.8, kl_weight=0.1))
+  config = grpo.default_config()
+  config.update(reward='python_function', group_size=4, max_new_tokens=24, temperature=0.8,
+                kl_weight=0.1)
   config.update(overrides)
   return config
 
@@ -34,28 +36,29 @@ def prompt_batch(batch_size=2, seq_len=24):
                                          train=False)))
 
 
-@pytest.mark.parametrize('policy_moved', [False, True])
-def test_grpo_loss_and_its_gradient_match_the_per_token_formulas(policy_moved):
-  keys = jax.random.split(jax.random.key(int(policy_moved)), 5)
+@pytest.mark.parametrize('policy_moved, clip_high', [(False, 0.2), (True, 0.2), (True, 0.28)])
+def test_grpo_loss_and_its_gradient_match_the_per_token_formulas(policy_moved, clip_high):
+  keys = jax.random.split(jax.random.key(int(policy_moved) + int(100 * clip_high)), 5)
   log_probs = -jax.random.uniform(keys[0], (3, 7), minval=0.1, maxval=3.0)
   reference = log_probs + 0.3 * jax.random.normal(keys[1], (3, 7))
   advantages = jnp.repeat(jax.random.normal(keys[2], (3, 1)), 7, axis=1)
   weights = (jax.random.uniform(keys[3], (3, 7)) < 0.7).astype(jnp.float32)
   # A later update on the rollout: the sampler's log-probs differ from the policy's by up
-  # to ratios of e^+-0.5, past the clip's 1 +- 0.2 on some tokens.
+  # to ratios of e^+-0.5, past the clip's 1 - 0.2 and 1 + clip_high on some tokens.
   old = log_probs + (jax.random.uniform(keys[4], (3, 7), minval=-0.5, maxval=0.5)
                      if policy_moved else 0.0)
-  beta, epsilon = 0.2, 0.2
+  beta, low = 0.2, 0.2
   loss = lambda x, old: grpo.clipped_policy_loss(x, old, reference, advantages, weights,
-                                                 kl_weight=beta, clip_epsilon=epsilon)
+                                                 kl_weight=beta, clip_low=low,
+                                                 clip_high=clip_high)
   sums = loss(log_probs, old)
   lp, old_, ref, adv, w = map(lambda x: np.asarray(x, np.float64),
                               (log_probs, old, reference, advantages, weights))
   kl = np.exp(ref - lp) - (ref - lp) - 1
   ratio = np.exp(lp - old_)
   # PPO's surrogate holds a token once its ratio is past the clip in its advantage's way.
-  held = ((ratio > 1 + epsilon) & (adv > 0)) | ((ratio < 1 - epsilon) & (adv < 0))
-  surrogate = np.where(held, np.clip(ratio, 1 - epsilon, 1 + epsilon), ratio) * adv
+  held = ((ratio > 1 + clip_high) & (adv > 0)) | ((ratio < 1 - low) & (adv < 0))
+  surrogate = np.where(held, np.clip(ratio, 1 - low, 1 + clip_high), ratio) * adv
   np.testing.assert_allclose(sums['kl'], np.sum(w * kl), rtol=1e-5)
   np.testing.assert_allclose(sums['loss'], np.sum(w * (-surrogate + beta * kl)), rtol=1e-5)
   np.testing.assert_allclose(sums['clipped'], np.sum(w * held))
@@ -67,6 +70,56 @@ def test_grpo_loss_and_its_gradient_match_the_per_token_formulas(policy_moved):
   if not policy_moved:  # One update per rollout: the policy is its own sampler.
     on_policy = jax.grad(lambda x: loss(x, jax.lax.stop_gradient(x))['loss'])(log_probs)
     np.testing.assert_allclose(on_policy, grad, rtol=1e-6)
+
+
+def test_gspo_clips_each_completion_by_its_geometric_mean_ratio():
+  """GSPO (Zheng et al. 2025): s = exp(mean over a completion's tokens of log pi/pi_old),
+  one clip decision per completion, and the gradient s A grad log pi on each token."""
+  keys = jax.random.split(jax.random.key(7), 5)
+  log_probs = -jax.random.uniform(keys[0], (6, 5), minval=0.1, maxval=3.0)
+  reference = log_probs + 0.3 * jax.random.normal(keys[1], (6, 5))
+  advantages = jnp.repeat(jax.random.normal(keys[2], (6, 1)), 5, axis=1)
+  weights = (jax.random.uniform(keys[3], (6, 5)) < 0.8).astype(jnp.float32)
+  weights = weights.at[:, 0].set(1.0)  # Every completion has a token.
+  old = log_probs + jax.random.uniform(keys[4], (6, 5), minval=-0.6, maxval=0.6)
+  beta, low, high = 0.1, 0.05, 0.08
+  loss = lambda x: grpo.clipped_policy_loss(x, old, reference, advantages, weights,
+                                            kl_weight=beta, clip_low=low, clip_high=high,
+                                            sequence_ratio=True)
+  lp, old_, ref, adv, w = map(lambda x: np.asarray(x, np.float64),
+                              (log_probs, old, reference, advantages, weights))
+  s = np.exp(np.sum((lp - old_) * w, axis=1) / np.sum(w, axis=1))[:, None]
+  held = ((s > 1 + high) & (adv > 0)) | ((s < 1 - low) & (adv < 0))
+  assert 0 < held[:, 0].sum() < 6  # Both kinds of completion are checked.
+  kl = np.exp(ref - lp) - (ref - lp) - 1
+  surrogate = np.where(held, np.clip(s, 1 - low, 1 + high), s) * adv
+  sums = loss(log_probs)
+  np.testing.assert_allclose(sums['loss'], np.sum(w * (-surrogate + beta * kl)), rtol=1e-5)
+  np.testing.assert_allclose(sums['clipped'], np.sum(w * held))
+  np.testing.assert_allclose(
+      jax.grad(lambda x: loss(x)['loss'])(log_probs),
+      w * (-np.where(held, 0, s * adv) + beta * (1 - np.exp(ref - lp))), rtol=1e-5, atol=1e-7)
+
+
+def test_aggregations_divide_the_token_sums_as_their_papers_do():
+  weights = jnp.array([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], jnp.float32)
+  losses_bt = jnp.array([[1.0, 2.0, 3.0, 9.0], [4.0, 9.0, 9.0, 9.0], [9.0] * 4])
+  mean = lambda aggregation: (lambda w, count: float(jnp.sum(losses_bt * w) / count))(
+      *grpo.aggregate(weights, aggregation, max_new_tokens=5))
+  assert mean('token_mean') == pytest.approx((1 + 2 + 3 + 4) / 4)  # DAPO.
+  assert mean('sequence_mean') == pytest.approx((2 + 4) / 2)  # GRPO: an empty row is none.
+  assert mean('constant') == pytest.approx((1 + 2 + 3 + 4) / (3 * 5))  # Dr. GRPO.
+
+
+def test_advantages_of_the_grpo_family():
+  rewards_b = np.array([1, 0, 0, 1, 2, 2, 2, 2, 0, 0, 0, 3], np.float32)
+  groups = rewards_b.reshape(3, 4)
+  others = (groups.sum(axis=1, keepdims=True) - groups) / 3  # RLOO's leave-one-out mean.
+  np.testing.assert_allclose(grpo.group_advantages(rewards_b, 4, 'rloo'),
+                             (groups - others).reshape(-1), rtol=1e-6)
+  np.testing.assert_allclose(grpo.group_advantages(rewards_b, 4, 'dr_grpo'),
+                             (groups - groups.mean(axis=1, keepdims=True)).reshape(-1))
+  np.testing.assert_array_equal(grpo.informative_groups(rewards_b, 4), [True, False, True])
 
 
 def test_group_advantages_compare_each_reward_with_its_own_group():
@@ -214,3 +267,37 @@ def test_grpo_loss_at_the_reference_is_the_advantage_weighted_log_likelihood_gra
   sums, grads = sums_and_grads(params, batch)
   assert sums['clipped'] == 0
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads, want)
+
+
+@pytest.mark.parametrize('informative, rounds, want', [
+    # Two groups with an advantage per batch of four prompts: a second batch fills it.
+    ({1, 3, 5, 7, 9, 11}, 3, [1, 3, 5, 7]),
+    # One per batch and one more batch allowed: the rest are the first groups without one.
+    ({1, 5, 9}, 1, [1, 5, 0, 2])])
+def test_dynamic_sampling_replaces_groups_whose_rewards_are_all_equal(monkeypatch, informative,
+                                                                      rounds, want):
+  def reward(example, completion, finished):  # Differs within a group of `informative`.
+    del finished
+    return float(zlib.crc32(completion.encode()) % 97) if int(example['answer']) in (
+        informative) else 1.0
+  monkeypatch.setitem(rewards.REWARDS, 'some_prompts', reward)
+  model, params = grpo_model()
+  make = grpo.Rollouts(model, TOKENIZER, grpo_config(reward='some_prompts', max_new_tokens=40,
+                                                     dynamic_sampling_rounds=rounds),
+                       seq_len=64)
+  prompts = iter(pipeline.make_dataset(PROMPTS, objectives.OBJECTIVES['grpo'], TOKENIZER,
+                                       seq_len=24, batch_size=4, seed=0, train=False))
+  batch, metrics = make(params, next(prompts), jax.random.key(3),
+                        more_prompts=lambda: next(prompts))
+  assert batch['tokens'].shape == (16, 64)
+  questions = []
+  for row in range(16):
+    length = int(batch['segment_ids'][row].sum())
+    tokens, loss_mask = batch['tokens'][row, :length], batch['loss_mask'][row, :length]
+    questions.append(TOKENIZER.decode(tokens[1:][loss_mask[1:] == 0]))
+  assert questions == [f'question {i}?' for i in want for _ in range(4)]
+  assert metrics['sampling_rounds'] == 2
+  assert metrics['informative_groups'] == sum(i in informative for i in want) / 4
+  advantages = batch['advantages'][:, 0].reshape(4, 4)
+  for group, i in zip(advantages, want):  # Groups without an advantage train on none.
+    assert (np.abs(group).max() > 0.1) == (i in informative)
