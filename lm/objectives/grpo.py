@@ -54,7 +54,7 @@ RATIOS = ('token', 'sequence')
 
 class Settings(NamedTuple):
   """config.train.grpo, with its defaults (`default_config`)."""
-  reward: str = 'python_function'  # By name, from lm/objectives/rewards.py.
+  reward: str = 'python_function'  # By name from lm/objectives/rewards.py; '+' sums.
   group_size: int = 8  # Completions per prompt; data.batch_size counts prompts.
   max_new_tokens: int = 256  # Per completion; the prompt gets the rest of data.seq_len.
   temperature: float = 0.7  # Of the sampling policy, the one that is trained.
@@ -101,7 +101,7 @@ class Rollouts:
     self.model, self.tokenizer, self.seq_len = model, tokenizer, seq_len
     # With it, each process samples and rewards its own prompts' rows of a global batch.
     self.batch_sharding = batch_sharding
-    self.reward = rewards.REWARDS[grpo_config.reward]
+    self.reward = rewards.get(grpo_config.reward)
     self.group_size = grpo_config.group_size
     self.max_new_tokens = grpo_config.max_new_tokens
     self.temperature = grpo_config.temperature
@@ -338,8 +338,9 @@ class GRPO(base.Objective):
 
   def validate(self, config) -> None:
     grpo, seq_len = config.train.grpo, config.data.seq_len
-    check(grpo.reward in rewards.REWARDS,
-          f'config.train.grpo.reward={grpo.reward!r} is not one of {sorted(rewards.REWARDS)}')
+    check(not rewards.unknown(grpo.reward),
+          f'config.train.grpo.reward={grpo.reward!r} is not one of {sorted(rewards.REWARDS)}'
+          " (or several joined by '+')")
     name = 'config.train.grpo.'
     check_number(name + 'group_size', grpo.group_size, at_least=2,
                  why="a group's mean reward is each completion's baseline")

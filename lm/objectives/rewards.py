@@ -2,10 +2,14 @@
 
 A reward is `(example, completion, finished) -> float`: the example (a dict of texts:
 'prompt', and whatever else its JSON line holds), the sampled completion's text (without
-its eos) and whether it ended with eos within the token budget.
+its eos) and whether it ended with eos within the token budget. Names joined by '+' sum
+their rewards ('math+math_format').
 """
 
 import ast
+import logging
+import re
+import threading
 
 from lm.data import sources
 from lm.errors import ConfigError
@@ -56,4 +60,57 @@ def exact_match(example: dict[str, str], completion: str, finished: bool) -> flo
   return float(finished and completion.strip() == example['answer'].strip())
 
 
-REWARDS = {'python_function': python_function, 'exact_match': exact_match}
+def final_answer(text: str) -> str:
+  """What a worked solution answers: the text after its last '####' (GSM8K's mark), or,
+  without one, the whole text (math-verify then takes a \\boxed{} answer, one after "the
+  answer is", or the last number)."""
+  return text.rsplit('####', 1)[1] if '####' in text else text
+
+
+def same_math_answer(text: str, gold: str) -> bool:
+  """Whether `text`'s final answer equals the number or expression `gold`, as HF's
+  math-verify compares them (LaTeX, fractions, sets, 1,234 and 1234 alike)."""
+  import math_verify  # pylint: disable=import-outside-toplevel
+  # Its timeouts are SIGALRM's, which only the main thread can set; elsewhere none.
+  timeout = 5 if threading.current_thread() is threading.main_thread() else None
+  logging.getLogger('math_verify').setLevel(logging.ERROR)  # It warns of no timeout.
+  parse = lambda value: math_verify.parse(value, parsing_timeout=timeout)
+  return bool(math_verify.verify(parse(gold), parse(final_answer(text)),
+                                 timeout_seconds=timeout))
+
+
+def math(example: dict[str, str], completion: str, finished: bool) -> float:
+  """1 if the completion ended and its final answer (`final_answer`) equals the example's
+  'answer' (a number or expression; a GSM8K answer's text after '####'), else 0."""
+  if 'answer' not in example:
+    raise ConfigError(f"config.train.grpo.reward='math' needs an 'answer' field in each"
+                      f' example; this one has {sorted(example)}')
+  return float(finished and same_math_answer(completion, final_answer(example['answer'])))
+
+
+_MARKED = re.compile(r'####\s*\S|\\boxed\{')
+
+
+def math_format(example: dict[str, str], completion: str, finished: bool) -> float:
+  """0.1 if the completion ended and marks its answer, after '####' or in \\boxed{}: a
+  small reward for the form, beside 'math' for the answer ('math+math_format')."""
+  del example
+  return 0.1 if finished and _MARKED.search(completion) else 0.0
+
+
+REWARDS = {'python_function': python_function, 'exact_match': exact_match, 'math': math,
+           'math_format': math_format}
+
+
+def unknown(spec: str) -> list[str]:
+  """The names of '+'-joined `spec` that are not rewards."""
+  return [name for name in spec.split('+') if name not in REWARDS]
+
+
+def get(spec: str):
+  """The reward `spec` names: one of REWARDS, or several joined by '+', summed."""
+  parts = [REWARDS[name] for name in spec.split('+')]
+  if len(parts) == 1:
+    return parts[0]
+  return lambda example, completion, finished: sum(
+      part(example, completion, finished) for part in parts)

@@ -3,6 +3,7 @@ and runs are in tests/integration/test_grpo_runs.py."""
 
 import functools
 import json
+import threading
 import zlib
 
 import jax
@@ -150,6 +151,41 @@ def test_exact_match_reward_compares_with_the_answer_field():
   assert rewards.exact_match(example, '55', True) == 0.0
   with pytest.raises(ConfigError, match=r"needs an 'answer' field.*\['prompt'\]"):
     rewards.exact_match({'prompt': '2 + 3 ='}, '5', True)
+
+
+@pytest.mark.parametrize('completion, finished, answer, want', [
+    ('3 + 4 = 7 and 7 * 2 = 14.\n#### 14', True, '14', 1.0),
+    ('Half of it: \\boxed{\\frac{1}{2}}', True, '0.5', 1.0),  # LaTeX against a decimal.
+    ('So 1,234 in all. #### 1,234', True, '1234', 1.0),
+    ('The answer is 3/4.', True, '0.75', 1.0),  # No mark: math-verify's own extraction.
+    ('She pays 5 + 7 = 12 dollars. #### 12', True, 'Natalia pays 5 + 7 = 12. #### 12', 1.0),
+    ('2 + 2 = 4 #### 4', True, '5', 0.0),
+    ('#### 14', False, '14', 0.0),  # Cut off by the token budget.
+    ('', True, '14', 0.0)])
+def test_math_reward_compares_final_answers_as_math_verify_does(completion, finished, answer,
+                                                               want):
+  assert rewards.math({'prompt': 'q', 'answer': answer}, completion, finished) == want
+
+
+def test_math_format_and_summed_rewards():
+  example = {'prompt': 'q', 'answer': '14'}
+  reward = rewards.get('math+math_format')
+  assert reward(example, 'so #### 14', True) == pytest.approx(1.1)
+  assert reward(example, 'so \\boxed{13}', True) == pytest.approx(0.1)
+  assert reward(example, 'it is 14', True) == 1.0 and reward(example, '#### 14', False) == 0.0
+  assert rewards.unknown('math+maths+math_format') == ['maths']
+  with pytest.raises(ConfigError, match=r"reward='math' needs an 'answer' field"):
+    rewards.math({'prompt': 'q'}, '#### 1', True)
+
+
+def test_the_math_reward_runs_outside_the_main_thread():
+  """math-verify's timeouts are signals, which only the main thread may set."""
+  results = []
+  thread = threading.Thread(target=lambda: results.append(
+      rewards.same_math_answer('#### 3', '3')))
+  thread.start()
+  thread.join()
+  assert results == [True]
 
 
 def test_grpo_jsonl_examples_keep_every_field_for_the_reward(tmp_path):
