@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from lm import chat
-from lm.data import pipeline, sources
+from lm.data import arithmetic, pipeline, sources
 from lm.errors import ConfigError
 
 
@@ -140,16 +140,20 @@ def prompt_text(example: dict, tokenizer) -> str:
 
 def stdlib_or_jsonl_examples(data_config, fields: tuple[str, ...], *, pairs: bool = False,
                              keep_all: bool = False, messages: bool = False):
-  """A post-training source: 'stdlib_functions' or 'stdlib_chats' (built in), or 'jsonl'
-  lines with `fields` (each a string or a conversation; with `messages`, or a whole
-  'messages' conversation)."""
+  """A post-training source: 'stdlib_functions', 'stdlib_chats' or 'arithmetic' (built
+  in), or 'jsonl' lines with `fields` (each a string or a conversation; with `messages`,
+  or a whole 'messages' conversation)."""
   if data_config.source == 'stdlib_functions':
     return sources.stdlib_functions(pairs=pairs)
   if data_config.source == 'stdlib_chats':
     return sources.stdlib_chats()
+  if data_config.source == 'arithmetic':
+    return arithmetic.Problems()
   return sources.jsonl_examples(data_config, fields, keep_all, messages)
 
 
 POST_TRAINING_SOURCES = ('stdlib_functions', 'jsonl')
+# Generated arithmetic word problems with worked solutions and answers (lm/data/arithmetic.py).
+ARITHMETIC_SOURCES = ('arithmetic',)
 # Conversations of the standard library's functions, for SFT (sources.stdlib_chats).
 CHAT_SOURCES = ('stdlib_chats',)

@@ -327,7 +327,7 @@ class _TrainingRollouts:
 
 class GRPO(base.Objective):
   name = 'grpo'
-  sources = base.POST_TRAINING_SOURCES
+  sources = base.POST_TRAINING_SOURCES + base.ARITHMETIC_SOURCES
 
   def default_config(self):
     return default_config()

@@ -11,7 +11,7 @@ import grain
 import numpy as np
 
 from lm import losses
-from lm.data import pipeline, sources
+from lm.data import arithmetic, pipeline, sources
 from lm.objectives import base
 
 
@@ -43,13 +43,15 @@ class _Tokenize(grain.transforms.Map):
 
 class Pretrain(base.Objective):
   name = 'pretrain'
-  sources = ('stdlib', 'text', 'jsonl')
+  sources = ('stdlib', 'text', 'jsonl', 'arithmetic')
   reports_perplexity = True
   items = 'documents'
 
   def build_source(self, data_config):
     if data_config.source == 'stdlib':
       return sources.stdlib_source()
+    if data_config.source == 'arithmetic':  # The task's problems with their solutions.
+      return arithmetic.Texts()
     if data_config.source == 'text':
       return sources.TextFiles(sources.expand_paths(data_config.path),
                                bad_records=data_config.bad_records)

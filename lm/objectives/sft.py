@@ -36,7 +36,7 @@ def _tokens(tokenizer, example: dict, seq_len: int | None):
 
 class SFT(base.Objective):
   name = 'sft'
-  sources = base.POST_TRAINING_SOURCES + base.CHAT_SOURCES
+  sources = base.POST_TRAINING_SOURCES + base.CHAT_SOURCES + base.ARITHMETIC_SOURCES
   reports_perplexity = True
 
   def build_source(self, data_config):

@@ -162,7 +162,7 @@ CONFIG_FIELDS = {  # field: (bad values, flags that make the field matter)
     'data.path': (paths('missing', 'empty_dir', 'no_match'), ()),
     'data.seq_len': (ints(at_least=2, below=257), ()),
     'data.shuffle_window': (ints(at_least=0), ()),
-    'data.source': (choices('stdlib', 'text', 'jsonl'), ()),
+    'data.source': (choices('stdlib', 'text', 'jsonl', 'arithmetic'), ()),
     # One process: any count of streams that divides the batch of 8.
     'data.streams': (ints(at_least=0, below=9, also=(3, 5, 6, 7)), ()),
     'data.text_field': (choices('text'), ('--config.data.source=jsonl',
