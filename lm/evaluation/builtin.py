@@ -1,13 +1,15 @@
 """Built-in tasks the project generates itself, so evaluation runs offline.
 
 Answers are computed, so they are checkable: `arithmetic` (generation, exact match),
-`arithmetic_choice` (multiple choice among near misses), and `stdlib_perplexity`
-(the held-out modules of the default pretraining corpus).
+`arithmetic_choice` (multiple choice among near misses), `arithmetic_problems` (the
+held-out word problems of config.data.source='arithmetic', a worked solution scored by its
+final answer) and `stdlib_perplexity` (the held-out modules of the default pretraining
+corpus).
 """
 
 import random
 
-from lm.data import sources
+from lm.data import arithmetic as arithmetic_data, sources
 from lm.evaluation.tasks import Task
 
 
@@ -43,8 +45,20 @@ def stdlib_perplexity(validation_fraction: float = 0.05) -> Task:
               [{'text': validation[i]} for i in range(len(validation))])
 
 
+def arithmetic_problems(validation_fraction: float = 0.05) -> Task:
+  """The word problems that runs on config.data.source='arithmetic' hold out (at the
+  default validation_fraction), each completion until the next 'Question:' scored by its
+  final answer as the math reward scores it (lm/math_answers.py)."""
+  _, held_out = sources.split(arithmetic_data.Problems(), validation_fraction)
+  records = [{'prompt': example['prompt'], 'answer': example['answer']}
+             for example in (held_out[i][0] for i in range(len(held_out)))]
+  return Task('arithmetic_problems', 'generation', records, stops=('\nQuestion:',),
+              extract='final_answer')
+
+
 BUILTIN_TASKS = {
     'arithmetic': arithmetic,
     'arithmetic_choice': arithmetic_choice,
+    'arithmetic_problems': arithmetic_problems,
     'stdlib_perplexity': stdlib_perplexity,
 }

@@ -9,7 +9,8 @@
   context window (`truncated`), as the harness cuts them.
 - generation: exact match of the extracted answer; with `self_consistency` = k > 1,
   k sampled answers per example and the majority vote. Chain-of-thought tasks (GSM8K)
-  score the strict extraction ("The answer is N") and the flexible one (the last number).
+  score the strict extraction ("The answer is N") and the flexible one (the last number);
+  worked solutions (`arithmetic_problems`) their final answer, as math-verify compares it.
 """
 
 import collections
@@ -17,7 +18,7 @@ import dataclasses
 import math
 import re
 
-from lm import chat
+from lm import chat, math_answers
 from lm.evaluation import benchmarks
 from lm.evaluation import tasks as tasks_lib
 
@@ -41,6 +42,15 @@ def majority_vote(answers: list[str]) -> str:
   """The most frequent answer; ties go to the one seen first."""
   counts = collections.Counter(answers)
   return max(answers, key=lambda a: (counts[a], -answers.index(a)))
+
+
+def _majority_by_value(answers: list[str]) -> str:
+  """The answer that the most answers equal as math-verify compares them ('0.5' and
+  '1/2' vote together); ties go to the one seen first."""
+  if len(answers) == 1:
+    return answers[0]
+  votes = [sum(math_answers.same(other, answer) for other in answers) for answer in answers]
+  return answers[votes.index(max(votes))]
 
 
 def evaluate(task: tasks_lib.Task, scorer, *, num_shots: int = 0, seed: int = 0,
@@ -109,6 +119,12 @@ def evaluate(task: tasks_lib.Task, scorer, *, num_shots: int = 0, seed: int = 0,
                     'truncated': runs[0][i].truncated})
   metrics = {'examples': len(records), 'self_consistency': self_consistency,
              'truncated': sum(completion.truncated for completion in runs[0])}
+  if task.extract == 'final_answer':
+    answers = [_majority_by_value([math_answers.final_answer(run[i].text) for run in runs])
+               for i in range(len(records))]
+    metrics['exact_match'] = sum(math_answers.same(answer, r['answer'])
+                                 for answer, r in zip(answers, records)) / len(records)
+    return metrics
   if not benchmark:
     answers = [majority_vote([extract_answer(run[i].text, r['answer']) for run in runs])
                for i, r in enumerate(records)]

@@ -35,7 +35,9 @@ class Task:
   delimiter: str = ''  # Between a multiple-choice context and each choice.
   fixed_shots: int = 0  # Shots already in each record's prompt (--num_shots then refused).
   stops: tuple[str, ...] = ()  # Generation ends at the first; () : at the first line.
-  extract: str = 'first_line'  # Or 'chain_of_thought' (benchmarks.strict_answer, ...).
+  # Or 'chain_of_thought' (benchmarks.strict_answer, ...), or 'final_answer' (a worked
+  # solution's, lm/math_answers.py).
+  extract: str = 'first_line'
 
 
 def kind_of(record: dict, where: str) -> str:

@@ -7,10 +7,9 @@ their rewards ('math+math_format').
 """
 
 import ast
-import logging
 import re
-import threading
 
+from lm import math_answers
 from lm.data import sources
 from lm.errors import ConfigError
 
@@ -60,32 +59,15 @@ def exact_match(example: dict[str, str], completion: str, finished: bool) -> flo
   return float(finished and completion.strip() == example['answer'].strip())
 
 
-def final_answer(text: str) -> str:
-  """What a worked solution answers: the text after its last '####' (GSM8K's mark), or,
-  without one, the whole text (math-verify then takes a \\boxed{} answer, one after "the
-  answer is", or the last number)."""
-  return text.rsplit('####', 1)[1] if '####' in text else text
-
-
-def same_math_answer(text: str, gold: str) -> bool:
-  """Whether `text`'s final answer equals the number or expression `gold`, as HF's
-  math-verify compares them (LaTeX, fractions, sets, 1,234 and 1234 alike)."""
-  import math_verify  # pylint: disable=import-outside-toplevel
-  # Its timeouts are SIGALRM's, which only the main thread can set; elsewhere none.
-  timeout = 5 if threading.current_thread() is threading.main_thread() else None
-  logging.getLogger('math_verify').setLevel(logging.ERROR)  # It warns of no timeout.
-  parse = lambda value: math_verify.parse(value, parsing_timeout=timeout)
-  return bool(math_verify.verify(parse(gold), parse(final_answer(text)),
-                                 timeout_seconds=timeout))
-
-
 def math(example: dict[str, str], completion: str, finished: bool) -> float:
   """1 if the completion ended and its final answer (`final_answer`) equals the example's
-  'answer' (a number or expression; a GSM8K answer's text after '####'), else 0."""
+  'answer' (a number or expression; a GSM8K answer's text after '####'), else 0
+  (lm/math_answers.py)."""
   if 'answer' not in example:
     raise ConfigError(f"config.train.grpo.reward='math' needs an 'answer' field in each"
                       f' example; this one has {sorted(example)}')
-  return float(finished and same_math_answer(completion, final_answer(example['answer'])))
+  return float(finished and math_answers.same(
+      completion, math_answers.final_answer(example['answer'])))
 
 
 _MARKED = re.compile(r'####\s*\S|\\boxed\{')

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from lm import tokenizer as tokenizer_lib
+from lm.data import sources
 from lm.errors import ConfigError
 from lm.evaluation import builtin, harness, scoring, tasks
 
@@ -62,7 +63,7 @@ class FakeScorer(ChoicesOneByOne):
     return [scoring.Score(self.log_likelihoods[continuation], 1, False)
             for _, continuation in pairs]
 
-  def complete(self, prompts, *, max_new_tokens, temperature, seed):
+  def complete(self, prompts, *, max_new_tokens, temperature, seed, stops=()):
     return [scoring.Completion(text) for text in self.completions_by_seed[seed][:len(prompts)]]
 
 
@@ -155,6 +156,25 @@ def test_builtin_arithmetic_answers_are_right():
     a, b = map(int, re.findall(r'\d+', record['context']))
     assert int(record['choices'][record['answer']]) == a + b
     assert len(set(record['choices'])) == 4
+
+
+def test_worked_solutions_are_scored_by_their_final_answer():
+  task = builtin.arithmetic_problems()
+  # The problems that training on config.data.source='arithmetic' holds out.
+  assert 700 < len(task.records) < 1300
+  assert all(sources.is_validation(r['prompt'], 0.05) for r in task.records)
+  assert task.stops == ('\nQuestion:',) and task.extract == 'final_answer'
+  two = tasks.Task('t', 'generation', [{'prompt': 'p1', 'answer': '14'},
+                                       {'prompt': 'p2', 'answer': '0.5'}],
+                   stops=task.stops, extract=task.extract)
+  right = FakeScorer(completions_by_seed={0: [' 7 * 2 = 14.\n#### 14', ' so \\boxed{1/2}']})
+  assert harness.evaluate(two, right)['exact_match'] == 1.0
+  wrong = FakeScorer(completions_by_seed={0: [' 7 * 2 = 14.\n#### 15', ' 1/2 of it']})
+  assert harness.evaluate(two, wrong)['exact_match'] == 0.5
+  # Majority by value: 14 and 14.0, 0.5 and 1/2 vote together.
+  votes = FakeScorer(completions_by_seed={0: [' #### 13', ' 2'], 1000: [' #### 14', ' 0.5'],
+                                          2000: [' #### 14.0', ' 1/2']})
+  assert harness.evaluate(two, votes, self_consistency=3)['exact_match'] == 1.0
 
 
 @pytest.mark.parametrize('layer_pattern', ['attention', 'mamba,attention'])

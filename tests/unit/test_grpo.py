@@ -15,6 +15,7 @@ import pytest
 from lm import objectives, tokenizer as tokenizer_lib
 from lm.data import pipeline
 from lm.errors import ConfigError
+from lm import math_answers
 from lm.objectives import grpo, rewards
 
 from helpers import constant_rate_train_config, init_model, small_model_config
@@ -182,7 +183,7 @@ def test_the_math_reward_runs_outside_the_main_thread():
   """math-verify's timeouts are signals, which only the main thread may set."""
   results = []
   thread = threading.Thread(target=lambda: results.append(
-      rewards.same_math_answer('#### 3', '3')))
+      math_answers.same('#### 3', '3')))
   thread.start()
   thread.join()
   assert results == [True]
