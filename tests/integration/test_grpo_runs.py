@@ -158,7 +158,9 @@ def test_grpo_on_a_data_and_fsdp_mesh_matches_one_device(one_device_run, pretrai
   for got, want in zip(mesh_history, history, strict=True):
     assert got['reward'] == want['reward'] and got['finished'] == want['finished']
     np.testing.assert_allclose(got['loss'], want['loss'], rtol=1e-5, atol=1e-7)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+  # Adam divides by sqrt(v): where a gradient is near zero, float-sum differences move the
+  # update by a fraction of the learning rate (1e-3), so parameters agree to 1e-4.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
                mesh_state.params, state.params)
   kernel = mesh_state.params['layer_0']['mlp']['wi_gate']['kernel']  # [embed 64, mlp 128]
   assert kernel.addressable_shards[0].data.shape == (32, 128)
