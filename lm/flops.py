@@ -15,10 +15,11 @@ PEAK_FLOPS = {
 
 def flops_per_token(model_config, seq_len: int) -> float:
   """Forward + backward matmul FLOPs per trained token at sequence length `seq_len`:
-  each block's, plus the LM head's 6 per weight (the embedding lookup is no matmul)."""
+  each block's, plus the head's 6 per weight (the embedding lookup is no matmul)."""
   blocks = sum(decoder.BLOCKS[kind].flops_per_token(model_config, seq_len)
                for kind in decoder.layer_kinds(model_config))
-  return blocks + 6 * model_config.embed_dim * model_config.vocab_size
+  outputs = 1 if model_config.get('head', 'lm') == 'score' else model_config.vocab_size
+  return blocks + 6 * model_config.embed_dim * outputs
 
 
 def peak_flops_per_device(device=None) -> float | None:

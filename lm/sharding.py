@@ -149,8 +149,9 @@ def abstract_arrays(boxed, shardings):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Batches are [batch, seq] arrays split over the data-parallel axes."""
-  return NamedSharding(mesh, PartitionSpec(('data', 'fsdp'), None))
+  """A batch's arrays ([batch, seq], or [batch] for a per-example number) split on their
+  first axis over the data-parallel axes."""
+  return NamedSharding(mesh, PartitionSpec(('data', 'fsdp')))
 
 
 def rows_multiple(mesh: Mesh | None = None) -> int:

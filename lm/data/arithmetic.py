@@ -10,6 +10,7 @@ text (sources.split): a problem's text never falls on both sides.
 """
 
 import random
+import re
 
 NUM_PROBLEMS = 20_000
 SEED = 0  # The task's own: not config.seed, so every run's split is the same.
@@ -62,21 +63,54 @@ def problem(rng: random.Random, steps: int) -> dict[str, str]:
           'response': ' ' + ' '.join(lines) + f'\n#### {have}\n', 'answer': str(have)}
 
 
+_LINE = re.compile(r'(\d+) ([-+*/]) (\d+) = (\d+)\.')
+_APPLY = {'+': lambda a, b: a + b, '-': lambda a, b: a - b, '*': lambda a, b: a * b,
+          '/': lambda a, b: a // b}
+
+
+def wrong_response(response: str, rng: random.Random) -> str:
+  """`response`'s steps with one result off by 1 to 5, carried through the steps after
+  it, ending in a final number that is not the answer: a worked solution as a model gets
+  one wrong, the rejected side of a preference pair."""
+  found = _LINE.findall(response)
+  steps = [(int(a), op, int(b)) for a, op, b, _ in found]
+  wrong_step, slip = rng.randrange(len(steps)), rng.choice((-1, 1)) * rng.randint(1, 5)
+  for slip in (slip, abs(slip)):  # Down, unless a count would fall below zero.
+    lines, have = [], None
+    for index, (a, op, b) in enumerate(steps):
+      a = a if have is None else have
+      have = _APPLY[op](a, b) + (slip if index == wrong_step else 0)
+      if index == len(steps) - 1 and str(have) == found[-1][3]:
+        have += 1  # Integer division can undo the slip: the final number must be wrong.
+      lines.append(f'{a} {op} {b} = {have}.')
+      if have < 0:
+        break
+    else:
+      break
+  return ' ' + ' '.join(lines) + f'\n#### {have}\n'
+
+
 class Problems:
   """The task as a source: item i is [problem i] (a post-training item is a list of
-  examples), problem i of difficulty 1 + i % MAX_STEPS; keys are the prompts."""
+  examples), problem i of difficulty 1 + i % MAX_STEPS; keys are the prompts. With
+  `pairs`, each also has 'chosen' (its solution) and 'rejected' (`wrong_response`)."""
 
-  def __init__(self, num_problems: int = NUM_PROBLEMS):
+  def __init__(self, num_problems: int = NUM_PROBLEMS, pairs: bool = False):
     rng = random.Random(SEED)
     self.problems = [problem(rng, 1 + i % MAX_STEPS) for i in range(num_problems)]
     self.keys = [p['prompt'] for p in self.problems]
     self.skipped, self.files = [], {}  # Nothing read from disk.
+    self.pairs = pairs
 
   def __len__(self):
     return len(self.problems)
 
   def __getitem__(self, index: int) -> list[dict[str, str]]:
-    return [dict(self.problems[index])]
+    example = dict(self.problems[index])
+    if self.pairs:  # Each problem's own generator: the same pair whatever is read before.
+      example.update(chosen=example['response'], rejected=wrong_response(
+          example['response'], random.Random(f'{SEED}:wrong:{index}')))
+    return [example]
 
 
 class Texts:

@@ -18,6 +18,7 @@ import functools
 import glob
 import hashlib
 import json
+import math
 import operator
 import os
 import sysconfig
@@ -94,8 +95,10 @@ class JsonLines:
 
   def __init__(self, paths: list[str], fields: tuple[str, ...], keep_all: bool = False,
                bad_records: str = 'error', fields_from: str = '',
-               conversations: bool = False, messages: bool = False):
+               conversations: bool = False, messages: bool = False,
+               numbers: tuple[str, ...] = ()):
     self.fields, self.keep_all, self.fields_from = fields, keep_all, fields_from
+    self.numbers = numbers  # Optional fields that, where a line has them, are numbers.
     # Post-training lines may hold conversations: any field as a list of messages (TRL's
     # conversational format) and, with `messages`, a whole 'messages' one in their place.
     self.conversations, self.messages = conversations, messages
@@ -148,6 +151,12 @@ class JsonLines:
       if not isinstance(record[field], str):
         raise ConfigError(f'{where}: field {field!r} is {json.dumps(record[field])[:40]},'
                           ' not a string')
+    for field in self.numbers:
+      value = record.get(field, 0.0)
+      if (isinstance(value, bool) or not isinstance(value, (int, float))
+          or not math.isfinite(value)):
+        raise ConfigError(f'{where}: field {field!r} is {json.dumps(value)[:40]}, not a'
+                          ' finite number')
     return record
 
   def _why_bad(self, location) -> str | None:
@@ -161,8 +170,9 @@ class JsonLines:
     record = self._read(self.locations[index])
     if self.messages and 'messages' in record:
       return record
-    return {field: record[field] if isinstance(record[field], list) else str(record[field])
-            for field in (record if self.keep_all else self.fields)}
+    return {**{field: record[field] if isinstance(record[field], list) else str(record[field])
+               for field in (record if self.keep_all else self.fields)},
+            **{field: float(record[field]) for field in self.numbers if field in record}}
 
 
 ROLES = ('system', 'user', 'assistant')
@@ -348,14 +358,14 @@ def jsonl_texts(data_config) -> Mapped:
 
 
 def jsonl_examples(data_config, fields: tuple[str, ...], keep_all: bool = False,
-                   messages: bool = False) -> Mapped:
+                   messages: bool = False, numbers: tuple[str, ...] = ()) -> Mapped:
   """Post-training examples from config.data.path, one per JSON line, each with
   `fields` (or all of the line's, with `keep_all`), as one-example lists; a field may be
   a conversation (a list of messages), or with `messages` the line one 'messages'
-  conversation in their place."""
+  conversation in their place; `numbers` are optional numeric fields."""
   records = JsonLines(expand_paths(data_config.path), fields, keep_all,
                       bad_records=data_config.bad_records, conversations=True,
-                      messages=messages)
+                      messages=messages, numbers=numbers)
   return _nonempty(Mapped(records, _one_example), data_config)
 
 

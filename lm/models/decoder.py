@@ -48,7 +48,10 @@ def layer_kinds(cfg) -> list[str]:
 
 
 class DecoderLM(nn.Module):
-  """tokens [B, T] -> logits [B, T, V] in float32, through the blocks of `layer_kinds`."""
+  """tokens [B, T] -> logits [B, T, V] in float32, through the blocks of `layer_kinds`.
+  With config.head 'score' (which the objective sets: Objective.model_head), a score
+  [B, T] in float32 instead, from a Dense 'score' [embed, 1] (as HF's
+  *ForSequenceClassification with one label): a reward model's."""
   config: ml_collections.FrozenConfigDict
 
   @nn.compact
@@ -74,6 +77,11 @@ class DecoderLM(nn.Module):
       x_btd = block(cfg, name=f'layer_{layer}')(x_btd, segment_ids_bt, positions_bt, decode)
 
     x_btd = layers.RMSNorm(cfg.norm_eps, cfg.dtype, name='final_norm')(x_btd)
+    if cfg.get('head', 'lm') == 'score':  # A reward or value model: a number per position.
+      score_bt1 = nn.Dense(
+          1, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+          kernel_init=layers.dense_init(('embed', None)), name='score')(x_btd)
+      return score_bt1[..., 0].astype(jnp.float32)
     if cfg.tie_embeddings:
       logits_btv = embed.attend(x_btd)
     else:

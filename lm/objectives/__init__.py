@@ -7,7 +7,7 @@ pipeline are the same for all. Adding one is a module here and a line below.
 """
 
 from lm.errors import ConfigError
-from lm.objectives import base, dpo, grpo, pretrain, sft
+from lm.objectives import base, dpo, grpo, pretrain, reward_model, sft
 
 Objective = base.Objective
 
@@ -16,6 +16,7 @@ OBJECTIVES: dict[str, Objective] = {
     'sft': sft.SFT(),
     'dpo': dpo.DPO(),
     'grpo': grpo.GRPO(),
+    'reward_model': reward_model.RewardModel(),
 }
 
 

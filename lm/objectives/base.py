@@ -25,6 +25,9 @@ class Objective:
   reports_perplexity = False
   # What an item of its source is, for the start-up line.
   items = 'files or lines of examples'
+  # What the model ends in (config.model.head, lm/models/decoder.py): 'lm', next-token
+  # logits; 'score', a number per position (a reward model).
+  model_head = 'lm'
 
   # Its settings, and start-up checks before anything is compiled or written.
 
@@ -139,17 +142,18 @@ def prompt_text(example: dict, tokenizer) -> str:
 
 
 def stdlib_or_jsonl_examples(data_config, fields: tuple[str, ...], *, pairs: bool = False,
-                             keep_all: bool = False, messages: bool = False):
+                             keep_all: bool = False, messages: bool = False,
+                             numbers: tuple[str, ...] = ()):
   """A post-training source: 'stdlib_functions', 'stdlib_chats' or 'arithmetic' (built
   in), or 'jsonl' lines with `fields` (each a string or a conversation; with `messages`,
-  or a whole 'messages' conversation)."""
+  or a whole 'messages' conversation; `numbers`: optional numeric fields)."""
   if data_config.source == 'stdlib_functions':
     return sources.stdlib_functions(pairs=pairs)
   if data_config.source == 'stdlib_chats':
     return sources.stdlib_chats()
   if data_config.source == 'arithmetic':
-    return arithmetic.Problems()
-  return sources.jsonl_examples(data_config, fields, keep_all, messages)
+    return arithmetic.Problems(pairs=pairs)
+  return sources.jsonl_examples(data_config, fields, keep_all, messages, numbers)
 
 
 POST_TRAINING_SOURCES = ('stdlib_functions', 'jsonl')

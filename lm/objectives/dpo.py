@@ -183,7 +183,7 @@ def preference_loss(pairs: PreferencePairs, settings: Settings):
 
 
 
-class _TokenizePair(grain.transforms.Map):
+class TokenizePair(grain.transforms.Map):
   """An example -> [2, seq_len] arrays: row 0 the chosen response, row 1 the rejected."""
 
   def __init__(self, tokenizer, seq_len: int, counts=None):
@@ -242,7 +242,7 @@ class DPO(base.Objective):
 
   def rows(self, dataset, tokenizer, seq_len: int, counts=None):
     """{'tokens', 'segment_ids', 'positions', 'loss_mask'} int32 [2, seq_len]."""
-    return pipeline.examples(dataset).map(_TokenizePair(tokenizer, seq_len, counts)).filter(
+    return pipeline.examples(dataset).map(TokenizePair(tokenizer, seq_len, counts)).filter(
         pipeline.HasTargets(counts))
 
   def rows_per_example(self, train_config) -> int:

@@ -22,6 +22,7 @@ import sys
 from typing import NamedTuple
 
 import flax
+import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,7 @@ import orbax.checkpoint as ocp
 from lm import config as config_lib
 from lm import distributed, lora, models, sharding
 from lm import tokenizer as tokenizer_lib
-from lm.errors import ConfigError, check_no_links, open_own
+from lm.errors import ConfigError, check, check_no_links, open_own
 
 # Model fields that decide parameter shapes; the rest (dtype, attention, remat) may
 # change between runs of the same checkpoint.
@@ -436,6 +437,9 @@ def load_params(workdir: str, step: int, abstract_params, config, tokenizer, con
   directory = os.path.join(source.directory, str(step))
   tokenizer_lib.check_same(saved_tokenizer, tokenizer, directory)
   check_compatible(saved_config, config, directory, resuming=False)
+  fresh = _fresh_head(saved_config, config, workdir, abstract_params)
+  abstract_params = {name: value for name, value in abstract_params.items()
+                     if name not in fresh}
   with unreadable_as_config_error(f'config.train.init_from={workdir!r}', source, step):
     if lora.enabled(saved_config.lora):
       params = _merged_params(source, step, saved_config, tokenizer, abstract_params)
@@ -444,7 +448,31 @@ def load_params(workdir: str, step: int, abstract_params, config, tokenizer, con
       params = source.restore_params(step, abstract_params, convert)
   source.close()
   check_finite(params, f'config.train.init_from={workdir!r}', step)
-  return params, step
+  return {**params, **(fresh if convert is None or not fresh else convert(fresh))}, step
+
+
+def check_head(saved_config, config, workdir: str) -> None:
+  """A run starts from a model with its own head, or from a language model's trunk (a
+  reward model's fresh head); a reward model has no logits for a language model."""
+  saved_head, head = saved_config.model.get('head', 'lm'), config.model.get('head', 'lm')
+  check(saved_head in (head, 'lm'), f'config.train.init_from={workdir!r} is a model with'
+        f' model.head={saved_head!r} (a reward model): config.train.objective='
+        f'{config.train.objective!r} trains a model with model.head={head!r}; start from'
+        ' a language model (pretrained, SFT or imported)')
+
+
+def _fresh_head(saved_config, config, workdir: str, abstract_params) -> dict:
+  """A language model's trunk under a reward model's head: {'score': a fresh head from
+  config.seed} (the same at every start, so a LoRA base is the same on resuming), else {}."""
+  check_head(saved_config, config, workdir)
+  if saved_config.model.get('head', 'lm') == config.model.get('head', 'lm'):
+    return {}
+  model = models.build(config.model)
+  part = {'score': abstract_params['score']}
+  shardings = jax.tree.map(lambda x: x.sharding, part)
+  init = lambda rng: {'score': nn.meta.unbox(  # pylint: disable=unnecessary-lambda-assignment
+      models.init_variables(model, rng)['params']['score'])}
+  return jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
 
 
 def _merged_params(checkpointer, step, saved_config, tokenizer, plain_abstract):
@@ -495,6 +523,9 @@ def check_finite(params, source: str, step: int) -> None:
                       f' e.g. {bad[0]}')
 
 
+_HEAD_KINDS = {'lm': 'a language model', 'score': 'a reward model'}
+
+
 class Restored(NamedTuple):
   step: int
   config: ml_collections.ConfigDict
@@ -504,20 +535,27 @@ class Restored(NamedTuple):
   mesh: jax.sharding.Mesh  # Of every device; sample and score under sharding.activate(mesh).
 
 
-def restore_for_inference(workdir: str, step: int | None = None) -> Restored:
+def restore_for_inference(workdir: str, step: int | None = None, head: str = 'lm',
+                          flag: str = '--workdir') -> Restored:
   """The checkpoint at `step` (default: latest), its params split over a mesh of every
   device of every process (sharding.inference_mesh), with the model and tokenizer built
-  from the config and tokenizer saved with it. Params that are not finite are refused."""
+  from the config and tokenizer saved with it. Params that are not finite are refused,
+  and so is a model whose config.model.head is not `head` (a reward model where a
+  language model is read, or the reverse), naming `flag`."""
   checkpointer = Checkpointer(workdir, max_to_keep=None, read_only=True)
   steps = sorted(checkpointer.manager.all_steps())
   if step is None and not steps:
-    raise ConfigError(f'--workdir={workdir}: no checkpoints in {checkpointer.directory}')
+    raise ConfigError(f'{flag}={workdir}: no checkpoints in {checkpointer.directory}')
   if step is not None and step not in steps:
     raise ConfigError(f'--step={step}: {checkpointer.directory} has no checkpoint for it'
                       f' (it has steps {steps})')
   step = steps[-1] if step is None else step
-  with unreadable_as_config_error(f'--workdir={workdir}', checkpointer, step):
+  with unreadable_as_config_error(f'{flag}={workdir}', checkpointer, step):
     config, tokenizer_dict = checkpointer.read_metadata(step)
+    saved_head = config.model.get('head', 'lm')
+    check(saved_head == head, f'{flag}={workdir} holds a model with model.head='
+          f'{saved_head!r} ({_HEAD_KINDS[saved_head]}); this reads one with {head!r}'
+          f' ({_HEAD_KINDS[head]})')
     model = models.build(config.model)
     mesh = sharding.inference_mesh(config.model.embed_dim)
     tokenizer = tokenizer_lib.from_dict(tokenizer_dict)
@@ -527,5 +565,5 @@ def restore_for_inference(workdir: str, step: int | None = None) -> Restored:
     else:
       params = checkpointer.restore_params(step, abstract_params(model, mesh))
   checkpointer.close()
-  check_finite(params, f'--workdir={workdir}', step)
+  check_finite(params, f'{flag}={workdir}', step)
   return Restored(step, config, tokenizer, model, params, mesh)

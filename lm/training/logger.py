@@ -16,7 +16,8 @@ _CONSOLE_FORMATS = {
     'reward_accuracy': '{:.1%}', 'eval_reward_accuracy': '{:.1%}',
     'reward_margin': '{:.3f}', 'eval_reward_margin': '{:.3f}', 'eval_chosen_nll': '{:.3f}',
     'reward': '{:.3f}', 'eval_reward': '{:.3f}', 'kl': '{:.4f}', 'eval_kl': '{:.4f}',
-    'clipped': '{:.1%}',
+    'clipped': '{:.1%}', 'accuracy': '{:.1%}', 'eval_accuracy': '{:.1%}',
+    'margin': '{:.3f}', 'eval_margin': '{:.3f}',
     'finished': '{:.0%}', 'eval_finished': '{:.0%}', 'eval_completion_length': '{:.0f}',
 }
 

@@ -296,7 +296,8 @@ def _train(config, workdir, devices, tokenizer, objective, data, checkpointer):
         break
 
   checkpointer.wait()
-  if step >= config.train.num_steps and config.train.sample_tokens > 0:
+  if (step >= config.train.num_steps and config.train.sample_tokens > 0
+      and config.model.head == 'lm'):  # A reward model scores; it does not sample.
     room = config.model.max_seq_len - config.train.sample_tokens
     prompt = objective.sample_prompt(validation_documents, tokenizer, room)
     if prompt is None:

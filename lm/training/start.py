@@ -29,8 +29,18 @@ def resolve(config, num_devices: int):
   else:
     tokenizer = tokenizer_lib.build(config.tokenizer)
   objective = objectives.get(config.train.objective)
+  # Logits, or a reward model's score: the objective's choice, recorded with the run.
+  config.model.head = objective.model_head
   config_lib.validate(config, num_devices, tokenizer.vocab_size)
   objective.validate(config)
+  if config.train.init_from:  # A model of the other head, refused before the workdir is touched.
+    try:
+      _, saved, _ = checkpointing.read_init_from(config.train.init_from,
+                                                 config.train.init_from_step)
+    except ConfigError:  # Gone (a resumed run reads its own) or unreadable (named at start).
+      saved = None
+    if saved is not None:
+      checkpointing.check_head(saved, config, config.train.init_from)
   config.model.dtype = config_lib.resolve_dtype(config.model.dtype)
   config.data.streams = config.data.streams or jax.process_count()
   return config, tokenizer

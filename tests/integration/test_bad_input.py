@@ -145,6 +145,8 @@ DPO = ('--config.train.objective=dpo', '--config.data.source=stdlib_functions',
 GRPO = ('--config.train.objective=grpo', '--config.data.source=stdlib_functions',
         '--workdir={fresh}', '--config.train.init_from={run}', '--config.checkpoint.every_steps=2',
         '--config.train.grpo.max_new_tokens=16')
+REWARD_MODEL = ('--config.train.objective=reward_model', '--config.data.source=stdlib_functions',
+                '--workdir={fresh}', '--config.train.init_from={run}')
 # Low-rank adapters on the run, in a workdir of their own.
 LORA = ('--config.train.objective=sft', '--config.data.source=stdlib_functions',
         '--workdir={fresh}', '--config.train.init_from={run}', '--config.lora.rank=4')
@@ -216,6 +218,7 @@ CONFIG_FIELDS = {  # field: (bad values, flags that make the field matter)
                        ('--config.tokenizer.kind=sentencepiece',)),
     'train.beta1': (floats(at_least=0, below=1), ()),
     'train.beta2': (floats(at_least=0, below=1), ()),
+    'train.reward_model.center_coefficient': (NON_NEGATIVE_FLOAT, REWARD_MODEL),
     'train.dpo.beta': (POSITIVE_FLOAT, DPO),
     'train.dpo.label_smoothing': (floats(at_least=0, below=0.5), DPO),
     'train.dpo.loss': (choices('sigmoid', 'robust', 'ipo', 'hinge', 'simpo', 'orpo'), DPO),
@@ -245,7 +248,7 @@ CONFIG_FIELDS = {  # field: (bad values, flags that make the field matter)
     'train.learning_rate': (POSITIVE_FLOAT, ()),
     'train.log_every': (POSITIVE_INT, ()),
     'train.num_steps': (POSITIVE_INT, ()),
-    'train.objective': (choices('pretrain', 'sft', 'dpo', 'grpo'), ()),
+    'train.objective': (choices('pretrain', 'sft', 'dpo', 'grpo', 'reward_model'), ()),
     'train.sample_temperature': (NON_NEGATIVE_FLOAT, ()),
     'train.sample_tokens': (ints(at_least=0, below=64), ()),
     'train.warmup_steps': (ints(at_least=0, below=4), ()),

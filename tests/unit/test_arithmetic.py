@@ -57,3 +57,21 @@ def test_sft_grpo_and_pretraining_read_the_task():
   assert grpo.source(data_config())[0] == [example]  # The answer, for the math reward.
   assert pretrain.source(data_config())[0] == example['prompt'] + example['response']
   assert np.sum(mask) > 0
+
+
+def test_each_pair_rejects_a_solution_that_slips_once_and_ends_wrong():
+  problems = arithmetic.Problems(600, pairs=True)
+  for index in range(len(problems)):
+    [example] = problems[index]
+    assert example['chosen'] == example['response']
+    right, wrong = STEP.findall(example['chosen']), STEP.findall(example['rejected'])
+    assert [(op, b) for _, op, b, _ in wrong] == [(op, b) for _, op, b, _ in right]
+    # Wrong from one step on: a line whose result is not its arithmetic (or whose start
+    # carries an earlier slip), and a final number that is not the answer.
+    slips = [int(c) != {'+': int(a) + int(b), '-': int(a) - int(b), '*': int(a) * int(b),
+                        '/': int(a) // int(b)}[op] for a, op, b, c in wrong]
+    assert any(slips), example
+    final = example['rejected'].split('####')[1].strip()
+    assert final == wrong[-1][3] != example['answer']
+  # Each problem's pair comes from its own generator: the same in every instance.
+  assert arithmetic.Problems(600, pairs=True)[7] == problems[7]
