@@ -6,6 +6,10 @@ benchmarks from their published files (lm/evaluation/benchmarks.py).
       [--task=my_task.jsonl --limit=100 --self_consistency=5]
       [--task=mmlu:DIR --task=hellaswag:FILE --task=arc:FILE --task=gsm8k:FILE]
 
+A reward model (objective 'reward_model') is evaluated on pairs, its accuracy the share
+it ranks right: --task=arithmetic_pairs (its default) or a .jsonl of {"prompt", "chosen",
+"rejected"} lines.
+
 Every task is scored in the model's own context (an imported model's
 max_position_embeddings, a model trained here the rows it was trained on), or --max_length
 below it, as lm-evaluation-harness
@@ -82,6 +86,8 @@ def check_flags() -> None:
 def load_task(name: str) -> tasks.Task:
   if name in builtin.BUILTIN_TASKS:
     return builtin.BUILTIN_TASKS[name]()
+  if name in builtin.REWARD_MODEL_TASKS:
+    return builtin.REWARD_MODEL_TASKS[name]()
   if benchmarks.is_benchmark(name):
     task = benchmarks.load(name)
     check(not (task.fixed_shots and _NUM_SHOTS.value),
@@ -99,19 +105,36 @@ def max_new_tokens(task: tasks.Task) -> int:
 
 def main():
   check_flags()
-  task_list = [load_task(name) for name in _TASK.value]  # Bad task files fail first.
-  run = checkpointing.restore_for_inference(_WORKDIR.value, _STEP.value)
+  given = flags.FLAGS['task'].present
+  task_list = [load_task(name) for name in _TASK.value] if given else None  # Bad files first.
+  run = checkpointing.restore_for_inference(_WORKDIR.value, _STEP.value, head=None)
+  reward_model = run.config.model.get('head', 'lm') == 'score'
+  if task_list is None:  # The defaults of what it holds.
+    task_list = [load_task(name) for name in (
+        sorted(builtin.REWARD_MODEL_TASKS) if reward_model else _TASK.value)]
+  held = 'a reward model' if reward_model else 'a language model'
+  for task in task_list:
+    check((task.kind == 'pairs') == reward_model,
+          f'--task={task.name} holds {task.kind} records, for '
+          f'{"a reward model" if task.kind == "pairs" else "a language model"};'
+          f' --workdir={_WORKDIR.value} holds {held}')
+  check(not (reward_model and (_NUM_SHOTS.value or _CHAT.value)),
+        f'--num_shots and --chat prompt a language model; --workdir={_WORKDIR.value} holds {held}')
   max_length = scoring.context_length(run.config, run.tokenizer.trained_here, _MAX_LENGTH.value)
   for task in task_list:
     check(task.kind != 'generation' or max_new_tokens(task) < max_length,
           f'--max_new_tokens={max_new_tokens(task)} leaves no room for a prompt of'
           f' {task.name} in a context of {max_length} tokens (--max_length)')
-  stop_ids = None
-  if _CHAT.value:
-    task_list = [harness.as_chat(task, run.tokenizer) for task in task_list]
-    stop_ids = chat.end_of_turn_ids(run.tokenizer)
-  scorer = scoring.Scorer.for_run(run, max_length=max_length, batch_size=_BATCH_SIZE.value,
-                          stop_ids=stop_ids)
+  if reward_model:
+    scorer = scoring.RewardScorer.for_run(run, max_length=max_length,
+                                          batch_size=_BATCH_SIZE.value)
+  else:
+    stop_ids = None
+    if _CHAT.value:
+      task_list = [harness.as_chat(task, run.tokenizer) for task in task_list]
+      stop_ids = chat.end_of_turn_ids(run.tokenizer)
+    scorer = scoring.Scorer.for_run(run, max_length=max_length, batch_size=_BATCH_SIZE.value,
+                                    stop_ids=stop_ids)
   metrics_by_task, samples_by_task = {}, {}
   # Every process scores the same records over all devices; process 0 reports.
   with sharding.activate(run.mesh):

@@ -26,7 +26,7 @@ flags.mark_flags_as_required(['output'])
 
 def merge(workdir: str, step: int | None, output: str) -> None:
   check_new_directory('--output', output)
-  run = checkpointing.restore_for_inference(workdir, step)
+  run = checkpointing.restore_for_inference(workdir, step, head=None)  # A reward model too.
   check(lora.enabled(run.config.lora),
         f'--workdir={workdir}: its checkpoint holds every weight (config.lora.rank=0):'
         ' nothing to merge')

@@ -4,7 +4,7 @@ Answers are computed, so they are checkable: `arithmetic` (generation, exact mat
 `arithmetic_choice` (multiple choice among near misses), `arithmetic_problems` (the
 held-out word problems of config.data.source='arithmetic', a worked solution scored by its
 final answer) and `stdlib_perplexity` (the held-out modules of the default pretraining
-corpus).
+corpus); for a reward model, `arithmetic_pairs` (those problems' right and wrong solutions).
 """
 
 import random
@@ -55,6 +55,18 @@ def arithmetic_problems(validation_fraction: float = 0.05) -> Task:
   return Task('arithmetic_problems', 'generation', records, stops=('\nQuestion:',),
               extract='final_answer')
 
+
+def arithmetic_pairs(validation_fraction: float = 0.05) -> Task:
+  """The held-out word problems of config.data.source='arithmetic' as a reward model's
+  pairs: the worked solution over one that slips (arithmetic.wrong_response)."""
+  _, held_out = sources.split(arithmetic_data.Problems(pairs=True), validation_fraction)
+  records = [{field: example[field] for field in ('prompt', 'chosen', 'rejected')}
+             for example in (held_out[i][0] for i in range(len(held_out)))]
+  return Task('arithmetic_pairs', 'pairs', records)
+
+
+# A reward model's (model.head 'score'): pairs to rank.
+REWARD_MODEL_TASKS = {'arithmetic_pairs': arithmetic_pairs}
 
 BUILTIN_TASKS = {
     'arithmetic': arithmetic,

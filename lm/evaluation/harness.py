@@ -76,6 +76,17 @@ def evaluate(task: tasks_lib.Task, scorer, *, num_shots: int = 0, seed: int = 0,
             'bits_per_byte': nats / math.log(2) / max(num_bytes, 1), 'tokens': tokens,
             'documents': len(records)}
 
+  if task.kind == 'pairs':  # A reward model's ranking (scoring.RewardScorer).
+    chosen = scorer.rewards([(r['prompt'], r['chosen']) for r in records])
+    rejected = scorer.rewards([(r['prompt'], r['rejected']) for r in records])
+    margins = [c - r for (c, _), (r, _) in zip(chosen, rejected)]
+    for index, (c, cut_c), (r, cut_r) in zip(indices, chosen, rejected):
+      samples.append({'index': index, 'chosen_reward': c, 'rejected_reward': r,
+                      'truncated': cut_c or cut_r})
+    return {'accuracy': sum(m > 0 for m in margins) / len(records),
+            'margin': sum(margins) / len(records), 'pairs': len(records),
+            'truncated': sum(sample['truncated'] for sample in samples[-len(records):])}
+
   if task.kind == 'multiple_choice':
     # A record's context (its shots included) runs once for all its choices.
     scored = scorer.choice_log_likelihoods(

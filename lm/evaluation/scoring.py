@@ -1,6 +1,7 @@
 """What evaluation asks of a model: log-probabilities of given tokens, and completions,
 each in the model's context window and in lm-evaluation-harness's way (`Scorer`), so the
-figures equal the harness's on the same checkpoint."""
+figures equal the harness's on the same checkpoint; and of a reward model, its rewards
+(`RewardScorer`)."""
 
 import functools
 from typing import NamedTuple
@@ -11,7 +12,9 @@ import numpy as np
 import tqdm
 
 from lm import sampling, sharding
+from lm.data import pipeline
 from lm.errors import check
+from lm.objectives import reward_model
 
 
 @functools.partial(jax.jit, static_argnames=('model',))
@@ -301,3 +304,46 @@ def cut_at_stops(text: str, stops: tuple[str, ...]) -> str:
   """`text` up to the first occurrence of any of `stops`."""
   ends = [text.find(stop) for stop in stops if stop in text]
   return text[:min(ends)] if ends else text
+
+
+@functools.partial(jax.jit, static_argnames=('model',))
+def _last_token_rewards(params, tokens_bt, segment_ids_bt, *, model):
+  positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+  return reward_model.last_token_scores(
+      model.apply({'params': params}, tokens_bt, segment_ids_bt, positions_bt), segment_ids_bt)
+
+
+class RewardScorer:
+  """A reward model's reward for each (prompt, response): rendered as its training rows
+  are (bos + prompt + response + eos, pipeline.prompt_and_response), cut at the end to
+  `max_length` tokens as training cuts them, and read at the last token."""
+
+  def __init__(self, model, params, tokenizer, *, max_length: int, batch_size: int = 16):
+    self.model, self.params, self.tokenizer = model, params, tokenizer
+    self.max_length, self.batch_size = max_length, batch_size
+
+  @classmethod
+  def for_run(cls, run, *, max_length: int | None = None, **options) -> 'RewardScorer':
+    return cls(run.model, run.params, run.tokenizer, max_length=context_length(
+        run.config, run.tokenizer.trained_here, max_length), **options)
+
+  def rewards(self, pairs: list[tuple[str, str]]) -> list[tuple[float, bool]]:
+    """(reward, whether the row was cut) of each (prompt, response)."""
+    encoded = [pipeline.prompt_and_response(self.tokenizer, prompt, response)[0]
+               for prompt, response in pairs]
+    rows = -(-self.batch_size // sharding.rows_multiple()) * sharding.rows_multiple()
+    results = []
+    with _progress(len(encoded), 'scoring') as progress:
+      for start in range(0, len(encoded), rows):
+        chunk = [ids[:self.max_length] for ids in encoded[start:start + rows]]
+        bucket = min(-(-max(map(len, chunk)) // 64) * 64, self.max_length)
+        tokens, segment_ids = (np.zeros((rows, bucket), np.int32) for _ in range(2))
+        for row, ids in enumerate(chunk):
+          tokens[row, :len(ids)], segment_ids[row, :len(ids)] = ids, 1
+        rewards = sharding.to_host(_last_token_rewards(
+            self.params, sharding.put_rows(tokens), sharding.put_rows(segment_ids),
+            model=self.model))
+        results += [(float(rewards[row]), len(encoded[start + row]) > self.max_length)
+                    for row in range(len(chunk))]
+        progress.update(len(chunk))
+    return results

@@ -3,6 +3,7 @@
   perplexity       {"text": ...}
   multiple_choice  {"context": ..., "choices": [...], "answer": <index of the right choice>}
   generation       {"prompt": ..., "answer": <a string or a number>}
+  pairs            {"prompt": ..., "chosen": ..., "rejected": ...}  (for a reward model)
 
 Fields of the wrong type are refused at load time, naming file:line and the field.
 
@@ -18,7 +19,8 @@ import random
 from lm.errors import ConfigError
 from lm.evaluation import inputs
 
-KINDS = {
+KINDS = {  # First match wins: a pair may carry an answer too.
+    'pairs': ('prompt', 'chosen', 'rejected'),
     'perplexity': ('text',),
     'multiple_choice': ('context', 'choices', 'answer'),
     'generation': ('prompt', 'answer'),
@@ -72,6 +74,10 @@ def checked(record: dict, kind: str, where: str) -> dict:
            'choices', 'a list of at least 2 non-empty strings')
     expect(is_number(answer, int) and 0 <= answer < len(choices),
            'answer', 'an index into "choices"')
+    return record
+  if kind == 'pairs':
+    for field in KINDS['pairs']:
+      expect(isinstance(record[field], str), field, 'a string')
     return record
   expect(isinstance(record['prompt'], str), 'prompt', 'a string')
   expect(isinstance(record['answer'], str) or is_number(record['answer']),

@@ -102,12 +102,20 @@ class Objective:
 
   # The loop (lm/training/loop.py).
 
-  def make_rollout(self, setup, tokenizer, config):
+  def reward_models(self, train_config) -> list[tuple[str, str]]:
+    """(config field, workdir) of each trained reward model its rollouts read: the loop
+    checks them at start (a reward model, of the run's tokenizer) and restores them onto
+    the run's mesh for `make_rollout`."""
+    del train_config
+    return []
+
+  def make_rollout(self, setup, tokenizer, config, reward_models=()):
     """None, or a callable (params, host batch, step, *, train, more_prompts) -> (device
     batch, metrics) that makes each batch from the model's own samples (GRPO);
     `more_prompts()`, when training, gives the next host batch, for a rollout that
-    replaces some of its prompts (GRPO's dynamic sampling)."""
-    del setup, tokenizer, config
+    replaces some of its prompts (GRPO's dynamic sampling). `reward_models`: (model,
+    params) of each of `reward_models`, restored."""
+    del setup, tokenizer, config, reward_models
 
   def updates_per_batch(self, train_config) -> int:
     """Optimizer steps each batch serves; checkpoints fall between batches."""

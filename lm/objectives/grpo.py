@@ -31,7 +31,7 @@ import numpy as np
 from lm import chat, distributed, losses, sampling, sharding
 from lm.data import pipeline
 from lm.errors import check, check_number
-from lm.objectives import base, rewards
+from lm.objectives import base, reward_model, rewards
 
 # Keeps the advantages of a group whose rewards are all equal at 0, not 0/0.
 _STD_EPSILON = 1e-6
@@ -97,11 +97,17 @@ def informative_groups(rewards_b: np.ndarray, group_size: int) -> np.ndarray:
 class Rollouts:
   """Turns a batch of prompts (the 'grpo' pipeline's) into a GRPO training batch."""
 
-  def __init__(self, model, tokenizer, grpo_config, seq_len: int, batch_sharding=None):
+  def __init__(self, model, tokenizer, grpo_config, seq_len: int, batch_sharding=None,
+               reward_models=()):
     self.model, self.tokenizer, self.seq_len = model, tokenizer, seq_len
     # With it, each process samples and rewards its own prompts' rows of a global batch.
     self.batch_sharding = batch_sharding
     self.reward = rewards.get(grpo_config.reward)
+    self.has_rules = any(not part.startswith(rewards.MODEL)
+                         for part in grpo_config.reward.split('+'))
+    # (model, params) of each 'model:' part of the reward, restored.
+    self.scorers = [reward_model.Scorer(model, params, batch_sharding)
+                    for model, params in reward_models]
     self.group_size = grpo_config.group_size
     self.max_new_tokens = grpo_config.max_new_tokens
     self.temperature = grpo_config.temperature
@@ -169,14 +175,17 @@ class Rollouts:
       completion = new_bm[row, :num_new]
       finished_b[row] = num_new > 0 and completion[-1] in self.stop_ids
       text = self.tokenizer.decode(completion[:-1] if finished_b[row] else completion)
-      rewards_b[row] = self.reward(examples[row // self.group_size], text,
-                                   bool(finished_b[row]))
+      if self.has_rules:
+        rewards_b[row] = self.reward(examples[row // self.group_size], text,
+                                     bool(finished_b[row]))
       length = prompt_length + num_new
       rows['tokens'][row, :prompt_length] = prompt_tokens_bt[row, :prompt_length]
       rows['tokens'][row, prompt_length:length] = completion
       rows['segment_ids'][row, :length] = 1
       rows['positions'][row, :length] = np.arange(length)
       rows['loss_mask'][row, prompt_length:length] = 1
+    for scorer in self.scorers:  # Every process scores its rows together.
+      rewards_b += scorer(rows)
     return rows, rewards_b, finished_b, np.asarray(num_new_b)
 
 
@@ -306,9 +315,9 @@ class _TrainingRollouts:
   the step (or evaluation batch), with the sampler's log-probs when a rollout serves
   several updates."""
 
-  def __init__(self, setup, tokenizer, config):
+  def __init__(self, setup, tokenizer, config, reward_models):
     self.rollouts = Rollouts(setup.model, tokenizer, config.train.grpo, config.data.seq_len,
-                             setup.batch_sharding)
+                             setup.batch_sharding, reward_models)
     self.seed, self.batch_sharding = config.seed, setup.batch_sharding
     self.several_updates = config.train.grpo.updates_per_rollout > 1
     self.sampling_log_probs = jax.jit(
@@ -340,7 +349,7 @@ class GRPO(base.Objective):
     grpo, seq_len = config.train.grpo, config.data.seq_len
     check(not rewards.unknown(grpo.reward),
           f'config.train.grpo.reward={grpo.reward!r} is not one of {sorted(rewards.REWARDS)}'
-          " (or several joined by '+')")
+          f" or {rewards.MODEL}<a reward model's workdir> (or several joined by '+')")
     name = 'config.train.grpo.'
     check_number(name + 'group_size', grpo.group_size, at_least=2,
                  why="a group's mean reward is each completion's baseline")
@@ -390,8 +399,12 @@ class GRPO(base.Objective):
   def loss(self, params, batch, reference_params, *, model, settings):
     return grpo_loss(params, batch, reference_params, model=model, settings=settings)
 
-  def make_rollout(self, setup, tokenizer, config):
-    return _TrainingRollouts(setup, tokenizer, config)
+  def reward_models(self, train_config) -> list[tuple[str, str]]:
+    return [('config.train.grpo.reward', workdir)
+            for workdir in rewards.model_workdirs(train_config.grpo.reward)]
+
+  def make_rollout(self, setup, tokenizer, config, reward_models=()):
+    return _TrainingRollouts(setup, tokenizer, config, reward_models)
 
   def updates_per_batch(self, train_config) -> int:
     return train_config.grpo.updates_per_rollout

@@ -12,6 +12,7 @@ differences). Pairs are read and cut as DPO reads them (lm/objectives/dpo.py). A
 reward model is a reward for GRPO by its workdir (lm/objectives/rewards.py, 'model:').
 """
 
+import functools
 from typing import NamedTuple
 
 import grain
@@ -19,7 +20,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
+from lm import sharding
 from lm.data import pipeline
 from lm.errors import check_number
 from lm.objectives import base, dpo
@@ -114,3 +117,29 @@ class RewardModel(base.Objective):
     sums = {name: jnp.sum(value) for name, value in pair_loss(
         rewards_b2, batch['margin'], settings.center_coefficient).items()}
     return sums['loss'], sums, jnp.asarray(rewards_b2.shape[0], jnp.float32)
+
+
+def _last_token_scores(params, rows, *, model):
+  scores_bt = model.apply({'params': params}, rows['tokens'], rows['segment_ids'],
+                          rows['positions'])
+  return last_token_scores(scores_bt, rows['segment_ids'])
+
+
+class Scorer:
+  """A trained reward model as a reward (config.train.grpo.reward 'model:<workdir>'): its
+  score of each row (bos + prompt + completion, as rollouts build them), read at the
+  row's last token, over this process's rows of a global batch at once."""
+
+  def __init__(self, model, params, batch_sharding=None):
+    self.params, self.batch_sharding = params, batch_sharding
+    self.score = jax.jit(functools.partial(_last_token_scores, model=model))
+
+  def __call__(self, rows: dict) -> np.ndarray:
+    """{'tokens', 'segment_ids', 'positions'} int32 [B, T] numpy -> float32 [B]."""
+    rows = {name: rows[name] for name in ('tokens', 'segment_ids', 'positions')}
+    if self.batch_sharding is None:
+      return np.asarray(self.score(self.params, rows))
+    scores_b = self.score(self.params, sharding.global_batch(rows, self.batch_sharding))
+    spec = jax.sharding.PartitionSpec(self.batch_sharding.spec[0])
+    return np.asarray(multihost_utils.global_array_to_host_local_array(
+        scores_b, self.batch_sharding.mesh, spec))

@@ -1,9 +1,11 @@
 """Rewards for GRPO, by name (config.train.grpo.reward).
 
-A reward is `(example, completion, finished) -> float`: the example (a dict of texts:
+A rule reward is `(example, completion, finished) -> float`: the example (a dict of texts:
 'prompt', and whatever else its JSON line holds), the sampled completion's text (without
-its eos) and whether it ended with eos within the token budget. Names joined by '+' sum
-their rewards ('math+math_format').
+its eos) and whether it ended with eos within the token budget. 'model:<workdir>' is a
+trained reward model (objective 'reward_model'): its score of prompt + completion, on
+device (lm/objectives/reward_model.Scorer). Parts joined by '+' sum their rewards
+('math+math_format', 'model:/tmp/lm_reward+math_format').
 """
 
 import ast
@@ -84,14 +86,23 @@ REWARDS = {'python_function': python_function, 'exact_match': exact_match, 'math
            'math_format': math_format}
 
 
+MODEL = 'model:'  # A part naming a reward model's workdir.
+
+
+def model_workdirs(spec: str) -> list[str]:
+  """The reward models' workdirs that '+'-joined `spec` names."""
+  return [part[len(MODEL):] for part in spec.split('+') if part.startswith(MODEL)]
+
+
 def unknown(spec: str) -> list[str]:
-  """The names of '+'-joined `spec` that are not rewards."""
-  return [name for name in spec.split('+') if name not in REWARDS]
+  """The parts of '+'-joined `spec` that are neither rules nor a reward model's workdir."""
+  return [name for name in spec.split('+') if name not in REWARDS
+          and not (name.startswith(MODEL) and name[len(MODEL):])]
 
 
 def get(spec: str):
-  """The reward `spec` names: one of REWARDS, or several joined by '+', summed."""
-  parts = [REWARDS[name] for name in spec.split('+')]
+  """The sum of the rule rewards '+'-joined `spec` names (0 if it names only models)."""
+  parts = [REWARDS[name] for name in spec.split('+') if not name.startswith(MODEL)]
   if len(parts) == 1:
     return parts[0]
   return lambda example, completion, finished: sum(

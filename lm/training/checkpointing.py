@@ -532,16 +532,16 @@ class Restored(NamedTuple):
   tokenizer: object
   model: object
   params: dict
-  mesh: jax.sharding.Mesh  # Of every device; sample and score under sharding.activate(mesh).
+  mesh: jax.sharding.Mesh  # Sample and score under sharding.activate(mesh).
 
 
-def restore_for_inference(workdir: str, step: int | None = None, head: str = 'lm',
-                          flag: str = '--workdir') -> Restored:
-  """The checkpoint at `step` (default: latest), its params split over a mesh of every
-  device of every process (sharding.inference_mesh), with the model and tokenizer built
-  from the config and tokenizer saved with it. Params that are not finite are refused,
-  and so is a model whose config.model.head is not `head` (a reward model where a
-  language model is read, or the reverse), naming `flag`."""
+def _inference_metadata(workdir: str, step: int | None, head: str, flag: str):
+  """(checkpointer, step, config, tokenizer dict) of `workdir`'s checkpoint at `step`
+  (None: the latest), refused in one line naming `flag` if there is none or its model's
+  head is not `head` (None: either)."""
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  if not os.path.isdir(directory):
+    raise ConfigError(f'{flag}={workdir}: no checkpoints in {directory}')
   checkpointer = Checkpointer(workdir, max_to_keep=None, read_only=True)
   steps = sorted(checkpointer.manager.all_steps())
   if step is None and not steps:
@@ -552,12 +552,39 @@ def restore_for_inference(workdir: str, step: int | None = None, head: str = 'lm
   step = steps[-1] if step is None else step
   with unreadable_as_config_error(f'{flag}={workdir}', checkpointer, step):
     config, tokenizer_dict = checkpointer.read_metadata(step)
-    saved_head = config.model.get('head', 'lm')
-    check(saved_head == head, f'{flag}={workdir} holds a model with model.head='
-          f'{saved_head!r} ({_HEAD_KINDS[saved_head]}); this reads one with {head!r}'
-          f' ({_HEAD_KINDS[head]})')
+  saved_head = config.model.get('head', 'lm')
+  check(head in (None, saved_head), f'{flag}={workdir} holds a model with model.head='
+        f'{saved_head!r} ({_HEAD_KINDS[saved_head]}); this reads one with {head!r}'
+        f' ({_HEAD_KINDS.get(head)})')
+  return checkpointer, step, config, tokenizer_dict
+
+
+def check_reward_model(workdir: str, flag: str, tokenizer) -> None:
+  """At a run's start: `workdir` (named by `flag`) holds a reward model that reads the
+  run's tokens. A reward model of another tokenizer would score other ids."""
+  checkpointer, _, _, saved = _inference_metadata(workdir, None, 'score', flag)
+  checkpointer.close()
+  if saved != tokenizer.to_dict():
+    theirs = tokenizer_lib.from_dict(saved)
+    raise ConfigError(
+        f'{flag}=model:{workdir}: the reward model reads the ids of a {theirs.kind} tokenizer'
+        f' of {theirs.vocab_size} ids, and this run\'s policy a different {tokenizer.kind}'
+        f' tokenizer of {tokenizer.vocab_size} ids (config.tokenizer): train the reward'
+        ' model from this policy\'s model, or the policy with its tokenizer')
+
+
+def restore_for_inference(workdir: str, step: int | None = None, head: str = 'lm',
+                          flag: str = '--workdir', mesh=None) -> Restored:
+  """The checkpoint at `step` (default: latest), its params split over `mesh` (default: a
+  mesh of every device of every process, sharding.inference_mesh) by the logical axis
+  rules, with the model and tokenizer built from the config and tokenizer saved with it.
+  Params that are not finite are refused, and so is a model whose config.model.head is
+  not `head` (a reward model where a language model is read, or the reverse; None takes
+  either), naming `flag`."""
+  checkpointer, step, config, tokenizer_dict = _inference_metadata(workdir, step, head, flag)
+  with unreadable_as_config_error(f'{flag}={workdir}', checkpointer, step):
     model = models.build(config.model)
-    mesh = sharding.inference_mesh(config.model.embed_dim)
+    mesh = mesh or sharding.inference_mesh(config.model.embed_dim)
     tokenizer = tokenizer_lib.from_dict(tokenizer_dict)
     if lora.enabled(config.lora):  # Adapters: folded into their base.
       params = _merged_params(checkpointer, step, config, tokenizer,

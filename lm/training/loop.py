@@ -205,7 +205,12 @@ def _train(config, workdir, devices, tokenizer, objective, data, checkpointer):
   with sharding.activate(setup.mesh):
     run = start_lib.start(config, workdir, setup, tokenizer, checkpointer, train_iterator,
                           data.files)
-    rollout = objective.make_rollout(setup, tokenizer, config)
+    reward_models = [checkpointing.restore_for_inference(path, head='score', flag=field,
+                                                         mesh=setup.mesh)
+                     for field, path in objective.reward_models(config.train)]
+    rollout = objective.make_rollout(setup, tokenizer, config,
+                                     [(restored.model, restored.params)
+                                      for restored in reward_models])
   state, frozen, start_step = run.state, run.frozen, run.step
 
   # 3. The loop.

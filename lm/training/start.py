@@ -41,6 +41,8 @@ def resolve(config, num_devices: int):
       saved = None
     if saved is not None:
       checkpointing.check_head(saved, config, config.train.init_from)
+  for field, workdir in objective.reward_models(config.train):
+    checkpointing.check_reward_model(workdir, field, tokenizer)
   config.model.dtype = config_lib.resolve_dtype(config.model.dtype)
   config.data.streams = config.data.streams or jax.process_count()
   return config, tokenizer

@@ -6,6 +6,8 @@ tests/unit/test_reward_model.py."""
 import json
 import os
 import random
+import re
+import shutil
 import signal
 
 import jax
@@ -13,7 +15,11 @@ import numpy as np
 import pytest
 
 from experiments.configs import grpo as grpo_config, reward_model as reward_model_config
+from lm import sharding
+from lm.data import pipeline
 from lm.errors import ConfigError
+from lm.evaluation import harness, scoring, tasks
+from lm.objectives import grpo
 from lm.training import checkpointing, logger as logger_lib, loop
 
 from helpers import post_training_config
@@ -113,3 +119,100 @@ def test_a_reward_model_is_refused_where_a_language_model_is_read(reward_run, tm
                      r" model.head='score' \(a reward model\): config.train.objective='grpo'"):
     loop.train(config, str(tmp_path), DEVICES)
   assert not os.listdir(tmp_path)  # Refused before anything was written.
+
+
+def test_a_reward_model_scores_grpo_rollouts_at_each_completions_last_token(reward_run,
+                                                                            pretrained):
+  workdir = reward_run[0]
+  scorer = checkpointing.restore_for_inference(workdir, head='score')
+  policy = checkpointing.restore_for_inference(pretrained[0])
+  settings = grpo.default_config()
+  settings.update(reward=f'model:{workdir}+math_format', group_size=2, max_new_tokens=8)
+  rollouts = grpo.Rollouts(policy.model, policy.tokenizer, settings, seq_len=32,
+                           reward_models=[(scorer.model, scorer.params)])
+  prompts = {'example': np.array([json.dumps({'prompt': f'Item {i}:'}) for i in range(4)]),
+             'prompt_tokens': np.zeros((4, 24), np.int32), 'prompt_length': np.zeros(4, np.int32)}
+  for row in range(4):
+    ids = policy.tokenizer.prompt_ids(f'Item {row}:')
+    prompts['prompt_tokens'][row, :len(ids)], prompts['prompt_length'][row] = ids, len(ids)
+  rows, rewards_b, _, _ = rollouts.sample(policy.params, prompts, jax.random.key(0))
+  for row in range(8):  # Each row alone, unpadded: its score at its last token.
+    length = int(rows['segment_ids'][row].sum())
+    tokens = rows['tokens'][row:row + 1, :length]
+    scores = scorer.model.apply({'params': scorer.params}, tokens, np.ones_like(tokens),
+                                np.arange(length)[None])
+    # math_format adds nothing: these completions mark no answer.
+    np.testing.assert_allclose(rewards_b[row], scores[0, -1], rtol=1e-5, atol=1e-6)
+
+
+def test_grpo_trains_on_a_reward_models_scores(reward_run, pretrained, tmp_path):
+  config = post_training_config(grpo_config, pretrained[0], num_steps=2, log_every=1,
+                                eval_every=2, eval_steps=1)
+  config.train.grpo.update(reward=f'model:{reward_run[0]}', max_new_tokens=8)
+  config.data.update(seq_len=64)
+  history, _ = loop.train(config, str(tmp_path), DEVICES)
+  assert all(np.isfinite(row['reward']) for row in history if 'reward' in row)
+  assert 'eval_reward' in history[-1]
+
+
+class OtherTokenizer:
+  kind, vocab_size = 'sentencepiece', 290
+
+  def to_dict(self):
+    return {'kind': self.kind, 'model_proto': 'other'}
+
+
+@pytest.mark.parametrize('case', ['a language model', 'other tokenizer', 'no checkpoints'])
+def test_a_reward_that_is_not_a_reward_model_of_the_policys_tokens_is_refused(
+    case, reward_run, pretrained, tmp_path):
+  field = 'config.train.grpo.reward'
+  if case == 'a language model':
+    with pytest.raises(ConfigError, match=f"{field}=.*pretrained.* holds a model with"
+                       r" model.head='lm' \(a language model\); this reads one with 'score'"):
+      checkpointing.check_reward_model(pretrained[0], field, None)
+  elif case == 'other tokenizer':
+    with pytest.raises(ConfigError, match=r'the reward model reads the ids of a byte tokenizer'
+                       r' of 259 ids, and this run.s policy a different sentencepiece'
+                       r' tokenizer of 290 ids \(config.tokenizer\)'):
+      checkpointing.check_reward_model(reward_run[0], field, OtherTokenizer())
+  else:  # Refused at the start of a run, before its workdir is made.
+    config = post_training_config(grpo_config, pretrained[0])
+    config.train.grpo.reward = f'math+model:{tmp_path / "nothing"}'
+    with pytest.raises(ConfigError, match=f'{field}=.*nothing: no checkpoints'):
+      loop.train(config, str(tmp_path / 'run'), DEVICES)
+    assert not os.path.exists(tmp_path / 'run')
+
+
+def test_evaluation_ranks_held_out_pairs_with_the_reward_models_own_scores(reward_run,
+                                                                           pairs):
+  run = checkpointing.restore_for_inference(reward_run[0], head='score')
+  records = [json.loads(line) for line in open(pairs, encoding='utf-8')][:24]
+  records[0]['chosen'] = 'x' * 80  # Past the context: cut at the end, as training cuts it.
+  task = tasks.Task('pairs', 'pairs', records)
+  scorer = scoring.RewardScorer.for_run(run, max_length=32, batch_size=5)
+  samples = []
+  with sharding.activate(run.mesh):
+    metrics = harness.evaluate(task, scorer, samples=samples)
+  assert metrics['pairs'] == 24 and metrics['truncated'] == 1 and metrics['accuracy'] > 0.9
+  for record, sample in zip(records, samples):  # Each side alone, unpadded.
+    for side in ('chosen', 'rejected'):
+      ids = pipeline.prompt_and_response(run.tokenizer, record['prompt'], record[side])[0][:32]
+      scores = run.model.apply({'params': run.params}, np.array([ids]),
+                               np.ones((1, len(ids)), np.int32), np.arange(len(ids))[None])
+      np.testing.assert_allclose(sample[f'{side}_reward'], scores[0, -1], rtol=1e-5,
+                                 atol=1e-6)
+
+
+def test_the_evaluate_command_reports_a_reward_models_accuracy_or_names_what_it_cannot_do(
+    reward_run, pairs, commands, tmp_path):
+  workdir = shutil.copytree(reward_run[0], tmp_path / 'run',
+                            ignore=shutil.ignore_patterns('lock'))
+  result = commands('experiments.evaluate', f'--workdir={workdir}', f'--task={pairs}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert re.search(r'pairs\s+pairs\s+accuracy=1.0000, margin=\d', result.stdout), result.stdout
+  for flag, named in (('--task=arithmetic', '--task=arithmetic holds generation records, for'
+                       f' a language model; --workdir={workdir} holds a reward model'),
+                      ('--num_shots=2', '--num_shots and --chat prompt a language model')):
+    result = commands('experiments.evaluate', f'--workdir={workdir}', flag)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+    assert named in result.stderr.strip().splitlines()[-1]
