@@ -51,7 +51,8 @@ class DecoderLM(nn.Module):
   """tokens [B, T] -> logits [B, T, V] in float32, through the blocks of `layer_kinds`.
   With config.head 'score' (which the objective sets: Objective.model_head), a score
   [B, T] in float32 instead, from a Dense 'score' [embed, 1] (as HF's
-  *ForSequenceClassification with one label): a reward model's."""
+  *ForSequenceClassification with one label): a reward model's. With 'lm_value', the
+  logits and, outside decoding, a value per position from a Dense 'value' (`values`)."""
   config: ml_collections.FrozenConfigDict
 
   @nn.compact
@@ -82,6 +83,13 @@ class DecoderLM(nn.Module):
           1, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
           kernel_init=layers.dense_init(('embed', None)), name='score')(x_btd)
       return score_bt1[..., 0].astype(jnp.float32)
+    if cfg.get('head', 'lm') == 'lm_value' and not decode:
+      # A policy with its critic on the same trunk (PPO): values beside the logits, read
+      # with mutable=['intermediates'] (`values`), unseen by any other caller.
+      value_bt1 = nn.Dense(
+          1, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+          kernel_init=layers.dense_init(('embed', None)), name='value')(x_btd)
+      self.sow('intermediates', 'values', value_bt1[..., 0].astype(jnp.float32))
     if cfg.tie_embeddings:
       logits_btv = embed.attend(x_btd)
     else:
@@ -90,3 +98,10 @@ class DecoderLM(nn.Module):
           kernel_init=layers.dense_init(('embed', 'vocab')), name='lm_head')(x_btd)
     logits_btv = sharding.constrain(logits_btv, ('act_batch', 'act_seq', 'act_vocab'))
     return logits_btv.astype(jnp.float32)
+
+
+def values(model, params, tokens_bt, segment_ids_bt, positions_bt):
+  """(logits [B, T, V], values [B, T]) of a model with config.head 'lm_value'."""
+  logits_btv, state = model.apply({'params': params}, tokens_bt, segment_ids_bt,
+                                  positions_bt, mutable=['intermediates'])
+  return logits_btv, state['intermediates']['values'][0]

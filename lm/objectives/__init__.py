@@ -7,7 +7,7 @@ pipeline are the same for all. Adding one is a module here and a line below.
 """
 
 from lm.errors import ConfigError
-from lm.objectives import base, dpo, grpo, pretrain, reward_model, sft
+from lm.objectives import base, dpo, grpo, ppo, pretrain, reward_model, sft
 
 Objective = base.Objective
 
@@ -17,6 +17,7 @@ OBJECTIVES: dict[str, Objective] = {
     'dpo': dpo.DPO(),
     'grpo': grpo.GRPO(),
     'reward_model': reward_model.RewardModel(),
+    'ppo': ppo.PPO(),
 }
 
 

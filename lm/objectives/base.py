@@ -110,12 +110,19 @@ class Objective:
     return []
 
   def make_rollout(self, setup, tokenizer, config, reward_models=()):
-    """None, or a callable (params, host batch, step, *, train, more_prompts) -> (device
-    batch, metrics) that makes each batch from the model's own samples (GRPO);
-    `more_prompts()`, when training, gives the next host batch, for a rollout that
-    replaces some of its prompts (GRPO's dynamic sampling). `reward_models`: (model,
+    """None, or a callable (params, host batch, step, *, train, more_prompts,
+    reference_params) -> (device batch, metrics) that makes each batch from the model's
+    own samples (GRPO, PPO); `more_prompts()`, when training, gives the next host batch,
+    for a rollout that replaces some of its prompts (GRPO's dynamic sampling), and
+    `reference_params` are the reference model's (or None). `reward_models`: (model,
     params) of each of `reward_models`, restored."""
     del setup, tokenizer, config, reward_models
+
+  def update_batch(self, batch, step, settings):
+    """The part of a batch that optimizer step `step` (traced) trains on, of the
+    `updates_per_batch` steps the batch serves (PPO: a mini-batch of an epoch)."""
+    del step, settings
+    return batch
 
   def updates_per_batch(self, train_config) -> int:
     """Optimizer steps each batch serves; checkpoints fall between batches."""

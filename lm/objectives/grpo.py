@@ -94,27 +94,72 @@ def informative_groups(rewards_b: np.ndarray, group_size: int) -> np.ndarray:
   return groups.max(axis=1) > groups.min(axis=1)
 
 
+class Sampler:
+  """The policy's completions of a batch of prompts, `group_size` each, in one cached
+  sampling call, with their rewards: GRPO's and PPO's rollouts."""
+
+  def __init__(self, model, tokenizer, *, reward: str, group_size: int, max_new_tokens: int,
+               temperature: float, seq_len: int, batch_sharding=None, reward_models=()):
+    self.model, self.tokenizer, self.seq_len = model, tokenizer, seq_len
+    # With it, each process samples and rewards its own prompts' rows of a global batch.
+    self.batch_sharding = batch_sharding
+    self.reward = rewards.get(reward)
+    self.has_rules = any(not part.startswith(rewards.MODEL) for part in reward.split('+'))
+    # (model, params) of each 'model:' part of the reward, restored.
+    self.scorers = [reward_model.Scorer(scorer_model, params, batch_sharding)
+                    for scorer_model, params in reward_models]
+    self.group_size, self.max_new_tokens = group_size, max_new_tokens
+    self.temperature = temperature
+    # eos, and a chat template's end of turn (the prompts may be conversations).
+    self.stop_ids = chat.end_of_turn_ids(tokenizer)
+
+  def __call__(self, params, prompts: dict, rng):
+    """(rows: tokens, segment_ids, positions and loss_mask [B * group_size, seq_len],
+    rewards, whether each finished, and their numbers of new tokens)."""
+    prompt_tokens_bt = np.repeat(prompts['prompt_tokens'], self.group_size, axis=0)
+    prompt_lengths_b = np.repeat(prompts['prompt_length'], self.group_size)
+    new_bm, num_new_b = sampling.generate_rows(
+        params, prompt_tokens_bt, prompt_lengths_b, rng,
+        np.asarray(self.stop_ids, np.int32), batch_sharding=self.batch_sharding,
+        model=self.model, max_new_tokens=self.max_new_tokens, cache_length=self.seq_len,
+        temperature=self.temperature, pad_id=self.tokenizer.pad_id)
+
+    examples = [json.loads(str(text)) for text in prompts['example']]
+    num_rows = len(prompt_lengths_b)
+    rows = {name: np.zeros((num_rows, self.seq_len), np.int32)
+            for name in ('tokens', 'segment_ids', 'positions', 'loss_mask')}
+    rewards_b, finished_b = np.zeros(num_rows, np.float32), np.zeros(num_rows, bool)
+    for row in range(num_rows):
+      prompt_length, num_new = prompt_lengths_b[row], num_new_b[row]
+      completion = new_bm[row, :num_new]
+      finished_b[row] = num_new > 0 and completion[-1] in self.stop_ids
+      text = self.tokenizer.decode(completion[:-1] if finished_b[row] else completion)
+      if self.has_rules:
+        rewards_b[row] = self.reward(examples[row // self.group_size], text,
+                                     bool(finished_b[row]))
+      length = prompt_length + num_new
+      rows['tokens'][row, :prompt_length] = prompt_tokens_bt[row, :prompt_length]
+      rows['tokens'][row, prompt_length:length] = completion
+      rows['segment_ids'][row, :length] = 1
+      rows['positions'][row, :length] = np.arange(length)
+      rows['loss_mask'][row, prompt_length:length] = 1
+    for scorer in self.scorers:  # Every process scores its rows together.
+      rewards_b += scorer(rows)
+    return rows, rewards_b, finished_b, np.asarray(num_new_b)
+
+
 class Rollouts:
   """Turns a batch of prompts (the 'grpo' pipeline's) into a GRPO training batch."""
 
   def __init__(self, model, tokenizer, grpo_config, seq_len: int, batch_sharding=None,
                reward_models=()):
-    self.model, self.tokenizer, self.seq_len = model, tokenizer, seq_len
-    # With it, each process samples and rewards its own prompts' rows of a global batch.
-    self.batch_sharding = batch_sharding
-    self.reward = rewards.get(grpo_config.reward)
-    self.has_rules = any(not part.startswith(rewards.MODEL)
-                         for part in grpo_config.reward.split('+'))
-    # (model, params) of each 'model:' part of the reward, restored.
-    self.scorers = [reward_model.Scorer(model, params, batch_sharding)
-                    for model, params in reward_models]
-    self.group_size = grpo_config.group_size
-    self.max_new_tokens = grpo_config.max_new_tokens
-    self.temperature = grpo_config.temperature
+    self.sample = Sampler(
+        model, tokenizer, reward=grpo_config.reward, group_size=grpo_config.group_size,
+        max_new_tokens=grpo_config.max_new_tokens, temperature=grpo_config.temperature,
+        seq_len=seq_len, batch_sharding=batch_sharding, reward_models=reward_models)
+    self.seq_len, self.group_size = seq_len, grpo_config.group_size
     self.advantage = grpo_config.advantage
     self.dynamic_sampling_rounds = grpo_config.dynamic_sampling_rounds
-    # eos, and a chat template's end of turn (the prompts may be conversations).
-    self.stop_ids = chat.end_of_turn_ids(tokenizer)
 
   def __call__(self, params, prompts: dict, rng, more_prompts=None) -> tuple[dict, dict]:
     """`prompts`: 'example' [B] (each example as JSON text), 'prompt_tokens' [B, T] (bos +
@@ -152,41 +197,6 @@ class Rollouts:
     names = ('reward', 'finished', 'completion_length', 'informative_groups',
              'sampling_rounds')
     return batch, dict(zip(names, map(float, means)))
-
-  def sample(self, params, prompts: dict, rng):
-    """The policy's completions of `prompts`, group_size each: (rows: tokens,
-    segment_ids, positions and loss_mask [B * group_size, seq_len], rewards, whether
-    each finished, and their numbers of new tokens)."""
-    prompt_tokens_bt = np.repeat(prompts['prompt_tokens'], self.group_size, axis=0)
-    prompt_lengths_b = np.repeat(prompts['prompt_length'], self.group_size)
-    new_bm, num_new_b = sampling.generate_rows(
-        params, prompt_tokens_bt, prompt_lengths_b, rng,
-        np.asarray(self.stop_ids, np.int32), batch_sharding=self.batch_sharding,
-        model=self.model, max_new_tokens=self.max_new_tokens, cache_length=self.seq_len,
-        temperature=self.temperature, pad_id=self.tokenizer.pad_id)
-
-    examples = [json.loads(str(text)) for text in prompts['example']]
-    num_rows = len(prompt_lengths_b)
-    rows = {name: np.zeros((num_rows, self.seq_len), np.int32)
-            for name in ('tokens', 'segment_ids', 'positions', 'loss_mask')}
-    rewards_b, finished_b = np.zeros(num_rows, np.float32), np.zeros(num_rows, bool)
-    for row in range(num_rows):
-      prompt_length, num_new = prompt_lengths_b[row], num_new_b[row]
-      completion = new_bm[row, :num_new]
-      finished_b[row] = num_new > 0 and completion[-1] in self.stop_ids
-      text = self.tokenizer.decode(completion[:-1] if finished_b[row] else completion)
-      if self.has_rules:
-        rewards_b[row] = self.reward(examples[row // self.group_size], text,
-                                     bool(finished_b[row]))
-      length = prompt_length + num_new
-      rows['tokens'][row, :prompt_length] = prompt_tokens_bt[row, :prompt_length]
-      rows['tokens'][row, prompt_length:length] = completion
-      rows['segment_ids'][row, :length] = 1
-      rows['positions'][row, :length] = np.arange(length)
-      rows['loss_mask'][row, prompt_length:length] = 1
-    for scorer in self.scorers:  # Every process scores its rows together.
-      rewards_b += scorer(rows)
-    return rows, rewards_b, finished_b, np.asarray(num_new_b)
 
 
 def rollout_key(seed: int, step: int, *, train: bool):
@@ -252,15 +262,22 @@ def clipped_policy_loss(log_probs_bt, old_log_probs_bt, reference_log_probs_bt,
               / jnp.maximum(jnp.sum(mask_bt, axis=1), 1.0))
     log_ratio_bt = (jax.lax.stop_gradient(mean_b)[:, None] + log_probs_bt
                     - jax.lax.stop_gradient(log_probs_bt))
-  ratio_bt = jnp.exp(log_ratio_bt)
-  unclipped_bt = ratio_bt * advantages_bt
-  clipped_bt = jnp.clip(ratio_bt, 1 - clip_low, 1 + clip_high) * advantages_bt
+  surrogate_bt, held_bt = clipped_surrogate(log_ratio_bt, advantages_bt, clip_low, clip_high)
   log_reference_ratio_bt = reference_log_probs_bt - log_probs_bt
   # exp(r) - 1 - r, accurate near r = 0.
   kl_bt = jnp.expm1(log_reference_ratio_bt) - log_reference_ratio_bt
-  loss_bt = -jnp.minimum(unclipped_bt, clipped_bt) + kl_weight * kl_bt
+  loss_bt = surrogate_bt + kl_weight * kl_bt
   return {'loss': jnp.sum(loss_bt * weights_bt), 'kl': jnp.sum(kl_bt * weights_bt),
-          'clipped': jnp.sum((clipped_bt < unclipped_bt) * weights_bt)}
+          'clipped': jnp.sum(held_bt * weights_bt)}
+
+
+def clipped_surrogate(log_ratio_bt, advantages_bt, clip_low: float, clip_high: float):
+  """PPO's clipped surrogate per token, -min(ratio A, clip(ratio, 1 - low, 1 + high) A),
+  and where the clip holds (the clipped term is the smaller)."""
+  ratio_bt = jnp.exp(log_ratio_bt)
+  unclipped_bt = ratio_bt * advantages_bt
+  clipped_bt = jnp.clip(ratio_bt, 1 - clip_low, 1 + clip_high) * advantages_bt
+  return -jnp.minimum(unclipped_bt, clipped_bt), clipped_bt < unclipped_bt
 
 
 def aggregate(weights_bt, aggregation: str, max_new_tokens: int):
@@ -325,7 +342,9 @@ class _TrainingRollouts:
         in_shardings=(setup.params_shardings, setup.batch_sharding),
         out_shardings=setup.batch_sharding)
 
-  def __call__(self, params, prompts: dict, step: int, *, train: bool, more_prompts=None):
+  def __call__(self, params, prompts: dict, step: int, *, train: bool, more_prompts=None,
+               reference_params=None):
+    del reference_params  # GRPO's KL is in its loss.
     batch, metrics = self.rollouts(params, prompts, rollout_key(self.seed, step, train=train),
                                    more_prompts if train else None)
     batch = sharding.global_batch(batch, self.batch_sharding)

@@ -451,27 +451,34 @@ def load_params(workdir: str, step: int, abstract_params, config, tokenizer, con
   return {**params, **(fresh if convert is None or not fresh else convert(fresh))}, step
 
 
+# What each config.model.head adds to the trunk beyond a language model's params.
+_HEAD_PARAMS = {'lm': (), 'score': ('score',), 'lm_value': ('value',)}
+
+
 def check_head(saved_config, config, workdir: str) -> None:
   """A run starts from a model with its own head, or from a language model's trunk (a
-  reward model's fresh head); a reward model has no logits for a language model."""
+  fresh head beside it); a reward model has no logits for a language model."""
   saved_head, head = saved_config.model.get('head', 'lm'), config.model.get('head', 'lm')
-  check(saved_head in (head, 'lm'), f'config.train.init_from={workdir!r} is a model with'
-        f' model.head={saved_head!r} (a reward model): config.train.objective='
+  check(saved_head != 'score' or head == 'score', f'config.train.init_from={workdir!r} is'
+        f' a model with model.head={saved_head!r} (a reward model): config.train.objective='
         f'{config.train.objective!r} trains a model with model.head={head!r}; start from'
         ' a language model (pretrained, SFT or imported)')
 
 
 def _fresh_head(saved_config, config, workdir: str, abstract_params) -> dict:
-  """A language model's trunk under a reward model's head: {'score': a fresh head from
-  config.seed} (the same at every start, so a LoRA base is the same on resuming), else {}."""
+  """The entries of this run's head that the saved model lacks ('score' of a reward
+  model, 'value' of PPO's critic), fresh from config.seed (the same at every start, so a
+  LoRA base is the same on resuming); {} if none."""
   check_head(saved_config, config, workdir)
-  if saved_config.model.get('head', 'lm') == config.model.get('head', 'lm'):
+  names = (set(_HEAD_PARAMS[config.model.get('head', 'lm')])
+           - set(_HEAD_PARAMS[saved_config.model.get('head', 'lm')]))
+  if not names:
     return {}
   model = models.build(config.model)
-  part = {'score': abstract_params['score']}
+  part = {name: abstract_params[name] for name in names}
   shardings = jax.tree.map(lambda x: x.sharding, part)
-  init = lambda rng: {'score': nn.meta.unbox(  # pylint: disable=unnecessary-lambda-assignment
-      models.init_variables(model, rng)['params']['score'])}
+  init = lambda rng: {name: nn.meta.unbox(  # pylint: disable=unnecessary-lambda-assignment
+      models.init_variables(model, rng)['params'][name]) for name in names}
   return jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
 
 
@@ -523,7 +530,8 @@ def check_finite(params, source: str, step: int) -> None:
                       f' e.g. {bad[0]}')
 
 
-_HEAD_KINDS = {'lm': 'a language model', 'score': 'a reward model'}
+_HEAD_KINDS = {'lm': 'a language model', 'score': 'a reward model',
+               'lm_value': 'a language model with a value head'}
 
 
 class Restored(NamedTuple):
@@ -553,6 +561,8 @@ def _inference_metadata(workdir: str, step: int | None, head: str, flag: str):
   with unreadable_as_config_error(f'{flag}={workdir}', checkpointer, step):
     config, tokenizer_dict = checkpointer.read_metadata(step)
   saved_head = config.model.get('head', 'lm')
+  if head == 'lm' and saved_head == 'lm_value':  # PPO's policy, read without its critic.
+    config.model.head = saved_head = 'lm'
   check(head in (None, saved_head), f'{flag}={workdir} holds a model with model.head='
         f'{saved_head!r} ({_HEAD_KINDS[saved_head]}); this reads one with {head!r}'
         f' ({_HEAD_KINDS.get(head)})')

@@ -103,13 +103,14 @@ def _example_counts(counts) -> dict[str, float]:
   return {name: float(total) for name, total in zip(names[1:], totals[1:])} if totals[0] else {}
 
 
-def _global_batch(setup, rollout, params, host_batch: dict, step: int, *, train: bool,
-                  more=None) -> tuple[dict, dict]:
-  """(this process's rows as global arrays, batch metrics); with a rollout (GRPO), the
-  policy's completions of the batch's prompts, sampled with the key of `step`, and of
-  more of them from `more()` if it asks."""
+def _global_batch(setup, rollout, params, frozen, host_batch: dict, step: int, *,
+                  train: bool, more=None) -> tuple[dict, dict]:
+  """(this process's rows as global arrays, batch metrics); with a rollout (GRPO, PPO),
+  the policy's completions of the batch's prompts, sampled with the key of `step`, and of
+  more of them from `more()` if it asks. `params` are the model's, as it takes them."""
   if rollout:
-    return rollout(params, host_batch, step, train=train, more_prompts=more)
+    return rollout(params, host_batch, step, train=train, more_prompts=more,
+                   reference_params=steps.model_params(frozen.reference, frozen.base))
   return sharding.global_batch(host_batch, setup.batch_sharding), {}
 
 
@@ -119,7 +120,7 @@ def _evaluate(setup, params, frozen, validation_dataset, rollout,
   for index, host_batch in enumerate(itertools.islice(validation_dataset, eval_steps)):
     # Batch `index` is sampled with the same key at every evaluation.
     batch, rollout_metrics = _global_batch(setup, rollout,
-                                           steps.model_params(params, frozen.base),
+                                           steps.model_params(params, frozen.base), frozen,
                                            host_batch, index, train=False)
     rollout_totals = {name: rollout_totals.get(name, 0.0) + value
                       for name, value in rollout_metrics.items()}
@@ -256,7 +257,7 @@ def _train(config, workdir, devices, tokenizer, objective, data, checkpointer):
       if batch is None or step % updates_per_batch == 0:
         batch, batch_metrics = _global_batch(setup, rollout,
                                              steps.model_params(state.params, frozen.base),
-                                             next(train_iterator), step, train=True,
+                                             frozen, next(train_iterator), step, train=True,
                                              more=lambda: next(train_iterator))
       state, metrics = setup.train_step(state, batch, frozen)
       step += 1
@@ -302,7 +303,7 @@ def _train(config, workdir, devices, tokenizer, objective, data, checkpointer):
 
   checkpointer.wait()
   if (step >= config.train.num_steps and config.train.sample_tokens > 0
-      and config.model.head == 'lm'):  # A reward model scores; it does not sample.
+      and config.model.head != 'score'):  # A reward model scores; it does not sample.
     room = config.model.max_seq_len - config.train.sample_tokens
     prompt = objective.sample_prompt(validation_documents, tokenizer, room)
     if prompt is None:

@@ -78,6 +78,7 @@ def train_step(state: TrainState, batch, frozen: Frozen = NOTHING_FROZEN, *, mod
         state.params, microbatch, index)
     return jax.tree.map(jnp.add, carry, (microbatch_grads, microbatch_sums)), None
 
+  batch = objective.update_batch(batch, state.step, settings)
   split = losses.microbatches(batch, num_microbatches)
   sums_shape = jax.eval_shape(loss, state.params, jax.tree.map(lambda x: x[0], split), 0)[1]
   zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (state.params, sums_shape))

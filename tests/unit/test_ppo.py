@@ -119,3 +119,21 @@ def test_whitening_and_entropy():
   p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
   np.testing.assert_allclose(ppo.entropy(logits), -(p * np.log(p)).sum(-1), rtol=1e-5)
   assert math.isclose(float(ppo.entropy(np.zeros((1, 1, 8)))[0, 0]), math.log(8), rel_tol=1e-6)
+
+
+def test_each_pass_over_a_rollout_trains_on_every_row_once_in_its_own_order():
+  settings = ppo.Settings(epochs=3, minibatches=4)
+  rows = 8
+  batch = {'tokens': np.arange(rows)[:, None] * np.ones((1, 5), np.int32),
+           'order': np.asarray(jax.random.uniform(jax.random.key(0), (rows, 3)))}
+  objective = ppo.PPO()
+  passes = []
+  for step in range(2 * settings.epochs * settings.minibatches):  # Two rollouts' steps.
+    part = objective.update_batch(batch, jnp.asarray(step), settings)
+    assert 'order' not in part and part['tokens'].shape == (rows // 4, 5)
+    if step % settings.minibatches == 0:
+      passes.append([])
+    passes[-1] += list(np.asarray(part['tokens'][:, 0]))
+  assert all(sorted(rows_seen) == list(range(rows)) for rows_seen in passes)
+  assert len({tuple(p) for p in passes[:3]}) == 3  # Each epoch its own order...
+  assert passes[3:] == passes[:3]  # ...the same for the same step of a rollout.
