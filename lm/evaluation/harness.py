@@ -131,10 +131,7 @@ def evaluate(task: tasks_lib.Task, scorer, *, num_shots: int = 0, seed: int = 0,
   metrics = {'examples': len(records), 'self_consistency': self_consistency,
              'truncated': sum(completion.truncated for completion in runs[0])}
   if task.extract == 'final_answer':
-    answers = [_majority_by_value([math_answers.final_answer(run[i].text) for run in runs])
-               for i in range(len(records))]
-    metrics['exact_match'] = sum(math_answers.same(answer, r['answer'])
-                                 for answer, r in zip(answers, records)) / len(records)
+    metrics['exact_match'] = _math_verify_exact_match(runs, records)
     return metrics
   if not benchmark:
     answers = [majority_vote([extract_answer(run[i].text, r['answer']) for run in runs])
@@ -149,7 +146,18 @@ def evaluate(task: tasks_lib.Task, scorer, *, num_shots: int = 0, seed: int = 0,
     metrics[f'exact_match_{name}'] = sum(
         answer == benchmarks.normalize_number(r['answer'])
         for answer, r in zip(answers, records)) / len(records)
+  if task.extract == 'chain_of_thought':  # GSM8K: also as the math reward compares them.
+    metrics['exact_match_math_verify'] = _math_verify_exact_match(runs, records)
   return metrics
+
+
+def _math_verify_exact_match(runs, records) -> float:
+  """The share of records whose final answer (the majority by value over `runs`) equals
+  their 'answer' as HF's math-verify compares them (lm/math_answers.py)."""
+  answers = [_majority_by_value([math_answers.final_answer(run[i].text) for run in runs])
+             for i in range(len(records))]
+  return sum(math_answers.same(answer, r['answer'])
+             for answer, r in zip(answers, records)) / len(records)
 
 
 def as_chat(task: tasks_lib.Task, tokenizer) -> tasks_lib.Task:

@@ -52,7 +52,9 @@ class DecoderLM(nn.Module):
   With config.head 'score' (which the objective sets: Objective.model_head), a score
   [B, T] in float32 instead, from a Dense 'score' [embed, 1] (as HF's
   *ForSequenceClassification with one label): a reward model's. With 'lm_value', the
-  logits and, outside decoding, a value per position from a Dense 'value' (`values`)."""
+  logits and, outside decoding, a value per position from a Dense 'value' on the same
+  trunk; with 'lm_critic', from a second model of the same shapes with head 'score',
+  'critic' (PPO's critic either way; read with `values`)."""
   config: ml_collections.FrozenConfigDict
 
   @nn.compact
@@ -83,13 +85,18 @@ class DecoderLM(nn.Module):
           1, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
           kernel_init=layers.dense_init(('embed', None)), name='score')(x_btd)
       return score_bt1[..., 0].astype(jnp.float32)
-    if cfg.get('head', 'lm') == 'lm_value' and not decode:
-      # A policy with its critic on the same trunk (PPO): values beside the logits, read
-      # with mutable=['intermediates'] (`values`), unseen by any other caller.
-      value_bt1 = nn.Dense(
-          1, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-          kernel_init=layers.dense_init(('embed', None)), name='value')(x_btd)
-      self.sow('intermediates', 'values', value_bt1[..., 0].astype(jnp.float32))
+    head = cfg.get('head', 'lm')
+    if head in ('lm_value', 'lm_critic') and not decode:
+      # A policy with its critic (PPO): values beside the logits, read with
+      # mutable=['intermediates'] (`values`), unseen by any other caller.
+      if head == 'lm_value':
+        value_bt = nn.Dense(
+            1, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            kernel_init=layers.dense_init(('embed', None)), name='value')(x_btd)[..., 0]
+      else:
+        critic = ml_collections.FrozenConfigDict({**cfg.to_dict(), 'head': 'score'})
+        value_bt = DecoderLM(critic, name='critic')(tokens_bt, segment_ids_bt, positions_bt)
+      self.sow('intermediates', 'values', value_bt.astype(jnp.float32))
     if cfg.tie_embeddings:
       logits_btv = embed.attend(x_btd)
     else:

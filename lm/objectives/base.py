@@ -25,11 +25,22 @@ class Objective:
   reports_perplexity = False
   # What an item of its source is, for the start-up line.
   items = 'files or lines of examples'
-  # What the model ends in (config.model.head, lm/models/decoder.py): 'lm', next-token
-  # logits; 'score', a number per position (a reward model).
-  model_head = 'lm'
 
   # Its settings, and start-up checks before anything is compiled or written.
+
+  def model_head(self, train_config) -> str:
+    """What the model ends in (config.model.head, lm/models/decoder.py): 'lm', next-token
+    logits; 'score', a number per position (a reward model); 'lm_value' and
+    'lm_critic', logits and a critic's values (PPO)."""
+    del train_config
+    return 'lm'
+
+  def params_from(self, train_config) -> list[tuple[str, str, str]]:
+    """(entry of the params, config field, workdir) for each part of a fresh run's
+    params taken from another run (PPO's critic from a reward model): a reward model of
+    the run's shapes and tokenizer, checked at start."""
+    del train_config
+    return []
 
   def default_config(self):
     """config.train.<name>: this objective's own settings with their defaults (an

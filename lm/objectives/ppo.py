@@ -15,8 +15,10 @@ that token is written.
   entropy bonus (`entropy`), averaged over completion tokens.
 
 The objective (`PPO`, config.train.ppo): the prompts, sampler and rewards are GRPO's
-(one completion per prompt); the critic is a value head on the policy's trunk
-(config.model.head 'lm_value', a fresh head beside the init_from model's). A rollout's
+(one completion per prompt); the critic (`critic`) is a value head on the policy's trunk
+(config.model.head 'lm_value', a fresh head beside the init_from model's) or a value
+model of the policy's shapes ('lm_critic', from a reward model or the policy's trunk,
+under a fresh head). A rollout's
 values, log-probs, the reference's log-probs, rewards and advantages are computed once,
 on device, when it is sampled; it then serves `epochs` passes of `minibatches`
 mini-batches, each an optimizer step, in an order drawn from the rollout's key, so a
@@ -38,6 +40,8 @@ from lm.objectives import grpo, rewards
 
 # The per-token estimators of KL(pi || pi_ref) on tokens sampled from pi (Schulman 2020).
 KL_ESTIMATORS = ('k1', 'k3')
+# config.train.ppo.critic -> the model's head (lm/models/decoder.py).
+CRITICS = {'head': 'lm_value', 'model': 'lm_critic'}
 
 
 def kl_estimate(log_probs_bt, reference_log_probs_bt, estimator: str):
@@ -125,6 +129,11 @@ class Settings(NamedTuple):
   # Subtracted from the score of a completion that hit max_new_tokens without eos.
   missing_eos_penalty: float = 0.0
   whiten_advantages: bool = True
+  # The critic: 'head', a value head on the policy's trunk; 'model', a value model of the
+  # policy's shapes (twice the parameters), starting from `critic_init` (a reward
+  # model's workdir, as InstructGPT's), or if '' from the policy's own trunk.
+  critic: str = 'head'
+  critic_init: str = ''
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -239,6 +248,15 @@ class PPO(grpo.GRPO):
   def default_config(self):
     return default_config()
 
+  def model_head(self, train_config) -> str:
+    return CRITICS.get(train_config.ppo.critic, 'lm_value')
+
+  def params_from(self, train_config) -> list[tuple[str, str, str]]:
+    ppo = train_config.ppo
+    if ppo.critic == 'model' and ppo.critic_init:
+      return [('critic', 'config.train.ppo.critic_init', ppo.critic_init)]
+    return []
+
   def settings(self, train_config):
     return Settings(**train_config.ppo)
 
@@ -267,6 +285,10 @@ class PPO(grpo.GRPO):
     check_number(name + 'missing_eos_penalty', ppo.missing_eos_penalty, at_least=0)
     check(isinstance(ppo.whiten_advantages, bool),
           f'{name}whiten_advantages={ppo.whiten_advantages!r} is not true or false')
+    check(ppo.critic in CRITICS, f'{name}critic={ppo.critic!r} is not one of {list(CRITICS)}')
+    check(not ppo.critic_init or ppo.critic == 'model',
+          f"{name}critic_init={ppo.critic_init!r} starts a critic model: set {name}critic="
+          "'model', or leave critic_init empty")
     batch_size, accumulation = config.data.batch_size, config.train.grad_accumulation_steps
     check(batch_size % (ppo.minibatches * accumulation) == 0,
           f'{name}minibatches={ppo.minibatches}: config.data.batch_size={batch_size} must'
@@ -276,14 +298,14 @@ class PPO(grpo.GRPO):
     every, updates = config.checkpoint.every_steps, self.updates_per_batch(config.train)
     check(every % updates == 0, f'config.checkpoint.every_steps={every} must be a multiple'
           f' of epochs x minibatches = {updates} (config.train.ppo)')
-    check(config.lora.rank == 0, 'config.train.objective="ppo" trains its value head with'
-          ' the policy: config.lora.rank must be 0')
+    check(config.lora.rank == 0, 'config.train.objective="ppo" trains its critic with the'
+          ' policy: config.lora.rank must be 0')
 
   def data_seq_len(self, config) -> int:
     return config.data.seq_len - config.train.ppo.max_new_tokens  # Completions fill the rest.
 
-  def rows_per_example(self, train_config) -> int:
-    return 1
+  def rows_per_example(self, train_config) -> float:
+    return 1 / train_config.ppo.minibatches  # A step trains on one mini-batch.
 
   def batch_shapes(self, config) -> dict:
     """A prepared rollout: one row per prompt."""

@@ -75,10 +75,12 @@ class RewardModel(base.Objective):
   name = 'reward_model'
   sources = base.POST_TRAINING_SOURCES + base.ARITHMETIC_SOURCES
   count_name = 'num_pairs'
-  model_head = 'score'
 
   def default_config(self):
     return default_config()
+
+  def model_head(self, train_config) -> str:
+    return 'score'
 
   def validate(self, config) -> None:
     check_number('config.train.reward_model.center_coefficient',

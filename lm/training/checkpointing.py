@@ -438,21 +438,40 @@ def load_params(workdir: str, step: int, abstract_params, config, tokenizer, con
   tokenizer_lib.check_same(saved_tokenizer, tokenizer, directory)
   check_compatible(saved_config, config, directory, resuming=False)
   fresh = _fresh_head(saved_config, config, workdir, abstract_params)
-  abstract_params = {name: value for name, value in abstract_params.items()
-                     if name not in fresh}
+  trunk_abstract = {name: value for name, value in abstract_params.items()
+                    if name not in fresh}
   with unreadable_as_config_error(f'config.train.init_from={workdir!r}', source, step):
     if lora.enabled(saved_config.lora):
-      params = _merged_params(source, step, saved_config, tokenizer, abstract_params)
+      params = _merged_params(source, step, saved_config, tokenizer, trunk_abstract)
       params = params if convert is None else convert(params)
     else:
-      params = source.restore_params(step, abstract_params, convert)
+      params = source.restore_params(step, trunk_abstract, convert)
   source.close()
   check_finite(params, f'config.train.init_from={workdir!r}', step)
+  if 'critic' in fresh:  # PPO's separate critic starts as the policy's trunk.
+    fresh['critic'] = {**{name: jax.tree.map(jnp.copy, params[name])
+                          for name in abstract_params['critic'] if name != 'score'},
+                       **fresh['critic']}
   return {**params, **(fresh if convert is None or not fresh else convert(fresh))}, step
 
 
+def load_reward_model(workdir: str, flag: str, abstract_params, config, tokenizer) -> dict:
+  """The params of the reward model in `workdir` (its latest step; adapters folded in),
+  onto the shardings of `abstract_params` (a 'score' model of `config`'s shapes): PPO's
+  critic, started from it (checked at start by `check_reward_model`)."""
+  checkpointer, step, saved_config, _ = _inference_metadata(workdir, None, 'score', flag)
+  with unreadable_as_config_error(f'{flag}={workdir}', checkpointer, step):
+    if lora.enabled(saved_config.lora):
+      params = _merged_params(checkpointer, step, saved_config, tokenizer, abstract_params)
+    else:
+      params = checkpointer.restore_params(step, abstract_params)
+  checkpointer.close()
+  check_finite(params, f'{flag}={workdir}', step)
+  return params
+
+
 # What each config.model.head adds to the trunk beyond a language model's params.
-_HEAD_PARAMS = {'lm': (), 'score': ('score',), 'lm_value': ('value',)}
+_HEAD_PARAMS = {'lm': (), 'score': ('score',), 'lm_value': ('value',), 'lm_critic': ('critic',)}
 
 
 def check_head(saved_config, config, workdir: str) -> None:
@@ -467,18 +486,22 @@ def check_head(saved_config, config, workdir: str) -> None:
 
 def _fresh_head(saved_config, config, workdir: str, abstract_params) -> dict:
   """The entries of this run's head that the saved model lacks ('score' of a reward
-  model, 'value' of PPO's critic), fresh from config.seed (the same at every start, so a
-  LoRA base is the same on resuming); {} if none."""
+  model, 'value' of PPO's value head, the head of PPO's 'critic'), fresh from
+  config.seed (the same at every start, so a LoRA base is the same on resuming); {} if
+  none."""
   check_head(saved_config, config, workdir)
   names = (set(_HEAD_PARAMS[config.model.get('head', 'lm')])
            - set(_HEAD_PARAMS[saved_config.model.get('head', 'lm')]))
   if not names:
     return {}
   model = models.build(config.model)
-  part = {name: abstract_params[name] for name in names}
-  shardings = jax.tree.map(lambda x: x.sharding, part)
-  init = lambda rng: {name: nn.meta.unbox(  # pylint: disable=unnecessary-lambda-assignment
-      models.init_variables(model, rng)['params'][name]) for name in names}
+  # A critic (PPO's separate one) is new only in its head: its trunk is the policy's.
+  part = lambda tree: {  # pylint: disable=unnecessary-lambda-assignment
+      name: {'score': tree[name]['score']} if name == 'critic' else tree[name]
+      for name in names}
+  shardings = jax.tree.map(lambda x: x.sharding, part(abstract_params))
+  init = lambda rng: part(nn.meta.unbox(  # pylint: disable=unnecessary-lambda-assignment
+      models.init_variables(model, rng)['params']))
   return jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
 
 
@@ -531,7 +554,8 @@ def check_finite(params, source: str, step: int) -> None:
 
 
 _HEAD_KINDS = {'lm': 'a language model', 'score': 'a reward model',
-               'lm_value': 'a language model with a value head'}
+               'lm_value': 'a language model with a value head',
+               'lm_critic': 'a language model with a critic'}
 
 
 class Restored(NamedTuple):
@@ -561,7 +585,7 @@ def _inference_metadata(workdir: str, step: int | None, head: str, flag: str):
   with unreadable_as_config_error(f'{flag}={workdir}', checkpointer, step):
     config, tokenizer_dict = checkpointer.read_metadata(step)
   saved_head = config.model.get('head', 'lm')
-  if head == 'lm' and saved_head == 'lm_value':  # PPO's policy, read without its critic.
+  if head == 'lm' and saved_head in ('lm_value', 'lm_critic'):  # PPO's, read as its policy.
     config.model.head = saved_head = 'lm'
   check(head in (None, saved_head), f'{flag}={workdir} holds a model with model.head='
         f'{saved_head!r} ({_HEAD_KINDS[saved_head]}); this reads one with {head!r}'
@@ -569,15 +593,23 @@ def _inference_metadata(workdir: str, step: int | None, head: str, flag: str):
   return checkpointer, step, config, tokenizer_dict
 
 
-def check_reward_model(workdir: str, flag: str, tokenizer) -> None:
+def check_reward_model(workdir: str, flag: str, tokenizer, config=None) -> None:
   """At a run's start: `workdir` (named by `flag`) holds a reward model that reads the
-  run's tokens. A reward model of another tokenizer would score other ids."""
-  checkpointer, _, _, saved = _inference_metadata(workdir, None, 'score', flag)
+  run's tokens (a reward model of another tokenizer would score other ids) and, given
+  `config`, has its model's shapes (to start PPO's critic)."""
+  checkpointer, _, saved_config, saved = _inference_metadata(workdir, None, 'score', flag)
   checkpointer.close()
+  if config is not None:
+    differences = [f'model.{field}: reward model has {saved_config.model[field]!r}, policy has'
+                   f' {config.model[field]!r}' for field in _SHAPE_FIELDS
+                   if saved_config.model[field] != config.model[field]]
+    check(not differences, f'{flag}={workdir}: the reward model does not fit the policy'
+          f' ({"; ".join(differences)}): the critic starts from a reward model of the'
+          ' policy\'s shapes')
   if saved != tokenizer.to_dict():
     theirs = tokenizer_lib.from_dict(saved)
     raise ConfigError(
-        f'{flag}=model:{workdir}: the reward model reads the ids of a {theirs.kind} tokenizer'
+        f'{flag}: the reward model {workdir} reads the ids of a {theirs.kind} tokenizer'
         f' of {theirs.vocab_size} ids, and this run\'s policy a different {tokenizer.kind}'
         f' tokenizer of {tokenizer.vocab_size} ids (config.tokenizer): train the reward'
         ' model from this policy\'s model, or the policy with its tokenizer')

@@ -17,7 +17,8 @@ _CONSOLE_FORMATS = {
     'reward_margin': '{:.3f}', 'eval_reward_margin': '{:.3f}', 'eval_chosen_nll': '{:.3f}',
     'reward': '{:.3f}', 'eval_reward': '{:.3f}', 'kl': '{:.4f}', 'eval_kl': '{:.4f}',
     'clipped': '{:.1%}', 'accuracy': '{:.1%}', 'eval_accuracy': '{:.1%}',
-    'margin': '{:.3f}', 'eval_margin': '{:.3f}',
+    'margin': '{:.3f}', 'eval_margin': '{:.3f}', 'sampled_tokens_per_second': '{:,.0f}',
+    'update_tokens_per_second': '{:,.0f}',
     'finished': '{:.0%}', 'eval_finished': '{:.0%}', 'eval_completion_length': '{:.0f}',
 }
 

@@ -252,13 +252,21 @@ def _train(config, workdir, devices, tokenizer, objective, data, checkpointer):
           + (f'step {last} in {checkpointer.directory}' if last is not None else 'none')
           + '; try a lower config.train.learning_rate')
   last_log_time, last_log_step = time.perf_counter(), step
+  # Of the rollouts since the last log: their seconds (on the host, so whole) and the
+  # completion tokens they sampled.
+  rollout_seconds = sampled_tokens = 0.0
   with log, _StopRequest() as stop, sharding.activate(setup.mesh):
     while step < config.train.num_steps:
       if batch is None or step % updates_per_batch == 0:
+        began = time.perf_counter()
         batch, batch_metrics = _global_batch(setup, rollout,
                                              steps.model_params(state.params, frozen.base),
                                              frozen, next(train_iterator), step, train=True,
                                              more=lambda: next(train_iterator))
+        if rollout:
+          rollout_seconds += time.perf_counter() - began
+          sampled_tokens += (batch['tokens'].shape[0] * batch_metrics['completion_length']
+                             * batch_metrics.get('sampling_rounds', 1.0))
       state, metrics = setup.train_step(state, batch, frozen)
       step += 1
       unchecked.append((step, metrics['loss'], metrics['grad_norm']))
@@ -276,6 +284,11 @@ def _train(config, workdir, devices, tokenizer, objective, data, checkpointer):
         mfu = flops.mfu(tokens_per_second, flops_per_token, len(devices))
         if mfu is not None:
           row['mfu'] = mfu
+        if rollout_seconds:  # Sampling and updating apart: tokens sampled, tokens trained.
+          row['sampled_tokens_per_second'] = sampled_tokens / rollout_seconds
+          row['update_tokens_per_second'] = ((step - last_log_step) * tokens_per_step
+                                             / max(elapsed - rollout_seconds, 1e-9))
+        rollout_seconds = sampled_tokens = 0.0
         last_log_time, last_log_step = time.perf_counter(), step
       if step % config.train.eval_every == 0 or step == config.train.num_steps:
         check_finite()

@@ -30,7 +30,7 @@ def resolve(config, num_devices: int):
     tokenizer = tokenizer_lib.build(config.tokenizer)
   objective = objectives.get(config.train.objective)
   # Logits, or a reward model's score: the objective's choice, recorded with the run.
-  config.model.head = objective.model_head
+  config.model.head = objective.model_head(config.train)
   config_lib.validate(config, num_devices, tokenizer.vocab_size)
   objective.validate(config)
   if config.train.init_from:  # A model of the other head, refused before the workdir is touched.
@@ -41,8 +41,10 @@ def resolve(config, num_devices: int):
       saved = None
     if saved is not None:
       checkpointing.check_head(saved, config, config.train.init_from)
-  for field, workdir in objective.reward_models(config.train):
-    checkpointing.check_reward_model(workdir, field, tokenizer)
+  for field, path in objective.reward_models(config.train):
+    checkpointing.check_reward_model(path, field, tokenizer)
+  for _, field, path in objective.params_from(config.train):
+    checkpointing.check_reward_model(path, field, tokenizer, config)
   config.model.dtype = config_lib.resolve_dtype(config.model.dtype)
   config.data.streams = config.data.streams or jax.process_count()
   return config, tokenizer
@@ -95,13 +97,19 @@ def start(config, workdir: str, setup, tokenizer, checkpointer, train_iterator,
         config.train.init_from, init_from_step, setup.base.checkpoint_abstract, config,
         tokenizer, convert=setup.base.prepare if config.lora.base_dtype else None)
   if restored is None:
+    parts = setup.objective.params_from(config.train)  # PPO's critic from a reward model.
     if config.train.init_from and not setup.base:
       params, init_from_step = checkpointing.load_params(
           config.train.init_from, init_from_step, setup.abstract_state.params, config,
           tokenizer)
-      state = setup.with_optimizer(params)
     else:  # From scratch, or LoRA's fresh adapters (so the reference is the base).
       state = setup.init(jax.random.key(config.seed))
+      params = state.params if parts else None
+    for entry, field, source in parts:
+      params[entry] = checkpointing.load_reward_model(
+          source, field, setup.abstract_state.params[entry], config, tokenizer)
+    if params is not None:
+      state = setup.with_optimizer(params)
     start_step = 0
     # A copy, as the train step donates the state's buffers.
     reference_params = jax.tree.map(jnp.copy, state.params) if needs_reference else None

@@ -59,7 +59,7 @@ def test_a_notebook_runs_top_to_bottom_and_draws_its_figures(path, tmp_path, mon
     for task in builtin.BUILTIN_TASKS:
       assert f'| {task} |' in text
   if name == 'post_training.ipynb':  # Every stage ran to its end.
-    for stage, step in (('pretrain', 20), ('sft', 4), ('dpo', 4), ('grpo', 4)):
+    for stage, step in (('pretrain', 20), ('sft', 4), ('dpo', 4), ('grpo', 4), ('ppo', 8)):
       assert f'--- {stage}, step {step}' in text
   if name == 'finetune_open_model.ipynb':
     assert 'imported ' in text and 'adapter parameters (rank 16)' in text

@@ -167,7 +167,13 @@ def test_a_killed_process_stops_the_other_in_one_line_and_a_clean_exit(commands,
   assert waited < 60, waited
 
 
-@pytest.mark.parametrize('objective', ['sft', 'dpo', 'grpo'])
+# PPO: two updates on each rollout, each on all of it (a mini-batch of 4 rows would not
+# split over 8 devices).
+PPO_FLAGS = ('--config.train.ppo.epochs=2', '--config.train.ppo.minibatches=1',
+             '--config.checkpoint.every_steps=2')
+
+
+@pytest.mark.parametrize('objective', ['sft', 'dpo', 'grpo', 'ppo'])
 def test_post_training_on_two_processes_gives_the_losses_of_one(objective, one_process,
                                                                 commands, tmp_path):
   source, _ = one_process
@@ -177,7 +183,7 @@ def test_post_training_on_two_processes_gives_the_losses_of_one(objective, one_p
       '--config.model.dtype=float32', '--config.train.sample_tokens=0',
       '--config.train.num_steps=3', '--config.train.warmup_steps=1',
       '--config.train.eval_every=3', '--config.train.log_every=1', '--config.data.streams=2',
-      '--config.data.batch_size=8']
+      '--config.data.batch_size=8', *(PPO_FLAGS if objective == 'ppo' else ())]
   [one] = local_processes.launch(commands, 'train', *flags(tmp_path / 'one'), num_processes=1,
                                  devices_per_process=8)
   two = local_processes.launch(commands, 'train', *flags(tmp_path / 'two'))
@@ -185,7 +191,7 @@ def test_post_training_on_two_processes_gives_the_losses_of_one(objective, one_p
   assert same_losses(losses(two[0].stdout), losses(one.stdout)), (two[0].stdout[-2000:],
                                                                    one.stdout[-2000:])
   assert len(losses(one.stdout)) == 3
-  if objective == 'grpo':  # Rewards, from every process's rows, averaged.
+  if objective in ('grpo', 'ppo'):  # Rewards, from every process's rows, averaged.
     reward = lambda result: re.findall(r'\breward=\S+', result.stdout)
     assert reward(two[0]) == reward(one) and reward(one)
 

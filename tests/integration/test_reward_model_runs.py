@@ -14,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from experiments.configs import grpo as grpo_config, reward_model as reward_model_config
+from experiments.configs import grpo as grpo_config, ppo as ppo_config
+from experiments.configs import reward_model as reward_model_config
 from lm import sharding
 from lm.data import pipeline
 from lm.errors import ConfigError
@@ -171,7 +172,7 @@ def test_a_reward_that_is_not_a_reward_model_of_the_policys_tokens_is_refused(
                        r" model.head='lm' \(a language model\); this reads one with 'score'"):
       checkpointing.check_reward_model(pretrained[0], field, None)
   elif case == 'other tokenizer':
-    with pytest.raises(ConfigError, match=r'the reward model reads the ids of a byte tokenizer'
+    with pytest.raises(ConfigError, match=r'the reward model .* reads the ids of a byte tokenizer'
                        r' of 259 ids, and this run.s policy a different sentencepiece'
                        r' tokenizer of 290 ids \(config.tokenizer\)'):
       checkpointing.check_reward_model(reward_run[0], field, OtherTokenizer())
@@ -216,3 +217,49 @@ def test_the_evaluate_command_reports_a_reward_models_accuracy_or_names_what_it_
     result = commands('experiments.evaluate', f'--workdir={workdir}', flag)
     assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
     assert named in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize('critic_init', ['reward model', 'policy'])
+def test_ppos_critic_model_starts_from_a_reward_model_or_the_policys_trunk(
+    critic_init, reward_run, pretrained, tmp_path):
+  config = post_training_config(ppo_config, pretrained[0], num_steps=4, log_every=2,
+                                eval_every=4)
+  config.train.ppo.update(critic='model', max_new_tokens=8,
+                          critic_init=reward_run[0] if critic_init == 'reward model' else '')
+  config.data.seq_len = 64
+  history, state = loop.train(config, str(tmp_path), DEVICES)
+  assert np.isfinite(history[-1]['value_loss']) and 'critic' in state.params
+  # The run's reference is the params it started from: the policy as pretrained, its
+  # critic the reward model (or the pretrained trunk under a fresh head).
+  reference = checkpointing.restore_reference(str(tmp_path), jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state.params))
+  for name, value in pretrained[1].items():
+    jax.tree.map(np.testing.assert_array_equal, reference[name], value)
+  if critic_init == 'reward model':
+    reward_params = checkpointing.restore_for_inference(reward_run[0], head='score').params
+    jax.tree.map(np.testing.assert_array_equal, reference['critic'], reward_params)
+  else:
+    for name in reference['critic']:
+      if name != 'score':
+        jax.tree.map(np.testing.assert_array_equal, reference['critic'][name],
+                     pretrained[1][name])
+  # Read as a language model, a PPO run is its policy alone.
+  policy = checkpointing.restore_for_inference(str(tmp_path))
+  assert sorted(policy.params) == sorted(pretrained[1])
+
+
+def test_a_critic_from_a_reward_model_of_other_shapes_or_a_language_model_is_refused(
+    reward_run, pretrained, tmp_path):
+  config = post_training_config(ppo_config, pretrained[0])
+  config.train.ppo.update(critic='model', critic_init=pretrained[0])
+  with pytest.raises(ConfigError, match=r"config.train.ppo.critic_init=.* holds a model with"
+                     r" model.head='lm' \(a language model\); this reads one with 'score'"):
+    loop.train(config, str(tmp_path / 'run'), DEVICES)
+  config.train.ppo.critic_init = reward_run[0]
+  config.model.mlp_dim *= 2
+  config.train.init_from = ''  # A policy of its own shapes, from scratch.
+  with pytest.raises(ConfigError, match=r'config.train.ppo.critic_init=.*: the reward model'
+                     r' does not fit the policy \(model.mlp_dim: reward model has 128, policy'
+                     r' has 256\)'):
+    loop.train(config, str(tmp_path / 'run'), DEVICES)
+  assert not os.path.exists(tmp_path / 'run')

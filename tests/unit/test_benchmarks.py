@@ -145,6 +145,8 @@ def test_gsm8k_eight_shot_chain_of_thought_and_its_answers(tmp_path):
   ])
   metrics = harness.evaluate(task, scorer)
   assert metrics['exact_match_strict'] == 0.5 and metrics['exact_match_flexible'] == 1.0
+  # As the math reward compares them: each solution's last number, 2,400 as 2400.
+  assert metrics['exact_match_math_verify'] == 1.0
   assert scorer.calls[0][2] == benchmarks.GSM8K_STOPS and scorer.calls[0][1] == 0.0
   # Self-consistency: the majority of three sampled answers.
   scorer = FakeScorer(completions=['The answer is 7.', 'The answer is 2,400.',
@@ -152,6 +154,7 @@ def test_gsm8k_eight_shot_chain_of_thought_and_its_answers(tmp_path):
                                    'The answer is 7.', 'The answer is 9.'])
   metrics = harness.evaluate(task, scorer, self_consistency=3)
   assert metrics['exact_match_strict'] == 1.0 and all(t > 0 for _, t, _ in scorer.calls)
+  assert metrics['exact_match_math_verify'] == 1.0  # '2,400' and '2400' vote as one.
 
 
 @pytest.mark.parametrize('completion, strict, flexible', [
