@@ -236,14 +236,13 @@ class _Rollouts:
     return batch, {name: float(value) for name, value in metrics.items()}
 
 
-# The arrays of a prepared rollout beside the rows, and their dtypes.
+# The float32 [B, T] arrays of a prepared rollout beside the rows.
 _ROLLOUT_FIELDS = ('old_log_probs', 'old_values', 'advantages', 'returns')
 
 
 class PPO(grpo.GRPO):
   """GRPO's prompts and sampler, PPO's critic, advantages and losses."""
   name = 'ppo'
-  model_head = 'lm_value'
 
   def default_config(self):
     return default_config()
