@@ -96,6 +96,9 @@ def median(history: list[dict], name: str) -> float:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  # Checkpoints fall between rollouts: GRPO's 2 updates and PPO's 2 x 2 each divide it.
+  if _RL_STEPS.value % 4:
+    raise app.UsageError(f'--rl_steps={_RL_STEPS.value} must be a multiple of 4')
   rows = []
   for name, seed, config in stages([int(seed) for seed in _SEEDS.value]):
     suffix = '' if name in ('pretrain', 'sft', 'reward_model') else f'_seed{seed}'

@@ -18,7 +18,10 @@ def flops_per_token(model_config, seq_len: int) -> float:
   each block's, plus the head's 6 per weight (the embedding lookup is no matmul)."""
   blocks = sum(decoder.BLOCKS[kind].flops_per_token(model_config, seq_len)
                for kind in decoder.layer_kinds(model_config))
-  outputs = 1 if model_config.get('head', 'lm') == 'score' else model_config.vocab_size
+  head = model_config.get('head', 'lm')
+  outputs = 1 if head == 'score' else model_config.vocab_size
+  if head == 'lm_critic':  # PPO's critic: a second model of the same blocks, trained too.
+    return 2 * blocks + 6 * model_config.embed_dim * (outputs + 1)
   return blocks + 6 * model_config.embed_dim * outputs
 
 

@@ -309,8 +309,8 @@ def cut_at_stops(text: str, stops: tuple[str, ...]) -> str:
 @functools.partial(jax.jit, static_argnames=('model',))
 def _last_token_rewards(params, tokens_bt, segment_ids_bt, *, model):
   positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
-  return reward_model.last_token_scores(
-      model.apply({'params': params}, tokens_bt, segment_ids_bt, positions_bt), segment_ids_bt)
+  return reward_model.rewards(params, {'tokens': tokens_bt, 'segment_ids': segment_ids_bt,
+                                       'positions': positions_bt}, model=model)
 
 
 class RewardScorer:

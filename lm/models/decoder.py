@@ -52,7 +52,7 @@ class DecoderLM(nn.Module):
   With config.head 'score' (which the objective sets: Objective.model_head), a score
   [B, T] in float32 instead, from a Dense 'score' [embed, 1] (as HF's
   *ForSequenceClassification with one label): a reward model's. With 'lm_value', the
-  logits and, outside decoding, a value per position from a Dense 'value' on the same
+  logits and, outside decoding, a value per position from a Dense 'value_head' on the same
   trunk; with 'lm_critic', from a second model of the same shapes with head 'score',
   'critic' (PPO's critic either way; read with `values`)."""
   config: ml_collections.FrozenConfigDict
@@ -92,7 +92,7 @@ class DecoderLM(nn.Module):
       if head == 'lm_value':
         value_bt = nn.Dense(
             1, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-            kernel_init=layers.dense_init(('embed', None)), name='value')(x_btd)[..., 0]
+            kernel_init=layers.dense_init(('embed', None)), name='value_head')(x_btd)[..., 0]
       else:
         critic = ml_collections.FrozenConfigDict({**cfg.to_dict(), 'head': 'score'})
         value_bt = DecoderLM(critic, name='critic')(tokens_bt, segment_ids_bt, positions_bt)

@@ -55,12 +55,23 @@ class Objective:
     """Raises ConfigError naming a field of this objective's settings (or one of the
     run's it cannot work with)."""
 
-  def source(self, data_config):
-    """The random-access source of `config.data`, checked against `sources`."""
+  def source(self, data_config, train_config=None):
+    """The random-access source of `config.data`, checked against `sources` and, given
+    `train_config`, for the fields its settings read in every example
+    (`record_fields`)."""
     if data_config.source not in self.sources:
       raise ConfigError(f'config.data.source={data_config.source!r} is not one of'
                         f' {self.sources} (the sources of config.train.objective={self.name!r})')
-    return self.build_source(data_config)
+    source = self.build_source(data_config)
+    if train_config is not None and (needed := self.record_fields(train_config)):
+      _check_fields(source, *needed)
+    return source
+
+  def record_fields(self, train_config) -> tuple[tuple[str, ...], str]:
+    """((fields, ...), the setting that reads them): the fields every example must have
+    for this run's settings (a reward's reference answer), or ()."""
+    del train_config
+    return ()
 
   def build_source(self, data_config):
     raise NotImplementedError
@@ -149,6 +160,17 @@ class Objective:
         if 1 + len(tokenizer.encode(prompt)) <= max_length:
           return prompt
     return None
+
+
+def _check_fields(source, fields: tuple[str, ...], setting: str) -> None:
+  """Every example of `source` (items are lists of examples) has `fields`, or a
+  ConfigError names the first item that lacks one (file:line for JSON lines)."""
+  for index in range(len(source)):
+    for example in source[index]:
+      missing = [field for field in fields if field not in example]
+      if missing:
+        raise ConfigError(f'{source.keys[index]}: no field {missing[0]!r}, which {setting}'
+                          f' reads in every example')
 
 
 def prompt_text(example: dict, tokenizer) -> str:

@@ -418,6 +418,11 @@ class GRPO(base.Objective):
   def loss(self, params, batch, reference_params, *, model, settings):
     return grpo_loss(params, batch, reference_params, model=model, settings=settings)
 
+  def record_fields(self, train_config):
+    reward = train_config.grpo.reward
+    needed = rewards.fields(reward)
+    return (needed, f'config.train.grpo.reward={reward!r}') if needed else ()
+
   def reward_models(self, train_config) -> list[tuple[str, str]]:
     return [('config.train.grpo.reward', workdir)
             for workdir in rewards.model_workdirs(train_config.grpo.reward)]

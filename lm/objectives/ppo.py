@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lm import losses, sharding
+from lm import losses, models, sharding
 from lm.errors import check, check_number
 from lm.models import decoder
 from lm.objectives import grpo, rewards
@@ -149,18 +149,29 @@ def _log_probs_and_values(params, batch, model, temperature: float):
   return losses.token_log_probs(logits_btv, targets_bt), values_bt, logits_btv
 
 
-def prepare(params, reference_params, batch, key, *, model, settings):
+def prepare(params, reference_params, batch, key, *, model, policy_model, settings,
+            num_microbatches: int = 1):
   """A sampled batch (rows, 'scores' and 'finished' [B]) -> the rollout's training batch
   (rows, 'old_log_probs', 'old_values', 'advantages', 'returns' [B, T] and 'order' [B,
-  epochs], each pass's order of the rows) and its metrics (means over rows)."""
-  _, mask_bt = losses.next_token_targets(batch)
-  old_log_probs_bt, values_bt, _ = _log_probs_and_values(params, batch, model,
-                                                         settings.temperature)
-  reference_logits_btv = model.apply({'params': reference_params}, batch['tokens'],
-                                     batch['segment_ids'], batch['positions'])
-  targets_bt, _ = losses.next_token_targets(batch)
-  reference_log_probs_bt = losses.token_log_probs(
-      reference_logits_btv / settings.temperature, targets_bt)
+  epochs], each pass's order of the rows) and its metrics (means over rows). The
+  reference runs as `policy_model` (its logits alone); the forward passes go
+  `num_microbatches` rows-parts at a time, as the train step's (whole-batch logits may
+  not fit)."""
+  rows = {name: batch[name] for name in ('tokens', 'segment_ids', 'positions', 'loss_mask')}
+  _, mask_bt = losses.next_token_targets(rows)
+
+  def per_token(part):
+    log_probs_bt, values_bt, _ = _log_probs_and_values(params, part, model,
+                                                       settings.temperature)
+    targets_bt, _ = losses.next_token_targets(part)
+    reference_logits_btv = policy_model.apply({'params': reference_params}, part['tokens'],
+                                              part['segment_ids'], part['positions'])
+    return log_probs_bt, values_bt, losses.token_log_probs(
+        reference_logits_btv / settings.temperature, targets_bt)
+
+  old_log_probs_bt, values_bt, reference_log_probs_bt = (
+      x.reshape(mask_bt.shape)
+      for x in jax.lax.map(per_token, losses.microbatches(rows, num_microbatches)))
   kl_bt = kl_estimate(old_log_probs_bt, reference_log_probs_bt, settings.kl_estimator) * mask_bt
   scores_b = batch['scores'] - settings.missing_eos_penalty * (1 - batch['finished'])
   rewards_bt = token_rewards(scores_b, kl_bt, mask_bt, settings.kl_weight)
@@ -169,10 +180,9 @@ def prepare(params, reference_params, batch, key, *, model, settings):
                                   settings.lam)
   if settings.whiten_advantages:
     advantages_bt = whiten(advantages_bt, mask_bt)
-  rows = batch['tokens'].shape[0]
-  out = {name: batch[name] for name in ('tokens', 'segment_ids', 'positions', 'loss_mask')}
-  out.update(old_log_probs=old_log_probs_bt, old_values=values_bt, advantages=advantages_bt,
-             returns=returns_bt, order=jax.random.uniform(key, (rows, settings.epochs)))
+  out = dict(rows, old_log_probs=old_log_probs_bt, old_values=values_bt,
+             advantages=advantages_bt, returns=returns_bt,
+             order=jax.random.uniform(key, (mask_bt.shape[0], settings.epochs)))
   kl_b = jnp.sum(kl_bt, axis=1)
   metrics = {'reward': jnp.mean(batch['scores']), 'score': jnp.mean(scores_b),
              'kl': jnp.mean(kl_b), 'non_score_reward': -settings.kl_weight * jnp.mean(kl_b),
@@ -218,8 +228,13 @@ class _Rollouts:
         seq_len=config.data.seq_len, batch_sharding=setup.batch_sharding,
         reward_models=reward_models)
     self.seed, self.batch_sharding = config.seed, setup.batch_sharding
+    # The reference's logits need no critic: the model without one reads its params.
+    policy_model = models.build(ml_collections.ConfigDict({**config.model.to_dict(),
+                                                           'head': 'lm'}))
     self.prepare = jax.jit(
-        functools.partial(prepare, model=setup.model, settings=Settings(**settings)),
+        functools.partial(prepare, model=setup.model, policy_model=policy_model,
+                          settings=Settings(**settings),
+                          num_microbatches=config.train.grad_accumulation_steps),
         in_shardings=(setup.params_shardings, setup.params_shardings, setup.batch_sharding,
                       None),
         out_shardings=(setup.batch_sharding, sharding.replicated(setup.mesh)))
@@ -295,8 +310,10 @@ class PPO(grpo.GRPO):
           f'{accumulation} micro-batches')
     # Checkpoints fall between rollouts, so that a resumed run samples where it stopped.
     every, updates = config.checkpoint.every_steps, self.updates_per_batch(config.train)
-    check(every % updates == 0, f'config.checkpoint.every_steps={every} must be a multiple'
-          f' of epochs x minibatches = {updates} (config.train.ppo)')
+    for field, value in (('checkpoint.every_steps', every),
+                         ('train.num_steps', config.train.num_steps)):
+      check(value % updates == 0, f'config.{field}={value} must be a multiple of epochs x'
+            f' minibatches = {updates} (config.train.ppo)')
     check(config.lora.rank == 0, 'config.train.objective="ppo" trains its critic with the'
           ' policy: config.lora.rank must be 0')
 
@@ -328,6 +345,11 @@ class PPO(grpo.GRPO):
   def loss(self, params, batch, reference_params, *, model, settings):
     del reference_params  # Its KL is in the rewards (`prepare`).
     return ppo_loss(params, batch, model=model, settings=settings)
+
+  def record_fields(self, train_config):
+    reward = train_config.ppo.reward
+    needed = rewards.fields(reward)
+    return (needed, f'config.train.ppo.reward={reward!r}') if needed else ()
 
   def reward_models(self, train_config) -> list[tuple[str, str]]:
     return [('config.train.ppo.reward', workdir)

@@ -113,15 +113,15 @@ class RewardModel(base.Objective):
     (loss sum, metric sums, number of pairs)."""
     del reference_params
     rows = {name: batch[name].reshape(-1, batch[name].shape[-1]) for name in ROW_FIELDS}
-    scores_bt = model.apply({'params': params}, rows['tokens'], rows['segment_ids'],
-                            rows['positions'])
-    rewards_b2 = last_token_scores(scores_bt, rows['segment_ids']).reshape(-1, 2)
+    rewards_b2 = rewards(params, rows, model=model).reshape(-1, 2)
     sums = {name: jnp.sum(value) for name, value in pair_loss(
         rewards_b2, batch['margin'], settings.center_coefficient).items()}
     return sums['loss'], sums, jnp.asarray(rewards_b2.shape[0], jnp.float32)
 
 
-def _last_token_scores(params, rows, *, model):
+def rewards(params, rows, *, model):
+  """A reward model's reward of each row ('tokens', 'segment_ids', 'positions' [B, T]):
+  its score at the row's last token, [B]."""
   scores_bt = model.apply({'params': params}, rows['tokens'], rows['segment_ids'],
                           rows['positions'])
   return last_token_scores(scores_bt, rows['segment_ids'])
@@ -134,7 +134,7 @@ class Scorer:
 
   def __init__(self, model, params, batch_sharding=None):
     self.params, self.batch_sharding = params, batch_sharding
-    self.score = jax.jit(functools.partial(_last_token_scores, model=model))
+    self.score = jax.jit(functools.partial(rewards, model=model))
 
   def __call__(self, rows: dict) -> np.ndarray:
     """{'tokens', 'segment_ids', 'positions'} int32 [B, T] numpy -> float32 [B]."""

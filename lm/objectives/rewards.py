@@ -84,6 +84,14 @@ def math_format(example: dict[str, str], completion: str, finished: bool) -> flo
 
 REWARDS = {'python_function': python_function, 'exact_match': exact_match, 'math': math,
            'math_format': math_format}
+# The fields of an example a rule reads beyond its prompt.
+FIELDS = {'exact_match': ('answer',), 'math': ('answer',)}
+
+
+def fields(spec: str) -> tuple[str, ...]:
+  """The example fields the rules of '+'-joined `spec` read, checked at a run's start."""
+  return tuple(dict.fromkeys(field for name in spec.split('+')
+                             for field in FIELDS.get(name, ())))
 
 
 MODEL = 'model:'  # A part naming a reward model's workdir.

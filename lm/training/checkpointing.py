@@ -345,6 +345,10 @@ def check_compatible(saved_config, config, directory: str, *, resuming: bool = T
       f'model.{field}: checkpoint has {saved_config.model[field]!r}, config has'
       f' {config.model[field]!r}'
       for field in _SHAPE_FIELDS if saved_config.model[field] != config.model[field]]
+  saved_head, head = saved_config.model.get('head', 'lm'), config.model.get('head', 'lm')
+  if resuming and saved_head != head:  # Another tree of params (PPO's config.train.ppo.critic).
+    differences.append(f'model.head: checkpoint has {saved_head!r}, config has {head!r}'
+                       ' (set by the objective: config.train.ppo.critic for PPO)')
   if resuming:  # The same run: the same objective, started from the same params.
     # Checkpoints from before these fields existed are pretraining runs from scratch.
     saved = {'objective': saved_config.train.get('objective', 'pretrain'),
@@ -471,7 +475,9 @@ def load_reward_model(workdir: str, flag: str, abstract_params, config, tokenize
 
 
 # What each config.model.head adds to the trunk beyond a language model's params.
-_HEAD_PARAMS = {'lm': (), 'score': ('score',), 'lm_value': ('value',), 'lm_critic': ('critic',)}
+# (Not 'value': LoRA's targets name attention's by that name.)
+_HEAD_PARAMS = {'lm': (), 'score': ('score',), 'lm_value': ('value_head',),
+                'lm_critic': ('critic',)}
 
 
 def check_head(saved_config, config, workdir: str) -> None:
@@ -486,7 +492,7 @@ def check_head(saved_config, config, workdir: str) -> None:
 
 def _fresh_head(saved_config, config, workdir: str, abstract_params) -> dict:
   """The entries of this run's head that the saved model lacks ('score' of a reward
-  model, 'value' of PPO's value head, the head of PPO's 'critic'), fresh from
+  model, 'value_head' of PPO's value head, the head of PPO's 'critic'), fresh from
   config.seed (the same at every start, so a LoRA base is the same on resuming); {} if
   none."""
   check_head(saved_config, config, workdir)
@@ -585,7 +591,7 @@ def _inference_metadata(workdir: str, step: int | None, head: str, flag: str):
   with unreadable_as_config_error(f'{flag}={workdir}', checkpointer, step):
     config, tokenizer_dict = checkpointer.read_metadata(step)
   saved_head = config.model.get('head', 'lm')
-  if head == 'lm' and saved_head in ('lm_value', 'lm_critic'):  # PPO's, read as its policy.
+  if head in (None, 'lm') and saved_head in ('lm_value', 'lm_critic'):  # PPO's: its policy.
     config.model.head = saved_head = 'lm'
   check(head in (None, saved_head), f'{flag}={workdir} holds a model with model.head='
         f'{saved_head!r} ({_HEAD_KINDS[saved_head]}); this reads one with {head!r}'

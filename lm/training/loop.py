@@ -61,7 +61,7 @@ class _Data(NamedTuple):
 
 
 def _datasets(config, objective, tokenizer) -> _Data:
-  source = objective.source(config.data)
+  source = objective.source(config.data, config.train)
   train_documents, validation_documents = sources.split(
       source, config.data.validation_fraction)
   num_streams = config.data.streams
@@ -295,6 +295,7 @@ def _train(config, workdir, devices, tokenizer, objective, data, checkpointer):
         row.update(_evaluate(setup, state.params, frozen, validation_dataset, rollout,
                              data.eval_batches))
         last_log_time = time.perf_counter()  # Eval time is not training throughput.
+        last_log_step, rollout_seconds, sampled_tokens = step, 0.0, 0.0
       if row:
         log.write(step, row)
         history.append({'step': step, **row})

@@ -5,6 +5,7 @@ and does not train (a LoRA base, an objective's reference) beside it.
 `resolve` is the one way every entry point and benchmark turns a config into the run's.
 """
 
+import os
 from typing import NamedTuple
 
 import jax
@@ -44,7 +45,8 @@ def resolve(config, num_devices: int):
   for field, path in objective.reward_models(config.train):
     checkpointing.check_reward_model(path, field, tokenizer)
   for _, field, path in objective.params_from(config.train):
-    checkpointing.check_reward_model(path, field, tokenizer, config)
+    if os.path.exists(path):  # Gone: a resumed run reads its own (a new one names it).
+      checkpointing.check_reward_model(path, field, tokenizer, config)
   config.model.dtype = config_lib.resolve_dtype(config.model.dtype)
   config.data.streams = config.data.streams or jax.process_count()
   return config, tokenizer

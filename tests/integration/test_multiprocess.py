@@ -167,10 +167,10 @@ def test_a_killed_process_stops_the_other_in_one_line_and_a_clean_exit(commands,
   assert waited < 60, waited
 
 
-# PPO: two updates on each rollout, each on all of it (a mini-batch of 4 rows would not
-# split over 8 devices).
-PPO_FLAGS = ('--config.train.ppo.epochs=2', '--config.train.ppo.minibatches=1',
-             '--config.checkpoint.every_steps=2')
+# PPO: the three steps are three updates on one rollout, each on all of it (a mini-batch
+# of 4 rows would not split over 8 devices).
+PPO_FLAGS = ('--config.train.ppo.epochs=3', '--config.train.ppo.minibatches=1',
+             '--config.checkpoint.every_steps=3')
 
 
 @pytest.mark.parametrize('objective', ['sft', 'dpo', 'grpo', 'ppo'])

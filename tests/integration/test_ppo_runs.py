@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import ppo as ppo_config_module
+from lm.errors import ConfigError
 from lm.objectives import rewards
 from lm.training import checkpointing, logger as logger_lib, loop
 
@@ -87,7 +88,14 @@ def test_an_interrupted_ppo_run_resumes_exactly_from_a_checkpoint_between_rollou
   compared = ('step', 'loss', 'reward', 'value_loss', 'clipped', 'eval_reward')
   assert ([{name: row.get(name) for name in compared} for row in resumed]
           == [{name: row.get(name) for name in compared} for row in history[2:]])
-  # The policy reads as a language model; its critic is the 'value' entry beside it.
-  assert 'value' in state.params
+  # Another critic is another tree of params: refused, and the checkpoints stay.
+  config = short_config(pretrained[0])
+  config.train.ppo.critic = 'model'
+  with pytest.raises(ConfigError, match=r"model.head: checkpoint has 'lm_value', config has"
+                     r" 'lm_critic' \(set by the objective: config.train.ppo.critic for PPO\)"):
+    loop.train(config, str(tmp_path), DEVICES)
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['12', '8']
+  # The policy reads as a language model; its critic is the 'value_head' entry beside it.
+  assert 'value_head' in state.params
   policy = checkpointing.restore_for_inference(str(tmp_path))
-  assert 'value' not in policy.params and policy.config.model.head == 'lm'
+  assert 'value_head' not in policy.params and policy.config.model.head == 'lm'

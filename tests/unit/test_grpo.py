@@ -200,6 +200,26 @@ def test_grpo_jsonl_examples_keep_every_field_for_the_reward(tmp_path):
   assert len(source) == 1 and source[0] == [{'prompt': '2 + 3 =', 'answer': '5'}]
 
 
+@pytest.mark.parametrize('objective', ['grpo', 'ppo'])
+def test_a_reward_that_reads_an_answer_is_refused_at_start_where_an_example_has_none(
+    objective, tmp_path):
+  path = tmp_path / 'prompts.jsonl'
+  path.write_text('{"prompt": "2 + 3 =", "answer": 5}\n{"prompt": "1 + 1 ="}\n')
+  data = ml_collections.ConfigDict(dict(source='jsonl', path=str(path), bad_records='error'))
+  train = constant_rate_train_config(**{objective: objectives.OBJECTIVES[objective]
+                                        .default_config()})
+  train[objective].reward = 'math+math_format'
+  with pytest.raises(ConfigError, match=rf"prompts.jsonl:2: no field 'answer', which config"
+                     rf".train.{objective}.reward='math\+math_format' reads in every example"):
+    objectives.OBJECTIVES[objective].source(data, train)
+  train[objective].reward = 'math_format'  # Reads no answer.
+  assert len(objectives.OBJECTIVES[objective].source(data, train)) == 2
+  data.source = 'stdlib_functions'  # Function bodies: no answers to compare with.
+  train[objective].reward = 'exact_match'
+  with pytest.raises(ConfigError, match=r": no field 'answer', which config.train"):
+    objectives.OBJECTIVES[objective].source(data, train)
+
+
 def test_grpo_prompts_are_examples_and_padded_tokens_and_long_ones_are_skipped():
   examples = [[{'prompt': 'x' * 30}], [{'prompt': 'short', 'answer': 'a'}],
               [{'prompt': 'also short', 'answer': 'b'}]]
