@@ -16,12 +16,12 @@ import pytest
 
 from experiments.configs import grpo as grpo_config, ppo as ppo_config
 from experiments.configs import reward_model as reward_model_config
-from lm import sharding
+from lm import models, sharding
 from lm.data import pipeline
 from lm.errors import ConfigError
 from lm.evaluation import harness, scoring, tasks
 from lm.objectives import grpo
-from lm.training import checkpointing, logger as logger_lib, loop
+from lm.training import checkpointing, logger as logger_lib, loop, start as start_lib
 
 from helpers import post_training_config
 
@@ -137,23 +137,13 @@ def test_a_reward_model_scores_grpo_rollouts_at_each_completions_last_token(rewa
     ids = policy.tokenizer.prompt_ids(f'Item {row}:')
     prompts['prompt_tokens'][row, :len(ids)], prompts['prompt_length'][row] = ids, len(ids)
   rows, rewards_b, _, _ = rollouts.sample(policy.params, prompts, jax.random.key(0))
-  for row in range(8):  # Each row alone, unpadded: its score at its last token.
+  for row in range(0, 8, 2):  # Rows alone, unpadded: the score at the last token.
     length = int(rows['segment_ids'][row].sum())
     tokens = rows['tokens'][row:row + 1, :length]
     scores = scorer.model.apply({'params': scorer.params}, tokens, np.ones_like(tokens),
                                 np.arange(length)[None])
     # math_format adds nothing: these completions mark no answer.
     np.testing.assert_allclose(rewards_b[row], scores[0, -1], rtol=1e-5, atol=1e-6)
-
-
-def test_grpo_trains_on_a_reward_models_scores(reward_run, pretrained, tmp_path):
-  config = post_training_config(grpo_config, pretrained[0], num_steps=2, log_every=1,
-                                eval_every=2, eval_steps=1)
-  config.train.grpo.update(reward=f'model:{reward_run[0]}', max_new_tokens=8)
-  config.data.update(seq_len=64)
-  history, _ = loop.train(config, str(tmp_path), DEVICES)
-  assert all(np.isfinite(row['reward']) for row in history if 'reward' in row)
-  assert 'eval_reward' in history[-1]
 
 
 class OtherTokenizer:
@@ -195,7 +185,8 @@ def test_evaluation_ranks_held_out_pairs_with_the_reward_models_own_scores(rewar
   with sharding.activate(run.mesh):
     metrics = harness.evaluate(task, scorer, samples=samples)
   assert metrics['pairs'] == 24 and metrics['truncated'] == 1 and metrics['accuracy'] > 0.9
-  for record, sample in zip(records, samples):  # Each side alone, unpadded.
+  # Each side alone, unpadded (op by op, so a few): the cut one, and others.
+  for record, sample in list(zip(records, samples))[:4]:
     for side in ('chosen', 'rejected'):
       ids = pipeline.prompt_and_response(run.tokenizer, record['prompt'], record[side])[0][:32]
       scores = run.model.apply({'params': run.params}, np.array([ids]),
@@ -219,33 +210,38 @@ def test_the_evaluate_command_reports_a_reward_models_accuracy_or_names_what_it_
     assert named in result.stderr.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize('critic_init', ['reward model', 'policy'])
-def test_ppos_critic_model_starts_from_a_reward_model_or_the_policys_trunk(
-    critic_init, reward_run, pretrained, tmp_path):
+def test_ppos_critic_model_starts_from_a_reward_model(reward_run, pretrained, tmp_path):
   config = post_training_config(ppo_config, pretrained[0], num_steps=4, log_every=2,
                                 eval_every=4)
-  config.train.ppo.update(critic='model', max_new_tokens=8,
-                          critic_init=reward_run[0] if critic_init == 'reward model' else '')
+  config.train.ppo.update(critic='model', max_new_tokens=8, critic_init=reward_run[0])
   config.data.seq_len = 64
   history, state = loop.train(config, str(tmp_path), DEVICES)
   assert np.isfinite(history[-1]['value_loss']) and 'critic' in state.params
   # The run's reference is the params it started from: the policy as pretrained, its
-  # critic the reward model (or the pretrained trunk under a fresh head).
+  # critic the reward model.
   reference = checkpointing.restore_reference(str(tmp_path), jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state.params))
   for name, value in pretrained[1].items():
     jax.tree.map(np.testing.assert_array_equal, reference[name], value)
-  if critic_init == 'reward model':
-    reward_params = checkpointing.restore_for_inference(reward_run[0], head='score').params
-    jax.tree.map(np.testing.assert_array_equal, reference['critic'], reward_params)
-  else:
-    for name in reference['critic']:
-      if name != 'score':
-        jax.tree.map(np.testing.assert_array_equal, reference['critic'][name],
-                     pretrained[1][name])
+  reward_params = checkpointing.restore_for_inference(reward_run[0], head='score').params
+  jax.tree.map(np.testing.assert_array_equal, reference['critic'], reward_params)
   # Read as a language model, a PPO run is its policy alone.
   policy = checkpointing.restore_for_inference(str(tmp_path))
   assert sorted(policy.params) == sorted(pretrained[1])
+
+
+def test_ppos_critic_model_starts_as_the_policys_trunk_under_a_fresh_head(pretrained):
+  config = post_training_config(ppo_config, pretrained[0])
+  config.train.ppo.critic = 'model'
+  config, tokenizer = start_lib.resolve(config, 1)
+  abstract = checkpointing.abstract_params(models.build(config.model),
+                                           sharding.make_mesh(config.mesh, DEVICES))
+  params, _ = checkpointing.load_params(pretrained[0], -1, abstract, config, tokenizer)
+  assert sorted(params['critic']) == sorted({*pretrained[1], 'score'} - {'lm_head'})
+  for name in params['critic']:
+    if name != 'score':
+      jax.tree.map(np.testing.assert_array_equal, params['critic'][name], pretrained[1][name])
+      jax.tree.map(np.testing.assert_array_equal, params[name], pretrained[1][name])
 
 
 def test_a_critic_from_a_reward_model_of_other_shapes_or_a_language_model_is_refused(
