@@ -107,7 +107,8 @@ def main():
   check_flags()
   given = flags.FLAGS['task'].present
   task_list = [load_task(name) for name in _TASK.value] if given else None  # Bad files first.
-  run = checkpointing.restore_for_inference(_WORKDIR.value, _STEP.value, head=None)
+  run = checkpointing.restore_for_inference(_WORKDIR.value, _STEP.value, head=None,
+                                            keep_quantized=True)
   reward_model = run.config.model.get('head', 'lm') == 'score'
   if task_list is None:  # The defaults of what it holds.
     task_list = [load_task(name) for name in (

@@ -64,7 +64,7 @@ def read_prompts() -> list[str]:
 def main():
   check_flags()
   prompts = read_prompts()
-  run = checkpointing.restore_for_inference(_WORKDIR.value, _STEP.value)
+  run = checkpointing.restore_for_inference(_WORKDIR.value, _STEP.value, keep_quantized=True)
   vocab_size, max_seq_len = run.config.model.vocab_size, run.config.model.max_seq_len
   check(_TOP_K.value <= vocab_size,
         f'--top_k={_TOP_K.value} exceeds the vocabulary of the checkpoint ({vocab_size} ids)')

@@ -19,9 +19,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import qwix
-from qwix._src.providers import ptq as qwix_ptq  # WithAux: a quantized weight's type.
 
-from lm import models
+from lm import models, quantization
 from lm.errors import check, check_number
 
 # The Dense layers of lm's blocks, by module name, and the groups `targets` may name.
@@ -33,9 +32,9 @@ GROUPS = {'attention': ('query', 'key', 'value', 'out'), 'mlp': ('wi_gate', 'wi_
 BLOCK_LAYERS = {'attention': GROUPS['attention'] + GROUPS['mlp'],
                 'mamba': ('in_proj', 'x_proj', 'dt_proj', 'out_proj')}
 BASE_DTYPES = ('', 'int8', 'int4', 'nf4')  # '' keeps the base as the checkpoint holds it.
-# What QLoRA stores quantized, adapted or not: all but dt_proj, whose input (dt_rank) is
-# too narrow to tile.
-QUANTIZED = tuple(layer for layer in LAYERS if layer != 'dt_proj')
+# What QLoRA stores quantized, adapted or not: what a quantized run stores (all but
+# dt_proj, whose input, dt_rank, is too narrow to tile).
+QUANTIZED = quantization.LAYERS
 ADAPTER_SUFFIXES = ('_lora_a', '_lora_b')
 
 
@@ -97,12 +96,9 @@ def validate(config) -> None:
         f' weight it adapts ({", ".join(present)})')
   check(config.train.init_from, 'config.lora.rank > 0 adapts a trained model: give its run'
         ' as config.train.init_from')
-  if _tile(lora):  # Each quantized matrix's innermost input axis splits into tiles.
-    for layer in sorted(set(layers) | set(QUANTIZED)):
-      size = _innermost_input(config.model, layer)
-      check(size % lora.tile_size == 0,
-            f'config.lora.tile_size={lora.tile_size} does not divide {layer}\'s input axis'
-            f' of {size} ({lora.base_dtype} is quantized in tiles of it)')
+  # Each quantized matrix's innermost input axis splits into tiles.
+  quantization.check_tiles(config.model, set(layers) | set(QUANTIZED), lora.base_dtype,
+                           lora.tile_size, 'config.lora.tile_size')
 
 
 def _sides(model, layer: str) -> tuple[int, int]:
@@ -117,17 +113,6 @@ def _sides(model, layer: str) -> tuple[int, int]:
           'dt_proj': (model.mamba_dt_rank, inner), 'out_proj': (inner, model.embed_dim)}[layer]
 
 
-def _innermost_input(model, layer: str) -> int:
-  inner = model.mamba_expand * model.embed_dim
-  return {'out': model.head_dim, 'wo': model.mlp_dim, 'x_proj': inner, 'out_proj': inner,
-          'dt_proj': model.mamba_dt_rank}.get(layer, model.embed_dim)
-
-
-def _path_regex(layers) -> str:
-  # qwix matches a module path such as 'layer_3/attention/query'.
-  return '(.*/)?(' + '|'.join(layers) + ')$'
-
-
 def wrap(model: nn.Module, lora_config, *, train: bool, quantize: bool = True) -> nn.Module:
   """A copy of `model` whose target layers carry adapters (dropout only when `train`:
   qwix applies it on every call) and, with base_dtype and `quantize`, whose block
@@ -135,18 +120,17 @@ def wrap(model: nn.Module, lora_config, *, train: bool, quantize: bool = True) -
   none for a quantized DenseGeneral (attention) at init, though it applies them."""
   quantized = (lora_config.base_dtype or None) if quantize else None
   rules = [qwix.LoraRule(
-      module_path=_path_regex(target_layers(lora_config.targets)), rank=lora_config.rank,
+      module_path=quantization.path_regex(target_layers(lora_config.targets)), rank=lora_config.rank,
       alpha=float(lora_config.alpha), dropout=lora_config.dropout if train else 0.0,
       weight_qtype=quantized, tile_size=_tile(lora_config))]
   if quantized:  # QLoRA stores every block matrix quantized, adapted or not.
-    rules.append(qwix.QuantizationRule(module_path=_path_regex(QUANTIZED),
-                                       weight_qtype=quantized, tile_size=_tile(lora_config)))
+    rules.append(quantization.rule(quantized, lora_config.tile_size, QUANTIZED))
   return qwix.apply_lora_to_model(model.clone(), qwix.LoraProvider(rules))
 
 
 def _tile(lora_config):
   # int8 keeps one scale per output channel; 4 bits need smaller blocks (QLoRA's: 64).
-  return lora_config.tile_size if lora_config.base_dtype in ('int4', 'nf4') else None
+  return lora_config.tile_size if lora_config.base_dtype in quantization.TILED else None
 
 
 def abstract_split(model: nn.Module, lora_config) -> tuple[dict, dict]:
@@ -189,14 +173,10 @@ def quantize_base(params: dict, stored_boxed: dict) -> dict:
   """A plain model's params as the adapted model stores its base: the quantized layers'
   weights quantized (qwix), the rest as they are. `stored_boxed`: the base half of the
   adapted model's init (abstract)."""
-  return qwix.quantize_params(params, stored_boxed)
+  return quantization.quantize_params(params, stored_boxed)
 
 
-def dequantize(base: dict) -> dict:
-  """The base with every quantized weight back in floating point."""
-  def value(leaf):
-    return qwix.dequantize(leaf.array) if isinstance(leaf, qwix_ptq.WithAux) else leaf
-  return jax.tree.map(value, base, is_leaf=lambda x: isinstance(x, qwix_ptq.WithAux))
+dequantize = quantization.dequantize  # The base with every quantized weight in float.
 
 
 def merge(base: dict, adapters: dict, lora_config) -> dict:

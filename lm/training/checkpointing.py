@@ -31,7 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lm import config as config_lib
-from lm import distributed, lora, models, sharding
+from lm import distributed, lora, models, quantization, sharding
 from lm import tokenizer as tokenizer_lib
 from lm.errors import ConfigError, check, check_no_links, open_own
 
@@ -428,6 +428,11 @@ def read_init_from(workdir: str, step: int) -> tuple[int, ml_collections.ConfigD
   with unreadable_as_config_error(f'config.train.init_from={workdir!r}', source, step):
     saved_config, saved_tokenizer = source.read_metadata(step)
   source.close()
+  if quantization.scheme_of(saved_config):  # Its rounding would train on as if weights.
+    raise ConfigError(f'config.train.init_from={workdir!r} holds a model quantized to'
+                      f' {saved_config.quantization.scheme} (experiments.quantize, from'
+                      f' {saved_config.quantization.source}): train from the run it was'
+                      ' quantized from')
   return step, saved_config, saved_tokenizer
 
 
@@ -599,6 +604,15 @@ def _inference_metadata(workdir: str, step: int | None, head: str, flag: str):
   return checkpointer, step, config, tokenizer_dict
 
 
+def inference_config(workdir: str, step: int | None, head: str | None,
+                     flag: str = '--workdir') -> tuple[int, ml_collections.ConfigDict]:
+  """(step, config) of the checkpoint restore_for_inference would read, without its
+  arrays: what a command checks before it reads them."""
+  checkpointer, step, config, _ = _inference_metadata(workdir, step, head, flag)
+  checkpointer.close()
+  return step, config
+
+
 def check_reward_model(workdir: str, flag: str, tokenizer, config=None) -> None:
   """At a run's start: `workdir` (named by `flag`) holds a reward model that reads the
   run's tokens (a reward model of another tokenizer would score other ids) and, given
@@ -622,13 +636,17 @@ def check_reward_model(workdir: str, flag: str, tokenizer, config=None) -> None:
 
 
 def restore_for_inference(workdir: str, step: int | None = None, head: str = 'lm',
-                          flag: str = '--workdir', mesh=None) -> Restored:
+                          flag: str = '--workdir', mesh=None,
+                          keep_quantized: bool = False) -> Restored:
   """The checkpoint at `step` (default: latest), its params split over `mesh` (default: a
   mesh of every device of every process, sharding.inference_mesh) by the logical axis
   rules, with the model and tokenizer built from the config and tokenizer saved with it.
   Params that are not finite are refused, and so is a model whose config.model.head is
   not `head` (a reward model where a language model is read, or the reverse; None takes
-  either), naming `flag`."""
+  either), naming `flag`. A quantized run (experiments/quantize.py, config.quantization)
+  comes, with `keep_quantized`, as its quantized model and params (integer weights that
+  each product dequantizes: what sample and evaluate run); else dequantized, as the
+  plain model's params (what an export or a merge reads)."""
   checkpointer, step, config, tokenizer_dict = _inference_metadata(workdir, step, head, flag)
   with unreadable_as_config_error(f'{flag}={workdir}', checkpointer, step):
     model = models.build(config.model)
@@ -637,8 +655,24 @@ def restore_for_inference(workdir: str, step: int | None = None, head: str = 'lm
     if lora.enabled(config.lora):  # Adapters: folded into their base.
       params = _merged_params(checkpointer, step, config, tokenizer,
                               abstract_params(model, mesh))
+    elif quantization.scheme_of(config):
+      model, params = _quantized_params(checkpointer, step, config.quantization, model, mesh,
+                                        keep_quantized)
     else:
       params = checkpointer.restore_params(step, abstract_params(model, mesh))
   checkpointer.close()
   check_finite(params, f'{flag}={workdir}', step)
   return Restored(step, config, tokenizer, model, params, mesh)
+
+
+def _quantized_params(checkpointer, step, quantization_config, model, mesh, keep_quantized):
+  """(model, params) of a quantized run: the quantized model and its stored params, or
+  the plain model and the params dequantized, onto `mesh`."""
+  quantized_model = quantization.quantize_model(model, quantization_config.scheme,
+                                                quantization_config.group_size)
+  params = checkpointer.restore_params(step, quantization.abstract_arrays(
+      quantization.abstract_params(quantized_model), mesh))
+  if keep_quantized:
+    return quantized_model, params
+  shardings = jax.tree.map(lambda x: x.sharding, abstract_params(model, mesh))
+  return model, jax.jit(quantization.dequantize, out_shardings=shardings)(params)

@@ -1,0 +1,142 @@
+"""Weight-only post-training quantization (PTQ) through qwix: a model's block matrices
+stored as integers with float scales and dequantized in each matrix product (qwix
+intercepts the Dense layers' dot_general). A quantized run (experiments/quantize.py)
+and QLoRA's frozen base (lm/lora.py) are stored this way.
+
+Schemes: 'int8', one scale per output channel; 'int4' (and QLoRA's 'nf4'), one scale
+per output channel and tile of `group_size` along the weight's innermost input axis
+(attention's `out` reads heads x head_dim, so its tile spans every head). qwix's
+symmetric scale is absmax / (qmax + 0.5), 127.5 for int8 and 7.5 for int4 (the top
+bucket holds [qmax - 0.5, qmax + 0.5)), and q = round(w / scale), so every weight lies
+within scale / 2 of q * scale.
+
+The embedding, the output and value heads, the norms and Mamba's dt_proj (whose input,
+dt_rank, is too narrow to tile) stay as they are.
+"""
+
+import flax
+import jax
+import ml_collections
+import numpy as np
+import qwix
+from qwix._src.providers import ptq as qwix_ptq  # WithAux: a quantized weight's type.
+
+from lm import models, sharding
+from lm.errors import check
+
+SCHEMES = ('int8', 'int4')  # What experiments.quantize writes; QLoRA's base adds 'nf4'.
+TILED = ('int4', 'nf4')  # 4 bits need smaller blocks than an output channel (QLoRA's: 64).
+DEFAULT_GROUP_SIZE = 64
+# The Dense layers stored quantized, by module name.
+LAYERS = ('query', 'key', 'value', 'out', 'wi_gate', 'wi_up', 'wo', 'in_proj', 'x_proj',
+          'out_proj')
+
+
+def config(scheme: str, group_size: int, source: str) -> ml_collections.ConfigDict:
+  """config.quantization of a quantized run: how its params are stored, and what they
+  were quantized from."""
+  return ml_collections.ConfigDict(dict(
+      scheme=scheme, group_size=group_size if scheme in TILED else 0, source=source))
+
+
+def scheme_of(run_config) -> str:
+  """A saved run's scheme, '' for float params (runs never quantized have no section)."""
+  return run_config.quantization.scheme if 'quantization' in run_config else ''
+
+
+def path_regex(layers) -> str:
+  # qwix matches a module path such as 'layer_3/attention/query'.
+  return '(.*/)?(' + '|'.join(layers) + ')$'
+
+
+def rule(qtype: str, group_size: int, layers=LAYERS) -> qwix.QuantizationRule:
+  """Weights of `layers` stored as `qtype`, tiled by `group_size` where TILED."""
+  return qwix.QuantizationRule(module_path=path_regex(layers), weight_qtype=qtype,
+                               tile_size=group_size if qtype in TILED else None)
+
+
+def quantize_model(model, scheme: str, group_size: int):
+  """A copy of `model` that takes its block matrices quantized (`quantize_params`)."""
+  return qwix.quantize_model(model.clone(), qwix.PtqProvider([rule(scheme, group_size)]))
+
+
+def abstract_params(quantized_model) -> dict:
+  """The quantized model's params as boxed ShapeDtypeStructs (qwix's WithAux leaves
+  record how each weight is quantized)."""
+  return jax.eval_shape(lambda rng: models.init_variables(quantized_model, rng)['params'],
+                        jax.random.key(0))
+
+
+def quantize_params(params: dict, stored_boxed: dict) -> dict:
+  """Float params as the quantized model stores them (`stored_boxed`: abstract_params)."""
+  return qwix.quantize_params(params, stored_boxed)
+
+
+def dequantize(params: dict) -> dict:
+  """`params` with every quantized weight back in floating point."""
+  def value(leaf):
+    return qwix.dequantize(leaf.array) if isinstance(leaf, qwix_ptq.WithAux) else leaf
+  return jax.tree.map(value, params, is_leaf=lambda x: isinstance(x, qwix_ptq.WithAux))
+
+
+def is_quantized(leaf) -> bool:
+  return isinstance(leaf, qwix_ptq.WithAux)
+
+
+def flat_weights(params: dict) -> dict:
+  """{path: leaf} with a quantized weight (WithAux) one leaf."""
+  return flax.traverse_util.flatten_dict(params, is_leaf=lambda _, x: not isinstance(x, dict))
+
+
+def abstract_arrays(stored_boxed: dict, mesh) -> dict:
+  """ShapeDtypeStructs of `stored_boxed` with the rules table's shardings on `mesh`,
+  except that an axis a mesh split does not divide is kept whole: a tiled weight's scale
+  has one entry per tile along the input axis, fewer than the devices that split it."""
+  shardings = sharding.logical_to_shardings(stored_boxed, mesh)
+
+  def fit(value, where):
+    spec = list(where.spec) + [None] * (len(value.shape) - len(where.spec))
+    for axis, names in enumerate(spec):
+      split = int(np.prod([mesh.shape[n] for n in (
+          names if isinstance(names, tuple) else (names,)) if n is not None]))
+      if value.shape[axis] % split:
+        spec[axis] = None
+    return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(*spec)))
+  return jax.tree.map(fit, flax.linen.meta.unbox(stored_boxed), shardings)
+
+
+def innermost_input(model_config, layer: str) -> int:
+  """The size of `layer`'s innermost input axis, the one a tile splits."""
+  inner = model_config.mamba_expand * model_config.embed_dim
+  return {'out': model_config.head_dim, 'wo': model_config.mlp_dim, 'x_proj': inner,
+          'out_proj': inner, 'dt_proj': model_config.mamba_dt_rank}.get(
+              layer, model_config.embed_dim)
+
+
+def present_layers(model_config, layers=LAYERS) -> tuple[str, ...]:
+  """Those of `layers` that the blocks of model_config.layer_pattern hold."""
+  kinds = {part.strip() for part in model_config.layer_pattern.split(',') if part.strip()}
+  held = {'attention': ('query', 'key', 'value', 'out', 'wi_gate', 'wi_up', 'wo'),
+          'mamba': ('in_proj', 'x_proj', 'dt_proj', 'out_proj')}
+  return tuple(layer for layer in layers if any(layer in held.get(kind, ()) for kind in kinds))
+
+
+def check_tiles(model_config, layers, qtype: str, group_size: int, field: str) -> None:
+  """Refuses, naming `field`, a tile that does not divide the innermost input axis of a
+  layer of `layers` (`qtype` not TILED: nothing to check)."""
+  if qtype not in TILED:
+    return
+  for layer in sorted(layers):
+    size = innermost_input(model_config, layer)
+    check(size % group_size == 0,
+          f'{field}={group_size} does not divide {layer}\'s input axis of {size}'
+          f' ({qtype} is quantized in tiles of it)')
+
+
+def param_bytes(params: dict) -> int:
+  """Bytes the params hold (int4 counted as half a byte, as packed)."""
+  def size(x):
+    bits = 4 if x.dtype.name in ('int4', 'uint4') else 8 * x.dtype.itemsize
+    return x.size * bits // 8
+  return sum(size(x) for x in jax.tree.leaves(params))
