@@ -52,11 +52,7 @@ def quantize(workdir: str, step: int | None, output: str, scheme: str, group_siz
                            group_size, '--group_size')
 
   run = checkpointing.restore_for_inference(workdir, saved_step)
-  quantized_model = quantization.quantize_model(run.model, scheme, group_size)
-  stored_boxed = quantization.abstract_params(quantized_model)
-  stored = quantization.abstract_arrays(stored_boxed, run.mesh)
-  params = jax.jit(lambda params: quantization.quantize_params(params, stored_boxed),
-                   out_shardings=jax.tree.map(lambda x: x.sharding, stored))(run.params)
+  _, params = quantization.quantize(run.model, run.params, scheme, group_size, run.mesh)
   config = run.config
   config.quantization = quantization.config(
       scheme, group_size, f'{os.path.abspath(workdir)} step {run.step}')

@@ -72,6 +72,16 @@ def quantize_params(params: dict, stored_boxed: dict) -> dict:
   return qwix.quantize_params(params, stored_boxed)
 
 
+def quantize(model, params: dict, scheme: str, group_size: int, mesh) -> tuple:
+  """(quantized model, its params onto `mesh`) of `model`'s float `params`: what a
+  quantized run stores and runs."""
+  quantized_model = quantize_model(model, scheme, group_size)
+  stored_boxed = abstract_params(quantized_model)
+  shardings = jax.tree.map(lambda x: x.sharding, abstract_arrays(stored_boxed, mesh))
+  return quantized_model, jax.jit(lambda params: quantize_params(params, stored_boxed),
+                                  out_shardings=shardings)(params)
+
+
 def dequantize(params: dict) -> dict:
   """`params` with every quantized weight back in floating point."""
   def value(leaf):
