@@ -9,6 +9,9 @@
       A directory transformers' AutoModelForCausalLM and AutoTokenizer open, from a run
       trained or imported here: the tokenizer carries the chat template lm renders the
       run's conversations with, and generation_config.json the ids generation stops at.
+  python -m experiments.convert --workdir=W [--step=N] --to_gguf=FILE [--gguf_type=f16]
+      One GGUF file llama.cpp runs (llama, qwen2 or qwen3 architecture) with the
+      tokenizer and chat template in it; --gguf_type f32, f16, q8_0 or q4_0.
 """
 
 import json
@@ -22,15 +25,19 @@ from experiments.configs import default
 from lm import config as config_lib
 from lm import models, sharding
 from lm import tokenizer as tokenizer_lib
-from lm.errors import check, check_new_directory, check_no_links
-from lm.interop import hf
+from lm.errors import check, check_new_directory, check_new_file, check_no_links
+from lm.interop import gguf, hf
 from lm.training import checkpointing
 
 _FROM_HF = flags.DEFINE_string('from_hf', None, 'A transformers checkpoint directory to import.')
 _TO_HF = flags.DEFINE_bool('to_hf', False, 'Export --workdir\'s checkpoint to --output.')
 _OUTPUT = flags.DEFINE_string('output', None, 'With --to_hf: the directory to write.')
+_TO_GGUF = flags.DEFINE_string('to_gguf', None, 'Export --workdir\'s checkpoint to this GGUF file.')
+_GGUF_TYPE = flags.DEFINE_string('gguf_type', None, 'With --to_gguf: the weights\' type, one of'
+                                 f' {", ".join(gguf.TYPES)} (default: f16).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The lm run written (import) or read (export).')
-_STEP = flags.DEFINE_integer('step', None, 'With --to_hf: the checkpoint step (default: latest).')
+_STEP = flags.DEFINE_integer('step', None, 'With --to_hf or --to_gguf: the checkpoint step'
+                             ' (default: latest).')
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -85,9 +92,31 @@ def export_checkpoint(workdir: str, step: int | None, output: str) -> None:
     print(f'exported step {run.step} of {workdir} to {output}')
 
 
+def export_gguf(workdir: str, step: int | None, path: str, gguf_type: str) -> None:
+  check_new_file('--to_gguf', path)
+  directory = os.path.dirname(os.path.abspath(path))
+  check(os.path.isdir(directory), f'--to_gguf={path}: no such directory {directory}')
+  check(gguf_type in gguf.TYPES, f'--gguf_type={gguf_type!r} is not one of {", ".join(gguf.TYPES)}')
+  run = checkpointing.restore_for_inference(workdir, step)
+  # Every process gathers the arrays; process 0 writes.
+  counts = gguf.write(path if jax.process_index() == 0 else os.devnull, run.config.model,
+                      run.params, run.tokenizer, gguf_type, sharding.to_host,
+                      name=os.path.basename(os.path.abspath(workdir)))
+  if jax.process_index() == 0:
+    stored = ', '.join(f'{count} {kind}' for kind, count in sorted(counts.items()))
+    print(f'exported step {run.step} of {workdir} to {path} ({gguf.architecture(run.config.model)},'
+          f' {os.path.getsize(path):,} bytes; tensors: {stored})')
+
+
 def main():
-  check(bool(_FROM_HF.value) != _TO_HF.value, 'give exactly one of --from_hf=DIR and --to_hf')
-  if _FROM_HF.value:
+  exports = [bool(_FROM_HF.value), _TO_HF.value, _TO_GGUF.value is not None]
+  check(sum(exports) == 1, 'give exactly one of --from_hf=DIR, --to_hf and --to_gguf=FILE')
+  check(_GGUF_TYPE.value is None or _TO_GGUF.value is not None,
+        '--gguf_type goes with --to_gguf')
+  if _TO_GGUF.value is not None:
+    check(_OUTPUT.value is None, '--output goes with --to_hf; --to_gguf names its file')
+    export_gguf(_WORKDIR.value, _STEP.value, _TO_GGUF.value, _GGUF_TYPE.value or 'f16')
+  elif _FROM_HF.value:
     check(_STEP.value is None and _OUTPUT.value is None,
           '--step and --output go with --to_hf, not --from_hf')
     import_checkpoint(_FROM_HF.value, _WORKDIR.value)
