@@ -84,9 +84,8 @@ def main():
   run = checkpointing.restore_for_inference(_WORKDIR.value, _STEP.value)
   check(not quantization.scheme_of(run.config), f'--workdir={_WORKDIR.value} is already'
         ' quantized: give the run it was quantized from')
-  quantization.check_tiles(run.config.model, quantization.present_layers(run.config.model),
-                           'int4' if 'int4' in _SCHEMES.value else '', _GROUP_SIZE.value,
-                           '--group_size')
+  for scheme in _SCHEMES.value:
+    quantization.check_groups(run.config.model, scheme, _GROUP_SIZE.value, '--group_size')
   tasks = [builtin.BUILTIN_TASKS[name]() for name in _TASK.value]
   rows = {}
   with sharding.activate(run.mesh):

@@ -28,7 +28,7 @@ _OUTPUT = flags.DEFINE_string('output', None, 'The new run directory to write.')
 _SCHEME = flags.DEFINE_string('scheme', 'int8', f'One of {", ".join(quantization.SCHEMES)}.')
 _GROUP_SIZE = flags.DEFINE_integer(
     'group_size', quantization.DEFAULT_GROUP_SIZE,
-    'int4: inputs per scale, along each weight\'s innermost input axis.')
+    'int4: consecutive inputs per scale.')
 flags.mark_flags_as_required(['output'])
 
 
@@ -48,8 +48,7 @@ def quantize(workdir: str, step: int | None, output: str, scheme: str, group_siz
   if quantization.scheme_of(config):
     raise ConfigError(f'--workdir={workdir} is already quantized ({config.quantization.scheme},'
                       f' from {config.quantization.source}): quantize the run it came from')
-  quantization.check_tiles(config.model, quantization.present_layers(config.model), scheme,
-                           group_size, '--group_size')
+  quantization.check_groups(config.model, scheme, group_size, '--group_size')
 
   run = checkpointing.restore_for_inference(workdir, saved_step)
   _, params = quantization.quantize(run.model, run.params, scheme, group_size, run.mesh)

@@ -3,15 +3,17 @@ stored as integers with float scales and dequantized in each matrix product (qwi
 intercepts the Dense layers' dot_general). A quantized run (experiments/quantize.py)
 and QLoRA's frozen base (lm/lora.py) are stored this way.
 
-Schemes: 'int8', one scale per output channel; 'int4' (and QLoRA's 'nf4'), one scale
-per output channel and tile of `group_size` along the weight's innermost input axis
-(attention's `out` reads heads x head_dim, so its tile spans every head). qwix's
-symmetric scale is absmax / (qmax + 0.5), 127.5 for int8 and 7.5 for int4 (the top
-bucket holds [qmax - 0.5, qmax + 0.5)), and q = round(w / scale), so every weight lies
-within scale / 2 of q * scale.
+A quantized run's schemes: 'int8', one scale per output channel; 'int4', one scale per
+output channel and group of `group_size` consecutive inputs (a Dense kernel lists its
+input axes, then its output axes; attention's `out` reads heads x head_dim, so its groups
+lie within a head or span whole heads). QLoRA's base tiles the innermost input axis
+alone (`rule`: a tile of `out` spans every head). qwix's symmetric scale is
+absmax / (qmax + 0.5), 127.5 for int8 and 7.5 for int4 (the top bucket holds
+[qmax - 0.5, qmax + 0.5)), and q = round(w / scale), so every weight lies within
+scale / 2 of q * scale.
 
-The embedding, the output and value heads, the norms and Mamba's dt_proj (whose input,
-dt_rank, is too narrow to tile) stay as they are.
+The embedding, the output head, the norms and Mamba's dt_proj (whose input, dt_rank, is
+too narrow to group) stay as they are.
 """
 
 import flax
@@ -56,8 +58,18 @@ def rule(qtype: str, group_size: int, layers=LAYERS) -> qwix.QuantizationRule:
 
 
 def quantize_model(model, scheme: str, group_size: int):
-  """A copy of `model` that takes its block matrices quantized (`quantize_params`)."""
-  return qwix.quantize_model(model.clone(), qwix.PtqProvider([rule(scheme, group_size)]))
+  """A copy of `model` that takes its block matrices quantized as a quantized run stores
+  them (`quantize_params`)."""
+  if scheme not in TILED:
+    return qwix.quantize_model(model.clone(), qwix.PtqProvider([rule(scheme, group_size)]))
+  # out's input axes are [heads, head_dim]: groups of consecutive inputs tile both.
+  head_dim = model.config.head_dim
+  tiles = ({0: 1, 1: group_size} if group_size <= head_dim
+           else {0: group_size // head_dim, 1: head_dim})
+  rules = [qwix.QuantizationRule(module_path=path_regex(['out']), weight_qtype=scheme,
+                                 tile_size=tiles),
+           rule(scheme, group_size, tuple(layer for layer in LAYERS if layer != 'out'))]
+  return qwix.quantize_model(model.clone(), qwix.PtqProvider(rules))
 
 
 def abstract_params(quantized_model) -> dict:
@@ -142,6 +154,23 @@ def check_tiles(model_config, layers, qtype: str, group_size: int, field: str) -
     check(size % group_size == 0,
           f'{field}={group_size} does not divide {layer}\'s input axis of {size}'
           f' ({qtype} is quantized in tiles of it)')
+
+
+def check_groups(model_config, scheme: str, group_size: int, flag: str) -> None:
+  """Refuses, naming `flag`, a group size that does not split the inputs of a layer the
+  model holds into whole groups (`scheme` not TILED: nothing to check)."""
+  if scheme not in TILED:
+    return
+  for layer in sorted(present_layers(model_config)):
+    if layer != 'out':
+      check_tiles(model_config, [layer], scheme, group_size, flag)
+      continue
+    heads, head_dim = model_config.num_heads, model_config.head_dim
+    fits = (head_dim % group_size == 0 if group_size <= head_dim
+            else group_size % head_dim == 0 and heads % (group_size // head_dim) == 0)
+    check(fits, f'{flag}={group_size} does not split out\'s input of {heads} heads x'
+          f' {head_dim} into groups: a group lies within a head (dividing {head_dim}) or'
+          f' spans whole heads (a multiple of {head_dim} dividing {heads * head_dim})')
 
 
 def param_bytes(params: dict) -> int:

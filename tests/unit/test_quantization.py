@@ -25,34 +25,32 @@ def hybrid():
 
 
 @functools.cache
-def quantized(scheme):
+def quantized(scheme, group=GROUP):
   """(quantized model, its params) of the hybrid model."""
   model, params = hybrid()
-  quantized_model = quantization.quantize_model(model, scheme, GROUP)
+  quantized_model = quantization.quantize_model(model, scheme, group)
   stored_boxed = quantization.abstract_params(quantized_model)
   return quantized_model, jax.jit(
       lambda params: quantization.quantize_params(params, stored_boxed))(params)
 
 
 def reference_scale(weight, num_inputs: int, group: int | None, qmax: float):
-  """max|w| / qmax over each output channel's inputs (its leading `num_inputs` axes), or
-  over each tile of `group` along the innermost input axis; broadcast to w's shape."""
-  inner = num_inputs - 1
-  if group:
-    tiled = weight.reshape(weight.shape[:inner] + (weight.shape[inner] // group, group)
-                           + weight.shape[inner + 1:])
-    absmax = np.abs(tiled).max(axis=tuple(range(inner)) + (inner + 1,), keepdims=True)
-    return np.broadcast_to(absmax / qmax, tiled.shape).reshape(weight.shape)
-  absmax = np.abs(weight).max(axis=tuple(range(num_inputs)), keepdims=True)
-  return np.broadcast_to(absmax / qmax, weight.shape)
+  """max|w| / qmax over each output channel's inputs (the leading `num_inputs` axes,
+  flattened), or over each group of `group` consecutive ones; broadcast to w's shape."""
+  inputs = int(np.prod(weight.shape[:num_inputs]))
+  rows = weight.reshape((inputs // (group or inputs), group or inputs, -1))
+  absmax = np.abs(rows).max(axis=1, keepdims=True)
+  return np.broadcast_to(absmax / qmax, rows.shape).reshape(weight.shape)
 
 
-@pytest.mark.parametrize('scheme', ['int8', 'int4'])
-def test_every_stored_weight_is_within_half_a_step_of_its_scale(scheme):
-  """|w - q scale| <= scale / 2, scale = max|w| / 127.5 per output channel (int8) or per
-  tile of GROUP inputs (int4); the embedding, norms and dt_proj stay float."""
+# int4 in groups within a head of attention's out (8) and spanning two heads (16).
+@pytest.mark.parametrize('scheme, group', [('int8', None), ('int4', 8), ('int4', 16)])
+def test_every_stored_weight_is_within_half_a_step_of_its_scale(scheme, group):
+  """|w - q scale| <= scale / 2, scale = max|w| / 127.5 per output channel (int8) or
+  max|w| / 7.5 per channel and group of consecutive inputs (int4); the embedding, norms,
+  output head and dt_proj stay float."""
   _, params = hybrid()
-  _, stored = quantized(scheme)
+  _, stored = quantized(scheme, group or GROUP)
   flat, stored_flat = quantization.flat_weights(params), quantization.flat_weights(stored)
   seen = set()
   for path, weight in flat.items():
@@ -64,16 +62,14 @@ def test_every_stored_weight_is_within_half_a_step_of_its_scale(scheme):
     seen.add(path[-2])
     assert jnp.iinfo(leaf.array.qvalue.dtype).bits == (8 if scheme == 'int8' else 4)
     weight = np.asarray(weight)
-    scale = reference_scale(weight, 2 if path[-2] == 'out' else 1,
-                            GROUP if scheme == 'int4' else None, QMAX[scheme])
+    num_inputs = 2 if path[-2] == 'out' else 1
+    scale = reference_scale(weight, num_inputs, group, QMAX[scheme])
     error = np.abs(weight - np.asarray(quantization.dequantize({'w': leaf})['w']))
     # Half a step, and float32's rounding of w / scale (values up to 127.5: 2e-5 steps).
     assert np.all(error <= scale * (0.5 + 2e-5)), path
-    # One stored scale per output channel, and per tile of the innermost input axis.
-    inner = 1 if path[-2] == 'out' else 0
-    outputs = int(np.prod(weight.shape[inner + 1:]))
-    tiles = weight.shape[inner] // GROUP if scheme == 'int4' else 1
-    assert leaf.array.scale.size == outputs * tiles, path
+    # One stored scale per output channel and group.
+    inputs = int(np.prod(weight.shape[:num_inputs]))
+    assert leaf.array.scale.size == weight.size // (group or inputs), path
   assert seen == set(quantization.LAYERS)
 
 
@@ -117,12 +113,17 @@ def test_int4_scales_fit_a_mesh_that_does_not_divide_their_tiles():
   assert kernel.qvalue.sharding.spec[0] == 'fsdp' and kernel.scale.sharding.spec[0] is None
 
 
-def test_a_group_size_that_does_not_divide_an_input_axis_is_named():
-  config = small_model_config(**HYBRID)
-  layers = quantization.present_layers(config)
-  assert 'dt_proj' not in layers and 'in_proj' in layers
-  quantization.check_tiles(config, layers, 'int4', 8, '--group_size')
-  quantization.check_tiles(config, layers, 'int8', 7, '--group_size')  # Not tiled.
-  with pytest.raises(ConfigError, match=r"^--group_size=16 does not divide out's input axis"
-                     r' of 8 \(int4 is quantized in tiles of it\)$'):
-    quantization.check_tiles(config, layers, 'int4', 16, '--group_size')
+def test_a_group_size_that_does_not_split_a_layer_into_groups_is_named():
+  config = small_model_config(**HYBRID)  # embed 32, head_dim 8 x 4 heads, mlp 48.
+  assert 'dt_proj' not in quantization.present_layers(config)
+  for group in (1, 4, 8, 16):
+    quantization.check_groups(config, 'int4', group, '--group_size')
+  quantization.check_groups(config, 'int8', 7, '--group_size')  # One scale per channel.
+  with pytest.raises(ConfigError, match=r"^--group_size=32 does not divide wo's input axis"
+                     r' of 48 \(int4 is quantized in tiles of it\)$'):
+    quantization.check_groups(config, 'int4', 32, '--group_size')
+  with pytest.raises(ConfigError, match=r"^--group_size=12 does not split out's input of 4"
+                     r' heads x 8 into groups: a group lies within a head \(dividing 8\) or'
+                     r' spans whole heads \(a multiple of 8 dividing 32\)$'):
+    quantization.check_groups(small_model_config(**HYBRID, mlp_dim=96, embed_dim=48),
+                              'int4', 12, '--group_size')
