@@ -2,7 +2,7 @@
 
   python -m experiments.benchmark_quantize --workdir=/tmp/lm_default [--step=N] \
       [--schemes=int8,int4 --group_size=64] [--task=stdlib_perplexity --task=arithmetic]
-      [--limit=20 --new_tokens=128 --batch_size=1]
+      [--limit=20 --max_length=N --new_tokens=128 --batch_size=1]
 
 One row for the run as saved, then one per scheme, quantized in memory as
 experiments.quantize stores it and run as sample and evaluate run it: bytes of the params
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from experiments import cli
 from lm import quantization, sampling, sharding
-from lm.errors import check
+from lm.errors import check, check_number
 from lm.evaluation import builtin, harness, scoring
 from lm.training import checkpointing
 
@@ -31,6 +31,8 @@ _GROUP_SIZE = flags.DEFINE_integer('group_size', quantization.DEFAULT_GROUP_SIZE
 _TASK = flags.DEFINE_multi_string('task', ['stdlib_perplexity', 'arithmetic'],
                                   f'Built-in tasks ({", ".join(sorted(builtin.BUILTIN_TASKS))}).')
 _LIMIT = flags.DEFINE_integer('limit', 20, 'Records of each task.')
+_MAX_LENGTH = flags.DEFINE_integer(
+    'max_length', None, "Tokens scored at once (default: the model's context, as evaluate's).")
 _NEW_TOKENS = flags.DEFINE_integer('new_tokens', 128, 'Decoded tokens per row when timing.')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 1, 'Rows decoded at once when timing.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed decodes; the best is shown.')
@@ -61,10 +63,9 @@ def decode_tokens_per_second(model, params, tokenizer, max_seq_len: int) -> floa
   return _BATCH_SIZE.value * _NEW_TOKENS.value / best
 
 
-def measure(run, model, params, tasks) -> dict:
+def measure(run, model, params, tasks, max_length: int) -> dict:
   """{'bytes', task name: figure, 'tokens/s'} of `model` with `params`."""
-  scorer = scoring.Scorer(model, params, run.tokenizer, max_length=scoring.context_length(
-      run.config, run.tokenizer.trained_here))
+  scorer = scoring.Scorer(model, params, run.tokenizer, max_length=max_length)
   row = {'bytes': quantization.param_bytes(params)}
   for task in tasks:
     metrics = harness.evaluate(task, scorer, limit=_LIMIT.value)
@@ -75,6 +76,8 @@ def measure(run, model, params, tasks) -> dict:
 
 
 def main():
+  for flag in (_LIMIT, _NEW_TOKENS, _BATCH_SIZE, _REPEATS, _GROUP_SIZE):
+    check_number(f'--{flag.name}', flag.value, at_least=1)
   for scheme in _SCHEMES.value:
     check(scheme in quantization.SCHEMES,
           f'--schemes: {scheme!r} is not one of {", ".join(quantization.SCHEMES)}')
@@ -87,21 +90,22 @@ def main():
   for scheme in _SCHEMES.value:
     quantization.check_groups(run.config.model, scheme, _GROUP_SIZE.value, '--group_size')
   tasks = [builtin.BUILTIN_TASKS[name]() for name in _TASK.value]
+  max_length = scoring.context_length(run.config, run.tokenizer.trained_here, _MAX_LENGTH.value)
   rows = {}
   with sharding.activate(run.mesh):
-    rows[run.config.model.param_dtype] = measure(run, run.model, run.params, tasks)
+    rows[run.config.model.param_dtype] = measure(run, run.model, run.params, tasks, max_length)
     for scheme in _SCHEMES.value:
       model, params = quantization.quantize(run.model, run.params, scheme, _GROUP_SIZE.value,
                                             run.mesh)
-      name = f'{scheme} (groups of {_GROUP_SIZE.value})' if scheme in quantization.TILED \
-          else f'{scheme} (per channel)'
-      rows[name] = measure(run, model, params, tasks)
+      grouping = (f'groups of {_GROUP_SIZE.value}' if scheme in quantization.TILED
+                  else 'per channel')
+      rows[f'{scheme} ({grouping})'] = measure(run, model, params, tasks, max_length)
   if jax.process_index() != 0:
     return
   columns = ['bytes'] + [f'{task.name} {_FIGURE[task.kind]}' for task in tasks] + ['tokens/s']
   print(f'step {run.step} of {_WORKDIR.value} on {jax.devices()[0].platform}'
-        f' ({len(jax.devices())} devices), {_LIMIT.value} records per task, decode'
-        f' {_BATCH_SIZE.value} x {_NEW_TOKENS.value} tokens')
+        f' ({len(jax.devices())} devices), {_LIMIT.value} records per task in a context of'
+        f' {max_length}, decode {_BATCH_SIZE.value} x {_NEW_TOKENS.value} tokens')
   print('| weights | ' + ' | '.join(columns) + ' |')
   print('|---' * (len(columns) + 1) + '|')
   for name, row in rows.items():

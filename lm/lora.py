@@ -120,9 +120,10 @@ def wrap(model: nn.Module, lora_config, *, train: bool, quantize: bool = True) -
   none for a quantized DenseGeneral (attention) at init, though it applies them."""
   quantized = (lora_config.base_dtype or None) if quantize else None
   rules = [qwix.LoraRule(
-      module_path=quantization.path_regex(target_layers(lora_config.targets)), rank=lora_config.rank,
-      alpha=float(lora_config.alpha), dropout=lora_config.dropout if train else 0.0,
-      weight_qtype=quantized, tile_size=_tile(lora_config))]
+      module_path=quantization.path_regex(target_layers(lora_config.targets)),
+      rank=lora_config.rank, alpha=float(lora_config.alpha),
+      dropout=lora_config.dropout if train else 0.0, weight_qtype=quantized,
+      tile_size=_tile(lora_config))]
   if quantized:  # QLoRA stores every block matrix quantized, adapted or not.
     rules.append(quantization.rule(quantized, lora_config.tile_size, QUANTIZED))
   return qwix.apply_lora_to_model(model.clone(), qwix.LoraProvider(rules))

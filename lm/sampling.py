@@ -26,6 +26,8 @@ def cast_weights(params, dtype):
   same numbers from them (flax would cast them to `dtype` anyway), but a decode loop no
   longer re-reads and converts the float32 weights at every step."""
   def cast(path, leaf):
+    # A quantized weight's integers and scales (lm/quantization.py: attributes, not keys,
+    # of qwix's arrays) stay as stored: each product dequantizes them.
     name = getattr(path[-1], 'key', None)
     if name in _CAST_BY_FLAX and jnp.issubdtype(leaf.dtype, jnp.floating):
       return leaf.astype(dtype)

@@ -428,7 +428,7 @@ def read_init_from(workdir: str, step: int) -> tuple[int, ml_collections.ConfigD
   with unreadable_as_config_error(f'config.train.init_from={workdir!r}', source, step):
     saved_config, saved_tokenizer = source.read_metadata(step)
   source.close()
-  if quantization.scheme_of(saved_config):  # Its rounding would train on as if weights.
+  if quantization.scheme_of(saved_config):  # Steps would move floats made of its integers.
     raise ConfigError(f'config.train.init_from={workdir!r} holds a model quantized to'
                       f' {saved_config.quantization.scheme} (experiments.quantize, from'
                       f' {saved_config.quantization.source}): train from the run it was'

@@ -122,6 +122,9 @@ def test_a_group_size_that_does_not_split_a_layer_into_groups_is_named():
   with pytest.raises(ConfigError, match=r"^--group_size=32 does not divide wo's input axis"
                      r' of 48 \(int4 is quantized in tiles of it\)$'):
     quantization.check_groups(config, 'int4', 32, '--group_size')
+  with pytest.raises(ConfigError, match=r"^--group_size=64 does not divide in_proj's input"):
+    quantization.check_groups(small_model_config(layer_pattern='mamba'), 'int4', 64,
+                              '--group_size')  # Mamba's: embed 32; dt_proj stays float.
   with pytest.raises(ConfigError, match=r"^--group_size=12 does not split out's input of 4"
                      r' heads x 8 into groups: a group lies within a head \(dividing 8\) or'
                      r' spans whole heads \(a multiple of 8 dividing 32\)$'):
