@@ -12,6 +12,7 @@ import pytest
 
 from helpers import snapshot
 from lm import quantization
+from lm import tokenizer as tokenizer_lib
 from lm.training import checkpointing
 from test_inference_commands import error_line
 
@@ -79,6 +80,24 @@ def test_bad_input_to_quantize_is_one_line_and_writes_nothing(commands, quantize
     assert line.startswith('error: ') and expected in line, (flags, line)
   assert not os.path.exists(tmp_path / 'new') and snapshot(source) == before
   assert os.listdir(occupied) == ['a_file']
+
+
+def test_a_reward_model_is_refused_before_its_params_are_read(commands, pretrained, tmp_path):
+  """Read from its config alone: the checkpoint's one array is no model's."""
+  source = checkpointing.Checkpointer(pretrained[0], max_to_keep=None, read_only=True)
+  config, tokenizer = source.read_metadata(source.latest_step())
+  source.close()
+  config.model.head = 'score'
+  reward_model = checkpointing.Checkpointer(str(tmp_path / 'reward_model'), max_to_keep=None)
+  reward_model.save_params(2, {'score': np.zeros(1, np.float32)}, config,
+                           tokenizer_lib.from_dict(tokenizer))
+  reward_model.close()
+  line = error_line(commands('experiments.quantize', f'--workdir={tmp_path / "reward_model"}',
+                             f'--output={tmp_path / "new"}'))
+  assert line == (f"error: --workdir={tmp_path / 'reward_model'} holds a model with"
+                  " model.head='score'; only a language model (model.head='lm') is"
+                  ' quantized'), line
+  assert not os.path.exists(tmp_path / 'new')
 
 
 def test_training_from_a_quantized_run_is_refused(commands, quantized, tmp_path):
