@@ -53,10 +53,9 @@ def test_a_quantized_run_samples_and_evaluates(commands, quantized, tmp_path):
   assert "--- prompt: 'the cat'" in result.stdout
   task = tmp_path / 'text.jsonl'
   task.write_text('{"text": "the cat sat on a mat while dogs ran far away."}\n')
-  result = commands('experiments.evaluate', f'--workdir={workdir}', f'--task={task}',
-                    '--task=arithmetic', '--limit=2')
+  result = commands('experiments.evaluate', f'--workdir={workdir}', f'--task={task}')
   assert result.returncode == 0, result.stderr[-3000:]
-  assert 'text' in result.stdout and 'exact_match=' in result.stdout, result.stdout
+  assert 'perplexity=' in result.stdout, result.stdout  # Generation: sample's, above.
   assert os.path.isfile(workdir / 'eval' / 'step_2.json')
 
 
