@@ -7,7 +7,7 @@ pipeline are the same for all. Adding one is a module here and a line below.
 """
 
 from lm.errors import ConfigError
-from lm.objectives import base, dpo, grpo, ppo, pretrain, reward_model, sft
+from lm.objectives import base, distill, dpo, grpo, ppo, pretrain, reward_model, sft
 
 Objective = base.Objective
 
@@ -18,6 +18,7 @@ OBJECTIVES: dict[str, Objective] = {
     'grpo': grpo.GRPO(),
     'reward_model': reward_model.RewardModel(),
     'ppo': ppo.PPO(),
+    'distill': distill.Distill(),
 }
 
 

@@ -76,6 +76,12 @@ class Objective:
   def build_source(self, data_config):
     raise NotImplementedError
 
+  def data_reader(self, train_config) -> 'Objective':
+    """The objective whose source, rows and batches the run reads: itself, or, for one
+    whose settings choose another's data (distillation), that one's."""
+    del train_config
+    return self
+
   # Data (lm/data/pipeline.make_dataset).
 
   def data_seq_len(self, config) -> int:
@@ -124,21 +130,23 @@ class Objective:
 
   # The loop (lm/training/loop.py).
 
-  def reward_models(self, train_config) -> list[tuple[str, str]]:
-    """(config field, workdir) of each trained reward model its rollouts read: the loop
-    checks them at start (a reward model, of the run's tokenizer) and restores them onto
-    the run's mesh for `make_rollout`."""
+  def models_read(self, train_config) -> list[tuple[str, str, str]]:
+    """(config field, workdir, model.head) of each trained model its batches read (a
+    reward model, 'score'; a teacher, 'lm'): the loop checks them at start (that model
+    kind, of the run's tokenizer) and restores them onto the run's mesh for
+    `make_rollout`."""
     del train_config
     return []
 
-  def make_rollout(self, setup, tokenizer, config, reward_models=()):
+  def make_rollout(self, setup, tokenizer, config, models=()):
     """None, or a callable (params, host batch, step, *, train, more_prompts,
     reference_params) -> (device batch, metrics) that makes each batch from the model's
-    own samples (GRPO, PPO); `more_prompts()`, when training, gives the next host batch,
-    for a rollout that replaces some of its prompts (GRPO's dynamic sampling), and
-    `reference_params` are the reference model's (or None). `reward_models`: (model,
-    params) of each of `reward_models`, restored."""
-    del setup, tokenizer, config, reward_models
+    own samples (GRPO, PPO) or adds what other models say of it (a teacher's logits);
+    `more_prompts()`, when training, gives the next host batch, for a rollout that
+    replaces some of its prompts (GRPO's dynamic sampling), and `reference_params` are
+    the reference model's (or None). `models`: (model, params) of each of `models_read`,
+    restored. A rollout that samples reports 'completion_length' (tokens per row)."""
+    del setup, tokenizer, config, models
 
   def update_batch(self, batch, step, settings):
     """The part of a batch that optimizer step `step` (traced) trains on, of the

@@ -118,34 +118,49 @@ class Sampler:
     rewards, whether each finished, and their numbers of new tokens)."""
     prompt_tokens_bt = np.repeat(prompts['prompt_tokens'], self.group_size, axis=0)
     prompt_lengths_b = np.repeat(prompts['prompt_length'], self.group_size)
-    new_bm, num_new_b = sampling.generate_rows(
-        params, prompt_tokens_bt, prompt_lengths_b, rng,
-        np.asarray(self.stop_ids, np.int32), batch_sharding=self.batch_sharding,
-        model=self.model, max_new_tokens=self.max_new_tokens, cache_length=self.seq_len,
-        temperature=self.temperature, pad_id=self.tokenizer.pad_id)
-
+    rows, completions = complete_prompts(
+        self.model, params, prompt_tokens_bt, prompt_lengths_b, rng, self.stop_ids,
+        max_new_tokens=self.max_new_tokens, seq_len=self.seq_len,
+        temperature=self.temperature, pad_id=self.tokenizer.pad_id,
+        batch_sharding=self.batch_sharding)
     examples = [json.loads(str(text)) for text in prompts['example']]
     num_rows = len(prompt_lengths_b)
-    rows = {name: np.zeros((num_rows, self.seq_len), np.int32)
-            for name in ('tokens', 'segment_ids', 'positions', 'loss_mask')}
     rewards_b, finished_b = np.zeros(num_rows, np.float32), np.zeros(num_rows, bool)
-    for row in range(num_rows):
-      prompt_length, num_new = prompt_lengths_b[row], num_new_b[row]
-      completion = new_bm[row, :num_new]
-      finished_b[row] = num_new > 0 and completion[-1] in self.stop_ids
+    for row, completion in enumerate(completions):
+      finished_b[row] = len(completion) > 0 and completion[-1] in self.stop_ids
       text = self.tokenizer.decode(completion[:-1] if finished_b[row] else completion)
       if self.has_rules:
         rewards_b[row] = self.reward(examples[row // self.group_size], text,
                                      bool(finished_b[row]))
-      length = prompt_length + num_new
-      rows['tokens'][row, :prompt_length] = prompt_tokens_bt[row, :prompt_length]
-      rows['tokens'][row, prompt_length:length] = completion
-      rows['segment_ids'][row, :length] = 1
-      rows['positions'][row, :length] = np.arange(length)
-      rows['loss_mask'][row, prompt_length:length] = 1
     for scorer in self.scorers:  # Every process scores its rows together.
       rewards_b += scorer(rows)
-    return rows, rewards_b, finished_b, np.asarray(num_new_b)
+    return rows, rewards_b, finished_b, np.asarray([len(c) for c in completions])
+
+
+def complete_prompts(model, params, prompt_tokens_bt, prompt_lengths_b, rng, stop_ids, *,
+                     max_new_tokens: int, seq_len: int, temperature: float, pad_id: int,
+                     batch_sharding=None):
+  """The model's completions of right-padded prompts, in one cached sampling call: (rows
+  of prompt + completion, [B, seq_len] tokens, segment_ids, positions and loss_mask on
+  the completion; each completion's ids, its stop id included when it stopped)."""
+  new_bm, num_new_b = sampling.generate_rows(
+      params, prompt_tokens_bt, prompt_lengths_b, rng, np.asarray(stop_ids, np.int32),
+      batch_sharding=batch_sharding, model=model, max_new_tokens=max_new_tokens,
+      cache_length=seq_len, temperature=temperature, pad_id=pad_id)
+  num_rows = len(prompt_lengths_b)
+  rows = {name: np.zeros((num_rows, seq_len), np.int32)
+          for name in ('tokens', 'segment_ids', 'positions', 'loss_mask')}
+  completions = []
+  for row in range(num_rows):
+    prompt_length, num_new = prompt_lengths_b[row], num_new_b[row]
+    completions.append(new_bm[row, :num_new])
+    length = prompt_length + num_new
+    rows['tokens'][row, :prompt_length] = prompt_tokens_bt[row, :prompt_length]
+    rows['tokens'][row, prompt_length:length] = completions[-1]
+    rows['segment_ids'][row, :length] = 1
+    rows['positions'][row, :length] = np.arange(length)
+    rows['loss_mask'][row, prompt_length:length] = 1
+  return rows, completions
 
 
 class Rollouts:
@@ -205,7 +220,7 @@ def rollout_key(seed: int, step: int, *, train: bool):
   return jax.random.fold_in(jax.random.key(seed), 2 * step + (0 if train else 1))
 
 
-class _TokenizePrompt(grain.transforms.Map):
+class TokenizePrompt(grain.transforms.Map):
   def __init__(self, tokenizer, seq_len: int):
     self.tokenizer, self.seq_len = tokenizer, seq_len
 
@@ -223,7 +238,7 @@ class _TokenizePrompt(grain.transforms.Map):
             'prompt_length': np.int32(len(ids))}
 
 
-def _prompt_fits(example: dict) -> bool:
+def prompt_fits(example: dict) -> bool:
   return example['prompt_length'] <= len(example['prompt_tokens'])
 
 
@@ -400,8 +415,8 @@ class GRPO(base.Objective):
 
   def rows(self, dataset, tokenizer, seq_len: int, counts=None):
     """{'example' (JSON text), 'prompt_tokens' int32 [seq_len], 'prompt_length'}."""
-    return pipeline.examples(dataset).map(_TokenizePrompt(tokenizer, seq_len)).filter(
-        _prompt_fits)
+    return pipeline.examples(dataset).map(TokenizePrompt(tokenizer, seq_len)).filter(
+        prompt_fits)
 
   def rows_per_example(self, train_config) -> int:
     return train_config.grpo.group_size
@@ -419,16 +434,16 @@ class GRPO(base.Objective):
     return grpo_loss(params, batch, reference_params, model=model, settings=settings)
 
   def record_fields(self, train_config):
-    reward = train_config.grpo.reward
+    reward = train_config[self.name].reward
     needed = rewards.fields(reward)
-    return (needed, f'config.train.grpo.reward={reward!r}') if needed else ()
+    return (needed, f'config.train.{self.name}.reward={reward!r}') if needed else ()
 
-  def reward_models(self, train_config) -> list[tuple[str, str]]:
-    return [('config.train.grpo.reward', workdir)
-            for workdir in rewards.model_workdirs(train_config.grpo.reward)]
+  def models_read(self, train_config) -> list[tuple[str, str, str]]:
+    return [(f'config.train.{self.name}.reward', workdir, 'score')
+            for workdir in rewards.model_workdirs(train_config[self.name].reward)]
 
-  def make_rollout(self, setup, tokenizer, config, reward_models=()):
-    return _TrainingRollouts(setup, tokenizer, config, reward_models)
+  def make_rollout(self, setup, tokenizer, config, models=()):
+    return _TrainingRollouts(setup, tokenizer, config, models)
 
   def updates_per_batch(self, train_config) -> int:
     return train_config.grpo.updates_per_rollout

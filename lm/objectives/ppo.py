@@ -346,17 +346,8 @@ class PPO(grpo.GRPO):
     del reference_params  # Its KL is in the rewards (`prepare`).
     return ppo_loss(params, batch, model=model, settings=settings)
 
-  def record_fields(self, train_config):
-    reward = train_config.ppo.reward
-    needed = rewards.fields(reward)
-    return (needed, f'config.train.ppo.reward={reward!r}') if needed else ()
-
-  def reward_models(self, train_config) -> list[tuple[str, str]]:
-    return [('config.train.ppo.reward', workdir)
-            for workdir in rewards.model_workdirs(train_config.ppo.reward)]
-
-  def make_rollout(self, setup, tokenizer, config, reward_models=()):
-    return _Rollouts(setup, tokenizer, config, reward_models)
+  def make_rollout(self, setup, tokenizer, config, models=()):
+    return _Rollouts(setup, tokenizer, config, models)
 
   def updates_per_batch(self, train_config) -> int:
     return train_config.ppo.epochs * train_config.ppo.minibatches

@@ -143,7 +143,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
   # 1. Everything that can be wrong with the inputs, before compiling or writing.
   config, tokenizer = start_lib.resolve(config, len(devices))
   objective = objectives.get(config.train.objective)
-  data = _datasets(config, objective, tokenizer)
+  # What it reads: its own data, or (distillation) another objective's.
+  data = _datasets(config, objective.data_reader(config.train), tokenizer)
   lock = checkpointing.WorkdirLock(workdir)
   checkpointer = checkpointing.Checkpointer(workdir, config.checkpoint.max_to_keep)
   try:
@@ -206,12 +207,12 @@ def _train(config, workdir, devices, tokenizer, objective, data, checkpointer):
   with sharding.activate(setup.mesh):
     run = start_lib.start(config, workdir, setup, tokenizer, checkpointer, train_iterator,
                           data.files)
-    reward_models = [checkpointing.restore_for_inference(path, head='score', flag=field,
-                                                         mesh=setup.mesh)
-                     for field, path in objective.reward_models(config.train)]
+    models_read = [checkpointing.restore_for_inference(path, head=head, flag=field,
+                                                       mesh=setup.mesh)
+                   for field, path, head in objective.models_read(config.train)]
     rollout = objective.make_rollout(setup, tokenizer, config,
                                      [(restored.model, restored.params)
-                                      for restored in reward_models])
+                                      for restored in models_read])
   state, frozen, start_step = run.state, run.frozen, run.step
 
   # 3. The loop.
@@ -263,7 +264,7 @@ def _train(config, workdir, devices, tokenizer, objective, data, checkpointer):
                                              steps.model_params(state.params, frozen.base),
                                              frozen, next(train_iterator), step, train=True,
                                              more=lambda: next(train_iterator))
-        if rollout:
+        if 'completion_length' in batch_metrics:  # Sampled: its time is the rollout's.
           rollout_seconds += time.perf_counter() - began
           sampled_tokens += (batch['tokens'].shape[0] * batch_metrics['completion_length']
                              * batch_metrics.get('sampling_rounds', 1.0))
@@ -319,7 +320,8 @@ def _train(config, workdir, devices, tokenizer, objective, data, checkpointer):
   if (step >= config.train.num_steps and config.train.sample_tokens > 0
       and config.model.head != 'score'):  # A reward model scores; it does not sample.
     room = config.model.max_seq_len - config.train.sample_tokens
-    prompt = objective.sample_prompt(validation_documents, tokenizer, room)
+    prompt = objective.data_reader(config.train).sample_prompt(validation_documents,
+                                                               tokenizer, room)
     if prompt is None:
       log.print(f'no sample: no validation prompt is under {room} tokens')
     else:

@@ -42,14 +42,32 @@ def resolve(config, num_devices: int):
       saved = None
     if saved is not None:
       checkpointing.check_head(saved, config, config.train.init_from)
-  for field, path in objective.reward_models(config.train):
-    checkpointing.check_reward_model(path, field, tokenizer)
+  for field, path, head in objective.models_read(config.train):
+    check_model_read(path, field, head, tokenizer)
   for _, field, path in objective.params_from(config.train):
     if os.path.exists(path):  # Gone: a resumed run reads its own (a new one names it).
       checkpointing.check_reward_model(path, field, tokenizer, config)
   config.model.dtype = config_lib.resolve_dtype(config.model.dtype)
   config.data.streams = config.data.streams or jax.process_count()
   return config, tokenizer
+
+
+def check_model_read(workdir: str, field: str, head: str, tokenizer) -> None:
+  """A model a run's batches read (`field` names it; Objective.models_read) is a run's
+  checkpoint with `head` and the run's tokenizer: a model of other ids would read, or
+  say, other tokens."""
+  if head == 'score':
+    checkpointing.check_reward_model(workdir, field, tokenizer)
+    return
+  # pylint: disable-next=protected-access
+  checkpointer, _, _, saved = checkpointing._inference_metadata(workdir, None, head, field)
+  checkpointer.close()
+  if saved != tokenizer.to_dict():
+    theirs = tokenizer_lib.from_dict(saved)
+    raise ConfigError(
+        f'{field}={workdir} reads the ids of a {theirs.kind} tokenizer of'
+        f' {theirs.vocab_size} ids, and this run a different {tokenizer.kind} tokenizer of'
+        f' {tokenizer.vocab_size} ids (config.tokenizer): they must share one')
 
 
 # What a run chooses for itself when it takes its model from config.train.init_from.
