@@ -99,7 +99,7 @@ def export_gguf(workdir: str, step: int | None, path: str, gguf_type: str) -> No
   check(gguf_type in gguf.TYPES, f'--gguf_type={gguf_type!r} is not one of {", ".join(gguf.TYPES)}')
   run = checkpointing.restore_for_inference(workdir, step)
   # Every process gathers the arrays; process 0 writes.
-  counts = gguf.write(path if jax.process_index() == 0 else os.devnull, run.config.model,
+  counts = gguf.write(path if jax.process_index() == 0 else None, run.config.model,
                       run.params, run.tokenizer, gguf_type, sharding.to_host,
                       name=os.path.basename(os.path.abspath(workdir)))
   if jax.process_index() == 0:

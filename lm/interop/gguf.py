@@ -279,12 +279,14 @@ def _add_vocabulary(writer, fields: dict) -> None:
   writer.add_chat_template(fields['chat_template'])
 
 
-def write(path: str, model, params, tokenizer, gguf_type: str, to_host, *,
+def write(path: str | None, model, params, tokenizer, gguf_type: str, to_host, *,
           name: str = 'lm') -> dict:
-  """Writes the GGUF file of `config.model`'s `params` (to_host gathers one array) and
-  `tokenizer` to `path`; returns {type name: count of tensors stored so}. Everything is
-  checked and encoded before the file is opened, and a failed write leaves no file."""
+  """Writes the GGUF file of `config.model`'s `params` (to_host gathers one array, a
+  collective on every process) and `tokenizer` to `path` (None: only gather, on processes
+  other than 0); returns {type name: count of tensors stored so}. Everything is checked
+  and encoded before the file is opened, and a failed write leaves no file."""
   check(gguf_type in TYPES, f'--gguf_type={gguf_type!r} is not one of {", ".join(TYPES)}')
+  check(path is None or not os.path.lexists(path), f'{path} exists; give a new file path')
   arch = architecture(model)
   fields = vocabulary(tokenizer, model.vocab_size)
   writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[_ARCHITECTURES[arch]])
@@ -309,6 +311,8 @@ def write(path: str, model, params, tokenizer, gguf_type: str, to_host, *,
     data, kind = encode_tensor(tensor_name, array, gguf_type)
     writer.add_tensor(tensor_name, data, raw_dtype=kind)
     counts[kind.name] = counts.get(kind.name, 0) + 1
+  if path is None:
+    return counts
   try:
     writer.write_header_to_file(path)
     writer.write_kv_data_to_file()

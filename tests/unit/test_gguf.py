@@ -1,6 +1,6 @@
 """lm/interop/gguf.py without llama.cpp: the architecture each model is written as, what
 is refused, the tokenizer mapping, the RoPE permutation and the tensor types.
-(tests/integration/test_gguf.py runs the files in llama.cpp.)"""
+(tests/integration/test_gguf_runs.py runs the files in llama.cpp.)"""
 
 import gguf as gguf_py
 import numpy as np

@@ -1,11 +1,13 @@
 """GGUF files run by llama.cpp itself (llama-cpp-python): a model of lm's own (byte
 tokenizer, tied and scaled embeddings) written by `python -m experiments.convert
---to_gguf`, and tiny random transformers Llama (biases, head_dim != D / N) and Qwen2 (tied,
-q/k/v biases) models with byte-level BPE tokenizers, imported into lm and written out:
-transformers -> lm -> llama.cpp. Each file loads, its next-token log-probabilities match
+--to_gguf`, and tiny random transformers Llama (biases, head_dim != D / N, llama3 RoPE
+scaling), Qwen2 (tied, q/k/v biases, a padded vocabulary) and Qwen3 (query/key norms)
+models with byte-level BPE tokenizers, imported into lm and written out: transformers ->
+lm -> llama.cpp. Each file loads, its next-token log-probabilities match
 lm's, greedy generation and tokenization agree, and it holds the chat template.
 (tests/unit/test_gguf.py checks the mapping and the refusals without llama.cpp.)"""
 
+import functools
 import json
 
 import jax
@@ -43,12 +45,14 @@ def log_softmax(logits):
 
 
 class Reference:
-  """lm's logits and greedy tokens for `params`, at one padded length."""
+  """lm's logits and greedy tokens for `params`, at one padded length; each prompt's
+  greedy tokens computed once for every file compared."""
 
   def __init__(self, model, params):
     self.params = params
     self.apply = jax.jit(lambda params, tokens, segments, positions: model.apply(
         {'params': params}, tokens, segments, positions))
+    self.greedy = functools.cache(self._greedy)
 
   def logits(self, ids):
     tokens = np.zeros((1, LENGTH), np.int32)
@@ -57,7 +61,7 @@ class Reference:
     positions = np.arange(LENGTH, dtype=np.int32)[None]
     return np.asarray(self.apply(self.params, tokens, segments, positions))[0, :len(ids)]
 
-  def greedy(self, ids):
+  def _greedy(self, ids: tuple) -> list:
     ids = list(ids)
     for _ in range(NEW_TOKENS):
       ids.append(int(np.argmax(self.logits(ids)[-1])))
@@ -65,9 +69,11 @@ class Reference:
 
 
 def open_llama(path):
-  # A float32 cache (llama.cpp's default is f16) so that f32 files compare at f32 precision.
-  return llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=LENGTH, n_threads=2,
-                         type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
+  # A float32 cache (llama.cpp's default is f16) so that f32 files compare at f32 precision;
+  # one thread, as llama.cpp's threads spin while they wait for each other, which on a
+  # busy machine took many times as long.
+  return llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=LENGTH, n_threads=1,
+                         n_threads_batch=1, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
                          verbose=False)
 
 
@@ -96,7 +102,7 @@ def compare(path, reference, tokenizer):
     ids = tokenizer.prompt_ids(prompt)
     error = max(error, float(np.abs(log_softmax(llama_logits(llm, ids))
                                     - log_softmax(reference.logits(ids))).max()))
-    agreeing += llama_greedy(llm, ids) == reference.greedy(ids)
+    agreeing += llama_greedy(llm, ids) == reference.greedy(tuple(ids))
   llm.close()
   return error, agreeing
 
@@ -229,11 +235,14 @@ def save_llama():
   config = transformers.LlamaConfig(
       vocab_size=bpe.get_vocab_size(), hidden_size=64, intermediate_size=96,
       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
-      attention_bias=True, max_position_embeddings=128, bos_token_id=0, eos_token_id=1)
+      attention_bias=True, max_position_embeddings=128, bos_token_id=0, eos_token_id=1,
+      # Llama 3.1's rule, rescaling from position 16 on: llama.cpp's rope_freqs tensor.
+      rope_scaling=dict(rope_type='llama3', factor=8.0, low_freq_factor=1.0,
+                        high_freq_factor=4.0, original_max_position_embeddings=16))
   return fast, config
 
 
-def save_qwen2():
+def save_qwen(config_class, **fields):
   specials = ['<|endoftext|>', '<|im_start|>', '<|im_end|>']
   bpe = bpe_tokenizer(gguf.QWEN2_SPLIT, specials)
   fast = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token='<|im_end|>',
@@ -241,15 +250,18 @@ def save_qwen2():
   fast.chat_template = (
       "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
       "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-  config = transformers.Qwen2Config(
+  config = config_class(
       vocab_size=bpe.get_vocab_size() + 5, hidden_size=64, intermediate_size=96,
       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-      tie_word_embeddings=True, max_position_embeddings=128, eos_token_id=2)
+      tie_word_embeddings=True, max_position_embeddings=128, eos_token_id=2, **fields)
   return fast, config
 
 
-@pytest.mark.parametrize('save, arch, pre', [(save_llama, 'llama', 'gpt-2'),
-                                             (save_qwen2, 'qwen2', 'qwen2')])
+@pytest.mark.parametrize('save, arch, pre', [
+    (save_llama, 'llama', 'gpt-2'),
+    (functools.partial(save_qwen, transformers.Qwen2Config), 'qwen2', 'qwen2'),
+    (functools.partial(save_qwen, transformers.Qwen3Config, head_dim=16), 'qwen3', 'qwen2'),
+], ids=['llama', 'qwen2', 'qwen3'])
 def test_a_transformers_model_runs_in_llama_cpp_after_import(save, arch, pre, tmp_path,
                                                              capsys):
   fast, hf_config = save()
