@@ -20,6 +20,8 @@ def get_config(variant: str = ''):
   config.train.objective = 'distill'
   if variant != 'tiny':  # Half the default's width: embeddings, heads and MLP.
     config.model.update(embed_dim=64, num_heads=2, num_kv_heads=1, mlp_dim=192)
+  if variant == 'tiny':
+    config.train.distill.max_new_tokens = 16  # Of the tiny rows' 64 tokens.
   if variant == 'scratch':  # The same student, steps and tokens, on the data alone.
     config.train.objective = 'pretrain'
   return config

@@ -150,6 +150,12 @@ PPO = ('--config.train.objective=ppo', '--config.data.source=stdlib_functions',
        '--config.train.ppo.max_new_tokens=16')
 REWARD_MODEL = ('--config.train.objective=reward_model', '--config.data.source=stdlib_functions',
                 '--workdir={fresh}', '--config.train.init_from={run}')
+# A student distilled from the run; with prompts and responses for its on-policy fields.
+DISTILL = ('--config.train.objective=distill', '--workdir={fresh}',
+           '--config.train.distill.teacher={run}')
+DISTILL_EXAMPLES = DISTILL + ('--config.data.source=stdlib_functions',
+                              '--config.train.distill.data=examples',
+                              '--config.train.distill.max_new_tokens=16')
 # Low-rank adapters on the run, in a workdir of their own.
 LORA = ('--config.train.objective=sft', '--config.data.source=stdlib_functions',
         '--workdir={fresh}', '--config.train.init_from={run}', '--config.lora.rank=4')
@@ -241,6 +247,17 @@ CONFIG_FIELDS = {  # field: (bad values, flags that make the field matter)
     'train.ppo.critic': (choices('head', 'model'), PPO),
     'train.ppo.critic_init': (paths('missing', 'empty_dir', 'text'),
                               PPO + ('--config.train.ppo.critic=model',)),
+    'train.distill.teacher': (paths('missing', 'empty_dir', 'text'), DISTILL[:2]),
+    'train.distill.divergence': (choices('forward_kl', 'reverse_kl', 'jsd'), DISTILL),
+    'train.distill.beta': (floats(above=0, below=1),
+                           DISTILL + ('--config.train.distill.divergence=jsd',)),
+    'train.distill.temperature': (POSITIVE_FLOAT, DISTILL),
+    'train.distill.token_loss_weight': (NON_NEGATIVE_FLOAT, DISTILL),
+    'train.distill.top_k': (ints(at_least=0, below=265), DISTILL),
+    'train.distill.data': (choices('text', 'examples'), DISTILL),
+    'train.distill.on_policy_fraction': (floats(at_least=0, at_most=1), DISTILL_EXAMPLES),
+    'train.distill.max_new_tokens': (ints(at_least=1, below=64), DISTILL_EXAMPLES),
+    'train.distill.sampling_temperature': (POSITIVE_FLOAT, DISTILL_EXAMPLES),
     'train.dpo.beta': (POSITIVE_FLOAT, DPO),
     'train.dpo.label_smoothing': (floats(at_least=0, below=0.5), DPO),
     'train.dpo.loss': (choices('sigmoid', 'robust', 'ipo', 'hinge', 'simpo', 'orpo'), DPO),
@@ -270,7 +287,8 @@ CONFIG_FIELDS = {  # field: (bad values, flags that make the field matter)
     'train.learning_rate': (POSITIVE_FLOAT, ()),
     'train.log_every': (POSITIVE_INT, ()),
     'train.num_steps': (POSITIVE_INT, ()),
-    'train.objective': (choices('pretrain', 'sft', 'dpo', 'grpo', 'reward_model', 'ppo'), ()),
+    'train.objective': (choices('pretrain', 'sft', 'dpo', 'grpo', 'reward_model', 'ppo',
+                                'distill'), ()),
     'train.sample_temperature': (NON_NEGATIVE_FLOAT, ()),
     'train.sample_tokens': (ints(at_least=0, below=64), ()),
     'train.warmup_steps': (ints(at_least=0, below=4), ()),
