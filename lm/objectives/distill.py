@@ -17,6 +17,11 @@ cross-entropy on the data (reported apart as token_loss, the student's own NLL).
 `top_k` > 0 only the teacher's k likeliest ids are kept (a big vocabulary's [B, T, V]
 logits may not fit) and both distributions are renormalised over them.
 
+With `teacher_logits`, the teacher's logits of every batch of the run were written to a
+directory once (experiments/distill_logits.py, as MaxText precomputes its teacher's top
+k) and are read back instead: each batch's tokens are checked against those saved with
+it, so a run whose data or seed differ is refused.
+
 `data` says what the student reads: 'text', documents packed as pretraining packs them
 (every token a target); 'examples', prompts and responses (one per row, the response
 the only target), where `on_policy_fraction` of the training batches (GKD's lambda) are
@@ -27,6 +32,7 @@ the teacher.
 import functools
 import json
 import math
+import os
 from typing import NamedTuple
 
 import jax
@@ -36,7 +42,7 @@ import numpy as np
 
 from lm import chat, losses, sharding
 from lm.data import pipeline
-from lm.errors import check, check_number
+from lm.errors import ConfigError, check, check_number
 from lm.objectives import base, grpo, pretrain
 
 DIVERGENCES = ('forward_kl', 'reverse_kl', 'jsd')
@@ -58,6 +64,9 @@ class Settings(NamedTuple):
   on_policy_fraction: float = 0.0  # GKD's lambda; with data='examples'.
   max_new_tokens: int = 64  # Of an on-policy completion; prompts get the rest of seq_len.
   sampling_temperature: float = 1.0  # Of the student's on-policy samples.
+  # A directory of the teacher's logits of this run's batches, written once by
+  # experiments.distill_logits and read instead of running the teacher ('': run it).
+  teacher_logits: str = ''
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -132,16 +141,71 @@ def on_policy(seed: int, step: int, fraction: float) -> bool:
   return fraction > 0 and np.random.default_rng([seed, step]).random() < fraction
 
 
+TEACHER_ARRAYS = ('teacher_logits', 'teacher_top_logits', 'teacher_top_ids')
+_LOGITS_META = 'teacher_logits.json'
+
+
+def logits_path(directory: str, step: int, *, train: bool) -> str:
+  """Where experiments.distill_logits writes the teacher's logits of a training step's
+  batch, or of an evaluation's batch `step`."""
+  return os.path.join(directory, 'train' if train else 'eval', f'{step:08d}.npz')
+
+
+def logits_meta(directory: str, field: str) -> dict:
+  """What experiments.distill_logits wrote the directory for (written last, so a
+  directory without it is unfinished), or a ConfigError naming `field`."""
+  path = os.path.join(directory, _LOGITS_META)
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise ConfigError(f'{field}={directory}: no {_LOGITS_META} (write it with'
+                      ' python -m experiments.distill_logits, which writes it last)') from None
+  except (OSError, ValueError) as error:
+    raise ConfigError(f'{field}={directory}: {path} is unreadable ({error})') from None
+
+
+def write_logits_meta(directory: str, meta: dict) -> None:
+  with open(os.path.join(directory, _LOGITS_META), 'w', encoding='utf-8') as f:
+    json.dump(meta, f, indent=1)
+
+
+def logits_meta_for(config) -> dict:
+  """What a run's saved teacher logits must have been written for: the same batches
+  (data, seed, micro-batches) and the same top k, for at least its steps."""
+  return {'data': {k: v for k, v in config.data.to_dict().items() if k != 'streams'},
+          'seed': config.seed, 'top_k': config.train.distill.top_k,
+          'num_steps': config.train.num_steps, 'eval_steps': config.train.eval_steps,
+          'data_kind': config.train.distill.data}
+
+
+def _check_logits_meta(config) -> None:
+  field = 'config.train.distill.teacher_logits'
+  directory = config.train.distill.teacher_logits
+  saved, wanted = logits_meta(directory, field), logits_meta_for(config)
+  for name in ('data', 'seed', 'top_k', 'data_kind'):
+    check(saved[name] == wanted[name], f'{field}={directory} was written for {name}='
+          f'{saved[name]!r}, and this run has {wanted[name]!r}: the saved logits are of'
+          ' other batches; write them again for this config')
+  for name in ('num_steps', 'eval_steps'):
+    check(saved[name] >= wanted[name], f'{field}={directory} holds {saved[name]} batches'
+          f' for {name}, fewer than config.train.{name}={wanted[name]}')
+
+
 class _Rollouts:
   """Host rows -> the device batch with the teacher's logits of it; with data='examples',
   rows of each prompt and its response, or (on-policy batches) the student's completion."""
 
   def __init__(self, setup, tokenizer, config, teacher):
-    settings, (teacher_model, self.teacher_params) = config.train.distill, teacher
+    settings = config.train.distill
+    teacher_model, self.teacher_params = teacher or (None, None)
     self.settings, self.tokenizer, self.seed = settings, tokenizer, config.seed
     self.seq_len, self.model = config.data.seq_len, setup.model
     self.batch_sharding = setup.batch_sharding
     self.stop_ids = chat.end_of_turn_ids(tokenizer)
+    if settings.teacher_logits:  # Read from disk: no teacher is run.
+      self.teacher = None
+      return
     self.teacher = jax.jit(
         functools.partial(teacher_outputs, teacher_model=teacher_model,
                           vocab_size=min(tokenizer.vocab_size, config.model.vocab_size),
@@ -165,8 +229,28 @@ class _Rollouts:
       else:
         host_batch = self.example_rows(host_batch)
       metrics['on_policy'] = float('completion_length' in metrics)
+    if self.teacher is None:
+      return self.saved(host_batch, step, train), metrics
     batch = sharding.global_batch(host_batch, self.batch_sharding)
     return {**batch, **self.teacher(self.teacher_params, batch)}, metrics
+
+  def saved(self, host_batch: dict, step: int, train: bool) -> dict:
+    """The batch with the teacher's logits saved for it, this process's rows of them."""
+    path = logits_path(self.settings.teacher_logits, step, train=train)
+    try:
+      with np.load(path) as saved:
+        saved = dict(saved)
+    except OSError as error:
+      raise ConfigError(f'config.train.distill.teacher_logits: {path} is unreadable'
+                        f' ({error})') from None
+    rows = len(host_batch['tokens'])
+    mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
+    check(np.array_equal(saved['tokens'][mine], host_batch['tokens']),
+          f'config.train.distill.teacher_logits: {path} was written for other tokens than'
+          f' this run\'s {"training step" if train else "evaluation batch"} {step} (another'
+          ' config.data.streams or process count?): write them again for this run')
+    arrays = {name: saved[name][mine] for name in TEACHER_ARRAYS if name in saved}
+    return sharding.global_batch({**host_batch, **arrays}, self.batch_sharding)
 
   def example_rows(self, prompts: dict) -> dict:
     """Each example's prompt and response, as SFT renders them, one to a row."""
@@ -217,8 +301,9 @@ class Distill(base.Objective):
 
   def validate(self, config) -> None:
     distill, name = config.train.distill, 'config.train.distill.'
-    check(distill.teacher, f"{name}teacher is empty: give the teacher run's workdir (an lm"
-          ' run, or a Hugging Face model imported with experiments.convert --from_hf)')
+    check(distill.teacher or distill.teacher_logits, f"{name}teacher is empty: give the"
+          " teacher run's workdir (an lm run, or a Hugging Face model imported with"
+          f' experiments.convert --from_hf), or {name}teacher_logits')
     for field, allowed in (('divergence', DIVERGENCES), ('data', DATA)):
       check(distill[field] in allowed,
             f'{name}{field}={distill[field]!r} is not one of {list(allowed)}')
@@ -238,6 +323,11 @@ class Distill(base.Objective):
       check_number(name + 'max_new_tokens', distill.max_new_tokens, at_least=1,
                    below=config.data.seq_len, why='config.data.seq_len: prompts get the rest')
       check_number(name + 'sampling_temperature', distill.sampling_temperature, above=0)
+    if distill.teacher_logits:
+      check(distill.on_policy_fraction == 0, f'{name}teacher_logits holds the teacher\'s'
+            ' logits of the data; on-policy batches (on_policy_fraction > 0) need the'
+            f' teacher run: give {name}teacher instead')
+      _check_logits_meta(config)
 
   def data_reader(self, train_config) -> base.Objective:
     return _Examples() if train_config.distill.data == 'examples' else _Text()
@@ -257,11 +347,12 @@ class Distill(base.Objective):
     return shapes
 
   def models_read(self, train_config) -> list[tuple[str, str, str]]:
+    if train_config.distill.teacher_logits:
+      return []
     return [('config.train.distill.teacher', train_config.distill.teacher, 'lm')]
 
   def make_rollout(self, setup, tokenizer, config, models=()):
-    [teacher] = models
-    return _Rollouts(setup, tokenizer, config, teacher)
+    return _Rollouts(setup, tokenizer, config, models[0] if models else None)
 
   def loss(self, params, batch, reference_params, *, model, settings):
     return distill_loss(params, batch, reference_params, model=model, settings=settings)

@@ -60,7 +60,7 @@ class _Data(NamedTuple):
   counts: collections.Counter  # Of the training examples read (Objective.rows).
 
 
-def _datasets(config, objective, tokenizer) -> _Data:
+def datasets(config, objective, tokenizer) -> _Data:
   source = objective.source(config.data, config.train)
   train_documents, validation_documents = sources.split(
       source, config.data.validation_fraction)
@@ -144,7 +144,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
   config, tokenizer = start_lib.resolve(config, len(devices))
   objective = objectives.get(config.train.objective)
   # What it reads: its own data, or (distillation) another objective's.
-  data = _datasets(config, objective.data_reader(config.train), tokenizer)
+  data = datasets(config, objective.data_reader(config.train), tokenizer)
   lock = checkpointing.WorkdirLock(workdir)
   checkpointer = checkpointing.Checkpointer(workdir, config.checkpoint.max_to_keep)
   try:

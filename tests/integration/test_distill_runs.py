@@ -94,3 +94,56 @@ def test_a_teacher_that_is_not_a_language_model_of_the_students_tokens_is_refuse
   with pytest.raises(ConfigError, match=match):
     loop.train(config, str(tmp_path / 'run'), DEVICES)
   assert not os.path.exists(tmp_path / 'run')
+
+
+def saved_logits_flags(teacher, data_path, **distill_fields) -> list[str]:
+  """The command line of `saved_logits_config`'s run."""
+  flags = ['--config=experiments/configs/distill.py:tiny', '--config.model.dtype=float32',
+           '--config.model.embed_dim=32', '--config.model.mlp_dim=64',
+           '--config.data.source=text', f'--config.data.path={data_path}',
+           '--config.data.validation_fraction=0.25', '--config.train.num_steps=6',
+           '--config.train.eval_every=6', '--config.train.eval_steps=2',
+           '--config.train.sample_tokens=0', '--config.checkpoint.every_steps=6',
+           f'--config.train.distill.teacher={teacher}', '--config.train.distill.top_k=8']
+  return flags + [f'--config.train.distill.{name}={value}'
+                  for name, value in distill_fields.items()]
+
+
+def saved_logits_config(teacher, data_path, **distill_fields):
+  config = distill_config.get_config('tiny')
+  config.model.update(dtype='float32', embed_dim=32, mlp_dim=64)
+  config.data.update(source='text', path=data_path, validation_fraction=0.25)
+  config.train.update(num_steps=6, eval_every=6, eval_steps=2, sample_tokens=0)
+  config.checkpoint.every_steps = 6
+  config.train.distill.update(teacher=teacher, top_k=8, **distill_fields)
+  return config
+
+
+def test_teacher_logits_saved_once_train_the_student_as_the_teacher_run_does(
+    pretrained, pretrained_config, commands, tmp_path):
+  teacher, data_path = pretrained[0], pretrained_config.data.path
+  saved = str(tmp_path / 'logits')
+  result = commands('experiments.distill_logits', f'--output={saved}',
+                    *saved_logits_flags(teacher, data_path))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert len(os.listdir(os.path.join(saved, 'train'))) == 6
+  live_history, live = loop.train(saved_logits_config(teacher, data_path),
+                                  str(tmp_path / 'live'), DEVICES)
+  read_history, read = loop.train(
+      saved_logits_config('', data_path, teacher_logits=saved), str(tmp_path / 'read'), DEVICES)
+  for live_row, read_row in zip(live_history, read_history):
+    np.testing.assert_allclose(read_row['divergence'], live_row['divergence'], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               read.params, live.params)
+  # Saved for other batches (another seed), or too few of them: refused before a write.
+  other = saved_logits_config('', data_path, teacher_logits=saved)
+  other.seed = 1
+  with pytest.raises(ConfigError, match=r'teacher_logits=.* was written for seed=0, and this'
+                     ' run has 1: the saved logits are of other batches'):
+    loop.train(other, str(tmp_path / 'other'), DEVICES)
+  longer = saved_logits_config('', data_path, teacher_logits=saved)
+  longer.train.num_steps = 8
+  with pytest.raises(ConfigError, match='holds 6 batches for num_steps, fewer than'
+                     r' config.train.num_steps=8'):
+    loop.train(longer, str(tmp_path / 'longer'), DEVICES)
+  assert not os.path.exists(tmp_path / 'other') and not os.path.exists(tmp_path / 'longer')

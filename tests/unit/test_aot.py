@@ -43,7 +43,7 @@ def _first_batch(config):
   """A real batch of `config`'s objective, as the loop makes it (GRPO: after a rollout)."""
   config, tokenizer = start.resolve(config, 1)
   objective = objectives.OBJECTIVES[config.train.objective]
-  host_batch = next(iter(loop._datasets(config, objective, tokenizer).validation_dataset))
+  host_batch = next(iter(loop.datasets(config, objective, tokenizer).validation_dataset))
   rollout = objective.make_rollout(setup := setup_lib.make_setup(config, jax.devices()[:1]),
                                    tokenizer, config)
   if rollout is None:
