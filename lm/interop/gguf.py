@@ -3,7 +3,8 @@
 `write` turns an attention model of `lm` (trained here or imported) with its tokenizer and
 chat template into one file that llama.cpp needs nothing beside:
 
-- Architecture: 'qwen3' for query/key norms, 'qwen2' for q/k/v biases alone (when
+- Architecture: 'qwen3' for query/key norms (with or without q/k/v biases; it loads no
+  output bias), 'qwen2' for q/k/v biases alone (when
   num_heads * head_dim == embed_dim, which llama.cpp's qwen2 assumes), else 'llama'
   (optional q/k/v and output biases, any head_dim, llama3 RoPE scaling as its
   `rope_freqs` tensor). llama.cpp's 'llama' rotates interleaved pairs (2i, 2i+1) where lm
@@ -16,7 +17,8 @@ chat template into one file that llama.cpp needs nothing beside:
   A matrix whose rows are not a multiple of the 32-value block falls back to f16, and q4_0
   keeps the embedding and output head at q8_0 (llama.cpp's quantizer keeps its output head
   at higher precision too).
-- Tokenizer: the byte tokenizer as sentencepiece-style 'llama' with byte tokens <0xNN>
+- Tokenizer: the byte tokenizer (or its tokenizer.json form, from --to_hf) as
+  sentencepiece-style 'llama' with byte tokens <0xNN>
   (llama.cpp writes spaces as '▁' before it looks tokens up, so byte 0x20's token is '▁':
   a literal '▁' in a text becomes one token here, three bytes in lm); a sentencepiece
   model as 'llama' with its pieces, scores and types; a tokenizer.json byte-level BPE as
@@ -38,7 +40,7 @@ import numpy as np
 
 from lm import chat
 from lm.errors import ConfigError, check
-from lm.interop import hf
+from lm.interop import hf, hf_tokenizer
 from lm.models import decoder, layers
 
 # --gguf_type -> (the matrices' type, the file type llama.cpp reports).
@@ -54,9 +56,9 @@ _ARCHITECTURES = {'llama': gguf.MODEL_ARCH.LLAMA, 'qwen2': gguf.MODEL_ARCH.QWEN2
 # The regular expressions of the Split pre-tokenizers llama.cpp knows by name, as
 # tokenizer.json files write them (Llama 3's, Qwen2's); a bare ByteLevel splits by GPT-2's.
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
-                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+               r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 SPLIT_PRE_TOKENIZERS = {LLAMA3_SPLIT: 'llama-bpe', QWEN2_SPLIT: 'qwen2'}
 # llama.cpp takes a whole word that is a token as it is (tokenizers' ignore_merges) for these.
 _IGNORES_MERGES = {'llama-bpe'}
@@ -77,8 +79,9 @@ def architecture(model) -> str:
         ' qwen3 attend to every earlier token, so outputs would differ past'
         f' {model.sliding_window} tokens (max_seq_len={model.max_seq_len})')
   if model.qk_norm:
-    check(not model.qkv_bias and not model.attention_out_bias,
-          'config.model.qk_norm with biases: llama.cpp\'s qwen3 loads no attention biases')
+    check(not model.attention_out_bias,
+          'config.model.qk_norm with attention_out_bias: llama.cpp\'s qwen3 loads no bias on'
+          ' the attention output')
     name = 'qwen3'
   elif (model.qkv_bias and not model.attention_out_bias
         and model.num_heads * model.head_dim == model.embed_dim):
@@ -209,6 +212,10 @@ def bpe_pre_tokenizer(pre_tokenizer, source: str) -> str:
 def _bpe_vocabulary(tokenizer) -> dict:
   source = 'the run\'s tokenizer.json'
   data = json.loads(tokenizer.tokenizer_json)
+  if data == json.loads(hf_tokenizer.byte_tokenizer_json()):
+    # lm's byte tokenizer as --to_hf writes it (a model exported and imported again): a
+    # BPE without merges, which llama.cpp's BPE cannot load.
+    return _byte_vocabulary(tokenizer)
   model = data.get('model') or {}
   check(model.get('type') == 'BPE' and not model.get('byte_fallback'),
         f'{source}: a {model.get("type")} model'

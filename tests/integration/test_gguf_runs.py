@@ -169,6 +169,26 @@ def test_a_run_of_lm_runs_in_llama_cpp_as_it_does_in_lm(native, capsys):
           + ', '.join(f'{kind} {error:.2e}' for kind, error in errors.items()))
 
 
+@pytest.mark.parametrize('fields, arch', [
+    (dict(qk_norm=True, qkv_bias=True), 'qwen3'),
+    (dict(qkv_bias=True, attention_out_bias=True, head_dim=16), 'llama'),
+])
+def test_biases_and_norms_of_lm_models_run_in_llama_cpp(fields, arch, tmp_path):
+  """Settings transformers' classes do not combine so (Qwen3 with q/k/v biases alone) or
+  that only lm's own configs give (head_dim twice D / N, untied and scaled embeddings)."""
+  config = small_model_config(vocab_size=264, **fields)
+  model, params = init_model(config, seed=3)
+  noise = np.random.default_rng(0)
+  params = jax.tree.map(lambda x: x + 0.1 * noise.normal(size=x.shape).astype(np.float32),
+                        params)  # Biases and norms away from their initial values.
+  assert gguf.architecture(config) == arch
+  gguf.write(str(tmp_path / 'm.gguf'), config, params, tokenizer_lib.ByteTokenizer(), 'f32',
+             np.asarray)
+  error, agreeing = compare(tmp_path / 'm.gguf', Reference(model, params),
+                            tokenizer_lib.ByteTokenizer())
+  assert error < TOLERANCE['f32'] and agreeing == len(PROMPTS), (error, agreeing)
+
+
 def test_a_sentencepiece_tokenizer_tokenizes_in_llama_cpp_as_in_lm(tmp_path):
   texts = [' '.join(np.random.default_rng(i).choice(WORDS, 12)) + f', {i}23.\n  x = {i}'
            for i in range(50)]

@@ -22,6 +22,7 @@ from helpers import small_model_config
     (dict(qkv_bias=True, attention_out_bias=True), 'llama'),
     (dict(qkv_bias=True, head_dim=16), 'llama'),  # qwen2 assumes N * H == D.
     (dict(qk_norm=True), 'qwen3'),
+    (dict(qk_norm=True, qkv_bias=True), 'qwen3'),
     (dict(sliding_window=64), 'llama'),  # As long as the context: it never binds.
 ])
 def test_models_are_written_as_the_architecture_that_loads_their_tensors(fields, arch):
@@ -32,7 +33,8 @@ def test_models_are_written_as_the_architecture_that_loads_their_tensors(fields,
     (dict(layer_pattern='mamba'), 'export Mamba with --to_hf'),
     (dict(layer_pattern='mamba,attention'), 'no architecture for a hybrid'),
     (dict(sliding_window=8), 'outputs would differ past 8 tokens'),
-    (dict(qk_norm=True, qkv_bias=True, attention_out_bias=True), 'qwen3 loads no attention'),
+    (dict(qk_norm=True, qkv_bias=True, attention_out_bias=True),
+     'qwen3 loads no bias on the attention output'),
     (dict(qkv_bias=True, rope_scaling=dict(layers.NO_ROPE_SCALING, kind='llama3')),
      'qwen2 has no llama3 RoPE scaling'),
 ])
@@ -87,6 +89,13 @@ def test_byte_tokenizer_is_byte_tokens_with_the_space_as_llama_cpps_marker():
   assert set(types[259:]) == {gguf_py.TokenType.UNUSED}
   assert (fields['bos_id'], fields['eos_id'], fields['pad_id'], fields['add_bos']) == (1, 2, 0, True)
   assert fields['chat_template'] == chat.DEFAULT_TEMPLATE and fields['eot_id'] is None
+
+
+def test_the_byte_tokenizer_exported_and_imported_again_is_still_byte_tokens():
+  imported = hf_tokenizer.HuggingFaceTokenizer(
+      hf_tokenizer.byte_tokenizer_json(), tokenizer_lib.ByteTokenizer.special_tokens)
+  fields = gguf.vocabulary(imported, 264)
+  assert fields == gguf.vocabulary(tokenizer_lib.ByteTokenizer(), 264)
 
 
 def test_a_vocabulary_larger_than_the_model_is_refused():
