@@ -4,8 +4,8 @@
 chat template into one file that llama.cpp needs nothing beside:
 
 - Architecture: 'qwen3' for query/key norms (with or without q/k/v biases; it loads no
-  output bias), 'qwen2' for q/k/v biases alone (when
-  num_heads * head_dim == embed_dim, which llama.cpp's qwen2 assumes), else 'llama'
+  output bias), 'qwen2' for q/k/v biases alone (when num_heads * head_dim == embed_dim,
+  which llama.cpp's qwen2 assumes, and RoPE is unscaled), else 'llama'
   (optional q/k/v and output biases, any head_dim, llama3 RoPE scaling as its
   `rope_freqs` tensor). llama.cpp's 'llama' rotates interleaved pairs (2i, 2i+1) where lm
   (like transformers) rotates halves (i, i + H/2); qwen2/qwen3 rotate halves. So for
@@ -82,16 +82,14 @@ def architecture(model) -> str:
     check(not model.attention_out_bias,
           'config.model.qk_norm with attention_out_bias: llama.cpp\'s qwen3 loads no bias on'
           ' the attention output')
-    name = 'qwen3'
-  elif (model.qkv_bias and not model.attention_out_bias
-        and model.num_heads * model.head_dim == model.embed_dim):
-    name = 'qwen2'
-  else:
-    name = 'llama'
-  check(name == 'llama' or model.rope_scaling.kind == 'none',
-        f'config.model.rope_scaling.kind={model.rope_scaling.kind!r}: llama.cpp\'s {name}'
-        ' has no llama3 RoPE scaling')
-  return name
+    check(model.rope_scaling.kind == 'none',
+          f'config.model.rope_scaling.kind={model.rope_scaling.kind!r} with qk_norm:'
+          ' llama.cpp\'s qwen3 has no llama3 RoPE scaling')
+    return 'qwen3'
+  if (model.qkv_bias and not model.attention_out_bias and model.rope_scaling.kind == 'none'
+      and model.num_heads * model.head_dim == model.embed_dim):
+    return 'qwen2'
+  return 'llama'  # Which loads the same biases too, and llama3 RoPE scaling.
 
 
 def _interleave(rows: np.ndarray, heads: int) -> np.ndarray:

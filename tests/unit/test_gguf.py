@@ -21,6 +21,7 @@ from helpers import small_model_config
     (dict(qkv_bias=True), 'qwen2'),
     (dict(qkv_bias=True, attention_out_bias=True), 'llama'),
     (dict(qkv_bias=True, head_dim=16), 'llama'),  # qwen2 assumes N * H == D.
+    (dict(qkv_bias=True, rope_scaling=dict(layers.NO_ROPE_SCALING, kind='llama3')), 'llama'),
     (dict(qk_norm=True), 'qwen3'),
     (dict(qk_norm=True, qkv_bias=True), 'qwen3'),
     (dict(sliding_window=64), 'llama'),  # As long as the context: it never binds.
@@ -35,8 +36,8 @@ def test_models_are_written_as_the_architecture_that_loads_their_tensors(fields,
     (dict(sliding_window=8), 'outputs would differ past 8 tokens'),
     (dict(qk_norm=True, qkv_bias=True, attention_out_bias=True),
      'qwen3 loads no bias on the attention output'),
-    (dict(qkv_bias=True, rope_scaling=dict(layers.NO_ROPE_SCALING, kind='llama3')),
-     'qwen2 has no llama3 RoPE scaling'),
+    (dict(qk_norm=True, rope_scaling=dict(layers.NO_ROPE_SCALING, kind='llama3')),
+     'qwen3 has no llama3 RoPE scaling'),
 ])
 def test_what_llama_cpp_does_not_compute_is_refused_in_one_line(fields, message):
   with pytest.raises(ConfigError, match=message) as error:
