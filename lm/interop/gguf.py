@@ -12,7 +12,8 @@ chat template into one file that llama.cpp needs nothing beside:
   'llama' each head's query and key rows (weights and biases) are permuted, as llama.cpp's
   convert_hf_to_gguf.py does: attention scores are unchanged, RoPE matches.
 - Tensors: hf.hf_tensors' Hugging Face layout (lm's sqrt(D) embedding scale folded into
-  an untied input table), renamed by gguf's own tensor map. Norms, biases and other 1-D
+  an untied input table), renamed by gguf's own tensor map, gathered and written one at
+  a time. Norms, biases and other 1-D
   tensors stay float32; f16, q8_0 and q4_0 cast or quantize the matrices with gguf.quants.
   A matrix whose rows are not a multiple of the 32-value block falls back to f16, and q4_0
   keeps the embedding and output head at q8_0 (llama.cpp's quantizer keeps its output head
@@ -121,25 +122,24 @@ def tensors(model, params, to_host, arch: str):
         (plain / scaled).astype(np.float32)
 
 
-def _tensor_type(name: str, array: np.ndarray, gguf_type: str):
-  """The type `name` is stored in for `gguf_type`."""
-  wanted = TYPES[gguf_type][0]
-  if array.ndim <= 1 or name.endswith('_norm.weight'):
+def tensor_type(name: str, shape: tuple, gguf_type: str):
+  """The type the tensor `name` of `shape` is stored in for `gguf_type`: 1-D tensors and
+  norms float32; q4_0's embedding and output head q8_0; a matrix whose rows do not fill
+  its type's blocks f16, as llama.cpp's converter does."""
+  if len(shape) <= 1 or name.endswith('_norm.weight'):
     return gguf.GGMLQuantizationType.F32
+  kind = TYPES[gguf_type][0]
   if gguf_type == 'q4_0' and name.split('.')[0] in ('token_embd', 'output'):
-    return gguf.GGMLQuantizationType.Q8_0
-  return wanted
+    kind = gguf.GGMLQuantizationType.Q8_0
+  if shape[-1] % gguf.GGML_QUANT_SIZES[kind][0]:
+    kind = gguf.GGMLQuantizationType.F16
+  return kind
 
 
 def encode_tensor(name: str, array: np.ndarray, gguf_type: str):
-  """(data, its type): cast or quantized with gguf.quants; a matrix whose rows do not fill
-  the quantization blocks falls back to f16, as llama.cpp's converter does."""
-  kind = _tensor_type(name, array, gguf_type)
-  try:
-    return gguf.quants.quantize(array, kind), kind
-  except gguf.QuantError:
-    return gguf.quants.quantize(array, gguf.GGMLQuantizationType.F16), \
-        gguf.GGMLQuantizationType.F16
+  """(data, its type): `array` cast or quantized by gguf.quants to its tensor_type."""
+  kind = tensor_type(name, array.shape, gguf_type)
+  return gguf.quants.quantize(array, kind), kind
 
 
 def _padded(tokens, scores, types, vocab_size: int, source: str):
@@ -289,7 +289,9 @@ def write(path: str | None, model, params, tokenizer, gguf_type: str, to_host, *
   """Writes the GGUF file of `config.model`'s `params` (to_host gathers one array, a
   collective on every process) and `tokenizer` to `path` (None: only gather, on processes
   other than 0); returns {type name: count of tensors stored so}. Everything is checked
-  and encoded before the file is opened, and a failed write leaves no file."""
+  and every tensor's name, shape and type laid out before the file is opened; then the
+  tensors are gathered, encoded and written one at a time (host memory holds one), and a
+  failed write leaves no file."""
   check(gguf_type in TYPES, f'--gguf_type={gguf_type!r} is not one of {", ".join(TYPES)}')
   check(path is None or not os.path.lexists(path), f'{path} exists; give a new file path')
   arch = architecture(model)
@@ -311,17 +313,27 @@ def write(path: str | None, model, params, tokenizer, gguf_type: str, to_host, *
   writer.add_file_type(TYPES[gguf_type][1])
   writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
   _add_vocabulary(writer, fields)
-  counts = {}
-  for tensor_name, array in tensors(model, params, to_host, arch):
-    data, kind = encode_tensor(tensor_name, array, gguf_type)
-    writer.add_tensor(tensor_name, data, raw_dtype=kind)
+  # The layout from the shapes alone: the same pipeline over zeros, one tensor at a time.
+  planned, counts = [], {}
+  for tensor_name, array in tensors(model, params, lambda x: np.zeros(x.shape, x.dtype), arch):
+    kind = tensor_type(tensor_name, array.shape, gguf_type)
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    writer.add_tensor_info(tensor_name, array.shape, np.dtype(np.float32),
+                           array.size // block * size, raw_dtype=kind)
+    planned.append((tensor_name, kind))
     counts[kind.name] = counts.get(kind.name, 0) + 1
   if path is None:
+    for _ in tensors(model, params, to_host, arch):
+      pass
     return counts
   try:
     writer.write_header_to_file(path)
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_ti_data_to_file()
+    for (tensor_name, array), (wanted, kind) in zip(tensors(model, params, to_host, arch),
+                                                     planned, strict=True):
+      assert tensor_name == wanted, (tensor_name, wanted)
+      writer.write_tensor_data(gguf.quants.quantize(array, kind))
   except BaseException:
     writer.close()
     if os.path.isfile(path) and not os.path.islink(path):

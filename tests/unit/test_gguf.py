@@ -13,7 +13,7 @@ from lm.errors import ConfigError
 from lm.interop import gguf, hf_tokenizer
 from lm.models import layers
 
-from helpers import small_model_config
+from helpers import init_model, small_model_config
 
 
 @pytest.mark.parametrize('fields, arch', [
@@ -50,6 +50,34 @@ def test_an_unknown_type_is_refused_before_anything_is_written(tmp_path):
     gguf.write(str(tmp_path / 'm.gguf'), small_model_config(), {}, tokenizer_lib.ByteTokenizer(),
                'q5_k', np.asarray)
   assert not (tmp_path / 'm.gguf').exists()
+
+
+def test_a_write_that_fails_midway_leaves_no_file_and_other_processes_only_gather(tmp_path):
+  config = small_model_config(vocab_size=264)
+  _, params = init_model(config)
+  gathered = []
+
+  def to_host(array):  # The fourth tensor cannot be gathered.
+    gathered.append(array)
+    if len(gathered) == 4:
+      raise RuntimeError('gather failed')
+    return np.asarray(array)
+
+  with pytest.raises(RuntimeError, match='gather failed'):
+    gguf.write(str(tmp_path / 'm.gguf'), config, params, tokenizer_lib.ByteTokenizer(), 'f16',
+               to_host)
+  assert not (tmp_path / 'm.gguf').exists()
+  assert gguf.write(str(tmp_path / 'm.gguf'), config, params, tokenizer_lib.ByteTokenizer(),
+                    'f16', np.asarray) == {'F32': 5, 'F16': 16}
+  gathered.clear()
+  # Processes other than 0 gather every tensor (a collective) and write nothing.
+  assert gguf.write(None, config, params, tokenizer_lib.ByteTokenizer(), 'f16',
+                    lambda array: gathered.append(array) or np.asarray(array)) \
+      == {'F32': 5, 'F16': 16}
+  assert len(gathered) == 21
+  with pytest.raises(ConfigError, match='m.gguf exists; give a new file path'):
+    gguf.write(str(tmp_path / 'm.gguf'), config, params, tokenizer_lib.ByteTokenizer(), 'f16',
+               np.asarray)
 
 
 def test_interleaving_turns_rotate_half_rope_into_llama_cpp_pairs():
