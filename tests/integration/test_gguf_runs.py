@@ -3,8 +3,8 @@ tokenizer, tied and scaled embeddings) written by `python -m experiments.convert
 --to_gguf`, and tiny random transformers Llama (biases, head_dim != D / N, llama3 RoPE
 scaling), Qwen2 (tied, q/k/v biases, a padded vocabulary) and Qwen3 (query/key norms)
 models with byte-level BPE tokenizers, imported into lm and written out: transformers ->
-lm -> llama.cpp. Each file loads, its next-token log-probabilities match
-lm's, greedy generation and tokenization agree, and it holds the chat template.
+lm -> llama.cpp. Each file loads, its next-token log-probabilities match lm's, greedy
+generation and tokenization agree, and it holds the chat template and stop tokens.
 (tests/unit/test_gguf.py checks the mapping and the refusals without llama.cpp.)"""
 
 import functools
@@ -73,8 +73,8 @@ def open_llama(path):
   # one thread, as llama.cpp's threads spin while they wait for each other, which on a
   # busy machine took many times as long.
   return llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=LENGTH, n_threads=1,
-                         n_threads_batch=1, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
-                         verbose=False)
+                         n_threads_batch=1, type_k=llama_cpp.GGML_TYPE_F32,
+                         type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
 
 
 def llama_logits(llm, ids):

@@ -96,14 +96,15 @@ def test_interleaving_turns_rotate_half_rope_into_llama_cpp_pairs():
     even, odd = x[0::2], x[1::2]
     return np.stack([even * cos - odd * sin, odd * cos + even * sin], -1).reshape(-1)
 
-  permuted = gguf._interleave(rows, heads)  # pylint: disable=protected-access
+  interleave = gguf._interleave  # pylint: disable=protected-access
+  permuted = interleave(rows, heads)
   for head in range(heads):
     block = slice(head * head_dim, (head + 1) * head_dim)
     for column in range(rows.shape[1]):
       rotated = halves(rows[block, column])
       # The same values in the same permuted order, for q and k: scores are unchanged.
       np.testing.assert_allclose(pairs(permuted[block, column]),
-                                 gguf._interleave(rotated[:, None], 1)[:, 0])  # pylint: disable=protected-access
+                                 interleave(rotated[:, None], 1)[:, 0])
 
 
 def test_byte_tokenizer_is_byte_tokens_with_the_space_as_llama_cpps_marker():
@@ -116,7 +117,8 @@ def test_byte_tokenizer_is_byte_tokens_with_the_space_as_llama_cpps_marker():
   assert tokens[3 + ord(' ')] == '▁' and types[3 + ord(' ')] == gguf_py.TokenType.NORMAL
   assert tokens[259:] == [f'[PAD{i}]' for i in range(259, 264)]
   assert set(types[259:]) == {gguf_py.TokenType.UNUSED}
-  assert (fields['bos_id'], fields['eos_id'], fields['pad_id'], fields['add_bos']) == (1, 2, 0, True)
+  assert (fields['bos_id'], fields['eos_id'], fields['pad_id']) == (1, 2, 0)
+  assert fields['add_bos']
   assert fields['chat_template'] == chat.DEFAULT_TEMPLATE and fields['eot_id'] is None
 
 
