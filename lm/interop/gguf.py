@@ -215,10 +215,12 @@ def _bpe_vocabulary(tokenizer) -> dict:
     # BPE without merges, which llama.cpp's BPE cannot load.
     return _byte_vocabulary(tokenizer)
   model = data.get('model') or {}
-  check(model.get('type') == 'BPE' and not model.get('byte_fallback'),
-        f'{source}: a {model.get("type")} model'
-        + (' with byte fallback' if model.get('byte_fallback') else '')
-        + ' has no GGUF form here; llama.cpp reads byte-level BPE (GPT-2, Llama 3, Qwen2)')
+  check(not model.get('byte_fallback'),
+        f'{source}: a sentencepiece-style BPE (byte fallback) has no GGUF form here: import'
+        ' the checkpoint with its tokenizer.model and without tokenizer.json, then export')
+  check(model.get('type') == 'BPE',
+        f'{source}: a {model.get("type")} model has no GGUF form here; llama.cpp reads'
+        ' byte-level BPE (GPT-2, Llama 3, Qwen2)')
   check((data.get('decoder') or {}).get('type') == 'ByteLevel',
         f'{source}: its decoder is not ByteLevel, so it is not a byte-level BPE')
   normalizer = data.get('normalizer')

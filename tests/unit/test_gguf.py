@@ -177,6 +177,8 @@ def test_byte_level_bpe_names_its_pre_tokenizer_and_keeps_its_merges():
     gguf.vocabulary(_bpe_tokenizer(llama3), 4)
   with pytest.raises(ConfigError, match='is not one llama.cpp splits text by'):
     gguf.vocabulary(_bpe_tokenizer(pre.Whitespace()), 4)
+  with pytest.raises(ConfigError, match='import the checkpoint with its tokenizer.model'):
+    gguf.vocabulary(_bpe_tokenizer(pre.Metaspace(), byte_fallback=True), 4)
   with pytest.raises(ConfigError, match='is not one llama.cpp splits text by'):
     gguf.vocabulary(_bpe_tokenizer(pre.ByteLevel(add_prefix_space=True)), 4)
 
