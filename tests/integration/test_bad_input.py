@@ -583,6 +583,18 @@ OTHER_COMMANDS = {  # (module, good flags, {flag: bad values})
         'output': paths('text', 'run', 'link')}),
     'convert --from_hf': ('convert', ['--workdir={new}'], {
         'from_hf': paths('missing', 'empty_dir', 'text')}),
+    'convert --to_gguf': ('convert', ['--workdir={run}', '--to_gguf={new}',
+                                      '--gguf_type=f32'], {
+        'workdir': paths('missing', 'empty_dir', 'text'),
+        'step': ints(also=(-1, 0, 1, 3, 5)).filter(lambda v: v not in ('2', '4')),
+        'to_gguf': paths('text', 'run', 'link'),
+        'gguf_type': choices('f32', 'f16', 'q8_0', 'q4_0')}),
+    'quantize': ('quantize', ['--workdir={run}', '--output={new}', '--scheme=int8'], {
+        'workdir': paths('missing', 'empty_dir', 'text'),
+        'step': ints(also=(-1, 0, 1, 3, 5)).filter(lambda v: v not in ('2', '4')),
+        'output': paths('text', 'run', 'link'),
+        'scheme': choices('int8', 'int4'),
+        'group_size': ints(at_least=1)}),
     'merge': ('merge', ['--workdir={run}', '--output={new}'], {
         'workdir': paths('missing', 'empty_dir', 'text'),
         'output': paths('text', 'run', 'link')}),
@@ -610,6 +622,7 @@ def other_paths(bad_paths, trained_run, tmp_path_factory):
 
 
 def fill_new(flag: str, paths: dict) -> str:
+  os.makedirs(paths['fresh'], exist_ok=True)  # A new file's directory (--to_gguf's).
   return fill(flag.replace('{new}', os.path.join(paths['fresh'], os.urandom(6).hex())), paths)
 
 
