@@ -28,6 +28,7 @@ from absl import flags
 import jax
 
 from experiments import cli
+from lm import config as config_lib
 from lm import chat, sharding
 from lm.errors import check, check_no_links
 from lm.evaluation import benchmarks, builtin, harness, inputs, results, scoring, tasks
@@ -57,6 +58,9 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Seed for few-shot draws and sampling.')
 _CHAT = flags.DEFINE_bool(
     'chat', False, "Prompt through the model's chat template: each prompt, shots included,"
     " one user message; answers are the assistant's, ending at its end of turn.")
+_KV_CACHE_DTYPE = flags.DEFINE_string(
+    'kv_cache_dtype', None, 'The decoding cache\'s dtype: "int8" (a quarter of float32\'s'
+    ' bytes, for long generations) or "" (the compute dtype); default: the run\'s.')
 
 
 def check_flags() -> None:
@@ -64,6 +68,8 @@ def check_flags() -> None:
   limit, temperature = _LIMIT.value, _TEMPERATURE.value
   inputs.check_all([
       inputs.workdir_check(_WORKDIR.value),
+      (_KV_CACHE_DTYPE.value in (None,) + config_lib.KV_CACHE_DTYPES,
+       f'--kv_cache_dtype={_KV_CACHE_DTYPE.value!r} is not one of {config_lib.KV_CACHE_DTYPES}'),
       (limit is None or limit >= 1, f'--limit={limit} must be at least 1'),
       (_BATCH_SIZE.value >= 1, f'--batch_size={_BATCH_SIZE.value} must be at least 1'),
       (_MAX_LENGTH.value is None or _MAX_LENGTH.value >= 2,
@@ -108,7 +114,8 @@ def main():
   given = flags.FLAGS['task'].present
   task_list = [load_task(name) for name in _TASK.value] if given else None  # Bad files first.
   run = checkpointing.restore_for_inference(_WORKDIR.value, _STEP.value, head=None,
-                                            keep_quantized=True)
+                                            keep_quantized=True,
+                                            kv_cache_dtype=_KV_CACHE_DTYPE.value)
   reward_model = run.config.model.get('head', 'lm') == 'score'
   if task_list is None:  # The defaults of what it holds.
     task_list = [load_task(name) for name in (

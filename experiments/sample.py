@@ -14,6 +14,7 @@ from absl import flags
 import jax
 
 from experiments import cli
+from lm import config as config_lib
 from lm import chat, sampling, sharding
 from lm.errors import ConfigError, check, check_utf8
 from lm.evaluation import inputs
@@ -29,12 +30,17 @@ _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling threshold (1: off).'
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _CHAT = flags.DEFINE_bool('chat', False, 'Each prompt is a user message; print the reply.')
 _SYSTEM = flags.DEFINE_string('system', None, 'With --chat: a system message before each.')
+_KV_CACHE_DTYPE = flags.DEFINE_string(
+    'kv_cache_dtype', None, 'The decoding cache\'s dtype: "int8" (a quarter of float32\'s'
+    ' bytes, for long generations) or "" (the compute dtype); default: the run\'s.')
 
 
 def check_flags() -> None:
   """Every flag that needs no checkpoint, before one is loaded; all problems in one line."""
   inputs.check_all([
       inputs.workdir_check(_WORKDIR.value),
+      (_KV_CACHE_DTYPE.value in (None,) + config_lib.KV_CACHE_DTYPES,
+       f'--kv_cache_dtype={_KV_CACHE_DTYPE.value!r} is not one of {config_lib.KV_CACHE_DTYPES}'),
       (_MAX_NEW_TOKENS.value >= 1, f'--max_new_tokens={_MAX_NEW_TOKENS.value} must be at least 1'),
       (math.isfinite(_TEMPERATURE.value) and _TEMPERATURE.value >= 0,
        f'--temperature={_TEMPERATURE.value} must be a number >= 0 (0: greedy)'),
@@ -64,7 +70,8 @@ def read_prompts() -> list[str]:
 def main():
   check_flags()
   prompts = read_prompts()
-  run = checkpointing.restore_for_inference(_WORKDIR.value, _STEP.value, keep_quantized=True)
+  run = checkpointing.restore_for_inference(_WORKDIR.value, _STEP.value, keep_quantized=True,
+                                            kv_cache_dtype=_KV_CACHE_DTYPE.value)
   vocab_size, max_seq_len = run.config.model.vocab_size, run.config.model.max_seq_len
   check(_TOP_K.value <= vocab_size,
         f'--top_k={_TOP_K.value} exceeds the vocabulary of the checkpoint ({vocab_size} ids)')

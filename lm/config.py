@@ -15,13 +15,14 @@ from pallas_kernels import dispatch
 
 DTYPES = ('float32', 'bfloat16')
 ROPE_SCALINGS = ('none', 'llama3')
+KV_CACHE_DTYPES = ('', 'int8')
 
 # Model fields added after the first checkpoints were written, with the value that
 # reproduces those checkpoints' models.
 ADDED_MODEL_FIELDS = dict(
     rope_scaling=layers.NO_ROPE_SCALING,
     scale_embeddings=True, qkv_bias=False, attention_out_bias=False, qk_norm=False,
-    param_dtype='float32', sliding_window=0)
+    param_dtype='float32', sliding_window=0, kv_cache_dtype='')
 
 
 def fill_added_model_fields(model_config) -> None:
@@ -88,6 +89,9 @@ def validate(config, num_devices: int, tokenizer_vocab_size: int) -> None:
     _check(dispatch.platform() == 'gpu' and resolve_dtype(model.dtype) == 'bfloat16',
            'config.model.attention="cudnn" needs a GPU and config.model.dtype bfloat16'
            f' (here: {dispatch.platform()}, {resolve_dtype(model.dtype)}); use "xla"')
+  _check(model.kv_cache_dtype in KV_CACHE_DTYPES,
+         f'config.model.kv_cache_dtype={model.kv_cache_dtype!r} is not one of'
+         f' {KV_CACHE_DTYPES} (\'\': the compute dtype)')
   kinds = decoder.parse_layer_pattern(model.layer_pattern)
   _check(all(kind in decoder.BLOCKS for kind in kinds),
          f'config.model.layer_pattern={model.layer_pattern!r}: each entry must be one of'

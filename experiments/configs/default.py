@@ -51,6 +51,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
       dtype='auto',  # bfloat16 on GPU/TPU, float32 on CPU; or 'float32', 'bfloat16'.
       param_dtype='float32',  # Of the weights (Dense and embedding); norms stay float32.
       attention='xla',  # 'xla' | 'cudnn' | 'pallas' (our flash-attention and decode kernels)
+      kv_cache_dtype='',  # Of the decoding cache: '' (the compute dtype) | 'int8'.
       remat='none',  # 'none' | 'full' | 'save_dots'
       # Mamba layers (used where layer_pattern names them).
       mamba_expand=2,  # Inner width = mamba_expand * embed_dim.

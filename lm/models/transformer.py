@@ -13,6 +13,9 @@ lengths share one static-shape cache) and attends to all filled slots. Padding
 tokens (segment id 0) are written but not counted, so the next call overwrites them.
 With `attention='pallas'`, a one-token call (a decode step) writes and attends in one
 kernel (pallas_kernels/decode_attention) instead of XLA's scatter and einsums.
+With `kv_cache_dtype='int8'` the cache holds keys and values as int8 with a float32
+scale per slot and head (a quarter of a float32 cache's bytes, plus 4/head_dim), read
+back dequantized (for long generations, where the cache outgrows the weights).
 `lm.sampling.init_cache` builds an empty cache; Mamba blocks keep their state in the
 same collection behind the same call.
 """
@@ -64,31 +67,58 @@ class Attention(nn.Module):
   def _attend_with_cache(self, q_btnh, k_btkh, v_btkh, segment_ids_bt):
     # At init the variables take this call's shape: init_cache passes [B, S] tokens.
     batch, length, num_kv_heads, head_dim = k_btkh.shape
-    key_cache = self.variable('cache', 'cached_key', jnp.zeros,
-                              (batch, length, num_kv_heads, head_dim), k_btkh.dtype)
-    value_cache = self.variable('cache', 'cached_value', jnp.zeros,
-                                (batch, length, num_kv_heads, head_dim), v_btkh.dtype)
+    int8 = self.config.get('kv_cache_dtype', '') == 'int8'
+    shape = (batch, length, num_kv_heads, head_dim)
+    key_cache = self.variable('cache', 'cached_key', jnp.zeros, shape,
+                              jnp.int8 if int8 else k_btkh.dtype)
+    value_cache = self.variable('cache', 'cached_value', jnp.zeros, shape,
+                                jnp.int8 if int8 else v_btkh.dtype)
     lengths = self.variable('cache', 'cache_lengths', jnp.zeros, (batch,), jnp.int32)
 
     start_b = lengths.value
     lengths.value = start_b + jnp.sum(segment_ids_bt != 0, axis=1, dtype=jnp.int32)
-    if length == 1 and self.config.attention == 'pallas':  # One token per row: a decode step.
+    # One token per row, a decode step: the Pallas kernel reads float caches only.
+    if length == 1 and self.config.attention == 'pallas' and not int8:
       out_bnh, key_cache.value, value_cache.value = attention_lib.pallas_decode_attention(
           q_btnh[:, 0], k_btkh[:, 0], v_btkh[:, 0], key_cache.value, value_cache.value, start_b,
           self.config.sliding_window)
       return out_bnh[:, None]
     append = jax.vmap(lambda cache, new, start: jax.lax.dynamic_update_slice_in_dim(
         cache, new.astype(cache.dtype), start, axis=0))
-    key_cache.value = append(key_cache.value, k_btkh, start_b)
-    value_cache.value = append(value_cache.value, v_btkh, start_b)
+    if int8:  # A scale per slot and head; the cache holds round(x / scale) in [-127, 127].
+      key_scale = self.variable('cache', 'cached_key_scale', jnp.zeros, shape[:3], jnp.float32)
+      value_scale = self.variable('cache', 'cached_value_scale', jnp.zeros, shape[:3],
+                                  jnp.float32)
+      keys, values = [], []
+      for cache, scale, new_btkh, read in ((key_cache, key_scale, k_btkh, keys),
+                                           (value_cache, value_scale, v_btkh, values)):
+        quantized_btkh, scale_btk = quantize_int8(new_btkh)
+        cache.value = append(cache.value, quantized_btkh, start_b)
+        scale.value = append(scale.value, scale_btk, start_b)
+        read.append((cache.value * scale.value[..., None]).astype(new_btkh.dtype))
+      cached_keys, cached_values = keys[0], values[0]
+    else:
+      key_cache.value = append(key_cache.value, k_btkh, start_b)
+      value_cache.value = append(value_cache.value, v_btkh, start_b)
+      cached_keys, cached_values = key_cache.value, value_cache.value
 
     # Query t of row b sits in slot start_b + t and sees every slot up to it (within the
     # window). Slots are positions: a row's cache holds one sequence from slot 0.
     query_slot_bt = start_b[:, None] + jnp.arange(length)[None]
-    slots_s = jnp.arange(key_cache.value.shape[1])
+    slots_s = jnp.arange(cached_keys.shape[1])
     mask_b1ts = attention_lib.causal_window_mask(
         query_slot_bt[:, :, None], slots_s[None, None, :], self.config.sliding_window)[:, None]
-    return attention_lib.masked_attention(q_btnh, key_cache.value, value_cache.value, mask_b1ts)
+    return attention_lib.masked_attention(q_btnh, cached_keys, cached_values, mask_b1ts)
+
+
+def quantize_int8(x_btkh):
+  """Symmetric int8 of each vector over its last axis: (round(x / scale), scale), scale =
+  max |x| / 127, so |x - q scale| <= scale / 2."""
+  x_btkh = x_btkh.astype(jnp.float32)
+  scale_btk = jnp.max(jnp.abs(x_btkh), axis=-1) / 127
+  safe_btk = jnp.where(scale_btk > 0, scale_btk, 1.0)  # An all-zero vector stays zero.
+  quantized = jnp.clip(jnp.round(x_btkh / safe_btk[..., None]), -127, 127)
+  return quantized.astype(jnp.int8), scale_btk
 
 
 class AttentionBlock(nn.Module):

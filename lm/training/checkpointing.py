@@ -637,7 +637,8 @@ def check_reward_model(workdir: str, flag: str, tokenizer, config=None) -> None:
 
 def restore_for_inference(workdir: str, step: int | None = None, head: str = 'lm',
                           flag: str = '--workdir', mesh=None,
-                          keep_quantized: bool = False) -> Restored:
+                          keep_quantized: bool = False,
+                          kv_cache_dtype: str | None = None) -> Restored:
   """The checkpoint at `step` (default: latest), its params split over `mesh` (default: a
   mesh of every device of every process, sharding.inference_mesh) by the logical axis
   rules, with the model and tokenizer built from the config and tokenizer saved with it.
@@ -646,8 +647,11 @@ def restore_for_inference(workdir: str, step: int | None = None, head: str = 'lm
   either), naming `flag`. A quantized run (experiments/quantize.py, config.quantization)
   comes, with `keep_quantized`, as its quantized model and params (integer weights that
   each product dequantizes: what sample and evaluate run); else dequantized, as the
-  plain model's params (what an export or a merge reads)."""
+  plain model's params (what an export or a merge reads). `kv_cache_dtype` replaces
+  config.model.kv_cache_dtype, the decoding cache's (an inference choice)."""
   checkpointer, step, config, tokenizer_dict = _inference_metadata(workdir, step, head, flag)
+  if kv_cache_dtype is not None:
+    config.model.kv_cache_dtype = kv_cache_dtype
   with unreadable_as_config_error(f'{flag}={workdir}', checkpointer, step):
     model = models.build(config.model)
     mesh = mesh or sharding.inference_mesh(config.model.embed_dim)

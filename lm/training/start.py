@@ -71,13 +71,14 @@ def check_model_read(workdir: str, field: str, head: str, tokenizer) -> None:
 
 
 # What a run chooses for itself when it takes its model from config.train.init_from.
-_RUN_MODEL_FIELDS = ('dtype', 'attention', 'remat', 'mamba_scan')
+_RUN_MODEL_FIELDS = ('dtype', 'attention', 'remat', 'mamba_scan', 'kv_cache_dtype')
 
 
 def _model_from_init(config) -> object:
   """config.model.name 'from_init': config.model and config.tokenizer become those of the
   config.train.init_from checkpoint (an imported model's, say), keeping this config's
-  dtype, attention, remat and mamba_scan. Returns the tokenizer stored with it."""
+  dtype, attention, remat, mamba_scan and kv_cache_dtype. Returns the tokenizer stored
+  with it."""
   check(config.train.init_from, 'config.model.name="from_init" needs config.train.init_from')
   _, saved, saved_tokenizer = checkpointing.read_init_from(config.train.init_from,
                                                            config.train.init_from_step)

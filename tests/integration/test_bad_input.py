@@ -208,6 +208,7 @@ CONFIG_FIELDS = {  # field: (bad values, flags that make the field matter)
     'model.num_kv_heads': (ints(at_least=1, below=3), ()),  # 1 and 2 divide 2 query heads.
     'model.num_layers': (POSITIVE_INT, ()),
     'model.remat': (choices('none', 'full', 'save_dots'), ()),
+    'model.kv_cache_dtype': (choices('', 'int8'), ()),
     'model.rope_theta': (POSITIVE_FLOAT, ()),
     'model.rope_scaling.kind': (choices('none', 'llama3'), ()),
     'model.rope_scaling.factor': (POSITIVE_FLOAT, LLAMA3),
@@ -258,6 +259,7 @@ CONFIG_FIELDS = {  # field: (bad values, flags that make the field matter)
     'train.distill.on_policy_fraction': (floats(at_least=0, at_most=1), DISTILL_EXAMPLES),
     'train.distill.max_new_tokens': (ints(at_least=1, below=64), DISTILL_EXAMPLES),
     'train.distill.sampling_temperature': (POSITIVE_FLOAT, DISTILL_EXAMPLES),
+    'train.distill.teacher_logits': (paths('missing', 'empty_dir', 'text'), DISTILL),
     'train.dpo.beta': (POSITIVE_FLOAT, DPO),
     'train.dpo.label_smoothing': (floats(at_least=0, below=0.5), DPO),
     'train.dpo.loss': (choices('sigmoid', 'robust', 'ipo', 'hinge', 'simpo', 'orpo'), DPO),
@@ -368,6 +370,7 @@ SAMPLE_FLAGS = {
     'workdir': paths('missing', 'empty_dir', 'text'),
     'prompts_file': paths('missing', 'empty_dir', 'binary'),
     'chat': NOT_BOOL,
+    'kv_cache_dtype': choices('', 'int8'),
 }
 EVALUATE_FLAGS = {
     'limit': POSITIVE_INT,
@@ -385,6 +388,7 @@ EVALUATE_FLAGS = {
                       WORDS.filter(lambda s: s not in ('arithmetic', 'arithmetic_choice',
                                                        'stdlib_perplexity'))),
     'chat': NOT_BOOL,
+    'kv_cache_dtype': choices('', 'int8'),
 }
 GOOD_FLAGS = {
     'sample': ['--prompt=def f(', '--max_new_tokens=4', '--seed=0', '--temperature=0'],

@@ -146,6 +146,16 @@ def test_sample_refuses_a_top_k_above_the_vocabulary_after_loading(run, pretrain
   assert line.startswith('error: --top_k=100000 exceeds the vocabulary'), line
 
 
+def test_sample_decodes_through_an_int8_cache_on_request(run, pretrained):
+  flags = [f'--workdir={pretrained[0]}', '--prompt=the cat', '--max_new_tokens=24',
+           '--temperature=0']
+  result = run('sample', *flags, '--kv_cache_dtype=int8')
+  assert result.returncode == 0, result.stderr[-3000:]
+  # Greedy through the int8 cache: near the float cache's logits (tests/unit), and here
+  # the same tokens.
+  assert result.stdout == run('sample', *flags).stdout
+
+
 def test_evaluate_merges_results_and_prints_them_when_it_cannot_write_them(run, pretrained,
                                                                          tmp_path):
   workdir = tmp_path / 'run'
