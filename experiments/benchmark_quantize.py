@@ -68,7 +68,8 @@ def measure(run, model, params, tasks, max_length: int) -> dict:
   scorer = scoring.Scorer(model, params, run.tokenizer, max_length=max_length)
   row = {'bytes': quantization.param_bytes(params)}
   for task in tasks:
-    metrics = harness.evaluate(task, scorer, limit=_LIMIT.value)
+    metrics = harness.evaluate(task, scorer, limit=_LIMIT.value,
+                               max_new_tokens=harness.default_max_new_tokens(task))
     row[task.name] = metrics[_FIGURE[task.kind]]
   row['tokens/s'] = decode_tokens_per_second(model, params, run.tokenizer,
                                              run.config.model.max_seq_len)

@@ -45,7 +45,7 @@ _SELF_CONSISTENCY = flags.DEFINE_integer(
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.7, 'Sampling temperature for self-consistency.')
 _MAX_NEW_TOKENS = flags.DEFINE_integer(
     'max_new_tokens', None, 'Generation tasks: answer length (default: 16; 256 for a chain'
-    ' of thought, as gsm8k).')
+    ' of thought, as gsm8k; 64 for a worked solution, as arithmetic_problems).')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 16, 'Sequences per forward pass.')
 _MAX_LENGTH = flags.DEFINE_integer(
     'max_length', None, "Tokens the model reads at once (default: the model's context:"
@@ -106,7 +106,7 @@ def load_task(name: str) -> tasks.Task:
 def max_new_tokens(task: tasks.Task) -> int:
   if _MAX_NEW_TOKENS.value is not None:
     return _MAX_NEW_TOKENS.value
-  return 256 if task.extract == 'chain_of_thought' else 16
+  return harness.default_max_new_tokens(task)
 
 
 def main():

@@ -53,6 +53,12 @@ def _majority_by_value(answers: list[str]) -> str:
   return answers[votes.index(max(votes))]
 
 
+def default_max_new_tokens(task: tasks_lib.Task) -> int:
+  """New tokens a generation task's answers get by default: room for a chain of thought
+  (GSM8K), for a worked solution and its final answer, or for a short answer."""
+  return {'chain_of_thought': 256, 'final_answer': 64}.get(task.extract, 16)
+
+
 def evaluate(task: tasks_lib.Task, scorer, *, num_shots: int = 0, seed: int = 0,
              limit: int | None = None, max_new_tokens: int = 16, self_consistency: int = 1,
              temperature: float = 0.7, samples: list | None = None) -> dict:
