@@ -117,6 +117,15 @@ def post_training_config(module, workdir, **train):
   return config
 
 
+class OtherTokenizer:
+  """A tokenizer that is not the byte tokenizer, for the checks that refuse a model of
+  other ids (a reward model, a teacher)."""
+  kind, vocab_size = 'sentencepiece', 290
+
+  def to_dict(self):
+    return {'kind': self.kind, 'model_proto': 'other'}
+
+
 class ChoicesOneByOne:
   """choice_log_likelihoods from a fake scorer's continuation_log_likelihoods, pair by
   pair (the metrics' tests need no shared-context pass)."""

@@ -17,6 +17,8 @@ from lm.errors import ConfigError
 from lm.objectives import distill
 from lm.training import checkpointing, loop, start as start_lib
 
+from helpers import OtherTokenizer
+
 DEVICES = jax.devices()[:1]
 
 
@@ -69,13 +71,6 @@ def test_on_policy_batches_are_the_students_samples_scored_by_a_top_k_teacher(
   for row in logged:  # A sampled batch reports its completions, a data batch none.
     assert ('sampled_tokens_per_second' in row) == bool(row['on_policy'])
     assert np.isfinite(row['divergence']) and row['divergence'] >= 0
-
-
-class OtherTokenizer:
-  kind, vocab_size = 'sentencepiece', 290
-
-  def to_dict(self):
-    return {'kind': self.kind, 'model_proto': 'other'}
 
 
 @pytest.mark.parametrize('case', ['other tokenizer', 'no checkpoints', 'empty'])

@@ -23,7 +23,7 @@ from lm.evaluation import harness, scoring, tasks
 from lm.objectives import grpo
 from lm.training import checkpointing, logger as logger_lib, loop, start as start_lib
 
-from helpers import post_training_config
+from helpers import OtherTokenizer, post_training_config
 
 DEVICES = jax.devices()[:1]
 
@@ -144,13 +144,6 @@ def test_a_reward_model_scores_grpo_rollouts_at_each_completions_last_token(rewa
                                 np.arange(length)[None])
     # math_format adds nothing: these completions mark no answer.
     np.testing.assert_allclose(rewards_b[row], scores[0, -1], rtol=1e-5, atol=1e-6)
-
-
-class OtherTokenizer:
-  kind, vocab_size = 'sentencepiece', 290
-
-  def to_dict(self):
-    return {'kind': self.kind, 'model_proto': 'other'}
 
 
 @pytest.mark.parametrize('case', ['a language model', 'other tokenizer', 'no checkpoints'])
