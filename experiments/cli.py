@@ -8,7 +8,6 @@ import re
 import sys
 
 from absl import app, flags, logging
-import jax
 
 from lm import distributed
 from lm.errors import ConfigError
@@ -109,7 +108,7 @@ def run(main) -> None:
       if distributed.joined():  # The others may be gone: no shutdown that waits for them.
         distributed.stop(f'error: {error}')
       sys.exit(f'error: {error}')
-    except jax.errors.JaxRuntimeError as error:
+    except Exception as error:  # pylint: disable=broad-except
       if not distributed.lost_another_process(error):
         raise
       distributed.lost_peer(str(error))

@@ -120,7 +120,18 @@ def lost_another_process(error: Exception) -> bool:
   """Whether `error` is a collective that timed out waiting for a process that stopped
   (it reported its own error) or cannot be reached."""
   return jax.process_count() > 1 and any(
-      sign in str(error) for sign in ('CoordinationService', 'DEADLINE_EXCEEDED', 'Gloo'))
+      any(sign in str(link) for sign in ('CoordinationService', 'DEADLINE_EXCEEDED', 'Gloo'))
+      for link in _chain(error))
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+  """`error` and those it was raised during or from: a lost peer's collective error may
+  surface as a later one (a checkpoint's finishing barrier timing out in a `finally`)."""
+  links = []
+  while error is not None and error not in links:
+    links.append(error)
+    error = error.__cause__ or error.__context__
+  return links
 
 
 def all_gather(values: np.ndarray) -> np.ndarray:

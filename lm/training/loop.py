@@ -148,11 +148,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None):
   lock = checkpointing.WorkdirLock(workdir)
   checkpointer = checkpointing.Checkpointer(workdir, config.checkpoint.max_to_keep)
   try:
-    return _train(config, workdir, devices, tokenizer, objective, data, checkpointer)
-  finally:
-    # Pending saves finish before any error is reported: no half-written checkpoint.
-    checkpointer.close()
+    result = _train(config, workdir, devices, tokenizer, objective, data, checkpointer)
+  except BaseException as error:
+    # Pending saves finish before any error is reported: no half-written checkpoint. Not
+    # when a process is gone: finishing waits on it, and the caller ends this one at once.
+    if not distributed.lost_another_process(error):
+      checkpointer.close()
     lock.release()
+    raise
+  checkpointer.close()
+  lock.release()
+  return result
 
 
 def _first_non_finite(pending: list) -> tuple | None:
