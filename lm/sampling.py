@@ -83,6 +83,35 @@ def sample_from_logits(logits_bv, rng, *, temperature: float, top_k: int, top_p:
   return jax.random.categorical(rng, logits_bv, axis=-1)
 
 
+def sample_rows(logits_bv, seed_b, index_b, temperature_b, top_k_b, top_p_b):
+  """Next ids [B] from float32 logits [B, V], each row with its own options (as
+  sample_from_logits: temperature 0 is greedy, top_k 0 and top_p 1 are off). Row b's
+  draw uses its seed folded with index_b[b] (the token's index in its completion), so a
+  request samples the same tokens whatever rows share its batch (lm/engine)."""
+  greedy_b = jnp.argmax(logits_bv, axis=-1)
+
+  def sampled():
+    vocab = logits_bv.shape[-1]
+    logits = logits_bv / jnp.where(temperature_b > 0, temperature_b, 1.0)[:, None]
+    sorted_bv = jnp.sort(logits, axis=-1)[:, ::-1]
+    k_b = jnp.where(top_k_b > 0, jnp.minimum(top_k_b, vocab), vocab)
+    top_bv = jnp.where(jnp.arange(vocab) < k_b[:, None], sorted_bv, -jnp.inf)
+    # Nucleus over the top k: drop tokens whose higher-ranked predecessors reach top_p.
+    probabilities_bv = jax.nn.softmax(top_bv, axis=-1)
+    kept_bv = (jnp.cumsum(probabilities_bv, axis=-1) - probabilities_bv < top_p_b[:, None])
+    threshold_b1 = jnp.min(jnp.where(kept_bv & (top_bv > -jnp.inf), sorted_bv, jnp.inf),
+                           axis=-1, keepdims=True)
+    logits = jnp.where(logits < threshold_b1, -jnp.inf, logits)
+    keys_b = jax.vmap(lambda seed, index: jax.random.fold_in(jax.random.key(seed), index))(
+        seed_b, index_b)
+    return jax.vmap(jax.random.categorical)(keys_b, logits)
+
+  # A batch of greedy rows skips the sort and the draws.
+  return jnp.where(temperature_b > 0,
+                   jax.lax.cond(jnp.any(temperature_b > 0), sampled, lambda: greedy_b),
+                   greedy_b)
+
+
 @functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'cache_length',
                                              'temperature', 'top_k', 'top_p'))
 def generate(params, prompts_bt, prompt_lengths_b, rng, stop_ids, *, model, max_new_tokens: int,

@@ -18,9 +18,16 @@ scale per slot and head (a quarter of a float32 cache's bytes, plus 4/head_dim),
 back dequantized (for long generations, where the cache outgrows the weights).
 `lm.sampling.init_cache` builds an empty cache; Mamba blocks keep their state in the
 same collection behind the same call.
+
+Paged decoding (`decode=Pages(...)`, lm/engine): the cache is pages [P, S, K, H] shared by
+every row, and row b's token at position p lives in page table[b, p // S], slot p % S.
+Each call writes its tokens there (padding to page 0, which no table points at) and
+attends over the row's pages up to each query's position: rows join and leave a running
+batch, and rows that share a prompt's prefix share its pages (the engine's bookkeeping).
 """
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -28,6 +35,18 @@ import ml_collections
 from lm import sharding
 from lm.models import attention as attention_lib
 from lm.models import layers
+
+NULL_PAGE = 0  # Padding tokens write here; no row's table holds it below its length.
+
+
+@flax.struct.dataclass
+class Pages:
+  """A paged cache's layout for one call: each row's page table [B, M] (page ids), and
+  the pages' number and size (static: they shape the cache)."""
+  table_bm: jax.Array
+  num_pages: int = flax.struct.field(pytree_node=False)
+  page_size: int = flax.struct.field(pytree_node=False)
+
 
 class Attention(nn.Module):
   config: ml_collections.ConfigDict
@@ -55,7 +74,10 @@ class Attention(nn.Module):
     q_btnh = sharding.constrain(q_btnh, ('act_batch', 'act_seq', 'act_heads', 'act_head_dim'))
     k_btkh = sharding.constrain(k_btkh, ('act_batch', 'act_seq', 'act_kv_heads', 'act_head_dim'))
     v_btkh = sharding.constrain(v_btkh, ('act_batch', 'act_seq', 'act_kv_heads', 'act_head_dim'))
-    if decode:
+    if isinstance(decode, Pages):
+      out_btnh = self._attend_with_pages(q_btnh, k_btkh, v_btkh, segment_ids_bt, positions_bt,
+                                         decode)
+    elif decode:
       out_btnh = self._attend_with_cache(q_btnh, k_btkh, v_btkh, segment_ids_bt)
     else:
       attend = attention_lib.ATTENTION_IMPLEMENTATIONS[cfg.attention]
@@ -109,6 +131,29 @@ class Attention(nn.Module):
     mask_b1ts = attention_lib.causal_window_mask(
         query_slot_bt[:, :, None], slots_s[None, None, :], self.config.sliding_window)[:, None]
     return attention_lib.masked_attention(q_btnh, cached_keys, cached_values, mask_b1ts)
+
+
+  def _attend_with_pages(self, q_btnh, k_btkh, v_btkh, segment_ids_bt, positions_bt, pages):
+    page_size = pages.page_size
+    shape = (pages.num_pages, page_size) + k_btkh.shape[2:]
+    key_pages = self.variable('cache', 'key_pages', jnp.zeros, shape, k_btkh.dtype)
+    value_pages = self.variable('cache', 'value_pages', jnp.zeros, shape, v_btkh.dtype)
+    real_bt = segment_ids_bt != 0
+    positions_bt = jnp.where(real_bt, positions_bt, 0)
+    page_bt = jnp.take_along_axis(pages.table_bm, positions_bt // page_size, axis=1)
+    page_bt = jnp.where(real_bt, page_bt, NULL_PAGE)
+    for cache, new_btkh in ((key_pages, k_btkh), (value_pages, v_btkh)):
+      cache.value = cache.value.at[page_bt, positions_bt % page_size].set(
+          new_btkh.astype(cache.value.dtype))
+    # Each row's pages in order: its sequence as one [B, M * S] cache.
+    batch, num_table_pages = pages.table_bm.shape
+    gather = lambda cache: cache.value[pages.table_bm].reshape(
+        (batch, num_table_pages * page_size) + shape[2:])
+    slots_s = jnp.arange(num_table_pages * page_size)
+    mask_b1ts = attention_lib.causal_window_mask(
+        positions_bt[:, :, None], slots_s[None, None, :], self.config.sliding_window)[:, None]
+    return attention_lib.masked_attention(q_btnh, gather(key_pages), gather(value_pages),
+                                          mask_b1ts)
 
 
 def quantize_int8(x_btkh):
