@@ -1,11 +1,11 @@
 """Paged decode attention speed: one decoding step's attention (one layer) as a table, the
-Pallas kernel against its reference and against the contiguous-cache decode kernel at the
+Pallas kernel (the GPU's or the TPU's) against its reference and against the contiguous-cache decode kernel at the
 same lengths.
 
   python -m pallas_kernels.benchmarks.paged_attention       # Llama-3-8B's heads, on a GPU
   python -m pallas_kernels.benchmarks.paged_attention --page_size=64 --window=4096
   python -m pallas_kernels.benchmarks.paged_attention --kernel_blocks=1:2,8:3
-      # our kernel at several launches too, num_warps:num_stages
+      # our GPU kernel at several launches too, num_warps:num_stages
   python -m pallas_kernels.benchmarks.paged_attention --shapes=1024:4 --heads=8 \
       --kv_heads=2 --head_dim=64 --dtype=float32    # on CPU: the references only
   python -m pallas_kernels.benchmarks.paged_attention --shapes=40:2 --heads=4 \
@@ -44,7 +44,7 @@ _WINDOW = flags.DEFINE_integer('window', None, 'Sliding window: each token sees 
                                'this many slots, itself included (default: all).')
 _REPEATS = flags.DEFINE_integer('repeats', 10, 'Timed runs per case.')
 _INTERPRET = flags.DEFINE_bool('interpret', False, 'Run the kernels in interpret mode (CPU).')
-_KERNEL_BLOCKS = flags.DEFINE_list('kernel_blocks', [], 'Also time our kernel at these '
+_KERNEL_BLOCKS = flags.DEFINE_list('kernel_blocks', [], 'Also time our GPU kernel at these '
                                    'launches: num_warps:num_stages.')
 
 
@@ -99,15 +99,18 @@ def contiguous_decode(paged_inputs, caches):
 def implementations(paged_inputs, caches):
   """Name -> (function, its arguments), or name -> why it is not timed."""
   found = {}
-  if jax.default_backend() == 'gpu' or _INTERPRET.value:
-    found['pallas (ours)'] = (paged('gpu'), paged_inputs)
+  kernel = jax.default_backend() if jax.default_backend() in api.KERNELS else (
+      'gpu' if _INTERPRET.value else None)  # The interpreter runs the GPU kernel.
+  if kernel is None:
+    found['pallas (ours)'] = 'no GPU or TPU (--interpret runs it in the interpreter)'
+  else:
+    found['pallas (ours)'] = (paged(kernel), paged_inputs)
+  if kernel == 'gpu':
     for spec in _KERNEL_BLOCKS.value:
       num_warps, num_stages = map(int, spec.split(':'))
       found[f'pallas (ours) {spec}'] = (
           paged('gpu', gpu.BlockSizes(num_warps=num_warps, num_stages=num_stages)),
           paged_inputs)
-  else:
-    found['pallas (ours)'] = 'no GPU (--interpret runs it in the interpreter)'
   found['reference'] = (paged('reference'), paged_inputs)
   found['decode_attention (contiguous)'] = (contiguous_decode(paged_inputs, caches), ())
   return found

@@ -1,6 +1,7 @@
 """Paged attention: the reference against attention written out in float64 over each row's
-pages laid end to end, and the Pallas kernel against the reference (interpret mode on CPU)
-on a few awkward shapes; the rest of the kernel grid and its GPU lowering are in
+pages laid end to end, and the Pallas kernels (Triton for GPUs, Mosaic for TPUs) against
+the reference (interpret mode on CPU) on a few awkward shapes; the rest of the kernel
+grids and their lowering for GPU and TPU are in
 tests/integration/test_paged_attention_grid.py."""
 
 import math
@@ -10,9 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.paged_attention import api, gpu, reference
+from pallas_kernels.paged_attention import api, gpu, reference, tpu
 
 import backend
+
+# Where each kernel runs in these tests: compiled on its own hardware, else interpreted.
+GPU_ON_THIS_BACKEND = backend.INTERPRET or jax.default_backend() == 'gpu'
+TPU_ON_THIS_BACKEND = backend.INTERPRET or jax.default_backend() == 'tpu'
 
 
 def paged_inputs(seed, lengths, *, num_heads, num_kv_heads, head_dim, page_size,
@@ -125,12 +130,12 @@ def test_reference_does_not_depend_on_the_page_order_in_the_pool():
 
 def assert_kernel_matches_reference(seed, lengths, *, num_heads, num_kv_heads, head_dim,
                                     page_size, pages_per_row, dtype, tolerance, window=None,
-                                    block_sizes=None):
+                                    block_sizes=None, implementation='gpu'):
   inputs = paged_inputs(seed, lengths, num_heads=num_heads, num_kv_heads=num_kv_heads,
                         head_dim=head_dim, page_size=page_size, pages_per_row=pages_per_row,
                         dtype=dtype)
   want = reference.paged_attention(*inputs, window=window)
-  got = api.paged_attention(*inputs, window=window, implementation='gpu',
+  got = api.paged_attention(*inputs, window=window, implementation=implementation,
                             block_sizes=block_sizes, interpret=backend.INTERPRET)
   assert got.dtype == dtype and got.shape == want.shape
   assert np.isfinite(np.asarray(got, np.float32)).all()
@@ -149,6 +154,8 @@ KERNEL_CASES = [
 ]
 
 
+@pytest.mark.skipif(not GPU_ON_THIS_BACKEND, reason='the GPU kernel runs on a GPU or in the '
+                    'interpreter')
 @pytest.mark.parametrize('num_heads,num_kv_heads,head_dim,page_size,pages_per_row,lengths,'
                          'window,dtype,tolerance', KERNEL_CASES)
 def test_kernel_matches_reference(num_heads, num_kv_heads, head_dim, page_size,
@@ -157,6 +164,25 @@ def test_kernel_matches_reference(num_heads, num_kv_heads, head_dim, page_size,
       len(lengths) + head_dim, lengths, num_heads=num_heads, num_kv_heads=num_kv_heads,
       head_dim=head_dim, page_size=page_size, pages_per_row=pages_per_row, dtype=dtype,
       tolerance=tolerance, window=window)
+
+
+# The TPU kernel's heads are whole 128-lane tiles.
+TPU_CASES = [
+    pytest.param(8, 2, 128, 16, 4, [1, 16, 17, 64, 0], None, jnp.bfloat16, 1e-2, id='bf16-gqa'),
+    pytest.param(3, 1, 128, 32, 3, [0, 70, 33, 96], 40, jnp.float32, 1e-5, id='f32-window'),
+]
+
+
+@pytest.mark.skipif(not TPU_ON_THIS_BACKEND, reason='the TPU kernel runs on a TPU or in the '
+                    'interpreter')
+@pytest.mark.parametrize('num_heads,num_kv_heads,head_dim,page_size,pages_per_row,lengths,'
+                         'window,dtype,tolerance', TPU_CASES)
+def test_tpu_kernel_matches_reference(num_heads, num_kv_heads, head_dim, page_size,
+                                      pages_per_row, lengths, window, dtype, tolerance):
+  assert_kernel_matches_reference(
+      len(lengths) + page_size, lengths, num_heads=num_heads, num_kv_heads=num_kv_heads,
+      head_dim=head_dim, page_size=page_size, pages_per_row=pages_per_row, dtype=dtype,
+      tolerance=tolerance, window=window, implementation='tpu')
 
 
 def small_inputs(num_heads=4, num_kv_heads=2, page_size=16):
@@ -184,7 +210,7 @@ def test_mismatched_shapes_are_named():
     api.paged_attention(q, k_pages, v_pages, page_table[:1], lengths)
   with pytest.raises(ValueError, match='lengths .* must be'):
     api.paged_attention(q, k_pages, v_pages, page_table, lengths[:1])
-  with pytest.raises(ValueError, match="implementation='cuda' is not one of"):
+  with pytest.raises(ValueError, match="implementation='cuda' is not one of None"):
     api.paged_attention(q, k_pages, v_pages, page_table, lengths, implementation='cuda')
 
 
@@ -202,6 +228,16 @@ def test_shapes_the_kernel_cannot_take_are_named(page_size, head_dim, num_heads,
   q = jax.ShapeDtypeStruct((1, num_heads, head_dim), jnp.float32)
   k_pages = jax.ShapeDtypeStruct((4, page_size, 2, head_dim), jnp.float32)
   assert reason in gpu.unsupported(q, k_pages)
+
+
+@pytest.mark.parametrize('page_size,head_dim,reason', [
+    (8, 128, 'page_size=8'), (24, 128, 'page_size=24'), (16, 64, 'head_dim=64')])
+def test_shapes_the_tpu_kernel_cannot_take_are_named(page_size, head_dim, reason):
+  q = jax.ShapeDtypeStruct((1, 4, head_dim), jnp.float32)
+  k_pages = jax.ShapeDtypeStruct((4, page_size, 2, head_dim), jnp.float32)
+  assert reason in tpu.unsupported(q, k_pages)
+  assert tpu.unsupported(jax.ShapeDtypeStruct((1, 6, 256), jnp.float32),
+                         jax.ShapeDtypeStruct((4, 32, 3, 256), jnp.float32)) is None
 
 
 def test_unsupported_shapes_fall_back_to_the_reference_with_a_log_line(caplog):
