@@ -16,6 +16,7 @@ import jax
 from experiments import cli
 from lm import config as config_lib
 from lm import chat, sampling, sharding
+from lm.engine import engine
 from lm.errors import ConfigError, check, check_utf8
 from lm.evaluation import inputs
 from lm.training import checkpointing
@@ -88,7 +89,7 @@ def main():
         f' exceeds the model max_seq_len={max_seq_len}')
   # The prompts are split over every device of every process; process 0 prints.
   with sharding.activate(run.mesh):
-    completions = sampling.complete_ids(
+    completions = engine.complete_ids(
         run.model, run.params, run.tokenizer, [list(i) for i in ids],
         max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
         top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value, stop_ids=stop_ids)

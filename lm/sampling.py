@@ -1,4 +1,5 @@
-"""Sampling with a cache: one prefill over the prompts, then one token per step.
+"""Sampling with a cache in static batches: one prefill over the prompts, then one token
+per step (lm/engine batches continuously over pages; both sample alike).
 
 Prompts of different lengths are right-padded into one [B, T] batch; each row keeps
 its own length in the cache, so every shape is static and one compile serves any
@@ -64,35 +65,25 @@ def decode_step(model, params, cache, token_b, position_b):
   return logits_b1v[:, 0], variables['cache']
 
 
-def sample_from_logits(logits_bv, rng, *, temperature: float, top_k: int, top_p: float):
-  """Next ids [B] from float32 logits [B, V]. `top_k` 0 and `top_p` 1 switch them off.
-  The options are Python numbers, so a decode step computes only what they ask for
-  (greedy is one argmax: no sort, no softmax, no random draw)."""
-  if temperature == 0:
-    return jnp.argmax(logits_bv, axis=-1)
-  logits_bv = logits_bv / temperature
-  if top_k:
-    kth_largest_b1 = jax.lax.top_k(logits_bv, top_k)[0][:, -1:]
-    logits_bv = jnp.where(logits_bv < kth_largest_b1, -jnp.inf, logits_bv)
-  if top_p < 1:  # Nucleus: drop tokens whose higher-ranked predecessors reach top_p.
-    sorted_bv = jnp.sort(logits_bv, axis=-1)[:, ::-1]
-    probabilities_bv = jax.nn.softmax(sorted_bv, axis=-1)
-    kept_bv = jnp.cumsum(probabilities_bv, axis=-1) - probabilities_bv < top_p
-    threshold_b1 = jnp.min(jnp.where(kept_bv, sorted_bv, jnp.inf), axis=-1, keepdims=True)
-    logits_bv = jnp.where(logits_bv < threshold_b1, -jnp.inf, logits_bv)
-  return jax.random.categorical(rng, logits_bv, axis=-1)
-
-
-def sample_rows(logits_bv, seed_b, index_b, temperature_b, top_k_b, top_p_b):
-  """Next ids [B] from float32 logits [B, V], each row with its own options (as
-  sample_from_logits: temperature 0 is greedy, top_k 0 and top_p 1 are off). Row b's
-  draw uses its seed folded with index_b[b] (the token's index in its completion), so a
-  request samples the same tokens whatever rows share its batch (lm/engine)."""
+def sample_rows(logits_bv, keys_b, index_b, temperature_b, top_k_b, top_p_b):
+  """Next ids [B] from float32 logits [B, V], each row with its own options: greedy at
+  temperature 0, else softmax sampling at that temperature restricted to the top-k
+  tokens and to the smallest set whose probability reaches top-p (top_k 0 and top_p 1
+  are off). Row b draws with its key folded with index_b[b] (the token's index in its
+  completion), so a row samples the same tokens whatever rows share its batch: the
+  engine's requests (lm/engine) and generate's rows alike."""
   greedy_b = jnp.argmax(logits_bv, axis=-1)
 
   def sampled():
-    vocab = logits_bv.shape[-1]
     logits = logits_bv / jnp.where(temperature_b > 0, temperature_b, 1.0)[:, None]
+    # A batch without top-k or top-p skips the sort.
+    logits = jax.lax.cond(jnp.any(top_k_b > 0) | jnp.any(top_p_b < 1), restricted,
+                          lambda logits: logits, logits)
+    return jax.vmap(jax.random.categorical)(jax.vmap(jax.random.fold_in)(keys_b, index_b),
+                                            logits)
+
+  def restricted(logits):
+    vocab = logits.shape[-1]
     sorted_bv = jnp.sort(logits, axis=-1)[:, ::-1]
     k_b = jnp.where(top_k_b > 0, jnp.minimum(top_k_b, vocab), vocab)
     top_bv = jnp.where(jnp.arange(vocab) < k_b[:, None], sorted_bv, -jnp.inf)
@@ -101,10 +92,7 @@ def sample_rows(logits_bv, seed_b, index_b, temperature_b, top_k_b, top_p_b):
     kept_bv = (jnp.cumsum(probabilities_bv, axis=-1) - probabilities_bv < top_p_b[:, None])
     threshold_b1 = jnp.min(jnp.where(kept_bv & (top_bv > -jnp.inf), sorted_bv, jnp.inf),
                            axis=-1, keepdims=True)
-    logits = jnp.where(logits < threshold_b1, -jnp.inf, logits)
-    keys_b = jax.vmap(lambda seed, index: jax.random.fold_in(jax.random.key(seed), index))(
-        seed_b, index_b)
-    return jax.vmap(jax.random.categorical)(keys_b, logits)
+    return jnp.where(logits < threshold_b1, -jnp.inf, logits)
 
   # A batch of greedy rows skips the sort and the draws.
   return jnp.where(temperature_b > 0,
@@ -117,8 +105,10 @@ def sample_rows(logits_bv, seed_b, index_b, temperature_b, top_k_b, top_p_b):
 def generate(params, prompts_bt, prompt_lengths_b, rng, stop_ids, *, model, max_new_tokens: int,
              cache_length: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              pad_id: int = 0):
-  """Continues each prompt row (its first prompt_lengths_b[b] tokens). The sampling
-  options are static (see sample_from_logits): each setting compiles once.
+  """Continues each prompt row (its first prompt_lengths_b[b] tokens). `rng`: a key per
+  row [B], or one key split into one per row; token i of row b draws with its key folded
+  with i (sample_rows), as an engine request does. The sampling options are static: each
+  setting compiles once, and greedy decoding is one argmax per step.
 
   Returns new ids [B, M] (M = max_new_tokens) (pad after a row stops) and the number of new
   ids in each row, stop id included. `cache_length` must hold T + max_new_tokens.
@@ -133,23 +123,26 @@ def generate(params, prompts_bt, prompt_lengths_b, rng, stop_ids, *, model, max_
     raise ValueError(f'{prompt_length=} + {max_new_tokens=} exceeds {cache_length=}')
   params = cast_weights(params, model.config.dtype)  # Once, outside the decode loop.
   last_logits_bv, cache = prefill(model, params, prompts_bt, prompt_lengths_b, cache_length)
+  keys_b = rng if rng.ndim == 1 else jax.random.split(rng, batch)
+  options_b = [jnp.full(batch, value, dtype) for value, dtype in (
+      (temperature, jnp.float32), (top_k, jnp.int32), (top_p, jnp.float32))]
 
-  def choose(index, logits_bv, done_b, new_bm, num_new_b, rng):
+  def choose(index, logits_bv, done_b, new_bm, num_new_b):
     """Samples the token at `index` and records it; rows already done get pad."""
-    rng, step_rng = jax.random.split(rng)
-    token_b = sample_from_logits(logits_bv, step_rng, temperature=temperature, top_k=top_k,
-                                 top_p=top_p)
+    if temperature == 0:
+      token_b = jnp.argmax(logits_bv, axis=-1)
+    else:
+      token_b = sample_rows(logits_bv, keys_b, jnp.full(batch, index), *options_b)
     token_b = jnp.where(done_b, pad_id, token_b)
     new_bm = new_bm.at[:, index].set(token_b)
     num_new_b = num_new_b + (~done_b)
-    return token_b, done_b | jnp.isin(token_b, stop_ids), new_bm, num_new_b, rng
+    return token_b, done_b | jnp.isin(token_b, stop_ids), new_bm, num_new_b
 
   def step(carry):
-    index, logits_bv, cache, done_b, new_bm, num_new_b, rng = carry
-    token_b, done_b, new_bm, num_new_b, rng = choose(index, logits_bv, done_b, new_bm,
-                                                     num_new_b, rng)
+    index, logits_bv, cache, done_b, new_bm, num_new_b = carry
+    token_b, done_b, new_bm, num_new_b = choose(index, logits_bv, done_b, new_bm, num_new_b)
     logits_bv, cache = decode_step(model, params, cache, token_b, prompt_lengths_b + index)
-    return index + 1, logits_bv, cache, done_b, new_bm, num_new_b, rng
+    return index + 1, logits_bv, cache, done_b, new_bm, num_new_b
 
   # The loop stops one token short: the last token is chosen after it, so no decode step
   # computes logits nobody reads.
@@ -158,11 +151,10 @@ def generate(params, prompts_bt, prompt_lengths_b, rng, stop_ids, *, model, max_
     return (index < max_new_tokens - 1) & ~jnp.all(done_b)
 
   initial = (jnp.int32(0), last_logits_bv, cache, jnp.zeros(batch, jnp.bool_),
-             jnp.full((batch, max_new_tokens), pad_id, jnp.int32), jnp.zeros(batch, jnp.int32),
-             rng)
-  index, logits_bv, _, done_b, new_bm, num_new_b, rng = jax.lax.while_loop(
+             jnp.full((batch, max_new_tokens), pad_id, jnp.int32), jnp.zeros(batch, jnp.int32))
+  index, logits_bv, _, done_b, new_bm, num_new_b = jax.lax.while_loop(
       keep_going, step, initial)
-  _, _, new_bm, num_new_b, _ = choose(index, logits_bv, done_b, new_bm, num_new_b, rng)
+  _, _, new_bm, num_new_b = choose(index, logits_bv, done_b, new_bm, num_new_b)
   return new_bm, num_new_b
 
 
@@ -227,8 +219,10 @@ def complete_ids(model, params, tokenizer, ids: list[list[int]], *, max_new_toke
   ids = list(ids) + [[tokenizer.prefix_id]] * (-count % sharding.rows_multiple())
   prompts_bt, lengths_b = pad_prompts(ids, tokenizer.pad_id)
   cache_length = cache_length or prompts_bt.shape[1] + max_new_tokens
+  # Row i samples as an engine request with seed + i does (lm/engine).
+  keys_b = jax.vmap(jax.random.key)(sharding.put_rows(seed + np.arange(len(ids), dtype=np.int32)))
   new_bm, num_new_b = generate(
-      params, sharding.put_rows(prompts_bt), sharding.put_rows(lengths_b), jax.random.key(seed),
+      params, sharding.put_rows(prompts_bt), sharding.put_rows(lengths_b), keys_b,
       jnp.asarray(stop_ids, jnp.int32), model=model, max_new_tokens=max_new_tokens,
       cache_length=cache_length, temperature=temperature, top_k=top_k, top_p=top_p,
       pad_id=tokenizer.pad_id)

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm import models, sampling
+from lm import models, sampling, sharding
 from lm.engine import pages as pages_lib
 from lm.models import transformer
 
@@ -301,8 +301,8 @@ class Engine:
         {'params': params, 'cache': cache}, tokens_bt, segments_bt, positions_bt,
         decode=layout, mutable=['cache'])
     logits_bv = logits_btv[jnp.arange(tokens_bt.shape[0]), last_b]
-    ids_b = sampling.sample_rows(logits_bv, seeds_b, counts_b, temperature_b, top_k_b,
-                                 top_p_b)
+    ids_b = sampling.sample_rows(logits_bv, jax.vmap(jax.random.key)(seeds_b), counts_b,
+                                 temperature_b, top_k_b, top_p_b)
     return ids_b, variables['cache']
 
   # A request's tokens, text and end.
@@ -392,3 +392,26 @@ def _held_back(text: str, stops) -> int:
         held = max(held, length)
         break
   return held
+
+
+def complete_ids(model, params, tokenizer, ids: list[list[int]], *, max_new_tokens: int,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                 stop_ids: tuple[int, ...] | None = None, slots: int = 32) -> list[str]:
+  """lm.sampling.complete_ids through an engine of up to `slots` rows: the same texts
+  (request i samples with seed + i, as row i does there), batched continuously. The
+  static sampler runs instead with several processes (the engine drives one process) and
+  for an int8 cache (the engine's pages hold the compute dtype)."""
+  options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                 top_p=top_p, seed=seed, stop_ids=stop_ids)
+  if jax.process_count() > 1 or model.config.get('kv_cache_dtype', '') or not ids:
+    return sampling.complete_ids(model, params, tokenizer, ids, **options)
+  # Rows split over the mesh's data-parallel devices, when one is active.
+  multiple = sharding.rows_multiple()
+  engine = Engine(model, params, tokenizer, slots=-(-min(slots, len(ids)) // multiple) * multiple,
+                  max_length=max(len(i) for i in ids) + max_new_tokens)
+  stop_ids = tuple(tokenizer.stop_ids) if stop_ids is None else tuple(stop_ids)
+  completions = engine.generate([list(i) for i in ids], [
+      SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                     top_p=top_p, seed=seed + index, stop_ids=stop_ids)
+      for index in range(len(ids))])
+  return [completion.text for completion in completions]

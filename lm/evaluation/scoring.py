@@ -12,6 +12,7 @@ import numpy as np
 import tqdm
 
 from lm import sampling, sharding
+from lm.engine import engine
 from lm.data import pipeline
 from lm.errors import check
 from lm.objectives import reward_model
@@ -282,14 +283,10 @@ class Scorer:
     if stops is None and len(newline) == 1:
       stop_ids += tuple(newline)
     ids, truncated = self.generation_prompts(prompts, max_new_tokens)
-    texts = []
-    with _progress(len(prompts), 'generating') as progress:
-      for start in range(0, len(prompts), self.batch_size):
-        texts += sampling.complete_ids(
-            self.model, self.params, self.tokenizer, ids[start:start + self.batch_size],
-            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + start,
-            stop_ids=stop_ids)
-        progress.update(len(ids[start:start + self.batch_size]))
+    # Every prompt to the engine at once, batch_size at a time (record i: seed + i).
+    texts = engine.complete_ids(self.model, self.params, self.tokenizer, ids,
+                                max_new_tokens=max_new_tokens, temperature=temperature,
+                                seed=seed, stop_ids=stop_ids, slots=self.batch_size)
     return [Completion(cut_at_stops(text, stops or ()), cut)
             for text, cut in zip(texts, truncated)]
 

@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 from lm import sharding
 from pallas_kernels.decode_attention import api as decode_attention
 from pallas_kernels.flash_attention import api as flash_attention
+from pallas_kernels.paged_attention import api as paged_attention
 
 
 def causal_window_mask(query_index, key_index, window: int):
@@ -91,6 +92,18 @@ def pallas_decode_attention(q_bnh, k_bkh, v_bkh, k_cache_bskh, v_cache_bskh, sta
                             (heads, kv_heads, kv_heads, cache, cache, P('act_batch')),
                             (heads, cache, cache))(
                                 q_bnh, k_bkh, v_bkh, k_cache_bskh, v_cache_bskh, start_b)
+
+
+def pallas_paged_attention(q_bnh, k_pages_pskh, v_pages_pskh, table_bm, lengths_b,
+                           window: int = 0):
+  """One decoding step over a paged cache (pallas_kernels/paged_attention), the new keys
+  and values already written: row b attends to its first lengths_b[b] slots. The pages
+  are every row's, so each device holds them whole and runs its own rows."""
+  heads = P('act_batch', 'act_heads', 'act_head_dim')
+  pages = P(None, None, 'act_kv_heads', 'act_head_dim')
+  attend = lambda *args: paged_attention.paged_attention(*args, window=window or None)
+  return sharding.per_shard(attend, (heads, pages, pages, P('act_batch', None), P('act_batch')),
+                            heads)(q_bnh, k_pages_pskh, v_pages_pskh, table_bm, lengths_b)
 
 
 ATTENTION_IMPLEMENTATIONS = {

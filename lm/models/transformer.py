@@ -145,6 +145,11 @@ class Attention(nn.Module):
     for cache, new_btkh in ((key_pages, k_btkh), (value_pages, v_btkh)):
       cache.value = cache.value.at[page_bt, positions_bt % page_size].set(
           new_btkh.astype(cache.value.dtype))
+    if q_btnh.shape[1] == 1 and self.config.attention == 'pallas':  # A decode step.
+      lengths_b = jnp.where(real_bt[:, 0], positions_bt[:, 0] + 1, 0)
+      return attention_lib.pallas_paged_attention(
+          q_btnh[:, 0], key_pages.value, value_pages.value, pages.table_bm, lengths_b,
+          self.config.sliding_window)[:, None]
     # Each row's pages in order: its sequence as one [B, M * S] cache.
     batch, num_table_pages = pages.table_bm.shape
     gather = lambda cache: cache.value[pages.table_bm].reshape(

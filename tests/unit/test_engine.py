@@ -17,10 +17,15 @@ from helpers import init_model, small_model_config
 TOKENIZER = ByteTokenizer()
 
 
-@pytest.fixture(scope='module', params=['attention', 'mamba,attention'])
+@pytest.fixture(scope='module', params=[('attention', 'xla', 0), ('mamba,attention', 'xla', 0),
+                                       ('attention', 'pallas', 20), ('attention', 'xla', 20)])
 def model_and_params(request):
-  config = small_model_config(layer_pattern=request.param, vocab_size=260, max_seq_len=128,
-                              sliding_window=0)
+  """A Transformer, a hybrid, and Transformers with a sliding window, one whose decode
+  steps run the paged Pallas kernel (the reference on the CPU;
+  pallas_kernels/paged_attention tests the kernel)."""
+  pattern, attention, window = request.param
+  config = small_model_config(layer_pattern=pattern, attention=attention, vocab_size=260,
+                              max_seq_len=128, sliding_window=window)
   return init_model(config, seed=1)
 
 
@@ -221,7 +226,8 @@ def test_sample_rows_draws_from_each_rows_own_top_k_and_top_p_set():
   logits = rng.normal(size=(len(options), 40)).astype(np.float32) * 2
   temperature, top_k, top_p = (np.array(column) for column in zip(*options))
   draws = jax.jit(jax.vmap(lambda index: sampling.sample_rows(
-      jnp.asarray(logits), jnp.arange(len(options)), jnp.full(len(options), index),
+      jnp.asarray(logits), jax.vmap(jax.random.key)(jnp.arange(len(options))),
+      jnp.full(len(options), index),
       jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32),
       jnp.asarray(top_p, jnp.float32))))(jnp.arange(4000))
   draws = np.asarray(draws)
@@ -250,3 +256,19 @@ def test_the_page_pool_counts_holders_and_evicts_only_unheld_cached_pages():
     pool.allocate(1)
   pool.release(b)
   assert pool.free_count() == 4
+
+
+def test_seeded_sampling_gives_the_static_samplers_rows():
+  """lm.sampling.complete_ids' row i with seed s samples as an engine request with seed
+  s + i, whatever shares either batch."""
+  model, params = init_model(small_model_config(vocab_size=260, max_seq_len=128), seed=6)
+  prompts = random_prompts(7, [5, 23, 2, 40])
+  options = dict(max_new_tokens=12, temperature=0.8, top_k=40, top_p=0.95, stop_ids=(),
+                 seed=11)
+  static = sampling.complete_ids(model, params, TOKENIZER, prompts, **options)
+  engine = Engine(model, params, TOKENIZER, slots=2, chunk=8)
+  completions = engine.generate(prompts[::-1], [
+      SamplingParams(max_tokens=12, temperature=0.8, top_k=40, top_p=0.95, stop_ids=(),
+                     seed=11 + index) for index in reversed(range(len(prompts)))])
+  assert [c.text for c in completions[::-1]] == static
+  assert len(set(static)) == len(static)

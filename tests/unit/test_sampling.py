@@ -103,9 +103,10 @@ def test_a_stop_id_ends_its_row_and_pads_the_rest(model_and_params):
 
 def test_top_k_and_top_p_restrict_what_can_be_sampled():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
-  def support(**kwargs):
-    draws = jax.vmap(lambda key: sampling.sample_from_logits(logits, key, **kwargs))(
-        jax.random.split(jax.random.key(0), 2000))
+  def support(temperature, top_k, top_p):
+    draws = jax.vmap(lambda index: sampling.sample_rows(
+        logits, jax.random.key(0)[None], index[None], jnp.array([temperature]),
+        jnp.array([top_k]), jnp.array([top_p])))(jnp.arange(2000))
     return set(np.asarray(draws).ravel().tolist())
   assert support(temperature=1.0, top_k=0, top_p=1.0) == {0, 1, 2, 3}
   assert support(temperature=1.0, top_k=2, top_p=1.0) == {0, 1}
@@ -130,9 +131,10 @@ def test_sampling_is_seeded_and_text_round_trips(model_and_params):
   # (bos + prompt in, the eos left out), for the same seed.
   ids = [[tokenizer.bos_id, *tokenizer.encode(prompt)] for prompt in prompts]
   prompts_bp, lengths_b = sampling.pad_prompts(ids, tokenizer.pad_id)
-  new_bn, num_new_b = sampling.generate(
-      params, jnp.asarray(prompts_bp), jnp.asarray(lengths_b), jax.random.key(3),
-      jnp.asarray([tokenizer.eos_id]), model=model,
+  new_bn, num_new_b = sampling.generate(  # Row i's key: seed + i's, as complete gives it.
+      params, jnp.asarray(prompts_bp), jnp.asarray(lengths_b),
+      jax.vmap(jax.random.key)(3 + jnp.arange(len(prompts))), jnp.asarray([tokenizer.eos_id]),
+      model=model,
       cache_length=prompts_bp.shape[1] + kwargs['max_new_tokens'], pad_id=tokenizer.pad_id,
       **kwargs)
   for text, row, count in zip(first, np.asarray(new_bn), np.asarray(num_new_b), strict=True):
