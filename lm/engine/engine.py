@@ -49,6 +49,7 @@ class SamplingParams:
   top_k: int = 0  # 0: off.
   top_p: float = 1.0  # 1: off.
   seed: int = 0
+  key: tuple[int, ...] | None = None  # A key's data (jax.random.key_data) to draw with, for the seed's.
   stop: tuple[str, ...] = ()  # The completion ends before the first of these.
   stop_ids: tuple[int, ...] | None = None  # None: the tokenizer's.
 
@@ -100,6 +101,7 @@ class _Request:
   generated: list = dataclasses.field(default_factory=list)
   sent: int = 0  # Characters of text reported.
   pending_keys: dict = dataclasses.field(default_factory=dict)  # Page index -> prefix key.
+  key_data: np.ndarray | None = None  # The sampling key's data.
 
   @property
   def prefilling(self) -> bool:
@@ -108,7 +110,8 @@ class _Request:
 
 class Engine:
   """Requests in (`add`), tokens and text out (`step`). Not thread-safe: one thread
-  drives it (lm/serving's runner does, for the server)."""
+  drives it (lm/serving's runner does, for the server). With `tokenizer` None, requests
+  give their stop ids and get ids alone."""
 
   def __init__(self, model, params, tokenizer, *, slots: int = 8, page_size: int = 16,
                num_pages: int | None = None, max_length: int | None = None, chunk: int = 64,
@@ -126,7 +129,7 @@ class Engine:
     self.pages_per_row = -(-self.max_length // page_size)
     num_pages = num_pages or slots * self.pages_per_row + 1
     self.pool = pages_lib.PagePool(num_pages, page_size)
-    self.params = sampling.cast_weights(params, cfg.dtype)
+    self.load(params)
     self.cache = self._empty_cache(num_pages)
     # State kept per slot (Mamba's) is not in pages: no prefix of it can be shared.
     self._slot_state = self._has_slot_state()
@@ -139,6 +142,13 @@ class Engine:
     self._forward = jax.jit(self._forward_impl, donate_argnums=(1,))
     self._reset_slots = jax.jit(self._reset_slots_impl, donate_argnums=(0,))
     self._copy_page = jax.jit(self._copy_page_impl, donate_argnums=(0,))
+
+  def load(self, params) -> None:
+    """Generates with `params` from the next step (a policy's, updated between rollouts).
+    Cached prefix pages were computed with the old ones: dropped."""
+    self.params = sampling.cast_weights(params, self.model.config.dtype)
+    if hasattr(self, 'pool'):
+      self.pool.clear_cache()
 
   # Requests.
 
@@ -158,6 +168,8 @@ class Engine:
       raise ValueError(f'prompt ids must be in [0, {self.model.config.vocab_size})')
     stop_ids = self.tokenizer.stop_ids if params.stop_ids is None else params.stop_ids
     request = _Request(self._next_id, prompt, params, frozenset(int(t) for t in stop_ids))
+    request.key_data = (np.asarray(params.key, np.uint32) if params.key is not None else
+                        np.asarray(jax.random.key_data(jax.random.key(params.seed))))
     self._next_id += 1
     self._waiting.append(request)
     return request.id
@@ -283,25 +295,31 @@ class Engine:
       self._accept(request, int(ids[request.slot]), outputs)
 
   def _run(self, tokens, positions, segments, last, requests) -> np.ndarray:
-    """One compiled call over every slot; the next id sampled for each row."""
+    """One compiled call over every slot; the next id sampled for each row. The page
+    tables go in as wide as the call's furthest position needs, rounded up to a power of
+    two pages: attention reads no page past it, at a few compiled widths."""
+    needed = -(-(int(positions.max()) + 1) // self.page_size)
+    width = min(1 << (needed - 1).bit_length(), self.pages_per_row)
     temperature, top_p = np.zeros(self.slots, np.float32), np.ones(self.slots, np.float32)
-    seeds, counts, top_k = (np.zeros(self.slots, np.int32) for _ in range(3))
+    counts, top_k = np.zeros(self.slots, np.int32), np.zeros(self.slots, np.int32)
+    keys = np.zeros((self.slots,) + requests[0].key_data.shape, np.uint32)
     for request in requests:
       row, options = request.slot, request.params
       temperature[row], top_k[row], top_p[row] = options.temperature, options.top_k, options.top_p
-      seeds[row], counts[row] = options.seed, len(request.generated)
+      keys[row], counts[row] = request.key_data, len(request.generated)
     ids, self.cache = self._forward(self.params, self.cache, tokens, positions, segments,
-                                    self._table, last, seeds, counts, temperature, top_k, top_p)
+                                    self._table[:, :width], last, keys, counts, temperature,
+                                    top_k, top_p)
     return np.asarray(ids)
 
   def _forward_impl(self, params, cache, tokens_bt, positions_bt, segments_bt, table_bm,
-                    last_b, seeds_b, counts_b, temperature_b, top_k_b, top_p_b):
+                    last_b, key_data_b, counts_b, temperature_b, top_k_b, top_p_b):
     layout = transformer.Pages(table_bm, self.pool.num_pages, self.page_size)
     logits_btv, variables = self.model.apply(
         {'params': params, 'cache': cache}, tokens_bt, segments_bt, positions_bt,
         decode=layout, mutable=['cache'])
     logits_bv = logits_btv[jnp.arange(tokens_bt.shape[0]), last_b]
-    ids_b = sampling.sample_rows(logits_bv, jax.vmap(jax.random.key)(seeds_b), counts_b,
+    ids_b = sampling.sample_rows(logits_bv, jax.random.wrap_key_data(key_data_b), counts_b,
                                  temperature_b, top_k_b, top_p_b)
     return ids_b, variables['cache']
 
@@ -316,7 +334,8 @@ class Engine:
       reason = 'stop'
     elif len(request.generated) >= request.params.max_tokens:
       reason = 'length'
-    text = self.tokenizer.decode([t for t in request.generated if t not in request.stop_ids])
+    text = ('' if self.tokenizer is None else  # Ids alone (training's rollouts).
+            self.tokenizer.decode([t for t in request.generated if t not in request.stop_ids]))
     cut = _first_stop(text, request.params.stop)
     if cut is not None:
       text, reason = text[:cut], 'stop'
@@ -415,3 +434,29 @@ def complete_ids(model, params, tokenizer, ids: list[list[int]], *, max_new_toke
                      top_p=top_p, seed=seed + index, stop_ids=stop_ids)
       for index in range(len(ids))])
   return [completion.text for completion in completions]
+
+
+_ENGINES = {}  # (model, slots, max_length, where) -> an engine, compiled once: complete_rows'.
+
+
+def complete_rows(model, params, prompt_tokens_bt: np.ndarray, prompt_lengths_b: np.ndarray,
+                  rng, stop_ids, *, max_new_tokens: int, max_length: int,
+                  temperature: float) -> list[np.ndarray]:
+  """Each row's completion ids (its stop id included when it stopped) of right-padded
+  prompts, row b drawing with jax.random.split(rng, B)[b] as lm.sampling.generate's row b
+  does: training's rollouts, on one process. The engine is kept between calls."""
+  rows = len(prompt_lengths_b)
+  slots = -(-rows // sharding.rows_multiple()) * sharding.rows_multiple()
+  # Its cache lives where the params do (a run's mesh).
+  key = (model, slots, max_length, jax.tree.leaves(params)[0].sharding)
+  engine = _ENGINES.get(key)
+  if engine is None:
+    engine = _ENGINES[key] = Engine(model, params, None, slots=slots, max_length=max_length)
+  else:
+    engine.load(params)
+  key_data = np.asarray(jax.random.key_data(jax.random.split(rng, rows)))
+  completions = engine.generate(
+      [list(prompt_tokens_bt[row, :prompt_lengths_b[row]]) for row in range(rows)],
+      [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, key=tuple(key),
+                      stop_ids=tuple(int(t) for t in stop_ids)) for key in key_data])
+  return [np.asarray(c.token_ids, np.int32) for c in completions]

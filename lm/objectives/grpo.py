@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from lm import chat, distributed, losses, sampling, sharding
+from lm.engine import engine
 from lm.data import pipeline
 from lm.errors import check, check_number
 from lm.objectives import base, reward_model, rewards
@@ -142,12 +143,23 @@ def complete_prompts(model, params, prompt_tokens_bt, prompt_lengths_b, rng, sto
                      batch_sharding=None):
   """The model's completions of right-padded prompts, in one cached sampling call: (rows
   of prompt + completion, [B, seq_len] tokens, segment_ids, positions and loss_mask on
-  the completion; each completion's ids, its stop id included when it stopped)."""
-  new_bm, num_new_b = sampling.generate_rows(
-      params, prompt_tokens_bt, prompt_lengths_b, rng, np.asarray(stop_ids, np.int32),
-      batch_sharding=batch_sharding, model=model, max_new_tokens=max_new_tokens,
-      cache_length=seq_len, temperature=temperature, pad_id=pad_id)
+  the completion; each completion's ids, its stop id included when it stopped). On one
+  process the engine samples them (continuous batching: no row waits for the longest);
+  on several, every process's rows in one static batch. Both draw the same tokens."""
   num_rows = len(prompt_lengths_b)
+  if jax.process_count() == 1 and not model.config.get('kv_cache_dtype', ''):
+    new = engine.complete_rows(model, params, prompt_tokens_bt, prompt_lengths_b, rng,
+                               stop_ids, max_new_tokens=max_new_tokens, max_length=seq_len,
+                               temperature=temperature)
+    new_bm = np.zeros((num_rows, max_new_tokens), np.int32)
+    num_new_b = np.array([len(ids) for ids in new])
+    for row, ids in enumerate(new):
+      new_bm[row, :len(ids)] = ids
+  else:
+    new_bm, num_new_b = sampling.generate_rows(
+        params, prompt_tokens_bt, prompt_lengths_b, rng, np.asarray(stop_ids, np.int32),
+        batch_sharding=batch_sharding, model=model, max_new_tokens=max_new_tokens,
+        cache_length=seq_len, temperature=temperature, pad_id=pad_id)
   rows = {name: np.zeros((num_rows, seq_len), np.int32)
           for name in ('tokens', 'segment_ids', 'positions', 'loss_mask')}
   completions = []
