@@ -100,6 +100,10 @@ class _Request:
   computed: int = 0  # Prompt tokens in the cache.
   generated: list = dataclasses.field(default_factory=list)
   sent: int = 0  # Characters of text reported.
+  text: str = ''  # The completion's text so far (less a character not yet whole).
+  ids: list = dataclasses.field(default_factory=list)  # Its ids, less stop ids.
+  prefix_offset: int = 0  # ids[prefix_offset:read_offset]: the context of the next decode.
+  read_offset: int = 0
   pending_keys: dict = dataclasses.field(default_factory=dict)  # Page index -> prefix key.
   key_data: np.ndarray | None = None  # The sampling key's data.
 
@@ -334,18 +338,33 @@ class Engine:
       reason = 'stop'
     elif len(request.generated) >= request.params.max_tokens:
       reason = 'length'
-    text = ('' if self.tokenizer is None else  # Ids alone (training's rollouts).
-            self.tokenizer.decode([t for t in request.generated if t not in request.stop_ids]))
+    if self.tokenizer is not None:  # Else ids alone (training's rollouts).
+      self._detokenize(request, token, flush=reason is not None)
+    text = request.text
     cut = _first_stop(text, request.params.stop)
     if cut is not None:
       text, reason = text[:cut], 'stop'
-    if reason is None:  # Hold back what may begin a stop string, or a split character.
+    if reason is None:  # Hold back what may begin a stop string.
       text = text[:len(text) - _held_back(text, request.params.stop)]
     output.text += text[request.sent:]
     request.sent = max(request.sent, len(text))
     if reason is not None:
       output.finished, output.finish_reason = True, reason
       self._finish(request)
+
+  def _detokenize(self, request: _Request, token: int, flush: bool) -> None:
+    """Extends request.text by the new token's text, decoding only the last few ids: the
+    ids since the last whole text, after those before it (the context a tokenizer needs
+    for spaces: the text new is what decoding with the token adds to decoding without),
+    as vLLM does. A token that ends mid-character waits for the rest, or the end."""
+    if token not in request.stop_ids:
+      request.ids.append(token)
+    ids, start, read = request.ids, request.prefix_offset, request.read_offset
+    before = self.tokenizer.decode(ids[start:read])
+    after = self.tokenizer.decode(ids[start:])
+    if len(after) > len(before) and (flush or not after.endswith('\ufffd')):
+      request.text += after[len(before):]
+      request.prefix_offset, request.read_offset = read, len(ids)
 
   def _finish(self, request: _Request) -> None:
     for key in request.pending_keys.values():
@@ -402,9 +421,9 @@ def _first_stop(text: str, stops) -> int | None:
 
 
 def _held_back(text: str, stops) -> int:
-  """How many characters at the end of `text` to hold: a character the tokenizer could
-  not finish yet (U+FFFD), or the longest end that begins a stop string."""
-  held = len(text) - len(text.rstrip('\ufffd'))
+  """How many characters at the end of `text` to hold: the longest end that begins a stop
+  string."""
+  held = 0
   for stop in stops:
     for length in range(min(len(stop) - 1, len(text)), 0, -1):
       if stop.startswith(text[len(text) - length:]):

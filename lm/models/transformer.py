@@ -152,7 +152,7 @@ class Attention(nn.Module):
           self.config.sliding_window)[:, None]
     # Each row's pages in order: its sequence as one [B, M * S] cache.
     batch, num_table_pages = pages.table_bm.shape
-    gather = lambda cache: cache.value[pages.table_bm].reshape(
+    gather = lambda cache: cache.value.at[pages.table_bm].get(mode="promise_in_bounds").reshape(
         (batch, num_table_pages * page_size) + shape[2:])
     slots_s = jnp.arange(num_table_pages * page_size)
     mask_b1ts = attention_lib.causal_window_mask(

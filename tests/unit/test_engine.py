@@ -10,11 +10,13 @@ import pytest
 from lm import sampling
 from lm.engine import pages as pages_lib
 from lm.engine.engine import Engine, SamplingParams
+from lm import tokenizer as tokenizer_lib
 from lm.tokenizer import ByteTokenizer
 
 from helpers import init_model, small_model_config
 
 TOKENIZER = ByteTokenizer()
+TEXT_FOR_TOKENIZER = 'def greet(name):\n    """Say hello."""\n    return f"héllo {name} 🙂"\n'
 
 
 @pytest.fixture(scope='module', params=[('attention', 'xla', 0), ('mamba,attention', 'xla', 0),
@@ -272,3 +274,27 @@ def test_seeded_sampling_gives_the_static_samplers_rows():
                      seed=11 + index) for index in reversed(range(len(prompts)))])
   assert [c.text for c in completions[::-1]] == static
   assert len(set(static)) == len(static)
+
+
+def test_streamed_text_is_the_whole_decoding_with_a_subword_tokenizer(tmp_path):
+  """The engine decodes a few ids per token (lm/engine: _detokenize); a sentencepiece
+  tokenizer (spaces as '▁', byte fallback for unseen characters) must still stream exactly
+  what decoding the whole completion gives, at every step."""
+  texts = [TEXT_FOR_TOKENIZER * 3, 'the cat sat on the mat. ' * 40]
+  tokenizer = tokenizer_lib.train_sentencepiece(texts, vocab_size=300,
+                                                output_path=str(tmp_path / 'sp.model'))
+  model, params = init_model(small_model_config(vocab_size=tokenizer.vocab_size,
+                                                max_seq_len=128), seed=8)
+  engine = Engine(model, params, tokenizer, slots=4, chunk=8)
+  prompts = [tokenizer.prompt_ids(text) for text in ('def greet(', 'the cat', 'x = [1,')]
+  ids = [engine.add(p, SamplingParams(max_tokens=40, temperature=1.0, seed=i, stop_ids=()))
+         for i, p in enumerate(prompts)]
+  tokens, streamed = {i: [] for i in ids}, {i: '' for i in ids}
+  while engine.has_work():
+    for output in engine.step():
+      tokens[output.request_id] += output.token_ids
+      streamed[output.request_id] += output.text
+      # Never ahead of the whole decoding: a prefix of it at every step.
+      assert tokenizer.decode(tokens[output.request_id]).startswith(streamed[output.request_id])
+  for request in ids:
+    assert streamed[request] == tokenizer.decode(tokens[request]) and tokens[request]
