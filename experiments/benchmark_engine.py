@@ -44,7 +44,7 @@ _MIN_NEW, _MAX_NEW = (flags.DEFINE_integer('min_new', 16, 'Fewest new tokens of 
 _MIN_PROMPT, _MAX_PROMPT = (flags.DEFINE_integer('min_prompt', 8, 'Shortest prompt.'),
                             flags.DEFINE_integer('max_prompt', 256, 'Longest prompt.'))
 _PAGE_SIZE = flags.DEFINE_integer('page_size', 16, "The engine's page size.")
-_CHUNK = flags.DEFINE_integer('chunk', 64, "The engine's prefill chunk.")
+_CHUNK = flags.DEFINE_integer('chunk', 16, "The engine's prefill chunk (smaller suits the CPU).")
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the workload.')
 _DTYPE = flags.DEFINE_string('dtype', 'auto', 'Compute dtype (auto: bf16 on GPU/TPU).')
 
