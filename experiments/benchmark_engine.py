@@ -1,7 +1,7 @@
 """Generation throughput on a mixed workload: the engine (continuous batching over pages)
 against static batching (lm.sampling.generate), as a table.
 
-  python -m experiments.benchmark_engine [--requests=256 --slots=32]
+  python -m experiments.benchmark_engine [--requests=256 --slots=32] [--transformers]
       [--min_new=16 --max_new=512 --min_prompt=8 --max_prompt=256]
       [--config.model.num_layers=12 --config.model.embed_dim=768 ...]
 
@@ -15,6 +15,9 @@ tokens in both paths; random weights (speed does not depend on them).
   the engine, a row that finished early holding its slot.
 - engine: the same requests through lm.engine with --slots slots, as many pages as
   static batching's largest cache holds (the same memory).
+- transformers (--transformers): the model exported to Hugging Face's format and run by
+  transformers' `generate` on the same batches as static, left-padded, PyTorch on the
+  same device kind (its CPU build here).
 
 Tokens/s counts generated tokens only, over the wall time of a second run of each path
 (the first compiles every shape it meets).
@@ -47,6 +50,9 @@ _PAGE_SIZE = flags.DEFINE_integer('page_size', 16, "The engine's page size.")
 _CHUNK = flags.DEFINE_integer('chunk', 16, "The engine's prefill chunk (smaller suits the CPU).")
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the workload.')
 _DTYPE = flags.DEFINE_string('dtype', 'auto', 'Compute dtype (auto: bf16 on GPU/TPU).')
+_TRANSFORMERS = flags.DEFINE_bool(
+    'transformers', False, "Also time transformers' generate (PyTorch, the model exported"
+    ' with lm.interop.hf) on batches of --slots, left-padded.')
 
 
 def workload(vocab_size: int) -> list[tuple[list[int], int]]:
@@ -71,9 +77,37 @@ def run_static(model, params, requests) -> None:
 
 
 def run_engine(engine, requests) -> None:
+  engine.pool.clear_cache()  # No prompt of this run is found cached from the last.
   completions = engine.generate([p for p, _ in requests],
                                 [SamplingParams(max_tokens=n, stop_ids=()) for _, n in requests])
   assert [len(c.token_ids) for c in completions] == [n for _, n in requests]
+
+
+def transformers_run(model, params):
+  """The same model in transformers (float32), and a run of the workload through its
+  generate: each batch until its longest completion, as static batching."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  from lm.interop import hf  # pylint: disable=import-outside-toplevel
+  directory = tempfile.mkdtemp()
+  hf.save_model(directory, model.config, params)
+  theirs = transformers.AutoModelForCausalLM.from_pretrained(directory,
+                                                            torch_dtype=torch.float32).eval()
+
+  def run(requests):
+    for start in range(0, len(requests), _SLOTS.value):
+      batch = requests[start:start + _SLOTS.value]
+      longest, new = max(len(p) for p, _ in batch), max(n for _, n in batch)
+      ids = torch.zeros((len(batch), longest), dtype=torch.long)
+      mask = torch.zeros_like(ids)
+      for row, (prompt, _) in enumerate(batch):  # Left-padded, as generate wants.
+        ids[row, longest - len(prompt):] = torch.tensor(prompt)
+        mask[row, longest - len(prompt):] = 1
+      with torch.no_grad():
+        theirs.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                        do_sample=False, eos_token_id=None, pad_token_id=0)
+  return run
 
 
 def main(argv):
@@ -92,8 +126,11 @@ def main(argv):
                   page_size=_PAGE_SIZE.value, chunk=_CHUNK.value, max_length=longest,
                   num_pages=static_slots // _PAGE_SIZE.value + 1)
   rows = []
-  for name, run in (('static', lambda r: run_static(model, params, r)),
-                    ('engine', lambda r: run_engine(engine, r))):
+  paths = [('static', lambda r: run_static(model, params, r)),
+           ('engine', lambda r: run_engine(engine, r))]
+  if _TRANSFORMERS.value:
+    paths.append(('transformers', transformers_run(model, params)))
+  for name, run in paths:
     run(requests)  # Compiles every shape it meets (static: one per batch's lengths).
     start = time.perf_counter()
     run(requests)
@@ -103,10 +140,10 @@ def main(argv):
   print(f'{len(requests)} requests, {tokens:,} new tokens (prompts {_MIN_PROMPT.value}-'
         f'{_MAX_PROMPT.value}, new {_MIN_NEW.value}-{_MAX_NEW.value}, log-uniform), '
         f'{_SLOTS.value} slots, {params_count:,} params, {dtype}, {jax.devices()[0].device_kind}')
-  print('| path | wall s | new tokens/s | vs static |')
+  print('| path | wall s | new tokens/s | engine vs this |')
   print('|---|---|---|---|')
   for name, seconds, rate in rows:
-    print(f'| {name} | {seconds:.1f} | {rate:,.0f} | {rate / rows[0][2]:.2f}x |')
+    print(f'| {name} | {seconds:.1f} | {rate:,.0f} | {rows[1][2] / rate:.2f}x |')
 
 
 if __name__ == '__main__':
