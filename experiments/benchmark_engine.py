@@ -93,7 +93,7 @@ def transformers_run(model, params):
   directory = tempfile.mkdtemp()
   hf.save_model(directory, model.config, params)
   theirs = transformers.AutoModelForCausalLM.from_pretrained(directory,
-                                                            torch_dtype=torch.float32).eval()
+                                                            dtype=torch.float32).eval()
 
   def run(requests):
     for start in range(0, len(requests), _SLOTS.value):
