@@ -9,6 +9,10 @@ the library, the kernels and the tests; each letter means one thing everywhere:
   G query heads per kv head     E Mamba inner channels        P selective-scan state size
   R Mamba step-size rank        W convolution width           M new tokens (sampling)
   C choices (evaluation)
+
+The one exception: paged KV caches (lm/engine, the paged path of lm/models/transformer.py,
+pallas_kernels/paged_attention) write their pool of pages [P, S, K, H] (P pages of S
+slots) and page tables [B, M] (M pages per row), as their docstrings say.
 """
 
 import importlib.util as _importlib_util
