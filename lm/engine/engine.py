@@ -40,6 +40,9 @@ from lm.engine import pages as pages_lib
 from lm.models import transformer
 
 _PAGE_LEAVES = ('key_pages', 'value_pages')
+# A call's fixed cost, in rows x table pages (on the CPU a call of 32 rows over 4 pages
+# took 2.8 ms, over 48 pages 13.5 ms: about 240 row-pages of fixed time).
+_CALL_COST = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +140,7 @@ class Engine:
     self.cache = self._empty_cache(num_pages)
     # State kept per slot (Mamba's) is not in pages: no prefix of it can be shared.
     self._slot_state = self._has_slot_state()
+    self._multiple = sharding.rows_multiple()  # Rows of a call split over the mesh's devices.
     self.prefix_caching = prefix_caching and not self._slot_state
     self._table = np.zeros((slots, self.pages_per_row), np.int32)
     self._running: list[_Request | None] = [None] * slots
@@ -271,50 +275,79 @@ class Engine:
     return True
 
   def _prefill(self, requests: list[_Request], outputs: dict) -> None:
-    tokens, positions, segments = (np.zeros((self.slots, self.chunk), np.int32)
-                                   for _ in range(3))
-    last = np.zeros(self.slots, np.int32)
-    for request in requests:
-      piece = request.prompt[request.computed:request.computed + self.chunk]
-      row = request.slot
-      tokens[row, :len(piece)] = piece
-      positions[row, :len(piece)] = np.arange(request.computed, request.computed + len(piece))
-      segments[row, :len(piece)] = 1
-      last[row] = len(piece) - 1
-    ids = self._run(tokens, positions, segments, last, requests)
-    for request in requests:
+    pieces = [r.prompt[r.computed:r.computed + self.chunk] for r in requests]
+    ids = self._run(requests, [r.computed for r in requests], pieces, self.chunk)
+    for request, token in zip(requests, ids):
       request.computed = min(request.computed + self.chunk, len(request.prompt))
       self._cache_written_pages(request)
       if not request.prefilling:  # The prompt's last token was in this chunk.
-        self._accept(request, int(ids[request.slot]), outputs)
+        self._accept(request, token, outputs)
 
   def _decode(self, requests: list[_Request], outputs: dict) -> None:
-    tokens, positions, segments = (np.zeros((self.slots, 1), np.int32) for _ in range(3))
-    for request in requests:
-      tokens[request.slot, 0] = request.generated[-1]
-      positions[request.slot, 0] = len(request.prompt) + len(request.generated) - 1
-      segments[request.slot, 0] = 1
-    ids = self._run(tokens, positions, segments, np.zeros(self.slots, np.int32), requests)
-    for request in requests:
-      self._accept(request, int(ids[request.slot]), outputs)
+    for group in self._width_groups(requests):
+      ids = self._run(group, [len(r.prompt) + len(r.generated) - 1 for r in group],
+                      [[r.generated[-1]] for r in group], 1)
+      for request, token in zip(group, ids):
+        self._accept(request, token, outputs)
 
-  def _run(self, tokens, positions, segments, last, requests) -> np.ndarray:
-    """One compiled call over every slot; the next id sampled for each row. The page
-    tables go in as wide as the call's furthest position needs, rounded up to a power of
-    two pages: attention reads no page past it, at a few compiled widths."""
-    needed = -(-(int(positions.max()) + 1) // self.page_size)
-    width = min(1 << (needed - 1).bit_length(), self.pages_per_row)
-    temperature, top_p = np.zeros(self.slots, np.float32), np.ones(self.slots, np.float32)
-    counts, top_k = np.zeros(self.slots, np.int32), np.zeros(self.slots, np.int32)
-    keys = np.zeros((self.slots,) + requests[0].key_data.shape, np.uint32)
-    for request in requests:
-      row, options = request.slot, request.params
+  def _width(self, end: int) -> int:
+    """Table pages for positions below `end`, rounded up to a power of two: attention
+    reads no page past it, at a few compiled widths."""
+    needed = -(-end // self.page_size)
+    return min(1 << (needed - 1).bit_length(), self.pages_per_row)
+
+  def _rows(self, count: int) -> int:
+    """Rows of a call holding `count` requests: a quarter, half or all of the slots (per
+    slot state keeps all: a row is its slot)."""
+    if self._slot_state:
+      return self.slots
+    sizes = [-(-max(self.slots // d, 1) // self._multiple) * self._multiple for d in (4, 2, 1)]
+    return min(size for size in sizes + [self.slots] if size >= count)
+
+  def _width_groups(self, requests: list[_Request]) -> list[list[_Request]]:
+    """The decoding requests in one call, or two: the narrow ones apart from the widest
+    when that costs less (a call costs about its rows x table pages, plus a fixed part),
+    so that one long request does not widen every row's attention."""
+    if self._slot_state or len(requests) < 2:
+      return [requests]
+    ranked = sorted(requests, key=lambda r: len(r.prompt) + len(r.generated))
+    widths = [self._width(len(r.prompt) + len(r.generated)) for r in ranked]
+    cost = lambda part, width: self._rows(len(part)) * width + _CALL_COST
+    best, split = cost(ranked, widths[-1]), None
+    for k in range(1, len(ranked)):
+      if widths[k] != widths[k - 1]:  # A split between two widths.
+        both = cost(ranked[:k], widths[k - 1]) + cost(ranked[k:], widths[-1])
+        if both < best:
+          best, split = both, k
+    return [ranked] if split is None else [ranked[:split], ranked[split:]]
+
+  def _run(self, requests: list[_Request], starts: list[int], pieces: list[list[int]],
+           length: int) -> list[int]:
+    """One compiled call: each request's `piece` of tokens from position `start` (a
+    prefill chunk, or the token to decode), in rows of [rows, length]; the id each samples
+    next."""
+    rows = self._rows(len(requests))
+    place = ([r.slot for r in requests] if self._slot_state else list(range(len(requests))))
+    tokens, positions, segments = (np.zeros((rows, length), np.int32) for _ in range(3))
+    last, counts, top_k = (np.zeros(rows, np.int32) for _ in range(3))
+    temperature, top_p = np.zeros(rows, np.float32), np.ones(rows, np.float32)
+    keys = np.zeros((rows,) + requests[0].key_data.shape, np.uint32)
+    table = np.zeros((rows, self.pages_per_row), np.int32)  # Padding rows: the null page.
+    for row, request, start, piece in zip(place, requests, starts, pieces):
+      tokens[row, :len(piece)] = piece
+      positions[row, :len(piece)] = np.arange(start, start + len(piece))
+      segments[row, :len(piece)] = 1
+      last[row] = len(piece) - 1
+      options = request.params
       temperature[row], top_k[row], top_p[row] = options.temperature, options.top_k, options.top_p
       keys[row], counts[row] = request.key_data, len(request.generated)
+      table[row] = self._table[request.slot]
+    width = self._width(max(start + len(piece) for start, piece in zip(starts, pieces)))
     ids, self.cache = self._forward(self.params, self.cache, tokens, positions, segments,
-                                    self._table[:, :width], last, keys, counts, temperature,
+                                    table[:, :width], last, keys, counts, temperature,
                                     top_k, top_p)
-    return np.asarray(ids)
+    ids = np.asarray(ids)
+    return [int(ids[row]) for row in place]
 
   def _forward_impl(self, params, cache, tokens_bt, positions_bt, segments_bt, table_bm,
                     last_b, key_data_b, counts_b, temperature_b, top_k_b, top_p_b):
