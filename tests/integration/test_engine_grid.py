@@ -14,15 +14,15 @@ from lm.engine.engine import Engine, SamplingParams
 from helpers import init_model, small_model_config
 # The unit tier's tests that take `model_and_params` run again on this file's models.
 from test_engine import (  # noqa: F401  pylint: disable=unused-import
-    MODELS, TOKENIZER, assert_all_pages_free, random_prompts,
+    TOKENIZER, assert_all_pages_free, random_prompts,
     test_greedy_completions_are_the_static_samplers_with_requests_joining_midway)
 
 
 TEXT_FOR_TOKENIZER = 'def greet(name):\n    """Say hello."""\n    return f"héllo {name} 🙂"\n'
 
 
-@pytest.fixture(scope='module', params=MODELS + [('attention', 'pallas', 20),
-                                                 ('attention', 'xla', 20), ('mamba', 'xla', 0)])
+@pytest.fixture(scope='module', params=[('attention', 'pallas', 20), ('attention', 'xla', 20),
+                                        ('mamba', 'xla', 0)])
 def model_and_params(request):
   pattern, attention, window = request.param
   config = small_model_config(layer_pattern=pattern, attention=attention, vocab_size=260,
