@@ -174,6 +174,11 @@ class Engine:
                        f' exceed the context of {self.max_length} tokens')
     if any(not 0 <= t < self.model.config.vocab_size for t in prompt):
       raise ValueError(f'prompt ids must be in [0, {self.model.config.vocab_size})')
+    pages = -(-(len(prompt) + params.max_tokens) // self.page_size)
+    if pages > self.pool.num_pages - 1:  # It would wait for ever.
+      raise ValueError(f'the prompt\'s {len(prompt)} tokens + max_tokens={params.max_tokens}'
+                       f' need {pages} pages of {self.page_size}; the engine has'
+                       f' {self.pool.num_pages - 1}')
     stop_ids = self.tokenizer.stop_ids if params.stop_ids is None else params.stop_ids
     request = _Request(self._next_id, prompt, params, frozenset(int(t) for t in stop_ids))
     request.key_data = (np.asarray(params.key, np.uint32) if params.key is not None else

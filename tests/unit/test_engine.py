@@ -109,6 +109,9 @@ def test_requests_that_cannot_fit_or_have_bad_options_are_refused_in_one_line():
       engine.add(prompt, options)
     assert '\n' not in str(error.value)
   assert not engine.has_work()
+  small = Engine(model, params, TOKENIZER, slots=2, page_size=8, num_pages=4)
+  with pytest.raises(ValueError, match='need 4 pages of 8; the engine has 3'):
+    small.add([5] * 20, SamplingParams(max_tokens=5))
 
 
 def allowed_ids(logits, temperature, top_k, top_p):
