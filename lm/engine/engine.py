@@ -122,7 +122,7 @@ class Engine:
 
   def __init__(self, model, params, tokenizer, *, slots: int = 8, page_size: int = 16,
                num_pages: int | None = None, max_length: int | None = None, chunk: int = 64,
-               prefix_caching: bool = True):
+               prefix_caching: bool = True, split_rows: bool = True):
     cfg = model.config
     self.model, self.tokenizer = model, tokenizer
     self.max_length = max_length or cfg.max_seq_len
@@ -141,6 +141,9 @@ class Engine:
     # State kept per slot (Mamba's) is not in pages: no prefix of it can be shared.
     self._slot_state = self._has_slot_state()
     self._multiple = sharding.rows_multiple()  # Rows of a call split over the mesh's devices.
+    # Calls of part of the slots, and decoding split by width: faster steps, more shapes
+    # to compile (a run of short rollouts may rather compile fewer).
+    self.split_rows = split_rows
     self.prefix_caching = prefix_caching and not self._slot_state
     self._table = np.zeros((slots, self.pages_per_row), np.int32)
     self._running: list[_Request | None] = [None] * slots
@@ -304,7 +307,7 @@ class Engine:
   def _rows(self, count: int) -> int:
     """Rows of a call holding `count` requests: a quarter, half or all of the slots (per
     slot state keeps all: a row is its slot)."""
-    if self._slot_state:
+    if self._slot_state or not self.split_rows:
       return self.slots
     sizes = [-(-max(self.slots // d, 1) // self._multiple) * self._multiple for d in (4, 2, 1)]
     return min(size for size in sizes + [self.slots] if size >= count)
@@ -313,7 +316,7 @@ class Engine:
     """The decoding requests in one call, or two: the narrow ones apart from the widest
     when that costs less (a call costs about its rows x table pages, plus a fixed part),
     so that one long request does not widen every row's attention."""
-    if self._slot_state or len(requests) < 2:
+    if self._slot_state or not self.split_rows or len(requests) < 2:
       return [requests]
     ranked = sorted(requests, key=lambda r: len(r.prompt) + len(r.generated))
     widths = [self._width(len(r.prompt) + len(r.generated)) for r in ranked]
@@ -508,7 +511,9 @@ def complete_rows(model, params, prompt_tokens_bt: np.ndarray, prompt_lengths_b:
   key = (model, slots, max_length, jax.tree.leaves(params)[0].sharding)
   engine = _ENGINES.get(key)
   if engine is None:
-    engine = _ENGINES[key] = Engine(model, params, None, slots=slots, max_length=max_length)
+    # Every row starts at once and most decode together: one shape per table width.
+    engine = _ENGINES[key] = Engine(model, params, None, slots=slots, max_length=max_length,
+                                    split_rows=False)
   else:
     engine.load(params)
   key_data = np.asarray(jax.random.key_data(jax.random.split(rng, rows)))
