@@ -53,10 +53,11 @@ def ppo_run(pretrained, tmp_path_factory):
 def test_ppo_raises_a_toy_reward(ppo_run):
   _, history, _ = ppo_run
   rewards_by_step = [row['reward'] for row in history]  # A rollout's mean, every 4 steps.
-  # Few of those letters at the start; mostly letters at the end. (When the rise comes
-  # varies with the CPU's arithmetic: from step 44 to 84 of 96 seen.)
-  assert np.mean(rewards_by_step[:2]) < 0.15 and rewards_by_step[-1] > 0.8, rewards_by_step
-  assert history[-1]['eval_reward'] > 0.5 and history[-1]['value_loss'] >= 0
+  # Few of those letters at the start; mostly letters at the end, sampled and greedy.
+  # (When the rise comes varies with the CPU's arithmetic: from step 44 to 84 of 96 seen;
+  # the last rollout's mean, sampled, from 0.79 to 1.0.)
+  assert np.mean(rewards_by_step[:2]) < 0.15 and rewards_by_step[-1] > 0.6, rewards_by_step
+  assert history[-1]['eval_reward'] > 0.8 and history[-1]['value_loss'] >= 0
 
 
 def short_config(pretrained_workdir):
